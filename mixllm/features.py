@@ -1,0 +1,181 @@
+"""The query representation the predictors see: embedding + domain mix + cheap extras, standardised.
+
+MixLLM feeds its predictors the tag-enhanced embedding. We join three blocks to it, each
+switchable for ablations: the domain vector (a softmax over the query's similarity to each tag
+domain's centroid, computed the same way for training and live queries, so no tagger runs at
+routing time), length features (log characters and words: cost and difficulty grow with length),
+and TF-IDF terms reduced by truncated SVD (surface cues such as "Print only the letter" or
+"def " that a small encoder truncating long prompts misses). Everything is standardised so one
+ridge penalty suits all blocks, and scaled to unit length on average so the ridge and the prior
+uncertainty of a new LLM do not depend on how many features there are. Fitted state is plain arrays, saved as .npz/.json.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sklearn.base import BaseEstimator
+
+from mixllm.errors import ModelFormatError, NotFittedError
+
+
+def length_features(queries: Sequence[str]) -> np.ndarray:
+    chars = np.array([len(q) for q in queries], dtype=np.float64)
+    words = np.array([len(q.split()) for q in queries], dtype=np.float64)
+    return np.column_stack([np.log1p(chars), np.log1p(words)])
+
+
+def softmax_rows(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=1, keepdims=True)
+
+
+class QueryFeaturizer(BaseEstimator):
+    """Queries (+ their embeddings) -> the predictors' feature matrix."""
+
+    def __init__(
+        self,
+        use_embedding: bool = True,
+        use_domains: bool = True,
+        use_length: bool = True,
+        use_tfidf: bool = True,
+        tfidf_max_features: int = 20_000,
+        tfidf_ngram_max: int = 2,
+        tfidf_min_df: int = 2,
+        svd_components: int = 128,
+        tfidf_weight: float = 1.0,
+        domain_temperature: float = 0.05,
+        random_state: int = 0,
+    ):
+        self.use_embedding = use_embedding
+        self.use_domains = use_domains
+        self.use_length = use_length
+        self.use_tfidf = use_tfidf
+        self.tfidf_max_features = tfidf_max_features
+        self.tfidf_ngram_max = tfidf_ngram_max
+        self.tfidf_min_df = tfidf_min_df
+        self.svd_components = svd_components
+        self.tfidf_weight = tfidf_weight
+        self.domain_temperature = domain_temperature
+        self.random_state = random_state
+
+    def fit(self, queries: Sequence[str], embeddings: np.ndarray, domains: np.ndarray | None = None) -> QueryFeaturizer:
+        """`domains`: each training query's dominant tag domain (-1 for none); None disables that block."""
+        from sklearn.decomposition import TruncatedSVD
+        from sklearn.feature_extraction.text import TfidfVectorizer
+
+        queries = list(queries)
+        embeddings = np.asarray(embeddings, dtype=np.float64)
+        self.domain_centroids_ = np.zeros((0, embeddings.shape[1]))
+        if self.use_domains and domains is not None:
+            domains = np.asarray(domains)
+            labels = [d for d in np.unique(domains) if d >= 0]
+            if labels:
+                centroids = np.vstack([embeddings[domains == d].mean(axis=0) for d in labels])
+                self.domain_centroids_ = centroids / (np.linalg.norm(centroids, axis=1, keepdims=True) + 1e-12)
+        self.tfidf_vocabulary_: dict[str, int] = {}
+        self.tfidf_idf_ = np.zeros(0)
+        self.svd_components_ = np.zeros((0, 0))
+        if self.use_tfidf and self.svd_components > 0:
+            vectorizer = TfidfVectorizer(
+                ngram_range=(1, self.tfidf_ngram_max), min_df=min(self.tfidf_min_df, len(queries)),
+                max_features=self.tfidf_max_features, sublinear_tf=True, dtype=np.float64,
+            )
+            tfidf = vectorizer.fit_transform(queries)
+            self.tfidf_vocabulary_ = {term: int(i) for term, i in vectorizer.vocabulary_.items()}
+            self.tfidf_idf_ = vectorizer.idf_.copy()
+            n_components = min(self.svd_components, tfidf.shape[1] - 1, len(queries) - 1)
+            if n_components >= 1:
+                svd = TruncatedSVD(n_components=n_components, random_state=self.random_state).fit(tfidf)
+                self.svd_components_ = svd.components_.copy()
+        raw = self._raw(queries, embeddings)
+        self.mean_ = raw.mean(axis=0)
+        scale = raw.std(axis=0)
+        self.scale_ = np.where(scale > 1e-12, scale, 1.0)
+        self.block_sizes_ = self._block_sizes(embeddings.shape[1])
+        self.n_features_out_ = int(raw.shape[1])
+        return self
+
+    def _block_sizes(self, embedding_dim: int) -> dict[str, int]:
+        return {
+            "embedding": embedding_dim if self.use_embedding else 0,
+            "domains": int(self.domain_centroids_.shape[0]),
+            "length": 2 if self.use_length else 0,
+            "tfidf": int(self.svd_components_.shape[0]),
+        }
+
+    def _tfidf(self, queries: Sequence[str]) -> Any:
+        from sklearn.feature_extraction.text import TfidfVectorizer
+
+        vectorizer = TfidfVectorizer(ngram_range=(1, self.tfidf_ngram_max), sublinear_tf=True, dtype=np.float64,
+                                     vocabulary=self.tfidf_vocabulary_)
+        vectorizer.idf_ = self.tfidf_idf_
+        return vectorizer.transform(list(queries))
+
+    def _raw(self, queries: Sequence[str], embeddings: np.ndarray) -> np.ndarray:
+        blocks = []
+        if self.use_embedding:
+            blocks.append(embeddings)
+        if self.domain_centroids_.shape[0]:
+            blocks.append(self.domain_vectors(embeddings))
+        if self.use_length:
+            blocks.append(length_features(queries))
+        if self.svd_components_.shape[0]:
+            reduced = np.asarray(self._tfidf(queries) @ self.svd_components_.T)
+            blocks.append(reduced * self.tfidf_weight)
+        if not blocks:
+            return np.zeros((len(queries), 0))
+        return np.hstack(blocks)
+
+    def domain_vectors(self, embeddings: np.ndarray) -> np.ndarray:
+        """Soft domain membership of each query: softmax of cosine to each domain centroid / temperature."""
+        if self.domain_centroids_.shape[0] == 0:
+            return np.zeros((len(embeddings), 0))
+        similarity = np.asarray(embeddings, dtype=np.float64) @ self.domain_centroids_.T
+        return softmax_rows(similarity / self.domain_temperature)
+
+    def transform(self, queries: Sequence[str], embeddings: np.ndarray) -> np.ndarray:
+        if not hasattr(self, "mean_"):
+            raise NotFittedError("QueryFeaturizer is not fitted; call fit(queries, embeddings, domains)")
+        raw = self._raw(queries, np.asarray(embeddings, dtype=np.float64))
+        # Standardised, then shrunk so a typical row has unit length: the linear predictors' ridge
+        # and prior uncertainty then mean the same whatever the number of features.
+        return (raw - self.mean_) / self.scale_ / np.sqrt(max(self.n_features_out_, 1))
+
+    # -- plain-format persistence (no pickle)
+
+    def save(self, folder: Path | str) -> None:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        np.savez(
+            folder / "featurizer.npz",
+            domain_centroids=self.domain_centroids_, tfidf_idf=self.tfidf_idf_,
+            svd_components=self.svd_components_, mean=self.mean_, scale=self.scale_,
+        )
+        meta = {"params": self.get_params(), "tfidf_vocabulary": self.tfidf_vocabulary_,
+                "block_sizes": self.block_sizes_, "n_features_out": self.n_features_out_}
+        (folder / "featurizer.json").write_text(json.dumps(meta), encoding="utf-8")
+
+    @classmethod
+    def load(cls, folder: Path | str) -> QueryFeaturizer:
+        folder = Path(folder)
+        try:
+            meta = json.loads((folder / "featurizer.json").read_text(encoding="utf-8"))
+            arrays = np.load(folder / "featurizer.npz")
+        except FileNotFoundError as error:
+            raise ModelFormatError(f"{folder} lacks the featurizer ({error.filename})") from None
+        featurizer = cls(**meta["params"])
+        featurizer.tfidf_vocabulary_ = meta["tfidf_vocabulary"]
+        featurizer.block_sizes_ = meta["block_sizes"]
+        featurizer.n_features_out_ = meta["n_features_out"]
+        featurizer.domain_centroids_ = arrays["domain_centroids"]
+        featurizer.tfidf_idf_ = arrays["tfidf_idf"]
+        featurizer.svd_components_ = arrays["svd_components"]
+        featurizer.mean_ = arrays["mean"]
+        featurizer.scale_ = arrays["scale"]
+        return featurizer

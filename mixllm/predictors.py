@@ -1,0 +1,321 @@
+"""Per-LLM quality and cost predictors.
+
+Each LLM has its own pair, fitted only on its own interactions, so adding an LLM trains only its
+pair and feedback on one LLM never moves another's predictions. The default quality model is a
+Bayesian linear model kept as sufficient statistics (A = rho*I + sum x x^T, b = rho*theta0 + sum r x):
+its posterior gives a mean (the predicted quality), an uncertainty sigma = s*sqrt(x^T A^-1 x) for
+LinUCB-style exploration, and exact incremental updates (`partial_fit`) in microseconds per row.
+Other scikit-learn regressors can be chosen for the offline path; they have no uncertainty and
+`partial_fit` refits them on all data seen.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+from sklearn.base import BaseEstimator
+
+from mixllm.errors import ConfigError, NotFittedError
+
+logger = logging.getLogger(__name__)
+
+
+class BayesianLinearRegressor(BaseEstimator):
+    """Linear regression with a Gaussian prior, as sufficient statistics (LinUCB's A and b).
+
+    A bias column is appended to every x. The prior mean predicts `prior_mean` everywhere
+    (theta0 = [0, ..., 0, prior_mean]); `ridge` is its precision. Targets outside
+    [clip_low, clip_high] are clipped on the way out, not in the statistics.
+    """
+
+    def __init__(self, ridge: float = 1.0, prior_mean: float = 0.0, noise_scale: float = 1.0,
+                 clip_low: float | None = None, clip_high: float | None = None):
+        self.ridge = ridge
+        self.prior_mean = prior_mean
+        self.noise_scale = noise_scale
+        self.clip_low = clip_low
+        self.clip_high = clip_high
+
+    @staticmethod
+    def _with_bias(X: np.ndarray) -> np.ndarray:
+        X = np.asarray(X, dtype=np.float64)
+        return np.hstack([X, np.ones((X.shape[0], 1))])
+
+    def _init_stats(self, n_features: int) -> None:
+        d = n_features + 1
+        self.A_ = self.ridge * np.eye(d)
+        theta0 = np.zeros(d)
+        theta0[-1] = self.prior_mean
+        self.b_ = self.ridge * theta0
+        self.n_features_in_ = n_features
+        self.n_samples_seen_ = 0
+        # The prior's posterior is known in closed form: no factorisation needed.
+        self.A_inv_ = np.eye(d) / self.ridge
+        self.coef_ = theta0
+
+    def _solve(self) -> None:
+        from threadpoolctl import threadpool_limits
+
+        # One BLAS thread: these matrices are small, and threads fighting torch's for two cores
+        # made a 400x400 factorisation 10x slower.
+        with threadpool_limits(limits=1, user_api="blas"):
+            # Cholesky: A is symmetric positive definite by construction (ridge > 0).
+            chol = np.linalg.cholesky(self.A_)
+            chol_inv = np.linalg.solve(chol, np.eye(self.A_.shape[0]))
+            self.A_inv_ = chol_inv.T @ chol_inv
+            self.coef_ = self.A_inv_ @ self.b_
+
+    def fit(self, X: np.ndarray, y: np.ndarray, sample_weight: np.ndarray | None = None) -> BayesianLinearRegressor:
+        X = np.asarray(X, dtype=np.float64)
+        self._init_stats(X.shape[1])
+        return self._update(X, y, sample_weight)
+
+    def partial_fit(self, X: np.ndarray, y: np.ndarray, sample_weight: np.ndarray | None = None) -> BayesianLinearRegressor:
+        X = np.asarray(X, dtype=np.float64)
+        if not hasattr(self, "A_"):
+            self._init_stats(X.shape[1])
+        elif X.shape[1] != self.n_features_in_:
+            raise ValueError(f"expected {self.n_features_in_} features, got {X.shape[1]}")
+        return self._update(X, y, sample_weight)
+
+    def _update(self, X: np.ndarray, y: np.ndarray, sample_weight: np.ndarray | None) -> BayesianLinearRegressor:
+        y = np.asarray(y, dtype=np.float64).ravel()
+        if not len(y):
+            return self
+        Xb = self._with_bias(X)
+        w = np.ones(len(y)) if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
+        self.A_ = self.A_ + (Xb * w[:, None]).T @ Xb
+        self.b_ = self.b_ + Xb.T @ (w * y)
+        self.n_samples_seen_ += len(y)
+        if hasattr(self, "A_inv_") and len(y) <= self.sherman_morrison_max_rows:
+            # A few rows (bandit feedback): rank-one Sherman-Morrison updates of A^-1 cost O(d^2)
+            # each instead of O(d^3) for a fresh factorisation.
+            A_inv = self.A_inv_
+            for row, weight in zip(Xb, w):
+                Av = A_inv @ row
+                A_inv = A_inv - np.outer(Av, Av) * (weight / (1.0 + weight * row @ Av))
+            self.A_inv_ = A_inv
+            self.coef_ = self.A_inv_ @ self.b_
+        else:
+            self._solve()
+        return self
+
+    sherman_morrison_max_rows = 16
+
+    def _check(self) -> None:
+        if not hasattr(self, "coef_"):
+            raise NotFittedError("BayesianLinearRegressor is not fitted; call fit or partial_fit first")
+
+    def predict(self, X: np.ndarray, return_std: bool = False) -> Any:
+        self._check()
+        Xb = self._with_bias(X)
+        mean = Xb @ self.coef_
+        if self.clip_low is not None or self.clip_high is not None:
+            mean = np.clip(mean, self.clip_low, self.clip_high)
+        if not return_std:
+            return mean
+        variance = np.einsum("ij,jk,ik->i", Xb, self.A_inv_, Xb)
+        return mean, self.noise_scale * np.sqrt(np.maximum(variance, 0.0))
+
+    def state(self) -> dict[str, np.ndarray]:
+        """Arrays that fully describe the fitted model (for a plain .npz file)."""
+        self._check()
+        # A^-1 and the coefficients are saved too: after incremental updates they are not bit-for-bit
+        # what a fresh factorisation of A gives, and a loaded model must predict exactly as saved.
+        return {"A": self.A_, "b": self.b_, "A_inv": self.A_inv_, "coef": self.coef_,
+                "n_samples_seen": np.array(self.n_samples_seen_)}
+
+    @classmethod
+    def from_state(cls, params: dict[str, Any], state: dict[str, np.ndarray]) -> BayesianLinearRegressor:
+        model = cls(**params)
+        model.A_ = np.asarray(state["A"], dtype=np.float64)
+        model.b_ = np.asarray(state["b"], dtype=np.float64)
+        model.n_features_in_ = model.A_.shape[0] - 1
+        model.n_samples_seen_ = int(state["n_samples_seen"])
+        if "A_inv" in state and "coef" in state:
+            model.A_inv_ = np.asarray(state["A_inv"], dtype=np.float64)
+            model.coef_ = np.asarray(state["coef"], dtype=np.float64)
+        else:
+            model._solve()
+        return model
+
+
+SKLEARN_QUALITY_MODELS = ("random_forest", "knn", "mlp", "gradient_boosting")
+
+
+def make_sklearn_regressor(kind: str, random_state: int) -> Any:
+    from sklearn.ensemble import HistGradientBoostingRegressor, RandomForestRegressor
+    from sklearn.neighbors import KNeighborsRegressor
+    from sklearn.neural_network import MLPRegressor
+
+    if kind == "random_forest":
+        return RandomForestRegressor(n_estimators=200, min_samples_leaf=5, n_jobs=1, random_state=random_state)
+    if kind == "knn":
+        return KNeighborsRegressor(n_neighbors=25, weights="distance")
+    if kind == "mlp":
+        return MLPRegressor(hidden_layer_sizes=(128,), alpha=1e-2, early_stopping=True, max_iter=300,
+                            random_state=random_state)
+    if kind == "gradient_boosting":
+        return HistGradientBoostingRegressor(max_iter=200, learning_rate=0.05, random_state=random_state)
+    raise ConfigError(
+        f"unknown quality predictor '{kind}'; choose bayesian_linear, {', '.join(SKLEARN_QUALITY_MODELS)} "
+        "(params.yaml: predictors.quality.kind)"
+    )
+
+
+class QualityPredictor(BaseEstimator):
+    """Expected quality (0..1) of one LLM for a query representation, with an uncertainty.
+
+    `kind="bayesian_linear"` (default) is exact-incremental and gives sigma; the scikit-learn kinds
+    keep their training data so `partial_fit` can refit, and report sigma = 0.
+    """
+
+    def __init__(self, kind: str = "bayesian_linear", ridge: float = 1.0, noise_scale: float = 0.5,
+                 prior_mean: float = 0.5, random_state: int = 0):
+        self.kind = kind
+        self.ridge = ridge
+        self.noise_scale = noise_scale
+        self.prior_mean = prior_mean
+        self.random_state = random_state
+
+    def _linear(self) -> BayesianLinearRegressor:
+        return BayesianLinearRegressor(ridge=self.ridge, prior_mean=self.prior_mean, noise_scale=self.noise_scale,
+                                       clip_low=0.0, clip_high=1.0)
+
+    def fit(self, X: np.ndarray, y: np.ndarray) -> QualityPredictor:
+        X = np.asarray(X, dtype=np.float64)
+        y = np.asarray(y, dtype=np.float64)
+        if self.kind == "bayesian_linear":
+            self.model_ = self._linear().fit(X, y)
+        else:
+            self.model_ = make_sklearn_regressor(self.kind, self.random_state).fit(X, y)
+            self.X_seen_, self.y_seen_ = X, y
+        self.n_features_in_ = X.shape[1]
+        return self
+
+    def start_empty(self, n_features: int) -> QualityPredictor:
+        """A model that has seen nothing yet: prior mean, prior (large) uncertainty. For add_llm."""
+        if self.kind != "bayesian_linear":
+            raise ConfigError("only the bayesian_linear quality predictor can start without data (add_llm)")
+        self.model_ = self._linear()
+        self.model_._init_stats(n_features)
+        self.n_features_in_ = n_features
+        return self
+
+    def partial_fit(self, X: np.ndarray, y: np.ndarray) -> QualityPredictor:
+        if not hasattr(self, "model_"):
+            return self.fit(X, y)
+        X = np.asarray(X, dtype=np.float64)
+        y = np.asarray(y, dtype=np.float64)
+        if self.kind == "bayesian_linear":
+            self.model_.partial_fit(X, y)
+        else:
+            self.X_seen_ = np.vstack([self.X_seen_, X])
+            self.y_seen_ = np.concatenate([self.y_seen_, y])
+            self.model_ = make_sklearn_regressor(self.kind, self.random_state).fit(self.X_seen_, self.y_seen_)
+        return self
+
+    def predict(self, X: np.ndarray, return_std: bool = False) -> Any:
+        if not hasattr(self, "model_"):
+            raise NotFittedError("QualityPredictor is not fitted")
+        if self.kind == "bayesian_linear":
+            return self.model_.predict(X, return_std=return_std)
+        mean = np.clip(self.model_.predict(np.asarray(X, dtype=np.float64)), 0.0, 1.0)
+        return (mean, np.zeros_like(mean)) if return_std else mean
+
+    @property
+    def n_samples_seen_(self) -> int:
+        if self.kind == "bayesian_linear":
+            return int(self.model_.n_samples_seen_)
+        return int(len(self.y_seen_))
+
+
+class CostPredictor(BaseEstimator):
+    """Expected dollars of one LLM for a query.
+
+    With token counts in the log, it predicts output tokens (linear on the representation) and
+    input tokens (linear on the query's length) and prices them from the catalogue, so a price
+    change takes effect at once. Without them it regresses the logged cost, in units of
+    `cost_scale_usd` so the ridge penalty means the same for cheap and dear LLMs.
+    """
+
+    def __init__(self, ridge: float = 1.0, input_usd_per_1k: float = 0.0, output_usd_per_1k: float = 0.0,
+                 cost_scale_usd: float = 1.0, prior_cost_usd: float = 0.0):
+        self.ridge = ridge
+        self.input_usd_per_1k = input_usd_per_1k
+        self.output_usd_per_1k = output_usd_per_1k
+        self.cost_scale_usd = cost_scale_usd
+        self.prior_cost_usd = prior_cost_usd
+
+    def fit(self, X: np.ndarray, cost_usd: np.ndarray, query_chars: np.ndarray,
+            input_tokens: np.ndarray | None = None, output_tokens: np.ndarray | None = None) -> CostPredictor:
+        self._start(np.asarray(X).shape[1])
+        return self.partial_fit(X, cost_usd, query_chars, input_tokens, output_tokens)
+
+    def _start(self, n_features: int) -> None:
+        self.cost_model_ = BayesianLinearRegressor(ridge=self.ridge, prior_mean=self.prior_cost_usd / self.cost_scale_usd,
+                                                   clip_low=0.0)
+        self.cost_model_._init_stats(n_features)
+        # Token models start at "about 4 characters per token" and "no output" until data says otherwise.
+        self.input_tokens_model_ = BayesianLinearRegressor(ridge=self.ridge, prior_mean=0.0, clip_low=0.0)
+        self.input_tokens_model_._init_stats(1)
+        self.input_tokens_model_.b_[0] = self.ridge * 250.0  # prior: 250 tokens per 1k characters
+        self.input_tokens_model_.coef_ = self.input_tokens_model_.A_inv_ @ self.input_tokens_model_.b_
+        self.output_tokens_model_ = BayesianLinearRegressor(ridge=self.ridge, prior_mean=0.0, clip_low=0.0)
+        self.output_tokens_model_._init_stats(n_features)
+        self.uses_tokens_ = False
+        self.n_features_in_ = n_features
+
+    def start_empty(self, n_features: int) -> CostPredictor:
+        self._start(n_features)
+        return self
+
+    def partial_fit(self, X: np.ndarray, cost_usd: np.ndarray, query_chars: np.ndarray,
+                    input_tokens: np.ndarray | None = None, output_tokens: np.ndarray | None = None) -> CostPredictor:
+        if not hasattr(self, "cost_model_"):
+            self._start(np.asarray(X).shape[1])
+        X = np.asarray(X, dtype=np.float64)
+        cost = np.asarray(cost_usd, dtype=np.float64)
+        self.cost_model_.partial_fit(X, cost / self.cost_scale_usd)
+        if input_tokens is not None and output_tokens is not None:
+            tokens_in = np.asarray(input_tokens, dtype=np.float64)
+            tokens_out = np.asarray(output_tokens, dtype=np.float64)
+            known = np.isfinite(tokens_in) & np.isfinite(tokens_out)
+            if known.any():
+                chars = np.asarray(query_chars, dtype=np.float64)[known, None] / 1000.0
+                self.input_tokens_model_.partial_fit(chars, tokens_in[known])
+                self.output_tokens_model_.partial_fit(X[known], tokens_out[known])
+                self.uses_tokens_ = True
+        return self
+
+    def predict(self, X: np.ndarray, query_chars: np.ndarray) -> np.ndarray:
+        if not hasattr(self, "cost_model_"):
+            raise NotFittedError("CostPredictor is not fitted")
+        if self.uses_tokens_:
+            tokens_in = self.input_tokens_model_.predict(np.asarray(query_chars, dtype=np.float64)[:, None] / 1000.0)
+            tokens_out = self.output_tokens_model_.predict(X)
+            return (tokens_in * self.input_usd_per_1k + tokens_out * self.output_usd_per_1k) / 1000.0
+        return self.cost_model_.predict(X) * self.cost_scale_usd
+
+    def predict_output_tokens(self, X: np.ndarray) -> np.ndarray | None:
+        return self.output_tokens_model_.predict(X) if getattr(self, "uses_tokens_", False) else None
+
+    def state(self) -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {"uses_tokens": np.array(self.uses_tokens_)}
+        for name in ("cost_model_", "input_tokens_model_", "output_tokens_model_"):
+            for key, value in getattr(self, name).state().items():
+                out[f"{name.rstrip('_')}.{key}"] = value
+        return out
+
+    @classmethod
+    def from_state(cls, params: dict[str, Any], state: dict[str, np.ndarray]) -> CostPredictor:
+        model = cls(**params)
+        for name in ("cost_model_", "input_tokens_model_", "output_tokens_model_"):
+            prefix = f"{name.rstrip('_')}."
+            sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            setattr(model, name, BayesianLinearRegressor.from_state({"ridge": params["ridge"], "clip_low": 0.0}, sub))
+        model.uses_tokens_ = bool(state["uses_tokens"])
+        model.n_features_in_ = model.cost_model_.n_features_in_
+        return model

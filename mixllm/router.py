@@ -1,0 +1,731 @@
+"""MixLLMRouter: tags -> domains -> tag-enhanced encoder -> per-LLM predictors -> meta decision.
+
+The score of LLM m for a query is
+
+    score_m = q_m - lambda * c_m / cost_scale + alpha * sigma_m - P_m
+
+q_m and c_m are the predicted quality and dollars, cost_scale a dollar amount fixed at fit time
+(the mean cost per query of the dearest LLM in the training log, unless set in the config) so
+lambda is unit-free, sigma_m the quality predictor's posterior standard deviation (LinUCB-style
+exploration), and P_m the latency penalty: zero while m's expected latency W_m is within the
+tolerance tau, then latency_weight * (exp((W_m - tau) / latency_scale_s) - 1). W_m is the queueing
+wait behind m's in-flight requests (beyond its concurrency, each costs one service time divided
+by the concurrency) plus one service time (per-call time + per-output-token time x expected output
+tokens; an observed latency replaces the profile when the caller has one). Per-request
+constraints (candidate subset, maximum predicted cost, minimum predicted quality) filter the
+candidates first; when none is left, the constraint is relaxed and the decision says so.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from sklearn.base import BaseEstimator
+
+from mixllm import __version__
+from mixllm.config import LatencyProfile, LLMConfig, MixLLMConfig, config_from_dict
+from mixllm.embeddings import EmbeddingCache, QueryEncoder
+from mixllm.errors import ModelFormatError, NotFittedError, RoutingError
+from mixllm.features import QueryFeaturizer
+from mixllm.predictors import CostPredictor, QualityPredictor
+from mixllm.tags import TagClusterer, make_tagger
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class CandidateScore:
+    """Why an LLM was or was not chosen: its predictions and the parts of its score."""
+
+    llm: str
+    quality: float
+    cost_usd: float
+    uncertainty: float
+    penalty: float
+    score: float
+    eligible: bool
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The routing decision for one query."""
+
+    llm: str
+    candidates: tuple[CandidateScore, ...]
+    lambda_: float
+    exploration: float
+    relaxed: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["lambda"] = out.pop("lambda_")
+        out["candidates"] = [asdict(c) for c in self.candidates]
+        return out
+
+
+@dataclass
+class LoadSnapshot:
+    """The live load the latency penalty looks at: in-flight calls and observed latency per LLM."""
+
+    in_flight: dict[str, int] = field(default_factory=dict)
+    observed_latency_s: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Predictions:
+    """Per-query, per-LLM predictions: the input of the decision rule (reused across lambdas)."""
+
+    llms: list[str]
+    quality: np.ndarray  # (n_queries, n_llms)
+    uncertainty: np.ndarray
+    cost_usd: np.ndarray
+    output_tokens: np.ndarray  # expected output tokens, for the latency model
+
+    def subset(self, rows: np.ndarray | slice) -> Predictions:
+        return Predictions(self.llms, self.quality[rows], self.uncertainty[rows], self.cost_usd[rows],
+                           self.output_tokens[rows])
+
+
+def latency_penalty(expected_latency_s: np.ndarray, tolerance_s: float, weight: float, scale_s: float) -> np.ndarray:
+    """Zero up to the tolerance, then exponential in the excess (capped to stay finite)."""
+    excess = np.maximum(np.asarray(expected_latency_s, dtype=np.float64) - tolerance_s, 0.0)
+    return weight * np.expm1(np.minimum(excess / scale_s, 50.0))
+
+
+def expected_latency_s(profile: LatencyProfile, output_tokens: np.ndarray, in_flight: int,
+                       observed_latency_s: float | None = None) -> np.ndarray:
+    """Queue wait behind `in_flight` calls plus one service time (see the module docstring)."""
+    service = profile.per_call_s + profile.per_output_token_s * np.asarray(output_tokens, dtype=np.float64)
+    if observed_latency_s is not None and observed_latency_s > 0:
+        service = np.full_like(service, observed_latency_s)
+    queued = max(0, in_flight + 1 - profile.concurrency)
+    return service + queued * service / profile.concurrency
+
+
+def decide(
+    quality: np.ndarray,
+    cost_usd: np.ndarray,
+    uncertainty: np.ndarray,
+    penalty: np.ndarray,
+    *,
+    lambda_: float,
+    exploration: float,
+    cost_scale_usd: float,
+    eligible: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Index of the best LLM per row and every score; ineligible LLMs score -inf.
+
+    Ties go to the lower predicted cost, then to the lower column index, so decisions are repeatable.
+    """
+    score = quality - lambda_ * cost_usd / cost_scale_usd + exploration * uncertainty - penalty
+    if eligible is not None:
+        score = np.where(eligible, score, -np.inf)
+    best = score.max(axis=1, keepdims=True)
+    tied = np.isclose(score, best, rtol=0.0, atol=1e-12) & np.isfinite(score)
+    cost_key = np.where(tied, cost_usd, np.inf)
+    return cost_key.argmin(axis=1), score
+
+
+def _safe_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "__", name)
+
+
+class MixLLMRouter(BaseEstimator):
+    """The MixLLM router as one estimator: `fit`, `route`, `partial_fit`, `add_llm`, `remove_llm`, `save`/`load`.
+
+    `config` carries every setting (the typed params.yaml); ablations are config changes.
+    `cache_dir` keeps embeddings on disk between runs; `progress` forces progress bars on/off.
+    """
+
+    def __init__(self, config: MixLLMConfig | None = None, cache_dir: str | Path | None = None,
+                 progress: bool | None = None):
+        self.config = config
+        self.cache_dir = cache_dir
+        self.progress = progress
+
+    # ------------------------------------------------------------------------------------------ fit
+
+    @property
+    def _config(self) -> MixLLMConfig:
+        return self.config if self.config is not None else config_from_dict({})
+
+    def _embed(self, encoder: QueryEncoder, queries: list[str]) -> np.ndarray:
+        if self.cache_dir is None:
+            return encoder.transform(queries)
+        return EmbeddingCache(self.cache_dir).transform(encoder, queries)
+
+    def fit(self, log: pd.DataFrame, *, domains: Mapping[str, int] | None = None,
+            encoder: QueryEncoder | None = None) -> MixLLMRouter:
+        """Train on a long interaction log (full-information or bandit) of the training queries.
+
+        `domains` (query_id -> dominant tag domain, from `fit_domains`) and `encoder` (from
+        `fit_encoder`) let a pipeline run those stages separately and cache them; when absent
+        they are computed here.
+        """
+        config = self._config
+        started = time.perf_counter()
+        log = _check_log(log)
+        catalogue = {llm.name: llm for llm in config.llms}
+        unknown = sorted(set(log["llm"]) - set(catalogue)) if catalogue else []
+        if unknown:
+            raise RoutingError(f"the log has LLMs missing from params.yaml llms: {', '.join(unknown)}; add them there")
+        queries_frame = log.drop_duplicates("query_id")[["query_id", "query"]].reset_index(drop=True)
+        queries = queries_frame["query"].tolist()
+        self.timings_: dict[str, float] = {}
+        logger.info("fitting on %d interactions: %d queries x %d LLMs", len(log), len(queries), log["llm"].nunique())
+
+        if domains is None:
+            domain_array, self.tag_report_ = self.fit_domains(queries)
+        else:
+            domain_array = queries_frame["query_id"].map(lambda q: domains.get(q, -1)).to_numpy(dtype=int)
+            self.tag_report_ = getattr(self, "tag_report_", {"enabled": True, "precomputed": True})
+        t = time.perf_counter()
+        self.encoder_ = encoder if encoder is not None else self.fit_encoder(queries, domain_array)
+        self.timings_["fine_tune_s"] = time.perf_counter() - t
+        domains = domain_array if self.tag_report_.get("enabled", False) else None
+        t = time.perf_counter()
+        embeddings = self._embed(self.encoder_, queries)
+        self.timings_["embed_s"] = time.perf_counter() - t
+        features_config = config.features
+        self.featurizer_ = QueryFeaturizer(
+            use_domains=features_config.use_domains and domains is not None,
+            use_length=features_config.use_length, use_tfidf=features_config.tfidf.enabled,
+            tfidf_max_features=features_config.tfidf.max_features, tfidf_ngram_max=features_config.tfidf.ngram_max,
+            tfidf_min_df=features_config.tfidf.min_df, svd_components=features_config.tfidf.svd_components,
+            tfidf_weight=features_config.tfidf.weight, domain_temperature=config.tags.domain_temperature,
+        ).fit(queries, embeddings, domains)
+        X = self.featurizer_.transform(queries, embeddings)
+        self.n_features_in_ = X.shape[1]
+        row_of = pd.Series(np.arange(len(queries)), index=queries_frame["query_id"].to_numpy())
+        log = log.assign(_row=log["query_id"].map(row_of).to_numpy())
+
+        per_llm_cost = log.groupby("llm")["cost_usd"].mean()
+        self.cost_scale_usd_ = float(config.decision.cost_scale_usd or max(per_llm_cost.max(), 1e-12))
+        self.mean_quality_ = float(log["quality"].mean())
+        self.mean_query_chars_ = float(np.mean([len(q) for q in queries]))
+        self.catalogue_: dict[str, dict[str, Any]] = {}
+        self.quality_models_: dict[str, QualityPredictor] = {}
+        self.cost_models_: dict[str, CostPredictor] = {}
+        self.typical_output_tokens_: dict[str, float] = {}
+        t = time.perf_counter()
+        for llm, rows in log.groupby("llm", sort=True):
+            entry = catalogue.get(llm) or LLMConfig(name=llm, input_usd_per_1k=0.0, output_usd_per_1k=0.0)
+            self.catalogue_[llm] = entry.model_dump(mode="json")
+            self._fit_llm(llm, X[rows["_row"].to_numpy()], rows)
+        self.timings_["predictors_s"] = time.perf_counter() - t
+        for name, entry in catalogue.items():  # catalogue LLMs without data join with a prior
+            if name not in self.catalogue_:
+                logger.info("LLM %s has no interactions: added with a prior (high uncertainty)", name)
+                self.add_llm(name, entry.input_usd_per_1k, entry.output_usd_per_1k, latency=entry.latency,
+                             enabled=entry.enabled)
+        self.trained_at_ = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        self.n_training_queries_ = len(queries)
+        self.timings_["total_s"] = time.perf_counter() - started
+        logger.info("router fitted in %.1fs (%s)", self.timings_["total_s"],
+                    ", ".join(f"{k}={v:.1f}" for k, v in self.timings_.items()))
+        return self
+
+    def fit_encoder(self, queries: Sequence[str], domains: np.ndarray | None) -> QueryEncoder:
+        """The tag-enhanced encoder: fine-tuned on domain triplets when the config says so."""
+        config = self._config
+        ft = config.embedding.fine_tune
+        return QueryEncoder(
+            model_path=config.embedding.model_path, max_seq_length=config.embedding.max_seq_length,
+            batch_size=config.embedding.batch_size, fine_tune=ft.enabled, epochs=ft.epochs,
+            max_pairs=ft.max_pairs, train_batch_size=ft.batch_size, learning_rate=ft.learning_rate,
+            warmup_ratio=ft.warmup_ratio, random_state=ft.seed, progress=self.progress,
+        ).fit(list(queries), domains if ft.enabled and domains is not None else None)
+
+    def fit_domains(self, queries: Sequence[str]) -> tuple[np.ndarray, dict[str, Any]]:
+        """Tag the training queries and cluster the tags: each query's dominant domain (-1: none),
+        and a report (domain names, sizes, example tags). Sets `clusterer_`."""
+        config = self._config
+        queries = list(queries)
+        self.timings_ = getattr(self, "timings_", {})
+        needs_domains = config.features.use_domains or config.embedding.fine_tune.enabled
+        self.clusterer_ = None
+        if not needs_domains:
+            return np.full(len(queries), -1), {"enabled": False}
+        t = time.perf_counter()
+        tags_config = config.tags
+        tagger_params: dict[str, Any] = {"top_k": tags_config.top_k}
+        if tags_config.method == "keybert":
+            tagger_params.update(ngram_max=tags_config.ngram_max, min_df=tags_config.min_df)
+        else:
+            llm = tags_config.llm
+            tagger_params.update(base_url=llm.base_url, model=llm.model, api_key_env=llm.api_key_env,
+                                 cache_dir=str(self._config.path(llm.cache_dir)), timeout_s=llm.timeout_s)
+        # Tags use the base encoder on shorter inputs (cheaper): they only shape the domains.
+        base_encoder = QueryEncoder(model_path=config.embedding.model_path,
+                                    max_seq_length=min(config.embedding.max_seq_length, 128),
+                                    batch_size=config.embedding.batch_size, fine_tune=False,
+                                    progress=self.progress).fit(queries)
+        base = base_encoder.model_
+        tagger = make_tagger(tags_config.method, **tagger_params).fit(queries, base)
+        query_tags = tagger.transform(queries, base, query_embeddings=self._embed(base_encoder, queries))
+        self.clusterer_ = TagClusterer(
+            n_clusters=tags_config.n_clusters, method=tags_config.clustering,
+            names_per_cluster=tags_config.names_per_cluster, random_state=tags_config.seed,
+        ).fit(query_tags, lambda tags: tagger.tag_vectors(tags, base))
+        domains = self.clusterer_.dominant_domains(query_tags)
+        self.timings_["tags_s"] = time.perf_counter() - t
+        report = {
+            "enabled": True,
+            "method": tags_config.method,
+            "queries_without_tags": int((domains < 0).sum()),
+            "domains": self.clusterer_.describe(),
+            "domain_counts": np.bincount(domains[domains >= 0], minlength=self.clusterer_.n_domains_).tolist(),
+            "example_tags": [{"query": q[:120], "tags": t} for q, t in list(zip(queries, query_tags))[:20]],
+        }
+        logger.info("tagged %d queries into %d domains: %s", len(queries), self.clusterer_.n_domains_,
+                    "; ".join(self.clusterer_.domain_names_))
+        return domains, report
+
+    def _fit_llm(self, llm: str, X: np.ndarray, rows: pd.DataFrame) -> None:
+        config = self._config
+        entry = self.catalogue_[llm]
+        quality_config = config.predictors.quality
+        self.quality_models_[llm] = QualityPredictor(
+            kind=quality_config.kind, ridge=quality_config.ridge, noise_scale=quality_config.noise_scale,
+            prior_mean=self.mean_quality_, random_state=quality_config.seed,
+        ).fit(X, rows["quality"].to_numpy())
+        self.cost_models_[llm] = CostPredictor(
+            ridge=config.predictors.cost.ridge, input_usd_per_1k=entry["input_usd_per_1k"],
+            output_usd_per_1k=entry["output_usd_per_1k"], cost_scale_usd=self.cost_scale_usd_,
+            prior_cost_usd=float(rows["cost_usd"].mean()),
+        ).fit(X, rows["cost_usd"].to_numpy(), rows["query"].str.len().to_numpy(), *_tokens(rows))
+        self.typical_output_tokens_[llm] = _typical_output_tokens(rows)
+
+    # ------------------------------------------------------------------------------------ predict
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "quality_models_"):
+            raise NotFittedError("MixLLMRouter is not fitted; call fit(log) or MixLLMRouter.load(folder)")
+
+    @property
+    def llms_(self) -> list[str]:
+        """Every LLM the router has predictors for, enabled or not."""
+        self._check_fitted()
+        return sorted(self.quality_models_)
+
+    @property
+    def enabled_llms_(self) -> list[str]:
+        return [llm for llm in self.llms_ if self.catalogue_[llm].get("enabled", True)]
+
+    def features(self, queries: Sequence[str]) -> np.ndarray:
+        """The predictors' input for `queries` (one encoder batch)."""
+        self._check_fitted()
+        queries = _check_queries(queries)
+        return self.featurizer_.transform(queries, self.encoder_.transform(queries))
+
+    def predict_from_features(self, X: np.ndarray, query_chars: np.ndarray, llms: Sequence[str] | None = None) -> Predictions:
+        llms = list(llms) if llms is not None else self.llms_
+        n = X.shape[0]
+        quality = np.zeros((n, len(llms)))
+        sigma = np.zeros((n, len(llms)))
+        cost = np.zeros((n, len(llms)))
+        tokens = np.zeros((n, len(llms)))
+        for j, llm in enumerate(llms):
+            quality[:, j], sigma[:, j] = self.quality_models_[llm].predict(X, return_std=True)
+            cost[:, j] = np.maximum(self.cost_models_[llm].predict(X, query_chars), 0.0)
+            predicted_tokens = self.cost_models_[llm].predict_output_tokens(X)
+            tokens[:, j] = predicted_tokens if predicted_tokens is not None else self.typical_output_tokens_[llm]
+        return Predictions(llms, quality, sigma, cost, tokens)
+
+    def predict(self, queries: Sequence[str]) -> Predictions:
+        queries = _check_queries(queries)
+        return self.predict_from_features(self.features(queries), np.array([len(q) for q in queries]))
+
+    # ------------------------------------------------------------------------------------- route
+
+    def route(
+        self,
+        queries: Sequence[str],
+        *,
+        lambda_: float | None = None,
+        exploration: float | None = None,
+        latency_tolerance_s: float | None = None,
+        candidates: Sequence[str] | None = None,
+        max_cost_usd: float | None = None,
+        min_quality: float | None = None,
+        load: LoadSnapshot | None = None,
+        predictions: Predictions | None = None,
+    ) -> list[Decision]:
+        """Choose an LLM for each query; overrides apply to this call only."""
+        self._check_fitted()
+        decision_config = self._config.decision
+        lambda_ = _check_number("lambda", decision_config.lambda_ if lambda_ is None else lambda_)
+        exploration = _check_number("exploration", decision_config.exploration if exploration is None else exploration)
+        tolerance = _check_number(
+            "latency_tolerance_s", decision_config.latency_tolerance_s if latency_tolerance_s is None else latency_tolerance_s
+        )
+        if max_cost_usd is not None:
+            max_cost_usd = _check_number("max_cost", max_cost_usd)
+        if min_quality is not None:
+            min_quality = _check_number("min_quality", min_quality)
+        llms = self._candidates(candidates)
+        if predictions is None:
+            predictions = self.predict(queries)
+            predictions = _select(predictions, llms)
+        else:
+            predictions = _select(predictions, llms)
+        penalty = self.latency_penalties(predictions, load, tolerance)
+        eligible = np.ones_like(predictions.quality, dtype=bool)
+        relaxed: list[list[str]] = [[] for _ in range(len(predictions.quality))]
+        for name, mask in (
+            ("max_cost", predictions.cost_usd <= max_cost_usd if max_cost_usd is not None else None),
+            ("min_quality", predictions.quality >= min_quality if min_quality is not None else None),
+        ):
+            if mask is None:
+                continue
+            combined = eligible & mask
+            empty = ~combined.any(axis=1)
+            for row in np.flatnonzero(empty):
+                relaxed[row].append(name)
+            eligible = np.where(empty[:, None], eligible, combined)
+        chosen, scores = decide(
+            predictions.quality, predictions.cost_usd, predictions.uncertainty, penalty,
+            lambda_=lambda_, exploration=exploration, cost_scale_usd=self.cost_scale_usd_, eligible=eligible,
+        )
+        decisions = []
+        for row, column in enumerate(chosen):
+            decisions.append(
+                Decision(
+                    llm=llms[column],
+                    candidates=tuple(
+                        CandidateScore(
+                            llm=llm, quality=float(predictions.quality[row, j]), cost_usd=float(predictions.cost_usd[row, j]),
+                            uncertainty=float(predictions.uncertainty[row, j]), penalty=float(penalty[row, j]),
+                            score=float(scores[row, j]) if np.isfinite(scores[row, j]) else float("-inf"),
+                            eligible=bool(eligible[row, j]),
+                        )
+                        for j, llm in enumerate(llms)
+                    ),
+                    lambda_=lambda_, exploration=exploration, relaxed=tuple(relaxed[row]),
+                )
+            )
+        return decisions
+
+    def _candidates(self, candidates: Sequence[str] | None) -> list[str]:
+        enabled = self.enabled_llms_
+        if not enabled:
+            raise RoutingError("no enabled LLM to route to; enable one in params.yaml llms or add_llm")
+        if candidates is None:
+            return enabled
+        if isinstance(candidates, str) or not isinstance(candidates, Sequence):
+            raise RoutingError("candidates must be a list of LLM names")
+        unknown = [c for c in candidates if c not in enabled]
+        if unknown:
+            raise RoutingError(
+                f"unknown or disabled LLM(s) in candidates: {', '.join(map(str, unknown))}; choose from {', '.join(enabled)}"
+            )
+        if not candidates:
+            raise RoutingError(f"candidates is empty; leave it out or choose from {', '.join(enabled)}")
+        return [llm for llm in enabled if llm in set(candidates)]
+
+    def latency_penalties(self, predictions: Predictions, load: LoadSnapshot | None, tolerance_s: float) -> np.ndarray:
+        """P_m per query and LLM from the live load (no load: nothing in flight, profile latencies)."""
+        decision_config = self._config.decision
+        penalty = np.zeros_like(predictions.quality)
+        if decision_config.latency_weight == 0:
+            return penalty
+        load = load or LoadSnapshot()
+        for j, llm in enumerate(predictions.llms):
+            profile = LatencyProfile(**self.catalogue_[llm].get("latency", {}))
+            latency = expected_latency_s(profile, predictions.output_tokens[:, j], load.in_flight.get(llm, 0),
+                                         load.observed_latency_s.get(llm))
+            penalty[:, j] = latency_penalty(latency, tolerance_s, decision_config.latency_weight,
+                                            decision_config.latency_scale_s)
+        return penalty
+
+    # ------------------------------------------------------------------------------- continual
+
+    def partial_fit(self, interactions: pd.DataFrame, features: np.ndarray | None = None) -> MixLLMRouter:
+        """Learn from bandit feedback: each row updates only its own LLM's predictors.
+
+        `interactions` needs query, llm, quality, cost_usd (tokens optional); `features` may hold
+        their representation already (one row per interaction) to skip the encoder.
+        """
+        self._check_fitted()
+        frame = _check_log(interactions, need_query_id=False)
+        unknown = sorted(set(frame["llm"]) - set(self.quality_models_))
+        if unknown:
+            raise RoutingError(f"feedback for unknown LLM(s) {', '.join(unknown)}; add them with add_llm first")
+        X = self.features(frame["query"].tolist()) if features is None else np.asarray(features)
+        if X.shape[0] != len(frame):
+            raise RoutingError(f"features has {X.shape[0]} rows for {len(frame)} interactions")
+        for llm, rows in frame.groupby("llm", sort=False):
+            positions = frame.index.get_indexer(rows.index)
+            self.quality_models_[llm].partial_fit(X[positions], rows["quality"].to_numpy())
+            self.cost_models_[llm].partial_fit(X[positions], rows["cost_usd"].to_numpy(),
+                                               rows["query"].str.len().to_numpy(), *_tokens(rows))
+        self.n_feedback_ = getattr(self, "n_feedback_", 0) + len(frame)
+        return self
+
+    def add_llm(self, name: str, input_usd_per_1k: float, output_usd_per_1k: float, *,
+                latency: LatencyProfile | Mapping[str, Any] | None = None, prior_quality: float | None = None,
+                enabled: bool = True) -> MixLLMRouter:
+        """A new candidate with a prior and a high uncertainty, so exploration tries it. No retrain."""
+        self._check_fitted()
+        if not name or not isinstance(name, str):
+            raise RoutingError("add_llm needs a non-empty LLM name")
+        if name in self.quality_models_:
+            raise RoutingError(f"LLM '{name}' is already in the pool; remove_llm it first to reset it")
+        if input_usd_per_1k < 0 or output_usd_per_1k < 0:
+            raise RoutingError("prices must be >= 0 USD per 1k tokens")
+        profile = latency if isinstance(latency, LatencyProfile) else LatencyProfile(**(latency or {}))
+        entry = LLMConfig(name=name, input_usd_per_1k=input_usd_per_1k, output_usd_per_1k=output_usd_per_1k,
+                          latency=profile, enabled=enabled)
+        self.catalogue_[name] = entry.model_dump(mode="json")
+        quality_config = self._config.predictors.quality
+        self.quality_models_[name] = QualityPredictor(
+            kind="bayesian_linear", ridge=quality_config.new_llm_prior_ridge, noise_scale=quality_config.noise_scale,
+            prior_mean=self.mean_quality_ if prior_quality is None else float(prior_quality),
+        ).start_empty(self.n_features_in_)
+        typical_output = float(np.mean(list(self.typical_output_tokens_.values()))) if self.typical_output_tokens_ else 100.0
+        prior_cost = (self.mean_query_chars_ / 4 * input_usd_per_1k + typical_output * output_usd_per_1k) / 1000
+        self.cost_models_[name] = CostPredictor(
+            ridge=self._config.predictors.cost.ridge, input_usd_per_1k=input_usd_per_1k,
+            output_usd_per_1k=output_usd_per_1k, cost_scale_usd=self.cost_scale_usd_, prior_cost_usd=prior_cost,
+        ).start_empty(self.n_features_in_)
+        self.typical_output_tokens_[name] = typical_output
+        logger.info("added LLM %s (prior quality %.3f, prior cost $%.6f)", name,
+                    self.quality_models_[name].prior_mean, prior_cost)
+        return self
+
+    def remove_llm(self, name: str) -> MixLLMRouter:
+        """Take an LLM out of the pool; the others are untouched."""
+        self._check_fitted()
+        if name not in self.quality_models_:
+            raise RoutingError(f"LLM '{name}' is not in the pool ({', '.join(self.llms_)})")
+        for table in (self.quality_models_, self.cost_models_, self.catalogue_, self.typical_output_tokens_):
+            table.pop(name, None)
+        logger.info("removed LLM %s", name)
+        return self
+
+    def apply_catalogue(self, llms: Sequence[LLMConfig]) -> list[str]:
+        """Make the pool match a catalogue: add new LLMs, drop absent ones, update prices, latency and
+        enabled flags. Returns what changed, one line each."""
+        self._check_fitted()
+        changes = []
+        wanted = {llm.name: llm for llm in llms}
+        for name in list(self.quality_models_):
+            if name not in wanted:
+                self.remove_llm(name)
+                changes.append(f"removed {name}")
+        for name, entry in wanted.items():
+            if name not in self.quality_models_:
+                self.add_llm(name, entry.input_usd_per_1k, entry.output_usd_per_1k, latency=entry.latency,
+                             enabled=entry.enabled)
+                changes.append(f"added {name}")
+                continue
+            current = self.catalogue_[name]
+            updated = entry.model_dump(mode="json")
+            if current != updated:
+                if current.get("enabled", True) != entry.enabled:
+                    changes.append(f"{'enabled' if entry.enabled else 'disabled'} {name}")
+                else:
+                    changes.append(f"updated {name}")
+                self.catalogue_[name] = updated
+                cost_model = self.cost_models_[name]
+                cost_model.input_usd_per_1k = entry.input_usd_per_1k
+                cost_model.output_usd_per_1k = entry.output_usd_per_1k
+        return changes
+
+    # ---------------------------------------------------------------------------- persistence
+
+    def save(self, folder: Path | str) -> Path:
+        """A self-describing folder: router.json (config, catalogue, versions), encoder/, featurizer/,
+        predictors/*.npz. Plain formats only: no pickle."""
+        self._check_fitted()
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.encoder_.save(folder / "encoder")
+        self.featurizer_.save(folder / "featurizer")
+        predictors_dir = folder / "predictors"
+        predictors_dir.mkdir(exist_ok=True)
+        files = {}
+        for llm in self.llms_:
+            quality = self.quality_models_[llm]
+            arrays = {f"cost.{k}": v for k, v in self.cost_models_[llm].state().items()}
+            if quality.kind == "bayesian_linear":
+                arrays.update({f"quality.{k}": v for k, v in quality.model_.state().items()})
+            else:  # refit at load from the data it saw: deterministic, and no pickle
+                arrays.update({"quality.X_seen": quality.X_seen_, "quality.y_seen": quality.y_seen_})
+            files[llm] = f"{_safe_name(llm)}.npz"
+            np.savez(predictors_dir / files[llm], **arrays)
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "mixllm_version": __version__,
+            "trained_at": self.trained_at_,
+            "config": self._config.model_dump(mode="json", by_alias=True),
+            "catalogue": self.catalogue_,
+            "predictor_files": files,
+            "quality_params": {llm: self.quality_models_[llm].get_params() for llm in self.llms_},
+            "cost_params": {llm: self.cost_models_[llm].get_params() for llm in self.llms_},
+            "cost_scale_usd": self.cost_scale_usd_,
+            "mean_quality": self.mean_quality_,
+            "mean_query_chars": self.mean_query_chars_,
+            "typical_output_tokens": self.typical_output_tokens_,
+            "n_features": self.n_features_in_,
+            "n_training_queries": self.n_training_queries_,
+            "n_feedback": getattr(self, "n_feedback_", 0),
+            "timings": getattr(self, "timings_", {}),
+            "tags": self.tag_report_,
+        }
+        (folder / "router.json").write_text(json.dumps(manifest, indent=2, default=str), encoding="utf-8")
+        return folder
+
+    @classmethod
+    def load(cls, folder: Path | str, *, progress: bool | None = None) -> MixLLMRouter:
+        folder = Path(folder)
+        manifest_path = folder / "router.json"
+        if not manifest_path.is_file():
+            raise ModelFormatError(f"{folder} is not a saved mixllm router: router.json is missing")
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        if manifest.get("format_version") != FORMAT_VERSION:
+            raise ModelFormatError(
+                f"{folder} was saved by mixllm {manifest.get('mixllm_version')} in format "
+                f"{manifest.get('format_version')}; this mixllm ({__version__}) reads format {FORMAT_VERSION}. "
+                "Retrain with `mixllm train` or install the mixllm version that saved it"
+            )
+        router = cls(config=config_from_dict(manifest["config"], source=str(manifest_path)), progress=progress)
+        router.encoder_ = QueryEncoder.load(folder / "encoder")
+        router.encoder_.progress = progress
+        router.featurizer_ = QueryFeaturizer.load(folder / "featurizer")
+        router.catalogue_ = manifest["catalogue"]
+        router.cost_scale_usd_ = float(manifest["cost_scale_usd"])
+        router.mean_quality_ = float(manifest["mean_quality"])
+        router.mean_query_chars_ = float(manifest["mean_query_chars"])
+        router.typical_output_tokens_ = {k: float(v) for k, v in manifest["typical_output_tokens"].items()}
+        router.n_features_in_ = int(manifest["n_features"])
+        router.n_training_queries_ = int(manifest["n_training_queries"])
+        router.n_feedback_ = int(manifest.get("n_feedback", 0))
+        router.trained_at_ = manifest["trained_at"]
+        router.timings_ = manifest.get("timings", {})
+        router.tag_report_ = manifest.get("tags", {})
+        router.clusterer_ = None
+        router.quality_models_, router.cost_models_ = {}, {}
+        for llm, filename in manifest["predictor_files"].items():
+            path = folder / "predictors" / filename
+            if not path.is_file():
+                raise ModelFormatError(f"{folder} is incomplete: predictors/{filename} for {llm} is missing")
+            with np.load(path) as data:
+                arrays = {k: data[k] for k in data.files}
+            quality_params = manifest["quality_params"][llm]
+            quality = QualityPredictor(**quality_params)
+            quality_state = {k[len("quality."):]: v for k, v in arrays.items() if k.startswith("quality.")}
+            if quality.kind == "bayesian_linear":
+                from mixllm.predictors import BayesianLinearRegressor
+
+                quality.model_ = BayesianLinearRegressor.from_state(
+                    {"ridge": quality.ridge, "prior_mean": quality.prior_mean, "noise_scale": quality.noise_scale,
+                     "clip_low": 0.0, "clip_high": 1.0},
+                    quality_state,
+                )
+                quality.n_features_in_ = quality.model_.n_features_in_
+            else:
+                quality.fit(quality_state["X_seen"], quality_state["y_seen"])
+            router.quality_models_[llm] = quality
+            router.cost_models_[llm] = CostPredictor.from_state(
+                manifest["cost_params"][llm], {k[len("cost."):]: v for k, v in arrays.items() if k.startswith("cost.")}
+            )
+        return router
+
+    def describe(self) -> dict[str, Any]:
+        """What a person (or /model) needs to know about this router; no secrets."""
+        self._check_fitted()
+        return {
+            "mixllm_version": __version__,
+            "trained_at": self.trained_at_,
+            "llms": [
+                {"name": llm, "enabled": self.catalogue_[llm].get("enabled", True),
+                 "input_usd_per_1k": self.catalogue_[llm]["input_usd_per_1k"],
+                 "output_usd_per_1k": self.catalogue_[llm]["output_usd_per_1k"],
+                 "latency": self.catalogue_[llm].get("latency"),
+                 "interactions_seen": self.quality_models_[llm].n_samples_seen_}
+                for llm in self.llms_
+            ],
+            "decision": self._config.decision.model_dump(by_alias=True),
+            "cost_scale_usd": self.cost_scale_usd_,
+            "encoder": {"fine_tuned": self.encoder_.fine_tuned_, "max_seq_length": self.encoder_.max_seq_length},
+            "features": self.featurizer_.block_sizes_,
+            "domains": [d["name"] for d in self.tag_report_.get("domains", [])],
+            "n_training_queries": self.n_training_queries_,
+            "n_feedback": getattr(self, "n_feedback_", 0),
+        }
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+
+def _select(predictions: Predictions, llms: list[str]) -> Predictions:
+    if predictions.llms == llms:
+        return predictions
+    index = [predictions.llms.index(llm) for llm in llms]
+    return Predictions(llms, predictions.quality[:, index], predictions.uncertainty[:, index],
+                       predictions.cost_usd[:, index], predictions.output_tokens[:, index])
+
+
+def _check_number(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise RoutingError(f"{name} must be a number >= 0, got {value!r}")
+    value = float(value)
+    if not math.isfinite(value) or value < 0:
+        raise RoutingError(f"{name} must be a finite number >= 0, got {value}")
+    return value
+
+
+def _check_queries(queries: Sequence[str]) -> list[str]:
+    if isinstance(queries, str):
+        raise RoutingError("queries must be a list of strings; wrap a single query in a list")
+    queries = list(queries)
+    if not queries:
+        raise RoutingError("no queries given")
+    for i, query in enumerate(queries):
+        if not isinstance(query, str):
+            raise RoutingError(f"query {i} must be text, got {type(query).__name__}")
+        if not query.strip():
+            raise RoutingError(f"query {i} is empty; send the text to route")
+    return queries
+
+
+def _check_log(log: pd.DataFrame, need_query_id: bool = True) -> pd.DataFrame:
+    needed = ["query", "llm", "quality", "cost_usd"] + (["query_id"] if need_query_id else [])
+    missing = [c for c in needed if c not in log.columns]
+    if missing:
+        raise RoutingError(f"interactions need column(s) {', '.join(missing)}")
+    if log.empty:
+        raise RoutingError("no interactions given")
+    if log["quality"].isna().any() or log["cost_usd"].isna().any():
+        raise RoutingError("interactions have missing quality or cost; validate them with mixllm.data first")
+    _check_queries(log["query"].tolist())
+    return log.reset_index(drop=True)
+
+
+def _tokens(rows: pd.DataFrame) -> tuple[np.ndarray | None, np.ndarray | None]:
+    if "input_tokens" in rows and "output_tokens" in rows and rows["output_tokens"].notna().any():
+        return rows["input_tokens"].to_numpy(dtype=float), rows["output_tokens"].to_numpy(dtype=float)
+    return None, None
+
+
+def _typical_output_tokens(rows: pd.DataFrame) -> float:
+    """Mean output tokens: logged tokens, else response characters / 4, else 100."""
+    if "output_tokens" in rows and rows["output_tokens"].notna().any():
+        return float(rows["output_tokens"].mean())
+    if "response" in rows and rows["response"].notna().any():
+        return float(rows["response"].dropna().str.len().mean() / 4)
+    return 100.0

@@ -1,0 +1,362 @@
+"""The router's behaviour on small data the tests make (3 LLMs with planted skills)."""
+
+import copy
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from mixllm.config import config_from_dict
+from mixllm.embeddings import QueryEncoder, load_sentence_transformer, mine_domain_triplets
+from mixllm.errors import ModelFormatError, RoutingError
+from mixllm.predictors import CostPredictor, QualityPredictor
+from mixllm.router import LoadSnapshot, MixLLMRouter, decide, expected_latency_s, latency_penalty
+from mixllm.tags import KeyBERTTagger, LLMTagger, TagClusterer, parse_tag_list
+from synthetic import PRICE_PER_1K, make_log
+
+LLMS = sorted(PRICE_PER_1K)
+CODE = "Write a python function that reverses a list of numbers."
+MATH = "What is 45 plus 17?"
+HISTORY = "Who was the first emperor of Rome?"
+
+
+def small_config(**overrides):
+    raw = {
+        "llms": [{"name": n, "input_usd_per_1k": p, "output_usd_per_1k": p,
+                  "latency": {"per_call_s": 1.0, "per_output_token_s": 0.0, "concurrency": 2}}
+                 for n, p in PRICE_PER_1K.items()],
+        "embedding": {"max_seq_length": 32, "fine_tune": {"enabled": False}},
+        "tags": {"n_clusters": 3, "min_df": 2, "top_k": 3},
+        "features": {"tfidf": {"svd_components": 16, "min_df": 1}},
+        "predictors": {"quality": {"ridge": 5.0}},
+        "decision": {"latency_tolerance_s": 2.0, "latency_weight": 1.0, "latency_scale_s": 1.0},
+    }
+    for key, value in overrides.items():
+        section, _, name = key.partition("__")
+        raw.setdefault(section, {})[name] = value
+    return config_from_dict(raw)
+
+
+@pytest.fixture(scope="session")
+def train_log():
+    return make_log(n_queries=150, seed=11)
+
+
+@pytest.fixture(scope="session")
+def fitted(train_log):
+    return MixLLMRouter(small_config(), progress=False).fit(train_log)
+
+
+@pytest.fixture(scope="session")
+def base_model():
+    return load_sentence_transformer(None, 32)
+
+
+# ------------------------------------------------------------------------------ tags and domains
+
+
+def test_tagger_is_deterministic(train_log, base_model):
+    queries = train_log.drop_duplicates("query_id")["query"].tolist()[:30]
+    first = KeyBERTTagger(top_k=3, min_df=2).fit(queries, base_model).transform(queries, base_model)
+    second = KeyBERTTagger(top_k=3, min_df=2).fit(queries, base_model).transform(queries, base_model)
+    assert first == second
+    assert all(len(tags) <= 3 for tags in first)
+    assert sum(bool(tags) for tags in first) >= 0.8 * len(first), "most queries get tags"
+    assert all(isinstance(tag, str) and 0 <= score <= 1 for tags in first for tag, score in tags)
+
+
+def test_domains_have_readable_names(fitted):
+    domains = fitted.tag_report_["domains"]
+    assert len(domains) == 3
+    for domain in domains:
+        assert domain["name"] and all(part.strip() for part in domain["name"].split(","))
+    assert sum(fitted.tag_report_["domain_counts"]) > 0
+
+
+def test_clusterer_separates_planted_topics(base_model):
+    tags = [[("python function", 1.0)], [("binary search", 0.8)], [("roman emperor", 1.0)], [("byzantine empire", 0.9)]]
+    clusterer = TagClusterer(n_clusters=2, random_state=0).fit(tags, lambda t: base_model.encode(t, normalize_embeddings=True))
+    dominant = clusterer.dominant_domains(tags)
+    assert dominant[0] == dominant[1] and dominant[2] == dominant[3] and dominant[0] != dominant[2]
+    assert clusterer.dominant_domains([[("never seen", 1.0)]]).tolist() == [-1]
+
+
+def test_fine_tuning_pulls_same_domain_queries_together(train_log):
+    frame = train_log.drop_duplicates("query_id")
+    queries = frame["query"].tolist()
+    domains = frame["source"].map({"math": 0, "code": 1, "history": 2}).to_numpy()
+    base = QueryEncoder(max_seq_length=32, fine_tune=False, progress=False).fit(queries)
+    tuned = QueryEncoder(max_seq_length=32, fine_tune=True, max_pairs=96, train_batch_size=16, epochs=1,
+                         learning_rate=1e-4, progress=False).fit(queries, domains)
+    assert tuned.fine_tuned_ and tuned.n_triplets_ == 96
+
+    def same_domain_cosine(encoder):
+        vectors = encoder.transform(queries)
+        similarity = vectors @ vectors.T
+        same = (domains[:, None] == domains[None, :]) & ~np.eye(len(queries), dtype=bool)
+        return similarity[same].mean() - similarity[~same].mean()
+
+    assert same_domain_cosine(tuned) > same_domain_cosine(base), "contrastive fine-tuning must separate domains more"
+
+
+def test_triplets_respect_domains():
+    domains = np.array([0, 0, 1, 1, 2, -1])
+    for a, p, n in mine_domain_triplets(domains, 50, 0):
+        assert domains[a] == domains[p] and domains[n] != domains[a] and -1 not in (domains[a], domains[n])
+    assert mine_domain_triplets(np.array([0, 1, 2]), 10, 0) == [], "no domain has two queries: no pairs"
+
+
+# ---------------------------------------------------------------------------------- predictors
+
+
+@pytest.mark.parametrize("kind", ["bayesian_linear", "random_forest", "knn", "mlp", "gradient_boosting"])
+def test_quality_predictor_beats_the_mean_on_planted_signal(kind):
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(600, 8))
+    y = 1 / (1 + np.exp(-2 * X[:, 0] + X[:, 1]))
+    model = QualityPredictor(kind=kind, ridge=1.0).fit(X[:400], y[:400])
+    predicted, sigma = model.predict(X[400:], return_std=True)
+    assert ((predicted - y[400:]) ** 2).mean() < 0.5 * ((y[:400].mean() - y[400:]) ** 2).mean()
+    assert predicted.min() >= 0 and predicted.max() <= 1 and (sigma >= 0).all()
+
+
+def test_cost_predictor_beats_the_mean_with_and_without_tokens():
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(500, 4))
+    chars = rng.integers(50, 3000, size=500).astype(float)
+    out_tokens = np.maximum(5, 100 + 60 * X[:, 0])
+    in_tokens = chars / 4
+    cost = (in_tokens * 0.01 + out_tokens * 0.03) / 1000
+    for tokens in (False, True):
+        model = CostPredictor(input_usd_per_1k=0.01, output_usd_per_1k=0.03, cost_scale_usd=1e-3)
+        args = (in_tokens[:400], out_tokens[:400]) if tokens else ()
+        model.fit(np.column_stack([X, np.log(chars)])[:400], cost[:400], chars[:400], *args)
+        assert model.uses_tokens_ is tokens
+        predicted = model.predict(np.column_stack([X, np.log(chars)])[400:], chars[400:])
+        assert ((predicted - cost[400:]) ** 2).mean() < 0.5 * ((cost[:400].mean() - cost[400:]) ** 2).mean()
+
+
+def test_bayesian_partial_fit_equals_batch_fit():
+    rng = np.random.default_rng(2)
+    X, y = rng.normal(size=(50, 5)), rng.random(50)
+    batch = QualityPredictor().fit(X, y)
+    incremental = QualityPredictor().fit(X[:10], y[:10])
+    for i in range(10, 50):
+        incremental.partial_fit(X[i:i + 1], y[i:i + 1])
+    np.testing.assert_allclose(incremental.predict(X, return_std=True), batch.predict(X, return_std=True), atol=1e-8)
+
+
+# ------------------------------------------------------------------------------------ decisions
+
+
+def test_lambda_zero_picks_best_quality_and_huge_lambda_the_cheapest(fitted):
+    queries = [CODE, MATH, HISTORY]
+    for decision in fitted.route(queries, lambda_=0.0):
+        best = max(decision.candidates, key=lambda c: c.quality)
+        assert decision.llm == best.llm
+    for decision in fitted.route(queries, lambda_=1e6):
+        cheapest = min(decision.candidates, key=lambda c: c.cost_usd)
+        assert decision.llm == cheapest.llm == "cheap-chat"
+
+
+def test_planted_skills_are_learned(fitted):
+    predictions = fitted.predict([CODE, MATH, HISTORY])
+    quality = pd.DataFrame(predictions.quality, columns=predictions.llms, index=["code", "math", "history"])
+    assert quality.loc["code", "coder"] > quality.loc["code", "cheap-chat"]
+    assert quality.loc["math", "strong"] > quality.loc["math", "cheap-chat"]
+    assert quality.loc["history", "cheap-chat"] > quality.loc["history", "coder"]
+
+
+def test_decision_explains_itself(fitted):
+    decision = fitted.route([CODE], lambda_=0.5)[0]
+    row = decision.to_dict()
+    assert row["llm"] in LLMS and row["lambda"] == 0.5
+    assert {c["llm"] for c in row["candidates"]} == set(LLMS)
+    chosen = next(c for c in decision.candidates if c.llm == decision.llm)
+    assert chosen.score == max(c.score for c in decision.candidates)
+    for c in decision.candidates:
+        expected = c.quality - 0.5 * c.cost_usd / fitted.cost_scale_usd_ - c.penalty
+        assert c.score == pytest.approx(expected)
+
+
+def test_latency_backlog_moves_traffic_off_an_llm(fitted):
+    queries = [MATH, "Compute 12 times 9.", "Solve for x: x + 4 = 20."] * 5
+    calm = [d.llm for d in fitted.route(queries, lambda_=0.0)]
+    favourite = max(set(calm), key=calm.count)
+    busy = LoadSnapshot(in_flight={favourite: 40})
+    loaded = [d.llm for d in fitted.route(queries, lambda_=0.0, load=busy)]
+    assert loaded.count(favourite) < calm.count(favourite)
+    penalties = [c.penalty for d in fitted.route(queries[:1], lambda_=0.0, load=busy) for c in d.candidates if c.llm == favourite]
+    assert penalties[0] > 0
+
+
+def test_latency_penalty_shape():
+    assert latency_penalty(np.array([0.5, 2.0]), 2.0, 1.0, 1.0).tolist() == [0.0, 0.0]
+    small, large = latency_penalty(np.array([3.0, 6.0]), 2.0, 1.0, 1.0)
+    assert 0 < small < large and large > 10 * small, "grows exponentially past the tolerance"
+    from mixllm.config import LatencyProfile
+
+    profile = LatencyProfile(per_call_s=1.0, concurrency=2)
+    assert expected_latency_s(profile, np.array([0.0]), 0)[0] == 1.0
+    assert expected_latency_s(profile, np.array([0.0]), 5)[0] == pytest.approx(1.0 + 4 * 0.5)
+
+
+def test_decide_breaks_ties_by_cost():
+    choice, _ = decide(np.array([[0.8, 0.8]]), np.array([[2.0, 1.0]]), np.zeros((1, 2)), np.zeros((1, 2)),
+                       lambda_=0.0, exploration=0.0, cost_scale_usd=1.0)
+    assert choice.tolist() == [1]
+
+
+def test_constraints_filter_and_relax(fitted):
+    capped = fitted.route([MATH], lambda_=0.0, max_cost_usd=1e-5)[0]
+    assert capped.llm == "cheap-chat" and not capped.relaxed
+    impossible = fitted.route([MATH], lambda_=0.0, max_cost_usd=1e-12)[0]
+    assert impossible.relaxed == ("max_cost",)
+    only = fitted.route([MATH], candidates=["coder"])[0]
+    assert only.llm == "coder" and [c.llm for c in only.candidates] == ["coder"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"queries": [""]}, "query 0 is empty"),
+        ({"queries": "a string"}, "list of strings"),
+        ({"queries": []}, "no queries"),
+        ({"queries": [3]}, "must be text"),
+        ({"candidates": ["gpt-9"]}, "unknown or disabled LLM.*gpt-9.*choose from"),
+        ({"lambda_": -1.0}, "lambda must be a finite number >= 0"),
+        ({"lambda_": "high"}, "lambda must be a number"),
+        ({"exploration": float("nan")}, "exploration"),
+    ],
+)
+def test_malformed_requests_say_what_is_wrong(fitted, kwargs, message):
+    queries = kwargs.pop("queries", [MATH])
+    with pytest.raises(RoutingError, match=message):
+        fitted.route(queries, **kwargs)
+
+
+# ---------------------------------------------------------------------------------- continual
+
+
+def test_partial_fit_touches_only_the_llm_that_got_feedback(fitted):
+    router = copy.deepcopy(fitted)
+    before = router.predict([CODE, MATH, HISTORY])
+    feedback = pd.DataFrame({"query": [CODE] * 5, "llm": ["coder"] * 5, "quality": [0.0] * 5, "cost_usd": [1e-4] * 5})
+    router.partial_fit(feedback)
+    after = router.predict([CODE, MATH, HISTORY])
+    j = after.llms.index("coder")
+    assert after.quality[0, j] < before.quality[0, j], "negative feedback lowers the coder's predicted quality"
+    for k, llm in enumerate(after.llms):
+        if llm != "coder":
+            assert np.array_equal(after.quality[:, k], before.quality[:, k]), f"{llm} changed"
+            assert np.array_equal(after.uncertainty[:, k], before.uncertainty[:, k])
+            assert np.array_equal(after.cost_usd[:, k], before.cost_usd[:, k])
+    with pytest.raises(RoutingError, match="add them with add_llm"):
+        router.partial_fit(feedback.assign(llm="stranger"))
+
+
+def test_add_llm_gets_explored_and_remove_llm_stops_routing(fitted):
+    router = copy.deepcopy(fitted)
+    router.add_llm("newcomer", 0.001, 0.001, prior_quality=0.5)
+    queries = [CODE, MATH, HISTORY]
+    explored = [d.llm for d in router.route(queries, lambda_=0.0, exploration=5.0)]
+    greedy = [d.llm for d in router.route(queries, lambda_=0.0, exploration=0.0)]
+    assert explored.count("newcomer") == 3, "its prior uncertainty dwarfs the trained LLMs'"
+    assert "newcomer" not in greedy
+    newcomer_sigma = [c.uncertainty for c in router.route([CODE])[0].candidates if c.llm == "newcomer"][0]
+    trained_sigma = [c.uncertainty for c in router.route([CODE])[0].candidates if c.llm == "coder"][0]
+    assert newcomer_sigma > 3 * trained_sigma
+    router.remove_llm("strong")
+    assert all(d.llm != "strong" for d in router.route(queries * 3, lambda_=0.0))
+    assert "strong" not in [c.llm for c in router.route([CODE])[0].candidates]
+    with pytest.raises(RoutingError, match="not in the pool"):
+        router.remove_llm("strong")
+    with pytest.raises(RoutingError, match="already in the pool"):
+        router.add_llm("coder", 0.1, 0.1)
+
+
+def test_apply_catalogue_adds_disables_and_reprices(fitted):
+    router = copy.deepcopy(fitted)
+    config = small_config()
+    catalogue = [llm.model_copy(update={"enabled": llm.name != "coder"}) for llm in config.llms]
+    from mixllm.config import LLMConfig
+
+    catalogue.append(LLMConfig(name="fresh", input_usd_per_1k=0.002, output_usd_per_1k=0.002))
+    changes = router.apply_catalogue(catalogue)
+    assert sorted(changes) == ["added fresh", "disabled coder"]
+    assert "coder" not in router.enabled_llms_ and "fresh" in router.enabled_llms_
+    assert router.apply_catalogue(catalogue) == [], "applying the same catalogue twice changes nothing"
+
+
+# -------------------------------------------------------------------------------- persistence
+
+
+def test_save_load_routes_identically(fitted, tmp_path):
+    fitted.save(tmp_path / "router")
+    loaded = MixLLMRouter.load(tmp_path / "router", progress=False)
+    queries = [CODE, MATH, HISTORY, "Which empire built the great wall?"]
+    for lam in (0.0, 0.3, 10.0):
+        assert [d.to_dict() for d in fitted.route(queries, lambda_=lam)] == [d.to_dict() for d in loaded.route(queries, lambda_=lam)]
+    manifest = json.loads((tmp_path / "router/router.json").read_text())
+    assert manifest["format_version"] == 1 and set(manifest["catalogue"]) == set(LLMS)
+    assert not list((tmp_path / "router").rglob("*.pkl")), "plain formats only"
+
+
+def test_load_rejects_incomplete_or_foreign_folders(fitted, tmp_path):
+    with pytest.raises(ModelFormatError, match="router.json is missing"):
+        MixLLMRouter.load(tmp_path)
+    folder = fitted.save(tmp_path / "r")
+    manifest = json.loads((folder / "router.json").read_text())
+    (folder / "router.json").write_text(json.dumps({**manifest, "format_version": 99}))
+    with pytest.raises(ModelFormatError, match="format 99"):
+        MixLLMRouter.load(folder)
+    (folder / "router.json").write_text(json.dumps(manifest))
+    next((folder / "predictors").glob("*.npz")).unlink()
+    with pytest.raises(ModelFormatError, match="is missing"):
+        MixLLMRouter.load(folder)
+
+
+# -------------------------------------------------------------------------------- LLM tagger
+
+
+class _StubLLM(BaseHTTPRequestHandler):
+    calls = 0
+
+    def do_POST(self):  # noqa: N802 - http.server API
+        type(self).calls += 1
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        query = body["messages"][0]["content"].split("Query:")[-1]
+        tags = ["coding", "python"] if "python" in query else ["history"]
+        payload = json.dumps({"choices": [{"message": {"content": json.dumps(tags)}}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_llm_tagger_against_a_local_stub_with_cache(tmp_path):
+    server = HTTPServer(("127.0.0.1", 0), _StubLLM)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/v1"
+        tagger = LLMTagger(base_url=url, cache_dir=tmp_path / "cache", top_k=3).fit([])
+        tags = tagger.transform([CODE, HISTORY])
+        assert tags == [[("coding", 1.0), ("python", 1.0)], [("history", 1.0)]]
+        calls = _StubLLM.calls
+        again = LLMTagger(base_url=url, cache_dir=tmp_path / "cache", top_k=3).fit([]).transform([CODE, HISTORY])
+        assert again == tags and _StubLLM.calls == calls, "the second run is served from the on-disk cache"
+    finally:
+        server.shutdown()
+
+
+def test_parse_tag_list_accepts_loose_answers():
+    assert parse_tag_list('Sure! ["Math", "Algebra"]') == ["math", "algebra"]
+    assert parse_tag_list("math, algebra\n- geometry") == ["math", "algebra", "geometry"]
