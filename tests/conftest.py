@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import pytest  # noqa: E402
 
 from mixllm.config import load_config  # noqa: E402
-from synthetic import make_log, write_params  # noqa: E402
+from synthetic import make_log, small_config, write_params  # noqa: E402
 
 def _shared_subset_dir() -> Path:
     """The shared RouterBench subset: next to $MIXLLM_ROUTERBENCH if set, else ../shared beside the repo."""
@@ -66,3 +66,16 @@ def shared_subset() -> Path:
     if not (SHARED_SUBSET / "routerbench_subset_long.csv.gz").is_file():
         pytest.skip(f"the shared RouterBench subset is not at {SHARED_SUBSET} (set MIXLLM_ROUTERBENCH)")
     return SHARED_SUBSET
+
+
+@pytest.fixture(scope="session")
+def train_log():
+    return make_log(n_queries=150, seed=11)
+
+
+@pytest.fixture(scope="session")
+def fitted(train_log):
+    """A router fitted once per session on the synthetic log (no fine-tuning: fast)."""
+    from mixllm.router import MixLLMRouter
+
+    return MixLLMRouter(small_config(), progress=False).fit(train_log)

@@ -85,3 +85,22 @@ def write_params(root, **sections) -> "Path":  # noqa: F821
     path = root / "params.yaml"
     path.write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
     return path
+
+
+def small_config(**overrides):
+    raw = {
+        "llms": [{"name": n, "input_usd_per_1k": p, "output_usd_per_1k": p,
+                  "latency": {"per_call_s": 1.0, "per_output_token_s": 0.0, "concurrency": 2}}
+                 for n, p in PRICE_PER_1K.items()],
+        "embedding": {"max_seq_length": 32, "fine_tune": {"enabled": False}},
+        "tags": {"n_clusters": 3, "min_df": 2, "top_k": 3},
+        "features": {"tfidf": {"svd_components": 16, "min_df": 1}},
+        "predictors": {"quality": {"ridge": 5.0}},
+        "decision": {"latency_tolerance_s": 2.0, "latency_weight": 1.0, "latency_scale_s": 1.0},
+    }
+    for key, value in overrides.items():
+        section, _, name = key.partition("__")
+        raw.setdefault(section, {})[name] = value
+    from mixllm.config import config_from_dict
+
+    return config_from_dict(raw)

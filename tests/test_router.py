@@ -15,39 +15,12 @@ from mixllm.errors import ModelFormatError, RoutingError
 from mixllm.predictors import CostPredictor, QualityPredictor
 from mixllm.router import LoadSnapshot, MixLLMRouter, decide, expected_latency_s, latency_penalty
 from mixllm.tags import KeyBERTTagger, LLMTagger, TagClusterer, parse_tag_list
-from synthetic import PRICE_PER_1K, make_log
+from synthetic import PRICE_PER_1K, small_config
 
 LLMS = sorted(PRICE_PER_1K)
 CODE = "Write a python function that reverses a list of numbers."
 MATH = "What is 45 plus 17?"
 HISTORY = "Who was the first emperor of Rome?"
-
-
-def small_config(**overrides):
-    raw = {
-        "llms": [{"name": n, "input_usd_per_1k": p, "output_usd_per_1k": p,
-                  "latency": {"per_call_s": 1.0, "per_output_token_s": 0.0, "concurrency": 2}}
-                 for n, p in PRICE_PER_1K.items()],
-        "embedding": {"max_seq_length": 32, "fine_tune": {"enabled": False}},
-        "tags": {"n_clusters": 3, "min_df": 2, "top_k": 3},
-        "features": {"tfidf": {"svd_components": 16, "min_df": 1}},
-        "predictors": {"quality": {"ridge": 5.0}},
-        "decision": {"latency_tolerance_s": 2.0, "latency_weight": 1.0, "latency_scale_s": 1.0},
-    }
-    for key, value in overrides.items():
-        section, _, name = key.partition("__")
-        raw.setdefault(section, {})[name] = value
-    return config_from_dict(raw)
-
-
-@pytest.fixture(scope="session")
-def train_log():
-    return make_log(n_queries=150, seed=11)
-
-
-@pytest.fixture(scope="session")
-def fitted(train_log):
-    return MixLLMRouter(small_config(), progress=False).fit(train_log)
 
 
 @pytest.fixture(scope="session")
