@@ -172,9 +172,9 @@ class PerSourceRouter(BaselineRouter):
 class EmbeddingRegressorRouter(BaselineRouter):
     """Per-LLM quality regressed on a frozen encoder's embedding (RouterBench's kNN and MLP routers)."""
 
-    def __init__(self, kind: str = "knn", encoder: Any = None, n_neighbors: int = 40, random_state: int = 0):
+    def __init__(self, kind: str = "knn", embed: Any = None, n_neighbors: int = 40, random_state: int = 0):
         self.kind = kind
-        self.encoder = encoder
+        self.embed = embed  # queries -> embeddings (e.g. a frozen QueryEncoder's transform, cached)
         self.n_neighbors = n_neighbors
         self.random_state = random_state
 
@@ -190,14 +190,14 @@ class EmbeddingRegressorRouter(BaselineRouter):
         raise ConfigError(f"unknown embedding baseline '{self.kind}'; choose knn or mlp")
 
     def _embed(self, queries: pd.DataFrame) -> np.ndarray:
-        if isinstance(queries, pd.DataFrame) and "embedding" in queries.attrs:
-            return queries.attrs["embedding"]
-        return self.encoder.transform(queries["query"].tolist())
+        if self.embed is None:
+            raise ConfigError(f"the {self.kind} baseline needs an embed function (queries -> vectors)")
+        return np.asarray(self.embed(queries["query"].tolist()))
 
-    def fit(self, log: pd.DataFrame, embeddings: np.ndarray | None = None) -> EmbeddingRegressorRouter:
+    def fit(self, log: pd.DataFrame) -> EmbeddingRegressorRouter:
         self._fit_common(log)
         frame = query_frame(log)
-        X = embeddings if embeddings is not None else self.encoder.transform(frame["query"].tolist())
+        X = self._embed(frame)
         quality, _ = outcome_matrix(log, self.llms_)
         quality = quality.reindex(frame["query_id"])
         self.models_ = {}
@@ -269,21 +269,19 @@ class MixLLMAdapter(BaseEstimator):
 
     def predict(self, queries: pd.DataFrame) -> Predictions:
         texts = queries["query"].tolist()
-        X = queries.attrs.get("mixllm_features")
-        if X is None:
-            X = self.router.features(texts)
-        return self.router.predict_from_features(X, np.array([len(q) for q in texts]), self.llms_)
+        return self.router.predict_from_features(self.router.features(texts), np.array([len(q) for q in texts]),
+                                                 self.llms_)
 
 
-def make_baseline(name: str, *, encoder: Any = None, random_state: int = 0) -> BaselineRouter:
+def make_baseline(name: str, *, embed: Any = None, random_state: int = 0) -> BaselineRouter:
     """The ROUTERS registry: one name -> one baseline, used by the CLI, flows and benchmark."""
     factories = {
         "random": lambda: RandomRouter(random_state=random_state),
         "cheapest": CheapestRouter,
         "best_single": lambda: SingleLLMRouter(llm=None),
         "oracle": OracleRouter,
-        "knn": lambda: EmbeddingRegressorRouter("knn", encoder=encoder, random_state=random_state),
-        "mlp": lambda: EmbeddingRegressorRouter("mlp", encoder=encoder, random_state=random_state),
+        "knn": lambda: EmbeddingRegressorRouter("knn", embed=embed, random_state=random_state),
+        "mlp": lambda: EmbeddingRegressorRouter("mlp", embed=embed, random_state=random_state),
         "tfidf_logistic": TfidfLogisticRouter,
         "per_source": PerSourceRouter,
     }

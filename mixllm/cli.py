@@ -128,6 +128,325 @@ def data_show() -> None:
     typer.echo(describe_split(frame).to_string())
 
 
+# ------------------------------------------------------------------------------------- training
+
+
+def _progress() -> bool | None:
+    return None  # progress bars when stderr is a terminal
+
+
+@app.command("train")
+@run
+def train(
+    register: Annotated[bool, typer.Option("--register/--no-register", help="Register the result in MLflow (gated promotion).")] = True,
+    baselines: Annotated[
+        Optional[str], typer.Option(help="Comma-separated baselines to compare with (default: evaluation.baselines; '' for none).")
+    ] = None,
+    ingest_first: Annotated[bool, typer.Option("--ingest/--no-ingest", help="First ingest $MIXLLM_ROUTERBENCH and data/inbox.")] = True,
+) -> None:
+    """The main job: ingest, split, tag, fine-tune, fit predictors, evaluate against baselines, register.
+
+    Ends with the results table, MixLLM's headline on the holdout and the path of the Pareto plot.
+    Unchanged stages are reused from the work folder (data/pipeline).
+    """
+    from mixllm.data import ingest_pending
+    from mixllm.pipeline import run_training
+
+    config = state.config()
+    if ingest_first:
+        for report in ingest_pending(config):
+            typer.echo(report.summary())
+    chosen = None if baselines is None else [b for b in baselines.split(",") if b]
+    outcome = run_training(config, progress=_progress(), register=register, baselines=chosen)
+    typer.echo(outcome.summary(config))
+
+
+pipeline_app = typer.Typer(help="The training stages one by one (what dvc.yaml runs).", no_args_is_help=True)
+app.add_typer(pipeline_app, name="pipeline")
+
+
+@pipeline_app.command("split")
+@run
+def pipeline_split() -> None:
+    """Assign every stored query to train / validation / holdout (data/pipeline/split.parquet)."""
+    from mixllm.pipeline import stage_split
+
+    typer.echo(stage_split(state.config()))
+
+
+@pipeline_app.command("tags")
+@run
+def pipeline_tags() -> None:
+    """Tag the training queries and cluster the tags into domains (data/pipeline/tags.json)."""
+    from mixllm.pipeline import stage_tags
+
+    typer.echo(stage_tags(state.config(), progress=_progress()))
+
+
+@pipeline_app.command("encoder")
+@run
+def pipeline_encoder() -> None:
+    """Fine-tune the encoder on same-domain triplets (data/pipeline/encoder/)."""
+    from mixllm.pipeline import stage_encoder
+
+    typer.echo(stage_encoder(state.config(), progress=_progress()))
+
+
+@pipeline_app.command("predictors")
+@run
+def pipeline_predictors() -> None:
+    """Fit the per-LLM quality and cost predictors; writes the complete router (data/pipeline/router/)."""
+    from mixllm.pipeline import stage_predictors
+
+    typer.echo(stage_predictors(state.config(), progress=_progress()))
+
+
+@pipeline_app.command("evaluate")
+@run
+def pipeline_evaluate() -> None:
+    """Evaluate the router and the baselines on the holdout (metrics.json, curve.csv, table.md, pareto.png)."""
+    from mixllm.evaluate import format_table
+    from mixllm.pipeline import stage_evaluate
+
+    config = state.config()
+    report = stage_evaluate(config, progress=_progress())
+    typer.echo(format_table(report.table(config)))
+    typer.echo("MixLLM: " + report.headline())
+
+
+@pipeline_app.command("register")
+@run
+def pipeline_register() -> None:
+    """Register the router in MLflow; it becomes champion only if it passes the gate."""
+    from mixllm.pipeline import stage_register
+
+    registration = stage_register(state.config())
+    typer.echo(f"version {registration.version}: {registration.verdict.summary()}")
+
+
+@app.command("continual")
+@run
+def continual_once() -> None:
+    """Learn once from feedback logged since the last run (what the hourly deployment does)."""
+    from mixllm.pipeline import run_continual
+
+    typer.echo(run_continual(state.config()).summary())
+
+
+@app.command("flow")
+@run
+def flow_run(
+    name: Annotated[str, typer.Argument(help="training or continual")],
+) -> None:
+    """Run a Prefect flow once, now, on the task runner from params.yaml (visible in the Prefect UI)."""
+    params = str(state.params.resolve()) if state.params else None
+    if name == "training":
+        from flows.training import run as run_training_flow
+
+        result = run_training_flow(params)
+        typer.echo(result.get("headline", ""))
+        if result.get("registration"):
+            typer.echo(f"version {result['registration']['version']}: {result['registration']['verdict']}")
+    elif name == "continual":
+        from flows.continual import continual
+
+        typer.echo(json.dumps(continual(params_path=params), default=str, indent=1))
+    else:
+        raise typer.BadParameter(f"unknown flow '{name}'; choose training or continual")
+
+
+@app.command("deploy")
+@run
+def deploy(
+    port: Annotated[int, typer.Option(help="Port of the Prefect server started when PREFECT_API_URL is not set.")] = 4200,
+) -> None:
+    """Create the scheduled deployments (continual hourly, training nightly) and serve them until Ctrl-C.
+
+    Uses the Prefect server in PREFECT_API_URL; without one, starts `prefect server` on 127.0.0.1 and
+    stops it on exit. Watch runs at the server's UI (http://127.0.0.1:PORT).
+    """
+    import os
+
+    from flows.deploy import serve
+    from mixllm.services import local_prefect_server
+
+    config = state.config()
+    params = str((state.params or config.root / "params.yaml").resolve())
+    with local_prefect_server(port) as api_url:
+        os.environ["PREFECT_API_URL"] = api_url
+        typer.echo(f"serving deployments training/nightly ({config.pipeline.training_cron}) and "
+                   f"continual/hourly ({config.pipeline.continual_cron}); Prefect API {api_url}; Ctrl-C stops")
+        serve(params)
+
+
+# ------------------------------------------------------------------------------------ using it
+
+
+@app.command("route")
+@run
+def route(
+    queries: Annotated[list[str], typer.Argument(help="One or more queries to route.")],
+    lambda_: Annotated[Optional[float], typer.Option("--lambda", help="Cost weight (default: decision.lambda).")] = None,
+    model: Annotated[str, typer.Option(help="Registry alias or version, or a router folder.")] = "champion",
+) -> None:
+    """Route queries with the champion (or another version / folder) and show why."""
+    router = _load_router(model)
+    for query, decision in zip(queries, router.route(queries, lambda_=lambda_)):
+        typer.echo(f"{decision.llm}  <- {query[:70]!r}")
+        for c in sorted(decision.candidates, key=lambda c: -c.score):
+            typer.echo(f"   {c.llm:40s} q={c.quality:.3f} c=${c.cost_usd:.6f} sigma={c.uncertainty:.3f} "
+                       f"penalty={c.penalty:.3f} score={c.score:.4f}")
+
+
+def _load_router(model: str):  # noqa: ANN202
+    from mixllm.router import MixLLMRouter
+
+    path = Path(model)
+    if path.is_dir():
+        return MixLLMRouter.load(path, progress=False)
+    from mixllm.registry import Registry
+
+    router, version_number = Registry(state.config()).load_router(model)
+    logger.info("loaded version %d", version_number)
+    return router
+
+
+@app.command("calibrate")
+@run
+def calibrate(
+    cost_share: Annotated[Optional[float], typer.Option(help="Target: at most this share of the reference LLM's cost (e.g. 0.25).")] = None,
+    budget_usd_per_1k: Annotated[Optional[float], typer.Option(help="Target: at most this many dollars per 1,000 queries.")] = None,
+    quality_share: Annotated[Optional[float], typer.Option(help="Target: at least this share of the reference's quality (e.g. 0.97).")] = None,
+    model: Annotated[str, typer.Option(help="Registry alias or version, or a router folder.")] = "champion",
+) -> None:
+    """Find the lambda that meets a budget or quality target on validation; report it on the holdout."""
+    from mixllm.baselines import MixLLMAdapter, query_frame
+    from mixllm.evaluate import Outcomes, Reference, calibrate_lambda, sweep
+    from mixllm.pipeline import _reference_llm, load_split
+
+    targets = {k: v for k, v in {"cost_share": cost_share, "budget_usd_per_1k": budget_usd_per_1k,
+                                 "quality_share": quality_share}.items() if v is not None}
+    if len(targets) != 1:
+        raise typer.BadParameter("give exactly one of --cost-share, --budget-usd-per-1k, --quality-share")
+    (target, value), = targets.items()
+    config = state.config()
+    router = _load_router(model)
+    split = load_split(config)
+    adapter = MixLLMAdapter(router)
+    llms = router.enabled_llms_
+    reference_llm = _reference_llm(config, split.train)
+    validation = query_frame(split.validation)
+    validation_outcomes = Outcomes.from_log(split.validation, validation["query_id"], llms)
+    result = calibrate_lambda(adapter.predict(validation), validation_outcomes,
+                              Reference.of(validation_outcomes, reference_llm), router.cost_scale_usd_, target, value)
+    holdout = query_frame(split.holdout)
+    holdout_outcomes = Outcomes.from_log(split.holdout, holdout["query_id"], llms)
+    on_holdout = sweep(adapter.predict(holdout), holdout_outcomes, Reference.of(holdout_outcomes, reference_llm),
+                       [result.lambda_], router.cost_scale_usd_)[0]
+    status = "met" if result.met else "NOT met (closest lambda shown)"
+    typer.echo(f"target {target}={value}: {status} on validation with lambda={result.lambda_:g}")
+    for name, point in (("validation", result.validation), ("holdout", on_holdout)):
+        typer.echo(f"  {name:10s}: {100 * point.quality_share:.2f}% of {reference_llm}'s quality at "
+                   f"{100 * point.cost_share:.2f}% of its cost (${point.mean_cost_usd * 1000:.4f} per 1k queries)")
+    typer.echo(f"use it: -S decision.lambda={result.lambda_:g}, or send \"lambda\": {result.lambda_:g} to /route")
+
+
+tags_app = typer.Typer(help="Inspect query tags and their domains.", no_args_is_help=True)
+app.add_typer(tags_app, name="tags")
+
+
+@tags_app.command("show")
+@run
+def tags_show(
+    model: Annotated[Optional[str], typer.Option(help="Show the domains of a registry alias/version or router folder instead.")] = None,
+) -> None:
+    """The tag domains: name (their most central tags), size, example tags, and example queries' tags."""
+    from mixllm.pipeline import read_tags
+
+    if model:
+        report = _load_router(model).tag_report_
+    else:
+        _, report = read_tags(state.config())
+    if not report.get("enabled", True):
+        typer.echo("tags are disabled in this configuration (no domains, no fine-tuning)")
+        return
+    counts = report.get("domain_counts", [])
+    for domain in report.get("domains", []):
+        queries = counts[domain["domain"]] if domain["domain"] < len(counts) else 0
+        typer.echo(f"domain {domain['domain']:2d}  {domain['name']}  ({domain['tags']} tags, {queries} queries)")
+        typer.echo(f"           e.g. {', '.join(domain['examples'])}")
+    for example in report.get("example_tags", [])[:5]:
+        typer.echo(f"\n{example['query'][:100]!r}\n   tags: {', '.join(t for t, _ in example['tags'])}")
+
+
+registry_app = typer.Typer(help="Browse and move the MLflow registry's champion.", no_args_is_help=True)
+app.add_typer(registry_app, name="registry")
+
+
+@registry_app.command("list")
+@run
+def registry_list() -> None:
+    """Every registered version with its aliases, key metrics and gate verdict."""
+    from mixllm.registry import Registry
+
+    config = state.config()
+    versions = Registry(config).versions()
+    if not versions:
+        typer.echo(f"{config.mlflow.registered_model_name}: no versions yet; run `mixllm train`")
+        return
+    typer.echo(f"{config.mlflow.registered_model_name} ({config.mlflow_tracking_uri})")
+    for v in versions:
+        aliases = ",".join(v.aliases) or "-"
+        aiq = v.metrics.get("aiq")
+        q = v.metrics.get("calibrated_quality_pct")
+        c = v.metrics.get("calibrated_cost_pct")
+        figures = f"aiq={aiq:.4f} quality={q:.2f}% cost={c:.2f}%" if None not in (aiq, q, c) else ""
+        typer.echo(f"  v{v.version:<3d} {aliases:20s} {v.created}  {figures}")
+        gate_line = v.tags.get("mixllm.gate")
+        if gate_line:
+            typer.echo(f"        gate: {gate_line}")
+        for key in ("mixllm.promoted", "mixllm.rolled_back"):
+            if key in v.tags:
+                typer.echo(f"        {key.split('.')[1]}: {v.tags[key]}")
+
+
+@registry_app.command("promote")
+@run
+def registry_promote(version_number: Annotated[int, typer.Argument(help="The version to make champion.")]) -> None:
+    """Make a version the champion by hand (bypasses the gate; recorded on the version)."""
+    from mixllm.registry import Registry
+
+    Registry(state.config()).promote(version_number, "promoted by hand (mixllm registry promote)")
+    typer.echo(f"champion is now version {version_number}")
+
+
+@registry_app.command("rollback")
+@run
+def registry_rollback() -> None:
+    """Move `champion` back to the previous champion (repeatable; undo with `registry promote`)."""
+    from mixllm.registry import Registry
+
+    before, after = Registry(state.config()).rollback()
+    typer.echo(f"champion rolled back: version {before} -> version {after}")
+    typer.echo("a running service picks it up within service.poll_interval_s, or at once with POST /admin/reload")
+
+
+@app.command("ui")
+@run
+def ui(
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 5000,
+) -> None:
+    """Open the MLflow UI on 127.0.0.1 to browse runs and the model registry (Ctrl-C stops it)."""
+    import subprocess
+
+    config = state.config()
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", config.mlflow_tracking_uri,
+               "--default-artifact-root", config.mlflow_artifact_location, "--host", "127.0.0.1",
+               "--port", str(port), "--workers", "1"]
+    typer.echo(f"MLflow UI on http://127.0.0.1:{port} (models: http://127.0.0.1:{port}/#/models)")
+    raise typer.Exit(subprocess.call(command))
+
+
 @app.command("config")
 @run
 def config_show(

@@ -32,6 +32,8 @@ class DataConfig(StrictModel):
     store_dir: Path = Path("data/interactions")
     quarantine_dir: Path = Path("data/quarantine")
     reports_dir: Path = Path("data/reports")
+    # Logs dropped here are ingested by every training run (re-ingesting is a no-op).
+    inbox_dir: Path = Path("data/inbox")
     # A local RouterBench copy (.pkl, wide .csv, a folder of them, or a long CSV). The env var
     # MIXLLM_ROUTERBENCH overrides it; with neither, `mixllm data fetch` downloads from the hub.
     routerbench_path: Path | None = None
@@ -95,10 +97,12 @@ class FineTuneConfig(StrictModel):
 
     enabled: bool = True
     epochs: int = Field(default=1, ge=1)
-    max_pairs: int = Field(default=2000, ge=2)
-    batch_size: int = Field(default=32, ge=2)
+    max_pairs: int = Field(default=500, ge=2)
+    batch_size: int = Field(default=16, ge=2)
     learning_rate: float = Field(default=2e-5, gt=0)
     warmup_ratio: float = Field(default=0.1, ge=0, le=1)
+    # Training cost grows with tokens; the domain signal lives in the question, so shorter is enough.
+    max_seq_length: int = Field(default=64, ge=8, le=512)
     seed: int = 13
 
 
@@ -109,6 +113,9 @@ class EmbeddingConfig(StrictModel):
     # sentence-transformers folder or hub id works too (a hub id needs the network once).
     model_path: str | None = None
     max_seq_length: int = Field(default=256, ge=8, le=512)
+    # Which end of a long query is cut. RouterBench prompts open with a long few-shot prefix shared
+    # by every query of a benchmark; cutting on the left keeps the actual question.
+    truncation_side: Literal["left", "right"] = "left"
     batch_size: int = Field(default=64, ge=1)
     fine_tune: FineTuneConfig = FineTuneConfig()
 
@@ -132,6 +139,9 @@ class TagsConfig(StrictModel):
     # Candidate n-grams must appear in this many training queries: rare n-grams make noisy tags and
     # every candidate costs one encoder call.
     min_df: int = Field(default=3, ge=1)
+    # N-grams in more than this share of queries are boilerplate (a few-shot prefix, an instruction
+    # every prompt repeats), not tags.
+    max_df: float = Field(default=0.25, gt=0, le=1)
     n_clusters: int = Field(default=12, ge=2)
     clustering: Literal["kmeans", "agglomerative"] = "kmeans"
     names_per_cluster: int = Field(default=3, ge=1)
@@ -144,7 +154,7 @@ class TagsConfig(StrictModel):
 class TfidfConfig(StrictModel):
     """TF-IDF terms joined to the representation (beyond the paper; see the ablation table)."""
 
-    enabled: bool = True
+    enabled: bool = False
     max_features: int = Field(default=20_000, ge=1)
     ngram_max: int = Field(default=2, ge=1, le=3)
     min_df: int = Field(default=2, ge=1)
@@ -167,7 +177,7 @@ class QualityPredictorConfig(StrictModel):
     kind: Literal["bayesian_linear", "random_forest", "knn", "mlp", "gradient_boosting"] = (
         "bayesian_linear"
     )
-    ridge: float = Field(default=1.0, gt=0)  # rho in A = rho*I + sum x x^T
+    ridge: float = Field(default=10.0, gt=0)  # rho in A = rho*I + sum x x^T
     noise_scale: float = Field(default=0.5, gt=0)  # sigma = noise_scale * sqrt(x^T A^-1 x)
     # Uncertainty of an LLM added by add_llm before it has any data (its A = prior_ridge * I).
     new_llm_prior_ridge: float = Field(default=1.0, gt=0)

@@ -596,6 +596,32 @@ def ingest(path: Path | str, config: MixLLMConfig) -> IngestReport:
     return report
 
 
+def pending_sources(config: MixLLMConfig) -> list[Path]:
+    """Logs waiting to be ingested: the RouterBench copy (if configured) and every file in the inbox.
+
+    Re-ingesting a file changes nothing, so the training flow can offer them all on every run.
+    """
+    sources = []
+    routerbench = config.routerbench_path()
+    if routerbench is not None and routerbench.exists():
+        sources.append(routerbench)
+    inbox = config.path(config.data.inbox_dir)
+    if inbox.is_dir():
+        sources.extend(sorted(p for p in inbox.iterdir() if p.is_file() and _suffix(p)))
+    return sources
+
+
+def ingest_pending(config: MixLLMConfig) -> list[IngestReport]:
+    """Ingest every pending source; with none and an empty store, say how to supply data."""
+    sources = pending_sources(config)
+    if not sources and not InteractionStore(config.path(config.data.store_dir)).parts():
+        raise DataUnavailableError(
+            f"no interaction data: set {ROUTERBENCH_ENV} to a RouterBench copy, put logs in "
+            f"{config.path(config.data.inbox_dir)}, or run `mixllm data import PATH`"
+        )
+    return [ingest(source, config) for source in sources]
+
+
 def load_interactions(config: MixLLMConfig) -> pd.DataFrame:
     """Every stored interaction; an empty store is an error that says how to fill it."""
     frame = InteractionStore(config.path(config.data.store_dir)).read()

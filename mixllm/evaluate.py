@@ -193,15 +193,34 @@ def sweep(predictions: Predictions, outcomes: Outcomes, reference: Reference, la
 
 
 def measure_router(name: str, router: Any, queries: pd.DataFrame, outcomes: Outcomes, reference: Reference,
-                   lambdas: Sequence[float]) -> RouterCurve:
-    """Predict once (timed: the router's overhead per query), then sweep lambda."""
+                   lambdas: Sequence[float], ms_per_query: float | None = None) -> RouterCurve:
+    """Predict once, then sweep lambda. The prediction is timed as the router's overhead per query
+    unless `ms_per_query` was measured separately (e.g. without an embedding cache)."""
     started = time.perf_counter()
     predictions = router.predict(queries)
     elapsed_ms = 1000 * (time.perf_counter() - started) / max(len(queries), 1)
+    if ms_per_query is not None:
+        elapsed_ms = ms_per_query
     sweeps = getattr(router, "sweeps_lambda", True)
     grid = lambdas if sweeps else [0.0]
     points = sweep(predictions, outcomes, reference, grid, getattr(router, "cost_scale_usd_", 1.0) or 1.0)
     return RouterCurve(name, points, elapsed_ms, sweeps)
+
+
+def routing_overhead_ms(router: Any, queries: Sequence[str], sample: int = 64) -> float:
+    """Milliseconds per query to route a batch of up to `sample` queries end to end, cache off."""
+    texts = list(queries)[:sample]
+    cache_dir = getattr(router, "cache_dir", None)
+    try:
+        if hasattr(router, "cache_dir"):
+            router.cache_dir = None
+        router.route(texts[:2])  # warm-up: first-call allocations are not routing overhead
+        started = time.perf_counter()
+        router.route(texts)
+        return 1000 * (time.perf_counter() - started) / max(len(texts), 1)
+    finally:
+        if hasattr(router, "cache_dir"):
+            router.cache_dir = cache_dir
 
 
 # -------------------------------------------------------------------------------- calibration
@@ -277,8 +296,10 @@ def format_table(table: pd.DataFrame) -> str:
 
 
 def pareto_plot(curves: Sequence[RouterCurve], reference: Reference, single_llm_points: dict[str, OperatingPoint],
-                path: Path | str, title: str = "Quality vs cost") -> Path:
-    """Every router's hull (and points) and the single LLMs as dots, as shares of the reference."""
+                path: Path | str, title: str = "Quality vs cost", budget_share: float | None = None,
+                quality_share: float | None = None) -> Path:
+    """Every router's hull (and points) and the single LLMs as squares, as shares of the reference;
+    dashed lines mark the cost budget and the quality target."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -303,12 +324,19 @@ def pareto_plot(curves: Sequence[RouterCurve], reference: Reference, single_llm_
         ax.annotate(llm.split("/")[-1], (100 * point.cost_share, 100 * point.quality_share), fontsize=7,
                     xytext=(3, 3), textcoords="offset points")
     ax.axhline(100, color="grey", linewidth=0.8, linestyle=":")
-    ax.set_xscale("symlog", linthresh=1.0)
+    if budget_share is not None:
+        ax.axvline(100 * budget_share, color="grey", linewidth=0.8, linestyle="--")
+    if quality_share is not None:
+        ax.axhline(100 * quality_share, color="grey", linewidth=0.8, linestyle="--")
+    ax.set_xscale("log")
+    lowest = min([p.cost_share for p in single_llm_points.values()]
+                 + [p.cost_share for c in curves for p in c.points if p.cost_share > 0] or [0.01])
+    ax.set_xlim(left=100 * lowest * 0.7, right=130)
     ax.set_xlabel(f"cost, % of {reference.llm}")
     ax.set_ylabel(f"quality, % of {reference.llm}")
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="center right")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

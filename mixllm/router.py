@@ -244,9 +244,10 @@ class MixLLMRouter(BaseEstimator):
         ft = config.embedding.fine_tune
         return QueryEncoder(
             model_path=config.embedding.model_path, max_seq_length=config.embedding.max_seq_length,
-            batch_size=config.embedding.batch_size, fine_tune=ft.enabled, epochs=ft.epochs,
-            max_pairs=ft.max_pairs, train_batch_size=ft.batch_size, learning_rate=ft.learning_rate,
-            warmup_ratio=ft.warmup_ratio, random_state=ft.seed, progress=self.progress,
+            truncation_side=config.embedding.truncation_side, batch_size=config.embedding.batch_size,
+            fine_tune=ft.enabled, epochs=ft.epochs, max_pairs=ft.max_pairs, train_batch_size=ft.batch_size,
+            learning_rate=ft.learning_rate, warmup_ratio=ft.warmup_ratio, train_max_seq_length=ft.max_seq_length,
+            random_state=ft.seed, progress=self.progress,
         ).fit(list(queries), domains if ft.enabled and domains is not None else None)
 
     def fit_domains(self, queries: Sequence[str]) -> tuple[np.ndarray, dict[str, Any]]:
@@ -263,7 +264,7 @@ class MixLLMRouter(BaseEstimator):
         tags_config = config.tags
         tagger_params: dict[str, Any] = {"top_k": tags_config.top_k}
         if tags_config.method == "keybert":
-            tagger_params.update(ngram_max=tags_config.ngram_max, min_df=tags_config.min_df)
+            tagger_params.update(ngram_max=tags_config.ngram_max, min_df=tags_config.min_df, max_df=tags_config.max_df)
         else:
             llm = tags_config.llm
             tagger_params.update(base_url=llm.base_url, model=llm.model, api_key_env=llm.api_key_env,
@@ -271,6 +272,7 @@ class MixLLMRouter(BaseEstimator):
         # Tags use the base encoder on shorter inputs (cheaper): they only shape the domains.
         base_encoder = QueryEncoder(model_path=config.embedding.model_path,
                                     max_seq_length=min(config.embedding.max_seq_length, 128),
+                                    truncation_side=config.embedding.truncation_side,
                                     batch_size=config.embedding.batch_size, fine_tune=False,
                                     progress=self.progress).fit(queries)
         base = base_encoder.model_
@@ -329,7 +331,7 @@ class MixLLMRouter(BaseEstimator):
         """The predictors' input for `queries` (one encoder batch)."""
         self._check_fitted()
         queries = _check_queries(queries)
-        return self.featurizer_.transform(queries, self.encoder_.transform(queries))
+        return self.featurizer_.transform(queries, self._embed(self.encoder_, queries))
 
     def predict_from_features(self, X: np.ndarray, query_chars: np.ndarray, llms: Sequence[str] | None = None) -> Predictions:
         llms = list(llms) if llms is not None else self.llms_

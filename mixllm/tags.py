@@ -38,11 +38,12 @@ class KeyBERTTagger(BaseEstimator):
     candidate n-grams; the tagger does not own it, so the caller decides how it is loaded.
     """
 
-    def __init__(self, top_k: int = 5, ngram_max: int = 2, min_df: int = 3, stop_words: str | None = "english",
-                 batch_size: int = 256):
+    def __init__(self, top_k: int = 5, ngram_max: int = 2, min_df: int = 3, max_df: float = 1.0,
+                 stop_words: str | None = "english", batch_size: int = 256):
         self.top_k = top_k
         self.ngram_max = ngram_max
         self.min_df = min_df
+        self.max_df = max_df
         self.stop_words = stop_words
         self.batch_size = batch_size
 
@@ -51,16 +52,18 @@ class KeyBERTTagger(BaseEstimator):
 
         queries = list(queries)
         min_df = min(self.min_df, max(1, len(queries)))
+        # max_df as a count, never below min_df: on a handful of queries every n-gram is "frequent".
+        max_df = max(min_df, int(self.max_df * len(queries))) if self.max_df < 1.0 else 1.0
         vectorizer = CountVectorizer(
-            ngram_range=(1, self.ngram_max), stop_words=self.stop_words, min_df=min_df,
+            ngram_range=(1, self.ngram_max), stop_words=self.stop_words, min_df=min_df, max_df=max_df,
             token_pattern=r"(?u)\b[a-zA-Z][a-zA-Z]+\b",  # words, not numbers: "37 plus 12" tags as "plus"
         )
         try:
             vectorizer.fit(queries)
         except ValueError:
             raise MixLLMError(
-                f"no candidate tags: no n-gram appears in {min_df} of the {len(queries)} queries "
-                "(lower tags.min_df)"
+                f"no candidate tags: no n-gram appears in at least {min_df} and at most {max_df} of the "
+                f"{len(queries)} queries (lower tags.min_df or raise tags.max_df)"
             ) from None
         self.vocabulary_ = [str(term) for term in vectorizer.get_feature_names_out()]
         logger.info("embedding %d candidate tags", len(self.vocabulary_))

@@ -62,7 +62,7 @@ def make_log(n_queries: int = 60, seed: int = 0, llms: tuple[str, ...] = tuple(S
     return pd.DataFrame(rows)
 
 
-def write_params(root, **sections) -> "Path":  # noqa: F821
+def write_params(root, complete: bool = False, **sections) -> "Path":  # noqa: F821
     """A params.yaml for the synthetic LLMs under `root`, small enough for fast tests."""
     params = {
         "llms": [
@@ -84,6 +84,11 @@ def write_params(root, **sections) -> "Path":  # noqa: F821
             params[key] = value
     path = root / "params.yaml"
     path.write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
+    if complete:  # every key spelled out, as DVC needs for the params it tracks
+        from mixllm.config import load_config
+
+        full = load_config(path).model_dump(mode="json", by_alias=True, exclude={"root"})
+        path.write_text(yaml.safe_dump(full, sort_keys=False), encoding="utf-8")
     return path
 
 

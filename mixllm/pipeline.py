@@ -1,0 +1,680 @@
+"""The training and continual-learning steps, as plain functions over the config and a work folder.
+
+DVC stages (`mixllm pipeline STAGE`), Prefect tasks (flows/) and `mixllm train` all call these; no
+orchestration lives here. Each step reads its inputs from, and writes its outputs to, the work
+folder (`pipeline.work_dir`), so any orchestrator can cache and skip it:
+
+    split.parquet -> tags.json -> encoder/ -> router/ -> metrics.json, curve.csv, table.md, pareto.png
+    -> registration.json (MLflow: a new version, promoted to champion only through the gate)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from mixllm.baselines import MixLLMAdapter, make_baseline, query_frame
+from mixllm.config import MixLLMConfig, config_from_dict
+from mixllm.data import InteractionStore, load_interactions, split_queries
+from mixllm.embeddings import EmbeddingCache, QueryEncoder
+from mixllm.errors import MixLLMError
+from mixllm.evaluate import (
+    Calibration,
+    OperatingPoint,
+    Outcomes,
+    Reference,
+    RouterCurve,
+    best_single_llm,
+    calibrate_lambda,
+    curve_records,
+    format_table,
+    hull_quality,
+    measure_router,
+    operating_point,
+    pareto_plot,
+    results_table,
+    routing_overhead_ms,
+    sweep,
+    to_jsonable,
+)
+from mixllm.router import MixLLMRouter
+
+logger = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------------ workspace
+
+
+@dataclass(frozen=True)
+class Workspace:
+    """Where each step's outputs live (one folder; dvc.yaml names the same paths)."""
+
+    root: Path
+
+    @classmethod
+    def of(cls, config: MixLLMConfig) -> Workspace:
+        return cls(config.path(config.pipeline.work_dir))
+
+    split = property(lambda self: self.root / "split.parquet")
+    tags = property(lambda self: self.root / "tags.json")
+    encoder = property(lambda self: self.root / "encoder")
+    router = property(lambda self: self.root / "router")
+    metrics = property(lambda self: self.root / "metrics.json")
+    curve = property(lambda self: self.root / "curve.csv")
+    table = property(lambda self: self.root / "table.md")
+    plot = property(lambda self: self.root / "pareto.png")
+    evaluation = property(lambda self: self.root / "evaluation.json")
+    registration = property(lambda self: self.root / "registration.json")
+    cache = property(lambda self: self.root / "cache")
+
+
+def stable_hash(*parts: Any) -> str:
+    digest = hashlib.blake2b(digest_size=12)
+    for part in parts:
+        digest.update(json.dumps(part, sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
+def data_hash(frame: pd.DataFrame) -> str:
+    """Content hash of an interaction set (order-independent)."""
+    hashes = frame["row_hash"] if "row_hash" in frame else pd.util.hash_pandas_object(frame, index=False).astype(str)
+    return stable_hash(sorted(hashes.astype(str).tolist()))
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+def _replace_dir(target: Path, write: Any) -> Path:
+    """Write a folder next to `target`, then swap it in: a failed step never leaves half a folder."""
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write(tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.replace(target)
+    return target
+
+
+# ---------------------------------------------------------------------------------------- split
+
+
+@dataclass
+class SplitData:
+    train: pd.DataFrame
+    validation: pd.DataFrame
+    holdout: pd.DataFrame
+
+    @property
+    def fingerprint(self) -> str:
+        return stable_hash(data_hash(self.train), data_hash(self.validation), data_hash(self.holdout))
+
+
+def stage_split(config: MixLLMConfig) -> Path:
+    """Assign every stored query to train / validation / holdout (split.parquet: query_id, part)."""
+    log = load_interactions(config)
+    parts = split_queries(log, config.split)
+    workspace = Workspace.of(config)
+    workspace.root.mkdir(parents=True, exist_ok=True)
+    frame = parts.rename("part").rename_axis("query_id").reset_index()
+    frame.to_parquet(workspace.split, index=False)
+    counts = frame["part"].value_counts().to_dict()
+    logger.info("split %d queries: %s", len(frame), counts)
+    return workspace.split
+
+
+def load_split(config: MixLLMConfig) -> SplitData:
+    """The stored interactions divided by split.parquet (made on demand when missing)."""
+    workspace = Workspace.of(config)
+    if not workspace.split.is_file():
+        stage_split(config)
+    log = load_interactions(config)
+    parts = pd.read_parquet(workspace.split).set_index("query_id")["part"]
+    part = log["query_id"].astype(str).map(parts)
+    unassigned = int(part.isna().sum())
+    if unassigned:
+        logger.warning("%d interactions of queries newer than split.parquet go to train; re-run the split stage", unassigned)
+        part = part.fillna("train")
+    log = log.assign(part=part.to_numpy())
+    return SplitData(*(log[log["part"] == name].reset_index(drop=True) for name in ("train", "validation", "holdout")))
+
+
+# ----------------------------------------------------------------------------- tags and encoder
+
+
+def stage_tags(config: MixLLMConfig, split: SplitData | None = None, progress: bool | None = None) -> Path:
+    """Tag the training queries and cluster the tags; tags.json holds each query's domain and the report."""
+    split = split or load_split(config)
+    router = MixLLMRouter(config, progress=progress)
+    frame = query_frame(split.train)
+    domains, report = router.fit_domains(frame["query"].tolist())
+    workspace = Workspace.of(config)
+    payload = {"domains": dict(zip(frame["query_id"].astype(str), map(int, domains))), "report": report,
+               "timings": getattr(router, "timings_", {})}
+    _write_atomic(workspace.tags, json.dumps(to_jsonable(payload), indent=1))
+    return workspace.tags
+
+
+def read_tags(config: MixLLMConfig) -> tuple[dict[str, int], dict[str, Any]]:
+    path = Workspace.of(config).tags
+    if not path.is_file():
+        raise MixLLMError(f"{path} is missing; run the tags stage first (`mixllm pipeline tags` or `dvc repro tags`)")
+    payload = json.loads(path.read_text(encoding="utf-8"))
+    return {k: int(v) for k, v in payload["domains"].items()}, payload["report"]
+
+
+def stage_encoder(config: MixLLMConfig, split: SplitData | None = None, progress: bool | None = None) -> Path:
+    """Fine-tune (or just load) the encoder on the training queries' domains; saved as a ST folder."""
+    split = split or load_split(config)
+    domains, _ = read_tags(config)
+    frame = query_frame(split.train)
+    domain_array = frame["query_id"].astype(str).map(lambda q: domains.get(q, -1)).to_numpy(dtype=int)
+    encoder = MixLLMRouter(config, progress=progress).fit_encoder(frame["query"].tolist(), domain_array)
+    return _replace_dir(Workspace.of(config).encoder, encoder.save)
+
+
+def stage_predictors(config: MixLLMConfig, split: SplitData | None = None, progress: bool | None = None) -> Path:
+    """Fit the featurizer and the per-LLM predictors; router/ is the complete, loadable router."""
+    split = split or load_split(config)
+    workspace = Workspace.of(config)
+    domains, report = read_tags(config)
+    encoder = QueryEncoder.load(workspace.encoder)
+    encoder.progress = progress
+    router = MixLLMRouter(config, cache_dir=workspace.cache, progress=progress)
+    router.tag_report_ = report
+    router.fit(split.train, domains=domains, encoder=encoder)
+    return _replace_dir(workspace.router, router.save)
+
+
+def train_router(config: MixLLMConfig, split: SplitData, progress: bool | None = None) -> MixLLMRouter:
+    """All three training stages in one call (tags -> encoder -> predictors), through the work folder."""
+    stage_tags(config, split, progress)
+    stage_encoder(config, split, progress)
+    stage_predictors(config, split, progress)
+    return MixLLMRouter.load(Workspace.of(config).router, progress=progress)
+
+
+# ------------------------------------------------------------------------------------ evaluation
+
+
+@dataclass
+class EvaluationReport:
+    """Everything measured about a router on the holdout, plus the baselines of the same run."""
+
+    reference: Reference
+    curves: list[RouterCurve]
+    calibration: Calibration
+    holdout_at_calibrated: OperatingPoint
+    single_llms: dict[str, OperatingPoint]
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def mixllm(self) -> RouterCurve:
+        return self.curves[0]
+
+    def table(self, config: MixLLMConfig) -> pd.DataFrame:
+        return results_table(self.curves, self.reference, config.evaluation.cost_budget_share,
+                             config.evaluation.quality_target_share)
+
+    def headline(self) -> str:
+        point = self.holdout_at_calibrated
+        return (f"{100 * point.quality_share:.2f}% of {self.reference.llm}'s quality at "
+                f"{100 * point.cost_share:.2f}% of its cost (lambda={point.lambda_:g}, calibrated on validation)")
+
+
+def _reference_llm(config: MixLLMConfig, train: pd.DataFrame) -> str:
+    return config.evaluation.reference_llm or best_single_llm(train)
+
+
+def evaluate_router(
+    config: MixLLMConfig,
+    router: MixLLMRouter,
+    split: SplitData,
+    *,
+    baselines: Sequence[str] | None = None,
+    name: str = "mixllm",
+) -> EvaluationReport:
+    """Curves on the holdout for the router (and baselines), lambda calibrated on validation."""
+    evaluation = config.evaluation
+    llms = router.enabled_llms_
+    holdout_queries, outcomes, reference = holdout_context(config, split, llms)
+    adapter = MixLLMAdapter(router)
+    overhead = routing_overhead_ms(router, holdout_queries["query"].tolist())
+    curves = [measure_router(name, adapter, holdout_queries, outcomes, reference, evaluation.lambda_grid, overhead)]
+    # Calibrate lambda for the cost budget on validation, then read the holdout at that lambda.
+    validation_queries = query_frame(split.validation)
+    if len(validation_queries):
+        validation_outcomes = Outcomes.from_log(split.validation, validation_queries["query_id"], llms)
+        validation_reference = Reference.of(validation_outcomes, reference.llm)
+        calibration = calibrate_lambda(adapter.predict(validation_queries), validation_outcomes, validation_reference,
+                                       router.cost_scale_usd_, "cost_share", evaluation.cost_budget_share)
+    else:
+        logger.warning("no validation queries: lambda is taken from the config, not calibrated")
+        calibration = Calibration("config", config.decision.lambda_, config.decision.lambda_,
+                                  curves[0].points[0], False)
+    predictions = adapter.predict(holdout_queries)
+    calibrated = sweep(predictions, outcomes, reference, [calibration.lambda_], router.cost_scale_usd_)[0]
+    curves[0].calibrated = calibrated
+    single = {llm: operating_point(np.full(len(holdout_queries), j), llms, outcomes, reference)
+              for j, llm in enumerate(llms)}
+    for baseline in baselines if baselines is not None else evaluation.baselines:
+        curves.append(measure_baseline(config, baseline, split, llms, frozen_embedder(config, router.encoder_)))
+    report = EvaluationReport(reference, curves, calibration, calibrated, single)
+    report.metrics = flat_metrics(report, config)
+    return report
+
+
+def holdout_context(config: MixLLMConfig, split: SplitData, llms: Sequence[str]) -> tuple[pd.DataFrame, Outcomes, Reference]:
+    """The holdout's queries, every LLM's real outcome on them, and the reference LLM."""
+    holdout_queries = query_frame(split.holdout)
+    outcomes = Outcomes.from_log(split.holdout, holdout_queries["query_id"], llms)
+    return holdout_queries, outcomes, Reference.of(outcomes, _reference_llm(config, split.train))
+
+
+def frozen_embedder(config: MixLLMConfig, encoder: QueryEncoder) -> Any:
+    """queries -> embeddings with the given encoder, through the work folder's embedding cache."""
+    cache = EmbeddingCache(Workspace.of(config).cache)
+    return lambda queries: cache.transform(encoder, list(queries))
+
+
+def measure_baseline(config: MixLLMConfig, name: str, split: SplitData, llms: Sequence[str],
+                     embed: Any) -> RouterCurve:
+    """Fit one baseline on train (the oracle on the holdout itself) and measure it on the holdout.
+
+    The embedding baselines (kNN, MLP) get `embed`: RouterBench's recipe is a frozen encoder, so the
+    caller passes the base or router encoder's (cached) transform.
+    """
+    started = time.perf_counter()
+    holdout_queries, outcomes, reference = holdout_context(config, split, llms)
+    model = make_baseline(name, embed=embed, random_state=config.evaluation.seed)
+    fit_on = split.holdout if name == "oracle" else split.train
+    model.fit(fit_on[fit_on["llm"].isin(llms)])
+    curve = measure_router(name, model, holdout_queries, outcomes, reference, config.evaluation.lambda_grid)
+    logger.info("baseline %s measured in %.1fs", name, time.perf_counter() - started)
+    return curve
+
+
+def flat_metrics(report: EvaluationReport, config: MixLLMConfig) -> dict[str, float]:
+    """`metric` for MixLLM, `baseline.<name>.metric` for the others (MLflow / DVC metrics)."""
+    table = report.table(config)
+    metrics: dict[str, float] = {}
+    for row in table.to_dict(orient="records"):
+        prefix = "" if row["router"] == report.mixllm.name else f"baseline.{row['router']}."
+        for key, value in row.items():
+            if key != "router" and value is not None and isinstance(value, (int, float)) and np.isfinite(value):
+                metrics[f"{prefix}{key}"] = float(value)
+    reference = report.reference
+    metrics["reference.mean_quality"] = reference.mean_quality
+    metrics["reference.mean_cost_usd"] = reference.mean_cost_usd
+    budget = config.evaluation.cost_budget_share * reference.mean_cost_usd
+    metrics["quality_at_budget"] = hull_quality(report.mixllm.hull(), budget)
+    return metrics
+
+
+def objective(report: EvaluationReport, config: MixLLMConfig) -> float:
+    """The number the gate compares: AIQ, or quality at the configured budget (share of the reference)."""
+    if config.gate.objective == "aiq":
+        return report.metrics["aiq"]
+    return report.metrics["quality_at_budget_pct"] / 100
+
+
+def stage_evaluate(config: MixLLMConfig, split: SplitData | None = None, progress: bool | None = None,
+                   baselines: Sequence[str] | None = None) -> EvaluationReport:
+    """Evaluate router/ on the holdout; write metrics.json, curve.csv, table.md and pareto.png."""
+    split = split or load_split(config)
+    workspace = Workspace.of(config)
+    router = MixLLMRouter.load(workspace.router, progress=progress)
+    router.cache_dir = workspace.cache
+    report = evaluate_router(config, router, split, baselines=baselines)
+    write_evaluation(config, report, workspace)
+    return report
+
+
+def write_evaluation(config: MixLLMConfig, report: EvaluationReport, workspace: Workspace) -> None:
+    workspace.root.mkdir(parents=True, exist_ok=True)
+    _write_atomic(workspace.metrics, json.dumps(to_jsonable(report.metrics), indent=2, sort_keys=True))
+    curve_records(report.curves).to_csv(workspace.curve, index=False)
+    table = report.table(config)
+    _write_atomic(workspace.table, format_table(table) + "\n\n" + report.headline() + "\n")
+    pareto_plot(report.curves, report.reference, report.single_llms, workspace.plot,
+                title=f"Holdout quality vs cost (reference: {report.reference.llm})",
+                budget_share=config.evaluation.cost_budget_share, quality_share=config.evaluation.quality_target_share)
+    _write_atomic(workspace.evaluation, json.dumps(to_jsonable({
+        "reference": report.reference, "calibration": report.calibration,
+        "holdout_at_calibrated": report.holdout_at_calibrated, "headline": report.headline(),
+    }), indent=2))
+
+
+# -------------------------------------------------------------------------------------- the gate
+
+
+@dataclass(frozen=True)
+class GateVerdict:
+    promote: bool
+    reasons: tuple[str, ...]
+    objective: str
+    candidate: float
+    champion: float | None
+
+    def summary(self) -> str:
+        verdict = "promote to champion" if self.promote else "keep as challenger"
+        return f"{verdict}: " + "; ".join(self.reasons)
+
+
+def sanity_problems(config: MixLLMConfig, router: MixLLMRouter, report: EvaluationReport) -> list[str]:
+    """What must hold for any router to serve: predictors for every enabled LLM, finite predictions,
+    routing overhead within budget."""
+    problems = []
+    missing = [llm.name for llm in config.enabled_llms if llm.name not in router.llms_]
+    if missing:
+        problems.append(f"no predictors for enabled LLM(s): {', '.join(missing)}")
+    curve = report.mixllm
+    if any(not np.isfinite(p.mean_quality) or not np.isfinite(p.mean_cost_usd) for p in curve.points):
+        problems.append("NaN or infinite predictions on the holdout")
+    if curve.ms_per_query > config.gate.max_overhead_ms:
+        problems.append(f"routing overhead {curve.ms_per_query:.1f} ms/query exceeds gate.max_overhead_ms "
+                        f"({config.gate.max_overhead_ms})")
+    return problems
+
+
+def gate(config: MixLLMConfig, candidate: float, champion: float | None, problems: Sequence[str]) -> GateVerdict:
+    """Promote when the sanity checks pass and the candidate is not worse than the champion by more
+    than the tolerance (the first model only needs the sanity checks)."""
+    name = config.gate.objective
+    reasons = list(problems)
+    if problems:
+        return GateVerdict(False, tuple(reasons), name, candidate, champion)
+    if champion is None:
+        return GateVerdict(True, ("first model: sanity checks pass",), name, candidate, None)
+    if not np.isfinite(candidate):
+        return GateVerdict(False, (f"{name} is not finite",), name, candidate, champion)
+    delta = candidate - champion
+    if delta < -config.gate.tolerance:
+        reasons.append(f"{name} {candidate:.4f} is {-delta:.4f} below the champion's {champion:.4f} "
+                       f"(tolerance {config.gate.tolerance})")
+        return GateVerdict(False, tuple(reasons), name, candidate, champion)
+    reasons.append(f"{name} {candidate:.4f} vs champion {champion:.4f} (tolerance {config.gate.tolerance})")
+    return GateVerdict(True, tuple(reasons), name, candidate, champion)
+
+
+# ---------------------------------------------------------------------------------- registration
+
+
+@dataclass
+class Registration:
+    version: int
+    promoted: bool
+    verdict: GateVerdict
+    champion_before: int | None
+    run_id: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_jsonable(asdict(self))
+
+
+def register_candidate(config: MixLLMConfig, router_dir: Path, report: EvaluationReport, split: SplitData,
+                       *, run_name: str, extra_tags: dict[str, str] | None = None,
+                       artifacts: Sequence[Path] = ()) -> Registration:
+    """Compare with the champion on the same holdout, log and register, then promote or mark challenger."""
+    from mixllm.registry import Registry, git_commit
+
+    registry = Registry(config)
+    router = MixLLMRouter.load(router_dir, progress=False)
+    champion_before = registry.alias_version("champion")
+    champion_value = None
+    if champion_before is not None:
+        champion_router, _ = registry.load_router(champion_before)
+        champion_report = evaluate_router(config, champion_router, split, baselines=[], name="champion")
+        champion_value = objective(champion_report, config)
+        report.metrics["champion.objective"] = champion_value
+    verdict = gate(config, objective(report, config), champion_value, sanity_problems(config, router, report))
+    tags = {
+        "mixllm.data_hash": split.fingerprint,
+        "mixllm.git_commit": git_commit(config.root),
+        "mixllm.gate": verdict.summary()[:4900],
+        "mixllm.objective": f"{verdict.objective}={verdict.candidate:.6f}",
+        **(extra_tags or {}),
+    }
+    params = config.to_flat_dict()
+    metrics = {**report.metrics, "gate.promoted": float(verdict.promote)}
+    run_id, version_number = registry.log_candidate(
+        router_dir, params=params, metrics=metrics, artifacts=list(artifacts), tags=tags, run_name=run_name,
+        input_example=query_frame(split.holdout)["query"].head(2).str.slice(0, 300).tolist(),
+    )
+    if verdict.promote:
+        registry.promote(version_number, verdict.summary())
+    else:
+        registry.mark_challenger(version_number)
+        logger.warning("version %d not promoted: %s", version_number, verdict.summary())
+    return Registration(version_number, verdict.promote, verdict, champion_before, run_id)
+
+
+def stage_register(config: MixLLMConfig, split: SplitData | None = None) -> Registration:
+    """Register router/ with the evaluation in the work folder (DVC's last stage)."""
+    split = split or load_split(config)
+    workspace = Workspace.of(config)
+    router = MixLLMRouter.load(workspace.router, progress=False)
+    report = evaluate_router(config, router, split, baselines=[])
+    registration = register_candidate(
+        config, workspace.router, report, split, run_name="training",
+        artifacts=[workspace.plot, workspace.table, workspace.curve, workspace.tags, workspace.metrics],
+    )
+    _write_atomic(workspace.registration, json.dumps(registration.to_dict(), indent=2))
+    return registration
+
+
+# ------------------------------------------------------------------------------------- training
+
+
+@dataclass
+class TrainingOutcome:
+    registration: Registration | None
+    report: EvaluationReport
+    workspace: Workspace
+
+    def summary(self, config: MixLLMConfig) -> str:
+        lines = ["", format_table(self.report.table(config)), "", "MixLLM on the holdout: " + self.report.headline()]
+        if self.registration is not None:
+            registration = self.registration
+            lines.append(f"registered {config.mlflow.registered_model_name} version {registration.version}: "
+                         f"{registration.verdict.summary()}")
+        lines.append(f"Pareto plot: {self.workspace.plot}")
+        lines.append(f"table: {self.workspace.table}   metrics: {self.workspace.metrics}")
+        return "\n".join(lines)
+
+
+def run_training(config: MixLLMConfig, *, progress: bool | None = None, register: bool = True,
+                 baselines: Sequence[str] | None = None) -> TrainingOutcome:
+    """The main job in one process: split, tags, encoder, predictors, evaluate, register.
+
+    Stages whose inputs did not change since the last run (same stage key, output present) are
+    reused from the work folder: re-running with unchanged data and params re-embeds nothing.
+    """
+    workspace = Workspace.of(config)
+    done = completed_stages(config)
+    split = None
+    steps = (("split", lambda: stage_split(config)), ("tags", lambda: stage_tags(config, split, progress)),
+             ("encoder", lambda: stage_encoder(config, split, progress)),
+             ("predictors", lambda: stage_predictors(config, split, progress)))
+    for stage, run in steps:
+        if stage in done:
+            logger.info("stage %s: inputs unchanged, reusing %s", stage, _stage_outputs(workspace)[stage])
+        else:
+            logger.info("stage %s: running", stage)
+            run()
+            record_stage(config, stage)
+            done = {s for s in done if STAGES.index(s) < STAGES.index(stage)}  # later stages are stale now
+        if stage == "split":
+            split = load_split(config)
+    report = stage_evaluate(config, split, progress, baselines=baselines)
+    record_stage(config, "evaluate")
+    registration = None
+    if register:
+        registration = register_candidate(
+            config, workspace.router, report, split, run_name="training",
+            artifacts=[workspace.plot, workspace.table, workspace.curve, workspace.tags, workspace.metrics],
+        )
+        _write_atomic(workspace.registration, json.dumps(registration.to_dict(), indent=2))
+    return TrainingOutcome(registration, report, workspace)
+
+
+# ------------------------------------------------------------------------------------ continual
+
+
+@dataclass
+class ContinualOutcome:
+    feedback_rows: int
+    watermark_before: int
+    watermark_after: int
+    pool_changes: list[str]
+    registration: Registration | None
+
+    def summary(self) -> str:
+        if self.registration is None:
+            return f"no new feedback past watermark {self.watermark_before}: nothing registered"
+        return (f"{self.feedback_rows} feedback rows ({self.watermark_before} -> {self.watermark_after}); "
+                f"pool changes: {', '.join(self.pool_changes) or 'none'}; version {self.registration.version}: "
+                f"{self.registration.verdict.summary()}")
+
+
+def continual_update(config: MixLLMConfig, router: MixLLMRouter, feedback_rows: pd.DataFrame) -> list[str]:
+    """Apply the catalogue's pool changes, then the bandit feedback (each row updates only its LLM)."""
+    changes = router.apply_catalogue(config.llms)
+    usable = feedback_rows[feedback_rows["llm"].isin(router.llms_)]
+    skipped = len(feedback_rows) - len(usable)
+    if skipped:
+        logger.warning("%d feedback rows name LLMs no longer in the pool; they are not learned from", skipped)
+    if len(usable):
+        router.partial_fit(usable[["query", "llm", "quality", "cost_usd"]
+                                  + [c for c in ("input_tokens", "output_tokens") if c in usable]])
+    return changes
+
+
+def read_new_feedback(config: MixLLMConfig) -> tuple[pd.DataFrame, int]:
+    """Feedback rows past the watermark (joined to their decisions), and the watermark itself."""
+    from mixllm.store import InteractionLog
+
+    store = InteractionLog(config.sqlalchemy_url(config.service.feedback_store_url))
+    try:
+        before = store.watermark()
+        return store.feedback_since(before), before
+    finally:
+        store.dispose()
+
+
+def update_champion(config: MixLLMConfig, rows: pd.DataFrame) -> tuple[Path, int, list[str]]:
+    """Load the champion, apply pool changes and the feedback, save it to the work folder."""
+    from mixllm.registry import Registry
+
+    router, champion_version = Registry(config).load_router("champion")
+    changes = continual_update(config, router, rows)
+    target = Workspace.of(config).root / "continual" / "router"
+    _replace_dir(target, router.save)
+    logger.info("champion v%d updated with %d feedback rows; pool changes: %s", champion_version, len(rows),
+                ", ".join(changes) or "none")
+    return target, champion_version, changes
+
+
+def register_update(config: MixLLMConfig, router_dir: Path, champion_version: int, rows: pd.DataFrame,
+                    watermark_before: int) -> Registration:
+    """Evaluate the updated router on the holdout and register it through the gate."""
+    split = load_split(config)
+    router = MixLLMRouter.load(router_dir, progress=False)
+    report = evaluate_router(config, router, split, baselines=[])
+    return register_candidate(
+        config, router_dir, report, split, run_name="continual",
+        extra_tags={"mixllm.parent_version": str(champion_version), "mixllm.feedback_rows": str(len(rows)),
+                    "mixllm.feedback_ids": f"{watermark_before + 1}-{int(rows['feedback_id'].max())}"},
+    )
+
+
+def advance_watermark(config: MixLLMConfig, value: int) -> None:
+    from mixllm.store import InteractionLog
+
+    store = InteractionLog(config.sqlalchemy_url(config.service.feedback_store_url))
+    try:
+        store.set_watermark(value)
+    finally:
+        store.dispose()
+
+
+def run_continual(config: MixLLMConfig) -> ContinualOutcome:
+    """Read feedback past the watermark, partial_fit the champion, validate, register, gate; advance
+    the watermark only after all of that succeeded (a failed run re-reads the same rows next time)."""
+    rows, before = read_new_feedback(config)
+    if len(rows) < config.pipeline.min_feedback_rows:
+        logger.info("continual: %d new feedback rows (< %d): nothing to do", len(rows), config.pipeline.min_feedback_rows)
+        return ContinualOutcome(len(rows), before, before, [], None)
+    router_dir, champion_version, changes = update_champion(config, rows)
+    registration = register_update(config, router_dir, champion_version, rows, before)
+    after = int(rows["feedback_id"].max())
+    advance_watermark(config, after)
+    return ContinualOutcome(len(rows), before, after, changes, registration)
+
+
+def ablation_config(config: MixLLMConfig, **overrides: Any) -> MixLLMConfig:
+    """A copy of the config with dotted overrides (e.g. {"embedding.fine_tune.enabled": False})."""
+    raw = config.model_dump(mode="json", by_alias=True, exclude={"root"})
+    return config_from_dict(raw, source="ablation", root=config.root,
+                            overrides={k.replace("__", "."): v for k, v in overrides.items()})
+
+
+def interactions_fingerprint(config: MixLLMConfig) -> str:
+    """Hash of the stored interactions (part files are content-named): cheap, for cache keys."""
+    return stable_hash([p.name for p in InteractionStore(config.path(config.data.store_dir)).parts()])
+
+
+STAGES = ("split", "tags", "encoder", "predictors", "evaluate")
+
+
+def stage_keys(config: MixLLMConfig) -> dict[str, str]:
+    """A key per training stage from exactly the data and settings it depends on (and its inputs' keys).
+
+    Equal keys mean equal outputs, so an orchestrator may skip the stage (Prefect's cache_key_fn,
+    `mixllm train`'s reuse of the work folder). The same dependencies are declared in dvc.yaml.
+    """
+    section = lambda *names: [config.model_dump(mode="json", by_alias=True, exclude={"root"})[n] for n in names]  # noqa: E731
+    keys: dict[str, str] = {}
+    keys["split"] = stable_hash("split", interactions_fingerprint(config), section("split"))
+    keys["tags"] = stable_hash("tags", keys["split"], section("tags"), config.embedding.model_path,
+                               config.embedding.max_seq_length, config.features.use_domains,
+                               config.embedding.fine_tune.enabled)
+    keys["encoder"] = stable_hash("encoder", keys["tags"], section("embedding"))
+    keys["predictors"] = stable_hash("predictors", keys["encoder"], section("features", "predictors", "decision", "llms"))
+    keys["evaluate"] = stable_hash("evaluate", keys["predictors"], section("evaluation"))
+    return keys
+
+
+def _stage_outputs(workspace: Workspace) -> dict[str, Path]:
+    return {"split": workspace.split, "tags": workspace.tags, "encoder": workspace.encoder,
+            "predictors": workspace.router, "evaluate": workspace.metrics}
+
+
+def completed_stages(config: MixLLMConfig) -> set[str]:
+    """Stages whose recorded key equals the current one and whose output exists."""
+    workspace = Workspace.of(config)
+    path = workspace.root / "stage_keys.json"
+    recorded = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    current = stage_keys(config)
+    outputs = _stage_outputs(workspace)
+    return {s for s in STAGES if recorded.get(s) == current[s] and outputs[s].exists()}
+
+
+def record_stage(config: MixLLMConfig, stage: str) -> None:
+    workspace = Workspace.of(config)
+    path = workspace.root / "stage_keys.json"
+    recorded = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    recorded[stage] = stage_keys(config)[stage]
+    _write_atomic(path, json.dumps(recorded, indent=1, sort_keys=True))

@@ -1,0 +1,236 @@
+"""The interaction store the service writes and the continual flow reads: decisions and feedback.
+
+SQLite in WAL mode by default (a file under data/), any SQLAlchemy URL (PostgreSQL) by config.
+Every routing decision is logged; feedback joins its decision by `decision_id`. Writes are
+idempotent: a retried decision or feedback (same decision_id / request_id) never makes a second
+row, and a call returns only after its row is committed. The continual flow reads feedback past
+a watermark, and advances the watermark only after it has used the rows.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import pandas as pd
+import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError
+
+from mixllm.errors import MixLLMError
+
+logger = logging.getLogger(__name__)
+
+metadata = sa.MetaData()
+
+decisions = sa.Table(
+    "decisions",
+    metadata,
+    sa.Column("decision_id", sa.String(64), primary_key=True),
+    sa.Column("request_id", sa.String(128), unique=True, nullable=True),
+    sa.Column("query", sa.Text, nullable=False),
+    sa.Column("llm", sa.String(256), nullable=False),
+    sa.Column("model_version", sa.Integer, nullable=True),
+    sa.Column("lambda_", sa.Float, nullable=True),
+    sa.Column("candidates", sa.Text, nullable=True),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+feedback = sa.Table(
+    "feedback",
+    metadata,
+    sa.Column("feedback_id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("decision_id", sa.String(64), unique=True, nullable=True),
+    sa.Column("request_id", sa.String(128), unique=True, nullable=True),
+    sa.Column("query", sa.Text, nullable=False),
+    sa.Column("llm", sa.String(256), nullable=False),
+    sa.Column("quality", sa.Float, nullable=False),
+    sa.Column("cost_usd", sa.Float, nullable=False),
+    sa.Column("latency_s", sa.Float, nullable=True),
+    sa.Column("input_tokens", sa.Float, nullable=True),
+    sa.Column("output_tokens", sa.Float, nullable=True),
+    sa.Column("kind", sa.String(16), nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+watermarks = sa.Table(
+    "watermarks",
+    metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("value", sa.Integer, nullable=False),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+
+class UnknownDecisionError(MixLLMError, KeyError):
+    """Feedback names a decision_id the store has never seen."""
+
+
+@dataclass(frozen=True)
+class StoredFeedback:
+    feedback_id: int
+    created: bool  # False: the same feedback was already stored (an idempotent retry)
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class InteractionLog:
+    """Decisions and feedback in a SQL database (SQLite WAL by default)."""
+
+    def __init__(self, url: str):
+        self.url = url
+        connect_args: dict[str, Any] = {}
+        if url.startswith("sqlite"):
+            path = url.split("///", 1)[-1]
+            if path and path != ":memory:":
+                from pathlib import Path
+
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            connect_args = {"timeout": 30, "check_same_thread": False}
+        self.engine = sa.create_engine(url, connect_args=connect_args, pool_pre_ping=True)
+        if url.startswith("sqlite"):
+            @sa.event.listens_for(self.engine, "connect")
+            def _sqlite_pragmas(dbapi_connection: Any, _: Any) -> None:
+                cursor = dbapi_connection.cursor()
+                # WAL: readers never block the writer; FULL sync: a committed row survives a crash.
+                cursor.execute("PRAGMA journal_mode=WAL")
+                cursor.execute("PRAGMA synchronous=FULL")
+                cursor.execute("PRAGMA busy_timeout=30000")
+                cursor.close()
+        metadata.create_all(self.engine)
+        # SQLite allows one writer at a time; serialise our own writes instead of retrying on locks.
+        self._write_lock = threading.Lock()
+
+    # --------------------------------------------------------------------------------- decisions
+
+    def log_decision(self, query: str, llm: str, *, model_version: int | None, lambda_: float | None,
+                     candidates: list[dict[str, Any]] | None = None, request_id: str | None = None) -> str:
+        """Store a decision and return its id; a retried request_id returns the first decision's id."""
+        if request_id:
+            existing = self.decision_for_request(request_id)
+            if existing is not None:
+                return existing
+        decision_id = uuid.uuid4().hex
+        row = {"decision_id": decision_id, "request_id": request_id or None, "query": query, "llm": llm,
+               "model_version": model_version, "lambda_": lambda_,
+               "candidates": json.dumps(candidates) if candidates is not None else None, "created_at": _now()}
+        try:
+            with self._write_lock, self.engine.begin() as connection:
+                connection.execute(decisions.insert().values(**row))
+        except IntegrityError:
+            existing = self.decision_for_request(request_id) if request_id else None
+            if existing is None:
+                raise
+            return existing
+        return decision_id
+
+    def log_decisions(self, rows: list[dict[str, Any]]) -> list[str]:
+        """Many decisions in one transaction (the batch route)."""
+        ids = []
+        payload = []
+        for row in rows:
+            decision_id = uuid.uuid4().hex
+            ids.append(decision_id)
+            payload.append({"decision_id": decision_id, "request_id": None, "query": row["query"], "llm": row["llm"],
+                            "model_version": row.get("model_version"), "lambda_": row.get("lambda_"),
+                            "candidates": json.dumps(row.get("candidates")) if row.get("candidates") is not None else None,
+                            "created_at": _now()})
+        if payload:
+            with self._write_lock, self.engine.begin() as connection:
+                connection.execute(decisions.insert(), payload)
+        return ids
+
+    def decision_for_request(self, request_id: str) -> str | None:
+        with self.engine.connect() as connection:
+            return connection.execute(
+                sa.select(decisions.c.decision_id).where(decisions.c.request_id == request_id)
+            ).scalar_one_or_none()
+
+    def decision(self, decision_id: str) -> dict[str, Any] | None:
+        with self.engine.connect() as connection:
+            row = connection.execute(sa.select(decisions).where(decisions.c.decision_id == decision_id)).mappings().first()
+        return dict(row) if row else None
+
+    # ---------------------------------------------------------------------------------- feedback
+
+    def add_feedback(self, *, quality: float, kind: str = "refined", decision_id: str | None = None,
+                     request_id: str | None = None, query: str | None = None, llm: str | None = None,
+                     cost_usd: float | None = None, latency_s: float | None = None,
+                     input_tokens: float | None = None, output_tokens: float | None = None) -> StoredFeedback:
+        """Store one feedback row, committed before returning. With a decision_id, query and llm
+        come from the decision; a second call for the same decision_id (or request_id) is a no-op."""
+        if decision_id:
+            decision = self.decision(decision_id)
+            if decision is None:
+                raise UnknownDecisionError(f"unknown decision_id '{decision_id}'; use the id /route returned")
+            if llm is not None and llm != decision["llm"]:
+                raise MixLLMError(f"decision {decision_id} chose '{decision['llm']}', not '{llm}'")
+            query, llm = decision["query"], decision["llm"]
+        if not query or not llm:
+            raise MixLLMError("feedback needs a decision_id, or a query and the llm that answered it")
+        existing = self._existing_feedback(decision_id, request_id)
+        if existing is not None:
+            return StoredFeedback(existing, False)
+        row = {"decision_id": decision_id, "request_id": request_id or None, "query": query, "llm": llm,
+               "quality": float(quality), "cost_usd": float(cost_usd or 0.0), "latency_s": latency_s,
+               "input_tokens": input_tokens, "output_tokens": output_tokens, "kind": kind, "created_at": _now()}
+        try:
+            with self._write_lock, self.engine.begin() as connection:
+                result = connection.execute(feedback.insert().values(**row))
+                return StoredFeedback(int(result.inserted_primary_key[0]), True)
+        except IntegrityError:
+            existing = self._existing_feedback(decision_id, request_id)
+            if existing is None:
+                raise
+            return StoredFeedback(existing, False)
+
+    def _existing_feedback(self, decision_id: str | None, request_id: str | None) -> int | None:
+        conditions = []
+        if decision_id:
+            conditions.append(feedback.c.decision_id == decision_id)
+        if request_id:
+            conditions.append(feedback.c.request_id == request_id)
+        if not conditions:
+            return None
+        with self.engine.connect() as connection:
+            return connection.execute(sa.select(feedback.c.feedback_id).where(sa.or_(*conditions))).scalars().first()
+
+    def feedback_since(self, after_id: int) -> pd.DataFrame:
+        """Feedback rows with id > after_id, joined to their decisions (model version, lambda)."""
+        query = (
+            sa.select(feedback, decisions.c.model_version, decisions.c.lambda_)
+            .select_from(feedback.outerjoin(decisions, feedback.c.decision_id == decisions.c.decision_id))
+            .where(feedback.c.feedback_id > after_id)
+            .order_by(feedback.c.feedback_id)
+        )
+        with self.engine.connect() as connection:
+            return pd.DataFrame(connection.execute(query).mappings().all())
+
+    def count(self, table: str) -> int:
+        target = {"decisions": decisions, "feedback": feedback}[table]
+        with self.engine.connect() as connection:
+            return int(connection.execute(sa.select(sa.func.count()).select_from(target)).scalar_one())
+
+    # -------------------------------------------------------------------------------- watermarks
+
+    def watermark(self, name: str = "continual") -> int:
+        with self.engine.connect() as connection:
+            value = connection.execute(sa.select(watermarks.c.value).where(watermarks.c.name == name)).scalar_one_or_none()
+        return int(value or 0)
+
+    def set_watermark(self, value: int, name: str = "continual") -> None:
+        with self._write_lock, self.engine.begin() as connection:
+            updated = connection.execute(
+                watermarks.update().where(watermarks.c.name == name).values(value=value, updated_at=_now())
+            )
+            if updated.rowcount == 0:
+                connection.execute(watermarks.insert().values(name=name, value=value, updated_at=_now()))
+
+    def dispose(self) -> None:
+        self.engine.dispose()

@@ -1,0 +1,68 @@
+"""`dvc repro` of the real dvc.yaml in a temporary git repo, on synthetic data."""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from synthetic import make_log, write_params
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(command, cwd, env):
+    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+    return result.stdout + result.stderr
+
+
+def _ran(output):
+    return set(re.findall(r"Running stage '([^']+)'", output))
+
+
+@pytest.fixture
+def repo(tmp_path):
+    shutil.copy(ROOT / "dvc.yaml", tmp_path / "dvc.yaml")
+    write_params(tmp_path, complete=True, evaluation={"baselines": ["random"]}, gate={"max_overhead_ms": 5000})
+    log = tmp_path.parent / f"{tmp_path.name}-log.csv"
+    make_log(n_queries=90, seed=31).to_csv(log, index=False)
+    env = {**os.environ, "MIXLLM_ROUTERBENCH": str(log), "DVC_NO_ANALYTICS": "1",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    env.pop("MIXLLM_PARAMS", None)
+    _run(["git", "init", "-q"], tmp_path, env)
+    _run([sys.executable, "-m", "dvc", "init", "-q"], tmp_path, env)
+    _run([sys.executable, "-m", "dvc", "config", "core.autostage", "true"], tmp_path, env)
+    _run(["git", "add", "-A"], tmp_path, env)
+    _run(["git", "commit", "-qm", "init"], tmp_path, env)
+    return tmp_path, env
+
+
+def test_repro_noop_and_partial_rerun(repo):
+    root, env = repo
+    dvc = [sys.executable, "-m", "dvc"]
+    first = _run([*dvc, "repro"], root, env)
+    assert _ran(first) == {"ingest", "split", "tags", "encoder", "predictors", "evaluate", "register"}
+    assert (root / "data/pipeline/metrics.json").is_file() and (root / "dvc.lock").is_file()
+    second = _run([*dvc, "repro"], root, env)
+    assert _ran(second) == set() and "up to date" in second
+    # A decision setting changes the predictors stage and what follows, not tags or the encoder.
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params.setdefault("decision", {})["lambda"] = 0.3
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    third = _run([*dvc, "repro"], root, env)
+    assert _ran(third) == {"predictors", "evaluate", "register"}
+    _run(["git", "add", "-A"], root, env)
+    _run(["git", "commit", "-qm", "lambda 0.3"], root, env)
+    diff = _run([*dvc, "params", "diff", "HEAD~1"], root, env)
+    assert "decision.lambda" in diff
+    # An experiment with one evaluation setting changed re-runs only evaluation and registration.
+    exp = _run([*dvc, "exp", "run", "-S", "evaluation.cost_budget_share=0.5"], root, env)
+    assert _ran(exp) == {"evaluate", "register"}
+    metrics = _run([*dvc, "metrics", "diff"], root, env)
+    assert "quality_at_budget_pct" in metrics

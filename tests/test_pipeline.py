@@ -1,0 +1,197 @@
+"""Training, gate, registry and continual learning with a real MLflow store (SQLite in tmp_path)."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from mixllm.config import load_config
+from mixllm.data import ingest
+from mixllm.errors import RegistryError
+from mixllm.pipeline import (
+    GateVerdict,
+    Workspace,
+    completed_stages,
+    gate,
+    run_continual,
+    run_training,
+    update_champion,
+)
+from mixllm.registry import Registry
+from mixllm.store import InteractionLog
+from synthetic import make_log, write_params
+
+FAST = {
+    "evaluation": {"baselines": ["random", "best_single"]},
+    "gate": {"tolerance": 0.005, "max_overhead_ms": 5000},
+}
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """One project for the module: versions build on each other like a real registry's history."""
+    root = tmp_path_factory.mktemp("mlops")
+    write_params(root, **FAST)
+    make_log(n_queries=150, seed=4).to_csv(root / "log.csv", index=False)
+    config = load_config(root / "params.yaml")
+    ingest(root / "log.csv", config)
+    return root
+
+
+def _config(project, **overrides):
+    return load_config(project / "params.yaml", overrides=overrides)
+
+
+def test_gate_rules():
+    config = _config_from_defaults()
+    assert gate(config, 0.8, None, []).promote, "the first model needs only the sanity checks"
+    assert not gate(config, 0.8, None, ["no predictors for enabled LLM(s): x"]).promote
+    assert gate(config, 0.797, 0.8, []).promote, "within tolerance"
+    worse = gate(config, 0.7, 0.8, [])
+    assert isinstance(worse, GateVerdict) and not worse.promote and "below the champion" in worse.summary()
+
+
+def _config_from_defaults():
+    from mixllm.config import config_from_dict
+
+    return config_from_dict({"gate": {"tolerance": 0.005}})
+
+
+def test_first_training_registers_champion_and_reuses_stages(project):
+    config = _config(project)
+    outcome = run_training(config, progress=False)
+    assert outcome.registration.version == 1 and outcome.registration.promoted
+    registry = Registry(config)
+    assert registry.alias_version("champion") == 1
+    workspace = Workspace.of(config)
+    for path in (workspace.plot, workspace.table, workspace.metrics, workspace.curve, workspace.router / "router.json"):
+        assert path.exists(), path
+    metrics = json.loads(workspace.metrics.read_text())
+    assert {"aiq", "quality_at_budget_pct", "ms_per_query", "baseline.random.quality_at_budget_pct"} <= set(metrics)
+    assert completed_stages(config) == {"split", "tags", "encoder", "predictors", "evaluate"}
+    summary = outcome.summary(config)
+    assert "pareto.png" in summary and "version 1" in summary
+    versions = registry.versions()
+    assert versions[0].tags["mixllm.data_hash"] and "champion" in versions[0].aliases
+    assert "aiq" in versions[0].metrics
+
+
+def test_worse_candidate_is_challenger_better_is_promoted_and_rollback(project):
+    first = Registry(_config(project))
+    assert first.alias_version("champion") == 1
+    # A deliberately worse router: a huge ridge flattens every quality prediction to the prior.
+    worse = _config(project, **{"predictors.quality.ridge": 1e7, "features.use_domains": False,
+                                "features.tfidf.enabled": False})
+    outcome = run_training(worse, progress=False, register=True)
+    assert outcome.registration.version == 2 and not outcome.registration.promoted
+    assert "below the champion" in outcome.registration.verdict.summary()
+    registry = Registry(worse)
+    assert registry.alias_version("champion") == 1 and registry.alias_version("challenger") == 2
+    # Back to the good config: not worse than the champion, so promoted.
+    good = _config(project)
+    outcome = run_training(good, progress=False)
+    assert outcome.registration.version == 3 and outcome.registration.promoted
+    assert registry.alias_version("champion") == 3
+    # Rollback: champion back to version 1, which routes exactly as version 1 did.
+    queries = ["Write a python function to sort a list.", "What is 12 plus 9?", "Who founded Rome?"]
+    v1, _ = registry.load_router(1)
+    assert registry.rollback() == (3, 1)
+    champion, number = registry.load_router("champion")
+    assert number == 1
+    assert [d.to_dict() for d in champion.route(queries)] == [d.to_dict() for d in v1.route(queries)]
+    versions = {v.version: v for v in registry.versions()}
+    assert "rollback from version 3" in versions[1].tags["mixllm.promoted"]
+    assert "replaced by version 1" in versions[3].tags["mixllm.rolled_back"]
+    with pytest.raises(RegistryError, match="no earlier one"):
+        registry.rollback()
+    registry.promote(3, "undo the rollback")
+    assert registry.alias_version("champion") == 3
+    with pytest.raises(RegistryError, match="has no version 42"):
+        registry.promote(42, "nope")
+
+
+def _feedback(config, n=12, seed=0):
+    """Route some queries with the champion through the store, as the service would, then rate them."""
+    registry = Registry(config)
+    router, version_number = registry.load_router("champion")
+    store = InteractionLog(config.sqlalchemy_url(config.service.feedback_store_url))
+    log = make_log(n, seed=seed + 100)
+    queries = log.drop_duplicates("query_id")
+    ids = []
+    for query, decision in zip(queries["query"], router.route(queries["query"].tolist())):
+        decision_id = store.log_decision(query, decision.llm, model_version=version_number, lambda_=decision.lambda_)
+        truth = log[(log["query"] == query) & (log["llm"] == decision.llm)].iloc[0]
+        store.add_feedback(decision_id=decision_id, quality=float(truth["quality"]), cost_usd=float(truth["cost_usd"]),
+                           kind="binary")
+        ids.append(decision_id)
+    store.dispose()
+    return ids
+
+
+def test_continual_consumes_feedback_once_and_not_on_failure(project, monkeypatch):
+    config = _config(project)
+    registry = Registry(config)
+    champion_before = registry.alias_version("champion")
+    _feedback(config, n=12)
+    # A failure after the update must leave the watermark where it was.
+    import mixllm.pipeline as pipeline_module
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("registry unreachable")
+
+    monkeypatch.setattr(pipeline_module, "register_update", boom)
+    with pytest.raises(RuntimeError):
+        run_continual(config)
+    store = InteractionLog(config.sqlalchemy_url(config.service.feedback_store_url))
+    assert store.watermark() == 0
+    monkeypatch.undo()
+    outcome = run_continual(config)
+    assert outcome.feedback_rows == 12 and outcome.watermark_after == 12 and store.watermark() == 12
+    registration = outcome.registration
+    assert registration.version > champion_before
+    version = {v.version: v for v in registry.versions()}[registration.version]
+    assert version.tags["mixllm.parent_version"] == str(champion_before)
+    assert version.tags["mixllm.feedback_ids"] == "1-12"
+    versions_before = len(registry.versions())
+    again = run_continual(config)
+    assert again.registration is None and again.feedback_rows == 0
+    assert len(registry.versions()) == versions_before, "no new feedback: nothing registered"
+    store.dispose()
+
+
+def test_continual_applies_pool_changes(project):
+    config = _config(project)
+    raw = config.model_dump(mode="json", by_alias=True, exclude={"root"})
+    raw["llms"][0]["enabled"] = False
+    raw["llms"].append({"name": "newcomer", "input_usd_per_1k": 0.0005, "output_usd_per_1k": 0.0005})
+    from mixllm.config import config_from_dict
+
+    changed = config_from_dict(raw, root=config.root)
+    rows = pd.DataFrame({"feedback_id": [1], "query": ["What is 2 plus 2?"], "llm": ["strong"], "quality": [1.0],
+                         "cost_usd": [0.001]})
+    router_dir, _, changes = update_champion(changed, rows)
+    assert sorted(changes) == sorted([f"disabled {config.llms[0].name}", "added newcomer"])
+    from mixllm.router import MixLLMRouter
+
+    router = MixLLMRouter.load(router_dir)
+    assert "newcomer" in router.enabled_llms_ and config.llms[0].name not in router.enabled_llms_
+
+
+def test_store_is_idempotent(tmp_path):
+    store = InteractionLog(f"sqlite:///{tmp_path}/feedback.db")
+    first = store.log_decision("q", "m", model_version=1, lambda_=0.5, request_id="r1")
+    assert store.log_decision("q", "m", model_version=1, lambda_=0.5, request_id="r1") == first
+    a = store.add_feedback(decision_id=first, quality=1.0, kind="binary")
+    b = store.add_feedback(decision_id=first, quality=1.0, kind="binary")
+    assert a.created and not b.created and a.feedback_id == b.feedback_id
+    assert store.count("feedback") == 1 and store.count("decisions") == 1
+    from mixllm.store import UnknownDecisionError
+
+    with pytest.raises(UnknownDecisionError, match="unknown decision_id"):
+        store.add_feedback(decision_id="nope", quality=1.0)
+    full = store.add_feedback(query="direct", llm="m2", quality=0.4, cost_usd=0.01, request_id="r9")
+    assert full.created and store.add_feedback(query="direct", llm="m2", quality=0.4, request_id="r9").feedback_id == full.feedback_id
+    rows = store.feedback_since(0)
+    assert rows["model_version"].tolist()[0] == 1 and np.isnan(rows["model_version"].tolist()[1])
+    store.dispose()
