@@ -261,13 +261,19 @@ class ServiceConfig(StrictModel):
     model_alias: str = "champion"
     poll_interval_s: float = Field(default=30.0, ge=0.0)  # 0 disables registry polling
     max_query_chars: int = Field(default=8000, gt=0)
-    max_batch_size: int = Field(default=64, ge=1)
-    max_batch_latency_ms: int = Field(default=20, ge=1)
+    # /route_batch: most queries per call and per merged batch (adaptive batching).
+    max_batch_size: int = Field(default=256, ge=1)
+    # BentoML's batcher answers 503 when it predicts a wait above this; keep it near the timeout
+    # so that load is queued, not shed. The batching window itself adapts to the load.
+    max_batch_latency_ms: int = Field(default=60_000, ge=1)
     # Name of the env var holding the bearer token; when it is set, /feedback and /admin/* need it.
     auth_token_env: str = "MIXLLM_API_TOKEN"
     require_token_for_route: bool = False
     feedback_store_url: str = "sqlite:///data/feedback.db"
     request_timeout_s: int = Field(default=60, ge=1)
+    max_body_bytes: int = Field(default=1_048_576, ge=1024)  # larger requests get 413
+    # A routed call without a completion report stops counting as in flight after this long.
+    in_flight_max_age_s: float = Field(default=120.0, gt=0)
 
 
 class MixLLMConfig(StrictModel):

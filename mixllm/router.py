@@ -518,6 +518,14 @@ class MixLLMRouter(BaseEstimator):
         logger.info("removed LLM %s", name)
         return self
 
+    def set_enabled(self, name: str, enabled: bool) -> MixLLMRouter:
+        """Keep an LLM's predictors but take it out of (or put it back into) the candidates."""
+        self._check_fitted()
+        if name not in self.catalogue_:
+            raise RoutingError(f"LLM '{name}' is not in the pool ({', '.join(self.llms_)})")
+        self.catalogue_[name] = {**self.catalogue_[name], "enabled": bool(enabled)}
+        return self
+
     def apply_catalogue(self, llms: Sequence[LLMConfig]) -> list[str]:
         """Make the pool match a catalogue: add new LLMs, drop absent ones, update prices, latency and
         enabled flags. Returns what changed, one line each."""

@@ -37,6 +37,11 @@ decisions = sa.Table(
     sa.Column("model_version", sa.Integer, nullable=True),
     sa.Column("lambda_", sa.Float, nullable=True),
     sa.Column("candidates", sa.Text, nullable=True),
+    # What the call really cost and took, when the service saw it happen (the OpenAI proxy).
+    sa.Column("cost_usd", sa.Float, nullable=True),
+    sa.Column("latency_s", sa.Float, nullable=True),
+    sa.Column("input_tokens", sa.Float, nullable=True),
+    sa.Column("output_tokens", sa.Float, nullable=True),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
 )
 
@@ -66,7 +71,7 @@ watermarks = sa.Table(
 )
 
 
-class UnknownDecisionError(MixLLMError, KeyError):
+class UnknownDecisionError(MixLLMError, LookupError):
     """Feedback names a decision_id the store has never seen."""
 
 
@@ -146,6 +151,15 @@ class InteractionLog:
                 connection.execute(decisions.insert(), payload)
         return ids
 
+    def complete_decision(self, decision_id: str, *, cost_usd: float | None, latency_s: float | None,
+                          input_tokens: float | None = None, output_tokens: float | None = None) -> None:
+        """Record the real cost and latency of a decided call (the proxy knows them)."""
+        with self._write_lock, self.engine.begin() as connection:
+            connection.execute(
+                decisions.update().where(decisions.c.decision_id == decision_id).values(
+                    cost_usd=cost_usd, latency_s=latency_s, input_tokens=input_tokens, output_tokens=output_tokens)
+            )
+
     def decision_for_request(self, request_id: str) -> str | None:
         with self.engine.connect() as connection:
             return connection.execute(
@@ -172,6 +186,11 @@ class InteractionLog:
             if llm is not None and llm != decision["llm"]:
                 raise MixLLMError(f"decision {decision_id} chose '{decision['llm']}', not '{llm}'")
             query, llm = decision["query"], decision["llm"]
+            # What the proxy measured fills what the feedback leaves out.
+            cost_usd = cost_usd if cost_usd is not None else decision.get("cost_usd")
+            latency_s = latency_s if latency_s is not None else decision.get("latency_s")
+            input_tokens = input_tokens if input_tokens is not None else decision.get("input_tokens")
+            output_tokens = output_tokens if output_tokens is not None else decision.get("output_tokens")
         if not query or not llm:
             raise MixLLMError("feedback needs a decision_id, or a query and the llm that answered it")
         existing = self._existing_feedback(decision_id, request_id)
@@ -204,7 +223,8 @@ class InteractionLog:
     def feedback_since(self, after_id: int) -> pd.DataFrame:
         """Feedback rows with id > after_id, joined to their decisions (model version, lambda)."""
         query = (
-            sa.select(feedback, decisions.c.model_version, decisions.c.lambda_)
+            sa.select(feedback, decisions.c.model_version, decisions.c.lambda_,
+                      decisions.c.created_at.label("decided_at"))
             .select_from(feedback.outerjoin(decisions, feedback.c.decision_id == decisions.c.decision_id))
             .where(feedback.c.feedback_id > after_id)
             .order_by(feedback.c.feedback_id)

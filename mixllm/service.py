@@ -1,0 +1,622 @@
+"""The BentoML route service: a thin HTTP shell over MixLLMRouter, the registry and the store.
+
+    bentoml serve mixllm.service:MixLLMService --host 127.0.0.1 --port 3000
+
+Serves the registry's champion (service.model_alias), polls the alias and swaps models atomically
+(requests in flight finish on the model they started with), logs every decision and feedback row
+to the interaction store, and proxies OpenAI-compatible chat completions to the chosen LLM.
+Configuration: params.yaml from the working folder, or MIXLLM_PARAMS.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal, Optional
+
+import bentoml
+import numpy as np
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from starlette.exceptions import HTTPException
+
+# A worker that cannot start (no champion in the registry) must stop `bentoml serve` with its
+# message instead of being respawned every few seconds; this only turns off respawning.
+os.environ.setdefault("BENTOML_CONTAINERIZED", "true")
+
+logger = logging.getLogger("bentoml.mixllm")  # bentoml serve shows "bentoml.*" loggers
+
+
+# ------------------------------------------------------------------------------------- schemas
+
+
+class RouteRequest(BaseModel):
+    """One query to route, with optional per-request overrides."""
+
+    # No schema "examples": BentoML 1.4's OpenAPI builder rejects the key (500 on /docs.json).
+    model_config = ConfigDict(populate_by_name=True, extra="forbid")
+
+    query: Annotated[str, Field(min_length=1, description="The text to route.")]
+    lambda_: Annotated[Optional[float], Field(alias="lambda", ge=0, description="Cost weight; default from params.yaml.")] = None
+    exploration: Annotated[Optional[float], Field(ge=0, description="Weight of the uncertainty bonus.")] = None
+    candidates: Annotated[Optional[list[str]], Field(min_length=1, description="Route among these LLMs only.")] = None
+    max_cost: Annotated[Optional[float], Field(ge=0, description="Only LLMs predicted to cost at most this (USD).")] = None
+    min_quality: Annotated[Optional[float], Field(ge=0, le=1, description="Only LLMs predicted at least this good.")] = None
+    request_id: Annotated[Optional[str], Field(min_length=1, max_length=128, description="Idempotency key.")] = None
+
+
+class Candidate(BaseModel):
+    llm: str
+    quality: float
+    cost_usd: float
+    uncertainty: float
+    penalty: float
+    score: Optional[float]
+    eligible: bool
+
+
+class RouteResponse(BaseModel):
+    model_config = ConfigDict(serialize_by_alias=True)
+
+    llm: str
+    decision_id: str
+    model_version: int
+    lambda_: float = Field(serialization_alias="lambda")
+    relaxed: list[str]
+    candidates: list[Candidate]
+
+
+class FeedbackRequest(BaseModel):
+    """Feedback on a decision (decision_id), or a whole interaction (query + llm)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    decision_id: Annotated[Optional[str], Field(min_length=1, max_length=64)] = None
+    request_id: Annotated[Optional[str], Field(min_length=1, max_length=128)] = None
+    query: Annotated[Optional[str], Field(min_length=1)] = None
+    llm: Annotated[Optional[str], Field(min_length=1)] = None
+    quality: Annotated[Optional[float], Field(ge=0, le=1, description="Refined feedback, 0..1.")] = None
+    thumbs: Annotated[Optional[bool], Field(description="Binary feedback: up (true) or down (false).")] = None
+    kind: Optional[Literal["refined", "binary"]] = None
+    cost_usd: Annotated[Optional[float], Field(ge=0)] = None
+    latency_s: Annotated[Optional[float], Field(ge=0)] = None
+    input_tokens: Annotated[Optional[int], Field(ge=0)] = None
+    output_tokens: Annotated[Optional[int], Field(ge=0)] = None
+
+    @model_validator(mode="after")
+    def _complete(self) -> FeedbackRequest:
+        if (self.quality is None) == (self.thumbs is None):
+            raise ValueError("give exactly one of quality (0..1) or thumbs (true/false)")
+        if not self.decision_id and not (self.query and self.llm):
+            raise ValueError("give decision_id, or query and llm")
+        return self
+
+
+class FeedbackResponse(BaseModel):
+    feedback_id: int
+    created: bool
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: str
+    content: Any = None
+
+
+class ChatRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    model: str = "mixllm"
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    stream: bool = False
+
+
+# ------------------------------------------------------------------------------------- helpers
+
+
+def error(status: int, field: str | None, message: str) -> JSONResponse:
+    body = {"error": message}
+    if field:
+        body["field"] = field
+    return JSONResponse(body, status_code=status)
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """What requests read: swapped as a whole, so a request never sees half a reload."""
+
+    router: Any
+    version: int
+
+
+class ServiceMetrics:
+    """Prometheus metrics next to BentoML's own request metrics on /metrics."""
+
+    def __init__(self) -> None:
+        import prometheus_client as prom
+
+        self.decisions = prom.Counter("mixllm_decisions_total", "Routing decisions per chosen LLM", ["llm"])
+        self.route_latency = prom.Histogram(
+            "mixllm_route_seconds", "Time to route (per HTTP call)", ["endpoint"],
+            buckets=(0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12))
+        self.feedback = prom.Counter("mixllm_feedback_rows_total", "Feedback rows stored", ["kind"])
+        self.model_version = prom.Gauge("mixllm_model_version", "Registry version being served",
+                                        multiprocess_mode="max")
+        self.in_flight = prom.Gauge("mixllm_in_flight", "Calls in flight per LLM", ["llm"],
+                                    multiprocess_mode="livesum")
+        self.proxied = prom.Counter("mixllm_proxy_calls_total", "Proxied chat completions", ["llm", "status"])
+
+
+class BodyLimit:
+    """ASGI middleware: 413 above the size limit, 415 for form bodies (BentoML would answer 500)."""
+
+    blocked = {b"multipart/form-data", b"application/x-www-form-urlencoded"}
+
+    def __init__(self, app: Any, max_bytes: int = 1_048_576):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope.get("method") in ("GET", "HEAD", "OPTIONS"):
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        content_type = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
+        if content_type in self.blocked:
+            return await _reject(send, 415, "send the body as application/json")
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            return await _reject(send, 413, f"request body is larger than {self.max_bytes} bytes")
+        chunks, seen, more = [], 0, True
+        while more:  # buffer (bounded) so chunked uploads are limited too
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            seen += len(chunk)
+            if seen > self.max_bytes:
+                return await _reject(send, 413, f"request body is larger than {self.max_bytes} bytes")
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        body, replayed = b"".join(chunks), False
+
+        async def replay() -> dict:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+class BearerAuth:
+    """ASGI middleware: the configured token guards /feedback and /admin/* (and /route* if asked)."""
+
+    def __init__(self, app: Any, token_env: str = "MIXLLM_API_TOKEN", protect_route: bool = False):
+        self.app, self.token_env, self.protect_route = app, token_env, protect_route
+
+    def _protected(self, path: str) -> bool:
+        if path.startswith("/feedback") or path.startswith("/admin"):
+            return True
+        return self.protect_route and (path.startswith("/route") or path.startswith("/v1/chat"))
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        token = os.environ.get(self.token_env)
+        if scope["type"] == "http" and token and self._protected(scope.get("path", "")):
+            header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+            if header != f"Bearer {token}":
+                return await _reject(send, 401, "missing or wrong bearer token (header: Authorization: Bearer <token>)",
+                                     field="Authorization")
+        await self.app(scope, receive, send)
+
+
+async def _reject(send: Any, status: int, message: str, field: str | None = None) -> None:
+    payload = {"error": message, **({"field": field} if field else {})}
+    body = json.dumps(payload).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _candidates(decision: Any) -> list[Candidate]:
+    return [Candidate(llm=c.llm, quality=c.quality, cost_usd=c.cost_usd, uncertainty=c.uncertainty, penalty=c.penalty,
+                      score=c.score if np.isfinite(c.score) else None, eligible=c.eligible)
+            for c in decision.candidates]
+
+
+def _last_user_text(messages: list[ChatMessage]) -> str | None:
+    for message in reversed(messages):
+        if message.role == "user":
+            content = message.content
+            if isinstance(content, str):
+                return content
+            if isinstance(content, list):  # OpenAI content parts
+                return "\n".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+    return None
+
+
+# ------------------------------------------------------------------------------------- service
+
+def _settings() -> Any:
+    """Service settings needed before the class exists (decorators, middleware); safe defaults when
+    params.yaml cannot be read yet (then __init__ reports the config error in full)."""
+    try:
+        from mixllm.config import load_config
+
+        return load_config().service
+    except Exception:  # noqa: BLE001
+        from mixllm.config import ServiceConfig
+
+        return ServiceConfig()
+
+
+SETTINGS = _settings()
+BatchOfRequests = Annotated[list[RouteRequest], Field(min_length=1, max_length=SETTINGS.max_batch_size)]
+
+openai_app = FastAPI(title="mixllm OpenAI-compatible proxy")
+admin_app = FastAPI(title="mixllm admin")
+root_app = FastAPI(title="mixllm model info")  # mounted last at "/": only its own routes match
+
+
+@bentoml.service(workers=1, traffic={"timeout": 120})
+@bentoml.asgi_app(openai_app, path="/v1")
+@bentoml.asgi_app(admin_app, path="/admin")
+@bentoml.asgi_app(root_app, path="/")
+class MixLLMService:
+    """Routes queries with the MLflow champion and closes the continual-learning loop."""
+
+    def __init__(self) -> None:
+        from mixllm.config import load_config
+        from mixllm.load import LiveLoad
+        from mixllm.registry import Registry
+        from mixllm.store import InteractionLog
+
+        self.config = load_config()
+        self.registry = Registry(self.config)
+        alias = self.config.service.model_alias
+        version = self.registry.alias_version(alias)
+        if version is None:
+            message = (f"refusing to start: the MLflow registry ({self.config.mlflow_tracking_uri}) has no "
+                       f"'{alias}' version of {self.config.mlflow.registered_model_name}. Train one first: mixllm train")
+            logger.error(message)
+            raise RuntimeError(message)
+        self.store = InteractionLog(self.config.sqlalchemy_url(self.config.service.feedback_store_url))
+        self.load = LiveLoad(max_age_s=self.config.service.in_flight_max_age_s)
+        self.metrics = ServiceMetrics()
+        self.model: LoadedModel | None = None
+        self.loading_reason = f"loading {alias} version {version} from the registry"
+        self._reload_lock = threading.Lock()
+        self._stop = threading.Event()
+        self.started = time.time()
+        threading.Thread(target=self._reload, args=(version,), daemon=True, name="mixllm-load").start()
+        if self.config.service.poll_interval_s > 0:
+            threading.Thread(target=self._poll, daemon=True, name="mixllm-poll").start()
+
+    # -------------------------------------------------------------------------- model lifecycle
+
+    def _reload(self, version: int | None = None) -> int:
+        """Load `version` (default: what the alias points at now) and swap it in atomically."""
+        with self._reload_lock:
+            alias = self.config.service.model_alias
+            target = version or self.registry.alias_version(alias)
+            if target is None:
+                raise RuntimeError(f"the registry has no '{alias}' version")
+            if self.model is not None and self.model.version == target:
+                return target
+            started = time.perf_counter()
+            router, number = self.registry.load_router(target)
+            # params.yaml's enabled flags act at once (e.g. an upstream outage); adding and removing
+            # LLMs is the continual flow's job, so the served model stays the registered one.
+            for llm in self.config.llms:
+                if llm.name in router.llms_:
+                    router.set_enabled(llm.name, llm.enabled)
+            router.route(["warm-up query"])  # first-call costs are paid here, not by a request
+            self.model = LoadedModel(router, number)
+            self.loading_reason = ""
+            self.metrics.model_version.set(number)
+            logger.info("serving %s version %d (loaded in %.1fs)", self.config.mlflow.registered_model_name, number,
+                        time.perf_counter() - started)
+            return number
+
+    def _poll(self) -> None:
+        interval = self.config.service.poll_interval_s
+        while not self._stop.wait(interval):
+            try:
+                current = self.registry.alias_version(self.config.service.model_alias)
+                if current is not None and (self.model is None or current != self.model.version):
+                    logger.info("registry alias moved to version %s: reloading", current)
+                    self._reload(current)
+            except Exception as exc:  # noqa: BLE001 - polling must survive a registry hiccup
+                logger.warning("registry poll failed (%s: %s); will retry", type(exc).__name__, exc)
+
+    def __is_ready__(self) -> bool:
+        if self.model is None:
+            raise HTTPException(status_code=503, detail=f"not ready: {self.loading_reason}")
+        return True
+
+    @bentoml.on_shutdown
+    def shutdown(self) -> None:
+        self._stop.set()
+        self.store.dispose()
+
+    def _current(self) -> LoadedModel:
+        model = self.model
+        if model is None:
+            raise HTTPException(status_code=503, detail=f"not ready: {self.loading_reason}")
+        return model
+
+    # ------------------------------------------------------------------------------------ route
+
+    def _route_many(self, model: LoadedModel, items: list[RouteRequest]) -> list[Any]:
+        """Route items in one encoder pass; returns a RouteResponse or a JSONResponse error per item."""
+        from mixllm.errors import RoutingError
+
+        limit = self.config.service.max_query_chars
+        results: list[Any] = [None] * len(items)
+        valid = []
+        for i, item in enumerate(items):
+            if not item.query.strip():
+                results[i] = error(400, "query", "query is empty; send the text to route")
+            elif len(item.query) > limit:
+                results[i] = error(400, "query", f"query has {len(item.query)} characters; the limit is {limit} "
+                                                 "(service.max_query_chars)")
+            else:
+                valid.append(i)
+        if not valid:
+            return results
+        router = model.router
+        predictions = router.predict([items[i].query for i in valid])
+        snapshot = self.load.snapshot()
+        records = []
+        for row, i in enumerate(valid):
+            item = items[i]
+            try:
+                decision = router.route([item.query], lambda_=item.lambda_, exploration=item.exploration,
+                                        candidates=item.candidates, max_cost_usd=item.max_cost,
+                                        min_quality=item.min_quality, load=snapshot,
+                                        predictions=predictions.subset(slice(row, row + 1)))[0]
+            except RoutingError as exc:
+                field = "candidates" if "candidates" in str(exc) else ("lambda" if "lambda" in str(exc) else None)
+                results[i] = error(400, field, str(exc))
+                continue
+            records.append((i, item, decision))
+        decision_ids = self._log_decisions(model, records)
+        for (i, item, decision), decision_id in zip(records, decision_ids):
+            self.load.start(decision_id, decision.llm)
+            self.metrics.decisions.labels(llm=decision.llm).inc()
+            results[i] = RouteResponse(llm=decision.llm, decision_id=decision_id, model_version=model.version,
+                                       lambda_=decision.lambda_, relaxed=list(decision.relaxed),
+                                       candidates=_candidates(decision))
+        return results
+
+    def _log_decisions(self, model: LoadedModel, records: list[tuple[int, RouteRequest, Any]]) -> list[str]:
+        ids = []
+        plain = [(item, d) for _, item, d in records if not item.request_id]
+        if plain:  # one transaction for the batch
+            ids_plain = iter(self.store.log_decisions([
+                {"query": item.query, "llm": d.llm, "model_version": model.version, "lambda_": d.lambda_,
+                 "candidates": [c.__dict__ for c in d.candidates]} for item, d in plain]))
+        for _, item, decision in records:
+            if item.request_id:
+                ids.append(self.store.log_decision(item.query, decision.llm, model_version=model.version,
+                                                   lambda_=decision.lambda_, request_id=item.request_id,
+                                                   candidates=[c.__dict__ for c in decision.candidates]))
+            else:
+                ids.append(next(ids_plain))
+        return ids
+
+    @bentoml.api(route="/route")
+    def route(self, request: RouteRequest, /) -> RouteResponse:
+        """Choose the LLM for one query; the decision is logged and gets a decision_id for /feedback."""
+        started = time.perf_counter()
+        result = self._route_many(self._current(), [request])[0]
+        self.metrics.route_latency.labels(endpoint="route").observe(time.perf_counter() - started)
+        return result
+
+    @bentoml.api(route="/route_batch", batchable=True, max_batch_size=SETTINGS.max_batch_size,
+                 max_latency_ms=SETTINGS.max_batch_latency_ms)
+    def route_batch(self, requests: BatchOfRequests) -> list[RouteResponse]:
+        """Many queries in one encoder pass: {"requests": [<a /route body>, ...]}. Concurrent calls
+        are merged by adaptive batching. An invalid item fails the whole call (400)."""
+        started = time.perf_counter()
+        results = self._route_many(self._current(), requests)
+        self.metrics.route_latency.labels(endpoint="route_batch").observe(time.perf_counter() - started)
+        for result in results:
+            if isinstance(result, JSONResponse):
+                from bentoml.exceptions import InvalidArgument
+
+                raise InvalidArgument(json.loads(result.body)["error"])
+        return results
+
+    # --------------------------------------------------------------------------------- feedback
+
+    @bentoml.api(route="/feedback")
+    def feedback(self, request: FeedbackRequest, /) -> FeedbackResponse:
+        """Store feedback durably (answers after the commit); a retry with the same decision_id or
+        request_id is recognised and stores nothing new."""
+        from mixllm.errors import MixLLMError
+        from mixllm.store import UnknownDecisionError
+
+        model = self.model
+        if request.llm and model is not None and request.llm not in model.router.llms_:
+            return error(400, "llm", f"unknown LLM '{request.llm}'; known: {', '.join(model.router.llms_)}")
+        kind = request.kind or ("binary" if request.thumbs is not None else "refined")
+        quality = float(request.thumbs) if request.thumbs is not None else float(request.quality)
+        if kind == "binary" and quality not in (0.0, 1.0):
+            return error(400, "quality", "binary feedback must be 0 or 1 (or send thumbs)")
+        try:
+            stored = self.store.add_feedback(
+                quality=quality, kind=kind, decision_id=request.decision_id, request_id=request.request_id,
+                query=request.query, llm=request.llm, cost_usd=request.cost_usd, latency_s=request.latency_s,
+                input_tokens=request.input_tokens, output_tokens=request.output_tokens)
+        except UnknownDecisionError as exc:
+            return error(404, "decision_id", str(exc))
+        except MixLLMError as exc:
+            return error(400, "llm" if "chose" in str(exc) else None, str(exc))
+        if stored.created:
+            self.metrics.feedback.labels(kind=kind).inc()
+            if request.decision_id:
+                self.load.finish(request.decision_id, request.latency_s)
+        return FeedbackResponse(feedback_id=stored.feedback_id, created=stored.created)
+
+    # ------------------------------------------------------------------------------------ info
+
+    @root_app.get("/model")
+    def model_info(self) -> dict[str, Any]:
+        """Served version, alias, LLM catalogue (no secrets) and decision settings."""
+        model = self._current()
+        description = model.router.describe()
+        upstreams = {llm.name: llm.upstream.base_url for llm in self.config.llms if llm.upstream is not None}
+        for llm in description["llms"]:
+            llm["upstream"] = upstreams.get(llm["name"])
+        snapshot = self.load.snapshot()
+        return {"model_name": self.config.mlflow.registered_model_name, "alias": self.config.service.model_alias,
+                "version": model.version, "uptime_s": round(time.time() - self.started, 1),
+                "in_flight": snapshot.in_flight, "observed_latency_s": snapshot.observed_latency_s, **description}
+
+    @admin_app.post("/reload")
+    def reload(self) -> dict[str, Any]:
+        """Reload the alias now (the service also polls it every service.poll_interval_s)."""
+        before = self.model.version if self.model else None
+        try:
+            after = self._reload()
+        except Exception as exc:  # noqa: BLE001 - report, keep serving the old model
+            return error(503, None, f"reload failed, still serving version {before}: {exc}")
+        return {"before": before, "version": after, "changed": before != after}
+
+    # ------------------------------------------------------------------------- OpenAI proxy
+
+    @openai_app.get("/models")
+    def list_models(self) -> dict[str, Any]:
+        model = self._current()
+        names = ["mixllm"] + [llm for llm in model.router.enabled_llms_]
+        return {"object": "list", "data": [{"id": n, "object": "model", "created": 0, "owned_by": "mixllm"} for n in names]}
+
+    @openai_app.post("/chat/completions")
+    async def chat_completions(self, request: ChatRequest) -> Any:
+        """`model: "mixllm"` (or "mixllm:<lambda>") routes the last user message; any catalogue LLM
+        name goes to that LLM directly. The call is forwarded to the LLM's upstream."""
+        import anyio
+
+        model = self._current()
+        upstreams = {llm.name: llm.upstream for llm in self.config.llms if llm.upstream is not None}
+        text = _last_user_text(request.messages)
+        if not text:
+            return error(400, "messages", "no user message with text to route")
+        decision_id, routed = None, request.model.startswith("mixllm")
+        if routed:
+            lambda_ = None
+            if ":" in request.model:
+                try:
+                    lambda_ = float(request.model.split(":", 1)[1])
+                except ValueError:
+                    return error(400, "model", f"'{request.model}': after 'mixllm:' comes lambda, a number >= 0")
+            candidates = [m for m in model.router.enabled_llms_ if m in upstreams]
+            if not candidates:
+                return error(503, None, "no LLM in the catalogue has an upstream (llms[].upstream in params.yaml)")
+            item = RouteRequest(query=text, lambda_=lambda_, candidates=candidates)
+            routed_result = (await anyio.to_thread.run_sync(self._route_many, model, [item]))[0]
+            if isinstance(routed_result, JSONResponse):
+                return routed_result
+            chosen, decision_id = routed_result.llm, routed_result.decision_id
+        else:
+            chosen = request.model
+            if chosen not in upstreams:
+                return error(404, "model", f"unknown model '{chosen}'; use mixllm, mixllm:<lambda> or one of "
+                                           f"{', '.join(sorted(upstreams))}")
+        return await self._forward(request, chosen, upstreams[chosen], decision_id, model.version)
+
+    async def _forward(self, request: ChatRequest, llm: str, upstream: Any, decision_id: str | None,
+                       version: int) -> Any:
+        import httpx
+
+        payload = request.model_dump(exclude_none=True)
+        payload["model"] = upstream.model or llm
+        if request.stream:
+            payload.setdefault("stream_options", {"include_usage": True})
+        headers = {"Content-Type": "application/json"}
+        if upstream.api_key_env and os.environ.get(upstream.api_key_env):
+            headers["Authorization"] = f"Bearer {os.environ[upstream.api_key_env]}"
+        url = upstream.base_url.rstrip("/") + "/chat/completions"
+        call_id = decision_id or uuid.uuid4().hex
+        if decision_id is None:
+            self.load.start(call_id, llm)
+        self.metrics.in_flight.labels(llm=llm).inc()
+        mixllm_headers = {"x-mixllm-llm": llm, "x-mixllm-model-version": str(version),
+                          **({"x-mixllm-decision-id": decision_id} if decision_id else {})}
+        started = time.perf_counter()
+        client = httpx.AsyncClient(timeout=upstream.timeout_s)
+
+        def finish(status: str, usage: dict | None) -> None:
+            latency = time.perf_counter() - started
+            self.metrics.in_flight.labels(llm=llm).dec()
+            self.metrics.proxied.labels(llm=llm, status=status).inc()
+            self.load.finish(call_id, latency)
+            if decision_id and status == "ok":
+                tokens_in = (usage or {}).get("prompt_tokens")
+                tokens_out = (usage or {}).get("completion_tokens")
+                cost = self._price(llm, tokens_in, tokens_out)
+                self.store.complete_decision(decision_id, cost_usd=cost, latency_s=latency,
+                                             input_tokens=tokens_in, output_tokens=tokens_out)
+
+        try:
+            if not request.stream:
+                response = await client.post(url, json=payload, headers=headers)
+                await client.aclose()
+                if response.status_code >= 400:
+                    finish("upstream_error", None)
+                    return error(502, None, f"upstream for {llm} answered {response.status_code}: {response.text[:300]}")
+                body = response.json()
+                finish("ok", body.get("usage"))
+                body["model"] = llm
+                body["mixllm"] = {"llm": llm, "decision_id": decision_id, "model_version": version}
+                return JSONResponse(body, headers=mixllm_headers)
+            upstream_request = client.build_request("POST", url, json=payload, headers=headers)
+            response = await client.send(upstream_request, stream=True)
+            if response.status_code >= 400:
+                text = (await response.aread()).decode(errors="replace")
+                await response.aclose()
+                await client.aclose()
+                finish("upstream_error", None)
+                return error(502, None, f"upstream for {llm} answered {response.status_code}: {text[:300]}")
+        except httpx.HTTPError as exc:
+            await client.aclose()
+            finish("unreachable", None)
+            return error(502, None, f"upstream for {llm} is unreachable ({type(exc).__name__})")
+
+        async def relay() -> Any:
+            usage = None
+            try:
+                async for line in response.aiter_lines():
+                    if line.startswith("data: ") and line != "data: [DONE]":
+                        try:
+                            chunk = json.loads(line[6:])
+                            usage = chunk.get("usage") or usage
+                            chunk["model"] = llm
+                            line = "data: " + json.dumps(chunk)
+                        except json.JSONDecodeError:
+                            pass
+                    yield line + "\n"
+            finally:
+                await response.aclose()
+                await client.aclose()
+                finish("ok", usage)
+
+        return StreamingResponse(relay(), media_type="text/event-stream", headers=mixllm_headers)
+
+    def _price(self, llm: str, tokens_in: float | None, tokens_out: float | None) -> float | None:
+        if tokens_in is None and tokens_out is None:
+            return None
+        entry = next((c for c in self.config.llms if c.name == llm), None)
+        if entry is None:
+            return None
+        return ((tokens_in or 0) * entry.input_usd_per_1k + (tokens_out or 0) * entry.output_usd_per_1k) / 1000
+
+
+MixLLMService.add_asgi_middleware(BodyLimit, max_bytes=SETTINGS.max_body_bytes)
+MixLLMService.add_asgi_middleware(BearerAuth, token_env=SETTINGS.auth_token_env,
+                                  protect_route=SETTINGS.require_token_for_route)

@@ -1,0 +1,275 @@
+"""The real BentoML service on a free loopback port: routing, feedback, safety, reload, proxy, load."""
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from mixllm.config import load_config
+from mixllm.data import ingest
+from mixllm.pipeline import run_training
+from mixllm.registry import Registry
+from mixllm.services import free_port, start, stop, wait_http
+from mixllm.store import InteractionLog
+from stubs import UpstreamStub
+from synthetic import PRICE_PER_1K, make_log, write_params
+
+TOKEN = "s3cret-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+QUERY = "Write a python function that reverses a list."
+
+
+def _llms(upstream_url):
+    return [{"name": name, "input_usd_per_1k": price, "output_usd_per_1k": price,
+             "latency": {"per_call_s": 0.5, "concurrency": 2},
+             "upstream": {"base_url": upstream_url, "model": f"upstream-{name}", "api_key_env": "STUB_KEY"}}
+            for name, price in PRICE_PER_1K.items()]
+
+
+def _train(root, **overrides):
+    config = load_config(root / "params.yaml", overrides=overrides)
+    return run_training(config, progress=False, baselines=[])
+
+
+def serve(root, port, log_name="serve.log", extra_env=None):
+    env = {**os.environ, "MIXLLM_PARAMS": str(root / "params.yaml"), "BENTOML_HOME": str(root / "bentoml"),
+           "BENTOML_DO_NOT_TRACK": "true", **(extra_env or {})}
+    command = [sys.executable, "-m", "bentoml", "serve", "mixllm.service:MixLLMService",
+               "--host", "127.0.0.1", "--port", str(port)]
+    return start(command, log_path=root / log_name, env=env, cwd=root)
+
+
+@pytest.fixture(scope="module")
+def upstream():
+    with UpstreamStub() as stub:
+        yield stub
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory, upstream):
+    root = tmp_path_factory.mktemp("service")
+    write_params(root, llms=_llms(upstream.base_url), service={"poll_interval_s": 1, "max_query_chars": 2000},
+                 gate={"max_overhead_ms": 5000})
+    make_log(n_queries=120, seed=41).to_csv(root / "log.csv", index=False)
+    ingest(root / "log.csv", load_config(root / "params.yaml"))
+    _train(root)
+    port = free_port()
+    process = serve(root, port, extra_env={"MIXLLM_API_TOKEN": TOKEN, "STUB_KEY": "upstream-key"})
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{base}/readyz", 180, process)
+        yield {"base": base, "root": root, "config": load_config(root / "params.yaml"), "process": process}
+    finally:
+        stop(process)
+    assert process.poll() is not None, "the service is stopped by its pid"
+
+
+def _route(base, **body):
+    response = httpx.post(f"{base}/route", json={"query": QUERY, **body}, timeout=30)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_route_then_feedback_is_stored_exactly_once(service):
+    base, config = service["base"], service["config"]
+    routed = _route(base, **{"lambda": 0.3})
+    assert routed["llm"] in PRICE_PER_1K and routed["model_version"] == 1 and routed["lambda"] == 0.3
+    assert {c["llm"] for c in routed["candidates"]} == set(PRICE_PER_1K)
+    for attempt in range(3):  # the client retries: still one row
+        response = httpx.post(f"{base}/feedback", json={"decision_id": routed["decision_id"], "thumbs": True,
+                                                        "latency_s": 0.8}, headers=AUTH, timeout=30)
+        assert response.status_code == 200, response.text
+        assert response.json()["created"] is (attempt == 0)
+    store = InteractionLog(config.sqlalchemy_url(config.service.feedback_store_url))
+    rows = store.feedback_since(0)
+    assert (rows["decision_id"] == routed["decision_id"]).sum() == 1
+    assert rows[rows["decision_id"] == routed["decision_id"]]["llm"].iloc[0] == routed["llm"]
+    store.dispose()
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "field"),
+    [
+        ("/route", {}, 400, "query"),
+        ("/route", {"query": ""}, 400, "query"),
+        ("/route", {"query": "x" * 2500}, 400, "query"),
+        ("/route", {"query": 42}, 400, "query"),
+        ("/route", {"query": "hi", "candidates": ["gpt-99"]}, 400, "candidates"),
+        ("/route", {"query": "hi", "lambda": -1}, 400, "lambda"),
+        ("/route", {"query": "hi", "lambda": "lots"}, 400, "lambda"),
+        ("/route", {"query": "hi", "surprise": 1}, 400, "surprise"),
+        ("/feedback", {"decision_id": "no-such-decision", "thumbs": True}, 404, "decision_id"),
+        ("/feedback", {"decision_id": "x"}, 400, "quality"),
+        ("/feedback", {"query": "q", "llm": "gpt-99", "quality": 0.5}, 400, "llm"),
+        ("/feedback", {"query": "q", "llm": "coder", "quality": 1.5}, 400, "quality"),
+    ],
+)
+def test_bad_input_is_a_4xx_naming_the_field(service, path, body, status, field):
+    response = httpx.post(service["base"] + path, json=body, headers=AUTH, timeout=30)
+    assert response.status_code == status, response.text
+    assert field in response.text
+
+
+def test_malformed_oversize_and_form_bodies(service):
+    base = service["base"]
+    malformed = httpx.post(f"{base}/route", content=b"{not json", headers={"Content-Type": "application/json"})
+    assert malformed.status_code == 400 and "json" in malformed.text.lower()
+    big = httpx.post(f"{base}/route", json={"query": "a" * 2_000_000}, timeout=30)
+    assert big.status_code == 413
+    form = httpx.post(f"{base}/route", data={"query": "hi"})
+    assert form.status_code == 415
+
+
+def test_token_guards_feedback_and_admin(service):
+    base = service["base"]
+    routed = _route(base)
+    body = {"decision_id": routed["decision_id"], "quality": 0.5}
+    assert httpx.post(f"{base}/feedback", json=body).status_code == 401
+    wrong = httpx.post(f"{base}/feedback", json=body, headers={"Authorization": "Bearer nope"})
+    assert wrong.status_code == 401 and "Authorization" in wrong.text
+    assert httpx.post(f"{base}/admin/reload").status_code == 401
+    assert httpx.post(f"{base}/feedback", json=body, headers=AUTH).status_code == 200
+    assert _route(base)["llm"], "route needs no token unless service.require_token_for_route"
+
+
+def test_health_model_and_metrics(service):
+    base = service["base"]
+    assert httpx.get(f"{base}/healthz").status_code == 200
+    assert httpx.get(f"{base}/readyz").status_code == 200
+    model = httpx.get(f"{base}/model").json()
+    assert model["version"] >= 1 and model["alias"] == "champion"
+    assert {llm["name"] for llm in model["llms"]} == set(PRICE_PER_1K)
+    text = json.dumps(model)
+    assert TOKEN not in text and "upstream-key" not in text, "no secrets in /model"
+    metrics = httpx.get(f"{base}/metrics").text
+    for name in ("mixllm_decisions_total", "mixllm_route_seconds_bucket", "mixllm_model_version",
+                 "bentoml_service_request_total"):
+        assert name in metrics, name
+    assert TOKEN not in (service["root"] / "serve.log").read_text(errors="replace"), "no secrets in logs"
+
+
+def test_openai_proxy_with_the_official_client(service, upstream):
+    import openai
+
+    base, config = service["base"], service["config"]
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused")
+    assert {"mixllm", *PRICE_PER_1K} <= {m.id for m in client.models.list()}
+    raw = client.chat.completions.with_raw_response.create(
+        model="mixllm:0.5", messages=[{"role": "user", "content": QUERY}])
+    completion = raw.parse()
+    chosen = raw.headers["x-mixllm-llm"]
+    assert completion.model == chosen and completion.choices[0].message.content == f"answer from upstream-{chosen} "[:-1]
+    forwarded = upstream.requests[-1]
+    assert forwarded["body"]["model"] == f"upstream-{chosen}" and forwarded["auth"] == "Bearer upstream-key"
+    decision_id = raw.headers["x-mixllm-decision-id"]
+    stream = client.chat.completions.create(model="mixllm", messages=[{"role": "user", "content": QUERY}], stream=True)
+    text = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+    assert text.startswith("answer from upstream-")
+    direct = client.chat.completions.create(model="coder", messages=[{"role": "user", "content": "hi"}])
+    assert direct.model == "coder" and upstream.requests[-1]["body"]["model"] == "upstream-coder"
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="gpt-99", messages=[{"role": "user", "content": "hi"}])
+    store = InteractionLog(config.sqlalchemy_url(config.service.feedback_store_url))
+    decision = store.decision(decision_id)
+    assert decision["llm"] == chosen and decision["latency_s"] > 0
+    assert decision["cost_usd"] == pytest.approx((12 + 5) * PRICE_PER_1K[chosen] / 1000), "real cost from usage"
+    store.dispose()
+
+
+def test_feedback_load_every_row_exactly_once(service):
+    base, config = service["base"], service["config"]
+    queries = [f"Compute {i} times {i + 3}." for i in range(1000)]
+    decision_ids = []
+    for start_at in range(0, len(queries), 200):
+        response = httpx.post(f"{base}/route_batch", json={"requests": [{"query": q} for q in queries[start_at:start_at + 200]]},
+                              timeout=120)
+        assert response.status_code == 200, response.text
+        decision_ids += [r["decision_id"] for r in response.json()]
+    store = InteractionLog(config.sqlalchemy_url(config.service.feedback_store_url))
+    before = store.count("feedback")
+    jobs = [d for d in decision_ids for _ in range(2)]  # every feedback is sent twice (a retry)
+    statuses = []
+    with httpx.Client(timeout=60, limits=httpx.Limits(max_connections=32)) as client:
+        def send(decision_id):
+            return client.post(f"{base}/feedback", json={"decision_id": decision_id, "thumbs": True}, headers=AUTH).status_code
+
+        with ThreadPoolExecutor(max_workers=32) as pool:
+            statuses = list(pool.map(send, jobs))
+    assert statuses.count(200) == 2000, {s: statuses.count(s) for s in set(statuses)}
+    rows = store.feedback_since(0)
+    mine = rows[rows["decision_id"].isin(decision_ids)]
+    assert len(mine) == 1000 and mine["decision_id"].is_unique
+    assert store.count("feedback") == before + 1000
+    store.dispose()
+
+
+def test_reload_with_requests_in_flight_then_rollback(service):
+    base, root, config = service["base"], service["root"], service["config"]
+    before = httpx.get(f"{base}/model").json()["version"]
+    outcome = _train(root, **{"predictors.quality.ridge": 30.0})  # a different model: a new version
+    registry = Registry(config)
+    registry.promote(outcome.registration.version, "test: serve the new version")
+    target = outcome.registration.version
+    failures, versions, stop_flag = [], set(), threading.Event()
+
+    def traffic():
+        with httpx.Client(timeout=60) as client:
+            while not stop_flag.is_set():
+                response = client.post(f"{base}/route", json={"query": QUERY})
+                if response.status_code != 200:
+                    failures.append(response.status_code)
+                else:
+                    versions.add(response.json()["model_version"])
+
+    threads = [threading.Thread(target=traffic) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    time.sleep(1)
+    reload = httpx.post(f"{base}/admin/reload", headers=AUTH, timeout=120)
+    time.sleep(1)
+    stop_flag.set()
+    for thread in threads:
+        thread.join()
+    assert reload.status_code == 200 and reload.json()["version"] == target
+    assert failures == [], "no request fails during a reload"
+    assert target in versions
+    # Rollback in the registry: the poller (1 s) brings the previous version back.
+    registry.rollback()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and httpx.get(f"{base}/model").json()["version"] != before:
+        time.sleep(0.5)
+    assert httpx.get(f"{base}/model").json()["version"] == before
+    assert _route(base)["model_version"] == before
+
+
+def test_openapi_fuzzing_finds_no_server_error(service):
+    base = service["base"]
+    result = subprocess.run(
+        [sys.executable, "-m", "schemathesis.cli", "run", f"{base}/docs.json", "--checks", "not_a_server_error",
+         "--max-examples", "30", "--seed", "7", "-H", f"Authorization: Bearer {TOKEN}",
+         "--exclude-path-regex", "^/admin/", "--request-timeout", "60"],
+        capture_output=True, text=True, timeout=900,
+    )
+    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-2000:]
+    import re
+
+    tested = re.search(r"Tested: (\d+)", result.stdout)
+    assert tested and int(tested.group(1)) >= 8, "every public operation is fuzzed"
+
+
+def test_service_refuses_to_start_without_a_champion(tmp_path):
+    write_params(tmp_path)
+    process = serve(tmp_path, free_port(), log_name="refuse.log")
+    try:
+        process.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        stop(process)
+        pytest.fail("the service kept running without a champion")
+    log = (tmp_path / "refuse.log").read_text(errors="replace")
+    assert process.returncode != 0 and "no 'champion' version" in log and "mixllm train" in log
