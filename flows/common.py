@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from mixllm.config import MixLLMConfig, load_config
+from mixllm.errors import ConfigError
 
 
 def config_for(params_path: str | None) -> MixLLMConfig:
@@ -18,12 +19,21 @@ def task_runner(config: MixLLMConfig) -> Any:
 
     On a real cluster, point DaskTaskRunner at its scheduler (address=...) instead; see the README.
     """
-    if config.pipeline.task_runner == "dask":
+    pipeline = config.pipeline
+    if pipeline.task_runner == "dask":
         from prefect_dask import DaskTaskRunner
 
         logging.getLogger("distributed").setLevel(logging.WARNING)
-        return DaskTaskRunner(cluster_kwargs={"n_workers": config.pipeline.dask_workers, "threads_per_worker": 1,
+        if pipeline.dask_address:
+            return DaskTaskRunner(address=pipeline.dask_address)
+        return DaskTaskRunner(cluster_kwargs={"n_workers": pipeline.dask_workers, "threads_per_worker": 1,
                                               "processes": True, "dashboard_address": None})
+    if pipeline.task_runner == "ray":
+        try:
+            from prefect_ray import RayTaskRunner
+        except ImportError:
+            raise ConfigError("pipeline.task_runner is 'ray' but prefect-ray is not installed: pip install prefect-ray") from None
+        return RayTaskRunner(address=pipeline.ray_address) if pipeline.ray_address else RayTaskRunner()
     from prefect.task_runners import ThreadPoolTaskRunner
 
     return ThreadPoolTaskRunner(max_workers=2)

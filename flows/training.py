@@ -82,8 +82,7 @@ def evaluate_baseline(params_path: str | None, name: str, _after: Any = None) ->
 
     workspace = pipeline.Workspace.of(config)
     llms = MixLLMRouter.load(workspace.router, progress=False).enabled_llms_
-    embed = pipeline.frozen_embedder(config, QueryEncoder.load(workspace.encoder))
-    return pipeline.measure_baseline(config, name, pipeline.load_split(config), llms, embed)
+    return pipeline.measure_baseline(config, name, pipeline.load_split(config), llms, QueryEncoder.load(workspace.encoder))
 
 
 @task(name="compare with the champion, log and register", retries=2, retry_delay_seconds=10, cache_policy=NO_CACHE)

@@ -272,6 +272,15 @@ def deploy(
 
     config = state.config()
     params = str((state.params or config.root / "params.yaml").resolve())
+    if config.pipeline.work_pool:
+        from flows.deploy import deploy_to_work_pool
+
+        if not os.environ.get("PREFECT_API_URL"):
+            raise typer.BadParameter("pipeline.work_pool needs a Prefect server: set PREFECT_API_URL")
+        created = deploy_to_work_pool(params, config.pipeline.work_pool, config.root)
+        typer.echo(f"registered {', '.join(created)} on work pool '{config.pipeline.work_pool}'; "
+                   f"start workers with: prefect worker start --pool {config.pipeline.work_pool}")
+        return
     with local_prefect_server(port) as api_url:
         os.environ["PREFECT_API_URL"] = api_url
         typer.echo(f"serving deployments training/nightly ({config.pipeline.training_cron}) and "

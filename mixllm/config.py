@@ -246,8 +246,13 @@ class PipelineConfig(StrictModel):
 
     training_cron: str = "0 2 * * *"
     continual_cron: str = "0 * * * *"
-    task_runner: Literal["thread", "dask"] = "thread"
+    # thread: one machine; dask: a local Dask cluster, or the scheduler at dask_address; ray: a Ray
+    # cluster (pip install prefect-ray; ray_address or a local one).
+    task_runner: Literal["thread", "dask", "ray"] = "thread"
     dask_workers: int = Field(default=2, ge=1)
+    dask_address: str | None = None  # e.g. tcp://scheduler:8786
+    ray_address: str | None = None  # e.g. ray://head:10001
+    work_pool: str | None = None  # `mixllm deploy` registers on this Prefect work pool instead of serving
     work_dir: Path = Path("data/pipeline")
     # Feedback rows the continual flow needs before it bothers to register a new version.
     min_feedback_rows: int = Field(default=1, ge=1)

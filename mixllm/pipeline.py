@@ -199,11 +199,36 @@ def stage_predictors(config: MixLLMConfig, split: SplitData | None = None, progr
 
 
 def train_router(config: MixLLMConfig, split: SplitData, progress: bool | None = None) -> MixLLMRouter:
-    """All three training stages in one call (tags -> encoder -> predictors), through the work folder."""
-    stage_tags(config, split, progress)
-    stage_encoder(config, split, progress)
-    stage_predictors(config, split, progress)
+    """The three training stages (tags -> encoder -> predictors) through the work folder; a stage
+    whose inputs are unchanged since it last ran there (same stage key, output present) is reused."""
+    done = completed_stages(config)
+    for stage, run in (("tags", stage_tags), ("encoder", stage_encoder), ("predictors", stage_predictors)):
+        if stage in done:
+            logger.info("stage %s: inputs unchanged, reusing its output", stage)
+            continue
+        run(config, split, progress)
+        record_stage(config, stage)
+        done = {s for s in done if STAGES.index(s) < STAGES.index(stage)}
     return MixLLMRouter.load(Workspace.of(config).router, progress=progress)
+
+
+def reuse_stage_outputs(source: MixLLMConfig, target: MixLLMConfig) -> list[str]:
+    """Copy the outputs of every leading stage whose key is the same under both configs (for
+    ablations that share tags or the encoder with a trained run); returns the stages copied."""
+    source_keys, target_keys = stage_keys(source), stage_keys(target)
+    source_out, target_out = _stage_outputs(Workspace.of(source)), _stage_outputs(Workspace.of(target))
+    copied = []
+    for stage in STAGES:
+        if source_keys[stage] != target_keys[stage] or not source_out[stage].exists():
+            break
+        if source_out[stage].is_dir():
+            shutil.copytree(source_out[stage], target_out[stage], dirs_exist_ok=True)
+        else:
+            target_out[stage].parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source_out[stage], target_out[stage])
+        record_stage(target, stage)
+        copied.append(stage)
+    return copied
 
 
 # ------------------------------------------------------------------------------------ evaluation
@@ -270,7 +295,7 @@ def evaluate_router(
     single = {llm: operating_point(np.full(len(holdout_queries), j), llms, outcomes, reference)
               for j, llm in enumerate(llms)}
     for baseline in baselines if baselines is not None else evaluation.baselines:
-        curves.append(measure_baseline(config, baseline, split, llms, frozen_embedder(config, router.encoder_)))
+        curves.append(measure_baseline(config, baseline, split, llms, router.encoder_))
     report = EvaluationReport(reference, curves, calibration, calibrated, single)
     report.metrics = flat_metrics(report, config)
     return report
@@ -290,18 +315,28 @@ def frozen_embedder(config: MixLLMConfig, encoder: QueryEncoder) -> Any:
 
 
 def measure_baseline(config: MixLLMConfig, name: str, split: SplitData, llms: Sequence[str],
-                     embed: Any) -> RouterCurve:
+                     encoder: QueryEncoder | None) -> RouterCurve:
     """Fit one baseline on train (the oracle on the holdout itself) and measure it on the holdout.
 
-    The embedding baselines (kNN, MLP) get `embed`: RouterBench's recipe is a frozen encoder, so the
-    caller passes the base or router encoder's (cached) transform.
+    The embedding baselines (kNN, MLP) use the router's encoder, frozen (RouterBench's recipe),
+    through the embedding cache; their ms/query is timed separately on a fresh sample so that it
+    includes the encoder, as MixLLM's does.
     """
     started = time.perf_counter()
     holdout_queries, outcomes, reference = holdout_context(config, split, llms)
+    embed = frozen_embedder(config, encoder) if encoder is not None else None
     model = make_baseline(name, embed=embed, random_state=config.evaluation.seed)
     fit_on = split.holdout if name == "oracle" else split.train
     model.fit(fit_on[fit_on["llm"].isin(llms)])
-    curve = measure_router(name, model, holdout_queries, outcomes, reference, config.evaluation.lambda_grid)
+    overhead = None
+    if getattr(model, "embed", None) is not None and encoder is not None:
+        sample = holdout_queries.head(64)
+        model.embed = encoder.transform
+        timer = time.perf_counter()
+        model.predict(sample)
+        overhead = 1000 * (time.perf_counter() - timer) / max(len(sample), 1)
+        model.embed = embed
+    curve = measure_router(name, model, holdout_queries, outcomes, reference, config.evaluation.lambda_grid, overhead)
     logger.info("baseline %s measured in %.1fs", name, time.perf_counter() - started)
     return curve
 
@@ -503,21 +538,13 @@ def run_training(config: MixLLMConfig, *, progress: bool | None = None, register
     reused from the work folder: re-running with unchanged data and params re-embeds nothing.
     """
     workspace = Workspace.of(config)
-    done = completed_stages(config)
-    split = None
-    steps = (("split", lambda: stage_split(config)), ("tags", lambda: stage_tags(config, split, progress)),
-             ("encoder", lambda: stage_encoder(config, split, progress)),
-             ("predictors", lambda: stage_predictors(config, split, progress)))
-    for stage, run in steps:
-        if stage in done:
-            logger.info("stage %s: inputs unchanged, reusing %s", stage, _stage_outputs(workspace)[stage])
-        else:
-            logger.info("stage %s: running", stage)
-            run()
-            record_stage(config, stage)
-            done = {s for s in done if STAGES.index(s) < STAGES.index(stage)}  # later stages are stale now
-        if stage == "split":
-            split = load_split(config)
+    if "split" in completed_stages(config):
+        logger.info("stage split: inputs unchanged, reusing %s", workspace.split)
+    else:
+        stage_split(config)
+        record_stage(config, "split")
+    split = load_split(config)
+    train_router(config, split, progress)
     report = stage_evaluate(config, split, progress, baselines=baselines)
     record_stage(config, "evaluate")
     registration = None

@@ -1,0 +1,168 @@
+"""Serving benchmark: the BentoML service against the bare encoder, in one run (a script, not a test).
+
+    MIXLLM_ROUTERBENCH=../shared/data/routerbench_subset/routerbench_subset_long.csv.gz \
+        python benchmarks/serve.py [--project DIR] [--requests 256]
+
+Without --project it trains a champion on the subset in a temporary project first. Then, on the
+same holdout prompts: the bare in-process encoder (one query at a time, and batches of 64), /route
+latency over HTTP (sequential), throughput at concurrency 1, 8 and 32 for /route and for
+/route_batch with one query per call (adaptive batching merges concurrent calls), errors, and the
+service's resident memory. Also the encoder's time per query at 256, 128 and 64 tokens.
+Figures are printed as ratios to the bare encoder measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from mixllm.baselines import query_frame  # noqa: E402
+from mixllm.config import load_config  # noqa: E402
+from mixllm.data import ingest  # noqa: E402
+from mixllm.pipeline import load_split, run_training  # noqa: E402
+from mixllm.registry import Registry  # noqa: E402
+from mixllm.services import free_port, start, stop, wait_http  # noqa: E402
+
+
+def percentile(values, q):
+    return float(np.percentile(np.asarray(values) * 1000, q))
+
+
+def rss_mb(pid: int) -> float:
+    import psutil
+
+    process = psutil.Process(pid)
+    return sum(p.memory_info().rss for p in [process, *process.children(recursive=True)]) / 2**20
+
+
+def bare_encoder(router, queries, batch=64):
+    encoder = router.encoder_
+    encoder.transform(queries[:4])  # warm-up
+    singles = []
+    for q in queries:
+        t = time.perf_counter()
+        encoder.transform([q])
+        singles.append(time.perf_counter() - t)
+    t = time.perf_counter()
+    for i in range(0, len(queries), batch):
+        encoder.transform(queries[i:i + batch])
+    batched_qps = len(queries) / (time.perf_counter() - t)
+    return singles, batched_qps
+
+
+def load_test(base, path, queries, concurrency, body):
+    errors, latencies = 0, []
+    with httpx.Client(timeout=120, limits=httpx.Limits(max_connections=concurrency)) as client:
+        def one(q):
+            t = time.perf_counter()
+            response = client.post(f"{base}{path}", json=body(q))
+            return response.status_code, time.perf_counter() - t
+
+        started = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=concurrency) as pool:
+            for status, latency in pool.map(one, queries):
+                latencies.append(latency)
+                errors += status != 200
+        elapsed = time.perf_counter() - started
+    return len(queries) / elapsed, errors, latencies
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--project", type=Path, default=None, help="A project folder with a trained champion.")
+    parser.add_argument("--requests", type=int, default=256, help="Requests per load level.")
+    args = parser.parse_args()
+    source = os.environ.get("MIXLLM_ROUTERBENCH")
+    project = args.project
+    temporary = project is None
+    if temporary:
+        if not source:
+            print("set MIXLLM_ROUTERBENCH (or pass --project with a trained champion)", file=sys.stderr)
+            return 2
+        project = Path(tempfile.mkdtemp(prefix="mixllm-serve-bench-"))
+        shutil.copy(ROOT / "params.yaml", project / "params.yaml")
+        config = load_config(project / "params.yaml")
+        ingest(source, config)
+        print("training a champion first ...", flush=True)
+        run_training(config, progress=False, baselines=[])
+    config = load_config(project / "params.yaml")
+    router, version = Registry(config).load_router("champion")
+    queries = query_frame(load_split(config).holdout)["query"].tolist()[: args.requests]
+
+    singles, batched_qps = bare_encoder(router, queries)
+    bare_ms = statistics.median(singles) * 1000
+    seq_rows = []
+    for length in (256, 128, 64):
+        router.encoder_.model_.max_seq_length = length
+        s, qps = bare_encoder(router, queries[:128])
+        seq_rows.append((length, statistics.median(s) * 1000, qps))
+    router.encoder_.model_.max_seq_length = config.embedding.max_seq_length
+
+    port = free_port()
+    env = {**os.environ, "MIXLLM_PARAMS": str(project / "params.yaml"), "BENTOML_DO_NOT_TRACK": "true",
+           "BENTOML_HOME": str(project / "bentoml")}
+    env.pop("MIXLLM_API_TOKEN", None)
+    process = start([sys.executable, "-m", "bentoml", "serve", "mixllm.service:MixLLMService", "--host", "127.0.0.1",
+                     "--port", str(port)], log_path=project / "serve-bench.log", env=env, cwd=project)
+    base = f"http://127.0.0.1:{port}"
+    rows = []
+    try:
+        wait_http(f"{base}/readyz", 300, process)
+        for q in queries[:8]:
+            httpx.post(f"{base}/route", json={"query": q}, timeout=60)
+        sequential = []
+        seq_errors = 0
+        with httpx.Client(timeout=60) as client:
+            for q in queries:
+                t = time.perf_counter()
+                seq_errors += client.post(f"{base}/route", json={"query": q}).status_code != 200
+                sequential.append(time.perf_counter() - t)
+        for concurrency in (1, 8, 32):
+            for label, path, body in (("/route", "/route", lambda q: {"query": q}),
+                                      ("/route_batch (adaptive)", "/route_batch", lambda q: {"requests": [{"query": q}]})):
+                qps, errors, latencies = load_test(base, path, queries, concurrency, body)
+                rows.append((label, concurrency, qps, errors, percentile(latencies, 50), percentile(latencies, 95)))
+        memory = rss_mb(process.pid)
+    finally:
+        stop(process)
+        if temporary:
+            shutil.rmtree(project, ignore_errors=True)
+
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    print(f"\n## Serving ({stamp}; {platform.machine()}, {os.cpu_count()} cores; champion v{version}; "
+          f"{len(queries)} holdout prompts, max_seq_length {config.embedding.max_seq_length})\n")
+    print("| measure | value | ratio to the bare encoder |\n|---|---|---|")
+    print(f"| bare encoder, one query at a time: median ms/query | {bare_ms:.1f} | 1.00 |")
+    print(f"| bare encoder, batches of 64: queries/s | {batched_qps:.1f} | 1.00 |")
+    p50, p95, p99 = (percentile(sequential, q) for q in (50, 95, 99))
+    print(f"| /route over HTTP, sequential: p50 / p95 / p99 ms | {p50:.1f} / {p95:.1f} / {p99:.1f} | "
+          f"p50 = {p50 / bare_ms:.2f}x (target <= 1.25x) |")
+    print(f"| errors (sequential) | {seq_errors} | |")
+    print(f"| service resident memory (all processes) | {memory:.0f} MB | |")
+    print("\n| endpoint | concurrency | queries/s | errors | p50 ms | p95 ms | x bare batched throughput |\n|---|---|---|---|---|---|---|")
+    for label, concurrency, qps, errors, l50, l95 in rows:
+        print(f"| {label} | {concurrency} | {qps:.1f} | {errors} | {l50:.0f} | {l95:.0f} | {qps / batched_qps:.2f} |")
+    print("\nEncoder cost by max_seq_length (same prompts; quality per length: benchmarks/RESULTS.md ablations)\n")
+    print("| max_seq_length | median ms/query (single) | queries/s (batches of 64) |\n|---|---|---|")
+    for length, ms, qps in seq_rows:
+        print(f"| {length} | {ms:.1f} | {qps:.1f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""One walk through every user journey with the real components, on small data the test makes:
+
+train (Prefect flow) -> registry v1 champion -> BentoML service -> /route -> /feedback ->
+continual flow -> v2 registered and promoted -> the service reloads v2 -> `mixllm registry rollback`
+-> the service serves v1 again and routes as v1 did; and `dvc repro` in a fresh clone of the project.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from mixllm.config import load_config
+from mixllm.registry import Registry
+from mixllm.services import free_port, start, stop, wait_http
+from synthetic import make_log, write_params
+
+ROOT = Path(__file__).resolve().parents[2]
+QUERIES = ["Write a python function that reverses a string.", "What is 31 plus 11?", "Who built the great wall?"]
+TOKEN = "e2e-token"
+
+
+@pytest.fixture(scope="module")
+def prefect_harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def _mixllm(args, project, env):
+    result = subprocess.run([sys.executable, "-m", "mixllm.cli", "--params", str(project / "params.yaml"), *args],
+                            cwd=project, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+def _version(base):
+    return httpx.get(f"{base}/model", timeout=30).json()["version"]
+
+
+def _wait_version(base, version, seconds=90):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if _version(base) == version:
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"the service did not reach version {version}; it serves {_version(base)}")
+
+
+def _routes(base):
+    """What the router decides and predicts for fixed queries (the latency penalty is off here)."""
+    out = []
+    for query in QUERIES:
+        body = httpx.post(f"{base}/route", json={"query": query}, timeout=60).json()
+        out.append((body["llm"], body["model_version"],
+                    [(c["llm"], round(c["quality"], 10), round(c["cost_usd"], 14)) for c in body["candidates"]]))
+    return out
+
+
+def test_every_journey_end_to_end(prefect_harness, tmp_path, monkeypatch):
+    from flows.continual import continual
+    from flows.training import run as run_training_flow
+
+    project = tmp_path / "project"
+    project.mkdir()
+    write_params(project, service={"poll_interval_s": 1}, gate={"max_overhead_ms": 5000, "tolerance": 1.0},
+                 decision={"latency_tolerance_s": 1e6}, evaluation={"baselines": ["random", "per_source"]})
+    (project / "data/inbox").mkdir(parents=True)
+    make_log(n_queries=120, seed=77).to_csv(project / "data/inbox/log.csv", index=False)
+    monkeypatch.chdir(project)
+    params = str(project / "params.yaml")
+    config = load_config(params)
+    registry = Registry(config)
+
+    # Journey: scheduled retraining's training flow -> version 1 is the champion.
+    trained = run_training_flow(params)
+    assert trained["registration"]["version"] == 1 and registry.alias_version("champion") == 1
+
+    # Journey: call the route endpoint of the BentoML service.
+    port = free_port()
+    env = {**os.environ, "MIXLLM_PARAMS": params, "MIXLLM_API_TOKEN": TOKEN, "BENTOML_HOME": str(tmp_path / "bentoml")}
+    service = start([sys.executable, "-m", "bentoml", "serve", "mixllm.service:MixLLMService", "--host", "127.0.0.1",
+                     "--port", str(port)], log_path=tmp_path / "serve.log", env=env, cwd=project)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{base}/readyz", 180, service)
+        v1_routes = _routes(base)
+        assert {version for _, version, _ in v1_routes} == {1}
+        # Feedback for a batch of decisions (every one retried once: stored once).
+        log = make_log(n_queries=30, seed=78).drop_duplicates("query_id")
+        routed = httpx.post(f"{base}/route_batch", json={"requests": [{"query": q} for q in log["query"]]}, timeout=120)
+        assert routed.status_code == 200, routed.text
+        for decision in routed.json():
+            for _ in range(2):
+                response = httpx.post(f"{base}/feedback", json={"decision_id": decision["decision_id"], "thumbs": True},
+                                      headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30)
+                assert response.status_code == 200, response.text
+
+        # Journey: the continual flow learns from exactly that feedback -> version 2, promoted.
+        learned = continual(params_path=params)
+        assert learned["feedback_rows"] == 30 and learned["registration"]["version"] == 2
+        assert learned["registration"]["promoted"], learned["registration"]["verdict"]
+        assert continual(params_path=params)["registration"] is None, "no new feedback: nothing registered"
+        _wait_version(base, 2)
+        assert {version for _, version, _ in _routes(base)} == {2}
+
+        # Journey: browse the registry, then roll back; the service serves version 1 again.
+        listing = _mixllm(["registry", "list"], project, env)
+        assert "v1" in listing and "v2" in listing and "champion" in listing
+        assert "rolled back: version 2 -> version 1" in _mixllm(["registry", "rollback"], project, env)
+        _wait_version(base, 1)
+        assert _routes(base) == v1_routes, "after the rollback the service routes exactly as version 1 did"
+    finally:
+        stop(service)
+
+
+def test_dvc_repro_in_a_fresh_clone(tmp_path):
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True, timeout=120)
+    if not (clone / "dvc.yaml").is_file():
+        pytest.skip("the project has no commits with dvc.yaml yet (run from a clone of main)")
+    # The clone's own dvc.yaml and DVC config, with small settings and small data of our own.
+    write_params(clone, complete=True, evaluation={"baselines": ["random"]}, gate={"max_overhead_ms": 5000})
+    data = tmp_path / "log.csv"
+    make_log(n_queries=90, seed=79).to_csv(data, index=False)
+    env = {**os.environ, "MIXLLM_ROUTERBENCH": str(data), "DVC_NO_ANALYTICS": "1",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("MIXLLM_PARAMS", None)
+    result = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=clone, env=env, capture_output=True, text=True,
+                            timeout=900)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    assert (clone / "data/pipeline/metrics.json").is_file() and (clone / "data/pipeline/registration.json").is_file()
+    again = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=clone, env=env, capture_output=True, text=True,
+                           timeout=300)
+    assert "Running stage" not in again.stdout + again.stderr
+    shutil.rmtree(clone, ignore_errors=True)
