@@ -112,6 +112,15 @@ def main() -> int:
     timings["evaluate_with_baselines_s"] = time.perf_counter() - t
     curves = list(full.curves)
 
+    # The router reloads from disk and routes the holdout exactly as trained.
+    from mixllm.router import MixLLMRouter
+
+    holdout_texts = query_frame(split.holdout)["query"].tolist()
+    reloaded = MixLLMRouter.load(Workspace.of(config).router, progress=False)
+    reloaded.cache_dir = router.cache_dir
+    identical = ([d.to_dict() for d in router.route(holdout_texts)] == [d.to_dict() for d in reloaded.route(holdout_texts)])
+    print(f"reload check: the router loaded from disk routes all {len(holdout_texts)} holdout queries identically: {identical}")
+
     # ------------------------------------------------------------------------------------- ablations
     ablations = {}
     if not args.quick:
@@ -165,10 +174,12 @@ def main() -> int:
         pool_router.remove_llm(llm)
     prices = {llm.name: (llm.input_usd_per_1k, llm.output_usd_per_1k) for llm in config.llms}
     events = [PoolEvent(300, "add", llm, prices[llm]) for llm in joining] + [PoolEvent(600, "remove", "claude-v1")]
-    pool = simulate_online(pool_router, stream, stream_outcomes, lambda_=lam, exploration=0.1, events=events,
-                           features=features, window=100, name="pool changes")
-    record(pool, "online, pool changes (exploration 0.1)")
-    pool_windows = pool.windows()
+    pools = {}
+    for alpha in (0.1, 0.5):
+        pools[alpha] = simulate_online(pool_router, stream, stream_outcomes, lambda_=lam, exploration=alpha,
+                                       events=events, features=features, window=100, name="pool changes")
+        record(pools[alpha], f"online, pool changes, exploration {alpha}")
+    pool_windows = {alpha: result.windows() for alpha, result in pools.items()}
     offline_windows = offline.windows()
     timings["online_s"] = time.perf_counter() - t
 
@@ -194,23 +205,33 @@ def main() -> int:
     print("\n## Online learning (bandit feedback, holdout streamed in a fixed random order, "
           f"lambda {lam:g})\n")
     print(pd.DataFrame(online_rows).to_markdown(index=False, floatfmt=".2f"))
-    print("\nPool changes: share of queries per window of 100 (gpt-4 and Yi join at 300, claude-v1 leaves at 600)\n")
-    shares = pool_windows[["start"] + [c for c in pool_windows.columns if c.startswith("share:") and
-                                       any(k in c for k in ("gpt-4", "Yi", "claude-v1"))]]
-    shares = shares.assign(quality_pct=100 * pool_windows["mean_quality"] / reference.mean_quality,
-                           offline_quality_pct=100 * offline_windows["mean_quality"] / reference.mean_quality)
-    print(shares.to_markdown(index=False, floatfmt=".3f"))
+    print("\nPool changes: per window of 100 queries, the share routed to the LLMs that join (gpt-4 and Yi, at "
+          "query 300) and leave (claude-v1, at 600), and quality, online vs the offline router with the full pool\n")
+    offline_share = offline_windows.reindex(columns=["share:gpt-4-1106-preview", "share:zero-one-ai/Yi-34B-Chat"], fill_value=0)
+    shares = pd.DataFrame({"queries": [f"{a}-{b}" for a, b in zip(offline_windows["start"], offline_windows["stop"])]})
+    for alpha, windows in pool_windows.items():
+        windows = windows.reindex(columns=[*windows.columns, "share:gpt-4-1106-preview", "share:zero-one-ai/Yi-34B-Chat",
+                                           "share:claude-v1"], fill_value=0).loc[:, lambda f: ~f.columns.duplicated()]
+        shares[f"gpt-4 (a={alpha})"] = windows["share:gpt-4-1106-preview"]
+        shares[f"Yi (a={alpha})"] = windows["share:zero-one-ai/Yi-34B-Chat"]
+        shares[f"claude-v1 (a={alpha})"] = windows["share:claude-v1"]
+        shares[f"quality % (a={alpha})"] = 100 * windows["mean_quality"] / reference.mean_quality
+    shares["gpt-4 (offline)"] = offline_share["share:gpt-4-1106-preview"].to_numpy()
+    shares["Yi (offline)"] = offline_share["share:zero-one-ai/Yi-34B-Chat"].to_numpy()
+    shares["quality % (offline)"] = 100 * offline_windows["mean_quality"] / reference.mean_quality
+    print(shares.to_markdown(index=False, floatfmt=".2f"))
     print(f"\n## Latency-aware routing ({args.arrival_rate:g} queries/s, Poisson; profiles from params.yaml)\n")
     lat_rows = []
+    overloaded = latency[False].table().set_index("llm")["p95_wait_s"].idxmax()  # without the penalty
     for penalty, result in latency.items():
         table_l = result.table().set_index("llm")
-        busiest = max(result.traffic, key=result.traffic.get)
         lat_rows.append({"latency penalty": "on" if penalty else "off",
                          "quality_pct": 100 * result.mean_quality / reference.mean_quality,
                          "cost_pct": 100 * result.mean_cost_usd / reference.mean_cost_usd,
-                         "max p95 wait s": float(table_l["p95_wait_s"].max()),
-                         "busiest LLM": busiest, "its share": result.traffic[busiest],
-                         "its p95 wait s": float(table_l.loc[busiest, "p95_wait_s"])})
+                         "overloaded LLM": overloaded, "its share": result.traffic.get(overloaded, 0.0),
+                         "its p50 wait s": float(table_l.loc[overloaded, "p50_wait_s"]),
+                         "its p95 wait s": float(table_l.loc[overloaded, "p95_wait_s"]),
+                         "max p95 wait s (any LLM)": float(table_l["p95_wait_s"].max())})
     print(pd.DataFrame(lat_rows).to_markdown(index=False, floatfmt=".3f"))
     merged = latency[False].table().merge(latency[True].table(), on="llm", how="outer", suffixes=(" off", " on")).fillna(0)
     print("\nper LLM:\n")
@@ -221,7 +242,7 @@ def main() -> int:
     args.json.write_text(json.dumps(to_jsonable({
         "when": stamp, "machine": machine(), "source": source, "timings": timings,
         "table": table.to_dict(orient="records"), "headline": full.headline(), "calibration": full.calibration,
-        "metrics": flat_metrics(full, config), "online": online_rows, "pool_windows": pool_windows.to_dict(orient="records"),
+        "metrics": flat_metrics(full, config), "online": online_rows, "pool_windows": shares.to_dict(orient="records"),
         "latency": lat_rows, "ablations": ablations,
     }), indent=1))
     print(f"\nPareto plot: {args.plot}\nfigures: {args.json}")

@@ -162,6 +162,7 @@ class RouterCurve:
     def summary(self, reference: Reference, budget_share: float, quality_share: float) -> dict[str, Any]:
         hull = self.hull()
         least = least_cost_for_quality(hull, quality_share * reference.mean_quality)
+        parity = least_cost_for_quality(hull, reference.mean_quality)
         best = max(self.points, key=lambda p: (p.mean_quality, -p.mean_cost_usd))
         row = {
             "router": self.name,
@@ -169,6 +170,7 @@ class RouterCurve:
             if self.sweeps_lambda else float("nan"),
             "quality_at_budget_pct": 100 * hull_quality(hull, budget_share * reference.mean_cost_usd) / reference.mean_quality,
             "least_cost_for_target_pct": None if least is None else 100 * least / reference.mean_cost_usd,
+            "least_cost_for_reference_pct": None if parity is None else 100 * parity / reference.mean_cost_usd,
             "best_quality_pct": 100 * best.quality_share,
             "best_quality_cost_pct": 100 * best.cost_share,
             "ms_per_query": self.ms_per_query,
@@ -286,7 +288,8 @@ def format_table(table: pd.DataFrame) -> str:
         return f"{value:.{digits}f}" if isinstance(value, (float, np.floating)) else str(value)
 
     columns = [c for c in ("router", "calibrated_quality_pct", "calibrated_cost_pct", "aiq", "quality_at_budget_pct",
-                           "least_cost_for_target_pct", "best_quality_pct", "best_quality_cost_pct", "ms_per_query")
+                           "least_cost_for_target_pct", "least_cost_for_reference_pct", "best_quality_pct",
+                           "best_quality_cost_pct", "ms_per_query")
                if c in table.columns]
     header = "| " + " | ".join(columns) + " |"
     lines = [header, "|" + "|".join("---" for _ in columns) + "|"]
@@ -308,13 +311,17 @@ def pareto_plot(curves: Sequence[RouterCurve], reference: Reference, single_llm_
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(9, 6), dpi=120)
-    for curve in curves:
-        if not curve.sweeps_lambda:
-            continue
+    palette = plt.get_cmap("tab20").colors
+    for index, curve in enumerate(c for c in curves if c.sweeps_lambda):
         hull = curve.hull()
         xs = 100 * hull[:, 0] / reference.mean_cost_usd
         ys = 100 * hull[:, 1] / reference.mean_quality
-        style = {"linewidth": 2.5} if curve.name.startswith("mixllm") and "no " not in curve.name else {"linewidth": 1.2}
+        if index == 0:  # the router under test
+            style = {"linewidth": 3.0, "color": "black", "zorder": 5}
+        elif curve.name.startswith(curves[0].name):  # its ablations
+            style = {"linewidth": 1.2, "linestyle": "--", "color": palette[(2 * index + 1) % len(palette)]}
+        else:  # baselines
+            style = {"linewidth": 1.4, "color": palette[(2 * index) % len(palette)]}
         line, = ax.plot(xs, ys, marker=".", label=curve.name, **style)
         raw_x = [100 * p.cost_share for p in curve.points]
         raw_y = [100 * p.quality_share for p in curve.points]

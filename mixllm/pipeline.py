@@ -244,6 +244,8 @@ class EvaluationReport:
     holdout_at_calibrated: OperatingPoint
     single_llms: dict[str, OperatingPoint]
     metrics: dict[str, float] = field(default_factory=dict)
+    predictor_scores: dict[str, float] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
 
     @property
     def mixllm(self) -> RouterCurve:
@@ -297,8 +299,27 @@ def evaluate_router(
     for baseline in baselines if baselines is not None else evaluation.baselines:
         curves.append(measure_baseline(config, baseline, split, llms, router.encoder_))
     report = EvaluationReport(reference, curves, calibration, calibrated, single)
+    report.predictor_scores = predictor_scores(predictions, outcomes)
+    report.timings = {f"timing.{k}": float(v) for k, v in getattr(router, "timings_", {}).items()}
     report.metrics = flat_metrics(report, config)
     return report
+
+
+def predictor_scores(predictions: Any, outcomes: Outcomes) -> dict[str, float]:
+    """Per LLM on the holdout: the quality predictor's mean squared error, and the share of it the
+    predictor removes compared with always predicting that LLM's mean (1 - MSE / variance)."""
+    scores = {}
+    for j, llm in enumerate(predictions.llms):
+        truth = outcomes.quality[:, outcomes.llms.index(llm)]
+        mse = float(np.mean((predictions.quality[:, j] - truth) ** 2))
+        variance = float(np.var(truth))
+        scores[f"predictor.{llm}.quality_mse"] = mse
+        if variance > 0:
+            scores[f"predictor.{llm}.quality_r2"] = 1.0 - mse / variance
+        cost_truth = outcomes.cost_usd[:, outcomes.llms.index(llm)]
+        scores[f"predictor.{llm}.cost_mape"] = float(np.mean(np.abs(predictions.cost_usd[:, j] - cost_truth)
+                                                             / np.maximum(cost_truth, 1e-12)))
+    return scores
 
 
 def holdout_context(config: MixLLMConfig, split: SplitData, llms: Sequence[str]) -> tuple[pd.DataFrame, Outcomes, Reference]:
@@ -355,6 +376,8 @@ def flat_metrics(report: EvaluationReport, config: MixLLMConfig) -> dict[str, fl
     metrics["reference.mean_cost_usd"] = reference.mean_cost_usd
     budget = config.evaluation.cost_budget_share * reference.mean_cost_usd
     metrics["quality_at_budget"] = hull_quality(report.mixllm.hull(), budget)
+    metrics.update(report.predictor_scores)
+    metrics.update(report.timings)
     return metrics
 
 
@@ -471,6 +494,7 @@ def register_candidate(config: MixLLMConfig, router_dir: Path, report: Evaluatio
     champion_value = None
     if champion_before is not None:
         champion_router, _ = registry.load_router(champion_before)
+        champion_router.cache_dir = Workspace.of(config).cache  # keyed by encoder weights: never stale
         champion_report = evaluate_router(config, champion_router, split, baselines=[], name="champion")
         champion_value = objective(champion_report, config)
         report.metrics["champion.objective"] = champion_value
@@ -501,6 +525,7 @@ def stage_register(config: MixLLMConfig, split: SplitData | None = None) -> Regi
     split = split or load_split(config)
     workspace = Workspace.of(config)
     router = MixLLMRouter.load(workspace.router, progress=False)
+    router.cache_dir = workspace.cache
     report = evaluate_router(config, router, split, baselines=[])
     registration = register_candidate(
         config, workspace.router, report, split, run_name="training",
@@ -619,6 +644,7 @@ def register_update(config: MixLLMConfig, router_dir: Path, champion_version: in
     """Evaluate the updated router on the holdout and register it through the gate."""
     split = load_split(config)
     router = MixLLMRouter.load(router_dir, progress=False)
+    router.cache_dir = Workspace.of(config).cache  # same encoder as the champion: embeddings are reused
     report = evaluate_router(config, router, split, baselines=[])
     return register_candidate(
         config, router_dir, report, split, run_name="continual",

@@ -1,0 +1,38 @@
+"""The router on the real RouterBench subset: trained on the train part, saved, loaded back, it
+routes the holdout exactly as before. Short encoder inputs keep this fast; the full settings run in
+benchmarks/quality.py."""
+
+import json
+
+import numpy as np
+import pytest
+
+from mixllm.config import load_config
+from mixllm.data import ingest
+from mixllm.pipeline import load_split
+from mixllm.router import MixLLMRouter
+from mixllm.baselines import query_frame
+
+
+def test_trained_router_reloads_and_routes_the_holdout_identically(shared_subset, tmp_path):
+    from pathlib import Path
+
+    params = tmp_path / "params.yaml"
+    params.write_text((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    config = load_config(params, overrides={"embedding.max_seq_length": 64, "embedding.fine_tune.max_pairs": 64})
+    ingest(shared_subset / "routerbench_subset_long.csv.gz", config)
+    split = load_split(config)
+    assert split.holdout["query_id"].nunique() == 952, "RouterDC's test part (with the 6 test/train prompts)"
+    router = MixLLMRouter(config, progress=False).fit(split.train)
+    assert router.encoder_.fine_tuned_ and len(router.llms_) == 11
+    assert len(router.tag_report_["domains"]) == config.tags.n_clusters
+    holdout = query_frame(split.holdout)["query"].tolist()
+    before = [d.to_dict() for d in router.route(holdout, lambda_=0.2)]
+    router.save(tmp_path / "router")
+    loaded = MixLLMRouter.load(tmp_path / "router", progress=False)
+    after = [d.to_dict() for d in loaded.route(holdout, lambda_=0.2)]
+    assert after == before, "the loaded router decides exactly as the trained one on all 952 holdout queries"
+    chosen = {d["llm"] for d in before}
+    assert len(chosen) >= 2, "a router that sends everything to one LLM learned nothing"
+    manifest = json.loads((tmp_path / "router/router.json").read_text())
+    assert manifest["n_training_queries"] == split.train["query_id"].nunique()
