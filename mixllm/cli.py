@@ -295,13 +295,13 @@ def deploy(
 @run
 def route(
     queries: Annotated[list[str], typer.Argument(help="One or more queries to route.")],
-    lambda_: Annotated[Optional[float], typer.Option("--lambda", help="Cost weight (default: decision.lambda).")] = None,
+    lambda_: Annotated[Optional[float], typer.Option("--lambda", help="Cost weight (default: decision.lambda, or the model's calibrated one).")] = None,
     model: Annotated[str, typer.Option(help="Registry alias or version, or a router folder.")] = "champion",
 ) -> None:
     """Route queries with the champion (or another version / folder) and show why."""
     router = _load_router(model)
     for query, decision in zip(queries, router.route(queries, lambda_=lambda_)):
-        typer.echo(f"{decision.llm}  <- {query[:70]!r}")
+        typer.echo(f"{decision.llm}  <- {query[:70]!r}  (lambda={decision.lambda_:g})")
         for c in sorted(decision.candidates, key=lambda c: -c.score):
             typer.echo(f"   {c.llm:40s} q={c.quality:.3f} c=${c.cost_usd:.6f} sigma={c.uncertainty:.3f} "
                        f"penalty={c.penalty:.3f} score={c.score:.4f}")

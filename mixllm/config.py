@@ -198,7 +198,9 @@ class PredictorsConfig(StrictModel):
 class DecisionConfig(StrictModel):
     """Meta decision maker: score = q - lambda*c/scale + exploration*sigma - latency penalty."""
 
-    lambda_: float = Field(default=1.0, ge=0.0, alias="lambda")
+    # null: calibrated at training time, on the validation part, to meet evaluation.cost_budget_share
+    # (saved with the registered model); a number fixes it. A request can always override it.
+    lambda_: float | None = Field(default=None, ge=0.0, alias="lambda")
     exploration: float = Field(default=0.0, ge=0.0)
     latency_tolerance_s: float = Field(default=10.0, ge=0.0)
     # Penalty P = latency_weight * (exp((W - tau) / latency_scale_s) - 1) once W > tau.

@@ -289,8 +289,8 @@ def evaluate_router(
                                        router.cost_scale_usd_, "cost_share", evaluation.cost_budget_share)
     else:
         logger.warning("no validation queries: lambda is taken from the config, not calibrated")
-        calibration = Calibration("config", config.decision.lambda_, config.decision.lambda_,
-                                  curves[0].points[0], False)
+        fixed = router.default_lambda
+        calibration = Calibration("config", fixed, fixed, curves[0].points[0], False)
     predictions = adapter.predict(holdout_queries)
     calibrated = sweep(predictions, outcomes, reference, [calibration.lambda_], router.cost_scale_usd_)[0]
     curves[0].calibrated = calibrated
@@ -490,6 +490,7 @@ def register_candidate(config: MixLLMConfig, router_dir: Path, report: Evaluatio
 
     registry = Registry(config)
     router = MixLLMRouter.load(router_dir, progress=False)
+    router_dir = _with_calibrated_lambda(router_dir, report.calibration.lambda_)
     champion_before = registry.alias_version("champion")
     champion_value = None
     if champion_before is not None:
@@ -518,6 +519,20 @@ def register_candidate(config: MixLLMConfig, router_dir: Path, report: Evaluatio
         registry.mark_challenger(version_number)
         logger.warning("version %d not promoted: %s", version_number, verdict.summary())
     return Registration(version_number, verdict.promote, verdict, champion_before, run_id)
+
+
+def _with_calibrated_lambda(router_dir: Path, lambda_: float) -> Path:
+    """A copy of the router folder that carries the lambda calibrated for the budget (the router
+    uses it when decision.lambda is null). A copy, because the folder may be a DVC output."""
+    import tempfile
+
+    target = Path(tempfile.mkdtemp(prefix="mixllm-register-")) / "router"
+    shutil.copytree(router_dir, target)
+    manifest_path = target / "router.json"
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    manifest["calibrated_lambda"] = float(lambda_)
+    manifest_path.write_text(json.dumps(manifest, indent=2, default=str), encoding="utf-8")
+    return target
 
 
 def stage_register(config: MixLLMConfig, split: SplitData | None = None) -> Registration:

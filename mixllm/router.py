@@ -369,7 +369,7 @@ class MixLLMRouter(BaseEstimator):
         """Choose an LLM for each query; overrides apply to this call only."""
         self._check_fitted()
         decision_config = self._config.decision
-        lambda_ = _check_number("lambda", decision_config.lambda_ if lambda_ is None else lambda_)
+        lambda_ = _check_number("lambda", self.default_lambda if lambda_ is None else lambda_)
         exploration = _check_number("exploration", decision_config.exploration if exploration is None else exploration)
         tolerance = _check_number(
             "latency_tolerance_s", decision_config.latency_tolerance_s if latency_tolerance_s is None else latency_tolerance_s
@@ -420,6 +420,15 @@ class MixLLMRouter(BaseEstimator):
                 )
             )
         return decisions
+
+    @property
+    def default_lambda(self) -> float:
+        """lambda when a request gives none: decision.lambda if set, else the one calibrated to the
+        cost budget when the model was registered, else 1."""
+        configured = self._config.decision.lambda_
+        if configured is not None:
+            return float(configured)
+        return float(getattr(self, "calibrated_lambda_", None) or 1.0)
 
     def _candidates(self, candidates: Sequence[str] | None) -> list[str]:
         enabled = self.enabled_llms_
@@ -587,6 +596,7 @@ class MixLLMRouter(BaseEstimator):
             "quality_params": {llm: self.quality_models_[llm].get_params() for llm in self.llms_},
             "cost_params": {llm: self.cost_models_[llm].get_params() for llm in self.llms_},
             "cost_scale_usd": self.cost_scale_usd_,
+            "calibrated_lambda": getattr(self, "calibrated_lambda_", None),
             "mean_quality": self.mean_quality_,
             "mean_query_chars": self.mean_query_chars_,
             "typical_output_tokens": self.typical_output_tokens_,
@@ -618,6 +628,8 @@ class MixLLMRouter(BaseEstimator):
         router.featurizer_ = QueryFeaturizer.load(folder / "featurizer")
         router.catalogue_ = manifest["catalogue"]
         router.cost_scale_usd_ = float(manifest["cost_scale_usd"])
+        if manifest.get("calibrated_lambda") is not None:
+            router.calibrated_lambda_ = float(manifest["calibrated_lambda"])
         router.mean_quality_ = float(manifest["mean_quality"])
         router.mean_query_chars_ = float(manifest["mean_query_chars"])
         router.typical_output_tokens_ = {k: float(v) for k, v in manifest["typical_output_tokens"].items()}
@@ -669,7 +681,7 @@ class MixLLMRouter(BaseEstimator):
                  "interactions_seen": self.quality_models_[llm].n_samples_seen_}
                 for llm in self.llms_
             ],
-            "decision": self._config.decision.model_dump(by_alias=True),
+            "decision": {**self._config.decision.model_dump(by_alias=True), "default_lambda": self.default_lambda},
             "cost_scale_usd": self.cost_scale_usd_,
             "encoder": {"fine_tuned": self.encoder_.fine_tuned_, "max_seq_length": self.encoder_.max_seq_length},
             "features": self.featurizer_.block_sizes_,

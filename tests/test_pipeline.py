@@ -195,3 +195,19 @@ def test_store_is_idempotent(tmp_path):
     rows = store.feedback_since(0)
     assert rows["model_version"].tolist()[0] == 1 and np.isnan(rows["model_version"].tolist()[1])
     store.dispose()
+
+
+def test_registered_model_carries_the_calibrated_lambda(project):
+    config = _config(project)
+    registry = Registry(config)
+    router, _ = registry.load_router("champion")
+    assert config.decision.lambda_ is None
+    assert router.calibrated_lambda_ >= 0 and router.default_lambda == router.calibrated_lambda_
+    assert router.route(["What is 3 plus 4?"])[0].lambda_ == router.calibrated_lambda_
+    fixed = _config(project, **{"decision.lambda": 0.25})
+    router.config = fixed
+    assert router.route(["What is 3 plus 4?"])[0].lambda_ == 0.25, "a configured lambda wins"
+    import json
+
+    workspace_manifest = json.loads((Workspace.of(config).router / "router.json").read_text())
+    assert workspace_manifest.get("calibrated_lambda") is None, "the DVC output itself is never modified"
