@@ -273,3 +273,26 @@ def test_service_refuses_to_start_without_a_champion(tmp_path):
         pytest.fail("the service kept running without a champion")
     log = (tmp_path / "refuse.log").read_text(errors="replace")
     assert process.returncode != 0 and "no 'champion' version" in log and "mixllm train" in log
+
+
+def test_bentoml_build_packages_the_service(tmp_path):
+    """`bentoml build` from bentofile.yaml, in a copy of the project, into a private BENTOML_HOME."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    project = tmp_path / "project"
+    project.mkdir()
+    for name in ("bentofile.yaml", "requirements-service.txt", "params.yaml", "pyproject.toml", "README.md"):
+        (project / name).write_bytes((root / name).read_bytes())
+    import shutil
+
+    for package in ("mixllm", "flows"):
+        shutil.copytree(root / package, project / package, ignore=shutil.ignore_patterns("__pycache__"))
+    env = {**os.environ, "BENTOML_HOME": str(tmp_path / "home"), "BENTOML_DO_NOT_TRACK": "true",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    result = subprocess.run([sys.executable, "-m", "bentoml", "build"], cwd=project, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert 'Successfully built Bento(tag="mixllm:' in result.stdout + result.stderr
+    built = list((tmp_path / "home/bentos/mixllm").glob("*/src/mixllm/service.py"))
+    assert built, "the bento carries the service code"
