@@ -329,9 +329,7 @@ def calibrate(
     model: Annotated[str, typer.Option(help="Registry alias or version, or a router folder.")] = "champion",
 ) -> None:
     """Find the lambda that meets a budget or quality target on validation; report it on the holdout."""
-    from mixllm.baselines import MixLLMAdapter, query_frame
-    from mixllm.evaluate import Outcomes, Reference, calibrate_lambda, sweep
-    from mixllm.pipeline import _reference_llm, load_split
+    from mixllm.pipeline import _reference_llm, calibrate_router, load_split
 
     targets = {k: v for k, v in {"cost_share": cost_share, "budget_usd_per_1k": budget_usd_per_1k,
                                  "quality_share": quality_share}.items() if v is not None}
@@ -339,19 +337,9 @@ def calibrate(
         raise typer.BadParameter("give exactly one of --cost-share, --budget-usd-per-1k, --quality-share")
     (target, value), = targets.items()
     config = state.config()
-    router = _load_router(model)
     split = load_split(config)
-    adapter = MixLLMAdapter(router)
-    llms = router.enabled_llms_
+    result, on_holdout = calibrate_router(config, _load_router(model), split, target, value)
     reference_llm = _reference_llm(config, split.train)
-    validation = query_frame(split.validation)
-    validation_outcomes = Outcomes.from_log(split.validation, validation["query_id"], llms)
-    result = calibrate_lambda(adapter.predict(validation), validation_outcomes,
-                              Reference.of(validation_outcomes, reference_llm), router.cost_scale_usd_, target, value)
-    holdout = query_frame(split.holdout)
-    holdout_outcomes = Outcomes.from_log(split.holdout, holdout["query_id"], llms)
-    on_holdout = sweep(adapter.predict(holdout), holdout_outcomes, Reference.of(holdout_outcomes, reference_llm),
-                       [result.lambda_], router.cost_scale_usd_)[0]
     status = "met" if result.met else "NOT met (closest lambda shown)"
     typer.echo(f"target {target}={value}: {status} on validation with lambda={result.lambda_:g}")
     for name, point in (("validation", result.validation), ("holdout", on_holdout)):

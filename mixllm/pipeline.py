@@ -322,6 +322,23 @@ def predictor_scores(predictions: Any, outcomes: Outcomes) -> dict[str, float]:
     return scores
 
 
+def calibrate_router(config: MixLLMConfig, router: MixLLMRouter, split: SplitData, target: str,
+                     value: float) -> tuple[Calibration, OperatingPoint]:
+    """The lambda meeting a target on validation, and what that lambda gives on the holdout."""
+    adapter = MixLLMAdapter(router)
+    llms = router.enabled_llms_
+    reference_llm = _reference_llm(config, split.train)
+    validation = query_frame(split.validation)
+    if validation.empty:
+        raise MixLLMError("no validation queries to calibrate on; set split.validation_fraction > 0")
+    validation_outcomes = Outcomes.from_log(split.validation, validation["query_id"], llms)
+    result = calibrate_lambda(adapter.predict(validation), validation_outcomes,
+                              Reference.of(validation_outcomes, reference_llm), router.cost_scale_usd_, target, value)
+    holdout_queries, outcomes, reference = holdout_context(config, split, llms)
+    on_holdout = sweep(adapter.predict(holdout_queries), outcomes, reference, [result.lambda_], router.cost_scale_usd_)[0]
+    return result, on_holdout
+
+
 def holdout_context(config: MixLLMConfig, split: SplitData, llms: Sequence[str]) -> tuple[pd.DataFrame, Outcomes, Reference]:
     """The holdout's queries, every LLM's real outcome on them, and the reference LLM."""
     holdout_queries = query_frame(split.holdout)

@@ -211,3 +211,23 @@ def test_registered_model_carries_the_calibrated_lambda(project):
 
     workspace_manifest = json.loads((Workspace.of(config).router / "router.json").read_text())
     assert workspace_manifest.get("calibrated_lambda") is None, "the DVC output itself is never modified"
+
+
+def test_cli_calibrate_route_and_registry_list(project):
+    from typer.testing import CliRunner
+
+    from mixllm.cli import app
+
+    runner = CliRunner()
+    params = str(project / "params.yaml")
+    calibrated = runner.invoke(app, ["--params", params, "calibrate", "--cost-share", "0.3"])
+    assert calibrated.exit_code == 0, calibrated.output
+    assert "target cost_share=0.3" in calibrated.output and "holdout" in calibrated.output
+    both = runner.invoke(app, ["--params", params, "calibrate", "--cost-share", "0.3", "--quality-share", "0.9"])
+    assert both.exit_code != 0 and "exactly one" in both.output
+    routed = runner.invoke(app, ["--params", params, "route", "What is 2 plus 2?", "--lambda", "0"])
+    assert routed.exit_code == 0 and "(lambda=0)" in routed.output and "score=" in routed.output
+    listing = runner.invoke(app, ["--params", params, "registry", "list"])
+    assert listing.exit_code == 0 and "champion" in listing.output and "gate:" in listing.output
+    shown = runner.invoke(app, ["--params", params, "tags", "show"])
+    assert shown.exit_code == 0 and "domain  0" in shown.output
