@@ -28,7 +28,9 @@ def update(params_path: str | None, rows: Any) -> tuple[str, int, list[str]]:
     return str(router_dir), version, changes
 
 
-@task(name="validate and register through the gate", retries=2, retry_delay_seconds=10, cache_policy=NO_CACHE)
+# No retries: a retry after the version was created would register it twice. A failed
+# registration changes neither the champion nor the watermark; the next run repeats it.
+@task(name="validate and register through the gate", cache_policy=NO_CACHE)
 def register(params_path: str | None, router_dir: str, champion_version: int, rows: Any, before: int) -> dict[str, Any]:
     from pathlib import Path
 

@@ -85,7 +85,9 @@ def evaluate_baseline(params_path: str | None, name: str, _after: Any = None) ->
     return pipeline.measure_baseline(config, name, pipeline.load_split(config), llms, QueryEncoder.load(workspace.encoder))
 
 
-@task(name="compare with the champion, log and register", retries=2, retry_delay_seconds=10, cache_policy=NO_CACHE)
+# No retries: a retry after the version was created would register it twice. A failed
+# registration changes neither the champion nor the watermark; the next run repeats it.
+@task(name="compare with the champion, log and register", cache_policy=NO_CACHE)
 def register(params_path: str | None, report: pipeline.EvaluationReport) -> dict[str, Any]:
     config = config_for(params_path)
     workspace = pipeline.Workspace.of(config)

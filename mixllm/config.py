@@ -279,7 +279,8 @@ class ServiceConfig(StrictModel):
     feedback_store_url: str = "sqlite:///data/feedback.db"
     request_timeout_s: int = Field(default=60, ge=1)
     max_body_bytes: int = Field(default=1_048_576, ge=1024)  # larger requests get 413
-    # A routed call without a completion report stops counting as in flight after this long.
+    # A routed call without a completion report counts as in flight for twice its expected service
+    # time (latency profile), never longer than this.
     in_flight_max_age_s: float = Field(default=120.0, gt=0)
 
 

@@ -68,9 +68,14 @@ class Reference:
     cheapest_mean_cost_usd: float
 
     @classmethod
-    def of(cls, outcomes: Outcomes, llm: str) -> Reference:
-        j = outcomes.llms.index(llm)
-        return cls(llm, float(outcomes.quality[:, j].mean()), float(outcomes.cost_usd[:, j].mean()),
+    def of(cls, outcomes: Outcomes, llm: str, yardstick: Outcomes | None = None) -> Reference:
+        """`llm`'s means from `yardstick` (default: `outcomes`), so the reference can be an LLM
+        that is not in the routed pool (e.g. disabled); the cheapest comes from the pool."""
+        yardstick = outcomes if yardstick is None else yardstick
+        if llm not in yardstick.llms:
+            raise MixLLMError(f"reference LLM '{llm}' has no outcomes here; known: {', '.join(yardstick.llms)}")
+        j = yardstick.llms.index(llm)
+        return cls(llm, float(yardstick.quality[:, j].mean()), float(yardstick.cost_usd[:, j].mean()),
                    float(outcomes.cost_usd.mean(axis=0).min()))
 
 
@@ -166,7 +171,9 @@ class RouterCurve:
         best = max(self.points, key=lambda p: (p.mean_quality, -p.mean_cost_usd))
         row = {
             "router": self.name,
-            "aiq": aiq(hull, reference.cheapest_mean_cost_usd, reference.mean_cost_usd) / reference.mean_quality
+            # No cost range (the reference is the cheapest LLM) means no area to average: NaN.
+            "aiq": (aiq(hull, reference.cheapest_mean_cost_usd, reference.mean_cost_usd) / reference.mean_quality
+                    if reference.mean_cost_usd > reference.cheapest_mean_cost_usd else float("nan"))
             if self.sweeps_lambda else float("nan"),
             "quality_at_budget_pct": 100 * hull_quality(hull, budget_share * reference.mean_cost_usd) / reference.mean_quality,
             "least_cost_for_target_pct": None if least is None else 100 * least / reference.mean_cost_usd,

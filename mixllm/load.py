@@ -1,13 +1,15 @@
 """The live load the latency penalty sees: calls in flight per LLM and their observed latency.
 
 A call is in flight from the routing decision until its completion is reported (the proxy
-reports it when the upstream answers; a client reports it with the latency in /feedback).
-Decisions never completed stop counting after `max_age_s`, so lost feedback cannot pin an LLM
-as busy forever. Observed latency is an exponentially weighted mean per LLM.
+reports it when the upstream answers; a client reports it with /feedback). Only latencies that
+were measured (by the proxy, or sent as latency_s) feed the average.
+A decision never completed stops counting after its expected service time (twice the latency
+profile's estimate; at most `max_age_s`), so lost or absent feedback cannot pin an LLM as busy. Observed latency is an exponentially weighted mean per LLM.
 """
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import OrderedDict
@@ -23,12 +25,16 @@ class LiveLoad:
         self.smoothing = smoothing
         self.max_tracked = max_tracked
         self._lock = threading.Lock()
-        self._open: OrderedDict[str, tuple[str, float]] = OrderedDict()  # id -> (llm, started)
+        self._open: OrderedDict[str, tuple[str, float]] = OrderedDict()  # id -> (llm, expires at)
         self._latency: dict[str, float] = {}
 
-    def start(self, call_id: str, llm: str) -> None:
+    def start(self, call_id: str, llm: str, expires_after_s: float | None = None) -> None:
+        """Count a call as in flight until it is finished, or for at most `expires_after_s`
+        (capped by max_age_s): a /route decision whose completion nobody reports should weigh
+        like a call of its expected length, not like one stuck for minutes."""
+        lifetime = self.max_age_s if expires_after_s is None else min(self.max_age_s, max(0.0, expires_after_s))
         with self._lock:
-            self._open[call_id] = (llm, time.monotonic())
+            self._open[call_id] = (llm, time.monotonic() + lifetime)
             while len(self._open) > self.max_tracked:
                 self._open.popitem(last=False)
 
@@ -38,9 +44,9 @@ class LiveLoad:
             name = llm or (started[0] if started else None)
             if name is None:
                 return
-            if latency_s is None and started is not None:
-                latency_s = time.monotonic() - started[1]
-            if latency_s is not None and latency_s >= 0:
+            # Only a measured latency counts: time since the decision is not one when the
+            # feedback comes from a person minutes later.
+            if latency_s is not None and math.isfinite(latency_s) and latency_s >= 0:
                 previous = self._latency.get(name)
                 self._latency[name] = latency_s if previous is None else (
                     (1 - self.smoothing) * previous + self.smoothing * latency_s)
@@ -51,11 +57,9 @@ class LiveLoad:
     def snapshot(self) -> LoadSnapshot:
         now = time.monotonic()
         with self._lock:
-            while self._open:
-                call_id, (_, started) = next(iter(self._open.items()))
-                if now - started <= self.max_age_s:
-                    break
-                self._open.popitem(last=False)
+            expired = [call_id for call_id, (_, expires) in self._open.items() if expires <= now]
+            for call_id in expired:
+                del self._open[call_id]
             in_flight: dict[str, int] = {}
             for llm, _ in self._open.values():
                 in_flight[llm] = in_flight.get(llm, 0) + 1

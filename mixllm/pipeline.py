@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import shutil
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -246,6 +247,7 @@ class EvaluationReport:
     metrics: dict[str, float] = field(default_factory=dict)
     predictor_scores: dict[str, float] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    predictions_finite: bool = True  # every q, sigma and cost the router predicted on the holdout
 
     @property
     def mixllm(self) -> RouterCurve:
@@ -263,6 +265,12 @@ class EvaluationReport:
 
 def _reference_llm(config: MixLLMConfig, train: pd.DataFrame) -> str:
     return config.evaluation.reference_llm or best_single_llm(train)
+
+
+def reference_on(log: pd.DataFrame, query_ids: Sequence[str], outcomes: Outcomes, llm: str) -> Reference:
+    """The reference measured on these queries, also when it is not in the routed pool (disabled)."""
+    yardstick = outcomes if llm in outcomes.llms else Outcomes.from_log(log, query_ids, [llm])
+    return Reference.of(outcomes, llm, yardstick)
 
 
 def evaluate_router(
@@ -284,7 +292,8 @@ def evaluate_router(
     validation_queries = query_frame(split.validation)
     if len(validation_queries):
         validation_outcomes = Outcomes.from_log(split.validation, validation_queries["query_id"], llms)
-        validation_reference = Reference.of(validation_outcomes, reference.llm)
+        validation_reference = reference_on(split.validation, validation_queries["query_id"], validation_outcomes,
+                                            reference.llm)
         calibration = calibrate_lambda(adapter.predict(validation_queries), validation_outcomes, validation_reference,
                                        router.cost_scale_usd_, "cost_share", evaluation.cost_budget_share)
     else:
@@ -299,6 +308,8 @@ def evaluate_router(
     for baseline in baselines if baselines is not None else evaluation.baselines:
         curves.append(measure_baseline(config, baseline, split, llms, router.encoder_))
     report = EvaluationReport(reference, curves, calibration, calibrated, single)
+    report.predictions_finite = bool(all(np.isfinite(values).all() for values in (
+        predictions.quality, predictions.uncertainty, predictions.cost_usd)))
     report.predictor_scores = predictor_scores(predictions, outcomes)
     report.timings = {f"timing.{k}": float(v) for k, v in getattr(router, "timings_", {}).items()}
     report.metrics = flat_metrics(report, config)
@@ -333,7 +344,8 @@ def calibrate_router(config: MixLLMConfig, router: MixLLMRouter, split: SplitDat
         raise MixLLMError("no validation queries to calibrate on; set split.validation_fraction > 0")
     validation_outcomes = Outcomes.from_log(split.validation, validation["query_id"], llms)
     result = calibrate_lambda(adapter.predict(validation), validation_outcomes,
-                              Reference.of(validation_outcomes, reference_llm), router.cost_scale_usd_, target, value)
+                              reference_on(split.validation, validation["query_id"], validation_outcomes, reference_llm),
+                              router.cost_scale_usd_, target, value)
     holdout_queries, outcomes, reference = holdout_context(config, split, llms)
     on_holdout = sweep(adapter.predict(holdout_queries), outcomes, reference, [result.lambda_], router.cost_scale_usd_)[0]
     return result, on_holdout
@@ -343,7 +355,8 @@ def holdout_context(config: MixLLMConfig, split: SplitData, llms: Sequence[str])
     """The holdout's queries, every LLM's real outcome on them, and the reference LLM."""
     holdout_queries = query_frame(split.holdout)
     outcomes = Outcomes.from_log(split.holdout, holdout_queries["query_id"], llms)
-    return holdout_queries, outcomes, Reference.of(outcomes, _reference_llm(config, split.train))
+    reference = reference_on(split.holdout, holdout_queries["query_id"], outcomes, _reference_llm(config, split.train))
+    return holdout_queries, outcomes, reference
 
 
 def frozen_embedder(config: MixLLMConfig, encoder: QueryEncoder) -> Any:
@@ -400,9 +413,10 @@ def flat_metrics(report: EvaluationReport, config: MixLLMConfig) -> dict[str, fl
 
 def objective(report: EvaluationReport, config: MixLLMConfig) -> float:
     """The number the gate compares: AIQ, or quality at the configured budget (share of the reference)."""
+    # Missing means not measurable (e.g. no cost range for AIQ): NaN, which the gate refuses.
     if config.gate.objective == "aiq":
-        return report.metrics["aiq"]
-    return report.metrics["quality_at_budget_pct"] / 100
+        return report.metrics.get("aiq", float("nan"))
+    return report.metrics.get("quality_at_budget_pct", float("nan")) / 100
 
 
 def stage_evaluate(config: MixLLMConfig, split: SplitData | None = None, progress: bool | None = None,
@@ -456,7 +470,7 @@ def sanity_problems(config: MixLLMConfig, router: MixLLMRouter, report: Evaluati
     if missing:
         problems.append(f"no predictors for enabled LLM(s): {', '.join(missing)}")
     curve = report.mixllm
-    if any(not np.isfinite(p.mean_quality) or not np.isfinite(p.mean_cost_usd) for p in curve.points):
+    if not report.predictions_finite:
         problems.append("NaN or infinite predictions on the holdout")
     if curve.ms_per_query > config.gate.max_overhead_ms:
         problems.append(f"routing overhead {curve.ms_per_query:.1f} ms/query exceeds gate.max_overhead_ms "
@@ -507,7 +521,17 @@ def register_candidate(config: MixLLMConfig, router_dir: Path, report: Evaluatio
 
     registry = Registry(config)
     router = MixLLMRouter.load(router_dir, progress=False)
-    router_dir = _with_calibrated_lambda(router_dir, report.calibration.lambda_)
+    with tempfile.TemporaryDirectory(prefix="mixllm-register-") as scratch:  # MLflow copies what it logs
+        router_dir = _with_calibrated_lambda(router_dir, report.calibration.lambda_, Path(scratch))
+        return _register(config, registry, router, router_dir, report, split, run_name=run_name,
+                         extra_tags=extra_tags, artifacts=artifacts)
+
+
+def _register(config: MixLLMConfig, registry: Any, router: MixLLMRouter, router_dir: Path, report: EvaluationReport,
+              split: SplitData, *, run_name: str, extra_tags: dict[str, str] | None,
+              artifacts: Sequence[Path]) -> Registration:
+    from mixllm.registry import git_commit
+
     champion_before = registry.alias_version("champion")
     champion_value = None
     if champion_before is not None:
@@ -538,12 +562,10 @@ def register_candidate(config: MixLLMConfig, router_dir: Path, report: Evaluatio
     return Registration(version_number, verdict.promote, verdict, champion_before, run_id)
 
 
-def _with_calibrated_lambda(router_dir: Path, lambda_: float) -> Path:
-    """A copy of the router folder that carries the lambda calibrated for the budget (the router
-    uses it when decision.lambda is null). A copy, because the folder may be a DVC output."""
-    import tempfile
-
-    target = Path(tempfile.mkdtemp(prefix="mixllm-register-")) / "router"
+def _with_calibrated_lambda(router_dir: Path, lambda_: float, scratch: Path) -> Path:
+    """A copy of the router folder (in `scratch`) that carries the lambda calibrated for the budget
+    (the router uses it when decision.lambda is null). A copy: the folder may be a DVC output."""
+    target = scratch / "router"
     shutil.copytree(router_dir, target)
     manifest_path = target / "router.json"
     manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
@@ -633,13 +655,38 @@ class ContinualOutcome:
                 f"{self.registration.verdict.summary()}")
 
 
+def screen_feedback(rows: pd.DataFrame, pool: Sequence[str]) -> tuple[pd.DataFrame, dict[str, int]]:
+    """The feedback rows a router can learn from, and how many were set aside per reason.
+
+    The service validates what it stores, but the store is also written by other clients (and
+    older versions); one bad row must not fail every continual run from now on. Set-aside rows
+    stay in the store, counted in the log."""
+    quality = pd.to_numeric(rows["quality"], errors="coerce")
+    cost = pd.to_numeric(rows["cost_usd"], errors="coerce")
+    checks = {
+        "LLM no longer in the pool": ~rows["llm"].isin(list(pool)),
+        "blank query": ~rows["query"].map(lambda q: isinstance(q, str) and bool(q.strip())),
+        "quality not a number in 0..1": ~quality.between(0.0, 1.0),
+        "cost negative or infinite": rows["cost_usd"].notna() & ~(cost.between(0.0, np.inf, inclusive="left")),
+    }
+    bad = pd.Series(False, index=rows.index)
+    skipped = {}
+    for reason, failing in checks.items():
+        failing = failing & ~bad  # each row counted once, under its first reason
+        if failing.any():
+            skipped[reason] = int(failing.sum())
+        bad |= failing
+    usable = rows[~bad].assign(quality=quality[~bad], cost_usd=cost[~bad])  # unknown cost: NaN, not None
+    return usable, skipped
+
+
 def continual_update(config: MixLLMConfig, router: MixLLMRouter, feedback_rows: pd.DataFrame) -> list[str]:
     """Apply the catalogue's pool changes, then the bandit feedback (each row updates only its LLM)."""
     changes = router.apply_catalogue(config.llms)
-    usable = feedback_rows[feedback_rows["llm"].isin(router.llms_)]
-    skipped = len(feedback_rows) - len(usable)
-    if skipped:
-        logger.warning("%d feedback rows name LLMs no longer in the pool; they are not learned from", skipped)
+    usable, skipped = screen_feedback(feedback_rows, router.llms_)
+    for reason, count in skipped.items():
+        logger.warning("%d feedback rows set aside (%s); they stay in the store and are not learned from",
+                       count, reason)
     if len(usable):
         router.partial_fit(usable[["query", "llm", "quality", "cost_usd"]
                                   + [c for c in ("input_tokens", "output_tokens") if c in usable]])

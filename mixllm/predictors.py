@@ -278,7 +278,9 @@ class CostPredictor(BaseEstimator):
             self._start(np.asarray(X).shape[1])
         X = np.asarray(X, dtype=np.float64)
         cost = np.asarray(cost_usd, dtype=np.float64)
-        self.cost_model_.partial_fit(X, cost / self.cost_scale_usd)
+        priced = np.isfinite(cost)  # an unknown cost (NaN) must not be learned as $0
+        if priced.any():
+            self.cost_model_.partial_fit(X[priced], cost[priced] / self.cost_scale_usd)
         if input_tokens is not None and output_tokens is not None:
             tokens_in = np.asarray(input_tokens, dtype=np.float64)
             tokens_out = np.asarray(output_tokens, dtype=np.float64)

@@ -428,7 +428,8 @@ class MixLLMRouter(BaseEstimator):
         configured = self._config.decision.lambda_
         if configured is not None:
             return float(configured)
-        return float(getattr(self, "calibrated_lambda_", None) or 1.0)
+        calibrated = getattr(self, "calibrated_lambda_", None)
+        return 1.0 if calibrated is None else float(calibrated)  # a calibrated 0 is a real answer
 
     def _candidates(self, candidates: Sequence[str] | None) -> list[str]:
         enabled = self.enabled_llms_
@@ -467,11 +468,13 @@ class MixLLMRouter(BaseEstimator):
     def partial_fit(self, interactions: pd.DataFrame, features: np.ndarray | None = None) -> MixLLMRouter:
         """Learn from bandit feedback: each row updates only its own LLM's predictors.
 
-        `interactions` needs query, llm, quality, cost_usd (tokens optional); `features` may hold
+        `interactions` needs query, llm, quality, cost_usd (NaN when unknown: then only quality
+        learns; tokens optional); `features` may hold
         their representation already (one row per interaction) to skip the encoder.
         """
         self._check_fitted()
-        frame = _check_log(interactions, need_query_id=False)
+        # Feedback may come without a cost (a thumbs-up on a /route decision): it teaches quality only.
+        frame = _check_log(interactions, need_query_id=False, allow_missing_cost=True)
         unknown = sorted(set(frame["llm"]) - set(self.quality_models_))
         if unknown:
             raise RoutingError(f"feedback for unknown LLM(s) {', '.join(unknown)}; add them with add_llm first")
@@ -725,15 +728,19 @@ def _check_queries(queries: Sequence[str]) -> list[str]:
     return queries
 
 
-def _check_log(log: pd.DataFrame, need_query_id: bool = True) -> pd.DataFrame:
+def _check_log(log: pd.DataFrame, need_query_id: bool = True, allow_missing_cost: bool = False) -> pd.DataFrame:
     needed = ["query", "llm", "quality", "cost_usd"] + (["query_id"] if need_query_id else [])
     missing = [c for c in needed if c not in log.columns]
     if missing:
         raise RoutingError(f"interactions need column(s) {', '.join(missing)}")
     if log.empty:
         raise RoutingError("no interactions given")
-    if log["quality"].isna().any() or log["cost_usd"].isna().any():
-        raise RoutingError("interactions have missing quality or cost; validate them with mixllm.data first")
+    quality = pd.to_numeric(log["quality"], errors="coerce")
+    cost = pd.to_numeric(log["cost_usd"], errors="coerce")
+    unknown_cost = log["cost_usd"].isna()
+    bad_cost = np.isinf(cost) | (cost.isna() & ~unknown_cost) | (unknown_cost & (not allow_missing_cost))
+    if not np.isfinite(quality).all() or bad_cost.any():
+        raise RoutingError("interactions have a missing or non-finite quality or cost; validate them with mixllm.data first")
     _check_queries(log["query"].tolist())
     return log.reset_index(drop=True)
 

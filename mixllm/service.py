@@ -23,7 +23,7 @@ import bentoml
 import numpy as np
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from starlette.exceptions import HTTPException
 
 # A worker that cannot start (no champion in the registry) must stop `bentoml serve` with its
@@ -40,7 +40,8 @@ class RouteRequest(BaseModel):
     """One query to route, with optional per-request overrides."""
 
     # No schema "examples": BentoML 1.4's OpenAPI builder rejects the key (500 on /docs.json).
-    model_config = ConfigDict(populate_by_name=True, extra="forbid")
+    # allow_inf_nan=False: JSON's Infinity/NaN would reach the router's arithmetic as numbers.
+    model_config = ConfigDict(populate_by_name=True, extra="forbid", allow_inf_nan=False)
 
     query: Annotated[str, Field(min_length=1, description="The text to route.")]
     lambda_: Annotated[Optional[float], Field(alias="lambda", ge=0, description="Cost weight; default from params.yaml.")] = None
@@ -49,6 +50,17 @@ class RouteRequest(BaseModel):
     max_cost: Annotated[Optional[float], Field(ge=0, description="Only LLMs predicted to cost at most this (USD).")] = None
     min_quality: Annotated[Optional[float], Field(ge=0, le=1, description="Only LLMs predicted at least this good.")] = None
     request_id: Annotated[Optional[str], Field(min_length=1, max_length=128, description="Idempotency key.")] = None
+
+    @field_validator("query")
+    @classmethod
+    def _query_is_text(cls, query: str) -> str:
+        # Checked here, per request, so a bad query never reaches (and fails) a merged batch.
+        if not query.strip():
+            raise ValueError("query is blank; send the text to route")
+        limit = SETTINGS.max_query_chars
+        if len(query) > limit:
+            raise ValueError(f"query has {len(query)} characters; the limit is {limit} (service.max_query_chars)")
+        return query
 
 
 class Candidate(BaseModel):
@@ -75,7 +87,8 @@ class RouteResponse(BaseModel):
 class FeedbackRequest(BaseModel):
     """Feedback on a decision (decision_id), or a whole interaction (query + llm)."""
 
-    model_config = ConfigDict(extra="forbid")
+    # A non-finite cost or latency would poison the cost model and the latency average.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     decision_id: Annotated[Optional[str], Field(min_length=1, max_length=64)] = None
     request_id: Annotated[Optional[str], Field(min_length=1, max_length=128)] = None
@@ -93,6 +106,8 @@ class FeedbackRequest(BaseModel):
     def _complete(self) -> FeedbackRequest:
         if (self.quality is None) == (self.thumbs is None):
             raise ValueError("give exactly one of quality (0..1) or thumbs (true/false)")
+        if self.query is not None and not self.query.strip():
+            raise ValueError("query is blank; send the text that was answered")
         if not self.decision_id and not (self.query and self.llm):
             raise ValueError("give decision_id, or query and llm")
         return self
@@ -228,6 +243,25 @@ def _candidates(decision: Any) -> list[Candidate]:
             for c in decision.candidates]
 
 
+def _stored_response(stored: dict[str, Any]) -> RouteResponse:
+    """The response a request_id got the first time, rebuilt from its logged decision."""
+    candidates = json.loads(stored["candidates"]) if stored.get("candidates") else []
+    return RouteResponse(
+        llm=stored["llm"], decision_id=stored["decision_id"], model_version=int(stored["model_version"] or 0),
+        lambda_=float(stored["lambda_"] if stored["lambda_"] is not None else 0.0), relaxed=[],
+        candidates=[Candidate(llm=c["llm"], quality=c["quality"], cost_usd=c["cost_usd"],
+                              uncertainty=c["uncertainty"], penalty=c["penalty"],
+                              score=c["score"] if c["score"] is not None and np.isfinite(c["score"]) else None,
+                              eligible=c["eligible"]) for c in candidates])
+
+
+def _expected_service_s(router: Any, predictions: Any, row: int, llm: str) -> float:
+    """One call's expected service time from the LLM's latency profile and predicted output tokens."""
+    profile = router.catalogue_[llm].get("latency") or {}
+    tokens = float(predictions.output_tokens[row, predictions.llms.index(llm)])
+    return float(profile.get("per_call_s", 0.5)) + float(profile.get("per_output_token_s", 0.0)) * tokens
+
+
 def _last_user_text(messages: list[ChatMessage]) -> str | None:
     for message in reversed(messages):
         if message.role == "user":
@@ -235,7 +269,8 @@ def _last_user_text(messages: list[ChatMessage]) -> str | None:
             if isinstance(content, str):
                 return content
             if isinstance(content, list):  # OpenAI content parts
-                return "\n".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+                return "\n".join(p["text"] for p in content
+                                 if isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str))
     return None
 
 
@@ -351,19 +386,19 @@ class MixLLMService:
 
     # ------------------------------------------------------------------------------------ route
 
-    def _route_many(self, model: LoadedModel, items: list[RouteRequest]) -> list[Any]:
-        """Route items in one encoder pass; returns a RouteResponse or a JSONResponse error per item."""
+    def _route_many(self, model: LoadedModel, items: list[RouteRequest], atomic: bool = False) -> list[Any]:
+        """Route items in one encoder pass; returns a RouteResponse or a JSONResponse error per item.
+
+        A retried request_id gets its stored decision back (routing again could choose another
+        LLM under a different load). With `atomic`, one invalid item means nothing is logged."""
         from mixllm.errors import RoutingError
 
-        limit = self.config.service.max_query_chars
         results: list[Any] = [None] * len(items)
         valid = []
         for i, item in enumerate(items):
-            if not item.query.strip():
-                results[i] = error(400, "query", "query is empty; send the text to route")
-            elif len(item.query) > limit:
-                results[i] = error(400, "query", f"query has {len(item.query)} characters; the limit is {limit} "
-                                                 "(service.max_query_chars)")
+            stored = self.store.decision_by_request(item.request_id) if item.request_id else None
+            if stored is not None:
+                results[i] = _stored_response(stored)
             else:
                 valid.append(i)
         if not valid:
@@ -384,9 +419,13 @@ class MixLLMService:
                 results[i] = error(400, field, str(exc))
                 continue
             records.append((i, item, decision))
+        if atomic and any(isinstance(result, JSONResponse) for result in results):
+            return results
         decision_ids = self._log_decisions(model, records)
+        row_of = {i: row for row, i in enumerate(valid)}
         for (i, item, decision), decision_id in zip(records, decision_ids):
-            self.load.start(decision_id, decision.llm)
+            self.load.start(decision_id, decision.llm,
+                            expires_after_s=2 * _expected_service_s(router, predictions, row_of[i], decision.llm))
             self.metrics.decisions.labels(llm=decision.llm).inc()
             results[i] = RouteResponse(llm=decision.llm, decision_id=decision_id, model_version=model.version,
                                        lambda_=decision.lambda_, relaxed=list(decision.relaxed),
@@ -423,7 +462,7 @@ class MixLLMService:
         """Many queries in one encoder pass: {"requests": [<a /route body>, ...]}. Concurrent calls
         are merged by adaptive batching. An invalid item fails the whole call (400)."""
         started = time.perf_counter()
-        results = self._route_many(self._current(), requests)
+        results = self._route_many(self._current(), requests, atomic=True)
         self.metrics.route_latency.labels(endpoint="route_batch").observe(time.perf_counter() - started)
         for result in results:
             if isinstance(result, JSONResponse):
@@ -518,7 +557,12 @@ class MixLLMService:
             candidates = [m for m in model.router.enabled_llms_ if m in upstreams]
             if not candidates:
                 return error(503, None, "no LLM in the catalogue has an upstream (llms[].upstream in params.yaml)")
-            item = RouteRequest(query=text, lambda_=lambda_, candidates=candidates)
+            try:
+                item = RouteRequest(query=text, lambda_=lambda_, candidates=candidates)
+            except ValidationError as exc:
+                problem = exc.errors()[0]
+                field = "model" if problem["loc"] and problem["loc"][0] in ("lambda", "lambda_") else "messages"
+                return error(400, field, f"{field}: {problem['msg']}")
             routed_result = (await anyio.to_thread.run_sync(self._route_many, model, [item]))[0]
             if isinstance(routed_result, JSONResponse):
                 return routed_result
@@ -543,8 +587,8 @@ class MixLLMService:
             headers["Authorization"] = f"Bearer {os.environ[upstream.api_key_env]}"
         url = upstream.base_url.rstrip("/") + "/chat/completions"
         call_id = decision_id or uuid.uuid4().hex
-        if decision_id is None:
-            self.load.start(call_id, llm)
+        # The proxy reports completion itself, so the call counts until then (or the upstream timeout).
+        self.load.start(call_id, llm, expires_after_s=upstream.timeout_s)
         self.metrics.in_flight.labels(llm=llm).inc()
         mixllm_headers = {"x-mixllm-llm": llm, "x-mixllm-model-version": str(version),
                           **({"x-mixllm-decision-id": decision_id} if decision_id else {})}
@@ -570,8 +614,15 @@ class MixLLMService:
                 if response.status_code >= 400:
                     finish("upstream_error", None)
                     return error(502, None, f"upstream for {llm} answered {response.status_code}: {response.text[:300]}")
-                body = response.json()
-                finish("ok", body.get("usage"))
+                try:
+                    body = response.json()
+                    if not isinstance(body, dict):
+                        raise ValueError("not a JSON object")
+                except ValueError:
+                    finish("upstream_error", None)
+                    return error(502, None, f"upstream for {llm} answered {response.status_code} without a JSON "
+                                            f"object: {response.text[:300]}")
+                finish("ok", body.get("usage") if isinstance(body.get("usage"), dict) else None)
                 body["model"] = llm
                 body["mixllm"] = {"llm": llm, "decision_id": decision_id, "model_version": version}
                 return JSONResponse(body, headers=mixllm_headers)
@@ -595,11 +646,13 @@ class MixLLMService:
                     if line.startswith("data: ") and line != "data: [DONE]":
                         try:
                             chunk = json.loads(line[6:])
-                            usage = chunk.get("usage") or usage
+                        except json.JSONDecodeError:
+                            chunk = None
+                        if isinstance(chunk, dict):  # anything else is relayed untouched
+                            if isinstance(chunk.get("usage"), dict):
+                                usage = chunk["usage"]
                             chunk["model"] = llm
                             line = "data: " + json.dumps(chunk)
-                        except json.JSONDecodeError:
-                            pass
                     yield line + "\n"
             finally:
                 await response.aclose()

@@ -54,7 +54,7 @@ feedback = sa.Table(
     sa.Column("query", sa.Text, nullable=False),
     sa.Column("llm", sa.String(256), nullable=False),
     sa.Column("quality", sa.Float, nullable=False),
-    sa.Column("cost_usd", sa.Float, nullable=False),
+    sa.Column("cost_usd", sa.Float, nullable=True),  # unknown unless sent or measured by the proxy
     sa.Column("latency_s", sa.Float, nullable=True),
     sa.Column("input_tokens", sa.Float, nullable=True),
     sa.Column("output_tokens", sa.Float, nullable=True),
@@ -166,6 +166,11 @@ class InteractionLog:
                 sa.select(decisions.c.decision_id).where(decisions.c.request_id == request_id)
             ).scalar_one_or_none()
 
+    def decision_by_request(self, request_id: str) -> dict[str, Any] | None:
+        with self.engine.connect() as connection:
+            row = connection.execute(sa.select(decisions).where(decisions.c.request_id == request_id)).mappings().first()
+        return dict(row) if row else None
+
     def decision(self, decision_id: str) -> dict[str, Any] | None:
         with self.engine.connect() as connection:
             row = connection.execute(sa.select(decisions).where(decisions.c.decision_id == decision_id)).mappings().first()
@@ -197,7 +202,7 @@ class InteractionLog:
         if existing is not None:
             return StoredFeedback(existing, False)
         row = {"decision_id": decision_id, "request_id": request_id or None, "query": query, "llm": llm,
-               "quality": float(quality), "cost_usd": float(cost_usd or 0.0), "latency_s": latency_s,
+               "quality": float(quality), "cost_usd": float(cost_usd) if cost_usd is not None else None, "latency_s": latency_s,
                "input_tokens": input_tokens, "output_tokens": output_tokens, "kind": kind, "created_at": _now()}
         try:
             with self._write_lock, self.engine.begin() as connection:

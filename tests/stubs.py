@@ -20,6 +20,12 @@ class UpstreamStub:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 stub.requests.append({"path": self.path, "body": body, "auth": self.headers.get("Authorization")})
                 model = body.get("model")
+                if "SEND-GARBAGE" in json.dumps(body.get("messages")):  # a broken upstream: 200, not JSON
+                    self.send_response(200)
+                    self.send_header("Content-Length", "9")
+                    self.end_headers()
+                    self.wfile.write(b"<html>oops")
+                    return
                 text = f"answer from {model}"
                 usage = {"prompt_tokens": 12, "completion_tokens": 5, "total_tokens": 17}
                 if not body.get("stream"):

@@ -227,7 +227,26 @@ def test_cli_calibrate_route_and_registry_list(project):
     assert both.exit_code != 0 and "exactly one" in both.output
     routed = runner.invoke(app, ["--params", params, "route", "What is 2 plus 2?", "--lambda", "0"])
     assert routed.exit_code == 0 and "(lambda=0)" in routed.output and "score=" in routed.output
+    overridden = runner.invoke(app, ["--params", params, "-S", "decision.lambda=0.25", "route", "What is 2 plus 2?"])
+    assert overridden.exit_code == 0 and "(lambda=0.25)" in overridden.output, "-S reaches the loaded model"
+    refused = runner.invoke(app, ["--params", params, "-S", "decision.lambda=0.25", "flow", "continual"])
+    assert refused.exit_code == 2 and "-S does not apply" in refused.output
     listing = runner.invoke(app, ["--params", params, "registry", "list"])
     assert listing.exit_code == 0 and "champion" in listing.output and "gate:" in listing.output
     shown = runner.invoke(app, ["--params", params, "tags", "show"])
     assert shown.exit_code == 0 and "domain  0" in shown.output
+
+
+def test_a_disabled_reference_llm_is_still_the_yardstick(project):
+    """Disabling the best LLM (an outage) must not break evaluation: it stays the reference."""
+    from mixllm.pipeline import evaluate_router, load_split
+
+    config = _config(project)
+    split = load_split(config)
+    router, _ = Registry(config).load_router("champion")
+    best = split.train.groupby("llm")["quality"].mean().idxmax()
+    router.set_enabled(best, False)
+    report = evaluate_router(config, router, split, baselines=["best_single"])
+    assert report.reference.llm == best
+    assert all(best not in point.traffic for point in report.mixllm.points), "never routed to the disabled LLM"
+    assert np.isfinite(report.metrics["aiq"]) and report.predictions_finite

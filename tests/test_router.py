@@ -333,3 +333,29 @@ def test_llm_tagger_against_a_local_stub_with_cache(tmp_path):
 def test_parse_tag_list_accepts_loose_answers():
     assert parse_tag_list('Sure! ["Math", "Algebra"]') == ["math", "algebra"]
     assert parse_tag_list("math, algebra\n- geometry") == ["math", "algebra", "geometry"]
+
+
+def test_feedback_without_a_cost_teaches_quality_only(fitted):
+    router = copy.deepcopy(fitted)
+    before = router.predict([CODE, MATH])
+    j = before.llms.index("coder")
+    unpriced = pd.DataFrame({"query": [CODE] * 5, "llm": ["coder"] * 5, "quality": [0.0] * 5,
+                             "cost_usd": [np.nan] * 5})
+    router.partial_fit(unpriced)
+    after = router.predict([CODE, MATH])
+    assert after.quality[0, j] < before.quality[0, j], "the quality model learned"
+    assert np.array_equal(after.cost_usd[:, j], before.cost_usd[:, j]), "an unknown cost is not learned as $0"
+    with pytest.raises(RoutingError, match="non-finite"):
+        router.partial_fit(unpriced.assign(cost_usd=np.inf))
+    with pytest.raises(RoutingError, match="non-finite"):
+        router.partial_fit(unpriced.assign(quality=np.nan, cost_usd=0.001))
+
+
+def test_a_calibrated_lambda_of_zero_is_kept(fitted):
+    router = copy.deepcopy(fitted)
+    router.config = router.config.model_copy(
+        update={"decision": router.config.decision.model_copy(update={"lambda_": None})})
+    router.calibrated_lambda_ = 0.0
+    assert router.default_lambda == 0.0
+    del router.calibrated_lambda_
+    assert router.default_lambda == 1.0, "nothing calibrated and nothing configured: 1"

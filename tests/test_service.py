@@ -9,6 +9,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import numpy as np
 import pytest
 
 from mixllm.config import load_config
@@ -108,12 +109,59 @@ def test_route_then_feedback_is_stored_exactly_once(service):
         ("/feedback", {"decision_id": "x"}, 400, "quality"),
         ("/feedback", {"query": "q", "llm": "gpt-99", "quality": 0.5}, 400, "llm"),
         ("/feedback", {"query": "q", "llm": "coder", "quality": 1.5}, 400, "quality"),
+        ("/route", {"query": "   "}, 400, "query"),
+        ("/route", {"query": "hi", "lambda": float("nan")}, 400, "lambda"),
+        ("/feedback", {"query": "q", "llm": "coder", "quality": 0.5, "cost_usd": float("inf")}, 400, "cost_usd"),
+        ("/feedback", {"query": "q", "llm": "coder", "quality": 0.5, "latency_s": float("inf")}, 400, "latency_s"),
+        ("/feedback", {"query": "  ", "llm": "coder", "quality": 0.5}, 400, "query"),
+        ("/route_batch", {"requests": [{"query": "hi"}, {"query": "  "}]}, 400, "query"),
+        ("/v1/chat/completions", {"model": "mixllm:-1", "messages": [{"role": "user", "content": "hi"}]}, 400, "model"),
+        ("/v1/chat/completions", {"model": "mixllm:nan", "messages": [{"role": "user", "content": "hi"}]}, 400, "model"),
+        ("/v1/chat/completions", {"model": "mixllm", "messages": [{"role": "user", "content": [
+            {"type": "text", "text": 5}]}]}, 400, "messages"),
     ],
 )
 def test_bad_input_is_a_4xx_naming_the_field(service, path, body, status, field):
-    response = httpx.post(service["base"] + path, json=body, headers=AUTH, timeout=30)
+    # json.dumps writes NaN/Infinity literals (httpx's json= refuses them): what a careless client sends.
+    response = httpx.post(service["base"] + path, content=json.dumps(body),
+                          headers={**AUTH, "Content-Type": "application/json"}, timeout=30)
     assert response.status_code == status, response.text
     assert field in response.text
+
+
+def test_a_retried_request_id_gets_its_first_decision_back(service):
+    base, config = service["base"], service["config"]
+    first = _route(base, request_id="retry-7", **{"lambda": 0.0})
+    again = _route(base, request_id="retry-7", **{"lambda": 1000.0})  # routing anew could choose otherwise
+    assert (again["decision_id"], again["llm"], again["lambda"]) == (first["decision_id"], first["llm"], 0.0)
+    assert [c["llm"] for c in again["candidates"]] == [c["llm"] for c in first["candidates"]]
+    store = InteractionLog(config.sqlalchemy_url(config.service.feedback_store_url))
+    assert store.decision_by_request("retry-7")["decision_id"] == first["decision_id"]
+    store.dispose()
+
+
+def test_a_batch_with_one_bad_item_logs_nothing(service):
+    base, config = service["base"], service["config"]
+    store = InteractionLog(config.sqlalchemy_url(config.service.feedback_store_url))
+    before = store.count("decisions")
+    response = httpx.post(f"{base}/route_batch", json={"requests": [{"query": QUERY}, {"query": "hi", "candidates": [
+        "gpt-99"]}]}, timeout=30)
+    assert response.status_code == 400 and "gpt-99" in response.text
+    assert store.count("decisions") == before, "no orphan decisions from the valid item"
+    store.dispose()
+
+
+def test_feedback_without_a_cost_stores_no_cost(service):
+    base, config = service["base"], service["config"]
+    routed = _route(base)
+    response = httpx.post(f"{base}/feedback", json={"decision_id": routed["decision_id"], "thumbs": False},
+                          headers=AUTH, timeout=30)
+    assert response.status_code == 200, response.text
+    store = InteractionLog(config.sqlalchemy_url(config.service.feedback_store_url))
+    rows = store.feedback_since(0)
+    stored = rows[rows["decision_id"] == routed["decision_id"]].iloc[0]
+    assert stored["cost_usd"] is None or np.isnan(stored["cost_usd"]), "unknown, not $0"
+    store.dispose()
 
 
 def test_malformed_oversize_and_form_bodies(service):
@@ -175,6 +223,13 @@ def test_openai_proxy_with_the_official_client(service, upstream):
     assert direct.model == "coder" and upstream.requests[-1]["body"]["model"] == "upstream-coder"
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="gpt-99", messages=[{"role": "user", "content": "hi"}])
+    deadline = time.monotonic() + 10  # earlier calls' counts end (stream finished, routes expired)
+    while httpx.get(f"{base}/model").json()["in_flight"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    garbage = httpx.post(f"{base}/v1/chat/completions", timeout=30,
+                         json={"model": "coder", "messages": [{"role": "user", "content": "SEND-GARBAGE"}]})
+    assert garbage.status_code == 502 and "without a JSON object" in garbage.text
+    assert "coder" not in httpx.get(f"{base}/model").json()["in_flight"], "a failed call leaves no in-flight count"
     store = InteractionLog(config.sqlalchemy_url(config.service.feedback_store_url))
     decision = store.decision(decision_id)
     assert decision["llm"] == chosen and decision["latency_s"] > 0

@@ -1,0 +1,67 @@
+"""The service's live view of load, and the screening of stored feedback before learning from it."""
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from pydantic import ValidationError
+
+from mixllm.load import LiveLoad
+from mixllm.pipeline import screen_feedback
+
+
+def test_only_measured_latency_feeds_the_average():
+    load = LiveLoad(max_age_s=60)
+    load.start("a", "gpt")
+    load.finish("a")  # a thumbs-up minutes later says nothing about latency
+    assert load.snapshot().observed_latency_s == {}
+    load.start("b", "gpt")
+    load.finish("b", latency_s=2.0)
+    load.start("c", "gpt")
+    load.finish("c", latency_s=math.inf)
+    load.observe_latency("gpt", float("nan"))
+    assert load.snapshot().observed_latency_s == {"gpt": 2.0}
+    assert load.snapshot().in_flight == {}
+
+
+def test_unreported_calls_expire_after_their_own_lifetime():
+    load = LiveLoad(max_age_s=60)
+    load.start("quick", "small", expires_after_s=0.0)
+    load.start("slow", "big", expires_after_s=30)
+    load.start("capped", "big", expires_after_s=10_000)
+    assert load.snapshot().in_flight == {"big": 2}, "the expired call no longer counts"
+    assert load._open["capped"][1] - load._open["slow"][1] == pytest.approx(30, abs=1), "capped at max_age_s"
+
+
+def test_screen_feedback_sets_aside_each_bad_row_with_its_reason():
+    rows = pd.DataFrame({
+        "feedback_id": range(1, 7),
+        "query": ["fine", "   ", "fine", "fine", "fine", "unpriced"],
+        "llm": ["a", "a", "gone", "a", "a", "a"],
+        "quality": [1.0, 1.0, 1.0, 1.7, 0.5, 0.0],
+        "cost_usd": [0.1, 0.1, 0.1, 0.1, np.inf, None],
+    })
+    usable, skipped = screen_feedback(rows, ["a"])
+    assert usable["feedback_id"].tolist() == [1, 6]
+    assert np.isnan(usable["cost_usd"].iloc[1]), "an unknown cost stays unknown"
+    assert skipped == {"LLM no longer in the pool": 1, "blank query": 1, "quality not a number in 0..1": 1,
+                       "cost negative or infinite": 1}
+    assert len(usable) + sum(skipped.values()) == len(rows), "every row is either used or counted"
+
+
+def test_request_schemas_reject_blank_text_and_non_finite_numbers():
+    from mixllm.service import FeedbackRequest, RouteRequest, _last_user_text
+
+    for body in ({"query": "   "}, {"query": "hi", "lambda": float("nan")}, {"query": "hi", "max_cost": float("inf")}):
+        with pytest.raises(ValidationError):
+            RouteRequest.model_validate(body)
+    for body in ({"query": "q", "llm": "a", "quality": 0.5, "cost_usd": float("inf")},
+                 {"query": "q", "llm": "a", "quality": 0.5, "latency_s": float("inf")},
+                 {"query": "  ", "llm": "a", "quality": 0.5}):
+        with pytest.raises(ValidationError):
+            FeedbackRequest.model_validate(body)
+    from mixllm.service import ChatMessage
+
+    parts = [{"type": "text", "text": 5}, {"type": "text", "text": "real"}, {"type": "image_url"}]
+    assert _last_user_text([ChatMessage(role="user", content=parts)]) == "real"
