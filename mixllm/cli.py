@@ -239,6 +239,7 @@ def flow_run(
     name: Annotated[str, typer.Argument(help="training or continual")],
 ) -> None:
     """Run a Prefect flow once, now, on the task runner from params.yaml (visible in the Prefect UI)."""
+    _refuse_overrides("flow")
     params = str(state.params.resolve()) if state.params else None
     if name == "training":
         from flows.training import run as run_training_flow
@@ -270,6 +271,7 @@ def deploy(
     from flows.deploy import serve
     from mixllm.services import local_prefect_server
 
+    _refuse_overrides("deploy")
     config = state.config()
     params = str((state.params or config.root / "params.yaml").resolve())
     if config.pipeline.work_pool:
@@ -300,11 +302,23 @@ def route(
 ) -> None:
     """Route queries with the champion (or another version / folder) and show why."""
     router = _load_router(model)
+    if state.overrides:  # e.g. -S decision.latency_tolerance_s=2: applied to the loaded model's settings
+        from mixllm.pipeline import ablation_config
+
+        router.config = ablation_config(router.config, **state.overrides)
     for query, decision in zip(queries, router.route(queries, lambda_=lambda_)):
         typer.echo(f"{decision.llm}  <- {query[:70]!r}  (lambda={decision.lambda_:g})")
         for c in sorted(decision.candidates, key=lambda c: -c.score):
             typer.echo(f"   {c.llm:40s} q={c.quality:.3f} c=${c.cost_usd:.6f} sigma={c.uncertainty:.3f} "
                        f"penalty={c.penalty:.3f} score={c.score:.4f}")
+
+
+def _refuse_overrides(command: str) -> None:
+    """Flows read params.yaml in every task (and scheduled runs long after this command), so a
+    one-off -S cannot reach them; say so rather than ignore it."""
+    if state.overrides:
+        raise typer.BadParameter(f"-S does not apply to `mixllm {command}`: Prefect runs read params.yaml itself. "
+                                 "Edit params.yaml (or pass --params OTHER.yaml), or use `mixllm -S ... train`")
 
 
 def _load_router(model: str):  # noqa: ANN202

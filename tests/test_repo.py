@@ -31,16 +31,17 @@ def _commands(typer_app, prefix=()):
     stack = [(prefix, group)]
     while stack:
         path, command = stack.pop()
-        yield path
+        yield path, command
         for name, sub in getattr(command, "commands", {}).items():
             stack.append(((*path, name), sub))
 
 
 def test_every_command_has_help():
     runner = CliRunner()
-    for path in _commands(app):
+    for path, command in _commands(app):
         result = runner.invoke(app, [*path, "--help"])
         assert result.exit_code == 0, (path, result.output)
         assert "Usage" in result.output
-        summary = result.output.split("Usage", 1)[1]
-        assert len(summary.strip().splitlines()) >= 2, f"`mixllm {' '.join(path)} --help` explains nothing"
+        explanation = (command.help or "").strip()
+        assert len(explanation) >= 20, f"`mixllm {' '.join(path)} --help` explains nothing: {explanation!r}"
+        assert explanation.split("\n")[0][:40] in " ".join(result.output.split()), "the help shows the explanation"
