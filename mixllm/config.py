@@ -117,6 +117,9 @@ class EmbeddingConfig(StrictModel):
     # by every query of a benchmark; cutting on the left keeps the actual question.
     truncation_side: Literal["left", "right"] = "left"
     batch_size: int = Field(default=64, ge=1)
+    # int8: the encoder's Linear layers quantised dynamically for inference (fine-tuning stays
+    # fp32); about twice as fast on CPU, at a quality cost measured in benchmarks/RESULTS.md.
+    quantize: Literal["none", "int8"] = "none"
     fine_tune: FineTuneConfig = FineTuneConfig()
 
 

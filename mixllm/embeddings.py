@@ -16,6 +16,7 @@ import json
 import logging
 import sys
 import tempfile
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -103,6 +104,7 @@ class QueryEncoder(BaseEstimator):
         max_seq_length: int = 256,
         truncation_side: str = "left",
         batch_size: int = 64,
+        quantize: str = "none",
         fine_tune: bool = True,
         epochs: int = 1,
         max_pairs: int = 2000,
@@ -118,6 +120,7 @@ class QueryEncoder(BaseEstimator):
         self.truncation_side = truncation_side
         self.train_max_seq_length = train_max_seq_length
         self.batch_size = batch_size
+        self.quantize = quantize
         self.fine_tune = fine_tune
         self.epochs = epochs
         self.max_pairs = max_pairs
@@ -193,12 +196,33 @@ class QueryEncoder(BaseEstimator):
         if not hasattr(self, "model_"):
             raise NotFittedError("QueryEncoder is not fitted; call fit(queries) or QueryEncoder.load(folder)")
 
+    def _inference_model(self) -> Any:
+        """model_ itself, or (quantize="int8") a copy whose Linear layers run in int8. The copy is
+        made once per model_ and follows model_'s max_seq_length; model_ stays fp32 for saving."""
+        if self.quantize == "none":
+            return self.model_
+        if self.quantize != "int8":
+            raise ValueError(f"quantize must be 'none' or 'int8', got {self.quantize!r}")
+        cached = getattr(self, "_quantized", None)
+        if cached is None or cached[0] is not self.model_:
+            import copy
+
+            import torch
+
+            with warnings.catch_warnings():  # torch announces a successor API; this one works in 2.13
+                warnings.filterwarnings("ignore", category=UserWarning, module="torch")
+                quantized = torch.ao.quantization.quantize_dynamic(copy.deepcopy(self.model_), {torch.nn.Linear},
+                                                                   dtype=torch.qint8)
+            cached = self._quantized = (self.model_, quantized)
+        cached[1].max_seq_length = self.model_.max_seq_length
+        return cached[1]
+
     def transform(self, queries: Sequence[str]) -> np.ndarray:
         self._check_fitted()
         if len(queries) == 0:
             return np.zeros((0, self.dim_), dtype=np.float32)
         return np.asarray(
-            self.model_.encode(
+            self._inference_model().encode(
                 list(queries),
                 batch_size=self.batch_size,
                 normalize_embeddings=True,
@@ -211,7 +235,10 @@ class QueryEncoder(BaseEstimator):
     def _fingerprint(self) -> str:
         """Identifies the weights and settings, so cached embeddings are never reused across models."""
         digest = hashlib.blake2b(digest_size=10)
-        digest.update(json.dumps([str(self.model_path), self.max_seq_length, self.truncation_side]).encode())
+        settings = [str(self.model_path), self.max_seq_length, self.truncation_side]
+        if self.quantize != "none":  # (kept out of the list when off: existing caches stay valid)
+            settings.append(self.quantize)
+        digest.update(json.dumps(settings).encode())
         # Every weight, not a sample: fine-tuning moves only some of them (e.g. used tokens' rows).
         for name, tensor in sorted(self.model_.state_dict().items()):
             digest.update(name.encode())

@@ -245,7 +245,7 @@ class MixLLMRouter(BaseEstimator):
         return QueryEncoder(
             model_path=config.embedding.model_path, max_seq_length=config.embedding.max_seq_length,
             truncation_side=config.embedding.truncation_side, batch_size=config.embedding.batch_size,
-            fine_tune=ft.enabled, epochs=ft.epochs, max_pairs=ft.max_pairs, train_batch_size=ft.batch_size,
+            quantize=config.embedding.quantize, fine_tune=ft.enabled, epochs=ft.epochs, max_pairs=ft.max_pairs, train_batch_size=ft.batch_size,
             learning_rate=ft.learning_rate, warmup_ratio=ft.warmup_ratio, train_max_seq_length=ft.max_seq_length,
             random_state=ft.seed, progress=self.progress,
         ).fit(list(queries), domains if ft.enabled and domains is not None else None)
@@ -686,7 +686,8 @@ class MixLLMRouter(BaseEstimator):
             ],
             "decision": {**self._config.decision.model_dump(by_alias=True), "default_lambda": self.default_lambda},
             "cost_scale_usd": self.cost_scale_usd_,
-            "encoder": {"fine_tuned": self.encoder_.fine_tuned_, "max_seq_length": self.encoder_.max_seq_length},
+            "encoder": {"fine_tuned": self.encoder_.fine_tuned_, "max_seq_length": self.encoder_.max_seq_length,
+                        "quantize": self.encoder_.quantize},
             "features": self.featurizer_.block_sizes_,
             "domains": [d["name"] for d in self.tag_report_.get("domains", [])],
             "n_training_queries": self.n_training_queries_,

@@ -359,3 +359,17 @@ def test_a_calibrated_lambda_of_zero_is_kept(fitted):
     assert router.default_lambda == 0.0
     del router.calibrated_lambda_
     assert router.default_lambda == 1.0, "nothing calibrated and nothing configured: 1"
+
+
+def test_int8_encoder_is_close_to_fp32_and_round_trips(tmp_path):
+    queries = [CODE, MATH, HISTORY, "Translate 'good morning' into French."]
+    exact = QueryEncoder(max_seq_length=32, fine_tune=False).fit(queries)
+    int8 = QueryEncoder(max_seq_length=32, fine_tune=False, quantize="int8").fit(queries)
+    a, b = exact.transform(queries), int8.transform(queries)
+    cosine = (a * b).sum(axis=1)
+    assert not np.array_equal(a, b), "int8 really runs"
+    assert cosine.min() > 0.85, cosine
+    assert exact.fingerprint_ != int8.fingerprint_, "cached fp32 embeddings are never served as int8"
+    int8.save(tmp_path / "encoder")
+    loaded = QueryEncoder.load(tmp_path / "encoder")
+    assert loaded.quantize == "int8" and np.allclose(loaded.transform(queries), b, atol=1e-5)
