@@ -131,6 +131,7 @@ def main() -> int:
             "mixllm (ridge 1)": ("ridge1", {"predictors.quality.ridge": 1.0}),
             "mixllm (max_seq_length 128)": ("seq128", {"embedding.max_seq_length": 128}),
             "mixllm (max_seq_length 64)": ("seq64", {"embedding.max_seq_length": 64}),
+            "mixllm (int8 encoder)": ("int8", {"embedding.quantize": "int8"}),
         }
         for name, (slug, overrides) in variants.items():
             t = time.perf_counter()
