@@ -63,13 +63,21 @@ def predictors(params_path: str | None, _after: Any = None) -> str:
     return str(pipeline.stage_predictors(config_for(params_path)))
 
 
+@task(name="replay feedback already learned", cache_policy=NO_CACHE)
+def replay(params_path: str | None, _after: Any = None) -> tuple[str, dict[str, str]]:
+    router_dir, replayed = pipeline.stage_replay(config_for(params_path))
+    return str(router_dir), replayed.tags()
+
+
 @task(name="evaluate on the holdout", cache_policy=NO_CACHE)
-def evaluate_mixllm(params_path: str | None, _after: Any = None) -> pipeline.EvaluationReport:
+def evaluate_mixllm(params_path: str | None, router_dir: str) -> pipeline.EvaluationReport:
     config = config_for(params_path)
+    from pathlib import Path
+
     from mixllm.router import MixLLMRouter
 
     workspace = pipeline.Workspace.of(config)
-    router = MixLLMRouter.load(workspace.router, progress=False)
+    router = MixLLMRouter.load(Path(router_dir), progress=False)
     router.cache_dir = workspace.cache
     return pipeline.evaluate_router(config, router, pipeline.load_split(config), baselines=[])
 
@@ -88,11 +96,14 @@ def evaluate_baseline(params_path: str | None, name: str, _after: Any = None) ->
 # No retries: a retry after the version was created would register it twice. A failed
 # registration changes neither the champion nor the watermark; the next run repeats it.
 @task(name="compare with the champion, log and register", cache_policy=NO_CACHE)
-def register(params_path: str | None, report: pipeline.EvaluationReport) -> dict[str, Any]:
+def register(params_path: str | None, report: pipeline.EvaluationReport, router_dir: str,
+             tags: dict[str, str]) -> dict[str, Any]:
+    from pathlib import Path
+
     config = config_for(params_path)
     workspace = pipeline.Workspace.of(config)
     registration = pipeline.register_candidate(
-        config, workspace.router, report, pipeline.load_split(config), run_name="training",
+        config, Path(router_dir), report, pipeline.load_split(config), run_name="training", extra_tags=tags,
         artifacts=[workspace.plot, workspace.table, workspace.curve, workspace.tags, workspace.metrics],
     )
     return registration.to_dict()
@@ -109,7 +120,8 @@ def training(params_path: str | None = None, register_model: bool = True) -> dic
     tags_done = _cached(tags, "tags", params_path)(params_path, split_done)
     encoder_done = _cached(encoder, "encoder", params_path)(params_path, tags_done)
     router_done = _cached(predictors, "predictors", params_path)(params_path, encoder_done)
-    report = evaluate_mixllm.submit(params_path, router_done)
+    router_dir, replay_tags = replay(params_path, router_done)
+    report = evaluate_mixllm.submit(params_path, router_dir)
     # The baselines are independent of each other: the task runner runs them in parallel.
     baseline_curves = evaluate_baseline.map(params_path, list(config.evaluation.baselines), router_done)
     report = report.result()
@@ -119,7 +131,7 @@ def training(params_path: str | None = None, register_model: bool = True) -> dic
     logger.info("MixLLM on the holdout: %s", report.headline())
     result: dict[str, Any] = {"headline": report.headline(), "metrics": report.metrics}
     if register_model:
-        registration = register(params_path, report)
+        registration = register(params_path, report, router_dir, replay_tags)
         logger.info("registered version %s: %s", registration["version"], registration["verdict"])
         result["registration"] = registration
     return result

@@ -261,6 +261,9 @@ class PipelineConfig(StrictModel):
     work_dir: Path = Path("data/pipeline")
     # Feedback rows the continual flow needs before it bothers to register a new version.
     min_feedback_rows: int = Field(default=1, ge=1)
+    # A full retrain (mixllm train, the training flow) replays the feedback the continual flow has
+    # already learned from, so a retrained model does not forget it. The DVC pipeline never does.
+    replay_feedback: bool = True
 
 
 class ServiceConfig(StrictModel):

@@ -76,6 +76,7 @@ class Workspace:
     plot = property(lambda self: self.root / "pareto.png")
     evaluation = property(lambda self: self.root / "evaluation.json")
     registration = property(lambda self: self.root / "registration.json")
+    replayed = property(lambda self: self.root / "replayed" / "router")
     cache = property(lambda self: self.root / "cache")
 
 
@@ -420,11 +421,12 @@ def objective(report: EvaluationReport, config: MixLLMConfig) -> float:
 
 
 def stage_evaluate(config: MixLLMConfig, split: SplitData | None = None, progress: bool | None = None,
-                   baselines: Sequence[str] | None = None) -> EvaluationReport:
-    """Evaluate router/ on the holdout; write metrics.json, curve.csv, table.md and pareto.png."""
+                   baselines: Sequence[str] | None = None, router_dir: Path | None = None) -> EvaluationReport:
+    """Evaluate router/ (or `router_dir`) on the holdout; write metrics.json, curve.csv, table.md
+    and pareto.png."""
     split = split or load_split(config)
     workspace = Workspace.of(config)
-    router = MixLLMRouter.load(workspace.router, progress=progress)
+    router = MixLLMRouter.load(router_dir or workspace.router, progress=progress)
     router.cache_dir = workspace.cache
     report = evaluate_router(config, router, split, baselines=baselines)
     write_evaluation(config, report, workspace)
@@ -624,12 +626,13 @@ def run_training(config: MixLLMConfig, *, progress: bool | None = None, register
         record_stage(config, "split")
     split = load_split(config)
     train_router(config, split, progress)
-    report = stage_evaluate(config, split, progress, baselines=baselines)
+    router_dir, replay = stage_replay(config, progress)
+    report = stage_evaluate(config, split, progress, baselines=baselines, router_dir=router_dir)
     record_stage(config, "evaluate")
     registration = None
     if register:
         registration = register_candidate(
-            config, workspace.router, report, split, run_name="training",
+            config, router_dir, report, split, run_name="training", extra_tags=replay.tags(),
             artifacts=[workspace.plot, workspace.table, workspace.curve, workspace.tags, workspace.metrics],
         )
         _write_atomic(workspace.registration, json.dumps(registration.to_dict(), indent=2))
@@ -678,6 +681,63 @@ def screen_feedback(rows: pd.DataFrame, pool: Sequence[str]) -> tuple[pd.DataFra
         bad |= failing
     usable = rows[~bad].assign(quality=quality[~bad], cost_usd=cost[~bad])  # unknown cost: NaN, not None
     return usable, skipped
+
+
+@dataclass
+class Replay:
+    """What a retrain re-learned from the feedback store."""
+
+    rows: int = 0
+    last_feedback_id: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+
+    def tags(self) -> dict[str, str]:
+        if not self.rows:
+            return {}
+        return {"mixllm.replayed_feedback": f"{self.rows} rows (ids up to {self.last_feedback_id})"}
+
+
+def consumed_feedback(config: MixLLMConfig) -> pd.DataFrame:
+    """Feedback the continual flow has learned from (ids up to its watermark): what a retrain replays.
+    Rows past the watermark are left to the next continual run, so no row is learned twice."""
+    from mixllm.store import InteractionLog
+
+    url = config.sqlalchemy_url(config.service.feedback_store_url)
+    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).exists():
+        return pd.DataFrame()  # no service has run here: nothing to replay (and no file to create)
+    store = InteractionLog(url)
+    try:
+        watermark = store.watermark()
+        rows = store.feedback_since(0) if watermark else pd.DataFrame()
+    finally:
+        store.dispose()
+    return rows[rows["feedback_id"] <= watermark] if len(rows) else rows
+
+
+def stage_replay(config: MixLLMConfig, progress: bool | None = None) -> tuple[Path, Replay]:
+    """router/ plus the consumed feedback, learned again with partial_fit (bandit updates of the
+    chosen LLMs only), saved to replayed/router; router/ itself when there is nothing to replay.
+
+    router/ stays the pure offline fit, so its stage cache never holds feedback (a second retrain
+    would otherwise learn the same rows twice)."""
+    workspace = Workspace.of(config)
+    if not config.pipeline.replay_feedback:
+        return workspace.router, Replay()
+    rows = consumed_feedback(config)
+    if rows.empty:
+        return workspace.router, Replay()
+    router = MixLLMRouter.load(workspace.router, progress=progress)
+    router.cache_dir = workspace.cache
+    usable, skipped = screen_feedback(rows, router.llms_)
+    replay = Replay(len(usable), int(rows["feedback_id"].max()), skipped)
+    if usable.empty:
+        return workspace.router, replay
+    router.partial_fit(usable[["query", "llm", "quality", "cost_usd"]
+                              + [c for c in ("input_tokens", "output_tokens") if c in usable]])
+    logger.info("replayed %d feedback rows (ids up to %d) onto the retrained router%s", replay.rows,
+                replay.last_feedback_id, f"; set aside: {skipped}" if skipped else "")
+    workspace.replayed.parent.mkdir(parents=True, exist_ok=True)
+    return _replace_dir(workspace.replayed, router.save), replay
 
 
 def continual_update(config: MixLLMConfig, router: MixLLMRouter, feedback_rows: pd.DataFrame) -> list[str]:

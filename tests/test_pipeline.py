@@ -250,3 +250,29 @@ def test_a_disabled_reference_llm_is_still_the_yardstick(project):
     assert report.reference.llm == best
     assert all(best not in point.traffic for point in report.mixllm.points), "never routed to the disabled LLM"
     assert np.isfinite(report.metrics["aiq"]) and report.predictions_finite
+
+
+def test_retraining_replays_the_feedback_continual_runs_learned(project):
+    """A nightly retrain must not forget the feedback: it replays rows up to the watermark, once."""
+    from mixllm.pipeline import consumed_feedback
+    from mixllm.router import MixLLMRouter
+
+    config = _config(project)
+    consumed = consumed_feedback(config)
+    assert len(consumed) == 12, "the continual test above consumed 12 rows"
+    outcome = run_training(config, progress=False, baselines=[])
+    registration = outcome.registration
+    version = {v.version: v for v in Registry(config).versions()}[registration.version]
+    assert version.tags["mixllm.replayed_feedback"] == "12 rows (ids up to 12)"
+    workspace = Workspace.of(config)
+    offline = MixLLMRouter.load(workspace.router).predict(consumed["query"].tolist())
+    replayed = MixLLMRouter.load(workspace.replayed).predict(consumed["query"].tolist())
+    for llm in set(consumed["llm"]):
+        j = offline.llms.index(llm)
+        assert not np.allclose(offline.quality[:, j], replayed.quality[:, j]), f"{llm} learned nothing"
+    untouched = [k for k, llm in enumerate(offline.llms) if llm not in set(consumed["llm"])]
+    assert all(np.array_equal(offline.quality[:, k], replayed.quality[:, k]) for k in untouched)
+    from mixllm.pipeline import stage_replay
+
+    off = _config(project, **{"pipeline.replay_feedback": False})
+    assert stage_replay(off)[0] == workspace.router, "replay off: the offline fit is what gets evaluated"
