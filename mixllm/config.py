@@ -264,6 +264,10 @@ class PipelineConfig(StrictModel):
     # A full retrain (mixllm train, the training flow) replays the feedback the continual flow has
     # already learned from, so a retrained model does not forget it. The DVC pipeline never does.
     replay_feedback: bool = True
+    # The continual flow reads only feedback older than this, so a row whose id was taken but not yet
+    # committed (several service replicas on PostgreSQL) is never skipped by the watermark.
+    # null: 0 on SQLite (one writer commits ids in order), 30 s on any other database.
+    feedback_settle_s: float | None = Field(default=None, ge=0.0)
 
 
 class ServiceConfig(StrictModel):

@@ -757,12 +757,28 @@ def read_new_feedback(config: MixLLMConfig) -> tuple[pd.DataFrame, int]:
     """Feedback rows past the watermark (joined to their decisions), and the watermark itself."""
     from mixllm.store import InteractionLog
 
-    store = InteractionLog(config.sqlalchemy_url(config.service.feedback_store_url))
+    url = config.sqlalchemy_url(config.service.feedback_store_url)
+    store = InteractionLog(url)
     try:
         before = store.watermark()
-        return store.feedback_since(before), before
+        rows = store.feedback_since(before)
     finally:
         store.dispose()
+    settle_s = config.pipeline.feedback_settle_s
+    if settle_s is None:
+        settle_s = 0.0 if url.startswith("sqlite") else 30.0
+    return settled_prefix(rows, settle_s), before
+
+
+def settled_prefix(rows: pd.DataFrame, settle_s: float, now: Any = None) -> pd.DataFrame:
+    """The rows (in id order) up to the first one younger than `settle_s`: the watermark then never
+    passes an id whose row may still be committing."""
+    if rows.empty or settle_s <= 0:
+        return rows
+    created = pd.to_datetime(rows["created_at"], utc=True)  # SQLite gives naive UTC; PostgreSQL aware
+    cutoff = pd.Timestamp.now(tz="UTC") if now is None else pd.Timestamp(now)
+    young = (created > cutoff - pd.Timedelta(seconds=settle_s)).to_numpy()
+    return rows.iloc[: int(np.argmax(young)) if young.any() else len(rows)]
 
 
 def update_champion(config: MixLLMConfig, rows: pd.DataFrame) -> tuple[Path, int, list[str]]:

@@ -65,3 +65,15 @@ def test_request_schemas_reject_blank_text_and_non_finite_numbers():
 
     parts = [{"type": "text", "text": 5}, {"type": "text", "text": "real"}, {"type": "image_url"}]
     assert _last_user_text([ChatMessage(role="user", content=parts)]) == "real"
+
+
+def test_continual_reads_only_settled_feedback_in_id_order():
+    from mixllm.pipeline import settled_prefix
+
+    now = pd.Timestamp("2026-01-01 12:00:00", tz="UTC")
+    rows = pd.DataFrame({"feedback_id": [1, 2, 3, 4],
+                         "created_at": [now - pd.Timedelta(seconds=s) for s in (90, 60, 5, 120)]})
+    assert settled_prefix(rows, 30, now)["feedback_id"].tolist() == [1, 2], "stops at the first young row"
+    assert settled_prefix(rows, 0, now)["feedback_id"].tolist() == [1, 2, 3, 4]
+    naive = rows.assign(created_at=[t.tz_localize(None) for t in rows["created_at"]])  # as SQLite returns them
+    assert settled_prefix(naive, 30, now)["feedback_id"].tolist() == [1, 2]
