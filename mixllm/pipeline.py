@@ -308,9 +308,9 @@ def evaluate_router(
               for j, llm in enumerate(llms)}
     for baseline in baselines if baselines is not None else evaluation.baselines:
         curves.append(measure_baseline(config, baseline, split, llms, router.encoder_))
-    report = EvaluationReport(reference, curves, calibration, calibrated, single)
-    report.predictions_finite = bool(all(np.isfinite(values).all() for values in (
-        predictions.quality, predictions.uncertainty, predictions.cost_usd)))
+    finite = all(np.isfinite(values).all() for values in (predictions.quality, predictions.uncertainty,
+                                                          predictions.cost_usd))
+    report = EvaluationReport(reference, curves, calibration, calibrated, single, predictions_finite=bool(finite))
     report.predictor_scores = predictor_scores(predictions, outcomes)
     report.timings = {f"timing.{k}": float(v) for k, v in getattr(router, "timings_", {}).items()}
     report.metrics = flat_metrics(report, config)
@@ -523,17 +523,6 @@ def register_candidate(config: MixLLMConfig, router_dir: Path, report: Evaluatio
 
     registry = Registry(config)
     router = MixLLMRouter.load(router_dir, progress=False)
-    with tempfile.TemporaryDirectory(prefix="mixllm-register-") as scratch:  # MLflow copies what it logs
-        router_dir = _with_calibrated_lambda(router_dir, report.calibration.lambda_, Path(scratch))
-        return _register(config, registry, router, router_dir, report, split, run_name=run_name,
-                         extra_tags=extra_tags, artifacts=artifacts)
-
-
-def _register(config: MixLLMConfig, registry: Any, router: MixLLMRouter, router_dir: Path, report: EvaluationReport,
-              split: SplitData, *, run_name: str, extra_tags: dict[str, str] | None,
-              artifacts: Sequence[Path]) -> Registration:
-    from mixllm.registry import git_commit
-
     champion_before = registry.alias_version("champion")
     champion_value = None
     if champion_before is not None:
@@ -552,10 +541,12 @@ def _register(config: MixLLMConfig, registry: Any, router: MixLLMRouter, router_
     }
     params = config.to_flat_dict()
     metrics = {**report.metrics, "gate.promoted": float(verdict.promote)}
-    run_id, version_number = registry.log_candidate(
-        router_dir, params=params, metrics=metrics, artifacts=list(artifacts), tags=tags, run_name=run_name,
-        input_example=query_frame(split.holdout)["query"].head(2).str.slice(0, 300).tolist(),
-    )
+    with tempfile.TemporaryDirectory(prefix="mixllm-register-") as scratch:  # MLflow copies what it logs
+        run_id, version_number = registry.log_candidate(
+            _with_calibrated_lambda(router_dir, report.calibration.lambda_, Path(scratch)), params=params,
+            metrics=metrics, artifacts=list(artifacts), tags=tags, run_name=run_name,
+            input_example=query_frame(split.holdout)["query"].head(2).str.slice(0, 300).tolist(),
+        )
     if verdict.promote:
         registry.promote(version_number, verdict.summary())
     else:
@@ -728,21 +719,18 @@ def stage_replay(config: MixLLMConfig, progress: bool | None = None) -> tuple[Pa
         return workspace.router, Replay()
     router = MixLLMRouter.load(workspace.router, progress=progress)
     router.cache_dir = workspace.cache
-    usable, skipped = screen_feedback(rows, router.llms_)
-    replay = Replay(len(usable), int(rows["feedback_id"].max()), skipped)
-    if usable.empty:
+    learned, skipped = learn_from_feedback(router, rows)
+    replay = Replay(learned, int(rows["feedback_id"].max()), skipped)
+    if not replay.rows:
         return workspace.router, replay
-    router.partial_fit(usable[["query", "llm", "quality", "cost_usd"]
-                              + [c for c in ("input_tokens", "output_tokens") if c in usable]])
-    logger.info("replayed %d feedback rows (ids up to %d) onto the retrained router%s", replay.rows,
-                replay.last_feedback_id, f"; set aside: {skipped}" if skipped else "")
+    logger.info("replayed %d feedback rows (ids up to %d) onto the retrained router", replay.rows,
+                replay.last_feedback_id)
     workspace.replayed.parent.mkdir(parents=True, exist_ok=True)
     return _replace_dir(workspace.replayed, router.save), replay
 
 
-def continual_update(config: MixLLMConfig, router: MixLLMRouter, feedback_rows: pd.DataFrame) -> list[str]:
-    """Apply the catalogue's pool changes, then the bandit feedback (each row updates only its LLM)."""
-    changes = router.apply_catalogue(config.llms)
+def learn_from_feedback(router: MixLLMRouter, feedback_rows: pd.DataFrame) -> tuple[int, dict[str, int]]:
+    """partial_fit the screened rows (each updates only its own LLM); rows learned, and set aside per reason."""
     usable, skipped = screen_feedback(feedback_rows, router.llms_)
     for reason, count in skipped.items():
         logger.warning("%d feedback rows set aside (%s); they stay in the store and are not learned from",
@@ -750,6 +738,13 @@ def continual_update(config: MixLLMConfig, router: MixLLMRouter, feedback_rows: 
     if len(usable):
         router.partial_fit(usable[["query", "llm", "quality", "cost_usd"]
                                   + [c for c in ("input_tokens", "output_tokens") if c in usable]])
+    return len(usable), skipped
+
+
+def continual_update(config: MixLLMConfig, router: MixLLMRouter, feedback_rows: pd.DataFrame) -> list[str]:
+    """Apply the catalogue's pool changes, then the bandit feedback (each row updates only its LLM)."""
+    changes = router.apply_catalogue(config.llms)
+    learn_from_feedback(router, feedback_rows)
     return changes
 
 

@@ -105,10 +105,15 @@ def latency_penalty(expected_latency_s: np.ndarray, tolerance_s: float, weight: 
     return weight * np.expm1(np.minimum(excess / scale_s, 50.0))
 
 
+def service_time_s(profile: LatencyProfile, output_tokens: np.ndarray) -> np.ndarray:
+    """One call's expected service time: per call plus per expected output token."""
+    return profile.per_call_s + profile.per_output_token_s * np.asarray(output_tokens, dtype=np.float64)
+
+
 def expected_latency_s(profile: LatencyProfile, output_tokens: np.ndarray, in_flight: int,
                        observed_latency_s: float | None = None) -> np.ndarray:
     """Queue wait behind `in_flight` calls plus one service time (see the module docstring)."""
-    service = profile.per_call_s + profile.per_output_token_s * np.asarray(output_tokens, dtype=np.float64)
+    service = service_time_s(profile, output_tokens)
     if observed_latency_s is not None and observed_latency_s > 0:
         service = np.full_like(service, observed_latency_s)
     queued = max(0, in_flight + 1 - profile.concurrency)
@@ -463,6 +468,11 @@ class MixLLMRouter(BaseEstimator):
                                             decision_config.latency_scale_s)
         return penalty
 
+    def expected_service_s(self, predictions: Predictions, row: int, llm: str) -> float:
+        """Expected service time of one call to `llm` for query `row` of `predictions`."""
+        profile = LatencyProfile(**self.catalogue_[llm].get("latency", {}))
+        return float(service_time_s(profile, predictions.output_tokens[row, predictions.llms.index(llm)]))
+
     # ------------------------------------------------------------------------------- continual
 
     def partial_fit(self, interactions: pd.DataFrame, features: np.ndarray | None = None) -> MixLLMRouter:
@@ -738,8 +748,8 @@ def _check_log(log: pd.DataFrame, need_query_id: bool = True, allow_missing_cost
         raise RoutingError("no interactions given")
     quality = pd.to_numeric(log["quality"], errors="coerce")
     cost = pd.to_numeric(log["cost_usd"], errors="coerce")
-    unknown_cost = log["cost_usd"].isna()
-    bad_cost = np.isinf(cost) | (cost.isna() & ~unknown_cost) | (unknown_cost & (not allow_missing_cost))
+    missing_cost = log["cost_usd"].isna()  # unknown; anything else must be a finite number
+    bad_cost = (~np.isfinite(cost) & ~missing_cost) | (missing_cost & (not allow_missing_cost))
     if not np.isfinite(quality).all() or bad_cost.any():
         raise RoutingError("interactions have a missing or non-finite quality or cost; validate them with mixllm.data first")
     _check_queries(log["query"].tolist())

@@ -255,13 +255,6 @@ def _stored_response(stored: dict[str, Any]) -> RouteResponse:
                               eligible=c["eligible"]) for c in candidates])
 
 
-def _expected_service_s(router: Any, predictions: Any, row: int, llm: str) -> float:
-    """One call's expected service time from the LLM's latency profile and predicted output tokens."""
-    profile = router.catalogue_[llm].get("latency") or {}
-    tokens = float(predictions.output_tokens[row, predictions.llms.index(llm)])
-    return float(profile.get("per_call_s", 0.5)) + float(profile.get("per_output_token_s", 0.0)) * tokens
-
-
 def _last_user_text(messages: list[ChatMessage]) -> str | None:
     for message in reversed(messages):
         if message.role == "user":
@@ -425,7 +418,7 @@ class MixLLMService:
         row_of = {i: row for row, i in enumerate(valid)}
         for (i, item, decision), decision_id in zip(records, decision_ids):
             self.load.start(decision_id, decision.llm,
-                            expires_after_s=2 * _expected_service_s(router, predictions, row_of[i], decision.llm))
+                            expires_after_s=2 * router.expected_service_s(predictions, row_of[i], decision.llm))
             self.metrics.decisions.labels(llm=decision.llm).inc()
             results[i] = RouteResponse(llm=decision.llm, decision_id=decision_id, model_version=model.version,
                                        lambda_=decision.lambda_, relaxed=list(decision.relaxed),

@@ -118,9 +118,9 @@ class InteractionLog:
                      candidates: list[dict[str, Any]] | None = None, request_id: str | None = None) -> str:
         """Store a decision and return its id; a retried request_id returns the first decision's id."""
         if request_id:
-            existing = self.decision_for_request(request_id)
+            existing = self.decision_by_request(request_id)
             if existing is not None:
-                return existing
+                return existing["decision_id"]
         decision_id = uuid.uuid4().hex
         row = {"decision_id": decision_id, "request_id": request_id or None, "query": query, "llm": llm,
                "model_version": model_version, "lambda_": lambda_,
@@ -129,10 +129,10 @@ class InteractionLog:
             with self._write_lock, self.engine.begin() as connection:
                 connection.execute(decisions.insert().values(**row))
         except IntegrityError:
-            existing = self.decision_for_request(request_id) if request_id else None
+            existing = self.decision_by_request(request_id) if request_id else None
             if existing is None:
                 raise
-            return existing
+            return existing["decision_id"]
         return decision_id
 
     def log_decisions(self, rows: list[dict[str, Any]]) -> list[str]:
@@ -159,12 +159,6 @@ class InteractionLog:
                 decisions.update().where(decisions.c.decision_id == decision_id).values(
                     cost_usd=cost_usd, latency_s=latency_s, input_tokens=input_tokens, output_tokens=output_tokens)
             )
-
-    def decision_for_request(self, request_id: str) -> str | None:
-        with self.engine.connect() as connection:
-            return connection.execute(
-                sa.select(decisions.c.decision_id).where(decisions.c.request_id == request_id)
-            ).scalar_one_or_none()
 
     def decision_by_request(self, request_id: str) -> dict[str, Any] | None:
         with self.engine.connect() as connection:
