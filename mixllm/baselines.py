@@ -60,6 +60,8 @@ class BaselineRouter(BaseEstimator):
     """Common parts: the LLM list, the cost model, and `predict` -> Predictions."""
 
     sweeps_lambda = True  # False: one point, whatever lambda
+    uses_task_label = False  # True: reads each query's true task (source), which a caller may not send
+    uses_outcomes = False  # True: reads the evaluation queries' own outcomes (an upper bound, not a router)
 
     def _fit_common(self, log: pd.DataFrame) -> None:
         self.llms_ = sorted(log["llm"].unique())
@@ -143,6 +145,8 @@ class OracleRouter(BaselineRouter):
     """Knows each holdout query's true quality and cost: at lambda 0 it picks the cheapest LLM that
     reaches the query's best quality. An upper bound, never a deployable router."""
 
+    uses_outcomes = True
+
     def fit(self, log: pd.DataFrame) -> OracleRouter:
         self._fit_common(log)
         self.quality_, self.cost_ = outcome_matrix(log, self.llms_)
@@ -157,6 +161,8 @@ class OracleRouter(BaselineRouter):
 
 class PerSourceRouter(BaselineRouter):
     """Mean quality and cost of each LLM within the query's source (task/benchmark) on train."""
+
+    uses_task_label = True
 
     def fit(self, log: pd.DataFrame) -> PerSourceRouter:
         self._fit_common(log)
@@ -248,12 +254,20 @@ class TfidfLogisticRouter(BaselineRouter):
 
 
 class MixLLMAdapter(BaseEstimator):
-    """A fitted MixLLMRouter seen through the baseline interface (queries frame -> Predictions)."""
+    """A fitted MixLLMRouter seen through the baseline interface (queries frame -> Predictions).
+
+    With `with_task`, each query's `source` is passed as its task (the caller knows the task)."""
 
     sweeps_lambda = True
+    uses_outcomes = False
 
-    def __init__(self, router: MixLLMRouter):
+    def __init__(self, router: MixLLMRouter, with_task: bool = False):
         self.router = router
+        self.with_task = with_task
+
+    @property
+    def uses_task_label(self) -> bool:
+        return self.with_task
 
     def fit(self, log: pd.DataFrame) -> MixLLMAdapter:
         self.router.fit(log)
@@ -269,8 +283,9 @@ class MixLLMAdapter(BaseEstimator):
 
     def predict(self, queries: pd.DataFrame) -> Predictions:
         texts = queries["query"].tolist()
-        return self.router.predict_from_features(self.router.features(texts), np.array([len(q) for q in texts]),
-                                                 self.llms_)
+        tasks = queries["source"].tolist() if self.with_task and "source" in queries else None
+        return self.router.predict_from_features(self.router.features(texts, tasks),
+                                                 np.array([len(q) for q in texts]), self.llms_)
 
 
 def make_baseline(name: str, *, embed: Any = None, random_state: int = 0) -> BaselineRouter:

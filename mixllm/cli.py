@@ -299,6 +299,8 @@ def route(
     queries: Annotated[list[str], typer.Argument(help="One or more queries to route.")],
     lambda_: Annotated[Optional[float], typer.Option("--lambda", help="Cost weight (default: decision.lambda, or the model's calibrated one).")] = None,
     model: Annotated[str, typer.Option(help="Registry alias or version, or a router folder.")] = "champion",
+    task: Annotated[Optional[str], typer.Option(help="The queries' task label (e.g. a benchmark name), when known; "
+                                                     "one the router was trained on places them in that domain.")] = None,
 ) -> None:
     """Route queries with the champion (or another version / folder) and show why."""
     router = _load_router(model)
@@ -306,8 +308,11 @@ def route(
         from mixllm.pipeline import ablation_config
 
         router.config = ablation_config(router.config, **state.overrides)
-    for query, decision in zip(queries, router.route(queries, lambda_=lambda_)):
+    tasks = [task] * len(queries) if task else None
+    for query, decision in zip(queries, router.route(queries, lambda_=lambda_, tasks=tasks)):
         typer.echo(f"{decision.llm}  <- {query[:70]!r}  (lambda={decision.lambda_:g})")
+        for note in decision.notes:
+            typer.echo(f"   note: {note}")
         for c in sorted(decision.candidates, key=lambda c: -c.score):
             typer.echo(f"   {c.llm:40s} q={c.quality:.3f} c=${c.cost_usd:.6f} sigma={c.uncertainty:.3f} "
                        f"penalty={c.penalty:.3f} score={c.score:.4f}")
@@ -371,7 +376,8 @@ app.add_typer(tags_app, name="tags")
 def tags_show(
     model: Annotated[Optional[str], typer.Option(help="Show the domains of a registry alias/version or router folder instead.")] = None,
 ) -> None:
-    """The tag domains: name (their most central tags), size, example tags, and example queries' tags."""
+    """The domains: the log's task labels, or the tag domains (name = their most central tags, size,
+    example tags, and example queries' tags)."""
     from mixllm.pipeline import read_tags
 
     if model:
@@ -382,6 +388,11 @@ def tags_show(
         typer.echo("tags are disabled in this configuration (no domains, no fine-tuning)")
         return
     counts = report.get("domain_counts", [])
+    if report.get("method") == "source":
+        typer.echo("domains are the task labels (source) of the training log; no tagging was needed")
+        for domain, queries in zip(report.get("domains", []), counts):
+            typer.echo(f"domain {domain['domain']:2d}  {domain['name']}  ({queries} queries)")
+        return
     for domain in report.get("domains", []):
         queries = counts[domain["domain"]] if domain["domain"] < len(counts) else 0
         typer.echo(f"domain {domain['domain']:2d}  {domain['name']}  ({domain['tags']} tags, {queries} queries)")

@@ -154,10 +154,42 @@ class TagsConfig(StrictModel):
     llm: LLMTaggerConfig = LLMTaggerConfig()
 
 
+class DomainsConfig(StrictModel):
+    """Domains: groups of queries whose per-LLM mean quality is the prior of each LLM's quality head.
+
+    MixLLM's domains are clusters of query tags. A routing log often carries a better grouping: the
+    task or benchmark each query came from (`source`). On every shared log the per-task mean was a
+    stronger prior than the tag clusters (benchmarks/RESULTS.md), so `auto` uses `source` when the
+    training log has at least two task labels, and the tag domains otherwise.
+    """
+
+    labels: Literal["auto", "source", "tags"] = "auto"
+    # A label needs this many training queries to become a domain; rarer ones are left unlabelled.
+    min_queries: int = Field(default=10, ge=2)
+    # Pseudo-queries pulling each domain's per-LLM mean toward the LLM's overall mean (shrinkage).
+    prior_strength: float = Field(default=5.0, ge=0.0)
+    # Inverse regularisation strengths of the domain classifier (multinomial logistic regression on
+    # the query features); the one with the best cross-validated log-loss is kept.
+    classifier_c: tuple[float, ...] = (0.003, 0.01, 0.03, 0.1)
+    # Folds for choosing C and for the training queries' own (out-of-fold) domain probabilities.
+    cross_fit_folds: int = Field(default=5, ge=2)
+    # Scale of the domain-membership block in the quality heads' input: larger means a weaker prior
+    # on per-domain corrections, so feedback moves a whole domain faster.
+    weight: float = Field(default=1.0, gt=0.0)
+    seed: int = 0
+
+    @field_validator("classifier_c")
+    @classmethod
+    def _positive_grid(cls, grid: tuple[float, ...]) -> tuple[float, ...]:
+        if not grid or any(c <= 0 for c in grid):
+            raise ValueError(f"classifier_c must list one or more positive numbers, got {list(grid)}")
+        return grid
+
+
 class TfidfConfig(StrictModel):
     """TF-IDF terms joined to the representation (beyond the paper; see the ablation table)."""
 
-    enabled: bool = False
+    enabled: bool = True
     max_features: int = Field(default=20_000, ge=1)
     ngram_max: int = Field(default=2, ge=1, le=3)
     min_df: int = Field(default=2, ge=1)
@@ -167,7 +199,7 @@ class TfidfConfig(StrictModel):
 
 
 class FeaturesConfig(StrictModel):
-    """What the predictors see: encoder embedding (+ domain vector, + cheap extras)."""
+    """What the predictors see: encoder embedding, domain memberships and cheap extras."""
 
     use_domains: bool = True
     use_length: bool = True
@@ -180,10 +212,19 @@ class QualityPredictorConfig(StrictModel):
     kind: Literal["bayesian_linear", "random_forest", "knn", "mlp", "gradient_boosting"] = (
         "bayesian_linear"
     )
-    ridge: float = Field(default=10.0, gt=0)  # rho in A = rho*I + sum x x^T
+    # rho in A = rho*I + sum x x^T. null: chosen on the training data by generalised
+    # cross-validation (GCV) over ridge_grid; a number fixes it.
+    ridge: float | None = Field(default=None, gt=0)
+    ridge_grid: tuple[float, ...] = (1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0)
     noise_scale: float = Field(default=0.5, gt=0)  # sigma = noise_scale * sqrt(x^T A^-1 x)
     # Uncertainty of an LLM added by add_llm before it has any data (its A = prior_ridge * I).
     new_llm_prior_ridge: float = Field(default=1.0, gt=0)
+    # A newcomer's prior quality per domain: optimistic (as good as the best pool LLM that costs no
+    # more), price_tier (pool means weighted by closeness in price) or mean (the pool's mean).
+    newcomer_prior: Literal["optimistic", "price_tier", "mean"] = "optimistic"
+    # A newcomer's head also reads how each trained LLM's prediction differs from its prior (frozen
+    # at the join), scaled by this: a few answers then tell which LLMs it resembles. 0: off.
+    resemblance_weight: float = Field(default=3.0, ge=0.0)
     seed: int = 0
 
 
@@ -218,11 +259,16 @@ class EvaluationConfig(StrictModel):
     """How routers are compared: against a reference LLM, over a lambda sweep."""
 
     reference_llm: str | None = None  # None: the best single LLM on the training part
-    lambda_grid: tuple[float, ...] = (
-        0.0, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 100.0,
-    )
     cost_budget_share: float = Field(default=0.2418, gt=0)  # the paper's 24.18% of GPT-4's cost
     quality_target_share: float = Field(default=0.9725, gt=0)  # the paper's 97.25% of its quality
+    # The calibrated lambda must keep spend within the budget with this confidence on a window of
+    # budget_window_queries new queries (null: as many as the validation part has); 0.5: the
+    # validation mean alone must fit the budget.
+    budget_confidence: float = Field(default=0.95, ge=0.5, lt=1.0)
+    budget_window_queries: int | None = Field(default=None, ge=1)
+    # Percentile bootstrap over the evaluation queries for the confidence intervals.
+    bootstrap_resamples: int = Field(default=1000, ge=0)
+    confidence_level: float = Field(default=0.95, gt=0.5, lt=1.0)
     baselines: tuple[str, ...] = (
         "random", "cheapest", "best_single", "oracle", "knn", "mlp", "tfidf_logistic", "per_source",
     )
@@ -302,6 +348,7 @@ class MixLLMConfig(StrictModel):
     llms: tuple[LLMConfig, ...] = ()
     embedding: EmbeddingConfig = EmbeddingConfig()
     tags: TagsConfig = TagsConfig()
+    domains: DomainsConfig = DomainsConfig()
     features: FeaturesConfig = FeaturesConfig()
     predictors: PredictorsConfig = PredictorsConfig()
     decision: DecisionConfig = DecisionConfig()
@@ -482,3 +529,68 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not sep or not key.strip():
         raise ConfigError(f"override '{text}' must look like section.key=value (e.g. decision.lambda=0.5)")
     return key.strip(), yaml.safe_load(value)
+
+
+# ------------------------------------------------------------------------------ benchmark datasets
+
+SHARED_DATA_ENV = "MIXLLM_SHARED_DATA"
+
+
+class PoolChangeConfig(StrictModel):
+    """The pool-change replay of a benchmark: LLMs that join (with a prior only) and leave mid-stream."""
+
+    join: tuple[str, ...] = ()
+    leave: tuple[str, ...] = ()
+    join_at: int = Field(default=100, ge=0)  # stream position (queries) where the newcomers join
+    leave_at: int = Field(default=400, ge=0)
+    window: int = Field(default=300, ge=1)  # queries after joining over which share and quality are compared
+
+
+class DatasetConfig(StrictModel):
+    """One routing log of the benchmark: where it is, its LLM catalogue with prices, its reference.
+
+    A new log is one more entry, not new code; everything not given here comes from params.yaml."""
+
+    path: Path  # relative to the shared data folder (benchmarks/datasets.yaml: shared_data)
+    reference_llm: str
+    llms: tuple[LLMConfig, ...] | None = None  # null: the catalogue in params.yaml
+    split_column: str | None = "split"  # a train/test column of the log, honoured when present
+    description: str = ""
+    pool_change: PoolChangeConfig | None = None
+
+    @model_validator(mode="after")
+    def _llms_known(self) -> DatasetConfig:
+        names = [llm.name for llm in self.llms or ()]
+        if self.llms is not None and self.reference_llm not in names:
+            raise ValueError(f"reference_llm '{self.reference_llm}' is not in llms ({', '.join(names)})")
+        for llm in (self.pool_change.join + self.pool_change.leave) if self.pool_change else ():
+            if self.llms is not None and llm not in names:
+                raise ValueError(f"pool_change names '{llm}', which is not in llms ({', '.join(names)})")
+        return self
+
+
+class BenchmarkConfig(StrictModel):
+    """benchmarks/datasets.yaml: the shared data folder and the logs in it."""
+
+    shared_data: Path = Path("../shared/data")  # relative to the repository; $MIXLLM_SHARED_DATA overrides
+    datasets: dict[str, DatasetConfig]
+    root: Path = Field(default=Path("."), exclude=True)
+
+    def data_path(self, dataset: DatasetConfig) -> Path:
+        base = Path(os.environ[SHARED_DATA_ENV]).expanduser() if os.environ.get(SHARED_DATA_ENV) else self.shared_data
+        base = base if base.is_absolute() else self.root / base
+        return base / dataset.path
+
+
+def load_benchmark_config(path: Path | str) -> BenchmarkConfig:
+    """Read and validate a benchmark datasets file; relative paths resolve against the repository."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as error:
+        raise ConfigError(f"cannot read {path}: {error}") from None
+    try:
+        config = BenchmarkConfig.model_validate(raw or {})
+    except ValidationError as error:
+        raise ConfigError(_format_validation_error(error, str(path))) from None
+    return config.model_copy(update={"root": path.resolve().parent.parent})

@@ -8,6 +8,13 @@ has to hurt). AIQ (RouterBench's average improvement in quality) is the mean of 
 stated cost range: from the cheapest single LLM's mean cost to the reference LLM's, on the same
 queries, so every router in a run is measured over the same range. Below a router's cheapest
 point its hull is 0 (it cannot spend that little); above its dearest point the hull stays flat.
+
+The lambda sweep is exact: for each query the score of LLM m is a line in lambda
+(q_m + bonus_m - lambda * c_m / scale), so the choice changes only where the upper envelope of
+those lines has a corner. `decision_path` finds every such corner; the curve has one operating
+point per distinct corner, so no grid can make a hull coarse. Confidence intervals come from a
+bootstrap over the evaluation queries (`bootstrap_metrics`): the same resampled queries for
+every router, so differences between routers are paired.
 """
 
 from __future__ import annotations
@@ -151,15 +158,119 @@ def least_cost_for_quality(hull: np.ndarray, quality: float) -> float | None:
     return float(np.interp(quality, hull[:, 1], hull[:, 0]))
 
 
+@dataclass(frozen=True)
+class DecisionPath:
+    """Every choice of argmax_m (q_m + bonus_m - lambda * c_m / scale) as lambda grows from 0.
+
+    `initial[i]` is query i's choice at lambda = 0; event k (sorted by `lambdas`) moves query
+    `rows[k]` from LLM `from_[k]` to the cheaper `to[k]` at lambda `lambdas[k]`. Column indices
+    refer to `llms`. Ties go as in `router.decide`: to the lower predicted cost.
+    """
+
+    llms: list[str]
+    initial: np.ndarray
+    lambdas: np.ndarray
+    rows: np.ndarray
+    from_: np.ndarray
+    to: np.ndarray
+
+    def choices_at(self, lambda_: float) -> np.ndarray:
+        """Each query's choice at `lambda_` (events at exactly lambda_ applied)."""
+        choices = self.initial.copy()
+        upto = int(np.searchsorted(self.lambdas, lambda_, side="right"))
+        # A row's events are in lambda order: its last event up to lambda_ holds its choice.
+        rows, to = self.rows[:upto][::-1], self.to[:upto][::-1]
+        unique_rows, last = np.unique(rows, return_index=True)
+        choices[unique_rows] = to[last]
+        return choices
+
+
+def decision_path(quality: np.ndarray, cost_usd: np.ndarray, cost_scale_usd: float, llms: Sequence[str],
+                  bonus: np.ndarray | None = None) -> DecisionPath:
+    """The exact lambda path of the shared decision rule (see DecisionPath), vectorised over queries."""
+    intercept = np.asarray(quality, dtype=np.float64) + (0.0 if bonus is None else np.asarray(bonus, dtype=np.float64))
+    slope = np.asarray(cost_usd, dtype=np.float64) / cost_scale_usd
+    n, m = intercept.shape
+    rows = np.arange(n)
+    best = intercept.max(axis=1, keepdims=True)
+    tied = np.isclose(intercept, best, rtol=0.0, atol=1e-12)
+    current = np.where(tied, slope, np.inf).argmin(axis=1)
+    initial = current.copy()
+    at = np.zeros(n)
+    events: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+    for _ in range(m - 1):
+        own_slope = slope[rows, current][:, None]
+        cheaper = slope < own_slope - 1e-15
+        with np.errstate(divide="ignore", invalid="ignore"):
+            cross = np.where(cheaper, (intercept[rows, current][:, None] - intercept) / (own_slope - slope), np.inf)
+        cross = np.where(cheaper, np.maximum(cross, at[:, None]), np.inf)
+        nearest = cross.min(axis=1)
+        moving = np.isfinite(nearest)
+        if not moving.any():
+            break
+        ties = np.isclose(cross, nearest[:, None], rtol=1e-12, atol=0.0) & cheaper
+        following = np.where(ties, slope, np.inf).argmin(axis=1)
+        events.append((nearest[moving], rows[moving], current[moving], following[moving]))
+        current = np.where(moving, following, current)
+        at = np.where(moving, nearest, at)
+    if events:
+        lambdas, event_rows, sources, targets = (np.concatenate(parts) for parts in zip(*events))
+        order = np.argsort(lambdas, kind="stable")
+        lambdas, event_rows, sources, targets = lambdas[order], event_rows[order], sources[order], targets[order]
+    else:
+        lambdas = np.zeros(0)
+        event_rows = sources = targets = np.zeros(0, dtype=int)
+    return DecisionPath(list(llms), initial, lambdas, event_rows, sources, targets)
+
+
+def path_means(path: DecisionPath, quality: np.ndarray, cost_usd: np.ndarray,
+               weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Mean realised quality and cost at lambda = 0 and after every event: arrays of k + 1, or
+    (B, k + 1) for B rows of bootstrap `weights` (counts per query)."""
+    n = len(path.initial)
+    index = np.arange(n)
+    start_q, start_c = quality[index, path.initial], cost_usd[index, path.initial]
+    step_q = quality[path.rows, path.to] - quality[path.rows, path.from_]
+    step_c = cost_usd[path.rows, path.to] - cost_usd[path.rows, path.from_]
+    if weights is None:
+        return (np.concatenate([[start_q.sum()], start_q.sum() + np.cumsum(step_q)]) / n,
+                np.concatenate([[start_c.sum()], start_c.sum() + np.cumsum(step_c)]) / n)
+    total = weights.sum(axis=1, keepdims=True)
+    q0, c0 = weights @ start_q, weights @ start_c
+    w = weights[:, path.rows]
+    return (np.hstack([q0[:, None], q0[:, None] + np.cumsum(w * step_q, axis=1)]) / total,
+            np.hstack([c0[:, None], c0[:, None] + np.cumsum(w * step_c, axis=1)]) / total)
+
+
+def segment_lambdas(path: DecisionPath) -> np.ndarray:
+    """A lambda inside each of the k + 1 constant stretches of the path: 0, then midpoints, then
+    twice the last corner (plus one, so a last corner at 0 still moves)."""
+    corners = path.lambdas
+    if len(corners) == 0:
+        return np.zeros(1)
+    middles = (corners[:-1] + corners[1:]) / 2
+    return np.concatenate([[0.0], middles, [2 * corners[-1] + 1.0]])
+
+
+def pareto_indices(costs: np.ndarray, qualities: np.ndarray) -> np.ndarray:
+    """Indices of the points no other point beats on both cost and quality, by rising cost."""
+    order = np.lexsort((-qualities, costs))
+    best_so_far = np.maximum.accumulate(qualities[order])
+    keep = np.concatenate([[True], qualities[order][1:] > best_so_far[:-1]])
+    return order[keep]
+
+
 @dataclass
 class RouterCurve:
-    """One router's measured behaviour on an evaluation set."""
+    """One router's measured behaviour on an evaluation set: its Pareto-efficient operating points
+    (all points of the exact sweep are kept in `path` for the bootstrap)."""
 
     name: str
     points: list[OperatingPoint]
     ms_per_query: float
     sweeps_lambda: bool = True
     calibrated: OperatingPoint | None = None  # at the lambda calibrated on validation, if any
+    path: DecisionPath | None = None
 
     def hull(self) -> np.ndarray:
         return upper_hull([p.mean_cost_usd for p in self.points], [p.mean_quality for p in self.points])
@@ -186,12 +297,13 @@ class RouterCurve:
             row["calibrated_lambda"] = self.calibrated.lambda_
             row["calibrated_quality_pct"] = 100 * self.calibrated.quality_share
             row["calibrated_cost_pct"] = 100 * self.calibrated.cost_share
+            row["calibrated_cost_over_budget"] = self.calibrated.cost_share / budget_share
         return row
 
 
 def sweep(predictions: Predictions, outcomes: Outcomes, reference: Reference, lambdas: Sequence[float],
           cost_scale_usd: float, *, exploration: float = 0.0, penalty: np.ndarray | None = None) -> list[OperatingPoint]:
-    """Operating points of one set of predictions over `lambdas` (predictions computed once)."""
+    """Operating points of one set of predictions at given lambdas (predictions computed once)."""
     penalty = np.zeros_like(predictions.quality) if penalty is None else penalty
     points = []
     for lambda_ in lambdas:
@@ -201,19 +313,43 @@ def sweep(predictions: Predictions, outcomes: Outcomes, reference: Reference, la
     return points
 
 
+def exact_sweep(predictions: Predictions, outcomes: Outcomes, reference: Reference,
+                cost_scale_usd: float) -> tuple[list[OperatingPoint], DecisionPath]:
+    """Every Pareto-efficient operating point of the exact lambda sweep, and the path itself."""
+    path = decision_path(predictions.quality, predictions.cost_usd, cost_scale_usd, predictions.llms)
+    quality, cost = _outcome_columns(outcomes, predictions.llms)
+    mean_q, mean_c = path_means(path, quality, cost)
+    lambdas = segment_lambdas(path)
+    points = []
+    for k in pareto_indices(mean_c, mean_q):
+        choices = path.choices_at(float(lambdas[k]))
+        points.append(operating_point(choices, predictions.llms, outcomes, reference, float(lambdas[k])))
+    return points, path
+
+
+def _outcome_columns(outcomes: Outcomes, llms: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    index = [outcomes.llms.index(llm) for llm in llms]
+    return outcomes.quality[:, index], outcomes.cost_usd[:, index]
+
+
 def measure_router(name: str, router: Any, queries: pd.DataFrame, outcomes: Outcomes, reference: Reference,
-                   lambdas: Sequence[float], ms_per_query: float | None = None) -> RouterCurve:
-    """Predict once, then sweep lambda. The prediction is timed as the router's overhead per query
-    unless `ms_per_query` was measured separately (e.g. without an embedding cache)."""
+                   ms_per_query: float | None = None) -> RouterCurve:
+    """Predict once, then sweep lambda exactly. The prediction is timed as the router's overhead
+    per query unless `ms_per_query` was measured separately (e.g. without an embedding cache)."""
     started = time.perf_counter()
     predictions = router.predict(queries)
     elapsed_ms = 1000 * (time.perf_counter() - started) / max(len(queries), 1)
     if ms_per_query is not None:
         elapsed_ms = ms_per_query
-    sweeps = getattr(router, "sweeps_lambda", True)
-    grid = lambdas if sweeps else [0.0]
-    points = sweep(predictions, outcomes, reference, grid, getattr(router, "cost_scale_usd_", 1.0) or 1.0)
-    return RouterCurve(name, points, elapsed_ms, sweeps)
+    if getattr(router, "sweeps_lambda", True):
+        points, path = exact_sweep(predictions, outcomes, reference, getattr(router, "cost_scale_usd_", 1.0) or 1.0)
+        return RouterCurve(name, points, elapsed_ms, True, path=path)
+    scale = getattr(router, "cost_scale_usd_", 1.0) or 1.0
+    choices, _ = decide(predictions.quality, predictions.cost_usd, predictions.uncertainty,
+                        np.zeros_like(predictions.quality), lambda_=0.0, exploration=0.0, cost_scale_usd=scale)
+    point = operating_point(choices, predictions.llms, outcomes, reference, 0.0)
+    path = DecisionPath(list(predictions.llms), choices, np.zeros(0), *(np.zeros(0, dtype=int),) * 3)
+    return RouterCurve(name, [point], elapsed_ms, False, path=path)
 
 
 def routing_overhead_ms(router: Any, queries: Sequence[str], sample: int = 64) -> float:
@@ -232,6 +368,115 @@ def routing_overhead_ms(router: Any, queries: Sequence[str], sample: int = 64) -
             router.cache_dir = cache_dir
 
 
+# ------------------------------------------------------------------------------------ bootstrap
+
+
+def _hull_arrays(costs: np.ndarray, qualities: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The non-decreasing upper convex hull of points as (costs, qualities) vertex arrays (the
+    Pareto front first, so the monotone chain runs over few points)."""
+    keep = pareto_indices(costs, qualities)
+    xs, ys = costs[keep], qualities[keep]
+    hull_x, hull_y = [xs[0]], [ys[0]]
+    for x, y in zip(xs[1:], ys[1:]):
+        while len(hull_x) >= 2 and (hull_x[-1] - hull_x[-2]) * (y - hull_y[-2]) - (hull_y[-1] - hull_y[-2]) * (x - hull_x[-2]) >= 0:
+            hull_x.pop()
+            hull_y.pop()
+        hull_x.append(x)
+        hull_y.append(y)
+    return np.array(hull_x), np.array(hull_y)
+
+
+def _hull_metrics(hull_x: np.ndarray, hull_y: np.ndarray, cheapest: float, ref_quality: float, ref_cost: float,
+                  budget_share: float, quality_share: float, sweeps: bool) -> tuple[float, float, float, float]:
+    """(AIQ, quality at the budget %, least cost % for the target, least cost % for parity) of one hull."""
+    def at(cost: np.ndarray | float) -> np.ndarray:
+        return np.where(np.asarray(cost) < hull_x[0], 0.0, np.interp(cost, hull_x, hull_y))
+
+    def least(target: float) -> float:
+        if hull_y[-1] < target:
+            return float("nan")
+        if hull_y[0] >= target:
+            return 100 * float(hull_x[0]) / ref_cost
+        return 100 * float(np.interp(target, hull_y, hull_x)) / ref_cost
+
+    if sweeps and ref_cost > cheapest:
+        xs = np.linspace(cheapest, ref_cost, 2001)
+        area = float(np.trapezoid(at(xs), xs) / (ref_cost - cheapest) / ref_quality)
+    else:
+        area = float("nan")
+    return (area, 100 * float(at(budget_share * ref_cost)) / ref_quality, least(quality_share * ref_quality),
+            least(ref_quality))
+
+
+BOOTSTRAP_METRICS = ("aiq", "quality_at_budget_pct", "least_cost_for_target_pct", "least_cost_for_reference_pct")
+
+
+def bootstrap_weights(n_queries: int, n_boot: int, seed: int) -> np.ndarray:
+    """Counts per query for `n_boot` resamples with replacement (shared by every router: paired)."""
+    rng = np.random.default_rng(seed)
+    return rng.multinomial(n_queries, np.full(n_queries, 1.0 / n_queries), size=n_boot).astype(np.float64)
+
+
+def bootstrap_metrics(curve: RouterCurve, outcomes: Outcomes, reference_quality: np.ndarray,
+                      reference_cost: np.ndarray, weights: np.ndarray, budget_share: float,
+                      quality_share: float, chunk: int = 200) -> dict[str, np.ndarray]:
+    """Each metric of `curve` on every bootstrap resample (rows of `weights`), the reference and
+    the cheapest LLM re-measured on the same resample. NaN where a target is not reached."""
+    if curve.path is None:
+        raise MixLLMError(f"router {curve.name!r} has no decision path; measure it with measure_router")
+    quality, cost = _outcome_columns(outcomes, curve.path.llms)
+    out = {name: np.zeros(len(weights)) for name in BOOTSTRAP_METRICS}
+    for start in range(0, len(weights), chunk):
+        block = weights[start:start + chunk]
+        total = block.sum(axis=1)
+        mean_q, mean_c = path_means(curve.path, quality, cost, block)
+        ref_q, ref_c = block @ reference_quality / total, block @ reference_cost / total
+        cheapest = (block @ outcomes.cost_usd / total[:, None]).min(axis=1)
+        for b in range(len(block)):
+            hull_x, hull_y = _hull_arrays(mean_c[b], mean_q[b])
+            values = _hull_metrics(hull_x, hull_y, cheapest[b], ref_q[b], ref_c[b], budget_share, quality_share,
+                                   curve.sweeps_lambda)
+            for name, value in zip(BOOTSTRAP_METRICS, values):
+                out[name][start + b] = value
+    return out
+
+
+def at_lambda_bootstrap(path: DecisionPath, lambda_: float, outcomes: Outcomes, reference_quality: np.ndarray,
+                        reference_cost: np.ndarray, weights: np.ndarray) -> dict[str, np.ndarray]:
+    """Quality and cost shares of one fixed lambda on every resample (e.g. the calibrated one)."""
+    quality, cost = _outcome_columns(outcomes, path.llms)
+    choices = path.choices_at(lambda_)
+    rows = np.arange(len(choices))
+    return {"quality_pct": 100 * (weights @ quality[rows, choices]) / (weights @ reference_quality),
+            "cost_pct": 100 * (weights @ cost[rows, choices]) / (weights @ reference_cost)}
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A point estimate with its percentile bootstrap interval (NaN-free replicates only)."""
+
+    estimate: float
+    low: float
+    high: float
+    reached: float = 1.0  # share of resamples where the metric exists (e.g. a target was reached)
+
+    @classmethod
+    def of(cls, estimate: float | None, replicates: np.ndarray, level: float = 0.95) -> Interval:
+        finite = replicates[np.isfinite(replicates)]
+        estimate = float("nan") if estimate is None else float(estimate)
+        if len(finite) == 0:
+            return cls(estimate, float("nan"), float("nan"), 0.0)
+        tail = 100 * (1 - level) / 2
+        low, high = np.percentile(finite, [tail, 100 - tail])
+        return cls(estimate, float(low), float(high), len(finite) / len(replicates))
+
+    def format(self, digits: int = 4) -> str:
+        if not np.isfinite(self.estimate):
+            return "–"
+        text = f"{self.estimate:.{digits}f} [{self.low:.{digits}f}, {self.high:.{digits}f}]"
+        return text if self.reached >= 0.999 else f"{text} ({100 * self.reached:.0f}% of resamples)"
+
+
 # -------------------------------------------------------------------------------- calibration
 
 CalibrationTarget = Literal["cost_share", "budget_usd_per_1k", "quality_share"]
@@ -244,39 +489,68 @@ class Calibration:
     lambda_: float
     validation: OperatingPoint
     met: bool  # False when no lambda met the target on validation (the closest is returned)
-
-
-def calibration_grid() -> np.ndarray:
-    return np.concatenate([[0.0], np.logspace(-3, 3, 121)])
+    confidence: float = 0.5  # of the cost bound; 0.5: the plain validation mean had to meet the budget
+    cost_bound: float | None = None  # upper confidence bound of the cost (share or USD/query) at lambda_
 
 
 def calibrate_lambda(predictions: Predictions, outcomes: Outcomes, reference: Reference, cost_scale_usd: float,
-                     target: CalibrationTarget, value: float, lambdas: Sequence[float] | None = None) -> Calibration:
-    """The lambda that meets a target on validation data.
+                     target: CalibrationTarget, value: float, *, confidence: float = 0.5,
+                     window_queries: int | None = None, reference_cost_usd: np.ndarray | None = None) -> Calibration:
+    """The lambda that meets a target on validation data, searched over the exact lambda path.
 
-    cost_share: the best quality whose cost is at most `value` x the reference's cost;
+    cost_share: the best quality whose cost stays within `value` x the reference's cost;
     budget_usd_per_1k: the same with an absolute budget (dollars per 1,000 queries);
     quality_share: the cheapest point whose quality is at least `value` x the reference's.
+
+    A budget must hold on traffic the router has not seen, not only on validation. With
+    `confidence` above 0.5 the budget must hold for the one-sided upper confidence bound of the
+    spend over a window of `window_queries` new queries (default: as many as validation has):
+    mean(d) + z * sd(d) * sqrt(1/n_validation + 1/n_window) <= 0 with d_i = cost_i - budget_i per
+    query, budget_i = value x the reference's cost on query i (or value / 1000 USD). The sd comes
+    from the validation queries at that lambda, so a spiky policy gets a wider margin.
     """
+    from statistics import NormalDist
+
     if target not in ("cost_share", "budget_usd_per_1k", "quality_share"):
         raise MixLLMError(f"unknown calibration target '{target}'; choose cost_share, budget_usd_per_1k or quality_share")
     if value <= 0:
         raise MixLLMError(f"calibration target value must be > 0, got {value}")
-    points = sweep(predictions, outcomes, reference, calibration_grid() if lambdas is None else lambdas, cost_scale_usd)
+    if not 0.5 <= confidence < 1:
+        raise MixLLMError(f"budget confidence must be in [0.5, 1), got {confidence}")
+    path = decision_path(predictions.quality, predictions.cost_usd, cost_scale_usd, predictions.llms)
+    quality, cost = _outcome_columns(outcomes, predictions.llms)
+    mean_q, mean_c = path_means(path, quality, cost)
+    lambdas = segment_lambdas(path)
+    n = len(quality)
     if target == "quality_share":
-        meeting = [p for p in points if p.quality_share >= value]
-        if meeting:
-            chosen = min(meeting, key=lambda p: (p.mean_cost_usd, -p.mean_quality))
-            return Calibration(target, value, float(chosen.lambda_), chosen, True)
-        chosen = max(points, key=lambda p: p.mean_quality)
-        return Calibration(target, value, float(chosen.lambda_), chosen, False)
-    limit = value * reference.mean_cost_usd if target == "cost_share" else value / 1000.0
-    meeting = [p for p in points if p.mean_cost_usd <= limit]
-    if meeting:
-        chosen = max(meeting, key=lambda p: (p.mean_quality, -p.mean_cost_usd))
-        return Calibration(target, value, float(chosen.lambda_), chosen, True)
-    chosen = min(points, key=lambda p: p.mean_cost_usd)
-    return Calibration(target, value, float(chosen.lambda_), chosen, False)
+        meeting = np.flatnonzero(mean_q >= value * reference.mean_quality)
+        met = len(meeting) > 0
+        k = int(meeting[np.lexsort((-mean_q[meeting], mean_c[meeting]))[0]]) if met else int(np.argmax(mean_q))
+        point = operating_point(path.choices_at(float(lambdas[k])), predictions.llms, outcomes, reference, float(lambdas[k]))
+        return Calibration(target, value, float(lambdas[k]), point, met)
+    if target == "cost_share":
+        per_query_ref = (np.full(n, reference.mean_cost_usd) if reference_cost_usd is None
+                         else np.asarray(reference_cost_usd, dtype=np.float64))
+        allowance = value * per_query_ref
+    else:
+        allowance = np.full(n, value / 1000.0)
+    excess = cost - allowance[:, None]  # d_i for every LLM choice
+    mean_d, mean_d2 = path_means(path, excess, excess**2)
+    z = NormalDist().inv_cdf(confidence)
+    window = n if window_queries is None else max(int(window_queries), 1)
+    sd = np.sqrt(np.maximum(mean_d2 - mean_d**2, 0.0) * n / max(n - 1, 1))
+    bound = mean_d + z * sd * np.sqrt(1.0 / n + 1.0 / window)
+    meeting = np.flatnonzero(bound <= 1e-15)
+    met = len(meeting) > 0
+    if met:
+        k = int(meeting[np.lexsort((mean_c[meeting], -mean_q[meeting]))[0]])
+    else:
+        k = int(np.argmin(bound))
+    point = operating_point(path.choices_at(float(lambdas[k])), predictions.llms, outcomes, reference, float(lambdas[k]))
+    mean_allowance = float(allowance.mean())
+    bound_cost = float(bound[k] + mean_allowance)  # the bound on mean cost in USD per query
+    cost_bound = bound_cost / reference.mean_cost_usd if target == "cost_share" else bound_cost
+    return Calibration(target, value, float(lambdas[k]), point, met, confidence, cost_bound)
 
 
 # ---------------------------------------------------------------------------------- reporting

@@ -1,13 +1,13 @@
-"""The query representation the predictors see: embedding + domain mix + cheap extras, standardised.
+"""The query representation the predictors see: embedding + cheap extras, standardised.
 
-MixLLM feeds its predictors the tag-enhanced embedding. We join three blocks to it, each
-switchable for ablations: the domain vector (a softmax over the query's similarity to each tag
-domain's centroid, computed the same way for training and live queries, so no tagger runs at
-routing time), length features (log characters and words: cost and difficulty grow with length),
-and TF-IDF terms reduced by truncated SVD (surface cues such as "Print only the letter" or
-"def " that a small encoder truncating long prompts misses). Everything is standardised so one
-ridge penalty suits all blocks, and scaled to unit length on average so the ridge and the prior
-uncertainty of a new LLM do not depend on how many features there are. Fitted state is plain arrays, saved as .npz/.json.
+MixLLM feeds its predictors the tag-enhanced embedding. We join two blocks to it, each
+switchable for ablations: length features (log characters and words: cost and difficulty grow
+with length) and TF-IDF terms reduced by truncated SVD (surface cues such as "Print only the
+letter" or "def " that a small encoder truncating long prompts misses). Everything is
+standardised so one ridge penalty suits all blocks, and scaled to unit length on average so the
+ridge and the prior uncertainty of a new LLM do not depend on how many features there are. The
+domain memberships (domains.py) are joined after this block by the router, since they are
+predicted from it. Fitted state is plain arrays, saved as .npz/.json.
 """
 
 from __future__ import annotations
@@ -29,19 +29,12 @@ def length_features(queries: Sequence[str]) -> np.ndarray:
     return np.column_stack([np.log1p(chars), np.log1p(words)])
 
 
-def softmax_rows(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    exp = np.exp(shifted)
-    return exp / exp.sum(axis=1, keepdims=True)
-
-
 class QueryFeaturizer(BaseEstimator):
     """Queries (+ their embeddings) -> the predictors' feature matrix."""
 
     def __init__(
         self,
         use_embedding: bool = True,
-        use_domains: bool = True,
         use_length: bool = True,
         use_tfidf: bool = True,
         tfidf_max_features: int = 20_000,
@@ -49,11 +42,9 @@ class QueryFeaturizer(BaseEstimator):
         tfidf_min_df: int = 2,
         svd_components: int = 128,
         tfidf_weight: float = 1.0,
-        domain_temperature: float = 0.05,
         random_state: int = 0,
     ):
         self.use_embedding = use_embedding
-        self.use_domains = use_domains
         self.use_length = use_length
         self.use_tfidf = use_tfidf
         self.tfidf_max_features = tfidf_max_features
@@ -61,23 +52,14 @@ class QueryFeaturizer(BaseEstimator):
         self.tfidf_min_df = tfidf_min_df
         self.svd_components = svd_components
         self.tfidf_weight = tfidf_weight
-        self.domain_temperature = domain_temperature
         self.random_state = random_state
 
-    def fit(self, queries: Sequence[str], embeddings: np.ndarray, domains: np.ndarray | None = None) -> QueryFeaturizer:
-        """`domains`: each training query's dominant tag domain (-1 for none); None disables that block."""
+    def fit(self, queries: Sequence[str], embeddings: np.ndarray) -> QueryFeaturizer:
         from sklearn.decomposition import TruncatedSVD
         from sklearn.feature_extraction.text import TfidfVectorizer
 
         queries = list(queries)
         embeddings = np.asarray(embeddings, dtype=np.float64)
-        self.domain_centroids_ = np.zeros((0, embeddings.shape[1]))
-        if self.use_domains and domains is not None:
-            domains = np.asarray(domains)
-            labels = [d for d in np.unique(domains) if d >= 0]
-            if labels:
-                centroids = np.vstack([embeddings[domains == d].mean(axis=0) for d in labels])
-                self.domain_centroids_ = centroids / (np.linalg.norm(centroids, axis=1, keepdims=True) + 1e-12)
         self.tfidf_vocabulary_: dict[str, int] = {}
         self.tfidf_idf_ = np.zeros(0)
         self.svd_components_ = np.zeros((0, 0))
@@ -104,7 +86,6 @@ class QueryFeaturizer(BaseEstimator):
     def _block_sizes(self, embedding_dim: int) -> dict[str, int]:
         return {
             "embedding": embedding_dim if self.use_embedding else 0,
-            "domains": int(self.domain_centroids_.shape[0]),
             "length": 2 if self.use_length else 0,
             "tfidf": int(self.svd_components_.shape[0]),
         }
@@ -121,8 +102,6 @@ class QueryFeaturizer(BaseEstimator):
         blocks = []
         if self.use_embedding:
             blocks.append(embeddings)
-        if self.domain_centroids_.shape[0]:
-            blocks.append(self.domain_vectors(embeddings))
         if self.use_length:
             blocks.append(length_features(queries))
         if self.svd_components_.shape[0]:
@@ -132,16 +111,9 @@ class QueryFeaturizer(BaseEstimator):
             return np.zeros((len(queries), 0))
         return np.hstack(blocks)
 
-    def domain_vectors(self, embeddings: np.ndarray) -> np.ndarray:
-        """Soft domain membership of each query: softmax of cosine to each domain centroid / temperature."""
-        if self.domain_centroids_.shape[0] == 0:
-            return np.zeros((len(embeddings), 0))
-        similarity = np.asarray(embeddings, dtype=np.float64) @ self.domain_centroids_.T
-        return softmax_rows(similarity / self.domain_temperature)
-
     def transform(self, queries: Sequence[str], embeddings: np.ndarray) -> np.ndarray:
         if not hasattr(self, "mean_"):
-            raise NotFittedError("QueryFeaturizer is not fitted; call fit(queries, embeddings, domains)")
+            raise NotFittedError("QueryFeaturizer is not fitted; call fit(queries, embeddings)")
         raw = self._raw(queries, np.asarray(embeddings, dtype=np.float64))
         # Standardised, then shrunk so a typical row has unit length: the linear predictors' ridge
         # and prior uncertainty then mean the same whatever the number of features.
@@ -154,7 +126,7 @@ class QueryFeaturizer(BaseEstimator):
         folder.mkdir(parents=True, exist_ok=True)
         np.savez(
             folder / "featurizer.npz",
-            domain_centroids=self.domain_centroids_, tfidf_idf=self.tfidf_idf_,
+            tfidf_idf=self.tfidf_idf_,
             svd_components=self.svd_components_, mean=self.mean_, scale=self.scale_,
         )
         meta = {"params": self.get_params(), "tfidf_vocabulary": self.tfidf_vocabulary_,
@@ -173,7 +145,6 @@ class QueryFeaturizer(BaseEstimator):
         featurizer.tfidf_vocabulary_ = meta["tfidf_vocabulary"]
         featurizer.block_sizes_ = meta["block_sizes"]
         featurizer.n_features_out_ = meta["n_features_out"]
-        featurizer.domain_centroids_ = arrays["domain_centroids"]
         featurizer.tfidf_idf_ = arrays["tfidf_idf"]
         featurizer.svd_components_ = arrays["svd_components"]
         featurizer.mean_ = arrays["mean"]

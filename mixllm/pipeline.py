@@ -40,6 +40,11 @@ from mixllm.evaluate import (
     curve_records,
     format_table,
     hull_quality,
+    BOOTSTRAP_METRICS,
+    Interval,
+    at_lambda_bootstrap,
+    bootstrap_metrics,
+    bootstrap_weights,
     measure_router,
     operating_point,
     pareto_plot,
@@ -157,24 +162,25 @@ def load_split(config: MixLLMConfig) -> SplitData:
 
 
 def stage_tags(config: MixLLMConfig, split: SplitData | None = None, progress: bool | None = None) -> Path:
-    """Tag the training queries and cluster the tags; tags.json holds each query's domain and the report."""
+    """Each training query's domain: its task label, or its tag cluster (tags.json: labels and the report)."""
     split = split or load_split(config)
     router = MixLLMRouter(config, progress=progress)
     frame = query_frame(split.train)
-    domains, report = router.fit_domains(frame["query"].tolist())
+    sources = frame["source"].tolist() if "source" in frame else None
+    labels, report = router.fit_domains(frame["query"].tolist(), sources)
     workspace = Workspace.of(config)
-    payload = {"domains": dict(zip(frame["query_id"].astype(str), map(int, domains))), "report": report,
+    payload = {"domains": dict(zip(frame["query_id"].astype(str), map(str, labels))), "report": report,
                "timings": getattr(router, "timings_", {})}
     _write_atomic(workspace.tags, json.dumps(to_jsonable(payload), indent=1))
     return workspace.tags
 
 
-def read_tags(config: MixLLMConfig) -> tuple[dict[str, int], dict[str, Any]]:
+def read_tags(config: MixLLMConfig) -> tuple[dict[str, str], dict[str, Any]]:
     path = Workspace.of(config).tags
     if not path.is_file():
         raise MixLLMError(f"{path} is missing; run the tags stage first (`mixllm pipeline tags` or `dvc repro tags`)")
     payload = json.loads(path.read_text(encoding="utf-8"))
-    return {k: int(v) for k, v in payload["domains"].items()}, payload["report"]
+    return {k: str(v) for k, v in payload["domains"].items()}, payload["report"]
 
 
 def stage_encoder(config: MixLLMConfig, split: SplitData | None = None, progress: bool | None = None) -> Path:
@@ -182,8 +188,8 @@ def stage_encoder(config: MixLLMConfig, split: SplitData | None = None, progress
     split = split or load_split(config)
     domains, _ = read_tags(config)
     frame = query_frame(split.train)
-    domain_array = frame["query_id"].astype(str).map(lambda q: domains.get(q, -1)).to_numpy(dtype=int)
-    encoder = MixLLMRouter(config, progress=progress).fit_encoder(frame["query"].tolist(), domain_array)
+    labels = frame["query_id"].astype(str).map(lambda q: domains.get(q, "")).tolist()
+    encoder = MixLLMRouter(config, progress=progress).fit_encoder(frame["query"].tolist(), labels)
     return _replace_dir(Workspace.of(config).encoder, encoder.save)
 
 
@@ -249,6 +255,10 @@ class EvaluationReport:
     predictor_scores: dict[str, float] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     predictions_finite: bool = True  # every q, sigma and cost the router predicted on the holdout
+    # Bootstrap over holdout queries: per router, per metric, the estimate and its interval; and
+    # MixLLM minus each baseline on the same resamples (paired).
+    intervals: dict[str, dict[str, Interval]] = field(default_factory=dict)
+    differences: dict[str, dict[str, Interval]] = field(default_factory=dict)
 
     @property
     def mixllm(self) -> RouterCurve:
@@ -257,6 +267,19 @@ class EvaluationReport:
     def table(self, config: MixLLMConfig) -> pd.DataFrame:
         return results_table(self.curves, self.reference, config.evaluation.cost_budget_share,
                              config.evaluation.quality_target_share)
+
+    def uncertainty_lines(self) -> list[str]:
+        """MixLLM's AIQ with its interval, and its paired difference to the strongest learned baseline."""
+        mine = self.intervals.get(self.mixllm.name, {})
+        if "aiq" not in mine:
+            return []
+        lines = [f"AIQ {mine['aiq'].format(4)} (95% bootstrap interval over holdout queries)"]
+        learned = {name: d for name, d in self.differences.items() if name not in ("oracle", "random")}
+        if learned:
+            rival = max(learned, key=lambda n: self.intervals[n]["aiq"].estimate
+                        if np.isfinite(self.intervals[n]["aiq"].estimate) else -np.inf)
+            lines.append(f"MixLLM - {rival} (the best baseline by AIQ): {learned[rival]['aiq'].format(4)} AIQ, paired")
+        return lines
 
     def headline(self) -> str:
         point = self.holdout_at_calibrated
@@ -274,6 +297,57 @@ def reference_on(log: pd.DataFrame, query_ids: Sequence[str], outcomes: Outcomes
     return Reference.of(outcomes, llm, yardstick)
 
 
+def reference_columns(log: pd.DataFrame, query_ids: Sequence[str], outcomes: Outcomes,
+                      llm: str) -> tuple[np.ndarray, np.ndarray]:
+    """The reference LLM's quality and cost on each of these queries (for per-query bounds and the bootstrap)."""
+    yardstick = outcomes if llm in outcomes.llms else Outcomes.from_log(log, query_ids, [llm])
+    j = yardstick.llms.index(llm)
+    return yardstick.quality[:, j], yardstick.cost_usd[:, j]
+
+
+def bootstrap_report(curves: Sequence[RouterCurve], outcomes: Outcomes, reference: Reference,
+                     reference_quality: np.ndarray, reference_cost: np.ndarray, config: MixLLMConfig,
+                     calibrated_lambda: float | None = None) -> tuple[dict[str, dict[str, Interval]], dict[str, dict[str, Interval]]]:
+    """Bootstrap intervals of every router's metrics, and of the first router minus each other one."""
+    evaluation = config.evaluation
+    if evaluation.bootstrap_resamples == 0 or not curves:
+        return {}, {}
+    weights = bootstrap_weights(len(outcomes.query_ids), evaluation.bootstrap_resamples, evaluation.seed)
+    level = evaluation.confidence_level
+    estimates = results_table(curves, reference, evaluation.cost_budget_share,
+                              evaluation.quality_target_share).set_index("router")
+    replicates = {curve.name: bootstrap_metrics(curve, outcomes, reference_quality, reference_cost, weights,
+                                                evaluation.cost_budget_share, evaluation.quality_target_share)
+                  for curve in curves}
+    intervals: dict[str, dict[str, Interval]] = {}
+    for curve in curves:
+        row = estimates.loc[curve.name]
+        intervals[curve.name] = {metric: Interval.of(_number(row.get(metric)), replicates[curve.name][metric], level)
+                                 for metric in BOOTSTRAP_METRICS}
+    first = curves[0]
+    if calibrated_lambda is not None and first.path is not None:
+        at = at_lambda_bootstrap(first.path, calibrated_lambda, outcomes, reference_quality, reference_cost, weights)
+        if first.calibrated is not None:
+            intervals[first.name]["calibrated_quality_pct"] = Interval.of(100 * first.calibrated.quality_share,
+                                                                          at["quality_pct"], level)
+            intervals[first.name]["calibrated_cost_pct"] = Interval.of(100 * first.calibrated.cost_share,
+                                                                       at["cost_pct"], level)
+    differences: dict[str, dict[str, Interval]] = {}
+    for curve in curves[1:]:
+        if not curve.sweeps_lambda:
+            continue
+        differences[curve.name] = {}
+        for metric in ("aiq", "quality_at_budget_pct"):
+            mine, theirs = intervals[first.name][metric].estimate, intervals[curve.name][metric].estimate
+            differences[curve.name][metric] = Interval.of(
+                mine - theirs, replicates[first.name][metric] - replicates[curve.name][metric], level)
+    return intervals, differences
+
+
+def _number(value: Any) -> float | None:
+    return None if value is None or (isinstance(value, float) and not np.isfinite(value)) else float(value)
+
+
 def evaluate_router(
     config: MixLLMConfig,
     router: MixLLMRouter,
@@ -281,22 +355,21 @@ def evaluate_router(
     *,
     baselines: Sequence[str] | None = None,
     name: str = "mixllm",
+    bootstrap: bool = True,
 ) -> EvaluationReport:
-    """Curves on the holdout for the router (and baselines), lambda calibrated on validation."""
+    """Curves on the holdout for the router (and baselines), lambda calibrated on validation, and
+    (with `bootstrap`) confidence intervals and paired differences to the baselines."""
     evaluation = config.evaluation
     llms = router.enabled_llms_
     holdout_queries, outcomes, reference = holdout_context(config, split, llms)
     adapter = MixLLMAdapter(router)
     overhead = routing_overhead_ms(router, holdout_queries["query"].tolist())
-    curves = [measure_router(name, adapter, holdout_queries, outcomes, reference, evaluation.lambda_grid, overhead)]
+    curves = [measure_router(name, adapter, holdout_queries, outcomes, reference, overhead)]
     # Calibrate lambda for the cost budget on validation, then read the holdout at that lambda.
     validation_queries = query_frame(split.validation)
     if len(validation_queries):
-        validation_outcomes = Outcomes.from_log(split.validation, validation_queries["query_id"], llms)
-        validation_reference = reference_on(split.validation, validation_queries["query_id"], validation_outcomes,
-                                            reference.llm)
-        calibration = calibrate_lambda(adapter.predict(validation_queries), validation_outcomes, validation_reference,
-                                       router.cost_scale_usd_, "cost_share", evaluation.cost_budget_share)
+        calibration = calibrate_on_validation(config, adapter, split, llms, reference.llm, "cost_share",
+                                              evaluation.cost_budget_share)
     else:
         logger.warning("no validation queries: lambda is taken from the config, not calibrated")
         fixed = router.default_lambda
@@ -311,10 +384,30 @@ def evaluate_router(
     finite = all(np.isfinite(values).all() for values in (predictions.quality, predictions.uncertainty,
                                                           predictions.cost_usd))
     report = EvaluationReport(reference, curves, calibration, calibrated, single, predictions_finite=bool(finite))
+    reference_quality, reference_cost = reference_columns(split.holdout, holdout_queries["query_id"], outcomes,
+                                                          reference.llm)
+    if bootstrap:
+        report.intervals, report.differences = bootstrap_report(curves, outcomes, reference, reference_quality,
+                                                                reference_cost, config, calibration.lambda_)
     report.predictor_scores = predictor_scores(predictions, outcomes)
     report.timings = {f"timing.{k}": float(v) for k, v in getattr(router, "timings_", {}).items()}
     report.metrics = flat_metrics(report, config)
     return report
+
+
+def calibrate_on_validation(config: MixLLMConfig, adapter: Any, split: SplitData, llms: Sequence[str],
+                            reference_llm: str, target: str, value: float) -> Calibration:
+    """The lambda meeting a target on the validation part, with the budget's confidence bound."""
+    evaluation = config.evaluation
+    validation = query_frame(split.validation)
+    if validation.empty:
+        raise MixLLMError("no validation queries to calibrate on; set split.validation_fraction > 0")
+    validation_outcomes = Outcomes.from_log(split.validation, validation["query_id"], llms)
+    validation_reference = reference_on(split.validation, validation["query_id"], validation_outcomes, reference_llm)
+    _, reference_cost = reference_columns(split.validation, validation["query_id"], validation_outcomes, reference_llm)
+    return calibrate_lambda(adapter.predict(validation), validation_outcomes, validation_reference,
+                            adapter.cost_scale_usd_, target, value, confidence=evaluation.budget_confidence,
+                            window_queries=evaluation.budget_window_queries, reference_cost_usd=reference_cost)
 
 
 def predictor_scores(predictions: Any, outcomes: Outcomes) -> dict[str, float]:
@@ -339,14 +432,7 @@ def calibrate_router(config: MixLLMConfig, router: MixLLMRouter, split: SplitDat
     """The lambda meeting a target on validation, and what that lambda gives on the holdout."""
     adapter = MixLLMAdapter(router)
     llms = router.enabled_llms_
-    reference_llm = _reference_llm(config, split.train)
-    validation = query_frame(split.validation)
-    if validation.empty:
-        raise MixLLMError("no validation queries to calibrate on; set split.validation_fraction > 0")
-    validation_outcomes = Outcomes.from_log(split.validation, validation["query_id"], llms)
-    result = calibrate_lambda(adapter.predict(validation), validation_outcomes,
-                              reference_on(split.validation, validation["query_id"], validation_outcomes, reference_llm),
-                              router.cost_scale_usd_, target, value)
+    result = calibrate_on_validation(config, adapter, split, llms, _reference_llm(config, split.train), target, value)
     holdout_queries, outcomes, reference = holdout_context(config, split, llms)
     on_holdout = sweep(adapter.predict(holdout_queries), outcomes, reference, [result.lambda_], router.cost_scale_usd_)[0]
     return result, on_holdout
@@ -388,7 +474,7 @@ def measure_baseline(config: MixLLMConfig, name: str, split: SplitData, llms: Se
         model.predict(sample)
         overhead = 1000 * (time.perf_counter() - timer) / max(len(sample), 1)
         model.embed = embed
-    curve = measure_router(name, model, holdout_queries, outcomes, reference, config.evaluation.lambda_grid, overhead)
+    curve = measure_router(name, model, holdout_queries, outcomes, reference, overhead)
     logger.info("baseline %s measured in %.1fs", name, time.perf_counter() - started)
     return curve
 
@@ -407,6 +493,20 @@ def flat_metrics(report: EvaluationReport, config: MixLLMConfig) -> dict[str, fl
     metrics["reference.mean_cost_usd"] = reference.mean_cost_usd
     budget = config.evaluation.cost_budget_share * reference.mean_cost_usd
     metrics["quality_at_budget"] = hull_quality(report.mixllm.hull(), budget)
+    if report.calibration.cost_bound is not None:
+        metrics["calibration.validation_cost_bound"] = float(report.calibration.cost_bound)
+    for router, intervals in report.intervals.items():
+        prefix = "" if router == report.mixllm.name else f"baseline.{router}."
+        for metric, interval in intervals.items():
+            if np.isfinite(interval.low):
+                metrics[f"{prefix}{metric}.ci_low"] = interval.low
+                metrics[f"{prefix}{metric}.ci_high"] = interval.high
+    for router, differences in report.differences.items():
+        for metric, interval in differences.items():
+            if np.isfinite(interval.estimate):
+                metrics[f"vs.{router}.{metric}.diff"] = interval.estimate
+                metrics[f"vs.{router}.{metric}.ci_low"] = interval.low
+                metrics[f"vs.{router}.{metric}.ci_high"] = interval.high
     metrics.update(report.predictor_scores)
     metrics.update(report.timings)
     return metrics
@@ -593,6 +693,7 @@ class TrainingOutcome:
 
     def summary(self, config: MixLLMConfig) -> str:
         lines = ["", format_table(self.report.table(config)), "", "MixLLM on the holdout: " + self.report.headline()]
+        lines += self.report.uncertainty_lines()
         if self.registration is not None:
             registration = self.registration
             lines.append(f"registered {config.mlflow.registered_model_name} version {registration.version}: "
@@ -851,11 +952,13 @@ def stage_keys(config: MixLLMConfig) -> dict[str, str]:
     section = lambda *names: [config.model_dump(mode="json", by_alias=True, exclude={"root"})[n] for n in names]  # noqa: E731
     keys: dict[str, str] = {}
     keys["split"] = stable_hash("split", interactions_fingerprint(config), section("split"))
-    keys["tags"] = stable_hash("tags", keys["split"], section("tags"), config.embedding.model_path,
+    keys["tags"] = stable_hash("tags", keys["split"], section("tags"), section("domains")[0]["labels"],
+                               section("domains")[0]["min_queries"], config.embedding.model_path,
                                config.embedding.max_seq_length, config.features.use_domains,
                                config.embedding.fine_tune.enabled)
     keys["encoder"] = stable_hash("encoder", keys["tags"], section("embedding"))
-    keys["predictors"] = stable_hash("predictors", keys["encoder"], section("features", "predictors", "decision", "llms"))
+    keys["predictors"] = stable_hash("predictors", keys["encoder"],
+                                     section("features", "domains", "predictors", "decision", "llms"))
     keys["evaluate"] = stable_hash("evaluate", keys["predictors"], section("evaluation"))
     return keys
 

@@ -1,4 +1,8 @@
-"""MixLLMRouter: tags -> domains -> tag-enhanced encoder -> per-LLM predictors -> meta decision.
+"""MixLLMRouter: domains (task labels or tag clusters) -> domain-enhanced encoder -> per-LLM
+predictors (domain prior + Bayesian residual head, cost) -> meta decision.
+
+q_m is LLM m's mean quality in the query's domain (domains.py) plus what its head predicts on top
+(predictors.py); the head's ridge is chosen by generalised cross-validation on the training data.
 
 The score of LLM m for a query is
 
@@ -37,13 +41,14 @@ from mixllm import __version__
 from mixllm.config import LatencyProfile, LLMConfig, MixLLMConfig, config_from_dict
 from mixllm.embeddings import EmbeddingCache, QueryEncoder
 from mixllm.errors import ModelFormatError, NotFittedError, RoutingError
+from mixllm.domains import DomainModel, domain_labels
 from mixllm.features import QueryFeaturizer
-from mixllm.predictors import CostPredictor, QualityPredictor
+from mixllm.predictors import CostPredictor, QualityPredictor, gcv_ridge
 from mixllm.tags import TagClusterer, make_tagger
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: domain prior (domains.npz), residual quality heads, log-cost models
 
 
 @dataclass(frozen=True)
@@ -68,6 +73,7 @@ class Decision:
     lambda_: float
     exploration: float
     relaxed: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -172,13 +178,12 @@ class MixLLMRouter(BaseEstimator):
             return encoder.transform(queries)
         return EmbeddingCache(self.cache_dir).transform(encoder, queries)
 
-    def fit(self, log: pd.DataFrame, *, domains: Mapping[str, int] | None = None,
+    def fit(self, log: pd.DataFrame, *, domains: Mapping[str, str] | None = None,
             encoder: QueryEncoder | None = None) -> MixLLMRouter:
         """Train on a long interaction log (full-information or bandit) of the training queries.
 
-        `domains` (query_id -> dominant tag domain, from `fit_domains`) and `encoder` (from
-        `fit_encoder`) let a pipeline run those stages separately and cache them; when absent
-        they are computed here.
+        `domains` (query_id -> domain label, from `fit_domains`) and `encoder` (from `fit_encoder`)
+        let a pipeline run those stages separately and cache them; when absent they are computed here.
         """
         config = self._config
         started = time.perf_counter()
@@ -187,49 +192,75 @@ class MixLLMRouter(BaseEstimator):
         unknown = sorted(set(log["llm"]) - set(catalogue)) if catalogue else []
         if unknown:
             raise RoutingError(f"the log has LLMs missing from params.yaml llms: {', '.join(unknown)}; add them there")
-        queries_frame = log.drop_duplicates("query_id")[["query_id", "query"]].reset_index(drop=True)
+        columns = ["query_id", "query"] + (["source"] if "source" in log.columns else [])
+        queries_frame = log.drop_duplicates("query_id")[columns].reset_index(drop=True)
         queries = queries_frame["query"].tolist()
         self.timings_: dict[str, float] = {}
         logger.info("fitting on %d interactions: %d queries x %d LLMs", len(log), len(queries), log["llm"].nunique())
 
+        sources = queries_frame["source"].tolist() if "source" in queries_frame else None
         if domains is None:
-            domain_array, self.tag_report_ = self.fit_domains(queries)
+            labels, self.tag_report_ = self.fit_domains(queries, sources)
         else:
-            domain_array = queries_frame["query_id"].map(lambda q: domains.get(q, -1)).to_numpy(dtype=int)
+            labels = queries_frame["query_id"].astype(str).map(lambda q: domains.get(q, "")).fillna("").to_numpy(dtype=object)
             self.tag_report_ = getattr(self, "tag_report_", {"enabled": True, "precomputed": True})
         t = time.perf_counter()
-        self.encoder_ = encoder if encoder is not None else self.fit_encoder(queries, domain_array)
+        self.encoder_ = encoder if encoder is not None else self.fit_encoder(queries, labels)
         self.timings_["fine_tune_s"] = time.perf_counter() - t
-        domains = domain_array if self.tag_report_.get("enabled", False) else None
         t = time.perf_counter()
         embeddings = self._embed(self.encoder_, queries)
         self.timings_["embed_s"] = time.perf_counter() - t
         features_config = config.features
         self.featurizer_ = QueryFeaturizer(
-            use_domains=features_config.use_domains and domains is not None,
             use_length=features_config.use_length, use_tfidf=features_config.tfidf.enabled,
             tfidf_max_features=features_config.tfidf.max_features, tfidf_ngram_max=features_config.tfidf.ngram_max,
             tfidf_min_df=features_config.tfidf.min_df, svd_components=features_config.tfidf.svd_components,
-            tfidf_weight=features_config.tfidf.weight, domain_temperature=config.tags.domain_temperature,
-        ).fit(queries, embeddings, domains)
-        X = self.featurizer_.transform(queries, embeddings)
-        self.n_features_in_ = X.shape[1]
+            tfidf_weight=features_config.tfidf.weight,
+        ).fit(queries, embeddings)
+        base = self.featurizer_.transform(queries, embeddings)
         row_of = pd.Series(np.arange(len(queries)), index=queries_frame["query_id"].to_numpy())
         log = log.assign(_row=log["query_id"].map(row_of).to_numpy())
+        llms = sorted(log["llm"].unique())
+        quality = log.pivot_table(index="_row", columns="llm", values="quality", aggfunc="mean")
+        quality = quality.reindex(index=range(len(queries)), columns=llms).to_numpy(dtype=np.float64)
+
+        t = time.perf_counter()
+        domains_config = config.domains
+        if not features_config.use_domains:
+            labels = np.array([""] * len(queries), dtype=object)
+        self.domain_model_ = DomainModel(
+            classifier_c=domains_config.classifier_c, prior_strength=domains_config.prior_strength,
+            cross_fit_folds=domains_config.cross_fit_folds, random_state=domains_config.seed,
+        ).fit(base, labels, quality, llms)
+        self.domain_weight_ = float(domains_config.weight)
+        self.n_base_features_ = base.shape[1]
+        X = self._join(base, self.domain_model_.train_proba_)
+        self.n_features_in_ = X.shape[1]
+        prior = self.domain_model_.prior(self.domain_model_.train_proba_, llms)
+        self.timings_["domains_s"] = time.perf_counter() - t
 
         per_llm_cost = log.groupby("llm")["cost_usd"].mean()
         self.cost_scale_usd_ = float(config.decision.cost_scale_usd or max(per_llm_cost.max(), 1e-12))
         self.mean_quality_ = float(log["quality"].mean())
         self.mean_query_chars_ = float(np.mean([len(q) for q in queries]))
+        quality_config = config.predictors.quality
+        if quality_config.ridge is not None:
+            self.ridge_ = float(quality_config.ridge)
+        else:
+            self.ridge_, scores = gcv_ridge(X, quality - prior, quality_config.ridge_grid)
+            logger.info("quality heads: ridge %g chosen by GCV (%s)", self.ridge_,
+                        ", ".join(f"{a:g}: {v:.4f}" for a, v in scores.items()))
         self.catalogue_: dict[str, dict[str, Any]] = {}
+        self.anchors_: dict[str, dict[str, Any]] = {}  # LLMs added after training: their resemblance anchors
         self.quality_models_: dict[str, QualityPredictor] = {}
         self.cost_models_: dict[str, CostPredictor] = {}
         self.typical_output_tokens_: dict[str, float] = {}
         t = time.perf_counter()
-        for llm, rows in log.groupby("llm", sort=True):
+        for j, (llm, rows) in enumerate(log.groupby("llm", sort=True)):
             entry = catalogue.get(llm) or LLMConfig(name=llm, input_usd_per_1k=0.0, output_usd_per_1k=0.0)
             self.catalogue_[llm] = entry.model_dump(mode="json")
-            self._fit_llm(llm, X[rows["_row"].to_numpy()], rows)
+            positions = rows["_row"].to_numpy()
+            self._fit_llm(llm, X[positions], prior[positions, llms.index(llm)], rows)
         self.timings_["predictors_s"] = time.perf_counter() - t
         for name, entry in catalogue.items():  # catalogue LLMs without data join with a prior
             if name not in self.catalogue_:
@@ -243,28 +274,66 @@ class MixLLMRouter(BaseEstimator):
                     ", ".join(f"{k}={v:.1f}" for k, v in self.timings_.items()))
         return self
 
-    def fit_encoder(self, queries: Sequence[str], domains: np.ndarray | None) -> QueryEncoder:
-        """The tag-enhanced encoder: fine-tuned on domain triplets when the config says so."""
+    def _join(self, base: np.ndarray, domain_proba: np.ndarray) -> np.ndarray:
+        """The heads' input: the base features, then the domain memberships scaled by domains.weight."""
+        return np.hstack([base, self.domain_weight_ * np.asarray(domain_proba, dtype=np.float64)])
+
+    def domain_proba(self, X: np.ndarray) -> np.ndarray:
+        """The domain memberships inside a feature matrix from `features` (its last block)."""
+        return np.asarray(X)[:, self.n_base_features_:] / self.domain_weight_
+
+    def fit_encoder(self, queries: Sequence[str], labels: Sequence[str] | None) -> QueryEncoder:
+        """The domain-enhanced encoder: fine-tuned on domain triplets when the config says so."""
         config = self._config
         ft = config.embedding.fine_tune
+        domain_ids = None
+        if ft.enabled and labels is not None:
+            names = sorted(set(labels) - {""})
+            index = {name: i for i, name in enumerate(names)}
+            domain_ids = np.array([index.get(label, -1) for label in labels], dtype=int)
         return QueryEncoder(
             model_path=config.embedding.model_path, max_seq_length=config.embedding.max_seq_length,
             truncation_side=config.embedding.truncation_side, batch_size=config.embedding.batch_size,
             quantize=config.embedding.quantize, fine_tune=ft.enabled, epochs=ft.epochs, max_pairs=ft.max_pairs, train_batch_size=ft.batch_size,
             learning_rate=ft.learning_rate, warmup_ratio=ft.warmup_ratio, train_max_seq_length=ft.max_seq_length,
             random_state=ft.seed, progress=self.progress,
-        ).fit(list(queries), domains if ft.enabled and domains is not None else None)
+        ).fit(list(queries), domain_ids)
 
-    def fit_domains(self, queries: Sequence[str]) -> tuple[np.ndarray, dict[str, Any]]:
-        """Tag the training queries and cluster the tags: each query's dominant domain (-1: none),
-        and a report (domain names, sizes, example tags). Sets `clusterer_`."""
+    def fit_domains(self, queries: Sequence[str], sources: Sequence[Any] | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+        """Each training query's domain label ("" for none) and a report of where they came from.
+
+        With task labels in the log (`sources`) and domains.labels auto or source, the labels are
+        the tasks and no tagging runs; otherwise the queries are tagged and the tags clustered
+        (MixLLM's domains; the report then holds domain names, sizes and example tags)."""
         config = self._config
         queries = list(queries)
         self.timings_ = getattr(self, "timings_", {})
         needs_domains = config.features.use_domains or config.embedding.fine_tune.enabled
         self.clusterer_ = None
         if not needs_domains:
-            return np.full(len(queries), -1), {"enabled": False}
+            return np.array([""] * len(queries), dtype=object), {"enabled": False}
+        domains_config = config.domains
+        if domains_config.labels != "tags" and sources is not None:
+            labels, origin = domain_labels(sources, None, "source", domains_config.min_queries)
+            if origin == "source":
+                names, counts = np.unique(labels[labels != ""], return_counts=True)
+                logger.info("domains from the log's task labels: %d (%s)", len(names), ", ".join(names))
+                return labels, {
+                    "enabled": True, "method": "source", "queries_without_tags": int((labels == "").sum()),
+                    "domains": [{"domain": i, "name": str(n), "tags": 0, "examples": []}
+                                for i, n in enumerate(names)],
+                    "domain_counts": counts.tolist(), "example_tags": [],
+                }
+        tag_domains, report = self._tag_domains(queries)
+        labels, origin = domain_labels(None, tag_domains, "tags", domains_config.min_queries)
+        if origin != "tags":
+            logger.warning("the tag clusters gave fewer than two domains of %d queries; domains are off",
+                           domains_config.min_queries)
+        return labels, report
+
+    def _tag_domains(self, queries: list[str]) -> tuple[np.ndarray, dict[str, Any]]:
+        """Tag the queries and cluster the tags: each query's dominant tag domain (-1: none), and a report."""
+        config = self._config
         t = time.perf_counter()
         tags_config = config.tags
         tagger_params: dict[str, Any] = {"top_k": tags_config.top_k}
@@ -301,14 +370,14 @@ class MixLLMRouter(BaseEstimator):
                     "; ".join(self.clusterer_.domain_names_))
         return domains, report
 
-    def _fit_llm(self, llm: str, X: np.ndarray, rows: pd.DataFrame) -> None:
+    def _fit_llm(self, llm: str, X: np.ndarray, prior: np.ndarray, rows: pd.DataFrame) -> None:
         config = self._config
         entry = self.catalogue_[llm]
         quality_config = config.predictors.quality
         self.quality_models_[llm] = QualityPredictor(
-            kind=quality_config.kind, ridge=quality_config.ridge, noise_scale=quality_config.noise_scale,
-            prior_mean=self.mean_quality_, random_state=quality_config.seed,
-        ).fit(X, rows["quality"].to_numpy())
+            kind=quality_config.kind, ridge=self.ridge_, noise_scale=quality_config.noise_scale,
+            prior_mean=0.0, random_state=quality_config.seed,
+        ).fit(X, rows["quality"].to_numpy(), prior=prior)
         self.cost_models_[llm] = CostPredictor(
             ridge=config.predictors.cost.ridge, input_usd_per_1k=entry["input_usd_per_1k"],
             output_usd_per_1k=entry["output_usd_per_1k"], cost_scale_usd=self.cost_scale_usd_,
@@ -332,29 +401,55 @@ class MixLLMRouter(BaseEstimator):
     def enabled_llms_(self) -> list[str]:
         return [llm for llm in self.llms_ if self.catalogue_[llm].get("enabled", True)]
 
-    def features(self, queries: Sequence[str]) -> np.ndarray:
-        """The predictors' input for `queries` (one encoder batch)."""
+    def features(self, queries: Sequence[str], tasks: Sequence[str | None] | None = None) -> np.ndarray:
+        """The predictors' input for `queries` (one encoder batch). A query whose task (the
+        caller's label, e.g. a benchmark or an application) names a known domain is placed in
+        that domain; otherwise its domain is predicted from the text."""
         self._check_fitted()
         queries = _check_queries(queries)
-        return self.featurizer_.transform(queries, self._embed(self.encoder_, queries))
+        base = self.featurizer_.transform(queries, self._embed(self.encoder_, queries))
+        return self._join(base, self.domain_model_.predict_proba(base, _check_tasks(tasks, len(queries))))
 
     def predict_from_features(self, X: np.ndarray, query_chars: np.ndarray, llms: Sequence[str] | None = None) -> Predictions:
         llms = list(llms) if llms is not None else self.llms_
+        X = np.asarray(X, dtype=np.float64)
         n = X.shape[0]
         quality = np.zeros((n, len(llms)))
         sigma = np.zeros((n, len(llms)))
         cost = np.zeros((n, len(llms)))
         tokens = np.zeros((n, len(llms)))
+        proba = self.domain_proba(X)
+        prior = self.domain_model_.prior(proba, llms)
         for j, llm in enumerate(llms):
-            quality[:, j], sigma[:, j] = self.quality_models_[llm].predict(X, return_std=True)
+            head_input = self._head_input(llm, X, proba, prior[:, j])
+            quality[:, j], sigma[:, j] = self.quality_models_[llm].predict(head_input, prior=prior[:, j],
+                                                                           return_std=True)
             cost[:, j] = np.maximum(self.cost_models_[llm].predict(X, query_chars), 0.0)
             predicted_tokens = self.cost_models_[llm].predict_output_tokens(X)
             tokens[:, j] = predicted_tokens if predicted_tokens is not None else self.typical_output_tokens_[llm]
         return Predictions(llms, quality, sigma, cost, tokens)
 
-    def predict(self, queries: Sequence[str]) -> Predictions:
+    def _head_input(self, llm: str, X: np.ndarray, proba: np.ndarray, prior: np.ndarray) -> np.ndarray:
+        """What `llm`'s quality head reads: the features, and for an LLM that joined after training
+        also its resemblance block: how much each anchor LLM's prediction (frozen at the join)
+        exceeds the newcomer's prior, so a few answers tell which LLMs it behaves like."""
+        anchor = self.anchors_.get(llm)
+        if anchor is None:
+            return X
+        with_bias = np.hstack([X, np.ones((len(X), 1))])
+        anchors = np.clip(proba @ anchor["table"] + with_bias @ anchor["coef"].T, 0.0, 1.0)
+        return np.hstack([anchor["weight"] * (anchors - np.asarray(prior).reshape(-1, 1)), X])
+
+    def predict(self, queries: Sequence[str], tasks: Sequence[str | None] | None = None) -> Predictions:
         queries = _check_queries(queries)
-        return self.predict_from_features(self.features(queries), np.array([len(q) for q in queries]))
+        return self.predict_from_features(self.features(queries, tasks), np.array([len(q) for q in queries]))
+
+    @property
+    def tasks_(self) -> list[str]:
+        """The task labels this router knows as domains (empty when its domains are tag clusters)."""
+        self._check_fitted()
+        classes = self.domain_model_.classes_
+        return [] if classes == ["all"] or all(c.startswith("tags:") for c in classes) else list(classes)
 
     # ------------------------------------------------------------------------------------- route
 
@@ -370,8 +465,11 @@ class MixLLMRouter(BaseEstimator):
         min_quality: float | None = None,
         load: LoadSnapshot | None = None,
         predictions: Predictions | None = None,
+        tasks: Sequence[str | None] | None = None,
     ) -> list[Decision]:
-        """Choose an LLM for each query; overrides apply to this call only."""
+        """Choose an LLM for each query; overrides apply to this call only. `tasks` (one label or
+        None per query) places a query in a known domain instead of predicting it from the text;
+        an unknown label is ignored, and the decision's notes say so."""
         self._check_fitted()
         decision_config = self._config.decision
         lambda_ = _check_number("lambda", self.default_lambda if lambda_ is None else lambda_)
@@ -384,11 +482,11 @@ class MixLLMRouter(BaseEstimator):
         if min_quality is not None:
             min_quality = _check_number("min_quality", min_quality)
         llms = self._candidates(candidates)
+        tasks = _check_tasks(tasks, len(queries) if predictions is None else len(predictions.quality))
         if predictions is None:
-            predictions = self.predict(queries)
-            predictions = _select(predictions, llms)
-        else:
-            predictions = _select(predictions, llms)
+            predictions = self.predict(queries, tasks)
+        predictions = _select(predictions, llms)
+        notes = [self._task_note(None if tasks is None else tasks[row]) for row in range(len(predictions.quality))]
         penalty = self.latency_penalties(predictions, load, tolerance)
         eligible = np.ones_like(predictions.quality, dtype=bool)
         relaxed: list[list[str]] = [[] for _ in range(len(predictions.quality))]
@@ -422,9 +520,17 @@ class MixLLMRouter(BaseEstimator):
                         for j, llm in enumerate(llms)
                     ),
                     lambda_=lambda_, exploration=exploration, relaxed=tuple(relaxed[row]),
+                    notes=tuple(n for n in [notes[row]] if n),
                 )
             )
         return decisions
+
+    def _task_note(self, task: str | None) -> str | None:
+        if task is None or self.domain_model_.task_index(task) is not None:
+            return None
+        known = self.tasks_
+        return (f"task {task!r} is not one this router was trained on ({', '.join(known)}); routed by the text"
+                if known else f"task {task!r} ignored: this router's domains are tag clusters; routed by the text")
 
     @property
     def default_lambda(self) -> float:
@@ -488,12 +594,19 @@ class MixLLMRouter(BaseEstimator):
         unknown = sorted(set(frame["llm"]) - set(self.quality_models_))
         if unknown:
             raise RoutingError(f"feedback for unknown LLM(s) {', '.join(unknown)}; add them with add_llm first")
-        X = self.features(frame["query"].tolist()) if features is None else np.asarray(features)
+        if features is None:
+            tasks = frame["task"].where(frame["task"].notna(), None).tolist() if "task" in frame else None
+            X = self.features(frame["query"].tolist(), tasks)
+        else:
+            X = np.asarray(features, dtype=np.float64)
         if X.shape[0] != len(frame):
             raise RoutingError(f"features has {X.shape[0]} rows for {len(frame)} interactions")
+        proba = self.domain_proba(X)
         for llm, rows in frame.groupby("llm", sort=False):
             positions = frame.index.get_indexer(rows.index)
-            self.quality_models_[llm].partial_fit(X[positions], rows["quality"].to_numpy())
+            prior = self.domain_model_.prior(proba[positions], [llm])[:, 0]
+            head_input = self._head_input(llm, X[positions], proba[positions], prior)
+            self.quality_models_[llm].partial_fit(head_input, rows["quality"].to_numpy(), prior=prior)
             self.cost_models_[llm].partial_fit(X[positions], rows["cost_usd"].to_numpy(),
                                                rows["query"].str.len().to_numpy(), *_tokens(rows))
         self.n_feedback_ = getattr(self, "n_feedback_", 0) + len(frame)
@@ -513,12 +626,27 @@ class MixLLMRouter(BaseEstimator):
         profile = latency if isinstance(latency, LatencyProfile) else LatencyProfile(**(latency or {}))
         entry = LLMConfig(name=name, input_usd_per_1k=input_usd_per_1k, output_usd_per_1k=output_usd_per_1k,
                           latency=profile, enabled=enabled)
-        self.catalogue_[name] = entry.model_dump(mode="json")
+        if prior_quality is not None and not (isinstance(prior_quality, (int, float)) and 0 <= prior_quality <= 1):
+            raise RoutingError(f"prior_quality must be a number in 0..1, got {prior_quality!r}")
+        per_domain = (np.full(len(self.domain_model_.classes_), float(prior_quality)) if prior_quality is not None
+                      else self._newcomer_prior(input_usd_per_1k + output_usd_per_1k))
         quality_config = self._config.predictors.quality
+        established = [llm for llm in self.llms_ if llm not in self.anchors_
+                       and self.quality_models_[llm].kind == "bayesian_linear"]
+        if established and quality_config.resemblance_weight > 0:
+            columns = [self.domain_model_.llms_.index(llm) for llm in established]
+            self.anchors_[name] = {
+                "llms": established, "weight": float(quality_config.resemblance_weight),
+                "table": self.domain_model_.table_[:, columns].copy(),
+                "coef": np.vstack([self.quality_models_[llm].model_.coef_ for llm in established]),
+            }
+        self.catalogue_[name] = entry.model_dump(mode="json")
+        self.domain_model_.add_llm(name, per_domain)
+        n_anchors = len(self.anchors_.get(name, {}).get("llms", []))
         self.quality_models_[name] = QualityPredictor(
             kind="bayesian_linear", ridge=quality_config.new_llm_prior_ridge, noise_scale=quality_config.noise_scale,
-            prior_mean=self.mean_quality_ if prior_quality is None else float(prior_quality),
-        ).start_empty(self.n_features_in_)
+            prior_mean=0.0,
+        ).start_empty(self.n_features_in_ + n_anchors)
         typical_output = float(np.mean(list(self.typical_output_tokens_.values()))) if self.typical_output_tokens_ else 100.0
         prior_cost = (self.mean_query_chars_ / 4 * input_usd_per_1k + typical_output * output_usd_per_1k) / 1000
         self.cost_models_[name] = CostPredictor(
@@ -526,9 +654,41 @@ class MixLLMRouter(BaseEstimator):
             output_usd_per_1k=output_usd_per_1k, cost_scale_usd=self.cost_scale_usd_, prior_cost_usd=prior_cost,
         ).start_empty(self.n_features_in_)
         self.typical_output_tokens_[name] = typical_output
-        logger.info("added LLM %s (prior quality %.3f, prior cost $%.6f)", name,
-                    self.quality_models_[name].prior_mean, prior_cost)
+        logger.info("added LLM %s (prior quality %.3f on average over domains, prior cost $%.6f)", name,
+                    float(np.mean(per_domain)), prior_cost)
         return self
+
+    def _newcomer_prior(self, price_per_1k: float) -> np.ndarray:
+        """A newcomer's per-domain prior quality (predictors.quality.newcomer_prior).
+
+        optimistic (default): in each domain, as good as the best pool LLM that costs no more
+        (price = input + output per 1k tokens; the cheapest LLMs when none is cheaper). An LLM is
+        added because it is expected to compete at its price; the optimism gets it tried, its
+        feedback corrects it domain by domain, and the uncertainty bonus shrinks as it does.
+        price_tier: the pool's per-domain means weighted by closeness in log price.
+        mean: the pool's per-domain mean."""
+        rule = self._config.predictors.quality.newcomer_prior
+        table = self.domain_model_.table_
+        existing = [llm for llm in self.domain_model_.llms_ if llm in self.catalogue_]
+        if not existing:
+            return np.full(table.shape[0], self.mean_quality_)
+        columns = [self.domain_model_.llms_.index(llm) for llm in existing]
+        pool = table[:, columns]
+        prices = np.array([self.catalogue_[llm]["input_usd_per_1k"] + self.catalogue_[llm]["output_usd_per_1k"]
+                           for llm in existing])
+        if rule == "mean":
+            return pool.mean(axis=1)
+        if rule == "optimistic":
+            affordable = prices <= price_per_1k * (1 + 1e-9)
+            if not affordable.any():
+                affordable = prices <= prices.min() * (1 + 1e-9)
+            return pool[:, affordable].max(axis=1)
+        if price_per_1k <= 0 or (prices <= 0).all():
+            return pool.mean(axis=1)
+        distance = np.log(np.maximum(prices, 1e-12)) - np.log(price_per_1k)
+        weights = np.exp(-0.5 * distance**2) * (prices > 0)
+        weights = weights / weights.sum() if weights.sum() > 0 else np.full(len(existing), 1 / len(existing))
+        return pool @ weights
 
     def remove_llm(self, name: str) -> MixLLMRouter:
         """Take an LLM out of the pool; the others are untouched."""
@@ -537,6 +697,8 @@ class MixLLMRouter(BaseEstimator):
             raise RoutingError(f"LLM '{name}' is not in the pool ({', '.join(self.llms_)})")
         for table in (self.quality_models_, self.cost_models_, self.catalogue_, self.typical_output_tokens_):
             table.pop(name, None)
+        self.domain_model_.remove_llm(name)
+        self.anchors_.pop(name, None)
         logger.info("removed LLM %s", name)
         return self
 
@@ -587,6 +749,8 @@ class MixLLMRouter(BaseEstimator):
         folder.mkdir(parents=True, exist_ok=True)
         self.encoder_.save(folder / "encoder")
         self.featurizer_.save(folder / "featurizer")
+        domain_meta, domain_arrays = self.domain_model_.state()
+        np.savez(folder / "domains.npz", **domain_arrays)
         predictors_dir = folder / "predictors"
         predictors_dir.mkdir(exist_ok=True)
         files = {}
@@ -597,6 +761,8 @@ class MixLLMRouter(BaseEstimator):
                 arrays.update({f"quality.{k}": v for k, v in quality.model_.state().items()})
             else:  # refit at load from the data it saw: deterministic, and no pickle
                 arrays.update({"quality.X_seen": quality.X_seen_, "quality.y_seen": quality.y_seen_})
+            if llm in self.anchors_:
+                arrays.update({"anchor.table": self.anchors_[llm]["table"], "anchor.coef": self.anchors_[llm]["coef"]})
             files[llm] = f"{_safe_name(llm)}.npz"
             np.savez(predictors_dir / files[llm], **arrays)
         manifest = {
@@ -610,6 +776,11 @@ class MixLLMRouter(BaseEstimator):
             "cost_params": {llm: self.cost_models_[llm].get_params() for llm in self.llms_},
             "cost_scale_usd": self.cost_scale_usd_,
             "calibrated_lambda": getattr(self, "calibrated_lambda_", None),
+            "domains": domain_meta,
+            "anchors": {llm: {"llms": a["llms"], "weight": a["weight"]} for llm, a in self.anchors_.items()},
+            "domain_weight": self.domain_weight_,
+            "n_base_features": self.n_base_features_,
+            "ridge": self.ridge_,
             "mean_quality": self.mean_quality_,
             "mean_query_chars": self.mean_query_chars_,
             "typical_output_tokens": self.typical_output_tokens_,
@@ -639,6 +810,13 @@ class MixLLMRouter(BaseEstimator):
         router.encoder_ = QueryEncoder.load(folder / "encoder")
         router.encoder_.progress = progress
         router.featurizer_ = QueryFeaturizer.load(folder / "featurizer")
+        if not (folder / "domains.npz").is_file():
+            raise ModelFormatError(f"{folder} is incomplete: domains.npz is missing")
+        with np.load(folder / "domains.npz") as data:
+            router.domain_model_ = DomainModel.from_state(manifest["domains"], {k: data[k] for k in data.files})
+        router.domain_weight_ = float(manifest["domain_weight"])
+        router.n_base_features_ = int(manifest["n_base_features"])
+        router.ridge_ = float(manifest["ridge"])
         router.catalogue_ = manifest["catalogue"]
         router.cost_scale_usd_ = float(manifest["cost_scale_usd"])
         if manifest.get("calibrated_lambda") is not None:
@@ -654,12 +832,16 @@ class MixLLMRouter(BaseEstimator):
         router.tag_report_ = manifest.get("tags", {})
         router.clusterer_ = None
         router.quality_models_, router.cost_models_ = {}, {}
+        router.anchors_ = {}
         for llm, filename in manifest["predictor_files"].items():
             path = folder / "predictors" / filename
             if not path.is_file():
                 raise ModelFormatError(f"{folder} is incomplete: predictors/{filename} for {llm} is missing")
             with np.load(path) as data:
                 arrays = {k: data[k] for k in data.files}
+            if llm in manifest.get("anchors", {}):
+                router.anchors_[llm] = {**manifest["anchors"][llm], "table": arrays["anchor.table"],
+                                        "coef": arrays["anchor.coef"]}
             quality_params = manifest["quality_params"][llm]
             quality = QualityPredictor(**quality_params)
             quality_state = {k[len("quality."):]: v for k, v in arrays.items() if k.startswith("quality.")}
@@ -667,8 +849,7 @@ class MixLLMRouter(BaseEstimator):
                 from mixllm.predictors import BayesianLinearRegressor
 
                 quality.model_ = BayesianLinearRegressor.from_state(
-                    {"ridge": quality.ridge, "prior_mean": quality.prior_mean, "noise_scale": quality.noise_scale,
-                     "clip_low": 0.0, "clip_high": 1.0},
+                    {"ridge": quality.ridge, "prior_mean": quality.prior_mean, "noise_scale": quality.noise_scale},
                     quality_state,
                 )
                 quality.n_features_in_ = quality.model_.n_features_in_
@@ -698,8 +879,10 @@ class MixLLMRouter(BaseEstimator):
             "cost_scale_usd": self.cost_scale_usd_,
             "encoder": {"fine_tuned": self.encoder_.fine_tuned_, "max_seq_length": self.encoder_.max_seq_length,
                         "quantize": self.encoder_.quantize},
-            "features": self.featurizer_.block_sizes_,
-            "domains": [d["name"] for d in self.tag_report_.get("domains", [])],
+            "features": {**self.featurizer_.block_sizes_, "domains": len(self.domain_model_.classes_)},
+            "quality_ridge": self.ridge_,
+            "domains": self.domain_model_.describe(),
+            "tasks": self.tasks_,
             "n_training_queries": self.n_training_queries_,
             "n_feedback": getattr(self, "n_feedback_", 0),
         }
@@ -737,6 +920,20 @@ def _check_queries(queries: Sequence[str]) -> list[str]:
         if not query.strip():
             raise RoutingError(f"query {i} is empty; send the text to route")
     return queries
+
+
+def _check_tasks(tasks: Sequence[str | None] | None, n: int) -> list[str | None] | None:
+    if tasks is None:
+        return None
+    if isinstance(tasks, str):
+        raise RoutingError("tasks must be a list (one label or None per query); wrap a single task in a list")
+    tasks = list(tasks)
+    if len(tasks) != n:
+        raise RoutingError(f"got {len(tasks)} tasks for {n} queries; give one (or None) per query")
+    for i, task in enumerate(tasks):
+        if task is not None and not isinstance(task, str):
+            raise RoutingError(f"task {i} must be text or None, got {type(task).__name__}")
+    return [task if task else None for task in tasks]
 
 
 def _check_log(log: pd.DataFrame, need_query_id: bool = True, allow_missing_cost: bool = False) -> pd.DataFrame:

@@ -50,6 +50,10 @@ class RouteRequest(BaseModel):
     max_cost: Annotated[Optional[float], Field(ge=0, description="Only LLMs predicted to cost at most this (USD).")] = None
     min_quality: Annotated[Optional[float], Field(ge=0, le=1, description="Only LLMs predicted at least this good.")] = None
     request_id: Annotated[Optional[str], Field(min_length=1, max_length=128, description="Idempotency key.")] = None
+    task: Annotated[Optional[str], Field(min_length=1, max_length=200, description=(
+        "What the caller knows about the query's kind (a benchmark, an application, a prompt template). "
+        "A task the router was trained on (GET /model: tasks) places the query in that domain; "
+        "others are ignored, and the response's notes say so."))] = None
 
     @field_validator("query")
     @classmethod
@@ -82,6 +86,7 @@ class RouteResponse(BaseModel):
     lambda_: float = Field(serialization_alias="lambda")
     relaxed: list[str]
     candidates: list[Candidate]
+    notes: list[str] = []
 
 
 class FeedbackRequest(BaseModel):
@@ -397,7 +402,7 @@ class MixLLMService:
         if not valid:
             return results
         router = model.router
-        predictions = router.predict([items[i].query for i in valid])
+        predictions = router.predict([items[i].query for i in valid], tasks=[items[i].task for i in valid])
         snapshot = self.load.snapshot()
         records = []
         for row, i in enumerate(valid):
@@ -406,7 +411,7 @@ class MixLLMService:
                 decision = router.route([item.query], lambda_=item.lambda_, exploration=item.exploration,
                                         candidates=item.candidates, max_cost_usd=item.max_cost,
                                         min_quality=item.min_quality, load=snapshot,
-                                        predictions=predictions.subset(slice(row, row + 1)))[0]
+                                        predictions=predictions.subset(slice(row, row + 1)), tasks=[item.task])[0]
             except RoutingError as exc:
                 field = "candidates" if "candidates" in str(exc) else ("lambda" if "lambda" in str(exc) else None)
                 results[i] = error(400, field, str(exc))
@@ -422,7 +427,7 @@ class MixLLMService:
             self.metrics.decisions.labels(llm=decision.llm).inc()
             results[i] = RouteResponse(llm=decision.llm, decision_id=decision_id, model_version=model.version,
                                        lambda_=decision.lambda_, relaxed=list(decision.relaxed),
-                                       candidates=_candidates(decision))
+                                       candidates=_candidates(decision), notes=list(decision.notes))
         return results
 
     def _log_decisions(self, model: LoadedModel, records: list[tuple[int, RouteRequest, Any]]) -> list[str]:

@@ -142,6 +142,81 @@ def oracle_stream(outcomes: Outcomes) -> OnlineResult:
                         outcomes.cost_usd[rows, picks], 100)
 
 
+# ----------------------------------------------------------------------------- adaptation
+
+
+@dataclass(frozen=True)
+class Adaptation:
+    """How an online router treated an LLM that joined mid-stream, against a router that had it all along.
+
+    Over the `window` queries after the join: the newcomer's traffic share under both, their mean
+    quality and cost (as shares of the reference), the queries until the newcomer's share stays
+    within `tolerance` of the full-pool router's (rolling windows of `rolling` queries; None when
+    it never does inside the window), and the regret: the full-pool router's summed score
+    (quality - lambda * cost / scale) minus the online router's, per query.
+    """
+
+    llm: str
+    join_at: int
+    window: int
+    share_online: float
+    share_full_pool: float
+    quality_online_pct: float
+    quality_full_pool_pct: float
+    cost_online_pct: float
+    cost_full_pool_pct: float
+    queries_to_converge: int | None
+    regret_per_query: float
+
+
+def adaptation(online: OnlineResult, full_pool: OnlineResult, llm: str, join_at: int, window: int, *,
+               lambda_: float, cost_scale_usd: float, reference_quality: float, reference_cost_usd: float,
+               tolerance: float = 0.05, rolling: int = 100) -> Adaptation:
+    """Compare `online` (the newcomer joined at `join_at`) with `full_pool` on the same stream."""
+    stop = min(join_at + window, len(online.choices))
+    if stop <= join_at:
+        raise MixLLMError(f"the stream has {len(online.choices)} queries: nothing after join_at={join_at}")
+    mine = np.array([c == llm for c in online.choices[join_at:stop]], dtype=float)
+    theirs = np.array([c == llm for c in full_pool.choices[join_at:stop]], dtype=float)
+    span = min(rolling, len(mine))
+    kernel = np.ones(span) / span
+    gap = np.abs(np.convolve(mine, kernel, mode="valid") - np.convolve(theirs, kernel, mode="valid"))
+    outside = np.flatnonzero(gap > tolerance)
+    if len(outside) == 0:
+        converge: int | None = span
+    elif outside[-1] + 1 < len(gap):
+        converge = int(outside[-1] + 1 + span)
+    else:
+        converge = None
+    score = lambda r: r.quality[join_at:stop] - lambda_ * r.cost_usd[join_at:stop] / cost_scale_usd  # noqa: E731
+    return Adaptation(
+        llm=llm, join_at=join_at, window=stop - join_at, share_online=float(mine.mean()),
+        share_full_pool=float(theirs.mean()),
+        quality_online_pct=100 * float(online.quality[join_at:stop].mean()) / reference_quality,
+        quality_full_pool_pct=100 * float(full_pool.quality[join_at:stop].mean()) / reference_quality,
+        cost_online_pct=100 * float(online.cost_usd[join_at:stop].mean()) / reference_cost_usd,
+        cost_full_pool_pct=100 * float(full_pool.cost_usd[join_at:stop].mean()) / reference_cost_usd,
+        queries_to_converge=converge,
+        regret_per_query=float(np.mean(score(full_pool) - score(online))),
+    )
+
+
+def shifted_order(sources: Sequence[Any], seed: int = 0) -> np.ndarray:
+    """A stream order whose task mix changes halfway: the first half holds the tasks that come
+    first in a seeded shuffle, until half the queries are placed; the second half the rest."""
+    sources = np.asarray([str(s) for s in sources])
+    rng = np.random.default_rng(seed)
+    tasks = list(np.unique(sources))
+    rng.shuffle(tasks)
+    first: list[int] = []
+    for task in tasks:
+        if len(first) >= len(sources) / 2:
+            break
+        first.extend(np.flatnonzero(sources == task).tolist())
+    second = sorted(set(range(len(sources))) - set(first))
+    return np.concatenate([rng.permutation(first), rng.permutation(second)]).astype(int)
+
+
 # ---------------------------------------------------------------------------------- latency
 
 

@@ -106,3 +106,30 @@ def test_routerbench_env_wins(tmp_path, monkeypatch):
     assert config.routerbench_path() == tmp_path / "local.pkl"
     monkeypatch.setenv("MIXLLM_ROUTERBENCH", "/elsewhere/rb.csv")
     assert config.routerbench_path() == Path("/elsewhere/rb.csv")
+
+
+def test_the_benchmark_datasets_file_is_valid_and_each_entry_is_complete():
+    from pathlib import Path
+
+    from mixllm.config import load_benchmark_config
+
+    root = Path(__file__).resolve().parents[1]
+    bench = load_benchmark_config(root / "benchmarks/datasets.yaml")
+    assert set(bench.datasets) >= {"routerbench_subset", "llmrouter_dc", "routellm_2llm"}
+    for name, entry in bench.datasets.items():
+        path = bench.data_path(entry)
+        assert path.parts[-len(entry.path.parts):] == entry.path.parts, name
+        assert not entry.path.is_absolute(), "the project names no path of the build machine"
+
+
+def test_a_benchmark_entry_with_a_reference_outside_its_catalogue_is_refused(tmp_path):
+    from mixllm.config import load_benchmark_config
+
+    path = tmp_path / "datasets.yaml"
+    path.write_text("datasets:\n  mine:\n    path: mine.csv\n    reference_llm: gpt-5\n"
+                    "    llms: [{name: small, input_usd_per_1k: 0.1, output_usd_per_1k: 0.1}]\n")
+    with pytest.raises(ConfigError, match="reference_llm 'gpt-5' is not in llms"):
+        load_benchmark_config(path)
+    path.write_text("datasets:\n  mine:\n    path: mine.csv\n    reference_llm: small\n    colour: blue\n")
+    with pytest.raises(ConfigError, match="datasets.mine.colour: unknown key"):
+        load_benchmark_config(path)

@@ -13,7 +13,7 @@ from mixllm.config import config_from_dict
 from mixllm.embeddings import QueryEncoder, load_sentence_transformer, mine_domain_triplets
 from mixllm.errors import ModelFormatError, RoutingError
 from mixllm.predictors import CostPredictor, QualityPredictor
-from mixllm.router import LoadSnapshot, MixLLMRouter, decide, expected_latency_s, latency_penalty
+from mixllm.router import FORMAT_VERSION, LoadSnapshot, MixLLMRouter, decide, expected_latency_s, latency_penalty
 from mixllm.tags import KeyBERTTagger, LLMTagger, TagClusterer, parse_tag_list
 from synthetic import PRICE_PER_1K, small_config
 
@@ -274,7 +274,7 @@ def test_save_load_routes_identically(fitted, tmp_path):
     for lam in (0.0, 0.3, 10.0):
         assert [d.to_dict() for d in fitted.route(queries, lambda_=lam)] == [d.to_dict() for d in loaded.route(queries, lambda_=lam)]
     manifest = json.loads((tmp_path / "router/router.json").read_text())
-    assert manifest["format_version"] == 1 and set(manifest["catalogue"]) == set(LLMS)
+    assert manifest["format_version"] == FORMAT_VERSION and set(manifest["catalogue"]) == set(LLMS)
     assert not list((tmp_path / "router").rglob("*.pkl")), "plain formats only"
 
 
@@ -373,3 +373,53 @@ def test_int8_encoder_is_close_to_fp32_and_round_trips(tmp_path):
     int8.save(tmp_path / "encoder")
     loaded = QueryEncoder.load(tmp_path / "encoder")
     assert loaded.quantize == "int8" and np.allclose(loaded.transform(queries), b, atol=1e-5)
+
+
+# ------------------------------------------------------------------- task labels and newcomers
+
+
+def test_a_task_label_places_the_query_in_its_domain(fitted):
+    assert fitted.tasks_ == ["code", "history", "math"], "the log's sources are the domains"
+    ambiguous = "Tell me about it."
+    as_history = fitted.route([ambiguous], lambda_=0.5, tasks=["history"])[0]
+    as_code = fitted.route([ambiguous], lambda_=0.5, tasks=["code"])[0]
+    assert as_history.llm == "cheap-chat" and as_code.llm == "coder", "the planted skills of each domain decide"
+    assert not as_history.notes
+    unknown = fitted.route([ambiguous], lambda_=0.5, tasks=["poetry"])[0]
+    assert unknown.notes and "poetry" in unknown.notes[0] and "code, history, math" in unknown.notes[0]
+    assert unknown.llm == fitted.route([ambiguous], lambda_=0.5)[0].llm, "an unknown task is routed by the text"
+    with pytest.raises(RoutingError, match="one .or None. per query"):
+        fitted.route([CODE, MATH], tasks=["code"])
+
+
+def test_an_optimistic_newcomer_starts_as_the_best_llm_at_its_price(fitted):
+    router = copy.deepcopy(fitted)
+    router.add_llm("rival", PRICE_PER_1K["coder"], PRICE_PER_1K["coder"])
+    table = router.domain_model_.table_
+    columns = {llm: router.domain_model_.llms_.index(llm) for llm in ("cheap-chat", "coder", "rival")}
+    best_affordable = np.maximum(table[:, columns["cheap-chat"]], table[:, columns["coder"]])
+    assert np.allclose(table[:, columns["rival"]], best_affordable), "never below what its price already buys"
+    assert set(router.anchors_["rival"]["llms"]) == {"cheap-chat", "coder", "strong"}
+
+
+def test_a_newcomer_keeps_its_resemblance_anchors_through_pool_changes_and_saving(fitted, tmp_path):
+    from mixllm.router import MixLLMRouter
+    from synthetic import make_log
+
+    router = copy.deepcopy(fitted)
+    router.add_llm("twin", PRICE_PER_1K["coder"], PRICE_PER_1K["coder"])
+    answered = make_log(n_queries=60, seed=5).query("llm == 'coder'").head(20).assign(llm="twin")
+    router.partial_fit(answered)
+    queries = [CODE, MATH, HISTORY]
+    before = router.predict(queries)
+    # The anchors are a frozen copy: an anchor leaving the pool does not change the newcomer.
+    router.remove_llm("coder")
+    after = router.predict(queries)
+    j_before, j_after = before.llms.index("twin"), after.llms.index("twin")
+    assert np.allclose(before.quality[:, j_before], after.quality[:, j_after])
+    router.save(tmp_path / "router")
+    loaded = MixLLMRouter.load(tmp_path / "router", progress=False)
+    assert loaded.anchors_["twin"]["llms"] == ["cheap-chat", "coder", "strong"]
+    assert np.array_equal(loaded.predict(queries).quality, after.quality)
+    loaded.partial_fit(answered.head(3))  # and it keeps learning after a reload
+    assert loaded.quality_models_["twin"].n_samples_seen_ == 23

@@ -105,6 +105,8 @@ def test_route_then_feedback_is_stored_exactly_once(service):
         ("/route", {"query": "hi", "lambda": -1}, 400, "lambda"),
         ("/route", {"query": "hi", "lambda": "lots"}, 400, "lambda"),
         ("/route", {"query": "hi", "surprise": 1}, 400, "surprise"),
+        ("/route", {"query": "hi", "task": ""}, 400, "task"),
+        ("/route", {"query": "hi", "task": 7}, 400, "task"),
         ("/feedback", {"decision_id": "no-such-decision", "thumbs": True}, 404, "decision_id"),
         ("/feedback", {"decision_id": "x"}, 400, "quality"),
         ("/feedback", {"query": "q", "llm": "gpt-99", "quality": 0.5}, 400, "llm"),
@@ -127,6 +129,19 @@ def test_bad_input_is_a_4xx_naming_the_field(service, path, body, status, field)
                           headers={**AUTH, "Content-Type": "application/json"}, timeout=30)
     assert response.status_code == status, response.text
     assert field in response.text
+
+
+def test_a_task_label_steers_the_route_and_an_unknown_one_is_reported(service):
+    base = service["base"]
+    model = httpx.get(f"{base}/model", timeout=30).json()
+    assert model["tasks"] == ["code", "history", "math"], "the training log's sources are the domains"
+    vague = "Please help with this one."
+    as_history = _route(base, query=vague, task="history", **{"lambda": 0.5})
+    as_code = _route(base, query=vague, task="code", **{"lambda": 0.5})
+    assert (as_history["llm"], as_code["llm"]) == ("cheap-chat", "coder"), "the planted skill of each domain decides"
+    assert as_history["notes"] == [] and as_code["notes"] == []
+    unknown = _route(base, query=vague, task="poetry")
+    assert len(unknown["notes"]) == 1 and "poetry" in unknown["notes"][0]
 
 
 def test_a_retried_request_id_gets_its_first_decision_back(service):
