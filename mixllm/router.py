@@ -648,7 +648,7 @@ class MixLLMRouter(BaseEstimator):
             prior_mean=0.0,
         ).start_empty(self.n_features_in_ + n_anchors)
         typical_output = float(np.mean(list(self.typical_output_tokens_.values()))) if self.typical_output_tokens_ else 100.0
-        prior_cost = (self.mean_query_chars_ / 4 * input_usd_per_1k + typical_output * output_usd_per_1k) / 1000
+        prior_cost = self._newcomer_cost(input_usd_per_1k, output_usd_per_1k, typical_output)
         self.cost_models_[name] = CostPredictor(
             ridge=self._config.predictors.cost.ridge, input_usd_per_1k=input_usd_per_1k,
             output_usd_per_1k=output_usd_per_1k, cost_scale_usd=self.cost_scale_usd_, prior_cost_usd=prior_cost,
@@ -657,6 +657,19 @@ class MixLLMRouter(BaseEstimator):
         logger.info("added LLM %s (prior quality %.3f on average over domains, prior cost $%.6f)", name,
                     float(np.mean(per_domain)), prior_cost)
         return self
+
+    def _newcomer_cost(self, input_usd_per_1k: float, output_usd_per_1k: float, typical_output_tokens: float) -> float:
+        """A newcomer's prior dollars per query: its list price times what the pool pays per unit of
+        list price (the median over priced LLMs that have logged costs), so it is priced the way
+        the log's costs were made (e.g. prompt tokens only); else tokens x prices."""
+        ratios = []
+        for llm, model in self.cost_models_.items():
+            price = self.catalogue_[llm]["input_usd_per_1k"] + self.catalogue_[llm]["output_usd_per_1k"]
+            if price > 0 and model.prior_cost_usd > 0 and llm not in self.anchors_:
+                ratios.append(model.prior_cost_usd / price)
+        if ratios:
+            return float(np.median(ratios)) * (input_usd_per_1k + output_usd_per_1k)
+        return (self.mean_query_chars_ / 4 * input_usd_per_1k + typical_output_tokens * output_usd_per_1k) / 1000
 
     def _newcomer_prior(self, price_per_1k: float) -> np.ndarray:
         """A newcomer's per-domain prior quality (predictors.quality.newcomer_prior).

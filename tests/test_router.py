@@ -400,6 +400,9 @@ def test_an_optimistic_newcomer_starts_as_the_best_llm_at_its_price(fitted):
     best_affordable = np.maximum(table[:, columns["cheap-chat"]], table[:, columns["coder"]])
     assert np.allclose(table[:, columns["rival"]], best_affordable), "never below what its price already buys"
     assert set(router.anchors_["rival"]["llms"]) == {"cheap-chat", "coder", "strong"}
+    # Priced the way the log's costs were made: at the coder's list price, about the coder's dollars.
+    rival_cost, coder_cost = router.cost_models_["rival"].prior_cost_usd, router.cost_models_["coder"].prior_cost_usd
+    assert rival_cost == pytest.approx(coder_cost, rel=0.25)
 
 
 def test_a_newcomer_keeps_its_resemblance_anchors_through_pool_changes_and_saving(fitted, tmp_path):
