@@ -48,7 +48,7 @@ def split(params_path: str | None, _after: Any = None) -> str:
     return str(pipeline.stage_split(config_for(params_path)))
 
 
-@task(name="tag and cluster queries", cache_key_fn=_stage_cache_key("tags"), persist_result=True)
+@task(name="find the query domains", cache_key_fn=_stage_cache_key("tags"), persist_result=True)
 def tags(params_path: str | None, _after: Any = None) -> str:
     return str(pipeline.stage_tags(config_for(params_path)))
 
