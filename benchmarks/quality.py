@@ -1,13 +1,18 @@
-"""Quality-cost benchmark on the shared RouterBench subset (a script, not a test).
+"""Quality-cost benchmark: every router on every routing log in benchmarks/datasets.yaml (a script, not a test).
 
-    MIXLLM_ROUTERBENCH=../shared/data/routerbench_subset/routerbench_subset_long.csv.gz \
-        python benchmarks/quality.py [--plot benchmarks/pareto.png] [--json benchmarks/quality.json]
+    python benchmarks/quality.py [--datasets routerbench_subset,llmrouter_dc] [--work DIR] [--quick]
 
-Trains MixLLM on the train part of RouterDC's split (validation carved from it), measures it and
-every baseline on the test part (the holdout) against gpt-4-1106-preview, then runs the MixLLM
-ablations, the online (bandit feedback) simulation with pool changes, and the latency-aware
-simulation. Prints markdown tables; writes the Pareto plot and a JSON of every figure.
-Nothing is tuned on the holdout: lambda is calibrated on validation.
+One protocol for every log. The log is ingested (validated, quarantined) into a fresh project,
+split by query with same-text queries grouped (a given train/test split is honoured; test
+questions repeating a train question leave the holdout), MixLLM is trained on the train part,
+every baseline too, lambda is calibrated on the validation part, and everything is measured on
+the holdout with an exact lambda sweep. Confidence intervals: percentile bootstrap over holdout
+queries, the same resamples for every router (so differences are paired). Then, per log: the
+levers as ablation rows, the budget, online learning, a pool change and a task-mix shift.
+
+Writes benchmarks/quality.json (every figure), benchmarks/pareto_<log>.png, and the leaderboard
+section of benchmarks/RESULTS.md (between its leaderboard markers). Nothing is tuned on a
+holdout: the exploration weight for newcomers is chosen on the validation part.
 """
 
 from __future__ import annotations
@@ -18,235 +23,599 @@ import json
 import logging
 import os
 import platform
+import re
 import shutil
 import sys
 import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mixllm.baselines import query_frame  # noqa: E402
-from mixllm.config import load_config  # noqa: E402
-from mixllm.data import ingest  # noqa: E402
-from mixllm.evaluate import Outcomes, format_table, pareto_plot, results_table, to_jsonable  # noqa: E402
+from mixllm.baselines import MixLLMAdapter, query_frame  # noqa: E402
+from mixllm.config import DatasetConfig, MixLLMConfig, load_benchmark_config, load_config  # noqa: E402
+from mixllm.data import InteractionStore, ingest  # noqa: E402
+from mixllm.evaluate import (  # noqa: E402
+    BOOTSTRAP_METRICS,
+    Interval,
+    Outcomes,
+    RouterCurve,
+    at_lambda_bootstrap,
+    bootstrap_metrics,
+    bootstrap_weights,
+    measure_router,
+    pareto_plot,
+    results_table,
+    to_jsonable,
+)
 from mixllm.pipeline import (  # noqa: E402
+    SplitData,
     Workspace,
-    ablation_config,
+    calibrate_on_validation,
     evaluate_router,
-    flat_metrics,
     holdout_context,
     load_split,
     record_stage,
+    reference_columns,
     reuse_stage_outputs,
     stage_split,
     train_router,
 )
-from mixllm.simulate import PoolEvent, oracle_stream, output_tokens_from_log, simulate_latency, simulate_online  # noqa: E402
+from mixllm.router import MixLLMRouter  # noqa: E402
+from mixllm.simulate import (  # noqa: E402
+    PoolEvent,
+    adaptation,
+    output_tokens_from_log,
+    shifted_order,
+    simulate_latency,
+    simulate_online,
+)
 
 logger = logging.getLogger("benchmarks.quality")
+
+LEADERBOARD_START = "<!-- leaderboard:start (written by benchmarks/quality.py; do not edit by hand) -->"
+LEADERBOARD_END = "<!-- leaderboard:end -->"
+
+# The levers, each one change to the default (params.yaml), measured on the same holdout.
+ABLATIONS = {
+    "mixllm (tag domains, as the paper)": ("tag-domains", {"domains.labels": "tags"}),
+    "mixllm (no domain prior)": ("no-prior", {"features.use_domains": False}),
+    "mixllm (no fine-tuning)": ("no-ft", {"embedding.fine_tune.enabled": False}),
+    "mixllm (no TF-IDF)": ("no-tfidf", {"features.tfidf.enabled": False}),
+    "mixllm (ridge fixed at 10, no GCV)": ("ridge10", {"predictors.quality.ridge": 10.0}),
+}
+TEXT_ONLY = ("knn", "mlp", "tfidf_logistic")  # learned baselines that, like MixLLM, see only the query text
+EXPLORATION_GRID = (0.0, 0.1, 0.25, 0.5, 1.0)
+ARRIVAL_RATE = 12.0  # queries/s in the latency replay: enough to queue the dearest LLM's four slots
 
 
 def machine() -> str:
     return f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, {platform.system()}"
 
 
-def train_variant(base: "MixLLMConfig", name: str, **overrides):  # noqa: F821
-    """Train one MixLLM variant in its own work folder, reusing the base run's stages whose inputs
-    it shares (split, tags, encoder) and its embedding cache."""
-    config = load_config(base.root / "params.yaml", overrides={"pipeline.work_dir": f"data/work-{name}", **overrides})
+# ------------------------------------------------------------------------------------ projects
+
+
+def make_project(name: str, entry: DatasetConfig, folder: Path) -> MixLLMConfig:
+    """A project folder whose params.yaml is the repository's with this log's catalogue, reference and split."""
+    folder.mkdir(parents=True, exist_ok=True)
+    params = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
+    if entry.llms is not None:
+        params["llms"] = [llm.model_dump(mode="json", exclude_defaults=True) for llm in entry.llms]
+    params["evaluation"]["reference_llm"] = entry.reference_llm
+    params["split"]["column"] = entry.split_column
+    text = yaml.safe_dump(params, sort_keys=False)
+    path = folder / "params.yaml"
+    if not path.is_file() or path.read_text(encoding="utf-8") != text:
+        path.write_text(text, encoding="utf-8")
+    return load_config(path)
+
+
+def variant_config(base: MixLLMConfig, slug: str, overrides: dict[str, Any]) -> MixLLMConfig:
+    """The same project with some settings changed and its own work folder; stages whose inputs it
+    shares with the base run (split, domains, encoder) are copied, and the embedding cache is shared."""
+    config = load_config(base.root / "params.yaml", overrides={"pipeline.work_dir": f"data/work-{slug}", **overrides})
     workspace = Workspace.of(config)
     workspace.root.mkdir(parents=True, exist_ok=True)
     if not workspace.cache.exists():
-        workspace.cache.symlink_to(Workspace.of(base).cache, target_is_directory=True)
+        workspace.cache.symlink_to(Workspace.of(base).cache.resolve(), target_is_directory=True)
     reused = reuse_stage_outputs(base, config)
-    logger.info("%s reuses %s", name, ", ".join(reused) or "nothing")
-    split = load_split(config)
+    logger.info("%s reuses %s", slug, ", ".join(reused) or "nothing")
+    return config
+
+
+def trained(config: MixLLMConfig, split: SplitData) -> tuple[MixLLMRouter, float]:
     started = time.perf_counter()
     router = train_router(config, split, progress=False)
-    router.cache_dir = workspace.cache
-    return config, split, router, time.perf_counter() - started
+    router.cache_dir = Workspace.of(config).cache
+    return router, time.perf_counter() - started
+
+
+# ---------------------------------------------------------------------------------- statistics
+
+
+class Resamples:
+    """Bootstrap replicates of every curve on one holdout, all on the same resampled queries."""
+
+    def __init__(self, outcomes: Outcomes, reference_quality: np.ndarray, reference_cost: np.ndarray,
+                 config: MixLLMConfig, n_boot: int):
+        self.outcomes = outcomes
+        self.reference_quality = reference_quality
+        self.reference_cost = reference_cost
+        self.evaluation = config.evaluation
+        self.weights = bootstrap_weights(len(outcomes.query_ids), n_boot, config.evaluation.seed)
+        self.replicates: dict[str, dict[str, np.ndarray]] = {}
+        self.estimates: dict[str, dict[str, float]] = {}
+
+    def add(self, curve: RouterCurve, estimates: dict[str, Any]) -> None:
+        self.replicates[curve.name] = bootstrap_metrics(curve, self.outcomes, self.reference_quality,
+                                                        self.reference_cost, self.weights,
+                                                        self.evaluation.cost_budget_share,
+                                                        self.evaluation.quality_target_share)
+        self.estimates[curve.name] = {m: _float(estimates.get(m)) for m in BOOTSTRAP_METRICS}
+
+    def interval(self, name: str, metric: str) -> Interval:
+        return Interval.of(self.estimates[name][metric], self.replicates[name][metric],
+                           self.evaluation.confidence_level)
+
+    def difference(self, a: str, b: str, metric: str = "aiq") -> Interval:
+        estimate = self.estimates[a][metric] - self.estimates[b][metric]
+        return Interval.of(estimate, self.replicates[a][metric] - self.replicates[b][metric],
+                           self.evaluation.confidence_level)
+
+
+def _float(value: Any) -> float:
+    return float("nan") if value is None else float(value)
+
+
+# ------------------------------------------------------------------------------------ per log
+
+
+def run_dataset(name: str, entry: DatasetConfig, data_path: Path, work: Path, *, quick: bool,
+                n_boot: int, plot_dir: Path) -> dict[str, Any]:
+    started = time.perf_counter()
+    config = make_project(name, entry, work / name)
+    store = InteractionStore(config.path(config.data.store_dir))
+    if not store.parts():
+        report = ingest(data_path, config)
+        logger.info("%s: %d interactions accepted, %d quarantined %s", name, report.accepted, report.quarantined,
+                    report.reasons)
+    stage_split(config)
+    record_stage(config, "split")
+    split = load_split(config)
+    counts = {part: int(frame["query_id"].nunique()) for part, frame in
+              (("train", split.train), ("validation", split.validation), ("holdout", split.holdout))}
+    logger.info("%s: split %s", name, counts)
+    timings: dict[str, float] = {}
+
+    router, timings["train_s"] = trained(config, split)
+    t = time.perf_counter()
+    report = evaluate_router(config, router, split, bootstrap=False)
+    timings["evaluate_with_baselines_s"] = time.perf_counter() - t
+    evaluation = config.evaluation
+    holdout_queries, outcomes, reference = holdout_context(config, split, router.enabled_llms_)
+    reference_quality, reference_cost = reference_columns(split.holdout, holdout_queries["query_id"], outcomes,
+                                                          reference.llm)
+    curves = list(report.curves)
+    task_curve = measure_router("mixllm + task label", MixLLMAdapter(router, with_task=True), holdout_queries,
+                                outcomes, reference, report.mixllm.ms_per_query)
+    curves.insert(1, task_curve)
+
+    ablations: dict[str, Any] = {}
+    if not quick:
+        for label, (slug, overrides) in ABLATIONS.items():
+            t = time.perf_counter()
+            variant = variant_config(config, slug, overrides)
+            variant_router, train_s = trained(variant, load_split(variant))
+            # ms/query is not measured for the variants (their encoder calls hit the embedding cache).
+            curve = measure_router(label, MixLLMAdapter(variant_router), holdout_queries, outcomes, reference,
+                                   ms_per_query=float("nan"))
+            curves.append(curve)
+            ablations[label] = {"overrides": overrides, "train_s": train_s, "wall_s": time.perf_counter() - t}
+
+    table = results_table(curves, reference, evaluation.cost_budget_share, evaluation.quality_target_share)
+    estimates = table.set_index("router").to_dict(orient="index")
+    resamples = Resamples(outcomes, reference_quality, reference_cost, config, n_boot)
+    for curve in curves:
+        resamples.add(curve, estimates[curve.name])
+    calibrated = at_lambda_bootstrap(report.mixllm.path, report.calibration.lambda_, outcomes, reference_quality,
+                                     reference_cost, resamples.weights)
+    budget_pct = 100 * evaluation.cost_budget_share
+
+    rows = []
+    for curve in curves:
+        row = {"router": curve.name, "sees": _sees(curve.name)}
+        for metric in BOOTSTRAP_METRICS:
+            row[metric] = resamples.interval(curve.name, metric)
+        row["ms_per_query"] = curve.ms_per_query
+        rows.append(row)
+    text_baselines = [c.name for c in curves if c.name in TEXT_ONLY]
+    best_text = max(text_baselines, key=lambda n: resamples.estimates[n]["aiq"]) if text_baselines else None
+    comparisons = {}
+    if best_text:
+        comparisons["mixllm - best text-only baseline"] = {"against": best_text,
+                                                           "aiq": resamples.difference("mixllm", best_text),
+                                                           "quality_at_budget_pct": resamples.difference(
+                                                               "mixllm", best_text, "quality_at_budget_pct")}
+        for other in text_baselines:
+            if other != best_text:
+                comparisons[f"mixllm - {other}"] = {"against": other, "aiq": resamples.difference("mixllm", other)}
+    if "per_source" in resamples.estimates:
+        comparisons["mixllm + task label - per_source"] = {
+            "against": "per_source", "aiq": resamples.difference("mixllm + task label", "per_source"),
+            "quality_at_budget_pct": resamples.difference("mixllm + task label", "per_source", "quality_at_budget_pct")}
+        comparisons["mixllm (text only) - per_source"] = {"against": "per_source",
+                                                          "aiq": resamples.difference("mixllm", "per_source")}
+    for label in ablations:
+        ablations[label]["aiq"] = resamples.interval(label, "aiq")
+        ablations[label]["minus_mixllm"] = resamples.difference(label, "mixllm")
+    budget = {
+        "lambda": report.calibration.lambda_,
+        "met_on_validation": report.calibration.met,
+        "confidence": report.calibration.confidence,
+        "validation_cost_bound_pct": None if report.calibration.cost_bound is None else 100 * report.calibration.cost_bound,
+        "validation_cost_pct": 100 * report.calibration.validation.cost_share,
+        "validation_quality_pct": 100 * report.calibration.validation.quality_share,
+        "holdout_quality_pct": Interval.of(100 * report.holdout_at_calibrated.quality_share, calibrated["quality_pct"]),
+        "holdout_cost_pct": Interval.of(100 * report.holdout_at_calibrated.cost_share, calibrated["cost_pct"]),
+        "holdout_cost_over_budget": report.holdout_at_calibrated.cost_share / evaluation.cost_budget_share,
+        "budget_pct": budget_pct,
+    }
+    budget["plain_mean_calibration"] = plain_budget(config, router, split, outcomes, reference)
+    pareto_plot(curves, reference, report.single_llms, plot_dir / f"pareto_{name}.png",
+                title=f"{name}: holdout quality vs cost (reference {reference.llm})",
+                budget_share=evaluation.cost_budget_share, quality_share=evaluation.quality_target_share)
+
+    simulations: dict[str, Any] = {}
+    if not quick:
+        t = time.perf_counter()
+        simulations = simulate(config, entry, router, split, report.calibration.lambda_)
+        timings["simulations_s"] = time.perf_counter() - t
+    timings["total_s"] = time.perf_counter() - started
+    return {
+        "name": name, "description": entry.description, "source": str(entry.path), "split": counts,
+        "reference": {"llm": reference.llm, "mean_quality": reference.mean_quality,
+                      "mean_cost_usd": reference.mean_cost_usd},
+        "domains": router.describe()["domains"], "quality_ridge": router.ridge_,
+        "table": rows, "comparisons": comparisons, "ablations": ablations, "budget": budget,
+        "simulations": simulations, "timings": timings, "router_timings": router.timings_,
+        "predictor_scores": report.predictor_scores,
+    }
+
+
+def _sees(name: str) -> str:
+    if name == "oracle":
+        return "holdout outcomes"
+    if name in ("per_source", "mixllm + task label"):
+        return "text + task label"
+    if name in ("random", "cheapest", "best_single"):
+        return "nothing"
+    return "text"
+
+
+def plain_budget(config: MixLLMConfig, router: MixLLMRouter, split: SplitData, outcomes: Outcomes,
+                 reference: Any) -> dict[str, float]:
+    """The budget without the confidence bound (validation mean <= budget), for comparison."""
+    from mixllm.config import config_from_dict
+    from mixllm.evaluate import sweep
+
+    raw = config.model_dump(mode="json", by_alias=True, exclude={"root"})
+    plain = config_from_dict(raw, root=config.root, overrides={"evaluation.budget_confidence": 0.5})
+    adapter = MixLLMAdapter(router)
+    calibration = calibrate_on_validation(plain, adapter, split, router.enabled_llms_, reference.llm, "cost_share",
+                                          config.evaluation.cost_budget_share)
+    holdout_queries = query_frame(split.holdout)
+    point = sweep(adapter.predict(holdout_queries), outcomes, reference, [calibration.lambda_], router.cost_scale_usd_)[0]
+    return {"lambda": calibration.lambda_, "holdout_cost_pct": 100 * point.cost_share,
+            "holdout_quality_pct": 100 * point.quality_share,
+            "holdout_cost_over_budget": point.cost_share / config.evaluation.cost_budget_share}
+
+
+# --------------------------------------------------------------------------------- simulations
+
+
+def stream_of(frame: pd.DataFrame, outcomes: Outcomes, order: np.ndarray) -> tuple[pd.DataFrame, Outcomes]:
+    stream = frame.iloc[order].reset_index(drop=True)
+    return stream, Outcomes([outcomes.query_ids[i] for i in order], outcomes.llms, outcomes.quality[order],
+                            outcomes.cost_usd[order])
+
+
+def pool_change(router: MixLLMRouter, stream: pd.DataFrame, outcomes: Outcomes, lambda_: float, exploration: float,
+                plan: Any, prices: dict[str, tuple[float, float]], features: np.ndarray,
+                reference: Any) -> dict[str, Any]:
+    """Newcomers join at plan.join_at with a prior only; others leave at plan.leave_at; compared with
+    the router that had the full pool all along, both learning online with the same settings."""
+    starting = copy.deepcopy(router)
+    for llm in plan.join:
+        starting.remove_llm(llm)
+    events = ([PoolEvent(plan.join_at, "add", llm, prices[llm]) for llm in plan.join]
+              + [PoolEvent(plan.leave_at, "remove", llm) for llm in plan.leave])
+    online = simulate_online(starting, stream, outcomes, lambda_=lambda_, exploration=exploration, events=events,
+                             features=features, name="pool change")
+    # The full pool loses the leavers at the same step, so the only difference is the newcomers' start.
+    full = simulate_online(router, stream, outcomes, lambda_=lambda_, exploration=exploration,
+                           events=[PoolEvent(plan.leave_at, "remove", llm) for llm in plan.leave],
+                           features=features, name="full pool")
+    per_llm = {llm: adaptation(online, full, llm, plan.join_at, plan.window, lambda_=lambda_,
+                               cost_scale_usd=router.cost_scale_usd_, reference_quality=reference.mean_quality,
+                               reference_cost_usd=reference.mean_cost_usd) for llm in plan.join}
+    return {"exploration": exploration, "per_llm": per_llm,
+            "regret_per_query": float(np.mean([a.regret_per_query for a in per_llm.values()]))}
+
+
+def simulate(config: MixLLMConfig, entry: DatasetConfig, router: MixLLMRouter, split: SplitData,
+             lambda_: float) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    holdout_queries, outcomes, reference = holdout_context(config, split, router.enabled_llms_)
+    order = np.random.default_rng(0).permutation(len(holdout_queries))
+    stream, stream_outcomes = stream_of(holdout_queries, outcomes, order)
+    features = router.features(stream["query"].tolist())
+    share = lambda result: {"quality_pct": 100 * result.mean_quality / reference.mean_quality,  # noqa: E731
+                            "cost_pct": 100 * result.mean_cost_usd / reference.mean_cost_usd}
+    offline = simulate_online(router, stream, stream_outcomes, lambda_=lambda_, update=False, features=features)
+    online = simulate_online(router, stream, stream_outcomes, lambda_=lambda_, features=features)
+    binary = simulate_online(router, stream, stream_outcomes, lambda_=lambda_, feedback="binary", features=features)
+    out["online"] = {"offline router": share(offline), "online, refined feedback": share(online),
+                     "online, binary feedback": share(binary)}
+
+    # Latency-aware routing, where the log has responses to estimate output tokens from.
+    if "response" in split.holdout and split.holdout["response"].notna().any():
+        tokens = output_tokens_from_log(split.holdout, holdout_queries["query_id"], router.enabled_llms_)
+        plain_features = router.features(holdout_queries["query"].tolist())
+        runs = {penalty: simulate_latency(router, holdout_queries, outcomes, tokens, arrival_rate_per_s=ARRIVAL_RATE,
+                                          lambda_=lambda_, penalty=penalty, features=plain_features, seed=0)
+                for penalty in (False, True)}
+        overloaded = runs[False].table().set_index("llm")["p95_wait_s"].idxmax()
+        out["latency"] = {"arrival_rate_per_s": ARRIVAL_RATE, "overloaded_llm": overloaded, "runs": {
+            ("on" if penalty else "off"): {**share(result), "overloaded_share": result.traffic.get(overloaded, 0.0),
+                                           "overloaded_p50_wait_s": float(np.percentile(result.waits_s.get(overloaded, [0]), 50)),
+                                           "overloaded_p95_wait_s": result.p95(overloaded),
+                                           "max_p95_wait_s": float(result.table()["p95_wait_s"].max())}
+            for penalty, result in runs.items()}}
+
+    # Task mix shifting halfway through the stream: learning online against the static router.
+    if "source" in holdout_queries and holdout_queries["source"].nunique() > 1:
+        shift_order, half = shifted_order(holdout_queries["source"].tolist(), seed=0)
+        shift_stream, shift_outcomes = stream_of(holdout_queries, outcomes, shift_order)
+        shift_features = router.features(shift_stream["query"].tolist())
+        static = simulate_online(router, shift_stream, shift_outcomes, lambda_=lambda_, update=False,
+                                 features=shift_features)
+        learning = simulate_online(router, shift_stream, shift_outcomes, lambda_=lambda_, features=shift_features)
+        first_tasks = sorted(set(shift_stream["source"].iloc[:half]))
+        score = lambda r, part: float(np.mean((r.quality - lambda_ * r.cost_usd / router.cost_scale_usd_)[part]))  # noqa: E731
+        out["mix_shift"] = {
+            "first_half_tasks": first_tasks, "second_half_tasks": sorted(set(shift_stream["source"].iloc[half:])),
+            "static": {"first": share_of(static, slice(0, half), reference), "second": share_of(static, slice(half, None), reference)},
+            "online": {"first": share_of(learning, slice(0, half), reference), "second": share_of(learning, slice(half, None), reference)},
+            "online_minus_static_score_second_half": score(learning, slice(half, None)) - score(static, slice(half, None)),
+        }
+
+    plan = entry.pool_change
+    if plan is not None and plan.join and all(llm in router.llms_ for llm in plan.join + plan.leave):
+        prices = {llm.name: (llm.input_usd_per_1k, llm.output_usd_per_1k) for llm in config.llms}
+        # The exploration weight is chosen on the validation part, then measured on the holdout.
+        validation_queries = query_frame(split.validation)
+        validation_outcomes = Outcomes.from_log(split.validation, validation_queries["query_id"], router.enabled_llms_)
+        v_order = np.random.default_rng(1).permutation(len(validation_queries))
+        v_stream, v_outcomes = stream_of(validation_queries, validation_outcomes, v_order)
+        v_features = router.features(v_stream["query"].tolist())
+        v_reference = reference_on_validation(split, validation_queries, validation_outcomes, reference.llm)
+        v_plan = plan.model_copy(update={"join_at": min(plan.join_at, len(v_stream) // 4),
+                                         "leave_at": min(plan.leave_at, len(v_stream) // 2)})
+        tuning = {alpha: pool_change(router, v_stream, v_outcomes, lambda_, alpha, v_plan, prices, v_features,
+                                     v_reference)["regret_per_query"] for alpha in EXPLORATION_GRID}
+        chosen = min(tuning, key=lambda a: (tuning[a], a))
+        out["pool_change"] = {
+            "plan": plan.model_dump(), "validation_regret_by_exploration": tuning, "chosen_exploration": chosen,
+            "holdout": pool_change(router, stream, stream_outcomes, lambda_, chosen, plan, prices, features, reference),
+            "holdout_without_exploration": pool_change(router, stream, stream_outcomes, lambda_, 0.0, plan, prices,
+                                                       features, reference),
+        }
+    return out
+
+
+def share_of(result: Any, part: slice, reference: Any) -> dict[str, float]:
+    return {"quality_pct": 100 * float(result.quality[part].mean()) / reference.mean_quality,
+            "cost_pct": 100 * float(result.cost_usd[part].mean()) / reference.mean_cost_usd}
+
+
+def reference_on_validation(split: SplitData, queries: pd.DataFrame, outcomes: Outcomes, llm: str) -> Any:
+    from mixllm.pipeline import reference_on
+
+    return reference_on(split.validation, queries["query_id"], outcomes, llm)
+
+
+# ------------------------------------------------------------------------------------ reporting
+
+
+def pct(interval: Interval, digits: int = 2) -> str:
+    return interval.format(digits)
+
+
+def revive(value: Any) -> Any:
+    """JSON back to the objects the report prints (intervals)."""
+    if isinstance(value, dict):
+        if set(value) == {"estimate", "low", "high", "reached"}:
+            return Interval(*(float("nan") if value[k] is None else value[k]
+                              for k in ("estimate", "low", "high", "reached")))
+        return {k: revive(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [revive(v) for v in value]
+    return value
+
+
+def leaderboard(results: dict[str, dict[str, Any]]) -> str:
+    lines = [LEADERBOARD_START, ""]
+    for name, result in results.items():
+        lines.append(f"- {name}: measured {result['when']} on {result['machine']} in "
+                     f"{result['timings']['total_s'] / 60:.1f} minutes by `{result['command']}`")
+    lines.append("")
+    summary = ["| log | holdout queries | MixLLM AIQ | best text-only baseline | MixLLM − it (95% CI) | "
+               "MixLLM + task label − per_source (95% CI) | calibrated cost ÷ budget |", "|---|---|---|---|---|---|---|"]
+    for name, result in results.items():
+        table = {row["router"]: row for row in result["table"]}
+        comparisons = result["comparisons"]
+        best = comparisons.get("mixllm - best text-only baseline", {})
+        task = comparisons.get("mixllm + task label - per_source", {})
+        summary.append(
+            f"| {name} | {result['split']['holdout']} | {table['mixllm']['aiq'].format(4)} | "
+            f"{best.get('against', '–')} {table[best['against']]['aiq'].format(4) if best else ''} | "
+            f"{best['aiq'].format(4) if best else '–'} | {task['aiq'].format(4) if task else '–'} | "
+            f"{result['budget']['holdout_cost_over_budget']:.3f} |")
+    lines += ["### Summary", ""] + summary + [""]
+    for name, result in results.items():
+        reference = result["reference"]
+        lines += [f"### {name}", "", result["description"], "",
+                  f"Holdout {result['split']['holdout']} queries (train {result['split']['train']}, validation "
+                  f"{result['split']['validation']}); reference {reference['llm']} (mean quality "
+                  f"{reference['mean_quality']:.4f}, ${reference['mean_cost_usd']:.6f} per query). Intervals: 95% "
+                  "bootstrap over holdout queries; – = not reached.", "",
+                  "| router | sees | AIQ | quality at budget % | least cost % for 97.25% | least cost % for 100% | ms/query |",
+                  "|---|---|---|---|---|---|---|"]
+        for row in result["table"]:
+            lines.append(f"| {row['router']} | {row['sees']} | {row['aiq'].format(4)} | "
+                         f"{pct(row['quality_at_budget_pct'])} | {pct(row['least_cost_for_target_pct'])} | "
+                         f"{pct(row['least_cost_for_reference_pct'])} | "
+                         f"{'–' if row['ms_per_query'] is None or not np.isfinite(row['ms_per_query']) else format(row['ms_per_query'], '.1f')} |")
+        lines += ["", "Paired differences (same resamples):", "", "| difference | AIQ (95% CI) | quality at budget, points (95% CI) |",
+                  "|---|---|---|"]
+        for label, comparison in result["comparisons"].items():
+            at_budget = comparison.get("quality_at_budget_pct")
+            lines.append(f"| {label.replace('best text-only baseline', comparison['against'] + ' (the best text-only baseline)')} | "
+                         f"{comparison['aiq'].format(4)} | {at_budget.format(2) if at_budget else '–'} |")
+        budget = result["budget"]
+        lines += ["", f"Budget {budget['budget_pct']:.2f}% of the reference's cost: lambda {budget['lambda']:.4g} "
+                  f"calibrated on validation with {100 * budget['confidence']:.0f}% confidence "
+                  f"(validation bound {budget['validation_cost_bound_pct']:.2f}%). Holdout: quality "
+                  f"{budget['holdout_quality_pct'].format(2)}%, cost {budget['holdout_cost_pct'].format(2)}%, "
+                  f"**realised ÷ budget {budget['holdout_cost_over_budget']:.3f}**. Without the bound (validation "
+                  f"mean ≤ budget): cost {budget['plain_mean_calibration']['holdout_cost_pct']:.2f}%, realised ÷ "
+                  f"budget {budget['plain_mean_calibration']['holdout_cost_over_budget']:.3f}.", ""]
+        if result["ablations"]:
+            lines += ["Levers (one change each to the default, same holdout):", "",
+                      "| variant | AIQ (95% CI) | variant − default mixllm (95% CI) |", "|---|---|---|"]
+            for label, ablation in result["ablations"].items():
+                lines.append(f"| {label} | {ablation['aiq'].format(4)} | {ablation['minus_mixllm'].format(4)} |")
+            lines.append("")
+        lines += simulation_lines(result.get("simulations") or {})
+        lines += [f"![{name}](pareto_{name}.png)", ""]
+    lines.append(LEADERBOARD_END)
+    return "\n".join(lines)
+
+
+def simulation_lines(simulations: dict[str, Any]) -> list[str]:
+    """The replays of one log as markdown: online learning, latency, pool change, task-mix shift."""
+    lines: list[str] = []
+    if "online" in simulations:
+        lines += ["Online learning (holdout streamed in a seeded order at the calibrated lambda; the router sees only "
+                  "the chosen LLM's outcome):", "", "| run | quality % | cost % |", "|---|---|---|"]
+        lines += [f"| {run} | {v['quality_pct']:.2f} | {v['cost_pct']:.2f} |" for run, v in simulations["online"].items()]
+        lines.append("")
+    if "latency" in simulations:
+        latency = simulations["latency"]
+        lines += [f"Latency-aware routing ({latency['arrival_rate_per_s']:g} queries/s, Poisson; latency profiles from "
+                  f"params.yaml, which are assumptions; the LLM whose queue grows without the penalty: "
+                  f"{latency['overloaded_llm']}):", "",
+                  "| penalty | quality % | cost % | its share | its p50 wait s | its p95 wait s | max p95 wait s |",
+                  "|---|---|---|---|---|---|---|"]
+        for run, v in latency["runs"].items():
+            lines.append(f"| {run} | {v['quality_pct']:.2f} | {v['cost_pct']:.2f} | {v['overloaded_share']:.3f} | "
+                         f"{v['overloaded_p50_wait_s']:.2f} | {v['overloaded_p95_wait_s']:.2f} | {v['max_p95_wait_s']:.2f} |")
+        lines.append("")
+    if "pool_change" in simulations:
+        pool = simulations["pool_change"]
+        plan = pool["plan"]
+        tuning = ", ".join(f"{float(a):g}: {r:.4f}" for a, r in pool["validation_regret_by_exploration"].items())
+        lines += [f"Pool change: {', '.join(plan['join'])} join at query {plan['join_at']} with a prior only; "
+                  f"{', '.join(plan['leave']) or 'none'} leave at {plan['leave_at']}. Compared over the {plan['window']} "
+                  "queries after the join with a router that had every LLM from the start (both learn online with the "
+                  f"same settings). Exploration weight chosen on a validation stream by regret per query ({tuning}): "
+                  f"**{pool['chosen_exploration']:g}**.", "",
+                  "| run | newcomer | its share (full pool) | quality % (full pool) | cost % (full pool) | "
+                  "queries until its share stays within 5 points | regret per query |", "|---|---|---|---|---|---|---|"]
+        for run, key in (("chosen exploration", "holdout"), ("no exploration", "holdout_without_exploration")):
+            for llm, a in pool[key]["per_llm"].items():
+                converge = a["queries_to_converge"]
+                lines.append(f"| {run} | {llm} | {a['share_online']:.3f} ({a['share_full_pool']:.3f}) | "
+                             f"{a['quality_online_pct']:.2f} ({a['quality_full_pool_pct']:.2f}) | "
+                             f"{a['cost_online_pct']:.2f} ({a['cost_full_pool_pct']:.2f}) | "
+                             f"{'not within the window' if converge is None else converge} | {a['regret_per_query']:.4f} |")
+        lines.append("")
+    if "mix_shift" in simulations:
+        shift = simulations["mix_shift"]
+        lines += [f"Task-mix shift: the holdout streamed with {', '.join(shift['first_half_tasks'])} first, then "
+                  f"{', '.join(shift['second_half_tasks'])}.", "",
+                  "| router | quality % first part | cost % first part | quality % second part | cost % second part |",
+                  "|---|---|---|---|---|"]
+        for run in ("static", "online"):
+            v = shift[run]
+            lines.append(f"| {run} | {v['first']['quality_pct']:.2f} | {v['first']['cost_pct']:.2f} | "
+                         f"{v['second']['quality_pct']:.2f} | {v['second']['cost_pct']:.2f} |")
+        lines += ["", f"Online minus static, score (quality - lambda x cost / scale) per query in the second part: "
+                      f"{shift['online_minus_static_score_second_half']:+.4f}.", ""]
+    return lines
+
+
+def write_leaderboard(path: Path, section: str) -> None:
+    text = path.read_text(encoding="utf-8") if path.is_file() else "# Benchmark results\n\n"
+    pattern = re.compile(re.escape(LEADERBOARD_START) + ".*?" + re.escape(LEADERBOARD_END), re.S)
+    text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip() + "\n\n" + section + "\n"
+    path.write_text(text, encoding="utf-8")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--plot", type=Path, default=ROOT / "benchmarks/pareto.png")
+    parser.add_argument("--datasets", default=None, help="Comma-separated names from benchmarks/datasets.yaml (default: all).")
+    parser.add_argument("--config", type=Path, default=ROOT / "benchmarks/datasets.yaml")
+    parser.add_argument("--work", type=Path, default=None, help="Work folder, kept between runs (default: a temporary one).")
     parser.add_argument("--json", type=Path, default=ROOT / "benchmarks/quality.json")
-    parser.add_argument("--work", type=Path, default=None, help="Work folder (default: a temporary one).")
-    parser.add_argument("--arrival-rate", type=float, default=12.0, help="Queries per second in the latency simulation.")
-    parser.add_argument("--quick", action="store_true", help="Skip the ablations (for a smoke run).")
+    parser.add_argument("--results", type=Path, default=ROOT / "benchmarks/RESULTS.md",
+                        help="Markdown file whose leaderboard section is rewritten.")
+    parser.add_argument("--resamples", type=int, default=None, help="Bootstrap resamples (default: params.yaml).")
+    parser.add_argument("--quick", action="store_true", help="Skip the levers and the simulations (a smoke run).")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("sentence_transformers", "mlflow", "httpx", "urllib3"):
+    for noisy in ("sentence_transformers", "mlflow", "httpx", "urllib3", "mixllm.data"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    source = os.environ.get("MIXLLM_ROUTERBENCH")
-    if not source:
-        print("set MIXLLM_ROUTERBENCH to the RouterBench subset (routerbench_subset_long.csv.gz)", file=sys.stderr)
+    bench = load_benchmark_config(args.config)
+    names = list(bench.datasets) if not args.datasets else [n.strip() for n in args.datasets.split(",")]
+    unknown = [n for n in names if n not in bench.datasets]
+    if unknown:
+        print(f"unknown dataset(s) {', '.join(unknown)}; choose from {', '.join(bench.datasets)}", file=sys.stderr)
         return 2
-    started = time.perf_counter()
+    missing = [n for n in names if not bench.data_path(bench.datasets[n]).is_file()]
+    if missing:
+        print("missing data: " + "; ".join(f"{n}: {bench.data_path(bench.datasets[n])}" for n in missing)
+              + ". Set MIXLLM_SHARED_DATA to the folder holding the shared logs.", file=sys.stderr)
+        return 2
     work = args.work or Path(tempfile.mkdtemp(prefix="mixllm-bench-"))
-    work.mkdir(parents=True, exist_ok=True)
-    shutil.copy(ROOT / "params.yaml", work / "params.yaml")
-    config = load_config(work / "params.yaml")
-    report = ingest(source, config)
-    print(f"data: {report.accepted} interactions, {report.queries} queries, {report.llms} LLMs from {source}")
-    stage_split(config)
-    record_stage(config, "split")
-    split = load_split(config)
-    print(f"split (RouterDC's, validation carved from train): {split.train['query_id'].nunique()} train, "
-          f"{split.validation['query_id'].nunique()} validation, {split.holdout['query_id'].nunique()} holdout queries")
-    timings: dict[str, float] = {}
-
-    # ----------------------------------------------------------------------------- MixLLM + baselines
-    t = time.perf_counter()
-    router = train_router(config, split, progress=False)
-    timings["train_mixllm_s"] = time.perf_counter() - t
-    router.cache_dir = Workspace.of(config).cache
-    t = time.perf_counter()
-    full = evaluate_router(config, router, split, name="mixllm")
-    timings["evaluate_with_baselines_s"] = time.perf_counter() - t
-    curves = list(full.curves)
-
-    # The router reloads from disk and routes the holdout exactly as trained.
-    from mixllm.router import MixLLMRouter
-
-    holdout_texts = query_frame(split.holdout)["query"].tolist()
-    reloaded = MixLLMRouter.load(Workspace.of(config).router, progress=False)
-    reloaded.cache_dir = router.cache_dir
-    identical = ([d.to_dict() for d in router.route(holdout_texts)] == [d.to_dict() for d in reloaded.route(holdout_texts)])
-    print(f"reload check: the router loaded from disk routes all {len(holdout_texts)} holdout queries identically: {identical}")
-
-    # ------------------------------------------------------------------------------------- ablations
-    ablations = {}
-    if not args.quick:
-        variants = {
-            "mixllm (no fine-tuning)": ("no-ft", {"embedding.fine_tune.enabled": False}),
-            "mixllm (no tags)": ("no-tags", {"embedding.fine_tune.enabled": False, "features.use_domains": False}),
-            "mixllm (+tf-idf)": ("tfidf", {"features.tfidf.enabled": True}),
-            "mixllm (ridge 1)": ("ridge1", {"predictors.quality.ridge": 1.0}),
-            "mixllm (max_seq_length 128)": ("seq128", {"embedding.max_seq_length": 128}),
-            "mixllm (max_seq_length 64)": ("seq64", {"embedding.max_seq_length": 64}),
-            "mixllm (int8 encoder)": ("int8", {"embedding.quantize": "int8"}),
-        }
-        for name, (slug, overrides) in variants.items():
-            t = time.perf_counter()
-            variant_config, variant_split, variant_router, train_s = train_variant(config, slug, **overrides)
-            report_variant = evaluate_router(variant_config, variant_router, variant_split, baselines=[], name=name)
-            curves.append(report_variant.mixllm)
-            ablations[name] = {"overrides": overrides, "train_s": train_s, "wall_s": time.perf_counter() - t}
-    table = results_table(curves, full.reference, config.evaluation.cost_budget_share,
-                          config.evaluation.quality_target_share)
-    pareto_plot(curves, full.reference, full.single_llms, args.plot,
-                title="RouterBench subset, RouterDC test split: quality vs cost (ref. gpt-4-1106-preview)",
-                budget_share=config.evaluation.cost_budget_share, quality_share=config.evaluation.quality_target_share)
-
-    # ------------------------------------------------------------------------------- online learning
-    t = time.perf_counter()
-    holdout_queries, outcomes, reference = holdout_context(config, split, router.enabled_llms_)
-    order = np.random.default_rng(0).permutation(len(holdout_queries))
-    stream = holdout_queries.iloc[order].reset_index(drop=True)
-    stream_outcomes = Outcomes([outcomes.query_ids[i] for i in order], outcomes.llms, outcomes.quality[order],
-                               outcomes.cost_usd[order])
-    features = router.features(stream["query"].tolist())
-    lam = full.calibration.lambda_
-    online_rows = []
-
-    def record(result, label):
-        online_rows.append({"run": label, "quality_pct": 100 * result.mean_quality / reference.mean_quality,
-                            "cost_pct": 100 * result.mean_cost_usd / reference.mean_cost_usd})
-        return result
-
-    offline = record(simulate_online(router, stream, stream_outcomes, lambda_=lam, update=False, features=features),
-                     "offline router (no updates)")
-    for feedback in ("refined", "binary"):
-        for alpha in (0.0, 0.1):
-            record(simulate_online(router, stream, stream_outcomes, lambda_=lam, exploration=alpha, feedback=feedback,
-                                   features=features), f"online, {feedback} feedback, exploration {alpha}")
-    record(oracle_stream(stream_outcomes), "oracle")
-    # Pool changes: gpt-4 and Yi start outside the pool and join at step 300; claude-v1 leaves at 600.
-    pool_router = copy.deepcopy(router)
-    joining = ["gpt-4-1106-preview", "zero-one-ai/Yi-34B-Chat"]
-    for llm in joining:
-        pool_router.remove_llm(llm)
-    prices = {llm.name: (llm.input_usd_per_1k, llm.output_usd_per_1k) for llm in config.llms}
-    events = [PoolEvent(300, "add", llm, prices[llm]) for llm in joining] + [PoolEvent(600, "remove", "claude-v1")]
-    pools = {}
-    for alpha in (0.1, 0.5):
-        pools[alpha] = simulate_online(pool_router, stream, stream_outcomes, lambda_=lam, exploration=alpha,
-                                       events=events, features=features, window=100, name="pool changes")
-        record(pools[alpha], f"online, pool changes, exploration {alpha}")
-    pool_windows = {alpha: result.windows() for alpha, result in pools.items()}
-    offline_windows = offline.windows()
-    timings["online_s"] = time.perf_counter() - t
-
-    # ------------------------------------------------------------------------------ latency-aware
-    t = time.perf_counter()
-    tokens = output_tokens_from_log(split.holdout, holdout_queries["query_id"], router.enabled_llms_)
-    holdout_features = router.features(holdout_queries["query"].tolist())
-    latency = {}
-    for penalty in (False, True):
-        latency[penalty] = simulate_latency(router, holdout_queries, outcomes, tokens, arrival_rate_per_s=args.arrival_rate,
-                                            lambda_=lam, penalty=penalty, features=holdout_features, seed=0)
-    timings["latency_s"] = time.perf_counter() - t
-    timings["total_s"] = time.perf_counter() - started
-
-    # ----------------------------------------------------------------------------------------- print
-    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    print(f"\n## Quality vs cost on the holdout ({stamp}; {machine()})\n")
-    print(f"reference: {reference.llm} (mean quality {reference.mean_quality:.4f}, mean cost ${reference.mean_cost_usd:.6f}); "
-          f"budget {100 * config.evaluation.cost_budget_share:.2f}% of its cost; target {100 * config.evaluation.quality_target_share:.2f}% "
-          "of its quality\n")
-    print(format_table(table))
-    print(f"\nMixLLM at the lambda calibrated on validation for the budget: {full.headline()}")
-    print("\n## Online learning (bandit feedback, holdout streamed in a fixed random order, "
-          f"lambda {lam:g})\n")
-    print(pd.DataFrame(online_rows).to_markdown(index=False, floatfmt=".2f"))
-    print("\nPool changes: per window of 100 queries, the share routed to the LLMs that join (gpt-4 and Yi, at "
-          "query 300) and leave (claude-v1, at 600), and quality, online vs the offline router with the full pool\n")
-    offline_share = offline_windows.reindex(columns=["share:gpt-4-1106-preview", "share:zero-one-ai/Yi-34B-Chat"], fill_value=0)
-    shares = pd.DataFrame({"queries": [f"{a}-{b}" for a, b in zip(offline_windows["start"], offline_windows["stop"])]})
-    for alpha, windows in pool_windows.items():
-        windows = windows.reindex(columns=[*windows.columns, "share:gpt-4-1106-preview", "share:zero-one-ai/Yi-34B-Chat",
-                                           "share:claude-v1"], fill_value=0).loc[:, lambda f: ~f.columns.duplicated()]
-        shares[f"gpt-4 (a={alpha})"] = windows["share:gpt-4-1106-preview"]
-        shares[f"Yi (a={alpha})"] = windows["share:zero-one-ai/Yi-34B-Chat"]
-        shares[f"claude-v1 (a={alpha})"] = windows["share:claude-v1"]
-        shares[f"quality % (a={alpha})"] = 100 * windows["mean_quality"] / reference.mean_quality
-    shares["gpt-4 (offline)"] = offline_share["share:gpt-4-1106-preview"].to_numpy()
-    shares["Yi (offline)"] = offline_share["share:zero-one-ai/Yi-34B-Chat"].to_numpy()
-    shares["quality % (offline)"] = 100 * offline_windows["mean_quality"] / reference.mean_quality
-    print(shares.to_markdown(index=False, floatfmt=".2f"))
-    print(f"\n## Latency-aware routing ({args.arrival_rate:g} queries/s, Poisson; profiles from params.yaml)\n")
-    lat_rows = []
-    overloaded = latency[False].table().set_index("llm")["p95_wait_s"].idxmax()  # without the penalty
-    for penalty, result in latency.items():
-        table_l = result.table().set_index("llm")
-        lat_rows.append({"latency penalty": "on" if penalty else "off",
-                         "quality_pct": 100 * result.mean_quality / reference.mean_quality,
-                         "cost_pct": 100 * result.mean_cost_usd / reference.mean_cost_usd,
-                         "overloaded LLM": overloaded, "its share": result.traffic.get(overloaded, 0.0),
-                         "its p50 wait s": float(table_l.loc[overloaded, "p50_wait_s"]),
-                         "its p95 wait s": float(table_l.loc[overloaded, "p95_wait_s"]),
-                         "max p95 wait s (any LLM)": float(table_l["p95_wait_s"].max())})
-    print(pd.DataFrame(lat_rows).to_markdown(index=False, floatfmt=".3f"))
-    merged = latency[False].table().merge(latency[True].table(), on="llm", how="outer", suffixes=(" off", " on")).fillna(0)
-    print("\nper LLM:\n")
-    print(merged.to_markdown(index=False, floatfmt=".3f"))
-    print(f"\ntimings: {json.dumps({k: round(v, 1) for k, v in timings.items()})}")
-
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(to_jsonable({
-        "when": stamp, "machine": machine(), "source": source, "timings": timings,
-        "table": table.to_dict(orient="records"), "headline": full.headline(), "calibration": full.calibration,
-        "metrics": flat_metrics(full, config), "online": online_rows, "pool_windows": shares.to_dict(orient="records"),
-        "latency": lat_rows, "ablations": ablations,
-    }), indent=1))
-    print(f"\nPareto plot: {args.plot}\nfigures: {args.json}")
+    command = "python benchmarks/quality.py" + (f" --datasets {args.datasets}" if args.datasets else "") + (
+        " --quick" if args.quick else "")
+    stored = json.loads(args.json.read_text(encoding="utf-8")) if args.json.is_file() else {}
+    stored = stored if isinstance(stored.get("datasets"), dict) else {"datasets": {}}
+    for name in names:
+        entry = bench.datasets[name]
+        logger.info("=== %s", name)
+        n_boot = args.resamples if args.resamples is not None else load_config(ROOT / "params.yaml").evaluation.bootstrap_resamples
+        result = run_dataset(name, entry, bench.data_path(entry), work, quick=args.quick, n_boot=n_boot,
+                             plot_dir=ROOT / "benchmarks")
+        result.update({"when": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine(),
+                       "command": command})
+        stored["datasets"][name] = to_jsonable(result)
+        args.json.write_text(json.dumps(stored, indent=1), encoding="utf-8")  # a crash later keeps this log's figures
+    # The leaderboard shows every log of datasets.yaml measured so far: a partial run updates its own.
+    measured = {name: revive(stored["datasets"][name]) for name in bench.datasets if name in stored["datasets"]}
+    section = leaderboard(measured)
+    print(section)
+    write_leaderboard(args.results, section)
+    print(f"\nfigures: {args.json}")
     if args.work is None:
         shutil.rmtree(work, ignore_errors=True)
     return 0

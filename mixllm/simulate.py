@@ -201,20 +201,23 @@ def adaptation(online: OnlineResult, full_pool: OnlineResult, llm: str, join_at:
     )
 
 
-def shifted_order(sources: Sequence[Any], seed: int = 0) -> np.ndarray:
-    """A stream order whose task mix changes halfway: the first half holds the tasks that come
-    first in a seeded shuffle, until half the queries are placed; the second half the rest."""
+def shifted_order(sources: Sequence[Any], seed: int = 0) -> tuple[np.ndarray, int]:
+    """A stream order whose task mix changes about halfway, and the position where it changes:
+    first the tasks that come first in a seeded shuffle, until at least half the queries are
+    placed; then the other tasks (at least the last one, so the second part is never empty).
+    Each part is shuffled."""
     sources = np.asarray([str(s) for s in sources])
     rng = np.random.default_rng(seed)
     tasks = list(np.unique(sources))
     rng.shuffle(tasks)
     first: list[int] = []
-    for task in tasks:
+    for task in tasks[:-1]:
         if len(first) >= len(sources) / 2:
             break
         first.extend(np.flatnonzero(sources == task).tolist())
     second = sorted(set(range(len(sources))) - set(first))
-    return np.concatenate([rng.permutation(first), rng.permutation(second)]).astype(int)
+    order = np.concatenate([rng.permutation(first), rng.permutation(second)]).astype(int)
+    return order, len(first)
 
 
 # ---------------------------------------------------------------------------------- latency

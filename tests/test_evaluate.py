@@ -276,3 +276,36 @@ def test_a_confidence_bound_keeps_the_budget_where_the_mean_alone_overspends():
             point = sweep(fresh, fresh_outcomes, fresh_ref, [result.lambda_], 10.0)[0]
             overspent[confidence] += point.cost_share > 0.3
     assert overspent[0.95] <= 0.15 * trials < overspent[0.5], overspent
+
+
+def test_shifted_order_changes_the_task_mix_once():
+    from mixllm.simulate import shifted_order
+
+    sources = ["a"] * 30 + ["b"] * 50 + ["c"] * 20
+    order, boundary = shifted_order(sources, seed=2)
+    assert sorted(order.tolist()) == list(range(100))
+    first = {sources[i] for i in order[:boundary]}
+    second = {sources[i] for i in order[boundary:]}
+    assert first and second and not first & second, "no task on both sides of the change"
+    assert boundary >= 50
+    for seed in range(6):  # two tasks, either first: the smaller one first must not swallow the other
+        order, boundary = shifted_order(["small"] * 10 + ["large"] * 90, seed=seed)
+        assert 0 < boundary < 100 and len({bool(i >= 10) for i in order[boundary:]}) == 1
+
+
+def test_adaptation_known_answers():
+    from mixllm.simulate import OnlineResult, adaptation
+
+    n = 400
+    quality = np.ones(n)
+    cost = np.ones(n)
+    full = OnlineResult("full", ["new" if i % 2 else "old" for i in range(n)], quality, cost, 100)
+    same = adaptation(full, full, "new", 100, 200, lambda_=1.0, cost_scale_usd=1.0, reference_quality=1.0,
+                      reference_cost_usd=1.0)
+    assert same.share_online == same.share_full_pool == 0.5 and same.regret_per_query == 0.0
+    assert same.queries_to_converge == 100, "within tolerance from the first rolling window"
+    never = OnlineResult("online", ["old"] * n, quality * 0.5, cost, 100)
+    late = adaptation(never, full, "new", 100, 200, lambda_=1.0, cost_scale_usd=1.0, reference_quality=1.0,
+                      reference_cost_usd=1.0)
+    assert late.share_online == 0.0 and late.queries_to_converge is None
+    assert late.regret_per_query == pytest.approx(0.5) and late.quality_online_pct == pytest.approx(50.0)
