@@ -26,6 +26,17 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
+class PlausibilityConfig(StrictModel):
+    """Bounds past which a logged or reported number is a mistake, not a measurement. One such value
+    would dominate a mean (a cost of 1e308 makes every LLM look free by comparison; a latency of
+    1e300 pins one LLM's penalty for thousands of reports), so imported rows beyond them are
+    quarantined and /feedback beyond them is refused with a 400 naming the field."""
+
+    max_cost_usd: float = Field(default=100.0, gt=0)  # one call; today's dearest calls cost cents to dollars
+    max_latency_s: float = Field(default=3600.0, gt=0)  # one call, queueing included
+    max_tokens: int = Field(default=2_000_000, gt=0)  # input or output tokens of one call
+
+
 class DataConfig(StrictModel):
     """Where interaction logs live and where bad rows go."""
 
@@ -41,6 +52,7 @@ class DataConfig(StrictModel):
         "https://huggingface.co/datasets/withmartian/routerbench/resolve/main/routerbench_0shot.pkl"
     )
     max_query_chars: int = Field(default=100_000, gt=0)
+    limits: PlausibilityConfig = PlausibilityConfig()
 
 
 class SplitConfig(StrictModel):
@@ -338,6 +350,9 @@ class ServiceConfig(StrictModel):
     # A routed call without a completion report counts as in flight for twice its expected service
     # time (latency profile), never longer than this.
     in_flight_max_age_s: float = Field(default=120.0, gt=0)
+    # The observed latency per LLM is the median of its last this-many measured calls (robust: one
+    # absurd report cannot move it; half the window must).
+    latency_window: int = Field(default=51, ge=1)
 
 
 class MixLLMConfig(StrictModel):

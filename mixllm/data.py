@@ -11,6 +11,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 import re
 from collections import Counter
@@ -24,7 +25,7 @@ import numpy as np
 import pandas as pd
 import pandera.pandas as pa
 
-from mixllm.config import ROUTERBENCH_ENV, DataConfig, MixLLMConfig, SplitConfig
+from mixllm.config import ROUTERBENCH_ENV, DataConfig, MixLLMConfig, PlausibilityConfig, SplitConfig
 from mixllm.errors import DataError, DataUnavailableError
 from mixllm.schemas import (
     COLUMN_ALIASES,
@@ -35,6 +36,7 @@ from mixllm.schemas import (
     REQUIRED_COLUMNS,
     TEXT_COLUMNS,
     IngestReport,
+    is_blank,
 )
 
 logger = logging.getLogger(__name__)
@@ -319,7 +321,25 @@ def _normalise_split(value: Any) -> Any:
     return None
 
 
-def _interaction_schema(known_llms: Collection[str] | None, max_query_chars: int) -> pa.DataFrameSchema:
+def implausible_values(limits: PlausibilityConfig, **values: float | None) -> dict[str, str]:
+    """The given numbers (cost_usd, latency_s, input_tokens, output_tokens; None = not given) that
+    are not finite or lie past `limits`, each with a message that names the setting. The service's
+    /feedback answers 400 with these; imports quarantine with the same bounds (_interaction_schema)."""
+    bounds = {"cost_usd": ("max_cost_usd", limits.max_cost_usd), "latency_s": ("max_latency_s", limits.max_latency_s),
+              "input_tokens": ("max_tokens", limits.max_tokens), "output_tokens": ("max_tokens", limits.max_tokens)}
+    problems = {}
+    for name, value in values.items():
+        if value is None:
+            continue
+        setting, bound = bounds[name]
+        if not math.isfinite(value) or value > bound:
+            problems[name] = (f"{name}={value!r} is not plausible for one call (limit {bound:g}, "
+                              f"data.limits.{setting} in params.yaml)")
+    return problems
+
+
+def _interaction_schema(known_llms: Collection[str] | None, max_query_chars: int,
+                        limits: PlausibilityConfig) -> pa.DataFrameSchema:
     """Per-row checks; each check's `error` is the reason code a failing row is quarantined with."""
 
     def text_column(*checks: pa.Check, nullable: bool = False) -> pa.Column:
@@ -328,6 +348,7 @@ def _interaction_schema(known_llms: Collection[str] | None, max_query_chars: int
     def number_column(*checks: pa.Check, nullable: bool) -> pa.Column:
         return pa.Column(float, checks=list(checks), nullable=nullable, coerce=False)
 
+    plausible_tokens = [pa.Check(lambda s: np.isfinite(s) & (s <= limits.max_tokens), error="tokens_implausible")]
     llm_checks = []
     if known_llms is not None:
         llm_checks.append(pa.Check.isin(sorted(known_llms), error="unknown_llm"))
@@ -335,7 +356,7 @@ def _interaction_schema(known_llms: Collection[str] | None, max_query_chars: int
         {
             "query_id": text_column(pa.Check(lambda s: s.str.strip().str.len() > 0, error="empty_query_id")),
             "query": text_column(
-                pa.Check(lambda s: s.str.strip().str.len() > 0, error="empty_query"),
+                pa.Check(lambda s: ~s.map(is_blank).astype(bool), error="empty_query"),
                 pa.Check(lambda s: s.str.len() <= max_query_chars, error="query_too_long"),
             ),
             "llm": text_column(pa.Check(lambda s: s.str.strip().str.len() > 0, error="empty_llm"), *llm_checks),
@@ -343,11 +364,16 @@ def _interaction_schema(known_llms: Collection[str] | None, max_query_chars: int
             "cost_usd": number_column(
                 pa.Check.ge(0.0, error="negative_cost"),
                 pa.Check(lambda s: np.isfinite(s), error="cost_not_finite"),
+                pa.Check(lambda s: ~np.isfinite(s) | (s <= limits.max_cost_usd), error="cost_implausible"),
                 nullable=False,
             ),
-            "latency_s": number_column(pa.Check.ge(0.0, error="negative_latency"), nullable=True),
-            "input_tokens": number_column(pa.Check.ge(0.0, error="negative_tokens"), nullable=True),
-            "output_tokens": number_column(pa.Check.ge(0.0, error="negative_tokens"), nullable=True),
+            "latency_s": number_column(
+                pa.Check.ge(0.0, error="negative_latency"),
+                pa.Check(lambda s: np.isfinite(s) & (s <= limits.max_latency_s), error="latency_implausible"),
+                nullable=True,
+            ),
+            "input_tokens": number_column(pa.Check.ge(0.0, error="negative_tokens"), *plausible_tokens, nullable=True),
+            "output_tokens": number_column(pa.Check.ge(0.0, error="negative_tokens"), *plausible_tokens, nullable=True),
             "feedback": text_column(pa.Check.isin(list(FEEDBACK_KINDS), error="unknown_feedback_kind"), nullable=True),
         },
         strict=False,
@@ -380,13 +406,15 @@ def validate_interactions(
     frame: pd.DataFrame,
     known_llms: Collection[str] | None = None,
     max_query_chars: int = 100_000,
+    limits: PlausibilityConfig | None = None,
 ) -> ValidationResult:
     """Check every row; return accepted rows (typed) and quarantined rows with all their reasons.
 
     Reasons: missing_value, bad_type, non_utf8_text, empty_query(_id), query_too_long, empty_llm,
     unknown_llm, quality_out_of_range, binary_quality_not_0_or_1, negative_cost, cost_not_finite,
-    negative_latency, negative_tokens, unknown_feedback_kind, bad_timestamp, duplicate_row,
-    conflicting_duplicate.
+    cost_implausible, negative_latency, latency_implausible, negative_tokens, tokens_implausible
+    (the implausible ones: past `limits`, data.limits), unknown_feedback_kind, bad_timestamp,
+    duplicate_row, conflicting_duplicate.
     """
     if ORIGIN not in frame.columns:
         frame = frame.copy()
@@ -426,7 +454,7 @@ def validate_interactions(
         missing = frame[column].isna() & ~pd.Series([("bad_type" in reasons.get(i, [])) for i in range(len(frame))])
         flag(missing, "missing_value", lambda i, c=column: f"{c} is missing (empty or NaN)")
     # The schema: each failing check names its reason via `error`.
-    schema = _interaction_schema(known_llms, max_query_chars)
+    schema = _interaction_schema(known_llms, max_query_chars, limits or PlausibilityConfig())
     try:
         schema.validate(frame, lazy=True)
     except pa.errors.SchemaErrors as errors:
@@ -546,7 +574,7 @@ def ingest(path: Path | str, config: MixLLMConfig) -> IngestReport:
     if ignored:
         logger.info("ignoring columns that are not part of an interaction: %s", ", ".join(ignored))
     known = config.llm_names or None
-    result = validate_interactions(frame, known, config.data.max_query_chars)
+    result = validate_interactions(frame, known, config.data.max_query_chars, config.data.limits)
     store = InteractionStore(config.path(config.data.store_dir))
     stored = store.stored_hashes()
     accepted = result.accepted

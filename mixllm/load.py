@@ -4,29 +4,33 @@ A call is in flight from the routing decision until its completion is reported (
 reports it when the upstream answers; a client reports it with /feedback). Only latencies that
 were measured (by the proxy, or sent as latency_s) feed the average.
 A decision never completed stops counting after its expected service time (twice the latency
-profile's estimate; at most `max_age_s`), so lost or absent feedback cannot pin an LLM as busy. Observed latency is an exponentially weighted mean per LLM.
+profile's estimate; at most `max_age_s`), so lost or absent feedback cannot pin an LLM as busy.
+Observed latency is the median of each LLM's last `window` measurements: a mean would let one
+absurd report (latency_s: 1e300) pin an LLM's penalty for thousands of normal ones, while a median
+needs half the window to move. Failed calls are not measurements (the proxy does not report them).
 """
 
 from __future__ import annotations
 
 import math
+import statistics
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 
 from mixllm.router import LoadSnapshot
 
 
 class LiveLoad:
-    """Thread-safe in-flight counts and latency averages per LLM."""
+    """Thread-safe in-flight counts and robust latency estimates per LLM."""
 
-    def __init__(self, max_age_s: float = 120.0, smoothing: float = 0.2, max_tracked: int = 100_000):
+    def __init__(self, max_age_s: float = 120.0, window: int = 51, max_tracked: int = 100_000):
         self.max_age_s = max_age_s
-        self.smoothing = smoothing
+        self.window = window
         self.max_tracked = max_tracked
         self._lock = threading.Lock()
         self._open: OrderedDict[str, tuple[str, float]] = OrderedDict()  # id -> (llm, expires at)
-        self._latency: dict[str, float] = {}
+        self._latencies: dict[str, deque[float]] = {}
 
     def start(self, call_id: str, llm: str, expires_after_s: float | None = None) -> None:
         """Count a call as in flight until it is finished, or for at most `expires_after_s`
@@ -47,9 +51,7 @@ class LiveLoad:
             # Only a measured latency counts: time since the decision is not one when the
             # feedback comes from a person minutes later.
             if latency_s is not None and math.isfinite(latency_s) and latency_s >= 0:
-                previous = self._latency.get(name)
-                self._latency[name] = latency_s if previous is None else (
-                    (1 - self.smoothing) * previous + self.smoothing * latency_s)
+                self._latencies.setdefault(name, deque(maxlen=self.window)).append(float(latency_s))
 
     def observe_latency(self, llm: str, latency_s: float) -> None:
         self.finish(call_id="", latency_s=latency_s, llm=llm)
@@ -63,4 +65,5 @@ class LiveLoad:
             in_flight: dict[str, int] = {}
             for llm, _ in self._open.values():
                 in_flight[llm] = in_flight.get(llm, 0) + 1
-            return LoadSnapshot(in_flight=in_flight, observed_latency_s=dict(self._latency))
+            observed = {llm: statistics.median(values) for llm, values in self._latencies.items()}
+            return LoadSnapshot(in_flight=in_flight, observed_latency_s=observed)

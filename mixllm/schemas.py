@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import unicodedata
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -93,3 +94,9 @@ class IngestReport:
         if self.quarantine_path:
             lines.append(f"  quarantine: {self.quarantine_path}")
         return "\n".join(lines)
+
+
+def is_blank(text: str) -> bool:
+    """No visible text: whitespace and invisible format characters only (zero-width spaces, joiners,
+    BOMs: Unicode category Cf). Such a query says nothing to route on or learn from."""
+    return all(ch.isspace() or unicodedata.category(ch) == "Cf" for ch in text)

@@ -36,6 +36,18 @@ logger = logging.getLogger("bentoml.mixllm")  # bentoml serve shows "bentoml.*" 
 # ------------------------------------------------------------------------------------- schemas
 
 
+def _checked_query(query: str, hint: str) -> str:
+    from mixllm.schemas import is_blank
+
+    if is_blank(query):
+        raise ValueError(f"query is blank (only spaces or invisible characters); {hint}")
+    limit = SETTINGS.max_query_chars
+    if len(query) > limit:
+        raise ValueError(f"query has {len(query)} characters; the limit is {limit} (service.max_query_chars)")
+    return query
+
+
+
 class RouteRequest(BaseModel):
     """One query to route, with optional per-request overrides."""
 
@@ -44,11 +56,12 @@ class RouteRequest(BaseModel):
     model_config = ConfigDict(populate_by_name=True, extra="forbid", allow_inf_nan=False)
 
     query: Annotated[str, Field(min_length=1, description="The text to route.")]
-    lambda_: Annotated[Optional[float], Field(alias="lambda", ge=0, description="Cost weight; default from params.yaml.")] = None
-    exploration: Annotated[Optional[float], Field(ge=0, description="Weight of the uncertainty bonus.")] = None
+    # strict=True on numbers: JSON true/false or "0.5" are mistakes, not 1.0/0.0/0.5 (integers still pass).
+    lambda_: Annotated[Optional[float], Field(alias="lambda", ge=0, strict=True, description="Cost weight; default from params.yaml.")] = None
+    exploration: Annotated[Optional[float], Field(ge=0, strict=True, description="Weight of the uncertainty bonus.")] = None
     candidates: Annotated[Optional[list[str]], Field(min_length=1, description="Route among these LLMs only.")] = None
-    max_cost: Annotated[Optional[float], Field(ge=0, description="Only LLMs predicted to cost at most this (USD).")] = None
-    min_quality: Annotated[Optional[float], Field(ge=0, le=1, description="Only LLMs predicted at least this good.")] = None
+    max_cost: Annotated[Optional[float], Field(ge=0, strict=True, description="Only LLMs predicted to cost at most this (USD).")] = None
+    min_quality: Annotated[Optional[float], Field(ge=0, le=1, strict=True, description="Only LLMs predicted at least this good.")] = None
     request_id: Annotated[Optional[str], Field(min_length=1, max_length=128, description="Idempotency key.")] = None
     task: Annotated[Optional[str], Field(min_length=1, max_length=200, description=(
         "What the caller knows about the query's kind (a benchmark, an application, a prompt template). "
@@ -59,12 +72,7 @@ class RouteRequest(BaseModel):
     @classmethod
     def _query_is_text(cls, query: str) -> str:
         # Checked here, per request, so a bad query never reaches (and fails) a merged batch.
-        if not query.strip():
-            raise ValueError("query is blank; send the text to route")
-        limit = SETTINGS.max_query_chars
-        if len(query) > limit:
-            raise ValueError(f"query has {len(query)} characters; the limit is {limit} (service.max_query_chars)")
-        return query
+        return _checked_query(query, "send the text to route")
 
 
 class Candidate(BaseModel):
@@ -99,20 +107,25 @@ class FeedbackRequest(BaseModel):
     request_id: Annotated[Optional[str], Field(min_length=1, max_length=128)] = None
     query: Annotated[Optional[str], Field(min_length=1)] = None
     llm: Annotated[Optional[str], Field(min_length=1)] = None
-    quality: Annotated[Optional[float], Field(ge=0, le=1, description="Refined feedback, 0..1.")] = None
-    thumbs: Annotated[Optional[bool], Field(description="Binary feedback: up (true) or down (false).")] = None
+    # Strict types: "yes" is not a thumbs-up and true is not a quality of 1. Upper bounds on cost,
+    # latency and tokens are data.limits, checked by the handler (they come from params.yaml).
+    quality: Annotated[Optional[float], Field(ge=0, le=1, strict=True, description="Refined feedback, 0..1.")] = None
+    thumbs: Annotated[Optional[bool], Field(strict=True, description="Binary feedback: up (true) or down (false).")] = None
     kind: Optional[Literal["refined", "binary"]] = None
-    cost_usd: Annotated[Optional[float], Field(ge=0)] = None
-    latency_s: Annotated[Optional[float], Field(ge=0)] = None
-    input_tokens: Annotated[Optional[int], Field(ge=0)] = None
-    output_tokens: Annotated[Optional[int], Field(ge=0)] = None
+    cost_usd: Annotated[Optional[float], Field(ge=0, strict=True)] = None
+    latency_s: Annotated[Optional[float], Field(ge=0, strict=True)] = None
+    input_tokens: Annotated[Optional[int], Field(ge=0, strict=True)] = None
+    output_tokens: Annotated[Optional[int], Field(ge=0, strict=True)] = None
+
+    @field_validator("query")
+    @classmethod
+    def _query_is_text(cls, query: str | None) -> str | None:
+        return None if query is None else _checked_query(query, "send the text that was answered")
 
     @model_validator(mode="after")
     def _complete(self) -> FeedbackRequest:
         if (self.quality is None) == (self.thumbs is None):
             raise ValueError("give exactly one of quality (0..1) or thumbs (true/false)")
-        if self.query is not None and not self.query.strip():
-            raise ValueError("query is blank; send the text that was answered")
         if not self.decision_id and not (self.query and self.llm):
             raise ValueError("give decision_id, or query and llm")
         return self
@@ -318,7 +331,8 @@ class MixLLMService:
             logger.error(message)
             raise RuntimeError(message)
         self.store = InteractionLog(self.config.sqlalchemy_url(self.config.service.feedback_store_url))
-        self.load = LiveLoad(max_age_s=self.config.service.in_flight_max_age_s)
+        self.load = LiveLoad(max_age_s=self.config.service.in_flight_max_age_s,
+                             window=self.config.service.latency_window)
         self.metrics = ServiceMetrics()
         self.model: LoadedModel | None = None
         self.loading_reason = f"loading {alias} version {version} from the registry"
@@ -478,9 +492,17 @@ class MixLLMService:
         from mixllm.errors import MixLLMError
         from mixllm.store import UnknownDecisionError
 
+        from mixllm.data import implausible_values
+
         model = self.model
         if request.llm and model is not None and request.llm not in model.router.llms_:
             return error(400, "llm", f"unknown LLM '{request.llm}'; known: {', '.join(model.router.llms_)}")
+        implausible = implausible_values(self.config.data.limits, cost_usd=request.cost_usd,
+                                         latency_s=request.latency_s, input_tokens=request.input_tokens,
+                                         output_tokens=request.output_tokens)
+        if implausible:
+            field, message = next(iter(implausible.items()))
+            return error(400, field, message)
         kind = request.kind or ("binary" if request.thumbs is not None else "refined")
         quality = float(request.thumbs) if request.thumbs is not None else float(request.quality)
         if kind == "binary" and quality not in (0.0, 1.0):
@@ -597,7 +619,8 @@ class MixLLMService:
             latency = time.perf_counter() - started
             self.metrics.in_flight.labels(llm=llm).dec()
             self.metrics.proxied.labels(llm=llm, status=status).inc()
-            self.load.finish(call_id, latency)
+            # A failed call's time says nothing about the LLM's speed (a dead upstream fails fast).
+            self.load.finish(call_id, latency if status == "ok" else None)
             if decision_id and status == "ok":
                 tokens_in = (usage or {}).get("prompt_tokens")
                 tokens_out = (usage or {}).get("completion_tokens")

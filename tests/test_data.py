@@ -85,6 +85,7 @@ def test_ingest_writes_quarantine_file_and_report(config, synthetic_log, tmp_pat
     [
         ("query_id", None, "missing_value"),
         ("query_id", "", "empty_query_id"),
+        ("query", "\u200b\u200b \ufeff", "empty_query"),  # invisible characters only
         ("query", "x" * 5000, "query_too_long"),
         ("quality", "very good", "bad_type"),
         ("quality", -0.1, "quality_out_of_range"),
@@ -95,6 +96,11 @@ def test_ingest_writes_quarantine_file_and_report(config, synthetic_log, tmp_pat
         ("timestamp", "yesterday-ish", "bad_timestamp"),
         ("llm", "", "empty_llm"),
         ("query", None, "missing_value"),
+        # Finite but absurd: one such value would dominate every mean it enters (data.limits).
+        ("cost_usd", 1e308, "cost_implausible"),
+        ("latency_s", 1e300, "latency_implausible"),
+        ("latency_s", float("inf"), "latency_implausible"),
+        ("input_tokens", 1e12, "tokens_implausible"),
     ],
 )
 def test_each_reason(synthetic_log, column, value, reason):
@@ -103,6 +109,17 @@ def test_each_reason(synthetic_log, column, value, reason):
     result = validate_interactions(frame, LLMS, max_query_chars=4000)
     assert len(result.quarantined) == 1 and result.quarantined["reasons"][0].split(";")[0] == reason
     assert len(result.accepted) == 5
+
+
+def test_the_plausibility_limits_come_from_the_config(config, synthetic_log, tmp_path):
+    frame = synthetic_log.head(4).copy()
+    frame.loc[1, "cost_usd"] = 5.0  # plausible under the default limit (100 USD per call)
+    path = tmp_path / "pricey.csv"
+    frame.to_csv(path, index=False)
+    strict = config.model_copy(update={"data": config.data.model_copy(
+        update={"limits": config.data.limits.model_copy(update={"max_cost_usd": 1.0})})})
+    assert ingest(path, strict).reasons == {"cost_implausible": 1}
+    assert ingest(path, config).reasons == {}, "the default limit lets the same row in"
 
 
 def test_binary_feedback_needs_zero_or_one(synthetic_log):

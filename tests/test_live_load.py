@@ -25,6 +25,17 @@ def test_only_measured_latency_feeds_the_average():
     assert load.snapshot().in_flight == {}
 
 
+def test_one_absurd_latency_cannot_pin_an_llm():
+    load = LiveLoad(max_age_s=60, window=5)
+    for latency in (1.0, 1.2, 0.9):
+        load.observe_latency("gpt", latency)
+    load.observe_latency("gpt", 1e300)  # finite, so no validity check stops it here
+    assert load.snapshot().observed_latency_s["gpt"] == pytest.approx(1.1), "a median, not a mean"
+    for _ in range(5):  # the window forgets it entirely
+        load.observe_latency("gpt", 2.0)
+    assert load.snapshot().observed_latency_s["gpt"] == 2.0
+
+
 def test_unreported_calls_expire_after_their_own_lifetime():
     load = LiveLoad(max_age_s=60)
     load.start("quick", "small", expires_after_s=0.0)

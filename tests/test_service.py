@@ -112,10 +112,22 @@ def test_route_then_feedback_is_stored_exactly_once(service):
         ("/feedback", {"query": "q", "llm": "gpt-99", "quality": 0.5}, 400, "llm"),
         ("/feedback", {"query": "q", "llm": "coder", "quality": 1.5}, 400, "quality"),
         ("/route", {"query": "   "}, 400, "query"),
+        ("/route", {"query": "\u200b\u200d\u2060"}, 400, "query"),  # zero-width characters only
+        ("/feedback", {"query": "x" * 2500, "llm": "coder", "quality": 0.5}, 400, "query"),  # past max_query_chars
         ("/route", {"query": "hi", "lambda": float("nan")}, 400, "lambda"),
         ("/feedback", {"query": "q", "llm": "coder", "quality": 0.5, "cost_usd": float("inf")}, 400, "cost_usd"),
         ("/feedback", {"query": "q", "llm": "coder", "quality": 0.5, "latency_s": float("inf")}, 400, "latency_s"),
         ("/feedback", {"query": "  ", "llm": "coder", "quality": 0.5}, 400, "query"),
+        # Strict types: a string is not a thumbs-up, a boolean is not a number.
+        ("/feedback", {"query": "q", "llm": "coder", "thumbs": "yes"}, 400, "thumbs"),
+        ("/feedback", {"query": "q", "llm": "coder", "quality": True}, 400, "quality"),
+        ("/route", {"query": "hi", "lambda": True}, 400, "lambda"),
+        ("/route", {"query": "hi", "min_quality": False}, 400, "min_quality"),
+        ("/route", {"query": "hi", "max_cost": "0.1"}, 400, "max_cost"),
+        # Finite but implausible for one call (data.limits): refused, never averaged.
+        ("/feedback", {"query": "q", "llm": "coder", "quality": 0.5, "latency_s": 1e300}, 400, "latency_s"),
+        ("/feedback", {"query": "q", "llm": "coder", "quality": 0.5, "cost_usd": 1e308}, 400, "cost_usd"),
+        ("/feedback", {"query": "q", "llm": "coder", "quality": 0.5, "output_tokens": 10**12}, 400, "output_tokens"),
         ("/route_batch", {"requests": [{"query": "hi"}, {"query": "  "}]}, 400, "query"),
         ("/v1/chat/completions", {"model": "mixllm:-1", "messages": [{"role": "user", "content": "hi"}]}, 400, "model"),
         ("/v1/chat/completions", {"model": "mixllm:nan", "messages": [{"role": "user", "content": "hi"}]}, 400, "model"),
@@ -241,10 +253,14 @@ def test_openai_proxy_with_the_official_client(service, upstream):
     deadline = time.monotonic() + 10  # earlier calls' counts end (stream finished, routes expired)
     while httpx.get(f"{base}/model").json()["in_flight"] and time.monotonic() < deadline:
         time.sleep(0.2)
+    measured = httpx.get(f"{base}/model").json()["observed_latency_s"]
+    assert measured["coder"] > 0, "the direct call to coder was measured"
     garbage = httpx.post(f"{base}/v1/chat/completions", timeout=30,
                          json={"model": "coder", "messages": [{"role": "user", "content": "SEND-GARBAGE"}]})
     assert garbage.status_code == 502 and "without a JSON object" in garbage.text
-    assert "coder" not in httpx.get(f"{base}/model").json()["in_flight"], "a failed call leaves no in-flight count"
+    after = httpx.get(f"{base}/model").json()
+    assert "coder" not in after["in_flight"], "a failed call leaves no in-flight count"
+    assert after["observed_latency_s"]["coder"] == measured["coder"], "a failed call is not a latency measurement"
     store = InteractionLog(config.sqlalchemy_url(config.service.feedback_store_url))
     decision = store.decision(decision_id)
     assert decision["llm"] == chosen and decision["latency_s"] > 0
