@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from mixllm.baselines import MixLLMAdapter, make_baseline, query_frame
-from mixllm.config import MixLLMConfig, config_from_dict
+from mixllm.config import MixLLMConfig, PlausibilityConfig, config_from_dict
 from mixllm.data import InteractionStore, load_interactions, split_queries
 from mixllm.embeddings import EmbeddingCache, QueryEncoder
 from mixllm.errors import MixLLMError
@@ -565,8 +565,10 @@ class GateVerdict:
 
 
 def sanity_problems(config: MixLLMConfig, router: MixLLMRouter, report: EvaluationReport) -> list[str]:
-    """What must hold for any router to serve: predictors for every enabled LLM, finite predictions,
-    routing overhead within budget."""
+    """What must hold for any router to serve: predictors for every enabled LLM, finite predictions
+    and cost scale, a cost weight that changes something, a calibrated lambda that met its budget on
+    validation, routing overhead within budget. A degenerate model (one poisoned cost can make every
+    LLM but one look free) fails here with its reason, even as the first model."""
     problems = []
     missing = [llm.name for llm in config.enabled_llms if llm.name not in router.llms_]
     if missing:
@@ -574,6 +576,18 @@ def sanity_problems(config: MixLLMConfig, router: MixLLMRouter, report: Evaluati
     curve = report.mixllm
     if not report.predictions_finite:
         problems.append("NaN or infinite predictions on the holdout")
+    scale = router.cost_scale_usd_
+    if not (np.isfinite(scale) and scale > 0):
+        problems.append(f"the cost scale is {scale!r} USD; it must be a positive finite number (check the costs in "
+                        "the training data, or set decision.cost_scale_usd)")
+    distinct = {(round(p.mean_cost_usd, 12), round(p.mean_quality, 12)) for p in curve.points}
+    if len(router.enabled_llms_) > 1 and len(distinct) < 2:
+        problems.append("every lambda gives the same routing on the holdout (one operating point): the cost "
+                        "weight changes nothing, so the predicted costs or qualities are degenerate")
+    if config.decision.lambda_ is None and not report.calibration.met:
+        problems.append(f"no lambda met the {report.calibration.target} target {report.calibration.value:g} on "
+                        f"validation (the closest, lambda={report.calibration.lambda_:g}, is at the edge of the "
+                        "path); serve with an explicit decision.lambda or change evaluation.cost_budget_share")
     if curve.ms_per_query > config.gate.max_overhead_ms:
         problems.append(f"routing overhead {curve.ms_per_query:.1f} ms/query exceeds gate.max_overhead_ms "
                         f"({config.gate.max_overhead_ms})")
@@ -750,12 +764,14 @@ class ContinualOutcome:
                 f"{self.registration.verdict.summary()}")
 
 
-def screen_feedback(rows: pd.DataFrame, pool: Sequence[str]) -> tuple[pd.DataFrame, dict[str, int]]:
+def screen_feedback(rows: pd.DataFrame, pool: Sequence[str],
+                    limits: PlausibilityConfig | None = None) -> tuple[pd.DataFrame, dict[str, int]]:
     """The feedback rows a router can learn from, and how many were set aside per reason.
 
     The service validates what it stores, but the store is also written by other clients (and
     older versions); one bad row must not fail every continual run from now on. Set-aside rows
     stay in the store, counted in the log."""
+    limits = limits or PlausibilityConfig()
     quality = pd.to_numeric(rows["quality"], errors="coerce")
     cost = pd.to_numeric(rows["cost_usd"], errors="coerce")
     checks = {
@@ -763,6 +779,7 @@ def screen_feedback(rows: pd.DataFrame, pool: Sequence[str]) -> tuple[pd.DataFra
         "blank query": ~rows["query"].map(lambda q: isinstance(q, str) and bool(q.strip())),
         "quality not a number in 0..1": ~quality.between(0.0, 1.0),
         "cost negative or infinite": rows["cost_usd"].notna() & ~(cost.between(0.0, np.inf, inclusive="left")),
+        "cost past data.limits.max_cost_usd": cost > limits.max_cost_usd,
     }
     bad = pd.Series(False, index=rows.index)
     skipped = {}
@@ -820,7 +837,7 @@ def stage_replay(config: MixLLMConfig, progress: bool | None = None) -> tuple[Pa
         return workspace.router, Replay()
     router = MixLLMRouter.load(workspace.router, progress=progress)
     router.cache_dir = workspace.cache
-    learned, skipped = learn_from_feedback(router, rows)
+    learned, skipped = learn_from_feedback(router, rows, config.data.limits)
     replay = Replay(learned, int(rows["feedback_id"].max()), skipped)
     if not replay.rows:
         return workspace.router, replay
@@ -830,9 +847,10 @@ def stage_replay(config: MixLLMConfig, progress: bool | None = None) -> tuple[Pa
     return _replace_dir(workspace.replayed, router.save), replay
 
 
-def learn_from_feedback(router: MixLLMRouter, feedback_rows: pd.DataFrame) -> tuple[int, dict[str, int]]:
+def learn_from_feedback(router: MixLLMRouter, feedback_rows: pd.DataFrame,
+                        limits: PlausibilityConfig) -> tuple[int, dict[str, int]]:
     """partial_fit the screened rows (each updates only its own LLM); rows learned, and set aside per reason."""
-    usable, skipped = screen_feedback(feedback_rows, router.llms_)
+    usable, skipped = screen_feedback(feedback_rows, router.llms_, limits)
     for reason, count in skipped.items():
         logger.warning("%d feedback rows set aside (%s); they stay in the store and are not learned from",
                        count, reason)
@@ -845,7 +863,7 @@ def learn_from_feedback(router: MixLLMRouter, feedback_rows: pd.DataFrame) -> tu
 def continual_update(config: MixLLMConfig, router: MixLLMRouter, feedback_rows: pd.DataFrame) -> list[str]:
     """Apply the catalogue's pool changes, then the bandit feedback (each row updates only its LLM)."""
     changes = router.apply_catalogue(config.llms)
-    learn_from_feedback(router, feedback_rows)
+    learn_from_feedback(router, feedback_rows, config.data.limits)
     return changes
 
 

@@ -276,3 +276,23 @@ def test_retraining_replays_the_feedback_continual_runs_learned(project):
 
     off = _config(project, **{"pipeline.replay_feedback": False})
     assert stage_replay(off)[0] == workspace.router, "replay off: the offline fit is what gets evaluated"
+
+
+def test_a_poisoned_cost_scale_is_a_degenerate_model_the_gate_refuses(project):
+    """One absurd cost can make every lambda route alike; the sanity checks must say so, first model or not."""
+    from mixllm.pipeline import evaluate_router, load_split, sanity_problems
+    from mixllm.router import MixLLMRouter
+
+    config = _config(project)
+    run_training(config, progress=False, register=False)  # the module's stages, reused when already built
+    router = MixLLMRouter.load(Workspace.of(config).router)
+    split = load_split(config)
+    healthy = evaluate_router(config, router, split, bootstrap=False)
+    assert sanity_problems(config, router, healthy) == []
+    router.cost_scale_usd_ = float("inf")  # what a cost of 1e308 in the training log did to the scale
+    poisoned = evaluate_router(config, router, split, bootstrap=False)
+    problems = sanity_problems(config, router, poisoned)
+    assert any("cost scale" in p for p in problems), problems
+    assert any("every lambda gives the same routing" in p for p in problems), problems
+    verdict = gate(config, 0.99, None, problems)
+    assert not verdict.promote and "cost scale" in verdict.summary()
