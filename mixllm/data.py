@@ -26,7 +26,7 @@ import pandas as pd
 import pandera.pandas as pa
 
 from mixllm.config import ROUTERBENCH_ENV, DataConfig, MixLLMConfig, PlausibilityConfig, SplitConfig
-from mixllm.errors import DataError, DataUnavailableError
+from mixllm.errors import DataError, DataUnavailableError, MixLLMError
 from mixllm.schemas import (
     COLUMN_ALIASES,
     FEEDBACK_KINDS,
@@ -215,7 +215,26 @@ def _split_hint_from_filename(path: Path) -> str | None:
 
 
 def _read_table(path: Path) -> tuple[pd.DataFrame, list[dict[str, Any]]]:
-    """The raw table of one file, every row tagged with its origin, plus rows unreadable as records."""
+    """The raw table of one file, every row tagged with its origin, plus rows unreadable as records.
+    A file that cannot be read as a table at all (empty, truncated, not the format its name says)
+    is refused whole with one line saying what is wrong: nothing of it is stored."""
+    import zlib
+
+    try:
+        return _read_table_unchecked(path)
+    except MixLLMError:
+        raise  # already says what is wrong
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{path} is empty: no header row and no interactions; nothing was imported") from None
+    except (EOFError, OSError, zlib.error) as error:
+        raise DataError(f"cannot read {path}: the file is truncated or not what its name says ({error}); "
+                        "nothing was imported") from None
+    except (pd.errors.ParserError, ValueError, UnicodeError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise DataError(f"cannot read {path} as a {_suffix(path)} log: {first_line}; nothing was imported") from None
+
+
+def _read_table_unchecked(path: Path) -> tuple[pd.DataFrame, list[dict[str, Any]]]:
     suffix = _suffix(path)
     rejected: list[dict[str, Any]] = []
     if suffix in (".csv", ".csv.gz"):
@@ -280,6 +299,12 @@ def _normalise_columns(frame: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     }
     frame = frame.rename(columns=renames)
     missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
+    if missing and len(frame.columns) <= 2:  # one real column (plus the origin tag): another delimiter?
+        header = str(frame.columns[0])
+        for delimiter, name in ((";", "semicolons"), ("\t", "tabs"), ("|", "pipes")):
+            if delimiter in header:
+                raise DataError(f"the log's header is one column with {name} in it ({header[:80]!r}): CSV logs "
+                                "must be comma-separated; re-save it with commas, or as JSONL or Parquet")
     if missing:
         raise DataError(
             f"log has no column(s) {', '.join(missing)}; an interaction log needs "

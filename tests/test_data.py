@@ -257,6 +257,31 @@ def test_missing_required_column_is_a_clear_error(synthetic_log, tmp_path):
         read_log(_save(synthetic_log, tmp_path / "log.txt"))
 
 
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("empty.csv", b"", "is empty"),
+        ("truncated.csv.gz", None, "truncated or not what its name says"),
+        ("fake.csv.gz", b"query_id,query\n1,hi\n", "truncated or not what its name says"),  # not gzip at all
+        ("semicolons.csv", b"query_id;query;llm;quality;cost_usd\n1;hi;a;1;0.1\n", "with semicolons"),
+        ("broken.parquet", b"PAR1 this is not parquet", "cannot read"),
+    ],
+)
+def test_an_unreadable_file_is_refused_in_one_line_and_stores_nothing(config, synthetic_log, tmp_path, name,
+                                                                       content, message):
+    path = tmp_path / name
+    if content is None:  # a real gzip cut in half
+        path.write_bytes(gzip.compress(synthetic_log.to_csv(index=False).encode())[:200])
+    else:
+        path.write_bytes(content)
+    store = InteractionStore(config.path(config.data.store_dir))
+    before = len(store.read()) if store.parts() else 0
+    with pytest.raises(DataError, match=message) as caught:
+        ingest(path, config)
+    assert "\n" not in str(caught.value), "one line, no traceback"
+    assert (len(store.read()) if store.parts() else 0) == before
+
+
 def test_fetch_offline_without_copy_says_how_to_supply_one(config, monkeypatch):
     monkeypatch.delenv("MIXLLM_ROUTERBENCH", raising=False)
     monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")  # nothing listens: the download fails fast
