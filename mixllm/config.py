@@ -344,6 +344,9 @@ class ServiceConfig(StrictModel):
     # Name of the env var holding the bearer token; when it is set, /feedback and /admin/* need it.
     auth_token_env: str = "MIXLLM_API_TOKEN"
     require_token_for_route: bool = False
+    # The proxy spends the server's upstream keys: caps on what one call may ask for (400 above them).
+    proxy_max_n: int = Field(default=4, ge=1)
+    proxy_max_tokens: int = Field(default=16_384, ge=1)  # max_tokens / max_completion_tokens
     feedback_store_url: str = "sqlite:///data/feedback.db"
     request_timeout_s: int = Field(default=60, ge=1)
     max_body_bytes: int = Field(default=1_048_576, ge=1024)  # larger requests get 413

@@ -10,9 +10,11 @@ Configuration: params.yaml from the working folder, or MIXLLM_PARAMS.
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 import os
+import re
 import threading
 import time
 import uuid
@@ -22,6 +24,7 @@ from typing import Annotated, Any, Literal, Optional
 import bentoml
 import numpy as np
 from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from starlette.exceptions import HTTPException
@@ -142,21 +145,58 @@ class ChatMessage(BaseModel):
     content: Any = None
 
 
+# The OpenAI chat-completion parameters the proxy forwards besides model, messages and stream.
+# Anything else is refused with a 400 naming it: the upstream is paid with the server's key.
+FORWARDED_CHAT_FIELDS = frozenset({
+    "stream_options", "temperature", "top_p", "max_tokens", "max_completion_tokens", "n", "stop",
+    "presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "top_logprobs", "user", "seed",
+    "response_format", "tools", "tool_choice", "parallel_tool_calls",
+})
+
+
 class ChatRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
     model: str = "mixllm"
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    stream: bool = False
+    stream: Annotated[bool, Field(strict=True)] = False
 
 
 # ------------------------------------------------------------------------------------- helpers
 
 
 def error(status: int, field: str | None, message: str) -> JSONResponse:
-    body = {"error": message}
+    # A lone surrogate from the request (JSON allows "\ud800") cannot be encoded as UTF-8: escape it.
+    body = {"error": message.encode("utf-8", "backslashreplace").decode("utf-8")}
     if field:
-        body["field"] = field
+        body["field"] = field.encode("utf-8", "backslashreplace").decode("utf-8")
     return JSONResponse(body, status_code=status)
+
+
+def _surrogate_path(value: Any, path: str = "") -> str | None:
+    """Where in a parsed JSON body a string holds a lone UTF-16 surrogate (not valid Unicode), or None."""
+    if isinstance(value, str):
+        return path or "body" if any("\ud800" <= ch <= "\udfff" for ch in value) else None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if _surrogate_path(str(key)):  # the key itself: name where it sits
+                return path or "body"
+            found = _surrogate_path(item, f"{path}.{key}" if path else str(key))
+            if found:
+                return found
+    if isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            found = _surrogate_path(item, f"{path}[{index}]")
+            if found:
+                return found
+    return None
+
+
+def _redacted(text: str, secrets: list[str]) -> str:
+    """Text from an upstream, safe to log: the keys it might echo, and any bearer token, removed."""
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "[redacted]")
+    return re.sub(r"(?i)bearer\s+[^\s\"']+", "Bearer [redacted]", text)
 
 
 @dataclass(frozen=True)
@@ -227,21 +267,33 @@ class BodyLimit:
 
 
 class BearerAuth:
-    """ASGI middleware: the configured token guards /feedback and /admin/* (and /route* if asked)."""
+    """ASGI middleware: the configured token guards /feedback and /admin/* (and /route* if asked),
+    and the chat proxy whenever it calls upstreams with the server's keys: then it needs a token
+    even if none is configured (it answers 401 saying so), so no anonymous caller spends the keys."""
 
-    def __init__(self, app: Any, token_env: str = "MIXLLM_API_TOKEN", protect_route: bool = False):
-        self.app, self.token_env, self.protect_route = app, token_env, protect_route
+    def __init__(self, app: Any, token_env: str = "MIXLLM_API_TOKEN", protect_route: bool = False,
+                 protect_proxy: bool = True):
+        self.app, self.token_env = app, token_env
+        self.protect_route, self.protect_proxy = protect_route, protect_proxy
 
     def _protected(self, path: str) -> bool:
         if path.startswith("/feedback") or path.startswith("/admin"):
             return True
-        return self.protect_route and (path.startswith("/route") or path.startswith("/v1/chat"))
+        if path.startswith("/v1/chat"):
+            return self.protect_route or self.protect_proxy
+        return self.protect_route and path.startswith("/route")
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         token = os.environ.get(self.token_env)
-        if scope["type"] == "http" and token and self._protected(scope.get("path", "")):
+        path = scope.get("path", "")
+        if scope["type"] == "http" and self._protected(path):
+            if not token and self.protect_proxy and path.startswith("/v1/chat"):
+                return await _reject(send, 401, f"this proxy calls upstreams with the server's API keys, so it needs a "
+                                                f"token: set {self.token_env} for the service and send "
+                                                "Authorization: Bearer <token>", field="Authorization")
             header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
-            if header != f"Bearer {token}":
+            # Constant time: the comparison must not tell an attacker how much of a guess was right.
+            if token and not hmac.compare_digest(header.encode("latin-1"), f"Bearer {token}".encode("latin-1", "replace")):
                 return await _reject(send, 401, "missing or wrong bearer token (header: Authorization: Bearer <token>)",
                                      field="Authorization")
         await self.app(scope, receive, send)
@@ -287,25 +339,37 @@ def _last_user_text(messages: list[ChatMessage]) -> str | None:
 
 # ------------------------------------------------------------------------------------- service
 
-def _settings() -> Any:
-    """Service settings needed before the class exists (decorators, middleware); safe defaults when
-    params.yaml cannot be read yet (then __init__ reports the config error in full)."""
+def _settings() -> tuple[Any, bool]:
+    """Service settings needed before the class exists (decorators, middleware), and whether the
+    proxy spends upstream keys (any llms[].upstream.api_key_env). Safe defaults when params.yaml
+    cannot be read yet (then __init__ reports the config error in full)."""
     try:
         from mixllm.config import load_config
 
-        return load_config().service
+        config = load_config()
+        return config.service, any(llm.upstream is not None and llm.upstream.api_key_env for llm in config.llms)
     except Exception:  # noqa: BLE001
         from mixllm.config import ServiceConfig
 
-        return ServiceConfig()
+        return ServiceConfig(), True
 
 
-SETTINGS = _settings()
+SETTINGS, PROXY_SPENDS_KEYS = _settings()
 BatchOfRequests = Annotated[list[RouteRequest], Field(min_length=1, max_length=SETTINGS.max_batch_size)]
 
 openai_app = FastAPI(title="mixllm OpenAI-compatible proxy")
 admin_app = FastAPI(title="mixllm admin")
 root_app = FastAPI(title="mixllm model info")  # mounted last at "/": only its own routes match
+
+
+@openai_app.exception_handler(RequestValidationError)
+async def _chat_request_invalid(request: Any, exc: RequestValidationError) -> JSONResponse:
+    """A 400 naming the field, like every other endpoint. FastAPI's own 422 echoes the input, and
+    an input holding a lone surrogate cannot be encoded: that was a 500."""
+    problems = exc.errors()
+    problem = problems[0] if problems else {}
+    loc = [str(part) for part in problem.get("loc", ()) if part != "body"]
+    return error(400, loc[0] if loc else None, f"{'.'.join(loc) or 'body'}: {problem.get('msg', 'invalid request')}")
 
 
 @bentoml.service(workers=1, traffic={"timeout": 120})
@@ -563,10 +627,13 @@ class MixLLMService:
 
         model = self._current()
         upstreams = {llm.name: llm.upstream for llm in self.config.llms if llm.upstream is not None}
+        refusal = self._chat_refusal(request)
+        if refusal is not None:
+            return refusal
         text = _last_user_text(request.messages)
         if not text:
             return error(400, "messages", "no user message with text to route")
-        decision_id, routed = None, request.model.startswith("mixllm")
+        decision_id, routed = None, request.model == "mixllm" or request.model.startswith("mixllm:")
         if routed:
             lambda_ = None
             if ":" in request.model:
@@ -594,6 +661,27 @@ class MixLLMService:
                                            f"{', '.join(sorted(upstreams))}")
         return await self._forward(request, chosen, upstreams[chosen], decision_id, model.version)
 
+    def _chat_refusal(self, request: ChatRequest) -> JSONResponse | None:
+        """A 400 naming the field for what the proxy must not forward: text that is not valid
+        Unicode, a parameter outside FORWARDED_CHAT_FIELDS, n or max_tokens above the caps."""
+        where = _surrogate_path(request.model_dump())
+        if where:
+            return error(400, where.split(".")[0].split("[")[0], f"{where} holds a lone UTF-16 surrogate, which is "
+                                                                  "not valid Unicode text")
+        extra = request.model_extra or {}
+        unknown = sorted(set(extra) - FORWARDED_CHAT_FIELDS)
+        if unknown:
+            return error(400, unknown[0], f"'{unknown[0]}' is not a chat-completion parameter this proxy forwards "
+                                          f"(it forwards model, messages, stream, {', '.join(sorted(FORWARDED_CHAT_FIELDS))})")
+        caps = {"n": self.config.service.proxy_max_n, "max_tokens": self.config.service.proxy_max_tokens,
+                "max_completion_tokens": self.config.service.proxy_max_tokens}
+        for name, cap in caps.items():
+            value = extra.get(name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= cap):
+                setting = "proxy_max_n" if name == "n" else "proxy_max_tokens"
+                return error(400, name, f"{name} must be an integer from 1 to {cap} (service.{setting}), got {value!r}")
+        return None
+
     async def _forward(self, request: ChatRequest, llm: str, upstream: Any, decision_id: str | None,
                        version: int) -> Any:
         import httpx
@@ -603,8 +691,14 @@ class MixLLMService:
         if request.stream:
             payload.setdefault("stream_options", {"include_usage": True})
         headers = {"Content-Type": "application/json"}
-        if upstream.api_key_env and os.environ.get(upstream.api_key_env):
-            headers["Authorization"] = f"Bearer {os.environ[upstream.api_key_env]}"
+        key = os.environ.get(upstream.api_key_env) if upstream.api_key_env else None
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+
+        def upstream_failed(status: int, detail: str, what: str = "") -> JSONResponse:
+            # The caller gets no upstream text (it may echo the key); the log gets it, redacted.
+            logger.warning("upstream for %s answered %d%s: %s", llm, status, what, _redacted(detail[:500], [key or ""]))
+            return error(502, None, f"upstream for {llm} answered {status}{what}; the service log has the details")
         url = upstream.base_url.rstrip("/") + "/chat/completions"
         call_id = decision_id or uuid.uuid4().hex
         # The proxy reports completion itself, so the call counts until then (or the upstream timeout).
@@ -634,15 +728,14 @@ class MixLLMService:
                 await client.aclose()
                 if response.status_code >= 400:
                     finish("upstream_error", None)
-                    return error(502, None, f"upstream for {llm} answered {response.status_code}: {response.text[:300]}")
+                    return upstream_failed(response.status_code, response.text)
                 try:
                     body = response.json()
                     if not isinstance(body, dict):
                         raise ValueError("not a JSON object")
                 except ValueError:
                     finish("upstream_error", None)
-                    return error(502, None, f"upstream for {llm} answered {response.status_code} without a JSON "
-                                            f"object: {response.text[:300]}")
+                    return upstream_failed(response.status_code, response.text, " without a JSON object")
                 finish("ok", body.get("usage") if isinstance(body.get("usage"), dict) else None)
                 body["model"] = llm
                 body["mixllm"] = {"llm": llm, "decision_id": decision_id, "model_version": version}
@@ -654,7 +747,7 @@ class MixLLMService:
                 await response.aclose()
                 await client.aclose()
                 finish("upstream_error", None)
-                return error(502, None, f"upstream for {llm} answered {response.status_code}: {text[:300]}")
+                return upstream_failed(response.status_code, text)
         except httpx.HTTPError as exc:
             await client.aclose()
             finish("unreachable", None)
@@ -693,4 +786,4 @@ class MixLLMService:
 
 MixLLMService.add_asgi_middleware(BodyLimit, max_bytes=SETTINGS.max_body_bytes)
 MixLLMService.add_asgi_middleware(BearerAuth, token_env=SETTINGS.auth_token_env,
-                                  protect_route=SETTINGS.require_token_for_route)
+                                  protect_route=SETTINGS.require_token_for_route, protect_proxy=PROXY_SPENDS_KEYS)

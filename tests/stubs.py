@@ -20,6 +20,13 @@ class UpstreamStub:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 stub.requests.append({"path": self.path, "body": body, "auth": self.headers.get("Authorization")})
                 model = body.get("model")
+                if "SEND-ERROR" in json.dumps(body.get("messages")):  # a careless upstream echoes the key it got
+                    payload = json.dumps({"error": f"rejected {self.headers.get('Authorization')}"}).encode()
+                    self.send_response(500)
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    self.wfile.write(payload)
+                    return
                 if "SEND-GARBAGE" in json.dumps(body.get("messages")):  # a broken upstream: 200, not JSON
                     self.send_response(200)
                     self.send_header("Content-Length", "9")

@@ -24,6 +24,7 @@ from synthetic import PRICE_PER_1K, make_log, write_params
 TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 QUERY = "Write a python function that reverses a list."
+CHAT = {"model": "mixllm", "messages": [{"role": "user", "content": "hi"}]}
 
 
 def _llms(upstream_url):
@@ -133,6 +134,18 @@ def test_route_then_feedback_is_stored_exactly_once(service):
         ("/v1/chat/completions", {"model": "mixllm:nan", "messages": [{"role": "user", "content": "hi"}]}, 400, "model"),
         ("/v1/chat/completions", {"model": "mixllm", "messages": [{"role": "user", "content": [
             {"type": "text", "text": 5}]}]}, 400, "messages"),
+        # The proxy spends the server's keys: only known parameters, within caps, as valid Unicode.
+        ("/v1/chat/completions", {**CHAT, "n": 50}, 400, "n"),
+        ("/v1/chat/completions", {**CHAT, "max_tokens": 100000}, 400, "max_tokens"),
+        ("/v1/chat/completions", {**CHAT, "surprise": {"a": 1}}, 400, "surprise"),
+        ("/v1/chat/completions", {**CHAT, "stream": "yes"}, 400, "stream"),
+        ("/v1/chat/completions", {**CHAT, "model": "mixllmXYZ"}, 404, "model"),
+        ("/v1/chat/completions", {**CHAT, "model": "\ud800"}, 400, "model"),
+        ("/v1/chat/completions", {**CHAT, "stream": "\ud800"}, 400, "stream"),
+        ("/v1/chat/completions", {"model": "mixllm", "messages": [{"role": "user", "content": "hi \ud800"}]}, 400,
+         "messages"),
+        ("/v1/chat/completions", {"model": "coder", "messages": [{"role": "user", "content": "hi"}],
+                                  "user": "\udc80"}, 400, "user"),
     ],
 )
 def test_bad_input_is_a_4xx_naming_the_field(service, path, body, status, field):
@@ -213,6 +226,32 @@ def test_token_guards_feedback_and_admin(service):
     assert _route(base)["llm"], "route needs no token unless service.require_token_for_route"
 
 
+def test_the_proxy_needs_a_token_whenever_it_spends_upstream_keys(monkeypatch):
+    """Even with no service token configured: anonymous callers must not spend the server's keys."""
+    import asyncio
+
+    from mixllm.service import BearerAuth
+
+    async def downstream(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200})
+
+    def status_and_body(protect_proxy, path):
+        sent = []
+
+        async def send(message):
+            sent.append(message)
+
+        middleware = BearerAuth(downstream, token_env="MIXLLM_TEST_TOKEN", protect_proxy=protect_proxy)
+        asyncio.run(middleware({"type": "http", "path": path, "method": "POST", "headers": []}, None, send))
+        return sent[0]["status"], b"".join(m.get("body", b"") for m in sent)
+
+    monkeypatch.delenv("MIXLLM_TEST_TOKEN", raising=False)
+    status, body = status_and_body(True, "/v1/chat/completions")
+    assert status == 401 and b"MIXLLM_TEST_TOKEN" in body and b"Authorization" in body
+    assert status_and_body(False, "/v1/chat/completions")[0] == 200, "no upstream key: the proxy stays open"
+    assert status_and_body(True, "/route")[0] == 200, "routing spends no key"
+
+
 def test_health_model_and_metrics(service):
     base = service["base"]
     assert httpx.get(f"{base}/healthz").status_code == 200
@@ -233,7 +272,7 @@ def test_openai_proxy_with_the_official_client(service, upstream):
     import openai
 
     base, config = service["base"], service["config"]
-    client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused")
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key=TOKEN)  # the SDK sends it as the bearer token
     assert {"mixllm", *PRICE_PER_1K} <= {m.id for m in client.models.list()}
     raw = client.chat.completions.with_raw_response.create(
         model="mixllm:0.5", messages=[{"role": "user", "content": QUERY}])
@@ -255,12 +294,18 @@ def test_openai_proxy_with_the_official_client(service, upstream):
         time.sleep(0.2)
     measured = httpx.get(f"{base}/model").json()["observed_latency_s"]
     assert measured["coder"] > 0, "the direct call to coder was measured"
-    garbage = httpx.post(f"{base}/v1/chat/completions", timeout=30,
+    garbage = httpx.post(f"{base}/v1/chat/completions", timeout=30, headers=AUTH,
                          json={"model": "coder", "messages": [{"role": "user", "content": "SEND-GARBAGE"}]})
     assert garbage.status_code == 502 and "without a JSON object" in garbage.text
     after = httpx.get(f"{base}/model").json()
     assert "coder" not in after["in_flight"], "a failed call leaves no in-flight count"
     assert after["observed_latency_s"]["coder"] == measured["coder"], "a failed call is not a latency measurement"
+    echoed = httpx.post(f"{base}/v1/chat/completions", timeout=30, headers=AUTH,
+                        json={"model": "coder", "messages": [{"role": "user", "content": "SEND-ERROR"}]})
+    assert echoed.status_code == 502 and "answered 500" in echoed.text
+    assert "upstream-key" not in echoed.text, "the upstream's body (which echoed the key) is not passed on"
+    log = (service["root"] / "serve.log").read_text(errors="replace")
+    assert "rejected Bearer [redacted]" in log and "upstream-key" not in log, "logged, with the key redacted"
     store = InteractionLog(config.sqlalchemy_url(config.service.feedback_store_url))
     decision = store.decision(decision_id)
     assert decision["llm"] == chosen and decision["latency_s"] > 0
