@@ -39,6 +39,18 @@ logger = logging.getLogger("bentoml.mixllm")  # bentoml serve shows "bentoml.*" 
 # ------------------------------------------------------------------------------------- schemas
 
 
+class _Routable:
+    """The served model's enabled LLMs, for checks that must run per HTTP request, before BentoML
+    merges concurrent /route_batch calls: one caller's unknown candidate must fail only its own
+    call, and must not show its input to the callers it was merged with. Set at every model swap
+    (one worker process: workers=1); None until the first model is loaded."""
+
+    enabled: tuple[str, ...] | None = None
+
+
+ROUTABLE = _Routable()
+
+
 def _checked_query(query: str, hint: str) -> str:
     from mixllm.schemas import is_blank
 
@@ -76,6 +88,18 @@ class RouteRequest(BaseModel):
     def _query_is_text(cls, query: str) -> str:
         # Checked here, per request, so a bad query never reaches (and fails) a merged batch.
         return _checked_query(query, "send the text to route")
+
+    @field_validator("candidates")
+    @classmethod
+    def _candidates_are_routable(cls, candidates: list[str] | None) -> list[str] | None:
+        enabled = ROUTABLE.enabled
+        if candidates is None or enabled is None:
+            return candidates
+        unknown = [c for c in candidates if c not in enabled]
+        if unknown:
+            raise ValueError(f"unknown or disabled LLM(s) in candidates: {', '.join(unknown)}; choose from "
+                             f"{', '.join(enabled)}")
+        return candidates
 
 
 class Candidate(BaseModel):
@@ -427,6 +451,7 @@ class MixLLMService:
                     router.set_enabled(llm.name, llm.enabled)
             router.route(["warm-up query"])  # first-call costs are paid here, not by a request
             self.model = LoadedModel(router, number)
+            ROUTABLE.enabled = tuple(router.enabled_llms_)
             self.loading_reason = ""
             self.metrics.model_version.set(number)
             logger.info("serving %s version %d (loaded in %.1fs)", self.config.mlflow.registered_model_name, number,
@@ -536,15 +561,18 @@ class MixLLMService:
                  max_latency_ms=SETTINGS.max_batch_latency_ms)
     def route_batch(self, requests: BatchOfRequests) -> list[RouteResponse]:
         """Many queries in one encoder pass: {"requests": [<a /route body>, ...]}. Concurrent calls
-        are merged by adaptive batching. An invalid item fails the whole call (400)."""
+        are merged by adaptive batching. Each call is validated on its own before merging, so an
+        invalid item fails its own call (400) and no other."""
         started = time.perf_counter()
         results = self._route_many(self._current(), requests, atomic=True)
         self.metrics.route_latency.labels(endpoint="route_batch").observe(time.perf_counter() - started)
-        for result in results:
-            if isinstance(result, JSONResponse):
-                from bentoml.exceptions import InvalidArgument
+        if any(isinstance(result, JSONResponse) for result in results):
+            # Only when the served model changed between validation and routing (a candidate was
+            # disabled meanwhile): the merged calls fail together, told nothing of each other's input.
+            from bentoml.exceptions import InvalidArgument
 
-                raise InvalidArgument(json.loads(result.body)["error"])
+            raise InvalidArgument("the served model changed while this batch was queued and an item no longer "
+                                  "routes (candidates); nothing was logged, retry")
         return results
 
     # --------------------------------------------------------------------------------- feedback

@@ -191,6 +191,27 @@ def test_a_batch_with_one_bad_item_logs_nothing(service):
     store.dispose()
 
 
+def test_one_callers_bad_batch_fails_only_its_own_call(service):
+    """Concurrent /route_batch calls are merged; a bad item must fail its caller alone, unseen by the others."""
+    base = service["base"]
+
+    def call(i):
+        bad = i % 4 == 0
+        requests = ([{"query": f"private text {i}"}, {"query": "hi", "candidates": ["gpt-99"]}] if bad
+                    else [{"query": f"{QUERY} ({i})"}, {"query": f"What is {i} plus 2?"}])
+        response = httpx.post(f"{base}/route_batch", json={"requests": requests}, timeout=60)
+        return bad, response.status_code, response.text
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        results = list(pool.map(call, range(24)))
+    for bad, status, text in results:
+        if bad:
+            assert status == 400 and "gpt-99" in text and "candidates" in text, text
+        else:
+            assert status == 200, text
+            assert "gpt-99" not in text and "private text" not in text
+
+
 def test_feedback_without_a_cost_stores_no_cost(service):
     base, config = service["base"], service["config"]
     routed = _route(base)
