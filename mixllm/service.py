@@ -188,12 +188,12 @@ class ChatRequest(BaseModel):
 # ------------------------------------------------------------------------------------- helpers
 
 
-def error(status: int, field: str | None, message: str) -> JSONResponse:
+def error(status: int, field: str | None, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     # A lone surrogate from the request (JSON allows "\ud800") cannot be encoded as UTF-8: escape it.
     body = {"error": message.encode("utf-8", "backslashreplace").decode("utf-8")}
     if field:
         body["field"] = field.encode("utf-8", "backslashreplace").decode("utf-8")
-    return JSONResponse(body, status_code=status)
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def _surrogate_path(value: Any, path: str = "") -> str | None:
@@ -479,11 +479,23 @@ class MixLLMService:
         self._stop.set()
         self.store.dispose()
 
-    def _current(self) -> LoadedModel:
+    def _current(self, *, bentoml_api: bool = False) -> LoadedModel:
+        """The served model, or a 503 while none is loaded. BentoML's own endpoints answer 500 for
+        starlette's HTTPException, so they get BentoML's ServiceUnavailable (a 503, whose text
+        BentoML replaces with a generic one; /route answers its own 503 first, see _not_ready)."""
         model = self.model
         if model is None:
+            if bentoml_api:
+                from bentoml.exceptions import ServiceUnavailable
+
+                raise ServiceUnavailable(f"not ready: {self.loading_reason}; retry in a few seconds")
             raise HTTPException(status_code=503, detail=f"not ready: {self.loading_reason}")
         return model
+
+    def _not_ready(self) -> JSONResponse | None:
+        if self.model is not None:
+            return None
+        return error(503, None, f"not ready: {self.loading_reason}; retry in a few seconds", {"Retry-After": "2"})
 
     # ------------------------------------------------------------------------------------ route
 
@@ -553,7 +565,10 @@ class MixLLMService:
     def route(self, request: RouteRequest, /) -> RouteResponse:
         """Choose the LLM for one query; the decision is logged and gets a decision_id for /feedback."""
         started = time.perf_counter()
-        result = self._route_many(self._current(), [request])[0]
+        not_ready = self._not_ready()
+        if not_ready is not None:
+            return not_ready
+        result = self._route_many(self._current(bentoml_api=True), [request])[0]
         self.metrics.route_latency.labels(endpoint="route").observe(time.perf_counter() - started)
         return result
 
@@ -564,7 +579,7 @@ class MixLLMService:
         are merged by adaptive batching. Each call is validated on its own before merging, so an
         invalid item fails its own call (400) and no other."""
         started = time.perf_counter()
-        results = self._route_many(self._current(), requests, atomic=True)
+        results = self._route_many(self._current(bentoml_api=True), requests, atomic=True)
         self.metrics.route_latency.labels(endpoint="route_batch").observe(time.perf_counter() - started)
         if any(isinstance(result, JSONResponse) for result in results):
             # Only when the served model changed between validation and routing (a candidate was
@@ -581,14 +596,15 @@ class MixLLMService:
     def feedback(self, request: FeedbackRequest, /) -> FeedbackResponse:
         """Store feedback durably (answers after the commit); a retry with the same decision_id or
         request_id is recognised and stores nothing new."""
+        from mixllm.data import implausible_values
         from mixllm.errors import MixLLMError
         from mixllm.store import UnknownDecisionError
 
-        from mixllm.data import implausible_values
-
         model = self.model
-        if request.llm and model is not None and request.llm not in model.router.llms_:
-            return error(400, "llm", f"unknown LLM '{request.llm}'; known: {', '.join(model.router.llms_)}")
+        # While the model loads, the catalogue says which LLMs exist (feedback is accepted meanwhile).
+        known = list(model.router.llms_) if model is not None else [llm.name for llm in self.config.llms]
+        if request.llm and request.llm not in known:
+            return error(400, "llm", f"unknown LLM '{request.llm}'; known: {', '.join(known)}")
         implausible = implausible_values(self.config.data.limits, cost_usd=request.cost_usd,
                                          latency_s=request.latency_s, input_tokens=request.input_tokens,
                                          output_tokens=request.output_tokens)

@@ -212,6 +212,36 @@ def test_one_callers_bad_batch_fails_only_its_own_call(service):
             assert "gpt-99" not in text and "private text" not in text
 
 
+def test_while_the_model_loads_routes_answer_503_and_feedback_is_still_checked(service):
+    """A second replica on the same project, asked from its first answer until it is ready."""
+    port = free_port()
+    process = serve(service["root"], port, log_name="replica.log", extra_env={"MIXLLM_API_TOKEN": TOKEN})
+    base = f"http://127.0.0.1:{port}"
+    seen = {"route": [], "feedback": []}
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and process.poll() is None:
+            try:
+                ready = httpx.get(f"{base}/readyz", timeout=5).status_code == 200
+                seen["route"].append(httpx.post(f"{base}/route", json={"query": QUERY}, timeout=30))
+                seen["feedback"].append(httpx.post(f"{base}/feedback", headers=AUTH, timeout=30, json={
+                    "query": "q", "llm": "gpt-99", "quality": 0.5}))
+            except httpx.TransportError:
+                time.sleep(0.1)  # not listening yet
+                continue
+            if ready:
+                break
+        assert seen["route"], "the replica answered"
+    finally:
+        stop(process)
+    for response in seen["route"]:
+        assert response.status_code in (200, 503), response.text
+        assert response.status_code == 200 or "not ready" in response.text
+    assert seen["route"][-1].status_code == 200
+    assert all(r.status_code == 400 and "gpt-99" in r.text for r in seen["feedback"]), \
+        "an unknown LLM is refused while loading too"
+
+
 def test_feedback_without_a_cost_stores_no_cost(service):
     base, config = service["base"], service["config"]
     routed = _route(base)
