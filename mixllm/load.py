@@ -1,10 +1,10 @@
 """The live load the latency penalty sees: calls in flight per LLM and their observed latency.
 
-A call is in flight from the routing decision until its completion is reported (the proxy
-reports it when the upstream answers; a client reports it with /feedback). Only latencies that
-were measured (by the proxy, or sent as latency_s) feed the average.
-A decision never completed stops counting after its expected service time (twice the latency
-profile's estimate; at most `max_age_s`), so lost or absent feedback cannot pin an LLM as busy.
+Only real upstream calls count as in flight: the proxy's, from the moment it forwards a call until
+the upstream answers (or its timeout; at most `max_age_s`). A /route decision is not a call: the
+caller may never make it, and counting decisions let one anonymous batch of routes pin an LLM as
+busy. Only latencies that were measured (by the proxy, or sent as latency_s with /feedback) feed
+the estimate.
 Observed latency is the median of each LLM's last `window` measurements: a mean would let one
 absurd report (latency_s: 1e300) pin an LLM's penalty for thousands of normal ones, while a median
 needs half the window to move. Failed calls are not measurements (the proxy does not report them).

@@ -574,11 +574,6 @@ class MixLLMRouter(BaseEstimator):
                                             decision_config.latency_scale_s)
         return penalty
 
-    def expected_service_s(self, predictions: Predictions, row: int, llm: str) -> float:
-        """Expected service time of one call to `llm` for query `row` of `predictions`."""
-        profile = LatencyProfile(**self.catalogue_[llm].get("latency", {}))
-        return float(service_time_s(profile, predictions.output_tokens[row, predictions.llms.index(llm)]))
-
     # ------------------------------------------------------------------------------- continual
 
     def partial_fit(self, interactions: pd.DataFrame, features: np.ndarray | None = None) -> MixLLMRouter:

@@ -535,10 +535,9 @@ class MixLLMService:
         if atomic and any(isinstance(result, JSONResponse) for result in results):
             return results
         decision_ids = self._log_decisions(model, records)
-        row_of = {i: row for row, i in enumerate(valid)}
+        # A decision is not a call: counting it as in flight let anyone steer everyone's traffic off
+        # an LLM with one big anonymous batch. Only calls the proxy makes count (see _forward).
         for (i, item, decision), decision_id in zip(records, decision_ids):
-            self.load.start(decision_id, decision.llm,
-                            expires_after_s=2 * router.expected_service_s(predictions, row_of[i], decision.llm))
             self.metrics.decisions.labels(llm=decision.llm).inc()
             results[i] = RouteResponse(llm=decision.llm, decision_id=decision_id, model_version=model.version,
                                        lambda_=decision.lambda_, relaxed=list(decision.relaxed),
@@ -626,8 +625,8 @@ class MixLLMService:
             return error(400, "llm" if "chose" in str(exc) else None, str(exc))
         if stored.created:
             self.metrics.feedback.labels(kind=kind).inc()
-            if request.decision_id:
-                self.load.finish(request.decision_id, request.latency_s)
+            if request.latency_s is not None:  # a measured call (bounded by data.limits above)
+                self.load.observe_latency(stored.llm, request.latency_s)
         return FeedbackResponse(feedback_id=stored.feedback_id, created=stored.created)
 
     # ------------------------------------------------------------------------------------ info

@@ -79,6 +79,7 @@ class UnknownDecisionError(MixLLMError, LookupError):
 class StoredFeedback:
     feedback_id: int
     created: bool  # False: the same feedback was already stored (an idempotent retry)
+    llm: str = ""  # the LLM the feedback is about (the decision's, when given a decision_id)
 
 
 def _now() -> datetime:
@@ -194,19 +195,19 @@ class InteractionLog:
             raise MixLLMError("feedback needs a decision_id, or a query and the llm that answered it")
         existing = self._existing_feedback(decision_id, request_id)
         if existing is not None:
-            return StoredFeedback(existing, False)
+            return StoredFeedback(existing, False, llm)
         row = {"decision_id": decision_id, "request_id": request_id or None, "query": query, "llm": llm,
                "quality": float(quality), "cost_usd": float(cost_usd) if cost_usd is not None else None, "latency_s": latency_s,
                "input_tokens": input_tokens, "output_tokens": output_tokens, "kind": kind, "created_at": _now()}
         try:
             with self._write_lock, self.engine.begin() as connection:
                 result = connection.execute(feedback.insert().values(**row))
-                return StoredFeedback(int(result.inserted_primary_key[0]), True)
+                return StoredFeedback(int(result.inserted_primary_key[0]), True, llm)
         except IntegrityError:
             existing = self._existing_feedback(decision_id, request_id)
             if existing is None:
                 raise
-            return StoredFeedback(existing, False)
+            return StoredFeedback(existing, False, llm)
 
     def _existing_feedback(self, decision_id: str | None, request_id: str | None) -> int | None:
         conditions = []

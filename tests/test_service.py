@@ -93,6 +93,18 @@ def test_route_then_feedback_is_stored_exactly_once(service):
     assert (rows["decision_id"] == routed["decision_id"]).sum() == 1
     assert rows[rows["decision_id"] == routed["decision_id"]]["llm"].iloc[0] == routed["llm"]
     store.dispose()
+    assert routed["llm"] in httpx.get(f"{base}/model").json()["observed_latency_s"], "the reported latency counts"
+
+
+def test_routing_decisions_are_not_calls_in_flight(service):
+    """One anonymous batch of routes must not make an LLM look busy to everyone else."""
+    base = service["base"]
+    response = httpx.post(f"{base}/route_batch", timeout=60, json={"requests": [
+        {"query": f"{QUERY} {i}", "candidates": ["coder"]} for i in range(64)]})
+    assert response.status_code == 200 and {r["llm"] for r in response.json()} == {"coder"}
+    after = _route(base)
+    assert "coder" not in httpx.get(f"{base}/model").json()["in_flight"]
+    assert all(c["penalty"] == 0 for c in after["candidates"] if c["llm"] == "coder"), "no latency penalty from routes"
 
 
 @pytest.mark.parametrize(
