@@ -229,7 +229,7 @@ def _read_table(path: Path) -> tuple[pd.DataFrame, list[dict[str, Any]]]:
     except (EOFError, OSError, zlib.error) as error:
         raise DataError(f"cannot read {path}: the file is truncated or not what its name says ({error}); "
                         "nothing was imported") from None
-    except (pd.errors.ParserError, ValueError, UnicodeError) as error:
+    except ValueError as error:  # pandas' ParserError, UnicodeDecodeError, a bad Parquet file
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise DataError(f"cannot read {path} as a {_suffix(path)} log: {first_line}; nothing was imported") from None
 

@@ -537,7 +537,7 @@ class MixLLMService:
         decision_ids = self._log_decisions(model, records)
         # A decision is not a call: counting it as in flight let anyone steer everyone's traffic off
         # an LLM with one big anonymous batch. Only calls the proxy makes count (see _forward).
-        for (i, item, decision), decision_id in zip(records, decision_ids):
+        for (i, _, decision), decision_id in zip(records, decision_ids):
             self.metrics.decisions.labels(llm=decision.llm).inc()
             results[i] = RouteResponse(llm=decision.llm, decision_id=decision_id, model_version=model.version,
                                        lambda_=decision.lambda_, relaxed=list(decision.relaxed),
