@@ -52,7 +52,7 @@ from mixllm.evaluate import (  # noqa: E402
     bootstrap_weights,
     exact_sweep,
 )
-from mixllm.pipeline import Workspace, load_split, stage_split  # noqa: E402
+from mixllm.workspace import Workspace, load_split, write_split  # noqa: E402
 from mixllm.router import MixLLMRouter, Predictions  # noqa: E402
 
 logger = logging.getLogger("benchmarks.levers")
@@ -60,9 +60,9 @@ logger = logging.getLogger("benchmarks.levers")
 
 def folds_of(frame: pd.DataFrame, k: int = 5, seed: int = 7) -> np.ndarray:
     """A fold per query; same-text queries share a fold."""
-    from mixllm.data import _stable_unit
+    from mixllm.data import stable_unit
 
-    return np.array([int(_stable_unit(seed, normalised_text(q)) * k) for q in frame["query"]])
+    return np.array([int(stable_unit(seed, normalised_text(q)) * k) for q in frame["query"]])
 
 
 def logistic_columns(X_train: np.ndarray, Y: np.ndarray, X_test: np.ndarray, C: float) -> np.ndarray:
@@ -136,7 +136,7 @@ def run(name: str, entry, data_path: Path, work: Path, n_boot: int) -> pd.DataFr
                                                                     "pipeline.work_dir": "data/work-levers"})
     if not InteractionStore(config.path(config.data.store_dir)).parts():
         ingest(data_path, config)
-    stage_split(config)
+    write_split(config)
     split = load_split(config)
     log = pd.concat([split.train, split.validation], ignore_index=True)
     frame = query_frame(log)

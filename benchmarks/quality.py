@@ -55,28 +55,24 @@ from mixllm.evaluate import (  # noqa: E402
     results_table,
     to_jsonable,
 )
-from mixllm.pipeline import (  # noqa: E402
-    SplitData,
-    Workspace,
+from mixllm.report import (  # noqa: E402
     calibrate_on_validation,
     evaluate_router,
     holdout_context,
-    load_split,
-    record_stage,
     reference_columns,
-    reuse_stage_outputs,
-    stage_split,
-    train_router,
+    reference_on,
 )
+from mixllm.training import reuse_stage_outputs, run_stages, train_router  # noqa: E402
+from mixllm.workspace import SplitData, Workspace, load_split  # noqa: E402
 from mixllm.router import MixLLMRouter  # noqa: E402
 from mixllm.simulate import (  # noqa: E402
     PoolEvent,
     adaptation,
-    output_tokens_from_log,
     shifted_order,
     simulate_latency,
     simulate_online,
 )
+from mixllm.units import output_tokens_table  # noqa: E402
 
 logger = logging.getLogger("benchmarks.quality")
 
@@ -187,8 +183,7 @@ def run_dataset(name: str, entry: DatasetConfig, data_path: Path, work: Path, *,
         report = ingest(data_path, config)
         logger.info("%s: %d interactions accepted, %d quarantined %s", name, report.accepted, report.quarantined,
                     report.reasons)
-    stage_split(config)
-    record_stage(config, "split")
+    run_stages(config, ["split"])
     split = load_split(config)
     counts = {part: int(frame["query_id"].nunique()) for part, frame in
               (("train", split.train), ("validation", split.validation), ("holdout", split.holdout))}
@@ -367,7 +362,7 @@ def simulate(config: MixLLMConfig, entry: DatasetConfig, router: MixLLMRouter, s
 
     # Latency-aware routing, where the log has responses to estimate output tokens from.
     if "response" in split.holdout and split.holdout["response"].notna().any():
-        tokens = output_tokens_from_log(split.holdout, holdout_queries["query_id"], router.enabled_llms_)
+        tokens = output_tokens_table(split.holdout, holdout_queries["query_id"], router.enabled_llms_)
         plain_features = router.features(holdout_queries["query"].tolist())
         runs = {penalty: simulate_latency(router, holdout_queries, outcomes, tokens, arrival_rate_per_s=ARRIVAL_RATE,
                                           lambda_=lambda_, penalty=penalty, features=plain_features, seed=0)
@@ -427,8 +422,6 @@ def share_of(result: Any, part: slice, reference: Any) -> dict[str, float]:
 
 
 def reference_on_validation(split: SplitData, queries: pd.DataFrame, outcomes: Outcomes, llm: str) -> Any:
-    from mixllm.pipeline import reference_on
-
     return reference_on(split.validation, queries["query_id"], outcomes, llm)
 
 

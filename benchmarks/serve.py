@@ -35,9 +35,10 @@ sys.path.insert(0, str(ROOT))
 from mixllm.baselines import query_frame  # noqa: E402
 from mixllm.config import load_config  # noqa: E402
 from mixllm.data import ingest  # noqa: E402
-from mixllm.pipeline import load_split, run_training  # noqa: E402
+from mixllm.training import run_training  # noqa: E402
+from mixllm.workspace import load_split  # noqa: E402
 from mixllm.registry import Registry  # noqa: E402
-from mixllm.services import free_port, start, stop, wait_http  # noqa: E402
+from mixllm.processes import free_port, start, stop, wait_http  # noqa: E402
 
 
 def percentile(values, q):

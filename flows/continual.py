@@ -14,17 +14,17 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.common import config_for, library_logs_to_prefect
-from mixllm import pipeline
+from mixllm import continual as job
 
 
 @task(name="read feedback past the watermark", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
 def read_feedback(params_path: str | None) -> tuple[Any, int]:
-    return pipeline.read_new_feedback(config_for(params_path))
+    return job.read_new_feedback(config_for(params_path))
 
 
 @task(name="update the champion (pool changes + partial_fit)", cache_policy=NO_CACHE)
 def update(params_path: str | None, rows: Any) -> tuple[str, int, list[str]]:
-    router_dir, version, changes = pipeline.update_champion(config_for(params_path), rows)
+    router_dir, version, changes = job.update_champion(config_for(params_path), rows)
     return str(router_dir), version, changes
 
 
@@ -34,13 +34,13 @@ def update(params_path: str | None, rows: Any) -> tuple[str, int, list[str]]:
 def register(params_path: str | None, router_dir: str, champion_version: int, rows: Any, before: int) -> dict[str, Any]:
     from pathlib import Path
 
-    registration = pipeline.register_update(config_for(params_path), Path(router_dir), champion_version, rows, before)
+    registration = job.register_update(config_for(params_path), Path(router_dir), champion_version, rows, before)
     return registration.to_dict()
 
 
 @task(name="advance the watermark", cache_policy=NO_CACHE)
 def advance(params_path: str | None, value: int, _after: Any = None) -> int:
-    pipeline.advance_watermark(config_for(params_path), value)
+    job.advance_watermark(config_for(params_path), value)
     return value
 
 

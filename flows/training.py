@@ -1,9 +1,10 @@
-"""The `training` flow: ingest -> split -> tags -> encoder -> predictors -> evaluate (with baselines)
--> compare with the champion -> log and register -> promote through the gate.
+"""The `training` flow: ingest -> split -> tags -> encoder -> predictors -> replay -> evaluate (with
+the baselines in parallel) -> compare with the champion -> log and register -> promote through the gate.
 
-Each step is a mixllm.pipeline function; tasks add names, retries and caching. The expensive
-tasks are cached by a key built from exactly their inputs (mixllm.pipeline.stage_keys), so a
-re-run with unchanged data and params re-embeds and re-fine-tunes nothing.
+The cached stages are tasks made from the stage table (mixllm.training.STAGES), one per stage, each
+cached by the stage's key (mixllm.training.stage_keys: exactly its data and settings), so a re-run
+with unchanged data and params re-embeds and re-fine-tunes nothing. Evaluation is split into one
+task for MixLLM and one per baseline so the task runner can run them in parallel.
 """
 
 from __future__ import annotations
@@ -14,24 +15,44 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.common import config_for, library_logs_to_prefect, task_runner
-from mixllm import pipeline
+from mixllm import training as job
+from mixllm.continual import stage_replay
 from mixllm.data import ingest_pending
+from mixllm.gate import register_candidate
+from mixllm.report import EvaluationReport, evaluate_router, finish_report, measure_baseline
+from mixllm.workspace import Workspace, load_split
 
 
 def _stage_cache_key(stage: str):
-    """Cache key = the stage's input key (mixllm.pipeline.stage_keys): same data and params, same key."""
+    """Cache key = the stage's key (mixllm.training.stage_keys): same data and params, same key."""
 
     def key(context: Any, parameters: dict[str, Any]) -> str:
         config = config_for(parameters.get("params_path"))
-        return f"mixllm-{stage}-{pipeline.stage_keys(config)[stage]}"
+        return f"mixllm-{stage}-{job.stage_keys(config)[stage]}"
 
     return key
 
 
-def _cached(stage_task: Any, stage: str, params_path: str | None) -> Any:
-    """The task as is, or forced to run when its output was deleted (a cache hit would point at nothing)."""
-    outputs = pipeline._stage_outputs(pipeline.Workspace.of(config_for(params_path)))
-    return stage_task if outputs[stage].exists() else stage_task.with_options(refresh_cache=True)
+def _stage_task(stage: job.Stage) -> Any:
+    def run_stage(params_path: str | None, _after: Any = None) -> str:
+        config = config_for(params_path)
+        output = stage.run(config)
+        job.record_stage(config, stage.name)
+        return str(output)
+
+    run_stage.__name__ = f"stage_{stage.name}"
+    return task(name=stage.description, cache_key_fn=_stage_cache_key(stage.name), persist_result=True)(run_stage)
+
+
+# The stages that make router/; evaluation follows below (MixLLM and each baseline in parallel).
+STAGE_TASKS = {name: _stage_task(job.STAGE[name]) for name in ("split", *job.ROUTER_STAGES)}
+
+
+def _cached(stage: str, params_path: str | None) -> Any:
+    """The stage's task as is, or forced to run when its output was deleted (a cache hit would point at nothing)."""
+    stage_task = STAGE_TASKS[stage]
+    present = job.stage_output(Workspace.of(config_for(params_path)), stage).exists()
+    return stage_task if present else stage_task.with_options(refresh_cache=True)
 
 
 @task(name="ingest new interaction logs", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
@@ -43,43 +64,22 @@ def ingest(params_path: str | None) -> list[dict[str, Any]]:
     return [r.to_dict() for r in reports]
 
 
-@task(name="split by query", cache_key_fn=_stage_cache_key("split"), persist_result=True)
-def split(params_path: str | None, _after: Any = None) -> str:
-    return str(pipeline.stage_split(config_for(params_path)))
-
-
-@task(name="find the query domains", cache_key_fn=_stage_cache_key("tags"), persist_result=True)
-def tags(params_path: str | None, _after: Any = None) -> str:
-    return str(pipeline.stage_tags(config_for(params_path)))
-
-
-@task(name="fine-tune the encoder", cache_key_fn=_stage_cache_key("encoder"), persist_result=True)
-def encoder(params_path: str | None, _after: Any = None) -> str:
-    return str(pipeline.stage_encoder(config_for(params_path)))
-
-
-@task(name="fit quality and cost predictors", cache_key_fn=_stage_cache_key("predictors"), persist_result=True)
-def predictors(params_path: str | None, _after: Any = None) -> str:
-    return str(pipeline.stage_predictors(config_for(params_path)))
-
-
 @task(name="replay feedback already learned", cache_policy=NO_CACHE)
 def replay(params_path: str | None, _after: Any = None) -> tuple[str, dict[str, str]]:
-    router_dir, replayed = pipeline.stage_replay(config_for(params_path))
+    router_dir, replayed = stage_replay(config_for(params_path))
     return str(router_dir), replayed.tags()
 
 
 @task(name="evaluate on the holdout", cache_policy=NO_CACHE)
-def evaluate_mixllm(params_path: str | None, router_dir: str) -> pipeline.EvaluationReport:
+def evaluate_mixllm(params_path: str | None, router_dir: str) -> EvaluationReport:
     config = config_for(params_path)
     from pathlib import Path
 
     from mixllm.router import MixLLMRouter
 
-    workspace = pipeline.Workspace.of(config)
     router = MixLLMRouter.load(Path(router_dir), progress=False)
-    router.cache_dir = workspace.cache
-    return pipeline.evaluate_router(config, router, pipeline.load_split(config), baselines=[])
+    router.cache_dir = Workspace.of(config).cache
+    return evaluate_router(config, router, load_split(config), baselines=[])
 
 
 @task(name="measure a baseline", cache_policy=NO_CACHE)
@@ -88,24 +88,21 @@ def evaluate_baseline(params_path: str | None, name: str, _after: Any = None) ->
     from mixllm.embeddings import QueryEncoder
     from mixllm.router import MixLLMRouter
 
-    workspace = pipeline.Workspace.of(config)
+    workspace = Workspace.of(config)
     llms = MixLLMRouter.load(workspace.router, progress=False).enabled_llms_
-    return pipeline.measure_baseline(config, name, pipeline.load_split(config), llms, QueryEncoder.load(workspace.encoder))
+    return measure_baseline(config, name, load_split(config), llms, QueryEncoder.load(workspace.encoder))
 
 
 # No retries: a retry after the version was created would register it twice. A failed
 # registration changes neither the champion nor the watermark; the next run repeats it.
 @task(name="compare with the champion, log and register", cache_policy=NO_CACHE)
-def register(params_path: str | None, report: pipeline.EvaluationReport, router_dir: str,
+def register(params_path: str | None, report: EvaluationReport, router_dir: str,
              tags: dict[str, str]) -> dict[str, Any]:
     from pathlib import Path
 
     config = config_for(params_path)
-    workspace = pipeline.Workspace.of(config)
-    registration = pipeline.register_candidate(
-        config, Path(router_dir), report, pipeline.load_split(config), run_name="training", extra_tags=tags,
-        artifacts=[workspace.plot, workspace.table, workspace.curve, workspace.tags, workspace.metrics],
-    )
+    registration = register_candidate(config, Path(router_dir), report, load_split(config), run_name="training",
+                                      extra_tags=tags, artifacts=job.registered_artifacts(Workspace.of(config)))
     return registration.to_dict()
 
 
@@ -116,18 +113,15 @@ def training(params_path: str | None = None, register_model: bool = True) -> dic
     logger = get_run_logger()
     config = config_for(params_path)
     ingested = ingest(params_path)
-    split_done = _cached(split, "split", params_path)(params_path, ingested)
-    tags_done = _cached(tags, "tags", params_path)(params_path, split_done)
-    encoder_done = _cached(encoder, "encoder", params_path)(params_path, tags_done)
-    router_done = _cached(predictors, "predictors", params_path)(params_path, encoder_done)
+    done: Any = ingested
+    for stage in ("split", *job.ROUTER_STAGES):
+        done = _cached(stage, params_path)(params_path, done)
+    router_done = done
     router_dir, replay_tags = replay(params_path, router_done)
     report = evaluate_mixllm.submit(params_path, router_dir)
     # The baselines are independent of each other: the task runner runs them in parallel.
     baseline_curves = evaluate_baseline.map(params_path, list(config.evaluation.baselines), router_done)
-    report = report.result()
-    report.curves.extend(future.result() for future in baseline_curves)
-    report.metrics = pipeline.flat_metrics(report, config)
-    pipeline.write_evaluation(config, report, pipeline.Workspace.of(config))
+    report = finish_report(config, report.result(), [future.result() for future in baseline_curves])
     logger.info("MixLLM on the holdout: %s", report.headline())
     result: dict[str, Any] = {"headline": report.headline(), "metrics": report.metrics}
     if register_model:

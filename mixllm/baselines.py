@@ -19,17 +19,9 @@ from sklearn.base import BaseEstimator
 
 from mixllm.errors import ConfigError, NotFittedError
 from mixllm.router import MixLLMRouter, Predictions
+from mixllm.units import outcome_tables
 
 logger = logging.getLogger(__name__)
-
-
-def outcome_matrix(log: pd.DataFrame, llms: Sequence[str] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(quality, cost) as query_id x llm tables from a long log; missing pairs are NaN."""
-    quality = log.pivot_table(index="query_id", columns="llm", values="quality", aggfunc="first")
-    cost = log.pivot_table(index="query_id", columns="llm", values="cost_usd", aggfunc="first")
-    if llms is not None:
-        quality, cost = quality.reindex(columns=list(llms)), cost.reindex(columns=list(llms))
-    return quality, cost
 
 
 def query_frame(log: pd.DataFrame) -> pd.DataFrame:
@@ -149,7 +141,7 @@ class OracleRouter(BaselineRouter):
 
     def fit(self, log: pd.DataFrame) -> OracleRouter:
         self._fit_common(log)
-        self.quality_, self.cost_ = outcome_matrix(log, self.llms_)
+        self.quality_, self.cost_ = outcome_tables(log, self.llms_)
         return self
 
     def _quality(self, queries: pd.DataFrame) -> np.ndarray:
@@ -204,7 +196,7 @@ class EmbeddingRegressorRouter(BaselineRouter):
         self._fit_common(log)
         frame = query_frame(log)
         X = self._embed(frame)
-        quality, _ = outcome_matrix(log, self.llms_)
+        quality, _ = outcome_tables(log, self.llms_)
         quality = quality.reindex(frame["query_id"])
         self.models_ = {}
         for j, llm in enumerate(self.llms_):
@@ -233,7 +225,7 @@ class TfidfLogisticRouter(BaselineRouter):
         self.vectorizer_ = TfidfVectorizer(ngram_range=(1, 2), min_df=2, max_features=self.max_features,
                                            sublinear_tf=True)
         X = self.vectorizer_.fit_transform(frame["query"])
-        quality, _ = outcome_matrix(log, self.llms_)
+        quality, _ = outcome_tables(log, self.llms_)
         quality = quality.reindex(frame["query_id"])
         self.models_ = {}
         for llm in self.llms_:

@@ -150,7 +150,7 @@ def train(
     Unchanged stages are reused from the work folder (data/pipeline).
     """
     from mixllm.data import ingest_pending
-    from mixllm.pipeline import run_training
+    from mixllm.training import run_training
 
     config = state.config()
     if ingest_first:
@@ -165,60 +165,45 @@ pipeline_app = typer.Typer(help="The training stages one by one (what dvc.yaml r
 app.add_typer(pipeline_app, name="pipeline")
 
 
-@pipeline_app.command("split")
-@run
-def pipeline_split() -> None:
-    """Assign every stored query to train / validation / holdout (data/pipeline/split.parquet)."""
-    from mixllm.pipeline import stage_split
+def _stage_command(name: str, description: str, outputs: str):  # noqa: ANN202 - builds one typer command
+    def command() -> None:
+        from mixllm.training import STAGE, record_stage
 
-    typer.echo(stage_split(state.config()))
+        config = state.config()
+        result = STAGE[name].run(config, None, _progress())
+        record_stage(config, name)  # `mixllm train` then reuses what DVC made, and the other way round
+        if name == "evaluate":
+            from mixllm.evaluate import format_table
 
+            typer.echo(format_table(result.table(config)))
+            typer.echo("MixLLM: " + result.headline())
+        else:
+            typer.echo(result)
 
-@pipeline_app.command("tags")
-@run
-def pipeline_tags() -> None:
-    """Tag the training queries and cluster the tags into domains (data/pipeline/tags.json)."""
-    from mixllm.pipeline import stage_tags
-
-    typer.echo(stage_tags(state.config(), progress=_progress()))
-
-
-@pipeline_app.command("encoder")
-@run
-def pipeline_encoder() -> None:
-    """Fine-tune the encoder on same-domain triplets (data/pipeline/encoder/)."""
-    from mixllm.pipeline import stage_encoder
-
-    typer.echo(stage_encoder(state.config(), progress=_progress()))
+    command.__name__ = f"pipeline_{name}"
+    command.__doc__ = f"{description[0].upper()}{description[1:]} ({outputs})."
+    pipeline_app.command(name)(run(command))
 
 
-@pipeline_app.command("predictors")
-@run
-def pipeline_predictors() -> None:
-    """Fit the per-LLM quality and cost predictors; writes the complete router (data/pipeline/router/)."""
-    from mixllm.pipeline import stage_predictors
+def _add_stage_commands() -> None:
+    """One command per stage of the training table (mixllm.training.STAGES), as dvc.yaml runs them."""
+    from mixllm.config import PipelineConfig
+    from mixllm.training import STAGES
+    from mixllm.workspace import Workspace
 
-    typer.echo(stage_predictors(state.config(), progress=_progress()))
+    workspace = Workspace(Path(PipelineConfig().work_dir))  # relative: the paths as the help shows them
+    for stage in STAGES:
+        _stage_command(stage.name, stage.description, ", ".join(getattr(workspace, o).as_posix() for o in stage.outputs))
 
 
-@pipeline_app.command("evaluate")
-@run
-def pipeline_evaluate() -> None:
-    """Evaluate the router and the baselines on the holdout (metrics.json, curve.csv, table.md, pareto.png)."""
-    from mixllm.evaluate import format_table
-    from mixllm.pipeline import stage_evaluate
-
-    config = state.config()
-    report = stage_evaluate(config, progress=_progress())
-    typer.echo(format_table(report.table(config)))
-    typer.echo("MixLLM: " + report.headline())
+_add_stage_commands()
 
 
 @pipeline_app.command("register")
 @run
 def pipeline_register() -> None:
     """Register the router in MLflow; it becomes champion only if it passes the gate."""
-    from mixllm.pipeline import stage_register
+    from mixllm.training import stage_register
 
     registration = stage_register(state.config())
     typer.echo(f"version {registration.version}: {registration.verdict.summary()}")
@@ -228,7 +213,7 @@ def pipeline_register() -> None:
 @run
 def continual_once() -> None:
     """Learn once from feedback logged since the last run (what the hourly deployment does)."""
-    from mixllm.pipeline import run_continual
+    from mixllm.continual import run_continual
 
     typer.echo(run_continual(state.config()).summary())
 
@@ -269,7 +254,7 @@ def deploy(
     import os
 
     from flows.deploy import serve
-    from mixllm.services import local_prefect_server
+    from mixllm.processes import local_prefect_server
 
     _refuse_overrides("deploy")
     config = state.config()
@@ -305,7 +290,7 @@ def route(
     """Route queries with the champion (or another version / folder) and show why."""
     router = _load_router(model)
     if state.overrides:  # e.g. -S decision.latency_tolerance_s=2: applied to the loaded model's settings
-        from mixllm.pipeline import ablation_config
+        from mixllm.training import ablation_config
 
         router.config = ablation_config(router.config, **state.overrides)
     tasks = [task] * len(queries) if task else None
@@ -348,7 +333,8 @@ def calibrate(
     model: Annotated[str, typer.Option(help="Registry alias or version, or a router folder.")] = "champion",
 ) -> None:
     """Find the lambda that meets a budget or quality target on validation; report it on the holdout."""
-    from mixllm.pipeline import _reference_llm, calibrate_router, load_split
+    from mixllm.report import calibrate_router, reference_llm
+    from mixllm.workspace import load_split
 
     targets = {k: v for k, v in {"cost_share": cost_share, "budget_usd_per_1k": budget_usd_per_1k,
                                  "quality_share": quality_share}.items() if v is not None}
@@ -358,11 +344,11 @@ def calibrate(
     config = state.config()
     split = load_split(config)
     result, on_holdout = calibrate_router(config, _load_router(model), split, target, value)
-    reference_llm = _reference_llm(config, split.train)
+    reference = reference_llm(config, split.train)
     status = "met" if result.met else "NOT met (closest lambda shown)"
     typer.echo(f"target {target}={value}: {status} on validation with lambda={result.lambda_:g}")
     for name, point in (("validation", result.validation), ("holdout", on_holdout)):
-        typer.echo(f"  {name:10s}: {100 * point.quality_share:.2f}% of {reference_llm}'s quality at "
+        typer.echo(f"  {name:10s}: {100 * point.quality_share:.2f}% of {reference}'s quality at "
                    f"{100 * point.cost_share:.2f}% of its cost (${point.mean_cost_usd * 1000:.4f} per 1k queries)")
     typer.echo(f"use it: -S decision.lambda={result.lambda_:g}, or send \"lambda\": {result.lambda_:g} to /route")
 
@@ -378,7 +364,7 @@ def tags_show(
 ) -> None:
     """The domains: the log's task labels, or the tag domains (name = their most central tags, size,
     example tags, and example queries' tags)."""
-    from mixllm.pipeline import read_tags
+    from mixllm.training import read_tags
 
     if model:
         report = _load_router(model).tag_report_

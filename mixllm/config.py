@@ -6,6 +6,7 @@ fails loudly with the key and the file instead of being ignored.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -18,6 +19,8 @@ from mixllm.errors import ConfigError
 PARAMS_FILENAME = "params.yaml"
 PARAMS_ENV = "MIXLLM_PARAMS"
 ROUTERBENCH_ENV = "MIXLLM_ROUTERBENCH"
+
+logger = logging.getLogger(__name__)
 
 
 class StrictModel(BaseModel):
@@ -109,13 +112,25 @@ class FineTuneConfig(StrictModel):
 
     enabled: bool = True
     epochs: int = Field(default=1, ge=1)
-    max_pairs: int = Field(default=500, ge=2)
+    # Training examples (anchor, same-domain positive, other-domain negative) drawn from the log.
+    max_triplets: int = Field(default=500, ge=2)
     batch_size: int = Field(default=16, ge=2)
     learning_rate: float = Field(default=2e-5, gt=0)
     warmup_ratio: float = Field(default=0.1, ge=0, le=1)
     # Training cost grows with tokens; the domain signal lives in the question, so shorter is enough.
     max_seq_length: int = Field(default=64, ge=8, le=512)
     seed: int = 13
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_max_pairs(cls, data: Any) -> Any:
+        """`max_pairs` (it always counted triplets) is read as `max_triplets`, with a warning."""
+        if isinstance(data, dict) and "max_pairs" in data:
+            if "max_triplets" in data:
+                raise ValueError("give embedding.fine_tune.max_triplets only (max_pairs is its old name)")
+            logger.warning("embedding.fine_tune.max_pairs is now max_triplets; rename it in params.yaml")
+            data = {("max_triplets" if key == "max_pairs" else key): value for key, value in data.items()}
+        return data
 
 
 class EmbeddingConfig(StrictModel):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import ast
 import hashlib
-import io
 import json
 import logging
 import math
@@ -25,7 +24,7 @@ import numpy as np
 import pandas as pd
 import pandera.pandas as pa
 
-from mixllm.config import ROUTERBENCH_ENV, DataConfig, MixLLMConfig, PlausibilityConfig, SplitConfig
+from mixllm.config import ROUTERBENCH_ENV, MixLLMConfig, PlausibilityConfig, SplitConfig
 from mixllm.errors import DataError, DataUnavailableError, MixLLMError
 from mixllm.schemas import (
     COLUMN_ALIASES,
@@ -737,7 +736,7 @@ def fetch_routerbench(config: MixLLMConfig, *, timeout_s: float = 60.0) -> Path:
 # Split
 
 
-def _stable_unit(seed: int, key: str) -> float:
+def stable_unit(seed: int, key: str) -> float:
     digest = hashlib.blake2b(f"{seed}:{key}".encode("utf-8", "surrogateescape"), digest_size=8).digest()
     return int.from_bytes(digest, "big") / 2**64
 
@@ -758,7 +757,7 @@ def _carve(ids: pd.Series, strata: pd.Series, fraction: float, seed: int, groups
     keys = ids if groups is None else groups
     for _, members in ids.groupby(strata.to_numpy(), sort=True):
         member_keys = keys.loc[members.index]
-        ranked = sorted(set(member_keys), key=lambda k: (_stable_unit(seed, k), k))
+        ranked = sorted(set(member_keys), key=lambda k: (stable_unit(seed, k), k))
         sizes = member_keys.value_counts()
         target = int(round(fraction * len(members)))
         taken: set[str] = set()

@@ -107,11 +107,11 @@ class QueryEncoder(BaseEstimator):
         quantize: str = "none",
         fine_tune: bool = True,
         epochs: int = 1,
-        max_pairs: int = 2000,
-        train_batch_size: int = 32,
+        max_triplets: int = 500,
+        train_batch_size: int = 16,
         learning_rate: float = 2e-5,
         warmup_ratio: float = 0.1,
-        train_max_seq_length: int = 128,
+        train_max_seq_length: int = 64,
         random_state: int = 13,
         progress: bool | None = None,
     ):
@@ -123,7 +123,7 @@ class QueryEncoder(BaseEstimator):
         self.quantize = quantize
         self.fine_tune = fine_tune
         self.epochs = epochs
-        self.max_pairs = max_pairs
+        self.max_triplets = max_triplets
         self.train_batch_size = train_batch_size
         self.learning_rate = learning_rate
         self.warmup_ratio = warmup_ratio
@@ -136,7 +136,7 @@ class QueryEncoder(BaseEstimator):
         self.fine_tuned_ = False
         self.n_triplets_ = 0
         if self.fine_tune and domains is not None:
-            triplets = mine_domain_triplets(np.asarray(domains), self.max_pairs, self.random_state)
+            triplets = mine_domain_triplets(np.asarray(domains), self.max_triplets, self.random_state)
             if triplets:
                 self._fine_tune(list(queries), triplets)
                 self.fine_tuned_ = True

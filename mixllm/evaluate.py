@@ -31,6 +31,7 @@ import pandas as pd
 
 from mixllm.errors import MixLLMError
 from mixllm.router import Predictions, decide
+from mixllm.units import outcome_tables
 
 logger = logging.getLogger(__name__)
 
@@ -46,10 +47,8 @@ class Outcomes:
 
     @classmethod
     def from_log(cls, log: pd.DataFrame, query_ids: Sequence[str], llms: Sequence[str]) -> Outcomes:
-        quality = log.pivot_table(index="query_id", columns="llm", values="quality", aggfunc="first")
-        cost = log.pivot_table(index="query_id", columns="llm", values="cost_usd", aggfunc="first")
-        quality = quality.reindex(index=list(query_ids), columns=list(llms)).to_numpy(dtype=float)
-        cost = cost.reindex(index=list(query_ids), columns=list(llms)).to_numpy(dtype=float)
+        quality_table, cost_table = outcome_tables(log, llms, query_ids)
+        quality, cost = quality_table.to_numpy(dtype=float), cost_table.to_numpy(dtype=float)
         if np.isnan(quality).any() or np.isnan(cost).any():
             missing = int(np.isnan(quality).sum())
             raise MixLLMError(

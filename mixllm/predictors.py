@@ -19,6 +19,7 @@ import numpy as np
 from sklearn.base import BaseEstimator
 
 from mixllm.errors import ConfigError, NotFittedError
+from mixllm.units import call_cost_usd
 
 logger = logging.getLogger(__name__)
 
@@ -361,7 +362,7 @@ class CostPredictor(BaseEstimator):
         if self.uses_tokens_:
             tokens_in = self.input_tokens_model_.predict(np.asarray(query_chars, dtype=np.float64)[:, None] / 1000.0)
             tokens_out = self.output_tokens_model_.predict(X)
-            return (tokens_in * self.input_usd_per_1k + tokens_out * self.output_usd_per_1k) / 1000.0
+            return call_cost_usd(tokens_in, tokens_out, self.input_usd_per_1k, self.output_usd_per_1k)
         log_cost = np.minimum(self.cost_model_.predict(X), 50.0)  # exp stays finite on any input
         return np.maximum(np.exp(log_cost) * self.smearing_ - self.floor_, 0.0) * self.cost_scale_usd
 

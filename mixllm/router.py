@@ -37,14 +37,14 @@ import numpy as np
 import pandas as pd
 from sklearn.base import BaseEstimator
 
-from mixllm import __version__
+from mixllm import __version__, estimators
 from mixllm.config import LatencyProfile, LLMConfig, MixLLMConfig, config_from_dict
 from mixllm.embeddings import EmbeddingCache, QueryEncoder
 from mixllm.errors import ModelFormatError, NotFittedError, RoutingError
 from mixllm.domains import DomainModel, domain_labels
 from mixllm.features import QueryFeaturizer
 from mixllm.predictors import CostPredictor, QualityPredictor, gcv_ridge
-from mixllm.tags import TagClusterer, make_tagger
+from mixllm.units import call_cost_usd, tokens_from_chars, typical_output_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -211,12 +211,7 @@ class MixLLMRouter(BaseEstimator):
         embeddings = self._embed(self.encoder_, queries)
         self.timings_["embed_s"] = time.perf_counter() - t
         features_config = config.features
-        self.featurizer_ = QueryFeaturizer(
-            use_length=features_config.use_length, use_tfidf=features_config.tfidf.enabled,
-            tfidf_max_features=features_config.tfidf.max_features, tfidf_ngram_max=features_config.tfidf.ngram_max,
-            tfidf_min_df=features_config.tfidf.min_df, svd_components=features_config.tfidf.svd_components,
-            tfidf_weight=features_config.tfidf.weight,
-        ).fit(queries, embeddings)
+        self.featurizer_ = estimators.query_featurizer(config).fit(queries, embeddings)
         base = self.featurizer_.transform(queries, embeddings)
         row_of = pd.Series(np.arange(len(queries)), index=queries_frame["query_id"].to_numpy())
         log = log.assign(_row=log["query_id"].map(row_of).to_numpy())
@@ -228,10 +223,7 @@ class MixLLMRouter(BaseEstimator):
         domains_config = config.domains
         if not features_config.use_domains:
             labels = np.array([""] * len(queries), dtype=object)
-        self.domain_model_ = DomainModel(
-            classifier_c=domains_config.classifier_c, prior_strength=domains_config.prior_strength,
-            cross_fit_folds=domains_config.cross_fit_folds, random_state=domains_config.seed,
-        ).fit(base, labels, quality, llms)
+        self.domain_model_ = estimators.domain_model(config).fit(base, labels, quality, llms)
         self.domain_weight_ = float(domains_config.weight)
         self.n_base_features_ = base.shape[1]
         X = self._join(base, self.domain_model_.train_proba_)
@@ -285,19 +277,12 @@ class MixLLMRouter(BaseEstimator):
     def fit_encoder(self, queries: Sequence[str], labels: Sequence[str] | None) -> QueryEncoder:
         """The domain-enhanced encoder: fine-tuned on domain triplets when the config says so."""
         config = self._config
-        ft = config.embedding.fine_tune
         domain_ids = None
-        if ft.enabled and labels is not None:
+        if config.embedding.fine_tune.enabled and labels is not None:
             names = sorted(set(labels) - {""})
             index = {name: i for i, name in enumerate(names)}
             domain_ids = np.array([index.get(label, -1) for label in labels], dtype=int)
-        return QueryEncoder(
-            model_path=config.embedding.model_path, max_seq_length=config.embedding.max_seq_length,
-            truncation_side=config.embedding.truncation_side, batch_size=config.embedding.batch_size,
-            quantize=config.embedding.quantize, fine_tune=ft.enabled, epochs=ft.epochs, max_pairs=ft.max_pairs, train_batch_size=ft.batch_size,
-            learning_rate=ft.learning_rate, warmup_ratio=ft.warmup_ratio, train_max_seq_length=ft.max_seq_length,
-            random_state=ft.seed, progress=self.progress,
-        ).fit(list(queries), domain_ids)
+        return estimators.query_encoder(config, self.progress).fit(list(queries), domain_ids)
 
     def fit_domains(self, queries: Sequence[str], sources: Sequence[Any] | None = None) -> tuple[np.ndarray, dict[str, Any]]:
         """Each training query's domain label ("" for none) and a report of where they came from.
@@ -335,32 +320,16 @@ class MixLLMRouter(BaseEstimator):
         """Tag the queries and cluster the tags: each query's dominant tag domain (-1: none), and a report."""
         config = self._config
         t = time.perf_counter()
-        tags_config = config.tags
-        tagger_params: dict[str, Any] = {"top_k": tags_config.top_k}
-        if tags_config.method == "keybert":
-            tagger_params.update(ngram_max=tags_config.ngram_max, min_df=tags_config.min_df, max_df=tags_config.max_df)
-        else:
-            llm = tags_config.llm
-            tagger_params.update(base_url=llm.base_url, model=llm.model, api_key_env=llm.api_key_env,
-                                 cache_dir=str(self._config.path(llm.cache_dir)), timeout_s=llm.timeout_s)
-        # Tags use the base encoder on shorter inputs (cheaper): they only shape the domains.
-        base_encoder = QueryEncoder(model_path=config.embedding.model_path,
-                                    max_seq_length=min(config.embedding.max_seq_length, 128),
-                                    truncation_side=config.embedding.truncation_side,
-                                    batch_size=config.embedding.batch_size, fine_tune=False,
-                                    progress=self.progress).fit(queries)
+        base_encoder = estimators.tagging_encoder(config, self.progress).fit(queries)
         base = base_encoder.model_
-        tagger = make_tagger(tags_config.method, **tagger_params).fit(queries, base)
+        tagger = estimators.tagger(config).fit(queries, base)
         query_tags = tagger.transform(queries, base, query_embeddings=self._embed(base_encoder, queries))
-        self.clusterer_ = TagClusterer(
-            n_clusters=tags_config.n_clusters, method=tags_config.clustering,
-            names_per_cluster=tags_config.names_per_cluster, random_state=tags_config.seed,
-        ).fit(query_tags, lambda tags: tagger.tag_vectors(tags, base))
+        self.clusterer_ = estimators.tag_clusterer(config).fit(query_tags, lambda tags: tagger.tag_vectors(tags, base))
         domains = self.clusterer_.dominant_domains(query_tags)
         self.timings_["tags_s"] = time.perf_counter() - t
         report = {
             "enabled": True,
-            "method": tags_config.method,
+            "method": config.tags.method,
             "queries_without_tags": int((domains < 0).sum()),
             "domains": self.clusterer_.describe(),
             "domain_counts": np.bincount(domains[domains >= 0], minlength=self.clusterer_.n_domains_).tolist(),
@@ -372,18 +341,12 @@ class MixLLMRouter(BaseEstimator):
 
     def _fit_llm(self, llm: str, X: np.ndarray, prior: np.ndarray, rows: pd.DataFrame) -> None:
         config = self._config
-        entry = self.catalogue_[llm]
-        quality_config = config.predictors.quality
-        self.quality_models_[llm] = QualityPredictor(
-            kind=quality_config.kind, ridge=self.ridge_, noise_scale=quality_config.noise_scale,
-            prior_mean=0.0, random_state=quality_config.seed,
-        ).fit(X, rows["quality"].to_numpy(), prior=prior)
-        self.cost_models_[llm] = CostPredictor(
-            ridge=config.predictors.cost.ridge, input_usd_per_1k=entry["input_usd_per_1k"],
-            output_usd_per_1k=entry["output_usd_per_1k"], cost_scale_usd=self.cost_scale_usd_,
-            prior_cost_usd=float(rows["cost_usd"].mean()),
+        self.quality_models_[llm] = estimators.quality_predictor(config, self.ridge_).fit(
+            X, rows["quality"].to_numpy(), prior=prior)
+        self.cost_models_[llm] = estimators.cost_predictor(
+            config, self.catalogue_[llm], self.cost_scale_usd_, prior_cost_usd=float(rows["cost_usd"].mean()),
         ).fit(X, rows["cost_usd"].to_numpy(), rows["query"].str.len().to_numpy(), *_tokens(rows))
-        self.typical_output_tokens_[llm] = _typical_output_tokens(rows)
+        self.typical_output_tokens_[llm] = typical_output_tokens(rows)
 
     # ------------------------------------------------------------------------------------ predict
 
@@ -638,16 +601,12 @@ class MixLLMRouter(BaseEstimator):
         self.catalogue_[name] = entry.model_dump(mode="json")
         self.domain_model_.add_llm(name, per_domain)
         n_anchors = len(self.anchors_.get(name, {}).get("llms", []))
-        self.quality_models_[name] = QualityPredictor(
-            kind="bayesian_linear", ridge=quality_config.new_llm_prior_ridge, noise_scale=quality_config.noise_scale,
-            prior_mean=0.0,
-        ).start_empty(self.n_features_in_ + n_anchors)
+        self.quality_models_[name] = estimators.newcomer_quality_predictor(self._config).start_empty(
+            self.n_features_in_ + n_anchors)
         typical_output = float(np.mean(list(self.typical_output_tokens_.values()))) if self.typical_output_tokens_ else 100.0
         prior_cost = self._newcomer_cost(input_usd_per_1k, output_usd_per_1k, typical_output)
-        self.cost_models_[name] = CostPredictor(
-            ridge=self._config.predictors.cost.ridge, input_usd_per_1k=input_usd_per_1k,
-            output_usd_per_1k=output_usd_per_1k, cost_scale_usd=self.cost_scale_usd_, prior_cost_usd=prior_cost,
-        ).start_empty(self.n_features_in_)
+        self.cost_models_[name] = estimators.cost_predictor(
+            self._config, entry, self.cost_scale_usd_, prior_cost_usd=prior_cost).start_empty(self.n_features_in_)
         self.typical_output_tokens_[name] = typical_output
         logger.info("added LLM %s (prior quality %.3f on average over domains, prior cost $%.6f)", name,
                     float(np.mean(per_domain)), prior_cost)
@@ -664,7 +623,8 @@ class MixLLMRouter(BaseEstimator):
                 ratios.append(model.prior_cost_usd / price)
         if ratios:
             return float(np.median(ratios)) * (input_usd_per_1k + output_usd_per_1k)
-        return (self.mean_query_chars_ / 4 * input_usd_per_1k + typical_output_tokens * output_usd_per_1k) / 1000
+        return float(call_cost_usd(tokens_from_chars(self.mean_query_chars_), typical_output_tokens,
+                                   input_usd_per_1k, output_usd_per_1k))
 
     def _newcomer_prior(self, price_per_1k: float) -> np.ndarray:
         """A newcomer's per-domain prior quality (predictors.quality.newcomer_prior).
@@ -965,12 +925,3 @@ def _tokens(rows: pd.DataFrame) -> tuple[np.ndarray | None, np.ndarray | None]:
     if "input_tokens" in rows and "output_tokens" in rows and rows["output_tokens"].notna().any():
         return rows["input_tokens"].to_numpy(dtype=float), rows["output_tokens"].to_numpy(dtype=float)
     return None, None
-
-
-def _typical_output_tokens(rows: pd.DataFrame) -> float:
-    """Mean output tokens: logged tokens, else response characters / 4, else 100."""
-    if "output_tokens" in rows and rows["output_tokens"].notna().any():
-        return float(rows["output_tokens"].mean())
-    if "response" in rows and rows["response"].notna().any():
-        return float(rows["response"].dropna().str.len().mean() / 4)
-    return 100.0

@@ -405,7 +405,7 @@ class MixLLMService:
 
     def __init__(self) -> None:
         from mixllm.config import load_config
-        from mixllm.load import LiveLoad
+        from mixllm.live_traffic import LiveLoad
         from mixllm.registry import Registry
         from mixllm.store import InteractionLog
 
@@ -824,7 +824,9 @@ class MixLLMService:
         entry = next((c for c in self.config.llms if c.name == llm), None)
         if entry is None:
             return None
-        return ((tokens_in or 0) * entry.input_usd_per_1k + (tokens_out or 0) * entry.output_usd_per_1k) / 1000
+        from mixllm.units import call_cost_usd
+
+        return float(call_cost_usd(tokens_in or 0, tokens_out or 0, entry.input_usd_per_1k, entry.output_usd_per_1k))
 
 
 MixLLMService.add_asgi_middleware(BodyLimit, max_bytes=SETTINGS.max_body_bytes)

@@ -27,7 +27,7 @@ import pandas as pd
 from mixllm.config import LatencyProfile
 from mixllm.errors import MixLLMError
 from mixllm.evaluate import Outcomes
-from mixllm.router import LoadSnapshot, MixLLMRouter, decide
+from mixllm.router import LoadSnapshot, MixLLMRouter, decide, service_time_s
 
 logger = logging.getLogger(__name__)
 
@@ -249,8 +249,7 @@ def service_times(catalogue: Mapping[str, Mapping[str, Any]], llms: Sequence[str
     """Seconds each LLM needs per query: per-call time + per-token time x the query's output tokens."""
     times = np.zeros_like(output_tokens, dtype=float)
     for j, llm in enumerate(llms):
-        profile = LatencyProfile(**catalogue[llm].get("latency", {}))
-        times[:, j] = profile.per_call_s + profile.per_output_token_s * output_tokens[:, j]
+        times[:, j] = service_time_s(LatencyProfile(**catalogue[llm].get("latency", {})), output_tokens[:, j])
     return times
 
 
@@ -308,15 +307,3 @@ def simulate_latency(
     traffic = {m: len(w) / len(texts) for m, w in waits.items() if w}
     return LatencyResult(name or ("penalty on" if penalty else "penalty off"), float(quality.mean()),
                          float(cost.mean()), {m: np.array(w) for m, w in waits.items()}, traffic)
-
-
-def output_tokens_from_log(log: pd.DataFrame, query_ids: Sequence[str], llms: Sequence[str]) -> np.ndarray:
-    """Output tokens per (query, LLM): logged tokens, else response characters / 4, else 100."""
-    if "output_tokens" in log and log["output_tokens"].notna().any():
-        values = log.pivot_table(index="query_id", columns="llm", values="output_tokens", aggfunc="first")
-    elif "response" in log and log["response"].notna().any():
-        frame = log.assign(_tokens=log["response"].fillna("").str.len() / 4.0)
-        values = frame.pivot_table(index="query_id", columns="llm", values="_tokens", aggfunc="first")
-    else:
-        return np.full((len(query_ids), len(llms)), 100.0)
-    return values.reindex(index=list(query_ids), columns=list(llms)).fillna(100.0).to_numpy(dtype=float)

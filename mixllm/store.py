@@ -1,4 +1,6 @@
-"""The interaction store the service writes and the continual flow reads: decisions and feedback.
+"""The decision log the service writes and the continual flow reads: routing decisions and their feedback.
+
+(Not to be confused with `data.InteractionStore`, the Parquet training log of full interactions.)
 
 SQLite in WAL mode by default (a file under data/), any SQLAlchemy URL (PostgreSQL) by config.
 Every routing decision is logged; feedback joins its decision by `decision_id`. Writes are
@@ -87,7 +89,8 @@ def _now() -> datetime:
 
 
 class InteractionLog:
-    """Decisions and feedback in a SQL database (SQLite WAL by default)."""
+    """The live log: routing decisions and the feedback that joins them, in a SQL database (SQLite WAL
+    by default, PostgreSQL by URL). Training data lives elsewhere (`data.InteractionStore`)."""
 
     def __init__(self, url: str):
         self.url = url

@@ -38,7 +38,7 @@ class KeyBERTTagger(BaseEstimator):
     candidate n-grams; the tagger does not own it, so the caller decides how it is loaded.
     """
 
-    def __init__(self, top_k: int = 5, ngram_max: int = 2, min_df: int = 3, max_df: float = 1.0,
+    def __init__(self, top_k: int = 5, ngram_max: int = 2, min_df: int = 3, max_df: float = 0.25,
                  stop_words: str | None = "english", batch_size: int = 256):
         self.top_k = top_k
         self.ngram_max = ngram_max

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import yaml
@@ -62,7 +64,7 @@ def make_log(n_queries: int = 60, seed: int = 0, llms: tuple[str, ...] = tuple(S
     return pd.DataFrame(rows)
 
 
-def write_params(root, complete: bool = False, **sections) -> "Path":  # noqa: F821
+def write_params(root, complete: bool = False, **sections) -> Path:
     """A params.yaml for the synthetic LLMs under `root`, small enough for fast tests."""
     params = {
         "llms": [
@@ -72,7 +74,7 @@ def write_params(root, complete: bool = False, **sections) -> "Path":  # noqa: F
         ],
         "split": {"validation_fraction": 0.2, "holdout_fraction": 0.25, "seed": 3},
         "embedding": {"max_seq_length": 32, "batch_size": 32,
-                      "fine_tune": {"enabled": False, "max_pairs": 64, "batch_size": 8}},
+                      "fine_tune": {"enabled": False, "max_triplets": 64, "batch_size": 8}},
         "tags": {"n_clusters": 3, "min_df": 1, "top_k": 3},
         "features": {"tfidf": {"svd_components": 16, "min_df": 1}},
     }

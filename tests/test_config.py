@@ -2,6 +2,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from mixllm.config import config_from_dict, find_params_file, load_config, parse_override
 from mixllm.errors import ConfigError
@@ -79,8 +80,9 @@ def test_overrides_and_lambda_alias(tmp_path):
 
 def test_config_is_frozen(tmp_path):
     config = load_config(_write(tmp_path, {}))
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="frozen"):
         config.decision.exploration = 3.0  # type: ignore[misc]
+    assert config.decision.exploration == 0.0, "the refused assignment left the config unchanged"
 
 
 def test_find_params_walks_up_and_honours_env(tmp_path, monkeypatch):
@@ -133,3 +135,25 @@ def test_a_benchmark_entry_with_a_reference_outside_its_catalogue_is_refused(tmp
     path.write_text("datasets:\n  mine:\n    path: mine.csv\n    reference_llm: small\n    colour: blue\n")
     with pytest.raises(ConfigError, match="datasets.mine.colour: unknown key"):
         load_benchmark_config(path)
+
+
+def test_estimators_built_from_the_default_config_equal_their_own_defaults():
+    """Defaults live in config.py: an estimator built by hand behaves like the configured one, so
+    their constructor defaults must agree. Arguments that come from the data are left out."""
+    from mixllm import estimators
+    from mixllm.config import LLMConfig
+
+    config = config_from_dict({})
+    from_data = {"ridge", "input_usd_per_1k", "output_usd_per_1k", "cost_scale_usd", "prior_cost_usd", "progress"}
+    built = [
+        estimators.query_encoder(config), estimators.tagger(config), estimators.tag_clusterer(config),
+        estimators.query_featurizer(config), estimators.domain_model(config),
+        estimators.quality_predictor(config, ridge=10.0),
+        estimators.cost_predictor(config, LLMConfig(name="m", input_usd_per_1k=1, output_usd_per_1k=2), 1.0, 0.5),
+    ]
+    for estimator in built:
+        defaults = type(estimator)().get_params()
+        configured = estimator.get_params()
+        differ = {k: (configured[k], defaults[k]) for k in configured if k not in from_data and configured[k] != defaults[k]}
+        assert not differ, f"{type(estimator).__name__}: config vs constructor default {differ}"
+    assert estimators.quality_predictor(config, ridge=10.0).ridge == 10.0, "a chosen ridge is passed through"

@@ -1,5 +1,6 @@
 """`dvc repro` in a fresh clone of the project (its own dvc.yaml and DVC config), on synthetic data."""
 
+import json
 import os
 import re
 import subprocess
@@ -10,6 +11,8 @@ import pytest
 import yaml
 
 from synthetic import make_log, write_params
+
+pytestmark = pytest.mark.slow  # real servers, flows or training: `-m "not slow"` skips them
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,6 +51,9 @@ def test_repro_noop_and_partial_rerun(repo):
     assert _ran(first) == {"ingest", "split", "tags", "encoder", "predictors", "evaluate", "register"}
     assert (root / "data/pipeline/metrics.json").is_file() and (root / "dvc.lock").is_file()
     assert (root / "data/pipeline/registration.json").is_file()
+    status = _run(["git", "status", "--porcelain", "--untracked-files=all"], root, env)
+    untracked = sorted(line[3:] for line in status.splitlines() if line.startswith("??"))
+    assert untracked == ["dvc.lock"], f"git ignores every output; only dvc.lock is new: {untracked}"
     second = _run([*dvc, "repro"], root, env)
     assert _ran(second) == set() and "up to date" in second
     # A decision setting changes the predictors stage and what follows, not tags or the encoder.
@@ -63,5 +69,7 @@ def test_repro_noop_and_partial_rerun(repo):
     # An experiment with one evaluation setting changed re-runs only evaluation and registration.
     exp = _run([*dvc, "exp", "run", "-S", "evaluation.cost_budget_share=0.5"], root, env)
     assert _ran(exp) == {"evaluate", "register"}
-    metrics = _run([*dvc, "metrics", "diff"], root, env)
-    assert "quality_at_budget_pct" in metrics
+    metrics = _run([*dvc, "metrics", "diff", "--json"], root, env)
+    changes = json.loads(metrics[metrics.index("{"):])["data/pipeline/metrics.json"]
+    budget = changes["quality_at_budget_pct"]
+    assert budget["old"] is not None and budget["new"] is not None, "the committed run's figures come from the cache"

@@ -2,7 +2,6 @@
 and the scheduled deployments served by `mixllm deploy` against a `prefect server` on 127.0.0.1."""
 
 import os
-import subprocess
 import sys
 import time
 
@@ -10,11 +9,12 @@ import numpy as np
 import pytest
 
 from mixllm.config import load_config
-from mixllm.data import ingest
 from mixllm.registry import Registry
 from mixllm.router import MixLLMRouter
-from mixllm.services import free_port, start, stop, wait_http
+from mixllm.processes import free_port, start, stop, wait_http
 from synthetic import make_log, write_params
+
+pytestmark = pytest.mark.slow  # real servers, flows or training: `-m "not slow"` skips them
 
 FAST = {"evaluation": {"baselines": ["random", "knn"]}, "gate": {"max_overhead_ms": 5000}}
 QUERIES = ["Write a python function that reverses a string.", "What is 14 plus 29?", "When did the Roman Republic fall?"]

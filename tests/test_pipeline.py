@@ -9,18 +9,15 @@ import pytest
 from mixllm.config import load_config
 from mixllm.data import ingest
 from mixllm.errors import RegistryError
-from mixllm.pipeline import (
-    GateVerdict,
-    Workspace,
-    completed_stages,
-    gate,
-    run_continual,
-    run_training,
-    update_champion,
-)
+from mixllm.continual import run_continual, update_champion
+from mixllm.gate import GateVerdict, gate
+from mixllm.training import completed_stages, run_training
+from mixllm.workspace import Workspace
 from mixllm.registry import Registry
 from mixllm.store import InteractionLog
 from synthetic import make_log, write_params
+
+pytestmark = pytest.mark.slow  # real servers, flows or training: `-m "not slow"` skips them
 
 FAST = {
     "evaluation": {"baselines": ["random", "best_single"]},
@@ -29,18 +26,32 @@ FAST = {
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory):
-    """One project for the module: versions build on each other like a real registry's history."""
+def first_training(tmp_path_factory):
+    """One project for the module, ingested and trained once: its first registered version and the
+    stage outputs every test reuses (stages are cached, so a test's own training run is quick)."""
     root = tmp_path_factory.mktemp("mlops")
     write_params(root, **FAST)
     make_log(n_queries=150, seed=4).to_csv(root / "log.csv", index=False)
     config = load_config(root / "params.yaml")
     ingest(root / "log.csv", config)
-    return root
+    return root, run_training(config, progress=False)
+
+
+@pytest.fixture(scope="module")
+def project(first_training):
+    return first_training[0]
 
 
 def _config(project, **overrides):
     return load_config(project / "params.yaml", overrides=overrides)
+
+
+def _own_registry_and_store(project, tmp_path, **overrides):
+    """The module's project (its cached stages) with an MLflow registry and a feedback store of this
+    test's own, so the test sees version numbers and watermarks from its own steps only."""
+    return _config(project, **{"mlflow.tracking_uri": f"sqlite:///{tmp_path}/mlflow.db",
+                               "mlflow.artifact_location": str(tmp_path / "artifacts"),
+                               "service.feedback_store_url": f"sqlite:///{tmp_path}/feedback.db", **overrides})
 
 
 def test_gate_rules():
@@ -58,38 +69,43 @@ def _config_from_defaults():
     return config_from_dict({"gate": {"tolerance": 0.005}})
 
 
-def test_first_training_registers_champion_and_reuses_stages(project):
+def test_first_training_registers_champion_and_reuses_stages(first_training):
+    project, outcome = first_training
     config = _config(project)
-    outcome = run_training(config, progress=False)
     assert outcome.registration.version == 1 and outcome.registration.promoted
     registry = Registry(config)
     assert registry.alias_version("champion") == 1
     workspace = Workspace.of(config)
     for path in (workspace.plot, workspace.table, workspace.metrics, workspace.curve, workspace.router / "router.json"):
         assert path.exists(), path
-    metrics = json.loads(workspace.metrics.read_text())
-    assert {"aiq", "quality_at_budget_pct", "ms_per_query", "baseline.random.quality_at_budget_pct"} <= set(metrics)
+    summary = json.loads(workspace.metrics.read_text())
+    assert {"aiq", "aiq.ci_low", "quality_at_budget_pct", "ms_per_query", "baseline.random.aiq"} <= set(summary)
+    assert len(summary) <= 15, "metrics.json is the summary dvc metrics show prints on one line"
+    detail = json.loads(workspace.metrics_detail.read_text())
+    assert set(summary) <= set(detail) and "baseline.random.quality_at_budget_pct" in detail
     assert completed_stages(config) == {"split", "tags", "encoder", "predictors", "evaluate"}
     summary = outcome.summary(config)
     assert "pareto.png" in summary and "version 1" in summary
-    versions = registry.versions()
-    assert versions[0].tags["mixllm.data_hash"] and "champion" in versions[0].aliases
-    assert "aiq" in versions[0].metrics
+    first = {v.version: v for v in registry.versions()}[1]
+    assert first.tags["mixllm.data_hash"] and "aiq" in first.metrics
 
 
-def test_worse_candidate_is_challenger_better_is_promoted_and_rollback(project):
-    first = Registry(_config(project))
-    assert first.alias_version("champion") == 1
+def test_worse_candidate_is_challenger_better_is_promoted_and_rollback(project, tmp_path):
+    base = _own_registry_and_store(project, tmp_path)
+    first = run_training(base, progress=False)
+    assert first.registration.version == 1 and Registry(base).alias_version("champion") == 1
+    with pytest.raises(RegistryError, match="no earlier one"):
+        Registry(base).rollback()
     # A deliberately worse router: a huge ridge flattens every quality prediction to the prior.
-    worse = _config(project, **{"predictors.quality.ridge": 1e7, "features.use_domains": False,
-                                "features.tfidf.enabled": False})
+    worse = _own_registry_and_store(project, tmp_path, **{
+        "predictors.quality.ridge": 1e7, "features.use_domains": False, "features.tfidf.enabled": False})
     outcome = run_training(worse, progress=False, register=True)
     assert outcome.registration.version == 2 and not outcome.registration.promoted
     assert "below the champion" in outcome.registration.verdict.summary()
     registry = Registry(worse)
     assert registry.alias_version("champion") == 1 and registry.alias_version("challenger") == 2
     # Back to the good config: not worse than the champion, so promoted.
-    good = _config(project)
+    good = base
     outcome = run_training(good, progress=False)
     assert outcome.registration.version == 3 and outcome.registration.promoted
     assert registry.alias_version("champion") == 3
@@ -129,18 +145,19 @@ def _feedback(config, n=12, seed=0):
     return ids
 
 
-def test_continual_consumes_feedback_once_and_not_on_failure(project, monkeypatch):
-    config = _config(project)
+def test_continual_consumes_feedback_once_and_not_on_failure(project, tmp_path, monkeypatch):
+    config = _own_registry_and_store(project, tmp_path)
+    run_training(config, progress=False)
     registry = Registry(config)
     champion_before = registry.alias_version("champion")
     _feedback(config, n=12)
     # A failure after the update must leave the watermark where it was.
-    import mixllm.pipeline as pipeline_module
+    import mixllm.continual as continual_module
 
     def boom(*args, **kwargs):
         raise RuntimeError("registry unreachable")
 
-    monkeypatch.setattr(pipeline_module, "register_update", boom)
+    monkeypatch.setattr(continual_module, "register_update", boom)
     with pytest.raises(RuntimeError):
         run_continual(config)
     store = InteractionLog(config.sqlalchemy_url(config.service.feedback_store_url))
@@ -239,7 +256,8 @@ def test_cli_calibrate_route_and_registry_list(project):
 
 def test_a_disabled_reference_llm_is_still_the_yardstick(project):
     """Disabling the best LLM (an outage) must not break evaluation: it stays the reference."""
-    from mixllm.pipeline import evaluate_router, load_split
+    from mixllm.report import evaluate_router
+    from mixllm.workspace import load_split
 
     config = _config(project)
     split = load_split(config)
@@ -252,14 +270,17 @@ def test_a_disabled_reference_llm_is_still_the_yardstick(project):
     assert np.isfinite(report.metrics["aiq"]) and report.predictions_finite
 
 
-def test_retraining_replays_the_feedback_continual_runs_learned(project):
+def test_retraining_replays_the_feedback_continual_runs_learned(project, tmp_path):
     """A nightly retrain must not forget the feedback: it replays rows up to the watermark, once."""
-    from mixllm.pipeline import consumed_feedback
+    from mixllm.continual import consumed_feedback
     from mixllm.router import MixLLMRouter
 
-    config = _config(project)
+    config = _own_registry_and_store(project, tmp_path)
+    run_training(config, progress=False, baselines=[])
+    _feedback(config, n=12)
+    assert run_continual(config).feedback_rows == 12
     consumed = consumed_feedback(config)
-    assert len(consumed) == 12, "the continual test above consumed 12 rows"
+    assert len(consumed) == 12, "what the continual run learned is what a retrain replays"
     outcome = run_training(config, progress=False, baselines=[])
     registration = outcome.registration
     version = {v.version: v for v in Registry(config).versions()}[registration.version]
@@ -272,15 +293,17 @@ def test_retraining_replays_the_feedback_continual_runs_learned(project):
         assert not np.allclose(offline.quality[:, j], replayed.quality[:, j]), f"{llm} learned nothing"
     untouched = [k for k, llm in enumerate(offline.llms) if llm not in set(consumed["llm"])]
     assert all(np.array_equal(offline.quality[:, k], replayed.quality[:, k]) for k in untouched)
-    from mixllm.pipeline import stage_replay
+    from mixllm.continual import stage_replay
 
-    off = _config(project, **{"pipeline.replay_feedback": False})
+    off = _own_registry_and_store(project, tmp_path, **{"pipeline.replay_feedback": False})
     assert stage_replay(off)[0] == workspace.router, "replay off: the offline fit is what gets evaluated"
 
 
 def test_a_poisoned_cost_scale_is_a_degenerate_model_the_gate_refuses(project):
     """One absurd cost can make every lambda route alike; the sanity checks must say so, first model or not."""
-    from mixllm.pipeline import evaluate_router, load_split, sanity_problems
+    from mixllm.gate import sanity_problems
+    from mixllm.report import evaluate_router
+    from mixllm.workspace import load_split
     from mixllm.router import MixLLMRouter
 
     config = _config(project)

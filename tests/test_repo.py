@@ -45,3 +45,27 @@ def test_every_command_has_help():
         explanation = (command.help or "").strip()
         assert len(explanation) >= 20, f"`mixllm {' '.join(path)} --help` explains nothing: {explanation!r}"
         assert explanation.split("\n")[0][:40] in " ".join(result.output.split()), "the help shows the explanation"
+
+
+def test_dvc_yaml_declares_what_the_stage_table_says():
+    """dvc.yaml and mixllm.training.STAGES (which drives `mixllm train`, the Prefect tasks and the
+    cache keys) must agree on every stage's command, inputs, settings and outputs."""
+    import yaml
+
+    from mixllm.config import load_config
+    from mixllm.training import STAGES, dvc_stage
+
+    config = load_config(ROOT / "params.yaml")
+    declared = yaml.safe_load((ROOT / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
+    names = lambda entries: {next(iter(e)) if isinstance(e, dict) else e for e in entries or []}  # noqa: E731
+    for stage in STAGES:
+        expected, found = dvc_stage(config, stage), declared.get(stage.name)
+        assert found is not None, f"dvc.yaml has no stage {stage.name}"
+        assert found["cmd"] == expected["cmd"]
+        assert names(found.get("deps")) == set(expected["deps"]), f"{stage.name}: deps"
+        assert names(found.get("params")) == set(expected["params"]), f"{stage.name}: params"
+        written = names(found.get("outs")) | names(found.get("metrics")) | names(found.get("plots"))
+        assert written == set(expected["outs"]), f"{stage.name}: outs, metrics and plots"
+    table = [stage.name for stage in STAGES]
+    assert [name for name in declared if name in table] == table, "the same order"
+    assert set(declared) - set(table) == {"ingest", "register"}, "the only stages outside the table"

@@ -9,7 +9,6 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mixllm.config import config_from_dict
 from mixllm.embeddings import QueryEncoder, load_sentence_transformer, mine_domain_triplets
 from mixllm.errors import ModelFormatError, RoutingError
 from mixllm.predictors import CostPredictor, QualityPredictor
@@ -31,6 +30,7 @@ def base_model():
 # ------------------------------------------------------------------------------ tags and domains
 
 
+@pytest.mark.slow
 def test_tagger_is_deterministic(train_log, base_model):
     queries = train_log.drop_duplicates("query_id")["query"].tolist()[:30]
     first = KeyBERTTagger(top_k=3, min_df=2).fit(queries, base_model).transform(queries, base_model)
@@ -57,12 +57,13 @@ def test_clusterer_separates_planted_topics(base_model):
     assert clusterer.dominant_domains([[("never seen", 1.0)]]).tolist() == [-1]
 
 
+@pytest.mark.slow
 def test_fine_tuning_pulls_same_domain_queries_together(train_log):
     frame = train_log.drop_duplicates("query_id")
     queries = frame["query"].tolist()
     domains = frame["source"].map({"math": 0, "code": 1, "history": 2}).to_numpy()
     base = QueryEncoder(max_seq_length=32, fine_tune=False, progress=False).fit(queries)
-    tuned = QueryEncoder(max_seq_length=32, fine_tune=True, max_pairs=96, train_batch_size=16, epochs=1,
+    tuned = QueryEncoder(max_seq_length=32, fine_tune=True, max_triplets=96, train_batch_size=16, epochs=1,
                          learning_rate=1e-4, progress=False).fit(queries, domains)
     assert tuned.fine_tuned_ and tuned.n_triplets_ == 96
 
@@ -361,6 +362,7 @@ def test_a_calibrated_lambda_of_zero_is_kept(fitted):
     assert router.default_lambda == 1.0, "nothing calibrated and nothing configured: 1"
 
 
+@pytest.mark.slow
 def test_int8_encoder_is_close_to_fp32_and_round_trips(tmp_path):
     queries = [CODE, MATH, HISTORY, "Translate 'good morning' into French."]
     exact = QueryEncoder(max_seq_length=32, fine_tune=False).fit(queries)

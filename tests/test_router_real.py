@@ -4,14 +4,15 @@ benchmarks/quality.py."""
 
 import json
 
-import numpy as np
 import pytest
 
 from mixllm.config import load_config
 from mixllm.data import ingest
-from mixllm.pipeline import load_split
+from mixllm.workspace import load_split
 from mixllm.router import MixLLMRouter
 from mixllm.baselines import query_frame
+
+pytestmark = pytest.mark.slow  # real servers, flows or training: `-m "not slow"` skips them
 
 
 def test_trained_router_reloads_and_routes_the_holdout_identically(shared_subset, tmp_path):
@@ -19,7 +20,7 @@ def test_trained_router_reloads_and_routes_the_holdout_identically(shared_subset
 
     params = tmp_path / "params.yaml"
     params.write_text((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
-    config = load_config(params, overrides={"embedding.max_seq_length": 64, "embedding.fine_tune.max_pairs": 64})
+    config = load_config(params, overrides={"embedding.max_seq_length": 64, "embedding.fine_tune.max_triplets": 64})
     ingest(shared_subset / "routerbench_subset_long.csv.gz", config)
     split = load_split(config)
     # RouterDC's test part (with the 6 test/train prompts), less the 2 whose text a train prompt repeats.

@@ -17,8 +17,10 @@ import pytest
 
 from mixllm.config import load_config
 from mixllm.registry import Registry
-from mixllm.services import free_port, start, stop, wait_http
+from mixllm.processes import free_port, start, stop, wait_http
 from synthetic import make_log, write_params
+
+pytestmark = pytest.mark.slow  # real servers, flows or training: `-m "not slow"` skips them
 
 ROOT = Path(__file__).resolve().parents[2]
 QUERIES = ["Write a python function that reverses a string.", "What is 31 plus 11?", "Who built the great wall?"]

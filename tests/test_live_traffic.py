@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 from pydantic import ValidationError
 
-from mixllm.load import LiveLoad
-from mixllm.pipeline import screen_feedback
+from mixllm.live_traffic import LiveLoad
+from mixllm.continual import screen_feedback
 
 
 def test_only_measured_latency_feeds_the_average():
@@ -79,7 +79,7 @@ def test_request_schemas_reject_blank_text_and_non_finite_numbers():
 
 
 def test_continual_reads_only_settled_feedback_in_id_order():
-    from mixllm.pipeline import settled_prefix
+    from mixllm.continual import settled_prefix
 
     now = pd.Timestamp("2026-01-01 12:00:00", tz="UTC")
     rows = pd.DataFrame({"feedback_id": [1, 2, 3, 4],

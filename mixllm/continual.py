@@ -1,0 +1,223 @@
+"""Continual learning from production feedback: read feedback past the watermark, update the
+champion with bandit updates (and the catalogue's pool changes), register it through the gate,
+then advance the watermark. A retrain replays the feedback already learned."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from mixllm.config import MixLLMConfig, PlausibilityConfig
+from mixllm.gate import Registration, register_candidate
+from mixllm.report import evaluate_router
+from mixllm.router import MixLLMRouter
+from mixllm.workspace import Workspace, load_split, replace_dir
+
+logger = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------------ continual
+
+
+@dataclass
+class ContinualOutcome:
+    feedback_rows: int
+    watermark_before: int
+    watermark_after: int
+    pool_changes: list[str]
+    registration: Registration | None
+
+    def summary(self) -> str:
+        if self.registration is None:
+            return f"no new feedback past watermark {self.watermark_before}: nothing registered"
+        return (f"{self.feedback_rows} feedback rows ({self.watermark_before} -> {self.watermark_after}); "
+                f"pool changes: {', '.join(self.pool_changes) or 'none'}; version {self.registration.version}: "
+                f"{self.registration.verdict.summary()}")
+
+
+def screen_feedback(rows: pd.DataFrame, pool: Sequence[str],
+                    limits: PlausibilityConfig | None = None) -> tuple[pd.DataFrame, dict[str, int]]:
+    """The feedback rows a router can learn from, and how many were set aside per reason.
+
+    The service validates what it stores, but the store is also written by other clients (and
+    older versions); one bad row must not fail every continual run from now on. Set-aside rows
+    stay in the store, counted in the log."""
+    limits = limits or PlausibilityConfig()
+    quality = pd.to_numeric(rows["quality"], errors="coerce")
+    cost = pd.to_numeric(rows["cost_usd"], errors="coerce")
+    checks = {
+        "LLM no longer in the pool": ~rows["llm"].isin(list(pool)),
+        "blank query": ~rows["query"].map(lambda q: isinstance(q, str) and bool(q.strip())),
+        "quality not a number in 0..1": ~quality.between(0.0, 1.0),
+        "cost negative or infinite": rows["cost_usd"].notna() & ~(cost.between(0.0, np.inf, inclusive="left")),
+        "cost past data.limits.max_cost_usd": cost > limits.max_cost_usd,
+    }
+    bad = pd.Series(False, index=rows.index)
+    skipped = {}
+    for reason, failing in checks.items():
+        failing = failing & ~bad  # each row counted once, under its first reason
+        if failing.any():
+            skipped[reason] = int(failing.sum())
+        bad |= failing
+    usable = rows[~bad].assign(quality=quality[~bad], cost_usd=cost[~bad])  # unknown cost: NaN, not None
+    return usable, skipped
+
+
+@dataclass
+class Replay:
+    """What a retrain re-learned from the feedback store."""
+
+    rows: int = 0
+    last_feedback_id: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+
+    def tags(self) -> dict[str, str]:
+        if not self.rows:
+            return {}
+        return {"mixllm.replayed_feedback": f"{self.rows} rows (ids up to {self.last_feedback_id})"}
+
+
+def consumed_feedback(config: MixLLMConfig) -> pd.DataFrame:
+    """Feedback the continual flow has learned from (ids up to its watermark): what a retrain replays.
+    Rows past the watermark are left to the next continual run, so no row is learned twice."""
+    from mixllm.store import InteractionLog
+
+    url = config.sqlalchemy_url(config.service.feedback_store_url)
+    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).exists():
+        return pd.DataFrame()  # no service has run here: nothing to replay (and no file to create)
+    store = InteractionLog(url)
+    try:
+        watermark = store.watermark()
+        rows = store.feedback_since(0) if watermark else pd.DataFrame()
+    finally:
+        store.dispose()
+    return rows[rows["feedback_id"] <= watermark] if len(rows) else rows
+
+
+def stage_replay(config: MixLLMConfig, progress: bool | None = None) -> tuple[Path, Replay]:
+    """router/ plus the consumed feedback, learned again with partial_fit (bandit updates of the
+    chosen LLMs only), saved to replayed/router; router/ itself when there is nothing to replay.
+
+    router/ stays the pure offline fit, so its stage cache never holds feedback (a second retrain
+    would otherwise learn the same rows twice)."""
+    workspace = Workspace.of(config)
+    if not config.pipeline.replay_feedback:
+        return workspace.router, Replay()
+    rows = consumed_feedback(config)
+    if rows.empty:
+        return workspace.router, Replay()
+    router = MixLLMRouter.load(workspace.router, progress=progress)
+    router.cache_dir = workspace.cache
+    learned, skipped = learn_from_feedback(router, rows, config.data.limits)
+    replay = Replay(learned, int(rows["feedback_id"].max()), skipped)
+    if not replay.rows:
+        return workspace.router, replay
+    logger.info("replayed %d feedback rows (ids up to %d) onto the retrained router", replay.rows,
+                replay.last_feedback_id)
+    workspace.replayed.parent.mkdir(parents=True, exist_ok=True)
+    return replace_dir(workspace.replayed, router.save), replay
+
+
+def learn_from_feedback(router: MixLLMRouter, feedback_rows: pd.DataFrame,
+                        limits: PlausibilityConfig) -> tuple[int, dict[str, int]]:
+    """partial_fit the screened rows (each updates only its own LLM); rows learned, and set aside per reason."""
+    usable, skipped = screen_feedback(feedback_rows, router.llms_, limits)
+    for reason, count in skipped.items():
+        logger.warning("%d feedback rows set aside (%s); they stay in the store and are not learned from",
+                       count, reason)
+    if len(usable):
+        router.partial_fit(usable[["query", "llm", "quality", "cost_usd"]
+                                  + [c for c in ("input_tokens", "output_tokens") if c in usable]])
+    return len(usable), skipped
+
+
+def continual_update(config: MixLLMConfig, router: MixLLMRouter, feedback_rows: pd.DataFrame) -> list[str]:
+    """Apply the catalogue's pool changes, then the bandit feedback (each row updates only its LLM)."""
+    changes = router.apply_catalogue(config.llms)
+    learn_from_feedback(router, feedback_rows, config.data.limits)
+    return changes
+
+
+def read_new_feedback(config: MixLLMConfig) -> tuple[pd.DataFrame, int]:
+    """Feedback rows past the watermark (joined to their decisions), and the watermark itself."""
+    from mixllm.store import InteractionLog
+
+    url = config.sqlalchemy_url(config.service.feedback_store_url)
+    store = InteractionLog(url)
+    try:
+        before = store.watermark()
+        rows = store.feedback_since(before)
+    finally:
+        store.dispose()
+    settle_s = config.pipeline.feedback_settle_s
+    if settle_s is None:
+        settle_s = 0.0 if url.startswith("sqlite") else 30.0
+    return settled_prefix(rows, settle_s), before
+
+
+def settled_prefix(rows: pd.DataFrame, settle_s: float, now: Any = None) -> pd.DataFrame:
+    """The rows (in id order) up to the first one younger than `settle_s`: the watermark then never
+    passes an id whose row may still be committing."""
+    if rows.empty or settle_s <= 0:
+        return rows
+    created = pd.to_datetime(rows["created_at"], utc=True)  # SQLite gives naive UTC; PostgreSQL aware
+    cutoff = pd.Timestamp.now(tz="UTC") if now is None else pd.Timestamp(now)
+    young = (created > cutoff - pd.Timedelta(seconds=settle_s)).to_numpy()
+    return rows.iloc[: int(np.argmax(young)) if young.any() else len(rows)]
+
+
+def update_champion(config: MixLLMConfig, rows: pd.DataFrame) -> tuple[Path, int, list[str]]:
+    """Load the champion, apply pool changes and the feedback, save it to the work folder."""
+    from mixllm.registry import Registry
+
+    router, champion_version = Registry(config).load_router("champion")
+    changes = continual_update(config, router, rows)
+    target = Workspace.of(config).root / "continual" / "router"
+    replace_dir(target, router.save)
+    logger.info("champion v%d updated with %d feedback rows; pool changes: %s", champion_version, len(rows),
+                ", ".join(changes) or "none")
+    return target, champion_version, changes
+
+
+def register_update(config: MixLLMConfig, router_dir: Path, champion_version: int, rows: pd.DataFrame,
+                    watermark_before: int) -> Registration:
+    """Evaluate the updated router on the holdout and register it through the gate."""
+    split = load_split(config)
+    router = MixLLMRouter.load(router_dir, progress=False)
+    router.cache_dir = Workspace.of(config).cache  # same encoder as the champion: embeddings are reused
+    report = evaluate_router(config, router, split, baselines=[])
+    return register_candidate(
+        config, router_dir, report, split, run_name="continual",
+        extra_tags={"mixllm.parent_version": str(champion_version), "mixllm.feedback_rows": str(len(rows)),
+                    "mixllm.feedback_ids": f"{watermark_before + 1}-{int(rows['feedback_id'].max())}"},
+    )
+
+
+def advance_watermark(config: MixLLMConfig, value: int) -> None:
+    from mixllm.store import InteractionLog
+
+    store = InteractionLog(config.sqlalchemy_url(config.service.feedback_store_url))
+    try:
+        store.set_watermark(value)
+    finally:
+        store.dispose()
+
+
+def run_continual(config: MixLLMConfig) -> ContinualOutcome:
+    """Read feedback past the watermark, partial_fit the champion, validate, register, gate; advance
+    the watermark only after all of that succeeded (a failed run re-reads the same rows next time)."""
+    rows, before = read_new_feedback(config)
+    if len(rows) < config.pipeline.min_feedback_rows:
+        logger.info("continual: %d new feedback rows (< %d): nothing to do", len(rows), config.pipeline.min_feedback_rows)
+        return ContinualOutcome(len(rows), before, before, [], None)
+    router_dir, champion_version, changes = update_champion(config, rows)
+    registration = register_update(config, router_dir, champion_version, rows, before)
+    after = int(rows["feedback_id"].max())
+    advance_watermark(config, after)
+    return ContinualOutcome(len(rows), before, after, changes, registration)

@@ -1,0 +1,157 @@
+"""The promotion gate and registration: a new version is registered with its evaluation, and
+becomes champion only when it passes the sanity checks and is not worse than the champion."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mixllm.baselines import query_frame
+from mixllm.config import MixLLMConfig
+from mixllm.evaluate import to_jsonable
+from mixllm.report import EvaluationReport, evaluate_router, objective
+from mixllm.router import MixLLMRouter
+from mixllm.workspace import SplitData, Workspace
+
+logger = logging.getLogger(__name__)
+
+
+# -------------------------------------------------------------------------------------- the gate
+
+
+@dataclass(frozen=True)
+class GateVerdict:
+    promote: bool
+    reasons: tuple[str, ...]
+    objective: str
+    candidate: float
+    champion: float | None
+
+    def summary(self) -> str:
+        verdict = "promote to champion" if self.promote else "keep as challenger"
+        return f"{verdict}: " + "; ".join(self.reasons)
+
+
+def sanity_problems(config: MixLLMConfig, router: MixLLMRouter, report: EvaluationReport) -> list[str]:
+    """What must hold for any router to serve: predictors for every enabled LLM, finite predictions
+    and cost scale, a cost weight that changes something, a calibrated lambda that met its budget on
+    validation, routing overhead within budget. A degenerate model (one poisoned cost can make every
+    LLM but one look free) fails here with its reason, even as the first model."""
+    problems = []
+    missing = [llm.name for llm in config.enabled_llms if llm.name not in router.llms_]
+    if missing:
+        problems.append(f"no predictors for enabled LLM(s): {', '.join(missing)}")
+    curve = report.mixllm
+    if not report.predictions_finite:
+        problems.append("NaN or infinite predictions on the holdout")
+    scale = router.cost_scale_usd_
+    if not (np.isfinite(scale) and scale > 0):
+        problems.append(f"the cost scale is {scale!r} USD; it must be a positive finite number (check the costs in "
+                        "the training data, or set decision.cost_scale_usd)")
+    distinct = {(round(p.mean_cost_usd, 12), round(p.mean_quality, 12)) for p in curve.points}
+    if len(router.enabled_llms_) > 1 and len(distinct) < 2:
+        problems.append("every lambda gives the same routing on the holdout (one operating point): the cost "
+                        "weight changes nothing, so the predicted costs or qualities are degenerate")
+    if config.decision.lambda_ is None and not report.calibration.met:
+        problems.append(f"no lambda met the {report.calibration.target} target {report.calibration.value:g} on "
+                        f"validation (the closest, lambda={report.calibration.lambda_:g}, is at the edge of the "
+                        "path); serve with an explicit decision.lambda or change evaluation.cost_budget_share")
+    if curve.ms_per_query > config.gate.max_overhead_ms:
+        problems.append(f"routing overhead {curve.ms_per_query:.1f} ms/query exceeds gate.max_overhead_ms "
+                        f"({config.gate.max_overhead_ms})")
+    return problems
+
+
+def gate(config: MixLLMConfig, candidate: float, champion: float | None, problems: Sequence[str]) -> GateVerdict:
+    """Promote when the sanity checks pass and the candidate is not worse than the champion by more
+    than the tolerance (the first model only needs the sanity checks)."""
+    name = config.gate.objective
+    reasons = list(problems)
+    if problems:
+        return GateVerdict(False, tuple(reasons), name, candidate, champion)
+    if champion is None:
+        return GateVerdict(True, ("first model: sanity checks pass",), name, candidate, None)
+    if not np.isfinite(candidate):
+        return GateVerdict(False, (f"{name} is not finite",), name, candidate, champion)
+    delta = candidate - champion
+    if delta < -config.gate.tolerance:
+        reasons.append(f"{name} {candidate:.4f} is {-delta:.4f} below the champion's {champion:.4f} "
+                       f"(tolerance {config.gate.tolerance})")
+        return GateVerdict(False, tuple(reasons), name, candidate, champion)
+    reasons.append(f"{name} {candidate:.4f} vs champion {champion:.4f} (tolerance {config.gate.tolerance})")
+    return GateVerdict(True, tuple(reasons), name, candidate, champion)
+
+
+# ---------------------------------------------------------------------------------- registration
+
+
+@dataclass
+class Registration:
+    version: int
+    promoted: bool
+    verdict: GateVerdict
+    champion_before: int | None
+    run_id: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_jsonable(asdict(self))
+
+
+def register_candidate(config: MixLLMConfig, router_dir: Path, report: EvaluationReport, split: SplitData,
+                       *, run_name: str, extra_tags: dict[str, str] | None = None,
+                       artifacts: Sequence[Path] = ()) -> Registration:
+    """Compare with the champion on the same holdout, log and register, then promote or mark challenger."""
+    from mixllm.registry import Registry, git_commit
+
+    registry = Registry(config)
+    router = MixLLMRouter.load(router_dir, progress=False)
+    champion_before = registry.alias_version("champion")
+    champion_value = None
+    if champion_before is not None:
+        champion_router, _ = registry.load_router(champion_before)
+        champion_router.cache_dir = Workspace.of(config).cache  # keyed by encoder weights: never stale
+        champion_report = evaluate_router(config, champion_router, split, baselines=[], name="champion")
+        champion_value = objective(champion_report, config)
+        report.metrics["champion.objective"] = champion_value
+    verdict = gate(config, objective(report, config), champion_value, sanity_problems(config, router, report))
+    tags = {
+        "mixllm.data_hash": split.fingerprint,
+        "mixllm.git_commit": git_commit(config.root),
+        "mixllm.gate": verdict.summary()[:4900],
+        "mixllm.objective": f"{verdict.objective}={verdict.candidate:.6f}",
+        **(extra_tags or {}),
+    }
+    params = config.to_flat_dict()
+    metrics = {**report.metrics, "gate.promoted": float(verdict.promote)}
+    with tempfile.TemporaryDirectory(prefix="mixllm-register-") as scratch:  # MLflow copies what it logs
+        run_id, version_number = registry.log_candidate(
+            _with_calibrated_lambda(router_dir, report.calibration.lambda_, Path(scratch)), params=params,
+            metrics=metrics, artifacts=list(artifacts), tags=tags, run_name=run_name,
+            input_example=query_frame(split.holdout)["query"].head(2).str.slice(0, 300).tolist(),
+        )
+    if verdict.promote:
+        registry.promote(version_number, verdict.summary())
+    else:
+        registry.mark_challenger(version_number)
+        logger.warning("version %d not promoted: %s", version_number, verdict.summary())
+    return Registration(version_number, verdict.promote, verdict, champion_before, run_id)
+
+
+def _with_calibrated_lambda(router_dir: Path, lambda_: float, scratch: Path) -> Path:
+    """A copy of the router folder (in `scratch`) that carries the lambda calibrated for the budget
+    (the router uses it when decision.lambda is null). A copy: the folder may be a DVC output."""
+    target = scratch / "router"
+    shutil.copytree(router_dir, target)
+    manifest_path = target / "router.json"
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    manifest["calibrated_lambda"] = float(lambda_)
+    manifest_path.write_text(json.dumps(manifest, indent=2, default=str), encoding="utf-8")
+    return target
