@@ -26,7 +26,7 @@ import numpy as np
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from starlette.exceptions import HTTPException
 
 # A worker that cannot start (no champion in the registry) must stop `bentoml serve` with its
@@ -136,8 +136,10 @@ class FeedbackRequest(BaseModel):
     llm: Annotated[Optional[str], Field(min_length=1)] = None
     # Strict types: "yes" is not a thumbs-up and true is not a quality of 1. Upper bounds on cost,
     # latency and tokens are data.limits, checked by the handler (they come from params.yaml).
-    quality: Annotated[Optional[float], Field(ge=0, le=1, strict=True, description="Refined feedback, 0..1.")] = None
+    # thumbs comes first so that quality's check can see it (validation runs in field order).
     thumbs: Annotated[Optional[bool], Field(strict=True, description="Binary feedback: up (true) or down (false).")] = None
+    quality: Annotated[Optional[float], Field(ge=0, le=1, strict=True, validate_default=True,
+                                              description="Refined feedback, 0..1.")] = None
     kind: Optional[Literal["refined", "binary"]] = None
     cost_usd: Annotated[Optional[float], Field(ge=0, strict=True)] = None
     latency_s: Annotated[Optional[float], Field(ge=0, strict=True)] = None
@@ -149,10 +151,16 @@ class FeedbackRequest(BaseModel):
     def _query_is_text(cls, query: str | None) -> str | None:
         return None if query is None else _checked_query(query, "send the text that was answered")
 
+    @field_validator("quality")
+    @classmethod
+    def _quality_or_thumbs(cls, quality: float | None, info: ValidationInfo) -> float | None:
+        """A field check, not a model check, so the 400 names the field (quality)."""
+        if "thumbs" in info.data and (quality is None) == (info.data["thumbs"] is None):
+            raise ValueError("give exactly one of quality (0..1) or thumbs (true/false)")
+        return quality
+
     @model_validator(mode="after")
     def _complete(self) -> FeedbackRequest:
-        if (self.quality is None) == (self.thumbs is None):
-            raise ValueError("give exactly one of quality (0..1) or thumbs (true/false)")
         if not self.decision_id and not (self.query and self.llm):
             raise ValueError("give decision_id, or query and llm")
         return self

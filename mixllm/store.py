@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -26,6 +27,9 @@ from sqlalchemy.exc import IntegrityError
 from mixllm.errors import MixLLMError
 
 logger = logging.getLogger(__name__)
+
+# Any fixed 64-bit number: the advisory lock that serialises schema creation on PostgreSQL.
+SCHEMA_LOCK_KEY = 0x6D69786C6C6D  # "mixllm"
 
 metadata = sa.MetaData()
 
@@ -112,9 +116,24 @@ class InteractionLog:
                 cursor.execute("PRAGMA synchronous=FULL")
                 cursor.execute("PRAGMA busy_timeout=30000")
                 cursor.close()
-        metadata.create_all(self.engine)
+        self._create_schema()
         # SQLite allows one writer at a time; serialise our own writes instead of retrying on locks.
         self._write_lock = threading.Lock()
+
+    def _create_schema(self) -> None:
+        """Create the tables once, even when several replicas start together on an empty database:
+        on PostgreSQL concurrent CREATE TABLEs collide (a unique violation in the catalogue), so the
+        creation holds a transaction-scoped advisory lock; elsewhere a collision is retried once."""
+        if self.engine.dialect.name == "postgresql":
+            with self.engine.begin() as connection:
+                connection.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": SCHEMA_LOCK_KEY})
+                metadata.create_all(connection)
+            return
+        try:
+            metadata.create_all(self.engine)
+        except sa.exc.DBAPIError:
+            time.sleep(0.5)  # another process was creating the same tables: they exist now
+            metadata.create_all(self.engine)
 
     # --------------------------------------------------------------------------------- decisions
 

@@ -60,8 +60,9 @@ def test_training_flow_registers_and_caches(prefect_harness, tmp_path, monkeypat
         task_runs = client.read_task_runs(flow_run_filter=flow_run_filter)
     states = {t.name.rsplit("-", 1)[0]: t.state.name for t in task_runs}
     cached = {name for name, state_name in states.items() if state_name == "Cached"}
-    assert {"split by query", "find the query domains", "fine-tune the encoder",
-            "fit quality and cost predictors"} <= cached, states
+    from mixllm.training import STAGE, ROUTER_STAGES
+
+    assert {STAGE[name].description for name in ("split", *ROUTER_STAGES)} <= cached, states
 
 
 def test_dask_runner_gives_the_same_model(prefect_harness, tmp_path, monkeypatch):

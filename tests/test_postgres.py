@@ -1,0 +1,185 @@
+"""The scale-out path on a real PostgreSQL server (pgserver: the server binaries from PyPI, started
+and stopped here): the feedback store's exactly-once writes from many threads and from two
+processes, the continual watermark when commits land out of order, and the MLflow registry
+(registration, promotion, rollback) on a PostgreSQL backend store."""
+
+import json
+import subprocess
+import sys
+import textwrap
+import time
+from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
+
+import psutil
+import pytest
+import sqlalchemy as sa
+
+from mixllm.config import config_from_dict, load_config
+from mixllm.continual import read_new_feedback
+from mixllm.data import ingest
+from mixllm.registry import Registry
+from mixllm.store import InteractionLog, feedback
+from mixllm.training import run_training
+from synthetic import make_log, write_params
+
+pytestmark = pytest.mark.slow  # real servers, flows or training: `-m "not slow"` skips them
+
+
+@pytest.fixture(scope="module")
+def postgres(tmp_path_factory):
+    """One PostgreSQL server for the module (its socket in a temporary folder); each test makes its
+    own database on it. Stopped at the end, and checked stopped by its process id."""
+    import pgserver
+
+    server = pgserver.get_server(tmp_path_factory.mktemp("postgres") / "data", cleanup_mode="delete")
+    pid = server.get_pid()
+    admin = sa.create_engine(_sqlalchemy(server.get_uri()), isolation_level="AUTOCOMMIT")
+    counter = iter(range(1_000))
+
+    def database(name: str) -> str:
+        name = f"{name}_{next(counter)}"
+        with admin.connect() as connection:
+            connection.execute(sa.text(f'CREATE DATABASE "{name}"'))
+        return _sqlalchemy(server.get_uri(database=name))
+
+    try:
+        yield SimpleNamespace(database=database, pid=pid)
+    finally:
+        admin.dispose()
+        server.cleanup()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and _running(pid):
+            time.sleep(0.2)
+        assert not _running(pid), f"PostgreSQL (pid {pid}) still runs after the test stopped it"
+
+
+def _sqlalchemy(uri: str) -> str:
+    return uri.replace("postgresql://", "postgresql+psycopg://", 1)
+
+
+def _running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_feedback_is_stored_exactly_once_under_concurrent_retries(postgres):
+    store = InteractionLog(postgres.database("threads"))
+    decisions = [store.log_decision(f"query {i}", "coder", model_version=1, lambda_=0.5, request_id=f"route-{i}")
+                 for i in range(120)]
+    # Every decision's feedback sent 4 times, and 120 direct reports each 4 times, from 32 threads at once.
+    calls = [("decision", d) for d in decisions] * 4 + [("direct", f"report-{i}") for i in range(120)] * 4
+
+    def send(call):
+        kind, key = call
+        if kind == "decision":
+            return key, store.add_feedback(decision_id=key, quality=1.0, kind="binary")
+        return key, store.add_feedback(query=f"direct {key}", llm="strong", quality=0.5, request_id=key)
+
+    with ThreadPoolExecutor(max_workers=32) as pool:
+        results = list(pool.map(send, calls))
+    by_key: dict[str, set[int]] = {}
+    created: dict[str, int] = {}
+    for key, stored in results:
+        by_key.setdefault(key, set()).add(stored.feedback_id)
+        created[key] = created.get(key, 0) + int(stored.created)
+    assert all(len(ids) == 1 for ids in by_key.values()), "every retry answers with the first row's id"
+    assert set(created.values()) == {1}, "exactly one call per key created its row"
+    assert store.count("feedback") == 240 and store.count("decisions") == 120
+    rows = store.feedback_since(0)
+    assert rows["feedback_id"].is_unique and set(rows["feedback_id"]) == {i for ids in by_key.values() for i in ids}
+    store.dispose()
+
+
+WRITER = textwrap.dedent("""
+    import json, random, sys
+    from mixllm.store import InteractionLog
+
+    url, seed, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    store = InteractionLog(url)  # both processes create the schema at once on an empty database
+    keys = list(range(300))
+    random.Random(seed).shuffle(keys)
+    ids = {}
+    for i in keys:
+        decision = store.log_decision(f"q{i}", "coder", model_version=1, lambda_=0.5, request_id=f"route-{i}")
+        stored = store.add_feedback(decision_id=decision, quality=1.0, kind="binary")
+        ids[i] = [decision, stored.feedback_id, stored.created]
+    store.dispose()
+    json.dump(ids, open(out, "w"))
+""")
+
+
+def test_two_processes_write_one_database_exactly_once(postgres, tmp_path):
+    """Two service replicas on one database: the same requests reach both (a load balancer's retry)."""
+    url = postgres.database("replicas")
+    script = tmp_path / "writer.py"
+    script.write_text(WRITER)
+    outputs = [tmp_path / f"writer{n}.json" for n in (1, 2)]
+    processes = [subprocess.Popen([sys.executable, str(script), url, str(n), str(out)], stderr=subprocess.PIPE, text=True)
+                 for n, out in enumerate(outputs)]
+    for process in processes:
+        _, errors = process.communicate(timeout=180)
+        assert process.returncode == 0, errors[-3000:]
+    first, second = (json.loads(out.read_text()) for out in outputs)
+    assert all(first[k][:2] == second[k][:2] for k in first), "both replicas answer with the same decision and row"
+    assert all(first[k][2] + second[k][2] == 1 for k in first), "exactly one replica created each feedback row"
+    store = InteractionLog(url)
+    assert store.count("decisions") == 300 and store.count("feedback") == 300
+    store.dispose()
+
+
+def test_the_watermark_never_passes_a_row_that_commits_late(postgres):
+    """Replicas commit out of order: id 1 can commit after id 2. A continual run that took id 2
+    and moved the watermark past 1 would never learn row 1; rows younger than the settle time wait."""
+    url = postgres.database("watermark")
+    store = InteractionLog(url)
+    config = config_from_dict({"service": {"feedback_store_url": url}, "pipeline": {"feedback_settle_s": 2.0}})
+    slow_writer = store.engine.connect()
+    transaction = slow_writer.begin()
+    late_id = slow_writer.execute(feedback.insert().values(
+        query="late", llm="coder", quality=1.0, kind="binary", created_at=sa.func.now())).inserted_primary_key[0]
+    early = store.add_feedback(query="early", llm="coder", quality=0.0, request_id="early")
+    assert early.feedback_id > late_id, "the later insert committed first"
+
+    assert store.feedback_since(0)["feedback_id"].tolist() == [early.feedback_id], "row 1 is not visible yet"
+    rows, watermark = read_new_feedback(config)
+    assert rows.empty and watermark == 0, "the visible row is younger than the settle time: nothing is taken"
+
+    transaction.commit()
+    slow_writer.close()
+    time.sleep(2.2)
+    rows, _ = read_new_feedback(config)
+    assert rows["feedback_id"].tolist() == [late_id, early.feedback_id], "both rows, in id order"
+    store.set_watermark(int(rows["feedback_id"].max()))
+    assert read_new_feedback(config)[0].empty and store.watermark() == early.feedback_id
+    store.dispose()
+
+
+def test_mlflow_registry_on_postgresql_registers_promotes_and_rolls_back(postgres, tmp_path):
+    backend = postgres.database("mlflow")
+    write_params(tmp_path, evaluation={"baselines": ["random"]}, gate={"max_overhead_ms": 5000},
+                 mlflow={"tracking_uri": backend, "artifact_location": str(tmp_path / "artifacts")})
+    make_log(n_queries=90, seed=12).to_csv(tmp_path / "log.csv", index=False)
+    config = load_config(tmp_path / "params.yaml")
+    ingest(tmp_path / "log.csv", config)
+    first = run_training(config, progress=False, baselines=[])
+    assert first.registration.version == 1 and first.registration.promoted
+    other = load_config(tmp_path / "params.yaml", overrides={"predictors.quality.ridge": 50.0})
+    second = run_training(other, progress=False, baselines=[])
+    registry = Registry(config)
+    assert second.registration.version == 2
+    registry.promote(2, "test: serve version 2")
+    assert registry.alias_version("champion") == 2
+    assert registry.rollback() == (2, 1) and registry.alias_version("champion") == 1
+    router, number = registry.load_router("champion")
+    assert number == 1 and router.route(["What is 2 plus 2?"])[0].llm in router.llms_
+    tags = {v.version: v.tags for v in registry.versions()}
+    assert "rollback from version 2" in tags[1]["mixllm.promoted"]
+    engine = sa.create_engine(backend)
+    with engine.connect() as connection:  # the registry really lives in PostgreSQL
+        aliases = connection.execute(sa.text("SELECT alias, version FROM registered_model_aliases")).all()
+    engine.dispose()
+    assert ("champion", 1) in [tuple(row) for row in aliases]
+
