@@ -31,6 +31,16 @@ logger = logging.getLogger(__name__)
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
+
+# The registered model's description in the MLflow UI; the champion line is rewritten at each promotion.
+MODEL_DESCRIPTION = """MixLLM router (the mixllm project): routes each query to one LLM of a mixed pool,
+maximising predicted quality - lambda x predicted cost (MixLLM, NAACL 2025).
+
+Load: mlflow.pyfunc.load_model("models:/{name}@champion").predict(pandas.DataFrame({{"query": [...]}}))
+returns, per query, the chosen llm, the lambda used and every candidate's scores (JSON).
+Serve: `mixllm serve` (route, feedback, an OpenAI-compatible proxy).
+
+{champion}"""
 HISTORY_TAG = "mixllm.champion_history"
 ROUTER_ARTIFACT = "router"
 
@@ -144,7 +154,33 @@ class Registry:
         try:
             self.client.get_registered_model(self.name)
         except MlflowException:
-            self.client.create_registered_model(self.name, description="MixLLM router (mixllm)")
+            self.client.create_registered_model(self.name, description=self._description(None))
+
+    def _description(self, champion: int | None) -> str:
+        if champion is None:
+            line = "Champion: none yet."
+        else:
+            metrics = self._version_metrics(champion)
+            figures = [f"AIQ {metrics['aiq']:.4f}" if "aiq" in metrics else None,
+                       (f"{metrics['calibrated_quality_pct']:.2f}% of the reference's quality at "
+                        f"{metrics['calibrated_cost_pct']:.2f}% of its cost at the calibrated lambda")
+                       if {"calibrated_quality_pct", "calibrated_cost_pct"} <= set(metrics) else None]
+            line = f"Champion: version {champion}" + (
+                " (holdout: " + "; ".join(f for f in figures if f) + ")" if any(figures) else "") + "."
+        return MODEL_DESCRIPTION.format(name=self.name, champion=line)
+
+    def _version_metrics(self, version_number: int) -> dict[str, float]:
+        run_id = self.client.get_model_version(self.name, str(version_number)).run_id
+        return dict(self.client.get_run(run_id).data.metrics) if run_id else {}
+
+    def _describe_champion(self, version_number: int) -> None:
+        """Keep the description's champion line true; a failure here never undoes a promotion."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.update_registered_model(self.name, description=self._description(version_number))
+        except MlflowException as problem:
+            logger.warning("could not update the description of %s: %s", self.name, problem)
 
     # ------------------------------------------------------------------------------------ logging
 
@@ -241,6 +277,7 @@ class Registry:
         self._set_history(history)
         stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
         self.tag_version(version_number, "mixllm.promoted", f"{stamp}: {reason}")
+        self._describe_champion(version_number)
         logger.info("champion: %s -> version %d (%s)", current, version_number, reason)
 
     def mark_challenger(self, version_number: int) -> None:
@@ -265,6 +302,7 @@ class Registry:
         stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
         self.tag_version(current, "mixllm.rolled_back", f"{stamp}: replaced by version {previous}")
         self.tag_version(previous, "mixllm.promoted", f"{stamp}: rollback from version {current}")
+        self._describe_champion(previous)
         logger.info("rolled back champion: version %d -> %d", current, previous)
         return current, previous
 

@@ -111,12 +111,14 @@ def test_worse_candidate_is_challenger_better_is_promoted_and_rollback(project, 
     outcome = run_training(good, progress=False)
     assert outcome.registration.version == 3 and outcome.registration.promoted
     assert registry.alias_version("champion") == 3
+    described = lambda: registry.client.get_registered_model(registry.name).description  # noqa: E731
+    assert "Champion: version 3 (holdout: AIQ" in described() and "mlflow.pyfunc.load_model" in described()
     # Rollback: champion back to version 1, which routes exactly as version 1 did.
     queries = ["Write a python function to sort a list.", "What is 12 plus 9?", "Who founded Rome?"]
     v1, _ = registry.load_router(1)
     assert registry.rollback() == (3, 1)
     champion, number = registry.load_router("champion")
-    assert number == 1
+    assert number == 1 and "Champion: version 1 (" in described()
     assert [d.to_dict() for d in champion.route(queries)] == [d.to_dict() for d in v1.route(queries)]
     versions = {v.version: v for v in registry.versions()}
     assert "rollback from version 3" in versions[1].tags["mixllm.promoted"]
