@@ -53,7 +53,8 @@ from mixllm.evaluate import (  # noqa: E402
     exact_sweep,
 )
 from mixllm.workspace import Workspace, load_split, write_split  # noqa: E402
-from mixllm.router import MixLLMRouter, Predictions  # noqa: E402
+from mixllm.decision import Predictions  # noqa: E402
+from mixllm.router import MixLLMRouter  # noqa: E402
 
 logger = logging.getLogger("benchmarks.levers")
 

@@ -19,7 +19,9 @@ from mixllm import continual as job
 
 @task(name="read feedback past the watermark", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
 def read_feedback(params_path: str | None) -> tuple[Any, int]:
-    return job.read_new_feedback(config_for(params_path))
+    config = config_for(params_path)
+    job.recover_watermark(config)
+    return job.read_new_feedback(config)
 
 
 @task(name="update the champion (pool changes + partial_fit)", cache_policy=NO_CACHE)

@@ -18,7 +18,8 @@ import pandas as pd
 from sklearn.base import BaseEstimator
 
 from mixllm.errors import ConfigError, NotFittedError
-from mixllm.router import MixLLMRouter, Predictions
+from mixllm.decision import Predictions
+from mixllm.router import MixLLMRouter
 from mixllm.units import outcome_tables
 
 logger = logging.getLogger(__name__)

@@ -209,9 +209,37 @@ def advance_watermark(config: MixLLMConfig, value: int) -> None:
         store.dispose()
 
 
+def recover_watermark(config: MixLLMConfig) -> int:
+    """The watermark, first moved up to the feedback a registered version already learned.
+
+    A run killed after registering its version but before advancing the watermark would otherwise
+    have the next run learn the same rows a second time. Returns the watermark."""
+    from mixllm.registry import Registry
+    from mixllm.store import InteractionLog
+
+    learned = 0
+    for version in Registry(config).versions():
+        span = version.tags.get("mixllm.feedback_ids", "")
+        if "-" in span and span.rsplit("-", 1)[1].isdigit():
+            learned = max(learned, int(span.rsplit("-", 1)[1]))
+    store = InteractionLog(config.sqlalchemy_url(config.service.feedback_store_url))
+    try:
+        watermark = store.watermark()
+        if learned > watermark:
+            logger.warning("a continual run registered feedback up to id %d but stopped before moving the watermark "
+                           "(%d); moving it now, so those rows are not learned twice", learned, watermark)
+            store.set_watermark(learned)
+            watermark = learned
+    finally:
+        store.dispose()
+    return watermark
+
+
 def run_continual(config: MixLLMConfig) -> ContinualOutcome:
     """Read feedback past the watermark, partial_fit the champion, validate, register, gate; advance
-    the watermark only after all of that succeeded (a failed run re-reads the same rows next time)."""
+    the watermark only after all of that succeeded (a failed run re-reads the same rows next time,
+    and a run that died between registering and advancing is completed by the next one)."""
+    recover_watermark(config)
     rows, before = read_new_feedback(config)
     if len(rows) < config.pipeline.min_feedback_rows:
         logger.info("continual: %d new feedback rows (< %d): nothing to do", len(rows), config.pipeline.min_feedback_rows)

@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from mixllm.errors import MixLLMError
-from mixllm.router import Predictions, decide
+from mixllm.decision import Predictions, decide
 from mixllm.units import outcome_tables
 
 logger = logging.getLogger(__name__)

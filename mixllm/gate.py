@@ -3,9 +3,7 @@ becomes champion only when it passes the sanity checks and is not worse than the
 
 from __future__ import annotations
 
-import json
 import logging
-import shutil
 import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -133,7 +131,7 @@ def register_candidate(config: MixLLMConfig, router_dir: Path, report: Evaluatio
     metrics = {**report.metrics, "gate.promoted": float(verdict.promote)}
     with tempfile.TemporaryDirectory(prefix="mixllm-register-") as scratch:  # MLflow copies what it logs
         run_id, version_number = registry.log_candidate(
-            _with_calibrated_lambda(router_dir, report.calibration.lambda_, Path(scratch)), params=params,
+            MixLLMRouter.copy_with_calibrated_lambda(router_dir, report.calibration.lambda_, Path(scratch) / "router"), params=params,
             metrics=metrics, artifacts=list(artifacts), tags=tags, run_name=run_name,
             input_example=query_frame(split.holdout)["query"].head(2).str.slice(0, 300).tolist(),
         )
@@ -143,15 +141,3 @@ def register_candidate(config: MixLLMConfig, router_dir: Path, report: Evaluatio
         registry.mark_challenger(version_number)
         logger.warning("version %d not promoted: %s", version_number, verdict.summary())
     return Registration(version_number, verdict.promote, verdict, champion_before, run_id)
-
-
-def _with_calibrated_lambda(router_dir: Path, lambda_: float, scratch: Path) -> Path:
-    """A copy of the router folder (in `scratch`) that carries the lambda calibrated for the budget
-    (the router uses it when decision.lambda is null). A copy: the folder may be a DVC output."""
-    target = scratch / "router"
-    shutil.copytree(router_dir, target)
-    manifest_path = target / "router.json"
-    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    manifest["calibrated_lambda"] = float(lambda_)
-    manifest_path.write_text(json.dumps(manifest, indent=2, default=str), encoding="utf-8")
-    return target

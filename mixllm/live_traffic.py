@@ -18,7 +18,7 @@ import threading
 import time
 from collections import OrderedDict, deque
 
-from mixllm.router import LoadSnapshot
+from mixllm.decision import LoadSnapshot
 
 
 class LiveLoad:

@@ -1,23 +1,12 @@
 """MixLLMRouter: domains (task labels or tag clusters) -> domain-enhanced encoder -> per-LLM
-predictors (domain prior + Bayesian residual head, cost) -> meta decision.
+predictors (domain prior + Bayesian residual head, cost) -> meta decision (decision.py).
 
 q_m is LLM m's mean quality in the query's domain (domains.py) plus what its head predicts on top
 (predictors.py); the head's ridge is chosen by generalised cross-validation on the training data.
-
-The score of LLM m for a query is
-
-    score_m = q_m - lambda * c_m / cost_scale + alpha * sigma_m - P_m
-
-q_m and c_m are the predicted quality and dollars, cost_scale a dollar amount fixed at fit time
-(the mean cost per query of the dearest LLM in the training log, unless set in the config) so
-lambda is unit-free, sigma_m the quality predictor's posterior standard deviation (LinUCB-style
-exploration), and P_m the latency penalty: zero while m's expected latency W_m is within the
-tolerance tau, then latency_weight * (exp((W_m - tau) / latency_scale_s) - 1). W_m is the queueing
-wait behind m's in-flight requests (beyond its concurrency, each costs one service time divided
-by the concurrency) plus one service time (per-call time + per-output-token time x expected output
-tokens; an observed latency replaces the profile when the caller has one). Per-request
-constraints (candidate subset, maximum predicted cost, minimum predicted quality) filter the
-candidates first; when none is left, the constraint is relaxed and the decision says so.
+The decision rule, score_m = q_m - lambda * c_m / cost_scale + alpha * sigma_m - P_m, and the
+latency penalty P_m are in decision.py. Per-request constraints (candidate subset, maximum
+predicted cost, minimum predicted quality) filter the candidates first; when none is left, the
+constraint is relaxed and the decision says so.
 """
 
 from __future__ import annotations
@@ -28,7 +17,6 @@ import math
 import re
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -39,6 +27,15 @@ from sklearn.base import BaseEstimator
 
 from mixllm import __version__, estimators
 from mixllm.config import LatencyProfile, LLMConfig, MixLLMConfig, config_from_dict
+from mixllm.decision import (
+    CandidateScore,
+    Decision,
+    LoadSnapshot,
+    Predictions,
+    decide,
+    expected_latency_s,
+    latency_penalty,
+)
 from mixllm.embeddings import EmbeddingCache, QueryEncoder
 from mixllm.errors import ModelFormatError, NotFittedError, RoutingError
 from mixllm.domains import DomainModel, domain_labels
@@ -49,105 +46,6 @@ from mixllm.units import call_cost_usd, tokens_from_chars, typical_output_tokens
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 2  # 2: domain prior (domains.npz), residual quality heads, log-cost models
-
-
-@dataclass(frozen=True)
-class CandidateScore:
-    """Why an LLM was or was not chosen: its predictions and the parts of its score."""
-
-    llm: str
-    quality: float
-    cost_usd: float
-    uncertainty: float
-    penalty: float
-    score: float
-    eligible: bool
-
-
-@dataclass(frozen=True)
-class Decision:
-    """The routing decision for one query."""
-
-    llm: str
-    candidates: tuple[CandidateScore, ...]
-    lambda_: float
-    exploration: float
-    relaxed: tuple[str, ...] = ()
-    notes: tuple[str, ...] = ()
-
-    def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["lambda"] = out.pop("lambda_")
-        out["candidates"] = [asdict(c) for c in self.candidates]
-        return out
-
-
-@dataclass
-class LoadSnapshot:
-    """The live load the latency penalty looks at: in-flight calls and observed latency per LLM."""
-
-    in_flight: dict[str, int] = field(default_factory=dict)
-    observed_latency_s: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass
-class Predictions:
-    """Per-query, per-LLM predictions: the input of the decision rule (reused across lambdas)."""
-
-    llms: list[str]
-    quality: np.ndarray  # (n_queries, n_llms)
-    uncertainty: np.ndarray
-    cost_usd: np.ndarray
-    output_tokens: np.ndarray  # expected output tokens, for the latency model
-
-    def subset(self, rows: np.ndarray | slice) -> Predictions:
-        return Predictions(self.llms, self.quality[rows], self.uncertainty[rows], self.cost_usd[rows],
-                           self.output_tokens[rows])
-
-
-def latency_penalty(expected_latency_s: np.ndarray, tolerance_s: float, weight: float, scale_s: float) -> np.ndarray:
-    """Zero up to the tolerance, then exponential in the excess (capped to stay finite)."""
-    excess = np.maximum(np.asarray(expected_latency_s, dtype=np.float64) - tolerance_s, 0.0)
-    return weight * np.expm1(np.minimum(excess / scale_s, 50.0))
-
-
-def service_time_s(profile: LatencyProfile, output_tokens: np.ndarray) -> np.ndarray:
-    """One call's expected service time: per call plus per expected output token."""
-    return profile.per_call_s + profile.per_output_token_s * np.asarray(output_tokens, dtype=np.float64)
-
-
-def expected_latency_s(profile: LatencyProfile, output_tokens: np.ndarray, in_flight: int,
-                       observed_latency_s: float | None = None) -> np.ndarray:
-    """Queue wait behind `in_flight` calls plus one service time (see the module docstring)."""
-    service = service_time_s(profile, output_tokens)
-    if observed_latency_s is not None and observed_latency_s > 0:
-        service = np.full_like(service, observed_latency_s)
-    queued = max(0, in_flight + 1 - profile.concurrency)
-    return service + queued * service / profile.concurrency
-
-
-def decide(
-    quality: np.ndarray,
-    cost_usd: np.ndarray,
-    uncertainty: np.ndarray,
-    penalty: np.ndarray,
-    *,
-    lambda_: float,
-    exploration: float,
-    cost_scale_usd: float,
-    eligible: np.ndarray | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Index of the best LLM per row and every score; ineligible LLMs score -inf.
-
-    Ties go to the lower predicted cost, then to the lower column index, so decisions are repeatable.
-    """
-    score = quality - lambda_ * cost_usd / cost_scale_usd + exploration * uncertainty - penalty
-    if eligible is not None:
-        score = np.where(eligible, score, -np.inf)
-    best = score.max(axis=1, keepdims=True)
-    tied = np.isclose(score, best, rtol=0.0, atol=1e-12) & np.isfinite(score)
-    cost_key = np.where(tied, cost_usd, np.inf)
-    return cost_key.argmin(axis=1), score
 
 
 def _safe_name(name: str) -> str:
@@ -708,6 +606,20 @@ class MixLLMRouter(BaseEstimator):
         return changes
 
     # ---------------------------------------------------------------------------- persistence
+
+    @staticmethod
+    def copy_with_calibrated_lambda(folder: Path | str, lambda_: float, target: Path | str) -> Path:
+        """A copy of a saved router (at `target`) that carries the lambda calibrated for the budget,
+        used when decision.lambda is null. A copy: `folder` may be a DVC output, never edited."""
+        import shutil
+
+        target = Path(target)
+        shutil.copytree(folder, target)
+        manifest_path = target / "router.json"
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        manifest["calibrated_lambda"] = float(lambda_)
+        manifest_path.write_text(json.dumps(manifest, indent=2, default=str), encoding="utf-8")
+        return target
 
     def save(self, folder: Path | str) -> Path:
         """A self-describing folder: router.json (config, catalogue, versions), encoder/, featurizer/,

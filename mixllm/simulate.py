@@ -27,7 +27,8 @@ import pandas as pd
 from mixllm.config import LatencyProfile
 from mixllm.errors import MixLLMError
 from mixllm.evaluate import Outcomes
-from mixllm.router import LoadSnapshot, MixLLMRouter, decide, service_time_s
+from mixllm.decision import LoadSnapshot, decide, service_time_s
+from mixllm.router import MixLLMRouter
 
 logger = logging.getLogger(__name__)
 

@@ -16,7 +16,8 @@ from mixllm.evaluate import (
     operating_point,
     upper_hull,
 )
-from mixllm.router import MixLLMRouter, Predictions
+from mixllm.decision import Predictions
+from mixllm.router import MixLLMRouter
 from mixllm.simulate import PoolEvent, oracle_stream, simulate_latency, simulate_online
 from synthetic import make_log
 
@@ -59,7 +60,7 @@ def test_oracle_picks_the_cheapest_best_llm():
         for i, q in enumerate(outcomes.query_ids) for j, m in enumerate(outcomes.llms)
     ])
     oracle = OracleRouter().fit(log)
-    from mixllm.router import decide
+    from mixllm.decision import decide
 
     p = oracle.predict(query_frame(log))
     choice, _ = decide(p.quality, p.cost_usd, p.uncertainty, np.zeros_like(p.quality), lambda_=0.0,
@@ -197,7 +198,7 @@ def test_latency_penalty_cuts_waiting_on_an_overloaded_llm(fitted):
 
 def test_exact_path_matches_the_decision_rule_at_every_lambda():
     from mixllm.evaluate import decision_path, segment_lambdas
-    from mixllm.router import decide
+    from mixllm.decision import decide
 
     predictions, _ = _synthetic_predictions(n=200, seed=3)
     path = decision_path(predictions.quality, predictions.cost_usd, 10.0, predictions.llms)

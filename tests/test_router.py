@@ -12,7 +12,8 @@ import pytest
 from mixllm.embeddings import QueryEncoder, load_sentence_transformer, mine_domain_triplets
 from mixllm.errors import ModelFormatError, RoutingError
 from mixllm.predictors import CostPredictor, QualityPredictor
-from mixllm.router import FORMAT_VERSION, LoadSnapshot, MixLLMRouter, decide, expected_latency_s, latency_penalty
+from mixllm.decision import LoadSnapshot, decide, expected_latency_s, latency_penalty
+from mixllm.router import FORMAT_VERSION, MixLLMRouter
 from mixllm.tags import KeyBERTTagger, LLMTagger, TagClusterer, parse_tag_list
 from synthetic import PRICE_PER_1K, small_config
 
