@@ -109,7 +109,7 @@ def test_a_killed_registration_leaves_the_champion_and_a_rerun_registers(project
     duration = _timed_run(command, project)
     versions = {v.version for v in registry.versions()}
     killed = 0
-    for share in KILL_AT[1:]:
+    for share in KILL_AT[-1:]:  # one point late in the run (each run costs ~10 s): mid-way through logging to MLflow
         before = registry.alias_version("champion")
         if _killed_after(command, project, share * duration):
             killed += 1
