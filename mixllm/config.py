@@ -371,6 +371,9 @@ class ServiceConfig(StrictModel):
     # The observed latency per LLM is the median of its last this-many measured calls (robust: one
     # absurd report cannot move it; half the window must).
     latency_window: int = Field(default=51, ge=1)
+    # The worker process exits when `bentoml serve` (its parent) dies, so an orphan never holds the
+    # port. Off only if something else supervises and re-parents the worker on purpose.
+    exit_with_parent: bool = True
 
 
 class MixLLMConfig(StrictModel):

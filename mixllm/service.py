@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import re
+import signal
 import threading
 import time
 import uuid
@@ -438,6 +439,24 @@ class MixLLMService:
         threading.Thread(target=self._reload, args=(version,), daemon=True, name="mixllm-load").start()
         if self.config.service.poll_interval_s > 0:
             threading.Thread(target=self._poll, daemon=True, name="mixllm-poll").start()
+        if self.config.service.exit_with_parent:
+            threading.Thread(target=self._exit_when_parent_dies, args=(os.getppid(),), daemon=True,
+                             name="mixllm-parent-watch").start()
+
+    def _exit_when_parent_dies(self, parent_pid: int) -> None:
+        """`bentoml serve` runs this service in a worker process that inherits the listening socket.
+        If the serving process is killed (kill -9, the OOM killer), the worker would live on as an
+        orphan, still answering and holding the port, so a restart could not bind it. When the
+        parent is gone (the worker is re-parented) the worker stops itself: SIGTERM, the graceful
+        way, then a hard exit if that did not end it within 10 s."""
+        while not self._stop.wait(1.0):
+            if os.getppid() != parent_pid:
+                logger.error("the serving process (pid %d) is gone; worker %d exits so the port is freed and a "
+                             "restart can bind it", parent_pid, os.getpid())
+                os.kill(os.getpid(), signal.SIGTERM)
+                if not self._stop.wait(10.0):
+                    os._exit(1)
+                return
 
     # -------------------------------------------------------------------------- model lifecycle
 

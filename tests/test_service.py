@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -16,7 +17,7 @@ from mixllm.config import load_config
 from mixllm.data import ingest
 from mixllm.training import run_training
 from mixllm.registry import Registry
-from mixllm.processes import free_port, start, stop, wait_http
+from mixllm.processes import free_port, port_in_use, start, stop, wait_http
 from mixllm.store import InteractionLog
 from stubs import UpstreamStub
 from synthetic import PRICE_PER_1K, make_log, write_params
@@ -503,3 +504,45 @@ def test_bentoml_build_packages_the_service(tmp_path):
     assert 'Successfully built Bento(tag="mixllm:' in result.stdout + result.stderr
     built = list((tmp_path / "home/bentos/mixllm").glob("*/src/mixllm/service.py"))
     assert built, "the bento carries the service code"
+
+
+def _alive(process) -> bool:
+    import psutil
+
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_a_killed_server_takes_its_worker_along_and_a_restart_binds_the_port(service):
+    """kill -9 on `bentoml serve` (a crash, an OOM kill): its worker must not live on, orphaned,
+    answering on the port; the worker notices its parent is gone and exits, and a restart works."""
+    import psutil
+
+    root, port = service["root"], free_port()
+    env = {"MIXLLM_API_TOKEN": TOKEN, "STUB_KEY": "upstream-key"}
+    base = f"http://127.0.0.1:{port}"
+    server = serve(root, port, log_name="killed.log", extra_env=env)
+    workers: list = []
+    restarted = None
+    try:
+        wait_http(f"{base}/readyz", 180, server)
+        workers = psutil.Process(server.pid).children(recursive=True)
+        assert workers, "bentoml serve runs the service in a worker process"
+        os.kill(server.pid, signal.SIGKILL)
+        server.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and (any(_alive(w) for w in workers) or port_in_use(port)):
+            time.sleep(0.3)
+        assert not any(_alive(w) for w in workers), "the orphaned worker exited"
+        assert not port_in_use(port), "nothing answers on the port any more"
+        restarted = serve(root, port, log_name="restarted.log", extra_env=env)
+        wait_http(f"{base}/readyz", 180, restarted)
+        assert httpx.post(f"{base}/route", json={"query": QUERY}, timeout=30).status_code == 200
+    finally:
+        for worker in workers:
+            if _alive(worker):
+                worker.kill()
+        if restarted is not None:
+            stop(restarted)
