@@ -4,7 +4,12 @@ from __future__ import annotations
 
 
 class MixLLMError(Exception):
-    """Base class: every error mixllm raises on purpose derives from it."""
+    """Base class: every error mixllm raises on purpose derives from it. `field` names the request
+    field at fault when there is one, so an HTTP error can name it without parsing the message."""
+
+    def __init__(self, message: str = "", field: str | None = None):
+        super().__init__(message)
+        self.field = field
 
 
 class ConfigError(MixLLMError, ValueError):

@@ -410,14 +410,15 @@ class MixLLMRouter(BaseEstimator):
         if candidates is None:
             return enabled
         if isinstance(candidates, str) or not isinstance(candidates, Sequence):
-            raise RoutingError("candidates must be a list of LLM names")
+            raise RoutingError("candidates must be a list of LLM names", field="candidates")
         unknown = [c for c in candidates if c not in enabled]
         if unknown:
             raise RoutingError(
-                f"unknown or disabled LLM(s) in candidates: {', '.join(map(str, unknown))}; choose from {', '.join(enabled)}"
+                f"unknown or disabled LLM(s) in candidates: {', '.join(map(str, unknown))}; choose from {', '.join(enabled)}",
+                field="candidates",
             )
         if not candidates:
-            raise RoutingError(f"candidates is empty; leave it out or choose from {', '.join(enabled)}")
+            raise RoutingError(f"candidates is empty; leave it out or choose from {', '.join(enabled)}", field="candidates")
         return [llm for llm in enabled if llm in set(candidates)]
 
     def latency_penalties(self, predictions: Predictions, load: LoadSnapshot | None, tolerance_s: float) -> np.ndarray:
@@ -781,10 +782,10 @@ def _select(predictions: Predictions, llms: list[str]) -> Predictions:
 
 def _check_number(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise RoutingError(f"{name} must be a number >= 0, got {value!r}")
+        raise RoutingError(f"{name} must be a number >= 0, got {value!r}", field=name)
     value = float(value)
     if not math.isfinite(value) or value < 0:
-        raise RoutingError(f"{name} must be a finite number >= 0, got {value}")
+        raise RoutingError(f"{name} must be a finite number >= 0, got {value}", field=name)
     return value
 
 

@@ -346,12 +346,22 @@ def _candidates(decision: Any) -> list[Candidate]:
             for c in decision.candidates]
 
 
+def _decision_details(decision: Any) -> dict[str, Any]:
+    """What the decision log keeps beside the choice, so a retried request_id gets the same answer."""
+    return {"candidates": [c.__dict__ for c in decision.candidates], "relaxed": list(decision.relaxed),
+            "notes": list(decision.notes)}
+
+
 def _stored_response(stored: dict[str, Any]) -> RouteResponse:
     """The response a request_id got the first time, rebuilt from its logged decision."""
-    candidates = json.loads(stored["candidates"]) if stored.get("candidates") else []
+    details = json.loads(stored["candidates"]) if stored.get("candidates") else {}
+    if isinstance(details, list):  # decisions logged before relaxed and notes were kept
+        details = {"candidates": details}
+    candidates = details.get("candidates", [])
     return RouteResponse(
         llm=stored["llm"], decision_id=stored["decision_id"], model_version=int(stored["model_version"] or 0),
-        lambda_=float(stored["lambda_"] if stored["lambda_"] is not None else 0.0), relaxed=[],
+        lambda_=float(stored["lambda_"] if stored["lambda_"] is not None else 0.0),
+        relaxed=list(details.get("relaxed", [])), notes=list(details.get("notes", [])),
         candidates=[Candidate(llm=c["llm"], quality=c["quality"], cost_usd=c["cost_usd"],
                               uncertainty=c["uncertainty"], penalty=c["penalty"],
                               score=c["score"] if c["score"] is not None and np.isfinite(c["score"]) else None,
@@ -537,7 +547,10 @@ class MixLLMService:
         valid = []
         for i, item in enumerate(items):
             stored = self.store.decision_by_request(item.request_id) if item.request_id else None
-            if stored is not None:
+            if stored is not None and stored["query"] != item.query:
+                results[i] = error(409, "request_id", f"request_id {item.request_id!r} was already used for another "
+                                   "query; a retry must repeat the same query, a new query needs a new request_id")
+            elif stored is not None:
                 results[i] = _stored_response(stored)
             else:
                 valid.append(i)
@@ -555,8 +568,7 @@ class MixLLMService:
                                         min_quality=item.min_quality, load=snapshot,
                                         predictions=predictions.subset(slice(row, row + 1)), tasks=[item.task])[0]
             except RoutingError as exc:
-                field = "candidates" if "candidates" in str(exc) else ("lambda" if "lambda" in str(exc) else None)
-                results[i] = error(400, field, str(exc))
+                results[i] = error(400, exc.field, str(exc))
                 continue
             records.append((i, item, decision))
         if atomic and any(isinstance(result, JSONResponse) for result in results):
@@ -577,12 +589,12 @@ class MixLLMService:
         if plain:  # one transaction for the batch
             ids_plain = iter(self.store.log_decisions([
                 {"query": item.query, "llm": d.llm, "model_version": model.version, "lambda_": d.lambda_,
-                 "candidates": [c.__dict__ for c in d.candidates]} for item, d in plain]))
+                 "candidates": _decision_details(d)} for item, d in plain]))
         for _, item, decision in records:
             if item.request_id:
                 ids.append(self.store.log_decision(item.query, decision.llm, model_version=model.version,
                                                    lambda_=decision.lambda_, request_id=item.request_id,
-                                                   candidates=[c.__dict__ for c in decision.candidates]))
+                                                   candidates=_decision_details(decision)))
             else:
                 ids.append(next(ids_plain))
         return ids
@@ -649,7 +661,7 @@ class MixLLMService:
         except UnknownDecisionError as exc:
             return error(404, "decision_id", str(exc))
         except MixLLMError as exc:
-            return error(400, "llm" if "chose" in str(exc) else None, str(exc))
+            return error(400, exc.field, str(exc))
         if stored.created:
             self.metrics.feedback.labels(kind=kind).inc()
             if request.latency_s is not None:  # a measured call (bounded by data.limits above)

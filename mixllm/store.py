@@ -138,8 +138,11 @@ class InteractionLog:
     # --------------------------------------------------------------------------------- decisions
 
     def log_decision(self, query: str, llm: str, *, model_version: int | None, lambda_: float | None,
-                     candidates: list[dict[str, Any]] | None = None, request_id: str | None = None) -> str:
-        """Store a decision and return its id; a retried request_id returns the first decision's id."""
+                     candidates: list[dict[str, Any]] | dict[str, Any] | None = None,
+                     request_id: str | None = None) -> str:
+        """Store a decision and return its id; a retried request_id returns the first decision's id.
+        `candidates` (any JSON): the candidates' scores, or a dict with them and what else the
+        service needs to answer a retry as the first time (relaxed constraints, notes)."""
         if request_id:
             existing = self.decision_by_request(request_id)
             if existing is not None:
@@ -206,7 +209,7 @@ class InteractionLog:
             if decision is None:
                 raise UnknownDecisionError(f"unknown decision_id '{decision_id}'; use the id /route returned")
             if llm is not None and llm != decision["llm"]:
-                raise MixLLMError(f"decision {decision_id} chose '{decision['llm']}', not '{llm}'")
+                raise MixLLMError(f"decision {decision_id} chose '{decision['llm']}', not '{llm}'", field="llm")
             query, llm = decision["query"], decision["llm"]
             # What the proxy measured fills what the feedback leaves out.
             cost_usd = cost_usd if cost_usd is not None else decision.get("cost_usd")

@@ -204,6 +204,13 @@ def test_a_retried_request_id_gets_its_first_decision_back(service):
     store = InteractionLog(config.sqlalchemy_url(config.service.feedback_store_url))
     assert store.decision_by_request("retry-7")["decision_id"] == first["decision_id"]
     store.dispose()
+    # What the first answer said about relaxed constraints comes back too (an impossible max_cost is relaxed).
+    relaxed = _route(base, request_id="retry-8", max_cost=0.0)
+    assert relaxed["relaxed"] == ["max_cost"]
+    assert _route(base, request_id="retry-8", max_cost=0.0)["relaxed"] == ["max_cost"]
+    # The same key for another query is a client bug: 409 naming the field, and nothing stored.
+    reused = httpx.post(f"{base}/route", json={"query": "Who founded Rome?", "request_id": "retry-7"}, timeout=30)
+    assert reused.status_code == 409 and reused.json()["field"] == "request_id", reused.text
 
 
 def test_a_batch_with_one_bad_item_logs_nothing(service):
