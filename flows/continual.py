@@ -46,6 +46,11 @@ def advance(params_path: str | None, value: int, _after: Any = None) -> int:
     return value
 
 
+@task(name="compact the decision log", cache_policy=NO_CACHE)
+def compact(params_path: str | None, _after: Any = None) -> dict[str, int]:
+    return job.compact_decisions(config_for(params_path))
+
+
 @flow(name="continual")
 def continual(params_path: str | None = None) -> dict[str, Any]:
     """Learn from new feedback; registers a version only when there is feedback to learn from."""
@@ -55,10 +60,12 @@ def continual(params_path: str | None = None) -> dict[str, Any]:
     rows, before = read_feedback(params_path)
     if len(rows) < config.pipeline.min_feedback_rows:
         logger.info("%d new feedback rows past watermark %d: nothing to learn, nothing registered", len(rows), before)
+        compact(params_path)
         return {"feedback_rows": len(rows), "watermark": before, "registration": None}
     router_dir, champion_version, changes = update(params_path, rows)
     registration = register(params_path, router_dir, champion_version, rows, before)
     after = advance(params_path, int(rows["feedback_id"].max()), registration)
+    compact(params_path, after)
     logger.info("learned from %d feedback rows (watermark %d -> %d); pool changes: %s; version %s: %s",
                 len(rows), before, after, ", ".join(changes) or "none", registration["version"],
                 registration["verdict"])

@@ -371,6 +371,13 @@ class ServiceConfig(StrictModel):
     # The observed latency per LLM is the median of its last this-many measured calls (robust: one
     # absurd report cannot move it; half the window must).
     latency_window: int = Field(default=51, ge=1)
+    # The decision log grows with every /route (~4 KB a decision, most of it the candidates' scores).
+    # The continual job compacts it: after `decision_detail_days` a decision keeps only what feedback
+    # and replay need (query, LLM, version, lambda), so a retried request_id after that gets the
+    # choice without the scores; after `decision_retention_days` a decision with no feedback is
+    # deleted, and feedback naming it is answered 404. Feedback rows are never deleted.
+    decision_detail_days: float = Field(default=1.0, gt=0)
+    decision_retention_days: float = Field(default=30.0, gt=0)
     # The worker process exits when `bentoml serve` (its parent) dies, so an orphan never holds the
     # port. Off only if something else supervises and re-parents the worker on purpose.
     exit_with_parent: bool = True

@@ -242,10 +242,23 @@ def run_continual(config: MixLLMConfig) -> ContinualOutcome:
     recover_watermark(config)
     rows, before = read_new_feedback(config)
     if len(rows) < config.pipeline.min_feedback_rows:
-        logger.info("continual: %d new feedback rows (< %d): nothing to do", len(rows), config.pipeline.min_feedback_rows)
+        logger.info("continual: %d new feedback rows (< %d): nothing to learn", len(rows), config.pipeline.min_feedback_rows)
+        compact_decisions(config)
         return ContinualOutcome(len(rows), before, before, [], None)
     router_dir, champion_version, changes = update_champion(config, rows)
     registration = register_update(config, router_dir, champion_version, rows, before)
     after = int(rows["feedback_id"].max())
     advance_watermark(config, after)
+    compact_decisions(config)
     return ContinualOutcome(len(rows), before, after, changes, registration)
+
+
+def compact_decisions(config: MixLLMConfig) -> dict[str, int]:
+    """Keep the decision log bounded (service.decision_detail_days, service.decision_retention_days)."""
+    from mixllm.store import InteractionLog
+
+    store = InteractionLog(config.sqlalchemy_url(config.service.feedback_store_url))
+    try:
+        return store.compact(config.service.decision_detail_days, config.service.decision_retention_days)
+    finally:
+        store.dispose()

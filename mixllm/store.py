@@ -17,7 +17,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pandas as pd
@@ -196,6 +196,29 @@ class InteractionLog:
             row = connection.execute(sa.select(decisions).where(decisions.c.decision_id == decision_id)).mappings().first()
         return dict(row) if row else None
 
+    def compact(self, detail_days: float, retention_days: float, now: datetime | None = None) -> dict[str, int]:
+        """Bound the decision log: drop the candidates' scores of decisions older than `detail_days`,
+        and delete decisions older than `retention_days` that no feedback names. Returns the counts."""
+        now = now or _now()
+        detail_cutoff = now - timedelta(days=detail_days)
+        retention_cutoff = now - timedelta(days=retention_days)
+        named = sa.select(feedback.c.decision_id).where(feedback.c.decision_id.is_not(None))
+        with self._write_lock, self.engine.begin() as connection:
+            stripped = connection.execute(
+                decisions.update()
+                .where(decisions.c.created_at < detail_cutoff, decisions.c.candidates.is_not(None))
+                .values(candidates=None)
+            ).rowcount
+            deleted = connection.execute(
+                decisions.delete().where(decisions.c.created_at < retention_cutoff, decisions.c.decision_id.not_in(named))
+            ).rowcount
+        if self.engine.dialect.name == "sqlite" and (stripped or deleted):
+            with self.engine.connect() as connection:  # give the freed pages back to the file system
+                connection.execution_options(isolation_level="AUTOCOMMIT").execute(sa.text("VACUUM"))
+        logger.info("decision log compacted: %d decisions' scores dropped (older than %g days), %d decisions deleted "
+                    "(older than %g days, no feedback)", stripped, detail_days, deleted, retention_days)
+        return {"scores_dropped": int(stripped), "deleted": int(deleted)}
+
     # ---------------------------------------------------------------------------------- feedback
 
     def add_feedback(self, *, quality: float, kind: str = "refined", decision_id: str | None = None,
@@ -207,7 +230,8 @@ class InteractionLog:
         if decision_id:
             decision = self.decision(decision_id)
             if decision is None:
-                raise UnknownDecisionError(f"unknown decision_id '{decision_id}'; use the id /route returned")
+                raise UnknownDecisionError(f"unknown decision_id '{decision_id}': use the id /route returned (decisions "
+                                           "without feedback are kept service.decision_retention_days)")
             if llm is not None and llm != decision["llm"]:
                 raise MixLLMError(f"decision {decision_id} chose '{decision['llm']}', not '{llm}'", field="llm")
             query, llm = decision["query"], decision["llm"]

@@ -218,6 +218,43 @@ def test_store_is_idempotent(tmp_path):
     store.dispose()
 
 
+def test_the_decision_log_is_compacted_without_losing_feedback(tmp_path):
+    """Old decisions lose their candidates' scores, then (with no feedback) the whole row; feedback
+    rows and the decisions they name stay, and a compacted SQLite file gives its space back."""
+    from datetime import datetime, timedelta, timezone
+
+    import sqlalchemy as sa
+
+    from mixllm.store import UnknownDecisionError, decisions
+
+    store = InteractionLog(f"sqlite:///{tmp_path}/feedback.db")
+    scores = [{"llm": f"llm-{j}", "quality": 0.5, "cost_usd": 0.001, "score": 0.4} for j in range(30)]
+    ages_days = {"fresh": 0.1, "two_days": 2.0, "old": 40.0, "old_rated": 40.0}
+    ids = {name: [store.log_decision(f"{name} {i}", "coder", model_version=1, lambda_=0.5, candidates=scores,
+                                     request_id=f"{name}-{i}") for i in range(200)] for name in ages_days}
+    now = datetime.now(timezone.utc)
+    with store.engine.begin() as connection:
+        for name, age in ages_days.items():
+            connection.execute(decisions.update().where(decisions.c.decision_id.in_(ids[name]))
+                               .values(created_at=now - timedelta(days=age)))
+    rated = store.add_feedback(decision_id=ids["old_rated"][0], quality=1.0, kind="binary")
+    size_before = (tmp_path / "feedback.db").stat().st_size
+    counts = store.compact(detail_days=1.0, retention_days=30.0, now=now)
+    assert counts == {"scores_dropped": 600, "deleted": 399}, "every old decision but the one with feedback"
+    assert store.decision(ids["fresh"][0])["candidates"] is not None, "a fresh decision keeps its scores"
+    assert store.decision(ids["two_days"][0])["candidates"] is None and store.decision(ids["two_days"][0])["llm"] == "coder"
+    assert store.decision(ids["old"][0]) is None and store.decision(ids["old_rated"][0]) is not None
+    assert store.count("decisions") == 401 and store.count("feedback") == 1
+    assert store.feedback_since(0)["feedback_id"].tolist() == [rated.feedback_id]
+    with pytest.raises(UnknownDecisionError, match="decision_retention_days"):
+        store.add_feedback(decision_id=ids["old"][1], quality=1.0, kind="binary")
+    with store.engine.connect() as connection:
+        connection.execute(sa.text("PRAGMA wal_checkpoint(TRUNCATE)"))
+    assert (tmp_path / "feedback.db").stat().st_size < size_before / 2, "the file shrinks"
+    assert store.compact(detail_days=1.0, retention_days=30.0, now=now) == {"scores_dropped": 0, "deleted": 0}
+    store.dispose()
+
+
 def test_registered_model_carries_the_calibrated_lambda(project):
     config = _config(project)
     registry = Registry(config)
