@@ -10,25 +10,39 @@ Configuration: params.yaml from the working folder, or MIXLLM_PARAMS.
 
 from __future__ import annotations
 
-import hmac
-import json
 import logging
 import os
-import re
 import signal
 import threading
 import time
-import uuid
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal, Optional
+from typing import Any
 
 import bentoml
-import numpy as np
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException
+
+from mixllm.api_models import (
+    PROXY_SPENDS_KEYS,
+    ROUTABLE,
+    SETTINGS,
+    BatchOfRequests,
+    ChatRequest,
+    FeedbackRequest,
+    FeedbackResponse,
+    RouteRequest,
+    RouteResponse,
+    candidate_scores,
+    decision_details,
+    error,
+    last_user_text,
+    stored_response,
+)
+from mixllm.middleware import BearerAuth, BodyLimit
+from mixllm.proxy import ChatProxy
 
 # A worker that cannot start (no champion in the registry) must stop `bentoml serve` with its
 # message instead of being respawned every few seconds; this only turns off respawning.
@@ -37,199 +51,7 @@ os.environ.setdefault("BENTOML_CONTAINERIZED", "true")
 logger = logging.getLogger("bentoml.mixllm")  # bentoml serve shows "bentoml.*" loggers
 
 
-# ------------------------------------------------------------------------------------- schemas
-
-
-class _Routable:
-    """The served model's enabled LLMs, for checks that must run per HTTP request, before BentoML
-    merges concurrent /route_batch calls: one caller's unknown candidate must fail only its own
-    call, and must not show its input to the callers it was merged with. Set at every model swap
-    (one worker process: workers=1); None until the first model is loaded."""
-
-    enabled: tuple[str, ...] | None = None
-
-
-ROUTABLE = _Routable()
-
-
-def _checked_query(query: str, hint: str) -> str:
-    from mixllm.schemas import is_blank
-
-    if is_blank(query):
-        raise ValueError(f"query is blank (only spaces or invisible characters); {hint}")
-    limit = SETTINGS.max_query_chars
-    if len(query) > limit:
-        raise ValueError(f"query has {len(query)} characters; the limit is {limit} (service.max_query_chars)")
-    return query
-
-
-
-class RouteRequest(BaseModel):
-    """One query to route, with optional per-request overrides."""
-
-    # No schema "examples": BentoML 1.4's OpenAPI builder rejects the key (500 on /docs.json).
-    # allow_inf_nan=False: JSON's Infinity/NaN would reach the router's arithmetic as numbers.
-    model_config = ConfigDict(populate_by_name=True, extra="forbid", allow_inf_nan=False)
-
-    query: Annotated[str, Field(min_length=1, description="The text to route.")]
-    # strict=True on numbers: JSON true/false or "0.5" are mistakes, not 1.0/0.0/0.5 (integers still pass).
-    lambda_: Annotated[Optional[float], Field(alias="lambda", ge=0, strict=True, description="Cost weight; default from params.yaml.")] = None
-    exploration: Annotated[Optional[float], Field(ge=0, strict=True, description="Weight of the uncertainty bonus.")] = None
-    candidates: Annotated[Optional[list[str]], Field(min_length=1, description="Route among these LLMs only.")] = None
-    max_cost: Annotated[Optional[float], Field(ge=0, strict=True, description="Only LLMs predicted to cost at most this (USD).")] = None
-    min_quality: Annotated[Optional[float], Field(ge=0, le=1, strict=True, description="Only LLMs predicted at least this good.")] = None
-    request_id: Annotated[Optional[str], Field(min_length=1, max_length=128, description="Idempotency key.")] = None
-    task: Annotated[Optional[str], Field(min_length=1, max_length=200, description=(
-        "What the caller knows about the query's kind (a benchmark, an application, a prompt template). "
-        "A task the router was trained on (GET /model: tasks) places the query in that domain; "
-        "others are ignored, and the response's notes say so."))] = None
-
-    @field_validator("query")
-    @classmethod
-    def _query_is_text(cls, query: str) -> str:
-        # Checked here, per request, so a bad query never reaches (and fails) a merged batch.
-        return _checked_query(query, "send the text to route")
-
-    @field_validator("candidates")
-    @classmethod
-    def _candidates_are_routable(cls, candidates: list[str] | None) -> list[str] | None:
-        enabled = ROUTABLE.enabled
-        if candidates is None or enabled is None:
-            return candidates
-        unknown = [c for c in candidates if c not in enabled]
-        if unknown:
-            raise ValueError(f"unknown or disabled LLM(s) in candidates: {', '.join(unknown)}; choose from "
-                             f"{', '.join(enabled)}")
-        return candidates
-
-
-class Candidate(BaseModel):
-    llm: str
-    quality: float
-    cost_usd: float
-    uncertainty: float
-    penalty: float
-    score: Optional[float]
-    eligible: bool
-
-
-class RouteResponse(BaseModel):
-    model_config = ConfigDict(serialize_by_alias=True)
-
-    llm: str
-    decision_id: str
-    model_version: int
-    lambda_: float = Field(serialization_alias="lambda")
-    relaxed: list[str]
-    candidates: list[Candidate]
-    notes: list[str] = []
-
-
-class FeedbackRequest(BaseModel):
-    """Feedback on a decision (decision_id), or a whole interaction (query + llm)."""
-
-    # A non-finite cost or latency would poison the cost model and the latency average.
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-
-    decision_id: Annotated[Optional[str], Field(min_length=1, max_length=64)] = None
-    request_id: Annotated[Optional[str], Field(min_length=1, max_length=128)] = None
-    query: Annotated[Optional[str], Field(min_length=1)] = None
-    llm: Annotated[Optional[str], Field(min_length=1)] = None
-    # Strict types: "yes" is not a thumbs-up and true is not a quality of 1. Upper bounds on cost,
-    # latency and tokens are data.limits, checked by the handler (they come from params.yaml).
-    # thumbs comes first so that quality's check can see it (validation runs in field order).
-    thumbs: Annotated[Optional[bool], Field(strict=True, description="Binary feedback: up (true) or down (false).")] = None
-    quality: Annotated[Optional[float], Field(ge=0, le=1, strict=True, validate_default=True,
-                                              description="Refined feedback, 0..1.")] = None
-    kind: Optional[Literal["refined", "binary"]] = None
-    cost_usd: Annotated[Optional[float], Field(ge=0, strict=True)] = None
-    latency_s: Annotated[Optional[float], Field(ge=0, strict=True)] = None
-    input_tokens: Annotated[Optional[int], Field(ge=0, strict=True)] = None
-    output_tokens: Annotated[Optional[int], Field(ge=0, strict=True)] = None
-
-    @field_validator("query")
-    @classmethod
-    def _query_is_text(cls, query: str | None) -> str | None:
-        return None if query is None else _checked_query(query, "send the text that was answered")
-
-    @field_validator("quality")
-    @classmethod
-    def _quality_or_thumbs(cls, quality: float | None, info: ValidationInfo) -> float | None:
-        """A field check, not a model check, so the 400 names the field (quality)."""
-        if "thumbs" in info.data and (quality is None) == (info.data["thumbs"] is None):
-            raise ValueError("give exactly one of quality (0..1) or thumbs (true/false)")
-        return quality
-
-    @model_validator(mode="after")
-    def _complete(self) -> FeedbackRequest:
-        if not self.decision_id and not (self.query and self.llm):
-            raise ValueError("give decision_id, or query and llm")
-        return self
-
-
-class FeedbackResponse(BaseModel):
-    feedback_id: int
-    created: bool
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    role: str
-    content: Any = None
-
-
-# The OpenAI chat-completion parameters the proxy forwards besides model, messages and stream.
-# Anything else is refused with a 400 naming it: the upstream is paid with the server's key.
-FORWARDED_CHAT_FIELDS = frozenset({
-    "stream_options", "temperature", "top_p", "max_tokens", "max_completion_tokens", "n", "stop",
-    "presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "top_logprobs", "user", "seed",
-    "response_format", "tools", "tool_choice", "parallel_tool_calls",
-})
-
-
-class ChatRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    model: str = "mixllm"
-    messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    stream: Annotated[bool, Field(strict=True)] = False
-
-
 # ------------------------------------------------------------------------------------- helpers
-
-
-def error(status: int, field: str | None, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    # A lone surrogate from the request (JSON allows "\ud800") cannot be encoded as UTF-8: escape it.
-    body = {"error": message.encode("utf-8", "backslashreplace").decode("utf-8")}
-    if field:
-        body["field"] = field.encode("utf-8", "backslashreplace").decode("utf-8")
-    return JSONResponse(body, status_code=status, headers=headers)
-
-
-def _surrogate_path(value: Any, path: str = "") -> str | None:
-    """Where in a parsed JSON body a string holds a lone UTF-16 surrogate (not valid Unicode), or None."""
-    if isinstance(value, str):
-        return path or "body" if any("\ud800" <= ch <= "\udfff" for ch in value) else None
-    if isinstance(value, dict):
-        for key, item in value.items():
-            if _surrogate_path(str(key)):  # the key itself: name where it sits
-                return path or "body"
-            found = _surrogate_path(item, f"{path}.{key}" if path else str(key))
-            if found:
-                return found
-    if isinstance(value, (list, tuple)):
-        for index, item in enumerate(value):
-            found = _surrogate_path(item, f"{path}[{index}]")
-            if found:
-                return found
-    return None
-
-
-def _redacted(text: str, secrets: list[str]) -> str:
-    """Text from an upstream, safe to log: the keys it might echo, and any bearer token, removed."""
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, "[redacted]")
-    return re.sub(r"(?i)bearer\s+[^\s\"']+", "Bearer [redacted]", text)
 
 
 @dataclass(frozen=True)
@@ -258,147 +80,7 @@ class ServiceMetrics:
         self.proxied = prom.Counter("mixllm_proxy_calls_total", "Proxied chat completions", ["llm", "status"])
 
 
-class BodyLimit:
-    """ASGI middleware: 413 above the size limit, 415 for form bodies (BentoML would answer 500)."""
-
-    blocked = {b"multipart/form-data", b"application/x-www-form-urlencoded"}
-
-    def __init__(self, app: Any, max_bytes: int = 1_048_576):
-        self.app, self.max_bytes = app, max_bytes
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope.get("method") in ("GET", "HEAD", "OPTIONS"):
-            return await self.app(scope, receive, send)
-        headers = dict(scope["headers"])
-        content_type = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
-        if content_type in self.blocked:
-            return await _reject(send, 415, "send the body as application/json")
-        length = headers.get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            return await _reject(send, 413, f"request body is larger than {self.max_bytes} bytes")
-        chunks, seen, more = [], 0, True
-        while more:  # buffer (bounded) so chunked uploads are limited too
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunk = message.get("body", b"")
-            seen += len(chunk)
-            if seen > self.max_bytes:
-                return await _reject(send, 413, f"request body is larger than {self.max_bytes} bytes")
-            chunks.append(chunk)
-            more = message.get("more_body", False)
-        body, replayed = b"".join(chunks), False
-
-        async def replay() -> dict:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
-
-
-class BearerAuth:
-    """ASGI middleware: the configured token guards /feedback and /admin/* (and /route* if asked),
-    and the chat proxy whenever it calls upstreams with the server's keys: then it needs a token
-    even if none is configured (it answers 401 saying so), so no anonymous caller spends the keys."""
-
-    def __init__(self, app: Any, token_env: str = "MIXLLM_API_TOKEN", protect_route: bool = False,
-                 protect_proxy: bool = True):
-        self.app, self.token_env = app, token_env
-        self.protect_route, self.protect_proxy = protect_route, protect_proxy
-
-    def _protected(self, path: str) -> bool:
-        if path.startswith("/feedback") or path.startswith("/admin"):
-            return True
-        if path.startswith("/v1/chat"):
-            return self.protect_route or self.protect_proxy
-        return self.protect_route and path.startswith("/route")
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        token = os.environ.get(self.token_env)
-        path = scope.get("path", "")
-        if scope["type"] == "http" and self._protected(path):
-            if not token and self.protect_proxy and path.startswith("/v1/chat"):
-                return await _reject(send, 401, f"this proxy calls upstreams with the server's API keys, so it needs a "
-                                                f"token: set {self.token_env} for the service and send "
-                                                "Authorization: Bearer <token>", field="Authorization")
-            header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
-            # Constant time: the comparison must not tell an attacker how much of a guess was right.
-            if token and not hmac.compare_digest(header.encode("latin-1"), f"Bearer {token}".encode("latin-1", "replace")):
-                return await _reject(send, 401, "missing or wrong bearer token (header: Authorization: Bearer <token>)",
-                                     field="Authorization")
-        await self.app(scope, receive, send)
-
-
-async def _reject(send: Any, status: int, message: str, field: str | None = None) -> None:
-    payload = {"error": message, **({"field": field} if field else {})}
-    body = json.dumps(payload).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-    await send({"type": "http.response.body", "body": body})
-
-
-def _candidates(decision: Any) -> list[Candidate]:
-    return [Candidate(llm=c.llm, quality=c.quality, cost_usd=c.cost_usd, uncertainty=c.uncertainty, penalty=c.penalty,
-                      score=c.score if np.isfinite(c.score) else None, eligible=c.eligible)
-            for c in decision.candidates]
-
-
-def _decision_details(decision: Any) -> dict[str, Any]:
-    """What the decision log keeps beside the choice, so a retried request_id gets the same answer."""
-    return {"candidates": [c.__dict__ for c in decision.candidates], "relaxed": list(decision.relaxed),
-            "notes": list(decision.notes)}
-
-
-def _stored_response(stored: dict[str, Any]) -> RouteResponse:
-    """The response a request_id got the first time, rebuilt from its logged decision."""
-    details = json.loads(stored["candidates"]) if stored.get("candidates") else {}
-    if isinstance(details, list):  # decisions logged before relaxed and notes were kept
-        details = {"candidates": details}
-    candidates = details.get("candidates", [])
-    return RouteResponse(
-        llm=stored["llm"], decision_id=stored["decision_id"], model_version=int(stored["model_version"] or 0),
-        lambda_=float(stored["lambda_"] if stored["lambda_"] is not None else 0.0),
-        relaxed=list(details.get("relaxed", [])), notes=list(details.get("notes", [])),
-        candidates=[Candidate(llm=c["llm"], quality=c["quality"], cost_usd=c["cost_usd"],
-                              uncertainty=c["uncertainty"], penalty=c["penalty"],
-                              score=c["score"] if c["score"] is not None and np.isfinite(c["score"]) else None,
-                              eligible=c["eligible"]) for c in candidates])
-
-
-def _last_user_text(messages: list[ChatMessage]) -> str | None:
-    for message in reversed(messages):
-        if message.role == "user":
-            content = message.content
-            if isinstance(content, str):
-                return content
-            if isinstance(content, list):  # OpenAI content parts
-                return "\n".join(p["text"] for p in content
-                                 if isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str))
-    return None
-
-
 # ------------------------------------------------------------------------------------- service
-
-def _settings() -> tuple[Any, bool]:
-    """Service settings needed before the class exists (decorators, middleware), and whether the
-    proxy spends upstream keys (any llms[].upstream.api_key_env). Safe defaults when params.yaml
-    cannot be read yet (then __init__ reports the config error in full)."""
-    try:
-        from mixllm.config import load_config
-
-        config = load_config()
-        return config.service, any(llm.upstream is not None and llm.upstream.api_key_env for llm in config.llms)
-    except Exception:  # noqa: BLE001
-        from mixllm.config import ServiceConfig
-
-        return ServiceConfig(), True
-
-
-SETTINGS, PROXY_SPENDS_KEYS = _settings()
-BatchOfRequests = Annotated[list[RouteRequest], Field(min_length=1, max_length=SETTINGS.max_batch_size)]
 
 openai_app = FastAPI(title="mixllm OpenAI-compatible proxy")
 admin_app = FastAPI(title="mixllm admin")
@@ -419,7 +101,7 @@ async def _chat_request_invalid(request: Any, exc: RequestValidationError) -> JS
 @bentoml.asgi_app(openai_app, path="/v1")
 @bentoml.asgi_app(admin_app, path="/admin")
 @bentoml.asgi_app(root_app, path="/")
-class MixLLMService:
+class MixLLMService(ChatProxy):
     """Routes queries with the MLflow champion and closes the continual-learning loop."""
 
     def __init__(self) -> None:
@@ -551,7 +233,7 @@ class MixLLMService:
                 results[i] = error(409, "request_id", f"request_id {item.request_id!r} was already used for another "
                                    "query; a retry must repeat the same query, a new query needs a new request_id")
             elif stored is not None:
-                results[i] = _stored_response(stored)
+                results[i] = stored_response(stored)
             else:
                 valid.append(i)
         if not valid:
@@ -580,7 +262,7 @@ class MixLLMService:
             self.metrics.decisions.labels(llm=decision.llm).inc()
             results[i] = RouteResponse(llm=decision.llm, decision_id=decision_id, model_version=model.version,
                                        lambda_=decision.lambda_, relaxed=list(decision.relaxed),
-                                       candidates=_candidates(decision), notes=list(decision.notes))
+                                       candidates=candidate_scores(decision), notes=list(decision.notes))
         return results
 
     def _log_decisions(self, model: LoadedModel, records: list[tuple[int, RouteRequest, Any]]) -> list[str]:
@@ -589,12 +271,12 @@ class MixLLMService:
         if plain:  # one transaction for the batch
             ids_plain = iter(self.store.log_decisions([
                 {"query": item.query, "llm": d.llm, "model_version": model.version, "lambda_": d.lambda_,
-                 "candidates": _decision_details(d)} for item, d in plain]))
+                 "candidates": decision_details(d)} for item, d in plain]))
         for _, item, decision in records:
             if item.request_id:
                 ids.append(self.store.log_decision(item.query, decision.llm, model_version=model.version,
                                                    lambda_=decision.lambda_, request_id=item.request_id,
-                                                   candidates=_decision_details(decision)))
+                                                   candidates=decision_details(decision)))
             else:
                 ids.append(next(ids_plain))
         return ids
@@ -712,7 +394,7 @@ class MixLLMService:
         refusal = self._chat_refusal(request)
         if refusal is not None:
             return refusal
-        text = _last_user_text(request.messages)
+        text = last_user_text(request.messages)
         if not text:
             return error(400, "messages", "no user message with text to route")
         decision_id, routed = None, request.model == "mixllm" or request.model.startswith("mixllm:")
@@ -742,131 +424,6 @@ class MixLLMService:
                 return error(404, "model", f"unknown model '{chosen}'; use mixllm, mixllm:<lambda> or one of "
                                            f"{', '.join(sorted(upstreams))}")
         return await self._forward(request, chosen, upstreams[chosen], decision_id, model.version)
-
-    def _chat_refusal(self, request: ChatRequest) -> JSONResponse | None:
-        """A 400 naming the field for what the proxy must not forward: text that is not valid
-        Unicode, a parameter outside FORWARDED_CHAT_FIELDS, n or max_tokens above the caps."""
-        where = _surrogate_path(request.model_dump())
-        if where:
-            return error(400, where.split(".")[0].split("[")[0], f"{where} holds a lone UTF-16 surrogate, which is "
-                                                                  "not valid Unicode text")
-        extra = request.model_extra or {}
-        unknown = sorted(set(extra) - FORWARDED_CHAT_FIELDS)
-        if unknown:
-            return error(400, unknown[0], f"'{unknown[0]}' is not a chat-completion parameter this proxy forwards "
-                                          f"(it forwards model, messages, stream, {', '.join(sorted(FORWARDED_CHAT_FIELDS))})")
-        caps = {"n": self.config.service.proxy_max_n, "max_tokens": self.config.service.proxy_max_tokens,
-                "max_completion_tokens": self.config.service.proxy_max_tokens}
-        for name, cap in caps.items():
-            value = extra.get(name)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= cap):
-                setting = "proxy_max_n" if name == "n" else "proxy_max_tokens"
-                return error(400, name, f"{name} must be an integer from 1 to {cap} (service.{setting}), got {value!r}")
-        return None
-
-    async def _forward(self, request: ChatRequest, llm: str, upstream: Any, decision_id: str | None,
-                       version: int) -> Any:
-        import httpx
-
-        payload = request.model_dump(exclude_none=True)
-        payload["model"] = upstream.model or llm
-        if request.stream:
-            payload.setdefault("stream_options", {"include_usage": True})
-        headers = {"Content-Type": "application/json"}
-        key = os.environ.get(upstream.api_key_env) if upstream.api_key_env else None
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
-
-        def upstream_failed(status: int, detail: str, what: str = "") -> JSONResponse:
-            # The caller gets no upstream text (it may echo the key); the log gets it, redacted.
-            logger.warning("upstream for %s answered %d%s: %s", llm, status, what, _redacted(detail[:500], [key or ""]))
-            return error(502, None, f"upstream for {llm} answered {status}{what}; the service log has the details")
-        url = upstream.base_url.rstrip("/") + "/chat/completions"
-        call_id = decision_id or uuid.uuid4().hex
-        # The proxy reports completion itself, so the call counts until then (or the upstream timeout).
-        self.load.start(call_id, llm, expires_after_s=upstream.timeout_s)
-        self.metrics.in_flight.labels(llm=llm).inc()
-        mixllm_headers = {"x-mixllm-llm": llm, "x-mixllm-model-version": str(version),
-                          **({"x-mixllm-decision-id": decision_id} if decision_id else {})}
-        started = time.perf_counter()
-        client = httpx.AsyncClient(timeout=upstream.timeout_s)
-
-        def finish(status: str, usage: dict | None) -> None:
-            latency = time.perf_counter() - started
-            self.metrics.in_flight.labels(llm=llm).dec()
-            self.metrics.proxied.labels(llm=llm, status=status).inc()
-            # A failed call's time says nothing about the LLM's speed (a dead upstream fails fast).
-            self.load.finish(call_id, latency if status == "ok" else None)
-            if decision_id and status == "ok":
-                tokens_in = (usage or {}).get("prompt_tokens")
-                tokens_out = (usage or {}).get("completion_tokens")
-                cost = self._price(llm, tokens_in, tokens_out)
-                self.store.complete_decision(decision_id, cost_usd=cost, latency_s=latency,
-                                             input_tokens=tokens_in, output_tokens=tokens_out)
-
-        try:
-            if not request.stream:
-                response = await client.post(url, json=payload, headers=headers)
-                await client.aclose()
-                if response.status_code >= 400:
-                    finish("upstream_error", None)
-                    return upstream_failed(response.status_code, response.text)
-                try:
-                    body = response.json()
-                    if not isinstance(body, dict):
-                        raise ValueError("not a JSON object")
-                except ValueError:
-                    finish("upstream_error", None)
-                    return upstream_failed(response.status_code, response.text, " without a JSON object")
-                finish("ok", body.get("usage") if isinstance(body.get("usage"), dict) else None)
-                body["model"] = llm
-                body["mixllm"] = {"llm": llm, "decision_id": decision_id, "model_version": version}
-                return JSONResponse(body, headers=mixllm_headers)
-            upstream_request = client.build_request("POST", url, json=payload, headers=headers)
-            response = await client.send(upstream_request, stream=True)
-            if response.status_code >= 400:
-                text = (await response.aread()).decode(errors="replace")
-                await response.aclose()
-                await client.aclose()
-                finish("upstream_error", None)
-                return upstream_failed(response.status_code, text)
-        except httpx.HTTPError as exc:
-            await client.aclose()
-            finish("unreachable", None)
-            return error(502, None, f"upstream for {llm} is unreachable ({type(exc).__name__})")
-
-        async def relay() -> Any:
-            usage = None
-            try:
-                async for line in response.aiter_lines():
-                    if line.startswith("data: ") and line != "data: [DONE]":
-                        try:
-                            chunk = json.loads(line[6:])
-                        except json.JSONDecodeError:
-                            chunk = None
-                        if isinstance(chunk, dict):  # anything else is relayed untouched
-                            if isinstance(chunk.get("usage"), dict):
-                                usage = chunk["usage"]
-                            chunk["model"] = llm
-                            line = "data: " + json.dumps(chunk)
-                    yield line + "\n"
-            finally:
-                await response.aclose()
-                await client.aclose()
-                finish("ok", usage)
-
-        return StreamingResponse(relay(), media_type="text/event-stream", headers=mixllm_headers)
-
-    def _price(self, llm: str, tokens_in: float | None, tokens_out: float | None) -> float | None:
-        if tokens_in is None and tokens_out is None:
-            return None
-        entry = next((c for c in self.config.llms if c.name == llm), None)
-        if entry is None:
-            return None
-        from mixllm.units import call_cost_usd
-
-        return float(call_cost_usd(tokens_in or 0, tokens_out or 0, entry.input_usd_per_1k, entry.output_usd_per_1k))
-
 
 MixLLMService.add_asgi_middleware(BodyLimit, max_bytes=SETTINGS.max_body_bytes)
 MixLLMService.add_asgi_middleware(BearerAuth, token_env=SETTINGS.auth_token_env,

@@ -62,7 +62,7 @@ def test_screen_feedback_sets_aside_each_bad_row_with_its_reason():
 
 
 def test_request_schemas_reject_blank_text_and_non_finite_numbers():
-    from mixllm.service import FeedbackRequest, RouteRequest, _last_user_text
+    from mixllm.api_models import FeedbackRequest, RouteRequest, last_user_text
 
     for body in ({"query": "   "}, {"query": "hi", "lambda": float("nan")}, {"query": "hi", "max_cost": float("inf")}):
         with pytest.raises(ValidationError):
@@ -72,10 +72,10 @@ def test_request_schemas_reject_blank_text_and_non_finite_numbers():
                  {"query": "  ", "llm": "a", "quality": 0.5}):
         with pytest.raises(ValidationError):
             FeedbackRequest.model_validate(body)
-    from mixllm.service import ChatMessage
+    from mixllm.api_models import ChatMessage
 
     parts = [{"type": "text", "text": 5}, {"type": "text", "text": "real"}, {"type": "image_url"}]
-    assert _last_user_text([ChatMessage(role="user", content=parts)]) == "real"
+    assert last_user_text([ChatMessage(role="user", content=parts)]) == "real"
 
 
 def test_continual_reads_only_settled_feedback_in_id_order():

@@ -314,7 +314,7 @@ def test_the_proxy_needs_a_token_whenever_it_spends_upstream_keys(monkeypatch):
     """Even with no service token configured: anonymous callers must not spend the server's keys."""
     import asyncio
 
-    from mixllm.service import BearerAuth
+    from mixllm.middleware import BearerAuth
 
     async def downstream(scope, receive, send):
         await send({"type": "http.response.start", "status": 200})

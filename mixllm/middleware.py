@@ -1,0 +1,91 @@
+"""ASGI middleware of the service: body limits and bearer-token checks, answered before BentoML
+parses anything (so a bad request never costs a model call, and never becomes a 500)."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import os
+from typing import Any
+
+
+class BodyLimit:
+    """ASGI middleware: 413 above the size limit, 415 for form bodies (BentoML would answer 500)."""
+
+    blocked = {b"multipart/form-data", b"application/x-www-form-urlencoded"}
+
+    def __init__(self, app: Any, max_bytes: int = 1_048_576):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope.get("method") in ("GET", "HEAD", "OPTIONS"):
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        content_type = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
+        if content_type in self.blocked:
+            return await _reject(send, 415, "send the body as application/json")
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            return await _reject(send, 413, f"request body is larger than {self.max_bytes} bytes")
+        chunks, seen, more = [], 0, True
+        while more:  # buffer (bounded) so chunked uploads are limited too
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            seen += len(chunk)
+            if seen > self.max_bytes:
+                return await _reject(send, 413, f"request body is larger than {self.max_bytes} bytes")
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        body, replayed = b"".join(chunks), False
+
+        async def replay() -> dict:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+class BearerAuth:
+    """ASGI middleware: the configured token guards /feedback and /admin/* (and /route* if asked),
+    and the chat proxy whenever it calls upstreams with the server's keys: then it needs a token
+    even if none is configured (it answers 401 saying so), so no anonymous caller spends the keys."""
+
+    def __init__(self, app: Any, token_env: str = "MIXLLM_API_TOKEN", protect_route: bool = False,
+                 protect_proxy: bool = True):
+        self.app, self.token_env = app, token_env
+        self.protect_route, self.protect_proxy = protect_route, protect_proxy
+
+    def _protected(self, path: str) -> bool:
+        if path.startswith("/feedback") or path.startswith("/admin"):
+            return True
+        if path.startswith("/v1/chat"):
+            return self.protect_route or self.protect_proxy
+        return self.protect_route and path.startswith("/route")
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        token = os.environ.get(self.token_env)
+        path = scope.get("path", "")
+        if scope["type"] == "http" and self._protected(path):
+            if not token and self.protect_proxy and path.startswith("/v1/chat"):
+                return await _reject(send, 401, f"this proxy calls upstreams with the server's API keys, so it needs a "
+                                                f"token: set {self.token_env} for the service and send "
+                                                "Authorization: Bearer <token>", field="Authorization")
+            header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+            # Constant time: the comparison must not tell an attacker how much of a guess was right.
+            if token and not hmac.compare_digest(header.encode("latin-1"), f"Bearer {token}".encode("latin-1", "replace")):
+                return await _reject(send, 401, "missing or wrong bearer token (header: Authorization: Bearer <token>)",
+                                     field="Authorization")
+        await self.app(scope, receive, send)
+
+
+async def _reject(send: Any, status: int, message: str, field: str | None = None) -> None:
+    payload = {"error": message, **({"field": field} if field else {})}
+    body = json.dumps(payload).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
