@@ -42,7 +42,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from mixllm.baselines import query_frame  # noqa: E402
 from mixllm.config import load_benchmark_config, load_config  # noqa: E402
-from mixllm.data import InteractionStore, ingest, normalised_text  # noqa: E402
+from mixllm.data import InteractionStore, ingest  # noqa: E402
+from mixllm.splitting import normalised_text  # noqa: E402
 from mixllm.evaluate import (  # noqa: E402
     Interval,
     Outcomes,
@@ -61,7 +62,7 @@ logger = logging.getLogger("benchmarks.levers")
 
 def folds_of(frame: pd.DataFrame, k: int = 5, seed: int = 7) -> np.ndarray:
     """A fold per query; same-text queries share a fold."""
-    from mixllm.data import stable_unit
+    from mixllm.splitting import stable_unit
 
     return np.array([int(stable_unit(seed, normalised_text(q)) * k) for q in frame["query"]])
 

@@ -575,7 +575,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="Skip the levers and the simulations (a smoke run).")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("sentence_transformers", "mlflow", "httpx", "urllib3", "mixllm.data"):
+    for noisy in ("sentence_transformers", "mlflow", "httpx", "urllib3", "mixllm.data", "mixllm.readers", "mixllm.validation"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     bench = load_benchmark_config(args.config)
     names = list(bench.datasets) if not args.datasets else [n.strip() for n in args.datasets.split(",")]

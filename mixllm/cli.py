@@ -115,7 +115,8 @@ def data_fetch(
 @run
 def data_show() -> None:
     """Per-LLM counts, mean quality and cost of the stored interactions, and the split."""
-    from mixllm.data import describe_split, load_interactions, with_split
+    from mixllm.data import load_interactions
+    from mixllm.splitting import describe_split, with_split
 
     config = state.config()
     frame = with_split(load_interactions(config), config.split)

@@ -316,7 +316,7 @@ class MixLLMService(ChatProxy):
     def feedback(self, request: FeedbackRequest, /) -> FeedbackResponse:
         """Store feedback durably (answers after the commit); a retry with the same decision_id or
         request_id is recognised and stores nothing new."""
-        from mixllm.data import implausible_values
+        from mixllm.validation import implausible_values
         from mixllm.errors import MixLLMError
         from mixllm.store import UnknownDecisionError
 

@@ -15,7 +15,8 @@ from typing import Any
 import pandas as pd
 
 from mixllm.config import MixLLMConfig
-from mixllm.data import InteractionStore, load_interactions, split_queries
+from mixllm.data import InteractionStore, load_interactions
+from mixllm.splitting import split_queries
 
 logger = logging.getLogger(__name__)
 

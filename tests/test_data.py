@@ -7,7 +7,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mixllm.data import InteractionStore, fetch_routerbench, ingest, read_log, validate_interactions
+from mixllm.data import InteractionStore, fetch_routerbench, ingest
+from mixllm.readers import read_log
+from mixllm.validation import validate_interactions
 from mixllm.errors import DataError, DataUnavailableError
 
 LLMS = ["cheap-chat", "coder", "strong"]
