@@ -28,6 +28,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -131,8 +132,14 @@ def main() -> int:
     seq_rows.append((f"{config.embedding.max_seq_length}, int8", statistics.median(s) * 1000, qps))
     router.encoder_.quantize = served_quantize
 
+    # The load generator is one client: the per-client limit (service.client_rate_per_s) would
+    # measure itself, so the served copy of the settings turns it off.
+    params = yaml.safe_load((project / "params.yaml").read_text(encoding="utf-8"))
+    params.setdefault("service", {})["client_rate_per_s"] = 0
+    served_params = project / "params-serve-bench.yaml"
+    served_params.write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
     port = free_port()
-    env = {**os.environ, "MIXLLM_PARAMS": str(project / "params.yaml"), "BENTOML_DO_NOT_TRACK": "true",
+    env = {**os.environ, "MIXLLM_PARAMS": str(served_params), "BENTOML_DO_NOT_TRACK": "true",
            "BENTOML_HOME": str(project / "bentoml")}
     env.pop("MIXLLM_API_TOKEN", None)
     process = start([sys.executable, "-m", "bentoml", "serve", "mixllm.service:MixLLMService", "--host", "127.0.0.1",

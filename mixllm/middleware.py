@@ -3,9 +3,12 @@ parses anything (so a bad request never costs a model call, and never becomes a 
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import json
+import math
 import os
+import time
 from typing import Any
 
 
@@ -83,9 +86,79 @@ class BearerAuth:
         await self.app(scope, receive, send)
 
 
-async def _reject(send: Any, status: int, message: str, field: str | None = None) -> None:
+class ClientRateLimit:
+    """ASGI middleware: a token bucket per client, so one client cannot crowd out the others or
+    steer routing with a flood of decisions. A client is its bearer token (hashed) when it sends one,
+    else its IP address. A /route_batch call costs one token per query, other calls one. A client
+    with tokens left may spend more than it has (a full batch goes through), and then waits until
+    the bucket is positive again. Over the limit: 429 with Retry-After, naming the setting."""
+
+    limited = ("/route", "/feedback", "/v1/chat")
+
+    def __init__(self, app: Any, rate_per_s: float, burst: int, clock: Any = time.monotonic):
+        self.app, self.rate, self.burst, self.clock = app, float(rate_per_s), float(burst), clock
+        self._buckets: dict[str, tuple[float, float]] = {}  # client -> (tokens, when last refilled)
+
+    def _take(self, client: str, cost: float) -> float:
+        """0 if the call may go ahead (its cost is taken), else the seconds until it may."""
+        now = self.clock()
+        tokens, then = self._buckets.get(client, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - then) * self.rate)
+        if tokens <= 0:
+            self._buckets[client] = (tokens, now)
+            return (1.0 - tokens) / self.rate
+        self._buckets[client] = (tokens - cost, now)
+        if len(self._buckets) > 100_000:  # forget idle clients (a full bucket is what a new client gets)
+            self._buckets = {k: v for k, v in self._buckets.items() if v[0] + (now - v[1]) * self.rate < self.burst}
+        return 0.0
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        path = scope.get("path", "")
+        if scope["type"] != "http" or self.rate <= 0 or not path.startswith(self.limited):
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        token = headers.get(b"authorization", b"")
+        client = ("token:" + hashlib.sha256(token).hexdigest()[:16] if token
+                  else "ip:" + str((scope.get("client") or ("unknown",))[0]))
+        cost, body = 1.0, None
+        if path.startswith("/route_batch"):  # one token per query: read the (size-limited) body once
+            chunks, more = [], True
+            while more:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return
+                chunks.append(message.get("body", b""))
+                more = message.get("more_body", False)
+            body = b"".join(chunks)
+            try:
+                requests = json.loads(body).get("requests")
+                cost = float(max(1, len(requests))) if isinstance(requests, list) else 1.0
+            except (ValueError, AttributeError):
+                cost = 1.0  # the service itself answers the malformed body
+        wait_s = self._take(client, cost)
+        if wait_s > 0:
+            return await _reject(send, 429, f"too many requests from this client: {self.rate:g} queries/s, bursts of "
+                                            f"{self.burst:g} (service.client_rate_per_s, service.client_burst); retry "
+                                            f"in {wait_s:.1f} s", headers={"Retry-After": str(max(1, math.ceil(wait_s)))})
+        if body is None:
+            return await self.app(scope, receive, send)
+        replayed = False
+
+        async def replay() -> dict:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+async def _reject(send: Any, status: int, message: str, field: str | None = None,
+                  headers: dict[str, str] | None = None) -> None:
     payload = {"error": message, **({"field": field} if field else {})}
     body = json.dumps(payload).encode()
+    extra = [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
     await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *extra]})
     await send({"type": "http.response.body", "body": body})

@@ -41,7 +41,7 @@ from mixllm.api_models import (
     last_user_text,
     stored_response,
 )
-from mixllm.middleware import BearerAuth, BodyLimit
+from mixllm.middleware import BearerAuth, BodyLimit, ClientRateLimit
 from mixllm.proxy import ChatProxy
 
 # A worker that cannot start (no champion in the registry) must stop `bentoml serve` with its
@@ -425,6 +425,9 @@ class MixLLMService(ChatProxy):
                                            f"{', '.join(sorted(upstreams))}")
         return await self._forward(request, chosen, upstreams[chosen], decision_id, model.version)
 
+# Outermost first: the body limit, then the per-client limit (which reads /route_batch bodies the
+# body limit has bounded, and counts rejected tokens too), then the token check.
 MixLLMService.add_asgi_middleware(BodyLimit, max_bytes=SETTINGS.max_body_bytes)
+MixLLMService.add_asgi_middleware(ClientRateLimit, rate_per_s=SETTINGS.client_rate_per_s, burst=SETTINGS.client_burst)
 MixLLMService.add_asgi_middleware(BearerAuth, token_env=SETTINGS.auth_token_env,
                                   protect_route=SETTINGS.require_token_for_route, protect_proxy=PROXY_SPENDS_KEYS)

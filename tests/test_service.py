@@ -59,7 +59,10 @@ def upstream():
 @pytest.fixture(scope="module")
 def service(tmp_path_factory, upstream):
     root = tmp_path_factory.mktemp("service")
-    write_params(root, llms=_llms(upstream.base_url), service={"poll_interval_s": 1, "max_query_chars": 2000},
+    # The load tests below are one client: a per-client limit high enough never to bind here (its
+    # logic is tested in-process in test_one_client_cannot_flood_the_others).
+    write_params(root, llms=_llms(upstream.base_url), service={"poll_interval_s": 1, "max_query_chars": 2000,
+                                                             "client_rate_per_s": 10_000, "client_burst": 100_000},
                  gate={"max_overhead_ms": 5000})
     make_log(n_queries=120, seed=41).to_csv(root / "log.csv", index=False)
     ingest(root / "log.csv", load_config(root / "params.yaml"))
@@ -334,6 +337,51 @@ def test_the_proxy_needs_a_token_whenever_it_spends_upstream_keys(monkeypatch):
     assert status == 401 and b"MIXLLM_TEST_TOKEN" in body and b"Authorization" in body
     assert status_and_body(False, "/v1/chat/completions")[0] == 200, "no upstream key: the proxy stays open"
     assert status_and_body(True, "/route")[0] == 200, "routing spends no key"
+
+
+def test_one_client_cannot_flood_the_others():
+    """The per-client token bucket: a client over its rate gets 429 with Retry-After; another client
+    (another token, or another address) is untouched; a batch costs one token per query."""
+    import asyncio
+
+    from mixllm.middleware import ClientRateLimit
+
+    now = [0.0]
+    calls = []
+
+    async def downstream(scope, receive, send):
+        message = await receive()
+        calls.append(message.get("body", b""))
+        await send({"type": "http.response.start", "status": 200})
+
+    limiter = ClientRateLimit(downstream, rate_per_s=2.0, burst=4, clock=lambda: now[0])
+
+    def call(path="/route", ip="10.0.0.1", token=None, body=b"{}"):
+        sent = []
+        headers = [(b"authorization", f"Bearer {token}".encode())] if token else []
+        scope = {"type": "http", "path": path, "method": "POST", "headers": headers, "client": (ip, 5000)}
+
+        async def receive():
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        async def send(message):
+            sent.append(message)
+
+        asyncio.run(limiter(scope, receive, send))
+        return sent[0]["status"], dict(sent[0].get("headers", [])), b"".join(m.get("body", b"") for m in sent)
+
+    assert [call()[0] for _ in range(4)] == [200] * 4
+    status, headers, body = call()
+    assert status == 429 and headers[b"retry-after"] == b"1" and b"service.client_rate_per_s" in body
+    assert call(ip="10.0.0.2")[0] == 200 and call(token="alice")[0] == 200, "other clients are untouched"
+    now[0] = 0.5  # one token back
+    assert call()[0] == 200 and call()[0] == 429
+    batch = json.dumps({"requests": [{"query": f"q{i}"} for i in range(10)]}).encode()
+    assert call("/route_batch", token="bob", body=batch)[0] == 200, "a full bucket lets a whole batch through"
+    assert calls[-1] == batch, "the body reaches the service intact"
+    status, headers, _ = call(token="bob")
+    assert status == 429 and int(headers[b"retry-after"]) == 4, "then the batch's 10 queries are paid back at 2/s"
+    assert call("/model", token="bob")[0] == 200 and call("/healthz")[0] == 200, "information endpoints are not limited"
 
 
 def test_health_model_and_metrics(service):
