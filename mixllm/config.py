@@ -384,6 +384,9 @@ class ServiceConfig(StrictModel):
     # service, nor steer everyone's routing through the live load.
     client_rate_per_s: float = Field(default=50.0, ge=0.0)
     client_burst: int = Field(default=512, ge=1)
+    # How long a /route or /feedback write waits for the decision log's lock when another writer
+    # holds it (a backup, a long migration) before answering 503 with Retry-After.
+    store_busy_timeout_s: float = Field(default=2.0, gt=0)
     # The worker process exits when `bentoml serve` (its parent) dies, so an orphan never holds the
     # port. Off only if something else supervises and re-parents the worker on purpose.
     exit_with_parent: bool = True

@@ -119,7 +119,8 @@ class MixLLMService(ChatProxy):
                        f"'{alias}' version of {self.config.mlflow.registered_model_name}. Train one first: mixllm train")
             logger.error(message)
             raise RuntimeError(message)
-        self.store = InteractionLog(self.config.sqlalchemy_url(self.config.service.feedback_store_url))
+        self.store = InteractionLog(self.config.sqlalchemy_url(self.config.service.feedback_store_url),
+                                    busy_timeout_s=self.config.service.store_busy_timeout_s)
         self.load = LiveLoad(max_age_s=self.config.service.in_flight_max_age_s,
                              window=self.config.service.latency_window)
         self.metrics = ServiceMetrics()
@@ -224,6 +225,7 @@ class MixLLMService(ChatProxy):
         A retried request_id gets its stored decision back (routing again could choose another
         LLM under a different load). With `atomic`, one invalid item means nothing is logged."""
         from mixllm.errors import RoutingError
+        from mixllm.store import StoreBusyError
 
         results: list[Any] = [None] * len(items)
         valid = []
@@ -255,7 +257,12 @@ class MixLLMService(ChatProxy):
             records.append((i, item, decision))
         if atomic and any(isinstance(result, JSONResponse) for result in results):
             return results
-        decision_ids = self._log_decisions(model, records)
+        try:
+            decision_ids = self._log_decisions(model, records)
+        except StoreBusyError as exc:  # nothing was logged: each caller gets a quick 503, not a hang
+            for i, _, _ in records:
+                results[i] = error(503, None, str(exc), {"Retry-After": "1"})
+            return results
         # A decision is not a call: counting it as in flight let anyone steer everyone's traffic off
         # an LLM with one big anonymous batch. Only calls the proxy makes count (see _forward).
         for (i, _, decision), decision_id in zip(records, decision_ids):
@@ -301,6 +308,12 @@ class MixLLMService(ChatProxy):
         started = time.perf_counter()
         results = self._route_many(self._current(bentoml_api=True), requests, atomic=True)
         self.metrics.route_latency.labels(endpoint="route_batch").observe(time.perf_counter() - started)
+        busy = [r for r in results if isinstance(r, JSONResponse) and r.status_code == 503]
+        if busy:
+            from bentoml.exceptions import ServiceUnavailable
+
+            raise ServiceUnavailable("the decision log is busy (another writer holds its lock); nothing was logged, "
+                                     "retry shortly")
         if any(isinstance(result, JSONResponse) for result in results):
             # Only when the served model changed between validation and routing (a candidate was
             # disabled meanwhile): the merged calls fail together, told nothing of each other's input.
@@ -318,7 +331,7 @@ class MixLLMService(ChatProxy):
         request_id is recognised and stores nothing new."""
         from mixllm.validation import implausible_values
         from mixllm.errors import MixLLMError
-        from mixllm.store import UnknownDecisionError
+        from mixllm.store import StoreBusyError, UnknownDecisionError
 
         model = self.model
         # While the model loads, the catalogue says which LLMs exist (feedback is accepted meanwhile).
@@ -342,6 +355,8 @@ class MixLLMService(ChatProxy):
                 input_tokens=request.input_tokens, output_tokens=request.output_tokens)
         except UnknownDecisionError as exc:
             return error(404, "decision_id", str(exc))
+        except StoreBusyError as exc:
+            return error(503, None, str(exc), {"Retry-After": "1"})
         except MixLLMError as exc:
             return error(400, exc.field, str(exc))
         if stored.created:

@@ -11,11 +11,13 @@ a watermark, and advances the watermark only after it has used the rows.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -77,6 +79,10 @@ watermarks = sa.Table(
 )
 
 
+class StoreBusyError(MixLLMError, RuntimeError):
+    """The database did not take a write within the busy timeout (another writer holds its lock)."""
+
+
 class UnknownDecisionError(MixLLMError, LookupError):
     """Feedback names a decision_id the store has never seen."""
 
@@ -96,8 +102,11 @@ class InteractionLog:
     """The live log: routing decisions and the feedback that joins them, in a SQL database (SQLite WAL
     by default, PostgreSQL by URL). Training data lives elsewhere (`data.InteractionStore`)."""
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, busy_timeout_s: float = 30.0):
+        """`busy_timeout_s`: how long a write waits for a database lock held by another writer
+        before it fails with StoreBusyError (the service keeps it short and answers 503)."""
         self.url = url
+        self.busy_timeout_s = float(busy_timeout_s)
         connect_args: dict[str, Any] = {}
         if url.startswith("sqlite"):
             path = url.split("///", 1)[-1]
@@ -105,7 +114,9 @@ class InteractionLog:
                 from pathlib import Path
 
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
-            connect_args = {"timeout": 30, "check_same_thread": False}
+            connect_args = {"timeout": self.busy_timeout_s, "check_same_thread": False}
+        elif url.startswith("postgresql"):
+            connect_args = {"options": f"-c lock_timeout={int(self.busy_timeout_s * 1000)}"}
         self.engine = sa.create_engine(url, connect_args=connect_args, pool_pre_ping=True)
         if url.startswith("sqlite"):
             @sa.event.listens_for(self.engine, "connect")
@@ -114,11 +125,26 @@ class InteractionLog:
                 # WAL: readers never block the writer; FULL sync: a committed row survives a crash.
                 cursor.execute("PRAGMA journal_mode=WAL")
                 cursor.execute("PRAGMA synchronous=FULL")
-                cursor.execute("PRAGMA busy_timeout=30000")
+                cursor.execute(f"PRAGMA busy_timeout={int(self.busy_timeout_s * 1000)}")
                 cursor.close()
         self._create_schema()
         # SQLite allows one writer at a time; serialise our own writes instead of retrying on locks.
         self._write_lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[Any]:
+        """One write transaction, serialised with this process's other writes; a lock held elsewhere
+        longer than the busy timeout is a StoreBusyError, not a hang."""
+        if not self._write_lock.acquire(timeout=self.busy_timeout_s):
+            raise StoreBusyError(f"the decision log is busy: no write slot within {self.busy_timeout_s:g} s; retry shortly")
+        try:
+            with self.engine.begin() as connection:
+                yield connection
+        except sa.exc.OperationalError as problem:
+            raise StoreBusyError(f"the decision log is busy or unreachable ({str(problem.orig).strip()[:80]}); "
+                                 "retry shortly") from problem
+        finally:
+            self._write_lock.release()
 
     def _create_schema(self) -> None:
         """Create the tables once, even when several replicas start together on an empty database:
@@ -152,7 +178,7 @@ class InteractionLog:
                "model_version": model_version, "lambda_": lambda_,
                "candidates": json.dumps(candidates) if candidates is not None else None, "created_at": _now()}
         try:
-            with self._write_lock, self.engine.begin() as connection:
+            with self._writing() as connection:
                 connection.execute(decisions.insert().values(**row))
         except IntegrityError:
             existing = self.decision_by_request(request_id) if request_id else None
@@ -173,14 +199,14 @@ class InteractionLog:
                             "candidates": json.dumps(row.get("candidates")) if row.get("candidates") is not None else None,
                             "created_at": _now()})
         if payload:
-            with self._write_lock, self.engine.begin() as connection:
+            with self._writing() as connection:
                 connection.execute(decisions.insert(), payload)
         return ids
 
     def complete_decision(self, decision_id: str, *, cost_usd: float | None, latency_s: float | None,
                           input_tokens: float | None = None, output_tokens: float | None = None) -> None:
         """Record the real cost and latency of a decided call (the proxy knows them)."""
-        with self._write_lock, self.engine.begin() as connection:
+        with self._writing() as connection:
             connection.execute(
                 decisions.update().where(decisions.c.decision_id == decision_id).values(
                     cost_usd=cost_usd, latency_s=latency_s, input_tokens=input_tokens, output_tokens=output_tokens)
@@ -203,7 +229,7 @@ class InteractionLog:
         detail_cutoff = now - timedelta(days=detail_days)
         retention_cutoff = now - timedelta(days=retention_days)
         named = sa.select(feedback.c.decision_id).where(feedback.c.decision_id.is_not(None))
-        with self._write_lock, self.engine.begin() as connection:
+        with self._writing() as connection:
             stripped = connection.execute(
                 decisions.update()
                 .where(decisions.c.created_at < detail_cutoff, decisions.c.candidates.is_not(None))
@@ -249,7 +275,7 @@ class InteractionLog:
                "quality": float(quality), "cost_usd": float(cost_usd) if cost_usd is not None else None, "latency_s": latency_s,
                "input_tokens": input_tokens, "output_tokens": output_tokens, "kind": kind, "created_at": _now()}
         try:
-            with self._write_lock, self.engine.begin() as connection:
+            with self._writing() as connection:
                 result = connection.execute(feedback.insert().values(**row))
                 return StoredFeedback(int(result.inserted_primary_key[0]), True, llm)
         except IntegrityError:
@@ -294,7 +320,7 @@ class InteractionLog:
         return int(value or 0)
 
     def set_watermark(self, value: int, name: str = "continual") -> None:
-        with self._write_lock, self.engine.begin() as connection:
+        with self._writing() as connection:
             updated = connection.execute(
                 watermarks.update().where(watermarks.c.name == name).values(value=value, updated_at=_now())
             )

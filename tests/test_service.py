@@ -339,6 +339,30 @@ def test_the_proxy_needs_a_token_whenever_it_spends_upstream_keys(monkeypatch):
     assert status_and_body(True, "/route")[0] == 200, "routing spends no key"
 
 
+def test_a_locked_decision_log_answers_503_quickly_and_recovers(service):
+    """Another writer holds the SQLite lock (a backup, a migration): /route and /feedback answer 503
+    with Retry-After after service.store_busy_timeout_s, not a 500 after 30 s; then all is well."""
+    import sqlite3
+
+    base, config = service["base"], service["config"]
+    path = config.sqlalchemy_url(config.service.feedback_store_url).split("///", 1)[1]
+    locker = sqlite3.connect(path, timeout=5, isolation_level=None)
+    locker.execute("BEGIN IMMEDIATE")  # the write lock, held
+    try:
+        routed = httpx.post(f"{base}/route", json={"query": QUERY}, timeout=60)
+        assert routed.status_code == 503 and routed.headers.get("retry-after") == "1", routed.text
+        assert "busy" in routed.json()["error"]
+        rated = httpx.post(f"{base}/feedback", json={"query": "q", "llm": "coder", "quality": 0.5},
+                           headers=AUTH, timeout=60)
+        assert rated.status_code == 503 and rated.headers.get("retry-after") == "1", rated.text
+        batch = httpx.post(f"{base}/route_batch", json={"requests": [{"query": QUERY}]}, timeout=60)
+        assert batch.status_code == 503, batch.text
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
+    assert _route(base)["llm"] in PRICE_PER_1K, "the lock released, routing logs again"
+
+
 def test_one_client_cannot_flood_the_others():
     """The per-client token bucket: a client over its rate gets 429 with Retry-After; another client
     (another token, or another address) is untouched; a batch costs one token per query."""
