@@ -164,11 +164,10 @@ class MixLLMService(ChatProxy):
                 return target
             started = time.perf_counter()
             router, number = self.registry.load_router(target)
-            # params.yaml's enabled flags act at once (e.g. an upstream outage); adding and removing
-            # LLMs is the continual flow's job, so the served model stays the registered one.
-            for llm in self.config.llms:
-                if llm.name in router.llms_:
-                    router.set_enabled(llm.name, llm.enabled)
+            # params.yaml's enabled flags apply to every model served (and /admin/reload re-reads
+            # them); adding and removing LLMs is the continual flow's job, so the served model
+            # stays the registered one.
+            self._apply_enabled_flags(router, self.config.llms)
             router.route(["warm-up query"])  # first-call costs are paid here, not by a request
             self.model = LoadedModel(router, number)
             ROUTABLE.enabled = tuple(router.enabled_llms_)
@@ -177,6 +176,32 @@ class MixLLMService(ChatProxy):
             logger.info("serving %s version %d (loaded in %.1fs)", self.config.mlflow.registered_model_name, number,
                         time.perf_counter() - started)
             return number
+
+    @staticmethod
+    def _apply_enabled_flags(router: Any, llms: Any) -> list[str]:
+        """params.yaml's llms[].enabled on the router's pool; returns what changed."""
+        changed = []
+        enabled_now = set(router.enabled_llms_)
+        for llm in llms:
+            if llm.name in router.llms_ and (llm.name in enabled_now) != llm.enabled:
+                router.set_enabled(llm.name, llm.enabled)
+                changed.append(f"{'enabled' if llm.enabled else 'disabled'} {llm.name}")
+        return changed
+
+    def _reload_enabled_flags(self) -> list[str]:
+        """Re-read params.yaml and apply its llms[].enabled to the served model at once (an upstream
+        outage: set enabled: false there, then POST /admin/reload). Other settings need a restart."""
+        from mixllm.config import load_config
+
+        fresh = load_config()
+        with self._reload_lock:
+            model = self._current()
+            changes = self._apply_enabled_flags(model.router, fresh.llms)
+            ROUTABLE.enabled = tuple(model.router.enabled_llms_)
+            self.config = self.config.model_copy(update={"llms": fresh.llms})
+        if changes:
+            logger.info("params.yaml's enabled flags applied to version %d: %s", model.version, ", ".join(changes))
+        return changes
 
     def _poll(self) -> None:
         interval = self.config.service.poll_interval_s
@@ -382,13 +407,16 @@ class MixLLMService(ChatProxy):
 
     @admin_app.post("/reload")
     def reload(self) -> dict[str, Any]:
-        """Reload the alias now (the service also polls it every service.poll_interval_s)."""
+        """Reload the alias now (the service also polls it every service.poll_interval_s), and apply
+        params.yaml's llms[].enabled flags to the served model."""
         before = self.model.version if self.model else None
         try:
             after = self._reload()
+            pool_changes = self._reload_enabled_flags()
         except Exception as exc:  # noqa: BLE001 - report, keep serving the old model
             return error(503, None, f"reload failed, still serving version {before}: {exc}")
-        return {"before": before, "version": after, "changed": before != after}
+        return {"before": before, "version": after, "changed": before != after, "pool_changes": pool_changes,
+                "enabled": list(self._current().router.enabled_llms_)}
 
     # ------------------------------------------------------------------------- OpenAI proxy
 

@@ -339,6 +339,31 @@ def test_the_proxy_needs_a_token_whenever_it_spends_upstream_keys(monkeypatch):
     assert status_and_body(True, "/route")[0] == 200, "routing spends no key"
 
 
+def test_disabling_an_llm_in_params_acts_on_admin_reload(service):
+    """An upstream outage: enabled: false in params.yaml, then POST /admin/reload; no restart."""
+    import yaml
+
+    base, root = service["base"], service["root"]
+    params_path = root / "params.yaml"
+    original = params_path.read_text(encoding="utf-8")
+    params = yaml.safe_load(original)
+    for llm in params["llms"]:
+        if llm["name"] == "coder":
+            llm["enabled"] = False
+    try:
+        params_path.write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
+        reloaded = httpx.post(f"{base}/admin/reload", headers=AUTH, timeout=60)
+        assert reloaded.status_code == 200 and reloaded.json()["pool_changes"] == ["disabled coder"], reloaded.text
+        assert "coder" not in reloaded.json()["enabled"]
+        refused = httpx.post(f"{base}/route", json={"query": QUERY, "candidates": ["coder"]}, timeout=30)
+        assert refused.status_code == 400 and _named_field(refused.json()) == "candidates", refused.text
+        assert all(_route(base)["llm"] != "coder" for _ in range(5))
+    finally:
+        params_path.write_text(original, encoding="utf-8")
+        restored = httpx.post(f"{base}/admin/reload", headers=AUTH, timeout=60)
+    assert restored.json()["pool_changes"] == ["enabled coder"] and "coder" in restored.json()["enabled"]
+
+
 def test_a_locked_decision_log_answers_503_quickly_and_recovers(service):
     """Another writer holds the SQLite lock (a backup, a migration): /route and /feedback answer 503
     with Retry-After after service.store_busy_timeout_s, not a 500 after 30 s; then all is well."""
