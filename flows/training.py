@@ -34,14 +34,11 @@ def _stage_cache_key(stage: str):
 
 
 def _stage_task(stage: job.Stage) -> Any:
-    def run_stage(params_path: str | None, _after: Any = None) -> str:
-        config = config_for(params_path)
-        output = stage.run(config)
-        job.record_stage(config, stage.name)
-        return str(output)
+    def stage_task(params_path: str | None, _after: Any = None) -> str:
+        return str(job.run_stage(config_for(params_path), stage.name))
 
-    run_stage.__name__ = f"stage_{stage.name}"
-    return task(name=stage.description, cache_key_fn=_stage_cache_key(stage.name), persist_result=True)(run_stage)
+    stage_task.__name__ = f"stage_{stage.name}"
+    return task(name=stage.description, cache_key_fn=_stage_cache_key(stage.name), persist_result=True)(stage_task)
 
 
 # The stages that make router/; evaluation follows below (MixLLM and each baseline in parallel).

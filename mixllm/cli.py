@@ -168,11 +168,10 @@ app.add_typer(pipeline_app, name="pipeline")
 
 def _stage_command(name: str, description: str, outputs: str):  # noqa: ANN202 - builds one typer command
     def command() -> None:
-        from mixllm.training import STAGE, record_stage
+        from mixllm.training import run_stage
 
         config = state.config()
-        result = STAGE[name].run(config, None, _progress())
-        record_stage(config, name)  # `mixllm train` then reuses what DVC made, and the other way round
+        result = run_stage(config, name, progress=_progress())  # `mixllm train` then reuses what DVC made
         if name == "evaluate":
             from mixllm.evaluate import format_table
 

@@ -41,16 +41,7 @@ class BodyLimit:
                 return await _reject(send, 413, f"request body is larger than {self.max_bytes} bytes")
             chunks.append(chunk)
             more = message.get("more_body", False)
-        body, replayed = b"".join(chunks), False
-
-        async def replay() -> dict:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
+        await self.app(scope, _replaying(b"".join(chunks), receive), send)
 
 
 class BearerAuth:
@@ -140,18 +131,21 @@ class ClientRateLimit:
             return await _reject(send, 429, f"too many requests from this client: {self.rate:g} queries/s, bursts of "
                                             f"{self.burst:g} (service.client_rate_per_s, service.client_burst); retry "
                                             f"in {wait_s:.1f} s", headers={"Retry-After": str(max(1, math.ceil(wait_s)))})
-        if body is None:
-            return await self.app(scope, receive, send)
-        replayed = False
+        await self.app(scope, receive if body is None else _replaying(body, receive), send)
 
-        async def replay() -> dict:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
 
-        await self.app(scope, replay, send)
+def _replaying(body: bytes, receive: Any) -> Any:
+    """An ASGI receive that hands the app the body already read, then defers to the real one."""
+    replayed = False
+
+    async def replay() -> dict:
+        nonlocal replayed
+        if not replayed:
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
 
 
 async def _reject(send: Any, status: int, message: str, field: str | None = None,

@@ -577,6 +577,19 @@ class MixLLMRouter(BaseEstimator):
         self.catalogue_[name] = {**self.catalogue_[name], "enabled": bool(enabled)}
         return self
 
+    def apply_enabled_flags(self, llms: Sequence[LLMConfig]) -> list[str]:
+        """Only the catalogue's enabled flags, for LLMs already in the pool (what a served model
+        takes from params.yaml at once; adding and removing LLMs is apply_catalogue's). Returns
+        what changed, one line each."""
+        self._check_fitted()
+        changes = []
+        enabled_now = set(self.enabled_llms_)
+        for llm in llms:
+            if llm.name in self.catalogue_ and (llm.name in enabled_now) != llm.enabled:
+                self.set_enabled(llm.name, llm.enabled)
+                changes.append(f"{'enabled' if llm.enabled else 'disabled'} {llm.name}")
+        return changes
+
     def apply_catalogue(self, llms: Sequence[LLMConfig]) -> list[str]:
         """Make the pool match a catalogue: add new LLMs, drop absent ones, update prices, latency and
         enabled flags. Returns what changed, one line each."""

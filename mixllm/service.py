@@ -167,7 +167,7 @@ class MixLLMService(ChatProxy):
             # params.yaml's enabled flags apply to every model served (and /admin/reload re-reads
             # them); adding and removing LLMs is the continual flow's job, so the served model
             # stays the registered one.
-            self._apply_enabled_flags(router, self.config.llms)
+            router.apply_enabled_flags(self.config.llms)
             router.route(["warm-up query"])  # first-call costs are paid here, not by a request
             self.model = LoadedModel(router, number)
             ROUTABLE.enabled = tuple(router.enabled_llms_)
@@ -177,17 +177,6 @@ class MixLLMService(ChatProxy):
                         time.perf_counter() - started)
             return number
 
-    @staticmethod
-    def _apply_enabled_flags(router: Any, llms: Any) -> list[str]:
-        """params.yaml's llms[].enabled on the router's pool; returns what changed."""
-        changed = []
-        enabled_now = set(router.enabled_llms_)
-        for llm in llms:
-            if llm.name in router.llms_ and (llm.name in enabled_now) != llm.enabled:
-                router.set_enabled(llm.name, llm.enabled)
-                changed.append(f"{'enabled' if llm.enabled else 'disabled'} {llm.name}")
-        return changed
-
     def _reload_enabled_flags(self) -> list[str]:
         """Re-read params.yaml and apply its llms[].enabled to the served model at once (an upstream
         outage: set enabled: false there, then POST /admin/reload). Other settings need a restart."""
@@ -196,7 +185,7 @@ class MixLLMService(ChatProxy):
         fresh = load_config()
         with self._reload_lock:
             model = self._current()
-            changes = self._apply_enabled_flags(model.router, fresh.llms)
+            changes = model.router.apply_enabled_flags(fresh.llms)
             ROUTABLE.enabled = tuple(model.router.enabled_llms_)
             self.config = self.config.model_copy(update={"llms": fresh.llms})
         if changes:

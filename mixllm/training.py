@@ -262,6 +262,15 @@ def record_stage(config: MixLLMConfig, stage: str) -> None:
     write_atomic(path, json.dumps(recorded, indent=1, sort_keys=True))
 
 
+def run_stage(config: MixLLMConfig, name: str, split: SplitData | None = None, progress: bool | None = None) -> Any:
+    """Run one stage and record its key, so any runner (`mixllm train`, `mixllm pipeline`, DVC, the
+    Prefect tasks) reuses what another made. Returns the stage's result (its output path, or the
+    evaluation report)."""
+    result = STAGE[name].run(config, split, progress)
+    record_stage(config, name)
+    return result
+
+
 def run_stages(config: MixLLMConfig, names: Sequence[str], split: SplitData | None = None,
                progress: bool | None = None) -> None:
     """Run the named stages in order, each only when its inputs changed since it last ran in the
@@ -271,8 +280,7 @@ def run_stages(config: MixLLMConfig, names: Sequence[str], split: SplitData | No
         if name in done:
             logger.info("stage %s: inputs unchanged, reusing its output", name)
             continue
-        STAGE[name].run(config, split, progress)
-        record_stage(config, name)
+        run_stage(config, name, split, progress)
         done = set()
 
 
