@@ -147,6 +147,13 @@ class EmbeddingConfig(StrictModel):
     # int8: the encoder's Linear layers quantised dynamically for inference (fine-tuning stays
     # fp32); about twice as fast on CPU, at a quality cost measured in benchmarks/RESULTS.md.
     quantize: Literal["none", "int8"] = "none"
+    # What embeds a query at routing time. torch: the (fine-tuned) transformer. static: model2vec
+    # token vectors distilled from it after fine-tuning (microseconds per query, no transformer in
+    # the service). auto: training fits the router with each and keeps the fastest whose validation
+    # AIQ is within max_aiq_loss of the best.
+    backend: Literal["torch", "static", "auto"] = "auto"
+    static_dims: int = Field(default=256, ge=8, le=1024)
+    max_aiq_loss: float = Field(default=0.003, ge=0)
     fine_tune: FineTuneConfig = FineTuneConfig()
 
 

@@ -90,12 +90,39 @@ def mine_domain_triplets(
     return triplets
 
 
+BACKENDS = ("torch", "static")
+
+
+def distill_static(model: Any, dims: int) -> Any:
+    """A model2vec StaticModel distilled from a sentence-transformers model, offline.
+
+    model2vec embeds every token of the model's vocabulary once with the full transformer, reduces
+    the vectors to `dims` by PCA and weights them by token frequency; a query is then the mean of its
+    tokens' vectors: no transformer at routing time, a few microseconds per query on a CPU.
+    """
+    import torch
+    from model2vec.distill import distill_from_model
+
+    transformer = model[0].auto_model
+    dims = int(min(dims, model.get_embedding_dimension()))
+    logger.info("distilling static token embeddings (%d dimensions) from the encoder", dims)
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=UserWarning)
+        return distill_from_model(transformer, model.tokenizer, pca_dims=dims, device="cpu")
+
+
 class QueryEncoder(BaseEstimator):
     """Queries -> unit-length vectors, from a sentence-transformers model fine-tuned on domain triplets.
 
     `fit(queries, domains)` fine-tunes when `fine_tune` is on and domains are given (else it just
     loads the base model); `transform` embeds. The fitted model saves as a normal
     sentence-transformers folder.
+
+    `backend` says what embeds at routing time: "torch" runs the transformer; "static" runs static
+    token vectors distilled from the (fine-tuned) transformer with model2vec, hundreds of times faster
+    at some quality cost (benchmarks/RESULTS.md). A static encoder saved and loaded again never loads
+    the transformer unless asked for it (`model_`).
     """
 
     def __init__(
@@ -114,6 +141,8 @@ class QueryEncoder(BaseEstimator):
         train_max_seq_length: int = 64,
         random_state: int = 13,
         progress: bool | None = None,
+        backend: str = "torch",
+        static_dims: int = 256,
     ):
         self.model_path = model_path
         self.max_seq_length = max_seq_length
@@ -129,6 +158,40 @@ class QueryEncoder(BaseEstimator):
         self.warmup_ratio = warmup_ratio
         self.random_state = random_state
         self.progress = progress
+        self.backend = backend
+        self.static_dims = static_dims
+
+    @property
+    def model_(self) -> Any:
+        """The sentence-transformers model (loaded on first use for an encoder loaded as static)."""
+        if getattr(self, "_model", None) is None and getattr(self, "_model_folder", None) is not None:
+            self._model = load_sentence_transformer(self._model_folder, self.max_seq_length, self.truncation_side)
+        if getattr(self, "_model", None) is None:
+            raise NotFittedError("QueryEncoder is not fitted; call fit(queries) or QueryEncoder.load(folder)")
+        return self._model
+
+    @model_.setter
+    def model_(self, model: Any) -> None:
+        self._model = model
+
+    def with_backend(self, backend: str) -> QueryEncoder:
+        """This fitted encoder embedding with another backend (the transformer is shared, not copied)."""
+        self._check_fitted()
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        other = QueryEncoder(**{**self.get_params(), "backend": backend})
+        other.model_ = self.model_
+        other.dim_, other.fine_tuned_, other.n_triplets_ = self.dim_, self.fine_tuned_, self.n_triplets_
+        other._finish_fit()
+        return other
+
+    def _finish_fit(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if self.backend == "static":
+            self.static_ = distill_static(self.model_, self.static_dims)
+            self.dim_ = int(self.static_.dim)
+        self.fingerprint_ = self._fingerprint()
 
     def fit(self, queries: Sequence[str], domains: np.ndarray | None = None) -> QueryEncoder:
         self.model_ = load_sentence_transformer(self.model_path, self.max_seq_length, self.truncation_side)
@@ -143,7 +206,7 @@ class QueryEncoder(BaseEstimator):
                 self.n_triplets_ = len(triplets)
             else:
                 logger.warning("fine-tuning skipped: fewer than two domains with two queries each")
-        self.fingerprint_ = self._fingerprint()
+        self._finish_fit()
         return self
 
     def _fine_tune(self, queries: list[str], triplets: list[tuple[int, int, int]]) -> None:
@@ -193,7 +256,7 @@ class QueryEncoder(BaseEstimator):
         self.model_.max_seq_length = self.max_seq_length
 
     def _check_fitted(self) -> None:
-        if not hasattr(self, "model_"):
+        if not hasattr(self, "fingerprint_"):
             raise NotFittedError("QueryEncoder is not fitted; call fit(queries) or QueryEncoder.load(folder)")
 
     def _inference_model(self) -> Any:
@@ -221,6 +284,8 @@ class QueryEncoder(BaseEstimator):
         self._check_fitted()
         if len(queries) == 0:
             return np.zeros((0, self.dim_), dtype=np.float32)
+        if self.backend == "static":
+            return self._static_transform(list(queries))
         return np.asarray(
             self._inference_model().encode(
                 list(queries),
@@ -232,12 +297,31 @@ class QueryEncoder(BaseEstimator):
             dtype=np.float32,
         )
 
+    def _static_transform(self, queries: list[str]) -> np.ndarray:
+        """Mean of the static token vectors over the query's last (or first) max_seq_length tokens."""
+        static = self.static_
+        token_ids = static.tokenize(queries)
+        keep = self.max_seq_length
+        vectors = np.zeros((len(queries), self.dim_), dtype=np.float32)
+        for row, ids in enumerate(token_ids):
+            if not ids:
+                continue
+            ids = ids[-keep:] if self.truncation_side == "left" else ids[:keep]
+            vectors[row] = static.embedding[ids].astype(np.float32).mean(axis=0)
+        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+        return vectors / np.where(norms > 0, norms, 1.0)
+
     def _fingerprint(self) -> str:
         """Identifies the weights and settings, so cached embeddings are never reused across models."""
         digest = hashlib.blake2b(digest_size=10)
         settings = [str(self.model_path), self.max_seq_length, self.truncation_side]
         if self.quantize != "none":  # (kept out of the list when off: existing caches stay valid)
             settings.append(self.quantize)
+        if self.backend == "static":  # the static vectors are the whole model at routing time
+            settings.append("static")
+            digest.update(json.dumps(settings).encode())
+            digest.update(np.ascontiguousarray(self.static_.embedding).tobytes())
+            return digest.hexdigest()
         digest.update(json.dumps(settings).encode())
         # Every weight, not a sample: fine-tuning moves only some of them (e.g. used tokens' rows).
         for name, tensor in sorted(self.model_.state_dict().items()):
@@ -249,6 +333,8 @@ class QueryEncoder(BaseEstimator):
         self._check_fitted()
         folder = Path(folder)
         self.model_.save(str(folder))
+        if self.backend == "static":
+            self.static_.save_pretrained(str(folder / "static"))
         meta = {
             "params": self.get_params(),
             "dim": self.dim_,
@@ -264,8 +350,21 @@ class QueryEncoder(BaseEstimator):
         if not meta_path.is_file():
             raise ModelFormatError(f"{folder} is not a saved QueryEncoder (missing {meta_path.name})")
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        encoder = cls(**meta["params"])
-        encoder.model_ = load_sentence_transformer(folder, encoder.max_seq_length, encoder.truncation_side)
+        params = dict(meta["params"])
+        if "max_pairs" in params:  # the name before 2026-11-26 (it always counted triplets)
+            params["max_triplets"] = params.pop("max_pairs")
+        unknown = sorted(set(params) - set(cls().get_params()))
+        if unknown:
+            raise ModelFormatError(f"{meta_path} has settings this version does not know ({', '.join(unknown)}); "
+                                   "it was saved by a newer mixllm: upgrade, or retrain with `mixllm train`")
+        encoder = cls(**params)
+        if encoder.backend == "static":  # routing needs only the static vectors: the transformer loads on demand
+            from model2vec import StaticModel
+
+            encoder.model_, encoder._model_folder = None, folder
+            encoder.static_ = StaticModel.from_pretrained(str(folder / "static"), force_download=False)
+        else:
+            encoder.model_ = load_sentence_transformer(folder, encoder.max_seq_length, encoder.truncation_side)
         encoder.dim_ = int(meta["dim"])
         encoder.fine_tuned_ = bool(meta["fine_tuned"])
         encoder.n_triplets_ = int(meta["n_triplets"])

@@ -30,6 +30,8 @@ def query_encoder(config: MixLLMConfig, progress: bool | None = None) -> QueryEn
         fine_tune=ft.enabled, epochs=ft.epochs, max_triplets=ft.max_triplets, train_batch_size=ft.batch_size,
         learning_rate=ft.learning_rate, warmup_ratio=ft.warmup_ratio, train_max_seq_length=ft.max_seq_length,
         random_state=ft.seed, progress=progress,
+        # auto: the encoder stage keeps the transformer; the predictors stage derives and compares
+        backend="torch" if embedding.backend == "auto" else embedding.backend, static_dims=embedding.static_dims,
     )
 
 

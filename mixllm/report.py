@@ -62,6 +62,7 @@ class EvaluationReport:
     metrics: dict[str, float] = field(default_factory=dict)
     predictor_scores: dict[str, float] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    backend_metrics: dict[str, float] = field(default_factory=dict)  # the encoder backends compared in training
     predictions_finite: bool = True  # every q, sigma and cost the router predicted on the holdout
     # Bootstrap over holdout queries: per router, per metric, the estimate and its interval; and
     # MixLLM minus each baseline on the same resamples (paired).
@@ -199,6 +200,10 @@ def evaluate_router(
                                                                 reference_cost, config, calibration.lambda_)
     report.predictor_scores = predictor_scores(predictions, outcomes)
     report.timings = {f"timing.{k}": float(v) for k, v in getattr(router, "timings_", {}).items()}
+    choice = getattr(router, "backend_choice_", None) or {}
+    report.backend_metrics = {f"backend.{name}.{key}": float(value)
+                              for name, figures in choice.get("candidates", {}).items()
+                              for key, value in figures.items() if np.isfinite(value)}
     report.metrics = flat_metrics(report, config)
     return report
 
@@ -216,6 +221,56 @@ def calibrate_on_validation(config: MixLLMConfig, adapter: Any, split: SplitData
     return calibrate_lambda(adapter.predict(validation), validation_outcomes, validation_reference,
                             adapter.cost_scale_usd_, target, value, confidence=evaluation.budget_confidence,
                             window_queries=evaluation.budget_window_queries, reference_cost_usd=reference_cost)
+
+
+def validation_context(config: MixLLMConfig, split: SplitData, llms: Sequence[str]) -> tuple[pd.DataFrame, Outcomes, Reference]:
+    """The validation part's queries, every LLM's real outcome on them, and the reference LLM
+    (for choices made before the holdout is looked at)."""
+    queries = query_frame(split.validation)
+    if queries.empty:
+        raise MixLLMError("no validation queries to choose on; set split.validation_fraction > 0")
+    outcomes = Outcomes.from_log(split.validation, queries["query_id"], llms)
+    reference = reference_on(split.validation, queries["query_id"], outcomes, reference_llm(config, split.train))
+    return queries, outcomes, reference
+
+
+def choose_backend(config: MixLLMConfig, routers: dict[str, MixLLMRouter], split: SplitData) -> dict[str, Any]:
+    """The encoder backend to serve: the fastest whose validation AIQ is, with confidence, within
+    embedding.max_aiq_loss of the best one's.
+
+    "With confidence": the one-sided lower bound (at evaluation.confidence_level) of the paired
+    bootstrap difference "this backend minus the best" must stay above -max_aiq_loss. A plain
+    comparison of two validation means picks a faster backend on noise: on the shared logs the
+    static encoder tied or beat the transformer on validation and lost 0.003-0.03 AIQ on the holdout.
+    """
+    evaluation = config.evaluation
+    llms = next(iter(routers.values())).enabled_llms_
+    queries, outcomes, reference = validation_context(config, split, llms)
+    reference_quality, reference_cost = reference_columns(split.validation, queries["query_id"], outcomes,
+                                                          reference.llm)
+    weights = bootstrap_weights(len(queries), max(evaluation.bootstrap_resamples, 200), evaluation.seed)
+    aiq, replicates, speed = {}, {}, {}
+    for name, router in routers.items():
+        curve = measure_router(name, MixLLMAdapter(router), queries, outcomes, reference)
+        aiq[name] = curve.summary(reference, evaluation.cost_budget_share, evaluation.quality_target_share)["aiq"]
+        replicates[name] = bootstrap_metrics(curve, outcomes, reference_quality, reference_cost, weights,
+                                             evaluation.cost_budget_share, evaluation.quality_target_share)["aiq"]
+        speed[name] = routing_overhead_ms(router, queries["query"].tolist())
+    best = max(aiq, key=lambda name: aiq[name])
+    tail = 100 * (1 - evaluation.confidence_level)
+    candidates = {}
+    for name in routers:
+        difference = replicates[name] - replicates[best]
+        bound = float(np.nanpercentile(difference, tail)) if np.isfinite(difference).any() else float("-inf")
+        candidates[name] = {"validation_aiq": float(aiq[name]), "ms_per_query": float(speed[name]),
+                            "aiq_loss_bound": 0.0 if name == best else -bound}
+    loss = config.embedding.max_aiq_loss
+    chosen = min((name for name, c in candidates.items() if c["aiq_loss_bound"] <= loss),
+                 key=lambda name: candidates[name]["ms_per_query"])
+    logger.info("encoder backend: %s (%s)", chosen, "; ".join(
+        f"{name}: validation AIQ {c['validation_aiq']:.4f}, {c['ms_per_query']:.1f} ms/query, AIQ loss bound "
+        f"{c['aiq_loss_bound']:.4f}" for name, c in candidates.items()))
+    return {"chosen": chosen, "best": best, "max_aiq_loss": loss, "candidates": candidates}
 
 
 def predictor_scores(predictions: Any, outcomes: Outcomes) -> dict[str, float]:
@@ -317,6 +372,7 @@ def flat_metrics(report: EvaluationReport, config: MixLLMConfig) -> dict[str, fl
                 metrics[f"vs.{router}.{metric}.ci_high"] = interval.high
     metrics.update(report.predictor_scores)
     metrics.update(report.timings)
+    metrics.update(report.backend_metrics)
     return metrics
 
 

@@ -683,6 +683,7 @@ class MixLLMRouter(BaseEstimator):
             "n_feedback": getattr(self, "n_feedback_", 0),
             "timings": getattr(self, "timings_", {}),
             "tags": self.tag_report_,
+            "backend_choice": getattr(self, "backend_choice_", None),
         }
         (folder / "router.json").write_text(json.dumps(manifest, indent=2, default=str), encoding="utf-8")
         return folder
@@ -724,6 +725,8 @@ class MixLLMRouter(BaseEstimator):
         router.trained_at_ = manifest["trained_at"]
         router.timings_ = manifest.get("timings", {})
         router.tag_report_ = manifest.get("tags", {})
+        if manifest.get("backend_choice"):
+            router.backend_choice_ = manifest["backend_choice"]
         router.clusterer_ = None
         router.quality_models_, router.cost_models_ = {}, {}
         router.anchors_ = {}
@@ -771,8 +774,9 @@ class MixLLMRouter(BaseEstimator):
             ],
             "decision": {**self._config.decision.model_dump(by_alias=True), "default_lambda": self.default_lambda},
             "cost_scale_usd": self.cost_scale_usd_,
-            "encoder": {"fine_tuned": self.encoder_.fine_tuned_, "max_seq_length": self.encoder_.max_seq_length,
-                        "quantize": self.encoder_.quantize},
+            "encoder": {"backend": self.encoder_.backend, "fine_tuned": self.encoder_.fine_tuned_,
+                        "max_seq_length": self.encoder_.max_seq_length, "quantize": self.encoder_.quantize,
+                        "backend_choice": getattr(self, "backend_choice_", None)},
             "features": {**self.featurizer_.block_sizes_, "domains": len(self.domain_model_.classes_)},
             "quality_ridge": self.ridge_,
             "domains": self.domain_model_.describe(),

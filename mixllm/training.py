@@ -18,7 +18,7 @@ from mixllm.embeddings import QueryEncoder
 from mixllm.errors import MixLLMError
 from mixllm.evaluate import format_table, to_jsonable
 from mixllm.gate import Registration, register_candidate
-from mixllm.report import EvaluationReport, evaluate_router, write_evaluation
+from mixllm.report import EvaluationReport, choose_backend, evaluate_router, write_evaluation
 from mixllm.router import MixLLMRouter
 from mixllm.workspace import (
     SplitData,
@@ -82,9 +82,18 @@ def stage_predictors(config: MixLLMConfig, split: SplitData | None = None, progr
     domains, report = read_tags(config)
     encoder = QueryEncoder.load(workspace.encoder)
     encoder.progress = progress
-    router = MixLLMRouter(config, cache_dir=workspace.cache, progress=progress)
-    router.tag_report_ = report
-    router.fit(split.train, domains=domains, encoder=encoder)
+    wanted = config.embedding.backend
+    backends = ["torch", "static"] if wanted == "auto" else [wanted]
+    routers = {}
+    for backend in backends:
+        router = MixLLMRouter(config, cache_dir=workspace.cache, progress=progress)
+        router.tag_report_ = report
+        routers[backend] = router.fit(split.train, domains=domains,
+                                      encoder=encoder if encoder.backend == backend else encoder.with_backend(backend))
+    if len(routers) > 1:
+        choice = choose_backend(config, routers, split)
+        router = routers[choice["chosen"]]
+        router.backend_choice_ = choice
     return replace_dir(workspace.router, router.save)
 
 
@@ -209,7 +218,10 @@ STAGES: tuple[Stage, ...] = (
           reads=("interactions", "split", "tags"), outputs=("encoder",), params=("embedding",)),
     Stage("predictors", stage_predictors, "fit every LLM's quality and cost predictors (the complete router)",
           reads=("interactions", "split", "tags", "encoder"), outputs=("router",),
-          params=("features", "domains", "predictors", "decision", "llms")),
+          # (the evaluation settings: embedding.backend auto compares backends on validation)
+          params=("features", "domains", "predictors", "decision", "llms", "evaluation.cost_budget_share",
+                  "evaluation.quality_target_share", "evaluation.bootstrap_resamples",
+                  "evaluation.confidence_level", "evaluation.seed")),
     Stage("evaluate", stage_evaluate, "evaluate the router and the baselines on the holdout",
           reads=("interactions", "split", "predictors"),
           outputs=("metrics", "metrics_detail", "table", "curve", "plot"),

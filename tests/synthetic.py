@@ -73,7 +73,8 @@ def write_params(root, complete: bool = False, **sections) -> Path:
             for name, price in PRICE_PER_1K.items()
         ],
         "split": {"validation_fraction": 0.2, "holdout_fraction": 0.25, "seed": 3},
-        "embedding": {"max_seq_length": 32, "batch_size": 32,
+        # torch: "auto" distils a static encoder too (~8 s); tests of it ask for it
+        "embedding": {"max_seq_length": 32, "batch_size": 32, "backend": "torch",
                       "fine_tune": {"enabled": False, "max_triplets": 64, "batch_size": 8}},
         "tags": {"n_clusters": 3, "min_df": 1, "top_k": 3},
         "features": {"tfidf": {"svd_components": 16, "min_df": 1}},
@@ -99,7 +100,7 @@ def small_config(**overrides):
         "llms": [{"name": n, "input_usd_per_1k": p, "output_usd_per_1k": p,
                   "latency": {"per_call_s": 1.0, "per_output_token_s": 0.0, "concurrency": 2}}
                  for n, p in PRICE_PER_1K.items()],
-        "embedding": {"max_seq_length": 32, "fine_tune": {"enabled": False}},
+        "embedding": {"max_seq_length": 32, "backend": "torch", "fine_tune": {"enabled": False}},
         "tags": {"n_clusters": 3, "min_df": 2, "top_k": 3},
         "features": {"tfidf": {"svd_components": 16, "min_df": 1}},
         "predictors": {"quality": {"ridge": 5.0}},

@@ -1,0 +1,117 @@
+"""Encoder backends: the static (model2vec) encoder, and training's choice between backends."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mixllm.embeddings import QueryEncoder
+from mixllm.errors import ModelFormatError
+from mixllm.report import choose_backend
+from mixllm.router import MixLLMRouter
+from mixllm.workspace import SplitData
+from synthetic import make_log, small_config
+
+QUERIES = ["What is 12 plus 30?", "Write a python function to reverse a string.", "When did Rome fall?"]
+
+
+@pytest.fixture(scope="module")
+def static_encoder():
+    return QueryEncoder(fine_tune=False, max_seq_length=8, backend="static", static_dims=64).fit(QUERIES)
+
+
+def test_static_encoder_embeds_unit_vectors_of_its_dimension(static_encoder):
+    vectors = static_encoder.transform(QUERIES + [""])
+    assert vectors.shape == (4, 64) and static_encoder.dim_ == 64
+    np.testing.assert_allclose(np.linalg.norm(vectors[:3], axis=1), 1.0, rtol=1e-5)
+    assert not vectors[3].any()  # no tokens: the zero vector, not NaN
+    # Related queries sit closer than unrelated ones.
+    code = static_encoder.transform(["Write a python function to sort a list."])[0]
+    assert code @ vectors[1] > code @ vectors[2]
+
+
+def test_static_encoder_keeps_the_end_of_a_long_query_when_truncating_left(static_encoder):
+    prefix = "Answer the question below carefully, showing each step of the reasoning you use. " * 3
+    a, b = prefix + "Who built the pyramids?", prefix + "Write python code to parse JSON."
+    left = static_encoder.transform([a, b])
+    assert left[0] @ left[1] < 0.95  # the questions differ, and only they are kept
+    right = QueryEncoder(**{**static_encoder.get_params(), "truncation_side": "right"})
+    right.model_, right.dim_, right.fine_tuned_, right.n_triplets_ = static_encoder.model_, 64, False, 0
+    right.static_, right.fingerprint_ = static_encoder.static_, "right"
+    same = right.transform([a, b])
+    assert same[0] @ same[1] == pytest.approx(1.0, abs=1e-5)  # both cut to the shared prefix
+
+
+def test_static_encoder_round_trips_without_loading_the_transformer(static_encoder, tmp_path):
+    static_encoder.save(tmp_path / "encoder")
+    loaded = QueryEncoder.load(tmp_path / "encoder")
+    assert loaded._model is None  # routing needs only the static vectors
+    np.testing.assert_array_equal(loaded.transform(QUERIES), static_encoder.transform(QUERIES))
+    assert loaded.fingerprint_ == static_encoder.fingerprint_
+    assert loaded.model_ is not None and loaded._model is not None  # the transformer loads on demand
+    torch_encoder = static_encoder.with_backend("torch")
+    assert torch_encoder.transform(QUERIES).shape == (3, 384)
+    assert torch_encoder.fingerprint_ != static_encoder.fingerprint_  # caches never mix backends
+
+
+def test_an_encoder_saved_with_unknown_settings_is_refused_with_advice(static_encoder, tmp_path):
+    import json
+
+    static_encoder.save(tmp_path / "encoder")
+    meta_path = tmp_path / "encoder" / "mixllm_encoder.json"
+    meta = json.loads(meta_path.read_text())
+    meta["params"]["warp_drive"] = True
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(ModelFormatError, match="warp_drive.*upgrade, or retrain"):
+        QueryEncoder.load(tmp_path / "encoder")
+    meta["params"].pop("warp_drive")
+    meta["params"]["max_pairs"] = meta["params"].pop("max_triplets")  # the setting's old name still loads
+    meta_path.write_text(json.dumps(meta))
+    assert QueryEncoder.load(tmp_path / "encoder").max_triplets == static_encoder.max_triplets
+
+
+def test_choose_backend_takes_the_faster_one_only_within_the_allowed_loss():
+    config = small_config(embedding__max_aiq_loss=0.003, evaluation__bootstrap_resamples=200)
+    train, validation = make_log(n_queries=150, seed=11), make_log(n_queries=90, seed=12)
+    split = SplitData(train, validation, make_log(n_queries=30, seed=13))
+    good = MixLLMRouter(config, progress=False).fit(train)
+    # The static router learns from outcomes shuffled across queries: no signal, a planted loss.
+    shuffled = train.copy()
+    shuffled["quality"] = np.random.default_rng(0).permutation(shuffled["quality"].to_numpy())
+    static = MixLLMRouter(config, progress=False)
+    static.fit(shuffled, encoder=good.encoder_.with_backend("static"))
+    choice = choose_backend(config, {"torch": good, "static": static}, split)
+    figures = choice["candidates"]
+    assert choice["best"] == "torch" and choice["chosen"] == "torch"
+    assert figures["static"]["aiq_loss_bound"] > 0.003
+    assert figures["static"]["ms_per_query"] < figures["torch"]["ms_per_query"]
+    # Allow any loss and the faster backend wins.
+    lenient = small_config(embedding__max_aiq_loss=10.0, evaluation__bootstrap_resamples=200)
+    assert choose_backend(lenient, {"torch": good, "static": static}, split)["chosen"] == "static"
+
+
+def test_training_with_backend_auto_records_its_choice_for_mlflow_and_model(tmp_path, monkeypatch):
+    from mixllm.config import load_config
+    from mixllm.data import ingest
+    from mixllm.training import run_stages
+    from mixllm.workspace import Workspace, load_split
+    from synthetic import write_params
+
+    monkeypatch.chdir(tmp_path)
+    write_params(tmp_path, embedding={"max_seq_length": 32, "backend": "auto", "static_dims": 64,
+                                      "fine_tune": {"enabled": False}},
+                 evaluation={"bootstrap_resamples": 200})
+    config = load_config(tmp_path / "params.yaml")
+    make_log(n_queries=150, seed=4).to_csv(tmp_path / "log.csv", index=False)
+    ingest(tmp_path / "log.csv", config)
+    run_stages(config, ["split", "tags", "encoder", "predictors"], progress=False)
+    router = MixLLMRouter.load(Workspace.of(config).router)
+    choice = router.describe()["encoder"]["backend_choice"]
+    assert set(choice["candidates"]) == {"torch", "static"}
+    assert router.encoder_.backend == choice["chosen"] == router.describe()["encoder"]["backend"]
+    eligible = [name for name, c in choice["candidates"].items() if c["aiq_loss_bound"] <= 0.003]
+    assert choice["chosen"] == min(eligible, key=lambda name: choice["candidates"][name]["ms_per_query"])
+    from mixllm.report import evaluate_router
+
+    metrics = evaluate_router(config, router, load_split(config), baselines=[], bootstrap=False).metrics
+    assert metrics["backend.static.validation_aiq"] == pytest.approx(choice["candidates"]["static"]["validation_aiq"])
