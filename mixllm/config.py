@@ -358,7 +358,8 @@ class ServiceConfig(StrictModel):
     model_alias: str = "champion"
     poll_interval_s: float = Field(default=30.0, ge=0.0)  # 0 disables registry polling
     max_query_chars: int = Field(default=8000, gt=0)
-    # /route_batch: most queries per call and per merged batch (adaptive batching).
+    # /route_batch: most queries per call and per merged batch (adaptive batching); also the most
+    # concurrent /route calls that share one encoder pass.
     max_batch_size: int = Field(default=256, ge=1)
     # BentoML's batcher answers 503 when it predicts a wait above this; keep it near the timeout
     # so that load is queued, not shed. The batching window itself adapts to the load.

@@ -43,6 +43,7 @@ from mixllm.api_models import (
 )
 from mixllm.middleware import BearerAuth, BodyLimit, ClientRateLimit
 from mixllm.proxy import ChatProxy
+from mixllm.request_batching import RequestCoalescer
 
 # A worker that cannot start (no champion in the registry) must stop `bentoml serve` with its
 # message instead of being respawned every few seconds; this only turns off respawning.
@@ -78,6 +79,9 @@ class ServiceMetrics:
         self.in_flight = prom.Gauge("mixllm_in_flight", "Calls in flight per LLM", ["llm"],
                                     multiprocess_mode="livesum")
         self.proxied = prom.Counter("mixllm_proxy_calls_total", "Proxied chat completions", ["llm", "status"])
+        self.route_pass_size = prom.Histogram(
+            "mixllm_route_pass_queries", "Concurrent /route calls routed in one encoder pass",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
 
 
 # ------------------------------------------------------------------------------------- service
@@ -127,6 +131,8 @@ class MixLLMService(ChatProxy):
         self.model: LoadedModel | None = None
         self.loading_reason = f"loading {alias} version {version} from the registry"
         self._reload_lock = threading.Lock()
+        # Concurrent /route calls share encoder passes (the same batches /route_batch gets).
+        self._route_coalescer = RequestCoalescer(self._route_pass, max_batch_size=self.config.service.max_batch_size)
         self._stop = threading.Event()
         self.started = time.time()
         threading.Thread(target=self._reload, args=(version,), daemon=True, name="mixllm-load").start()
@@ -286,6 +292,11 @@ class MixLLMService(ChatProxy):
                                        candidates=candidate_scores(decision), notes=list(decision.notes))
         return results
 
+    def _route_pass(self, items: list[RouteRequest]) -> list[Any]:
+        """One encoder pass for the /route calls that arrived together (see RequestCoalescer)."""
+        self.metrics.route_pass_size.observe(len(items))
+        return self._route_many(self._current(bentoml_api=True), items)
+
     def _log_decisions(self, model: LoadedModel, records: list[tuple[int, RouteRequest, Any]]) -> list[str]:
         ids = []
         plain = [(item, d) for _, item, d in records if not item.request_id]
@@ -309,7 +320,7 @@ class MixLLMService(ChatProxy):
         not_ready = self._not_ready()
         if not_ready is not None:
             return not_ready
-        result = self._route_many(self._current(bentoml_api=True), [request])[0]
+        result = self._route_coalescer(request)
         self.metrics.route_latency.labels(endpoint="route").observe(time.perf_counter() - started)
         return result
 

@@ -433,6 +433,34 @@ def test_one_client_cannot_flood_the_others():
     assert call("/model", token="bob")[0] == 200 and call("/healthz")[0] == 200, "information endpoints are not limited"
 
 
+def _metric(text: str, name: str) -> float:
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " ")
+               or line.startswith(name + "{"))
+
+
+def test_concurrent_routes_share_passes_and_each_caller_gets_its_own_decision(service):
+    """Calls that arrive together are routed in shared encoder passes; a caller's restriction and a
+    caller's error stay its own."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    base = service["base"]
+    llms = sorted(PRICE_PER_1K)
+    before = httpx.get(f"{base}/metrics", timeout=30).text
+    bodies = [{"query": f"{QUERY} number {i}", "candidates": [llms[i % len(llms)]]} for i in range(24)]
+    bodies.append({"query": f"{QUERY} bad", "candidates": ["no-such-llm"]})
+    with ThreadPoolExecutor(max_workers=len(bodies)) as pool:
+        responses = list(pool.map(lambda body: httpx.post(f"{base}/route", json=body, timeout=60), bodies))
+    for body, response in zip(bodies[:-1], responses[:-1]):
+        assert response.status_code == 200, response.text
+        assert response.json()["llm"] == body["candidates"][0]
+    assert responses[-1].status_code == 400 and _named_field(responses[-1].json()) == "candidates"
+    assert len({r.json()["decision_id"] for r in responses[:-1]}) == 24
+    after = httpx.get(f"{base}/metrics", timeout=30).text
+    routed = _metric(after, "mixllm_route_pass_queries_sum") - _metric(before, "mixllm_route_pass_queries_sum")
+    passes = _metric(after, "mixllm_route_pass_queries_count") - _metric(before, "mixllm_route_pass_queries_count")
+    assert routed == 24 and 1 <= passes <= 24  # the bad call never reached routing (a 400 from validation)
+
+
 def test_health_model_and_metrics(service):
     base = service["base"]
     assert httpx.get(f"{base}/healthz").status_code == 200
