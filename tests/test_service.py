@@ -7,6 +7,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -43,7 +44,10 @@ def _train(root, **overrides):
 
 
 def serve(root, port, log_name="serve.log", extra_env=None):
-    env = {**os.environ, "MIXLLM_PARAMS": str(root / "params.yaml"), "BENTOML_HOME": str(root / "bentoml"),
+    # A BENTOML_HOME per server: a server that stops clears the Prometheus files in its home, and a
+    # replica sharing the first server's home would wipe that server's metrics.
+    env = {**os.environ, "MIXLLM_PARAMS": str(root / "params.yaml"),
+           "BENTOML_HOME": str(root / f"bentoml-{Path(log_name).stem}"),
            "BENTOML_DO_NOT_TRACK": "true", **(extra_env or {})}
     command = [sys.executable, "-m", "bentoml", "serve", "mixllm.service:MixLLMService",
                "--host", "127.0.0.1", "--port", str(port)]
@@ -441,8 +445,6 @@ def _metric(text: str, name: str) -> float:
 def test_concurrent_routes_share_passes_and_each_caller_gets_its_own_decision(service):
     """Calls that arrive together are routed in shared encoder passes; a caller's restriction and a
     caller's error stay its own."""
-    from concurrent.futures import ThreadPoolExecutor
-
     base = service["base"]
     llms = sorted(PRICE_PER_1K)
     before = httpx.get(f"{base}/metrics", timeout=30).text
