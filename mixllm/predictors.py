@@ -118,7 +118,8 @@ class BayesianLinearRegressor(BaseEstimator):
             mean = np.clip(mean, self.clip_low, self.clip_high)
         if not return_std:
             return mean
-        variance = np.einsum("ij,jk,ik->i", Xb, self.A_inv_, Xb)
+        # x^T A^-1 x per row, through one BLAS product: unoptimised einsum took half of routing's time.
+        variance = np.sum((Xb @ self.A_inv_) * Xb, axis=1)
         return mean, self.noise_scale * np.sqrt(np.maximum(variance, 0.0))
 
     def state(self) -> dict[str, np.ndarray]:
