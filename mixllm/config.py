@@ -364,6 +364,10 @@ class ServiceConfig(StrictModel):
     # BentoML's batcher answers 503 when it predicts a wait above this; keep it near the timeout
     # so that load is queued, not shed. The batching window itself adapts to the load.
     max_batch_latency_ms: int = Field(default=60_000, ge=1)
+    # Threads that run /route, /route_batch and /feedback at once (BentoML runs sync endpoints on one
+    # thread unless told). Concurrent /route calls wait in them for a shared encoder pass, so this
+    # bounds how many share one.
+    threads: int = Field(default=32, ge=1, le=256)
     # Name of the env var holding the bearer token; when it is set, /feedback and /admin/* need it.
     auth_token_env: str = "MIXLLM_API_TOKEN"
     require_token_for_route: bool = False

@@ -101,7 +101,7 @@ async def _chat_request_invalid(request: Any, exc: RequestValidationError) -> JS
     return error(400, loc[0] if loc else None, f"{'.'.join(loc) or 'body'}: {problem.get('msg', 'invalid request')}")
 
 
-@bentoml.service(workers=1, traffic={"timeout": 120})
+@bentoml.service(workers=1, threads=SETTINGS.threads, traffic={"timeout": 120})
 @bentoml.asgi_app(openai_app, path="/v1")
 @bentoml.asgi_app(admin_app, path="/admin")
 @bentoml.asgi_app(root_app, path="/")
@@ -457,12 +457,16 @@ class MixLLMService(ChatProxy):
                 problem = exc.errors()[0]
                 field = "model" if problem["loc"] and problem["loc"][0] in ("lambda", "lambda_") else "messages"
                 return error(400, field, f"{field}: {problem['msg']}")
-            routed_result = (await anyio.to_thread.run_sync(self._route_many, model, [item]))[0]
+            routed_result = await anyio.to_thread.run_sync(self._route_coalescer, item)
             if isinstance(routed_result, JSONResponse):
                 return routed_result
             chosen, decision_id = routed_result.llm, routed_result.decision_id
         else:
             chosen = request.model
+            limit = self.config.service.max_query_chars
+            if len(text) > limit:  # the same cap as a routed chat's: the upstream is paid with the server's key
+                return error(400, "messages", f"the last user message has {len(text)} characters; the limit is "
+                                              f"{limit} (service.max_query_chars)")
             if chosen not in upstreams:
                 return error(404, "model", f"unknown model '{chosen}'; use mixllm, mixllm:<lambda> or one of "
                                            f"{', '.join(sorted(upstreams))}")

@@ -163,6 +163,9 @@ def test_routing_decisions_are_not_calls_in_flight(service):
         ("/v1/chat/completions", {**CHAT, "surprise": {"a": 1}}, 400, "surprise"),
         ("/v1/chat/completions", {**CHAT, "stream": "yes"}, 400, "stream"),
         ("/v1/chat/completions", {**CHAT, "model": "mixllmXYZ"}, 404, "model"),
+        # A chat straight to one LLM has the same length cap as a routed one.
+        ("/v1/chat/completions", {"model": "coder", "messages": [{"role": "user", "content": "x" * 2500}]}, 400,
+         "messages"),
         ("/v1/chat/completions", {**CHAT, "model": "\ud800"}, 400, "model"),
         ("/v1/chat/completions", {**CHAT, "stream": "\ud800"}, 400, "stream"),
         ("/v1/chat/completions", {"model": "mixllm", "messages": [{"role": "user", "content": "hi \ud800"}]}, 400,
