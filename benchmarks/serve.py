@@ -1,9 +1,10 @@
 """Serving benchmark: the BentoML service against the bare encoder, in one run (a script, not a test).
 
     MIXLLM_ROUTERBENCH=../shared/data/routerbench_subset/routerbench_subset_long.csv.gz \
-        python benchmarks/serve.py [--project DIR] [--requests 256]
+        python benchmarks/serve.py [--project DIR] [--requests 256] [--backend torch|static]
 
-Without --project it trains a champion on the subset in a temporary project first. Then, on the
+Without --project it trains a champion on the subset in a temporary project first, with the encoder
+backend --backend (embedding.backend). The service's cold start (process start to /readyz 200) is timed. Then, on the
 same holdout prompts: the bare in-process encoder (one query at a time, and batches of 64), /route
 latency over HTTP (sequential), throughput at concurrency 1, 8 and 32 for /route and for
 /route_batch with one query per call (adaptive batching merges concurrent calls), errors, and the
@@ -98,6 +99,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--project", type=Path, default=None, help="A project folder with a trained champion.")
     parser.add_argument("--requests", type=int, default=256, help="Requests per load level.")
+    parser.add_argument("--backend", choices=("torch", "static", "auto"), default="torch",
+                        help="embedding.backend of the champion trained without --project.")
     parser.add_argument("--repeats", type=int, default=3,
                         help="Passes per throughput figure (bare batched and each load level); the median is shown.")
     args = parser.parse_args()
@@ -109,7 +112,9 @@ def main() -> int:
             print("set MIXLLM_ROUTERBENCH (or pass --project with a trained champion)", file=sys.stderr)
             return 2
         project = Path(tempfile.mkdtemp(prefix="mixllm-serve-bench-"))
-        shutil.copy(ROOT / "params.yaml", project / "params.yaml")
+        params = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
+        params["embedding"]["backend"] = args.backend
+        (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
         config = load_config(project / "params.yaml")
         ingest(source, config)
         print("training a champion first ...", flush=True)
@@ -121,16 +126,17 @@ def main() -> int:
     singles, batched_qps = bare_encoder(router, queries, repeats=args.repeats)
     bare_ms = statistics.median(singles) * 1000
     seq_rows = []
-    for length in (256, 128, 64):
+    for length in (256, 128, 64) if router.encoder_.backend == "torch" else ():
         router.encoder_.model_.max_seq_length = length
         s, qps = bare_encoder(router, queries[:128])
         seq_rows.append((length, statistics.median(s) * 1000, qps))
-    router.encoder_.model_.max_seq_length = config.embedding.max_seq_length
-    served_quantize = router.encoder_.quantize
-    router.encoder_.quantize = "int8"  # the same weights, Linear layers in int8 (embedding.quantize)
-    s, qps = bare_encoder(router, queries[:128])
-    seq_rows.append((f"{config.embedding.max_seq_length}, int8", statistics.median(s) * 1000, qps))
-    router.encoder_.quantize = served_quantize
+    if router.encoder_.backend == "torch":
+        router.encoder_.model_.max_seq_length = config.embedding.max_seq_length
+        served_quantize = router.encoder_.quantize
+        router.encoder_.quantize = "int8"  # the same weights, Linear layers in int8 (embedding.quantize)
+        s, qps = bare_encoder(router, queries[:128])
+        seq_rows.append((f"{config.embedding.max_seq_length}, int8", statistics.median(s) * 1000, qps))
+        router.encoder_.quantize = served_quantize
 
     # The load generator is one client: the per-client limit (service.client_rate_per_s) would
     # measure itself, so the served copy of the settings turns it off.
@@ -142,12 +148,14 @@ def main() -> int:
     env = {**os.environ, "MIXLLM_PARAMS": str(served_params), "BENTOML_DO_NOT_TRACK": "true",
            "BENTOML_HOME": str(project / "bentoml")}
     env.pop("MIXLLM_API_TOKEN", None)
+    launched = time.perf_counter()
     process = start([sys.executable, "-m", "bentoml", "serve", "mixllm.service:MixLLMService", "--host", "127.0.0.1",
                      "--port", str(port)], log_path=project / "serve-bench.log", env=env, cwd=project)
     base = f"http://127.0.0.1:{port}"
     rows = []
     try:
-        wait_http(f"{base}/readyz", 300, process)
+        wait_http(f"{base}/readyz", 300, process, interval=0.05)
+        cold_start_s = time.perf_counter() - launched
         for q in queries[:8]:
             httpx.post(f"{base}/route", json={"query": q}, timeout=60)
         sequential = []
@@ -166,6 +174,13 @@ def main() -> int:
                 errors = sum(result[1] for result in passes)  # over every pass
                 rows.append((label, concurrency, qps, errors, percentile(latencies, 50), percentile(latencies, 95),
                              client_share))
+        # Calls of 32 queries each, 32 clients: the most a batching client gets.
+        chunks = [queries[i:i + 32] for i in range(0, len(queries), 32)]
+        passes = sorted((load_test(base, "/route_batch", chunks, 32, lambda chunk: {"requests": [{"query": q} for q in chunk]})
+                         for _ in range(args.repeats)), key=lambda result: result[0])
+        calls_per_s, _, latencies, client_share = passes[len(passes) // 2]
+        rows.append(("/route_batch, 32 queries per call", 32, calls_per_s * len(queries) / len(chunks),
+                     sum(result[1] for result in passes), percentile(latencies, 50), percentile(latencies, 95), client_share))
         memory = rss_mb(process.pid)
     finally:
         stop(process)
@@ -174,7 +189,8 @@ def main() -> int:
 
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     print(f"\n## Serving ({stamp}; {platform.machine()}, {os.cpu_count()} cores; champion v{version}; "
-          f"{len(queries)} holdout prompts, max_seq_length {config.embedding.max_seq_length})\n")
+          f"{len(queries)} holdout prompts, max_seq_length {config.embedding.max_seq_length}, "
+          f"encoder backend {router.encoder_.backend})\n")
     print("| measure | value | ratio to the bare encoder |\n|---|---|---|")
     print(f"| bare encoder, one query at a time: median ms/query | {bare_ms:.1f} | 1.00 |")
     print(f"| bare encoder, batches of 64: queries/s | {batched_qps:.1f} | 1.00 |")
@@ -183,6 +199,7 @@ def main() -> int:
           f"p50 = {p50 / bare_ms:.2f}x (target <= 1.25x) |")
     print(f"| errors (sequential) | {seq_errors} | |")
     print(f"| service resident memory (all processes) | {memory:.0f} MB | |")
+    print(f"| cold start: process start to /readyz 200 | {cold_start_s:.1f} s | (target <= 5 s) |")
     print("\n| endpoint | concurrency | queries/s | errors | p50 ms | p95 ms | client CPU (cores) | x bare batched throughput |"
           "\n|---|---|---|---|---|---|---|---|")
     for label, concurrency, qps, errors, l50, l95, client_share in rows:

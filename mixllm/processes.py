@@ -30,7 +30,8 @@ def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
         return sock.connect_ex((host, port)) == 0
 
 
-def wait_http(url: str, timeout_s: float, process: subprocess.Popen | None = None, expect: int = 200) -> None:
+def wait_http(url: str, timeout_s: float, process: subprocess.Popen | None = None, expect: int = 200,
+              interval: float = 0.3) -> None:
     """Poll `url` until it answers `expect`; fail early if `process` dies."""
     import httpx
 
@@ -46,7 +47,7 @@ def wait_http(url: str, timeout_s: float, process: subprocess.Popen | None = Non
             last = f"HTTP {response.status_code}"
         except httpx.HTTPError as error:
             last = type(error).__name__
-        time.sleep(0.3)
+        time.sleep(interval)
     raise MixLLMError(f"{url} did not answer {expect} within {timeout_s:.0f}s (last: {last})")
 
 
