@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
 import math
 import os
 import time
@@ -13,12 +14,14 @@ from typing import Any
 
 
 class BodyLimit:
-    """ASGI middleware: 413 above the size limit, 415 for form bodies (BentoML would answer 500)."""
+    """ASGI middleware: 413 above the size limit, 415 for form bodies (BentoML would answer 500),
+    408 for a body not received within `read_timeout_s` (a client that sends half a body and stalls
+    would otherwise hold its connection and a request slot for as long as it likes)."""
 
     blocked = {b"multipart/form-data", b"application/x-www-form-urlencoded"}
 
-    def __init__(self, app: Any, max_bytes: int = 1_048_576):
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app: Any, max_bytes: int = 1_048_576, read_timeout_s: float = 10.0):
+        self.app, self.max_bytes, self.read_timeout_s = app, max_bytes, read_timeout_s
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http" or scope.get("method") in ("GET", "HEAD", "OPTIONS"):
@@ -30,9 +33,17 @@ class BodyLimit:
         length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
             return await _reject(send, 413, f"request body is larger than {self.max_bytes} bytes")
+        import anyio
+
         chunks, seen, more = [], 0, True
+        deadline = time.monotonic() + self.read_timeout_s
         while more:  # buffer (bounded) so chunked uploads are limited too
-            message = await receive()
+            try:
+                with anyio.fail_after(max(deadline - time.monotonic(), 0.0)):
+                    message = await receive()
+            except TimeoutError:
+                return await _reject(send, 408, f"the request body did not arrive within {self.read_timeout_s:g} s "
+                                                "(service.body_read_timeout_s)")
             if message["type"] == "http.disconnect":
                 return
             chunk = message.get("body", b"")
@@ -156,3 +167,35 @@ async def _reject(send: Any, status: int, message: str, field: str | None = None
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *extra]})
     await send({"type": "http.response.body", "body": body})
+
+
+class ClientErrorsWithoutTraceback(logging.Filter):
+    """BentoML logs every request it answers with a 4xx (a body that fails validation, an
+    InvalidArgument) at ERROR with a full traceback: a log that cries wolf for each bad request.
+    This filter turns those records into one INFO line naming the path and the error; 5xx and
+    every other error keep their traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if error is not None and _is_client_error(error):
+            summary = " ".join(str(error).split())[:300]
+            record.msg, record.args = f"{record.getMessage()}: client error, answered 4xx: %s", (summary,)
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def _is_client_error(error: BaseException) -> bool:
+    from bentoml.exceptions import BentoMLException
+    from pydantic import ValidationError
+
+    if isinstance(error, ValidationError):
+        return True
+    return isinstance(error, BentoMLException) and int(getattr(error.error_code, "value", 500)) < 500
+
+
+def quiet_client_errors(logger_name: str = "bentoml._internal.server.http_app") -> None:
+    """Install ClientErrorsWithoutTraceback on the logger BentoML's request errors go to (once)."""
+    logger = logging.getLogger(logger_name)
+    if not any(isinstance(f, ClientErrorsWithoutTraceback) for f in logger.filters):
+        logger.addFilter(ClientErrorsWithoutTraceback())

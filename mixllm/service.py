@@ -41,7 +41,7 @@ from mixllm.api_models import (
     last_user_text,
     stored_response,
 )
-from mixllm.middleware import BearerAuth, BodyLimit, ClientRateLimit
+from mixllm.middleware import BearerAuth, BodyLimit, ClientRateLimit, quiet_client_errors
 from mixllm.proxy import ChatProxy
 from mixllm.request_batching import RequestCoalescer
 
@@ -114,6 +114,7 @@ class MixLLMService(ChatProxy):
         from mixllm.registry import Registry
         from mixllm.store import InteractionLog
 
+        quiet_client_errors()  # here, not at import: BentoML configures its logging when the worker starts
         self.config = load_config()
         self.registry = Registry(self.config)
         alias = self.config.service.model_alias
@@ -474,7 +475,8 @@ class MixLLMService(ChatProxy):
 
 # Outermost first: the body limit, then the per-client limit (which reads /route_batch bodies the
 # body limit has bounded, and counts rejected tokens too), then the token check.
-MixLLMService.add_asgi_middleware(BodyLimit, max_bytes=SETTINGS.max_body_bytes)
+MixLLMService.add_asgi_middleware(BodyLimit, max_bytes=SETTINGS.max_body_bytes,
+                                  read_timeout_s=SETTINGS.body_read_timeout_s)
 MixLLMService.add_asgi_middleware(ClientRateLimit, rate_per_s=SETTINGS.client_rate_per_s, burst=SETTINGS.client_burst)
 MixLLMService.add_asgi_middleware(BearerAuth, token_env=SETTINGS.auth_token_env,
                                   protect_route=SETTINGS.require_token_for_route, protect_proxy=PROXY_SPENDS_KEYS)

@@ -66,7 +66,8 @@ def service(tmp_path_factory, upstream):
     # The load tests below are one client: a per-client limit high enough never to bind here (its
     # logic is tested in-process in test_one_client_cannot_flood_the_others).
     write_params(root, llms=_llms(upstream.base_url), service={"poll_interval_s": 1, "max_query_chars": 2000,
-                                                             "client_rate_per_s": 10_000, "client_burst": 100_000},
+                                                             "client_rate_per_s": 10_000, "client_burst": 100_000,
+                                                             "body_read_timeout_s": 2},
                  gate={"max_overhead_ms": 5000})
     make_log(n_queries=120, seed=41).to_csv(root / "log.csv", index=False)
     ingest(root / "log.csv", load_config(root / "params.yaml"))
@@ -683,3 +684,34 @@ def test_a_killed_server_takes_its_worker_along_and_a_restart_binds_the_port(ser
                 worker.kill()
         if restarted is not None:
             stop(restarted)
+
+
+def test_requests_answered_4xx_log_one_line_not_a_traceback(service):
+    log_path = service["root"] / "serve.log"
+    before = log_path.read_text(errors="replace")
+    bad = [("/route", {"query": "hi", "lambda": "lots"}), ("/route_batch", {"requests": [{"query": "  "}]}),
+           ("/route_batch", {"requests": "not a list"})]
+    for path, body in bad:
+        assert httpx.post(f"{service['base']}{path}", json=body, timeout=30).status_code == 400
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # the server writes its log lines as it answers; allow the file a moment
+        added = log_path.read_text(errors="replace")[len(before):]
+        if added.count("client error, answered 4xx") >= len(bad):
+            break
+        time.sleep(0.1)
+    assert added.count("client error, answered 4xx") >= len(bad), added[-3000:]
+    assert "Traceback" not in added, added[-3000:]
+
+
+def test_a_stalled_body_gets_a_408_and_its_connection_back(service):
+    """Half a body, then silence: the service answers 408 after service.body_read_timeout_s."""
+    import socket
+
+    port = int(service["base"].rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as connection:
+        connection.sendall(b"POST /route HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                           b"Content-Length: 100\r\n\r\n{\"query\": ")
+        answer = connection.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert b"body_read_timeout_s" in answer
+    assert _route(service["base"])["llm"] in PRICE_PER_1K  # the service is unharmed
