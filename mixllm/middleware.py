@@ -199,3 +199,33 @@ def quiet_client_errors(logger_name: str = "bentoml._internal.server.http_app") 
     logger = logging.getLogger(logger_name)
     if not any(isinstance(f, ClientErrorsWithoutTraceback) for f in logger.filters):
         logger.addFilter(ClientErrorsWithoutTraceback())
+
+
+class OpenAPIContract:
+    """ASGI middleware: GET /docs.json answers BentoML's generated OpenAPI document passed through
+    `fix` (api_models.openapi_contract), so the published contract is the one the service keeps."""
+
+    def __init__(self, app: Any, fix: Any, path: str = "/docs.json"):
+        self.app, self.fix, self.path = app, fix, path
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope.get("path") != self.path or scope.get("method") != "GET":
+            return await self.app(scope, receive, send)
+        start: dict[str, Any] = {}
+        chunks: list[bytes] = []
+
+        async def capture(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                start.update(message)
+                return
+            chunks.append(message.get("body", b""))
+            if message.get("more_body"):
+                return
+            body = b"".join(chunks)
+            if start.get("status") == 200:
+                body = json.dumps(self.fix(json.loads(body))).encode()
+            headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
+            await send({**start, "headers": [*headers, (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
+
+        await self.app(scope, receive, capture)

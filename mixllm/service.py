@@ -39,9 +39,10 @@ from mixllm.api_models import (
     decision_details,
     error,
     last_user_text,
+    openapi_contract,
     stored_response,
 )
-from mixllm.middleware import BearerAuth, BodyLimit, ClientRateLimit, quiet_client_errors
+from mixllm.middleware import BearerAuth, BodyLimit, ClientRateLimit, OpenAPIContract, quiet_client_errors
 from mixllm.proxy import ChatProxy
 from mixllm.request_batching import RequestCoalescer
 
@@ -101,6 +102,17 @@ async def _chat_request_invalid(request: Any, exc: RequestValidationError) -> JS
     return error(400, loc[0] if loc else None, f"{'.'.join(loc) or 'body'}: {problem.get('msg', 'invalid request')}")
 
 
+async def _http_error(request: Any, exc: HTTPException) -> JSONResponse:
+    """FastAPI's own errors (a body that is not JSON, the 503 while loading) in the service's error
+    format, {"error": ..., "field": ...}, as the OpenAPI contract documents them."""
+    field = "body" if exc.status_code == 400 else None
+    return error(exc.status_code, field, str(exc.detail), dict(exc.headers or {}))
+
+
+for _app in (openai_app, admin_app, root_app):
+    _app.add_exception_handler(HTTPException, _http_error)
+
+
 @bentoml.service(workers=1, threads=SETTINGS.threads, traffic={"timeout": 120})
 @bentoml.asgi_app(openai_app, path="/v1")
 @bentoml.asgi_app(admin_app, path="/admin")
@@ -126,6 +138,7 @@ class MixLLMService(ChatProxy):
             raise RuntimeError(message)
         self.store = InteractionLog(self.config.sqlalchemy_url(self.config.service.feedback_store_url),
                                     busy_timeout_s=self.config.service.store_busy_timeout_s)
+        ROUTABLE.stored_query = self._stored_query
         self.load = LiveLoad(max_age_s=self.config.service.in_flight_max_age_s,
                              window=self.config.service.latency_window)
         self.metrics = ServiceMetrics()
@@ -177,7 +190,7 @@ class MixLLMService(ChatProxy):
             router.apply_enabled_flags(self.config.llms)
             router.route(["warm-up query"])  # first-call costs are paid here, not by a request
             self.model = LoadedModel(router, number)
-            ROUTABLE.enabled = tuple(router.enabled_llms_)
+            ROUTABLE.enabled, ROUTABLE.known = tuple(router.enabled_llms_), tuple(router.llms_)
             self.loading_reason = ""
             self.metrics.model_version.set(number)
             logger.info("serving %s version %d (loaded in %.1fs)", self.config.mlflow.registered_model_name, number,
@@ -193,7 +206,7 @@ class MixLLMService(ChatProxy):
         with self._reload_lock:
             model = self._current()
             changes = model.router.apply_enabled_flags(fresh.llms)
-            ROUTABLE.enabled = tuple(model.router.enabled_llms_)
+            ROUTABLE.enabled, ROUTABLE.known = tuple(model.router.enabled_llms_), tuple(model.router.llms_)
             self.config = self.config.model_copy(update={"llms": fresh.llms})
         if changes:
             logger.info("params.yaml's enabled flags applied to version %d: %s", model.version, ", ".join(changes))
@@ -298,6 +311,10 @@ class MixLLMService(ChatProxy):
         self.metrics.route_pass_size.observe(len(items))
         return self._route_many(self._current(bentoml_api=True), items)
 
+    def _stored_query(self, request_id: str) -> str | None:
+        stored = self.store.decision_by_request(request_id)
+        return None if stored is None else stored["query"]
+
     def _log_decisions(self, model: LoadedModel, records: list[tuple[int, RouteRequest, Any]]) -> list[str]:
         ids = []
         plain = [(item, d) for _, item, d in records if not item.request_id]
@@ -341,12 +358,13 @@ class MixLLMService(ChatProxy):
             raise ServiceUnavailable("the decision log is busy (another writer holds its lock); nothing was logged, "
                                      "retry shortly")
         if any(isinstance(result, JSONResponse) for result in results):
-            # Only when the served model changed between validation and routing (a candidate was
-            # disabled meanwhile): the merged calls fail together, told nothing of each other's input.
+            # Only when something changed between validation and routing (a candidate was disabled,
+            # or another call took an item's request_id meanwhile): the merged calls fail together,
+            # told nothing of each other's input.
             from bentoml.exceptions import InvalidArgument
 
-            raise InvalidArgument("the served model changed while this batch was queued and an item no longer "
-                                  "routes (candidates); nothing was logged, retry")
+            raise InvalidArgument("an item no longer routes: the served model changed (candidates) or its "
+                                  "request_id was taken while this batch was queued; nothing was logged, retry")
         return results
 
     # --------------------------------------------------------------------------------- feedback
@@ -475,6 +493,7 @@ class MixLLMService(ChatProxy):
 
 # Outermost first: the body limit, then the per-client limit (which reads /route_batch bodies the
 # body limit has bounded, and counts rejected tokens too), then the token check.
+MixLLMService.add_asgi_middleware(OpenAPIContract, fix=openapi_contract)
 MixLLMService.add_asgi_middleware(BodyLimit, max_bytes=SETTINGS.max_body_bytes,
                                   read_timeout_s=SETTINGS.body_read_timeout_s)
 MixLLMService.add_asgi_middleware(ClientRateLimit, rate_per_s=SETTINGS.client_rate_per_s, burst=SETTINGS.client_burst)
