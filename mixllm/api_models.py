@@ -261,6 +261,11 @@ def last_user_text(messages: list[ChatMessage]) -> str | None:
 def _request_ids_are_fresh(items: list[RouteRequest]) -> list[RouteRequest]:
     """A request_id already used for another query fails its own call here, per HTTP request:
     found after BentoML merged concurrent calls, it would fail every caller of the merged batch."""
+    seen: dict[str, str] = {}
+    for i, item in enumerate(items):
+        if item.request_id and seen.setdefault(item.request_id, item.query) != item.query:
+            raise ValueError(f"requests[{i}].request_id {item.request_id!r} is given to two different queries "
+                             "in this batch; each query needs its own request_id")
     lookup = ROUTABLE.stored_query
     if lookup is None:
         return items

@@ -299,7 +299,13 @@ class MixLLMService(ChatProxy):
             return results
         # A decision is not a call: counting it as in flight let anyone steer everyone's traffic off
         # an LLM with one big anonymous batch. Only calls the proxy makes count (see _forward).
-        for (i, _, decision), decision_id in zip(records, decision_ids):
+        for (i, item, decision), decision_id in zip(records, decision_ids):
+            if decision_id is None:  # a concurrent call took this request_id between our check and our write
+                stored = self.store.decision_by_request(item.request_id)
+                results[i] = (stored_response(stored) if stored["query"] == item.query else error(
+                    409, "request_id", f"request_id {item.request_id!r} was just used for another query by a "
+                    "concurrent call; a new query needs a new request_id"))
+                continue
             self.metrics.decisions.labels(llm=decision.llm).inc()
             results[i] = RouteResponse(llm=decision.llm, decision_id=decision_id, model_version=model.version,
                                        lambda_=decision.lambda_, relaxed=list(decision.relaxed),
@@ -315,7 +321,8 @@ class MixLLMService(ChatProxy):
         stored = self.store.decision_by_request(request_id)
         return None if stored is None else stored["query"]
 
-    def _log_decisions(self, model: LoadedModel, records: list[tuple[int, RouteRequest, Any]]) -> list[str]:
+    def _log_decisions(self, model: LoadedModel, records: list[tuple[int, RouteRequest, Any]]) -> list[str | None]:
+        """The decision ids in order; None where a request_id turned out to be taken already."""
         ids = []
         plain = [(item, d) for _, item, d in records if not item.request_id]
         if plain:  # one transaction for the batch
@@ -324,9 +331,10 @@ class MixLLMService(ChatProxy):
                  "candidates": decision_details(d)} for item, d in plain]))
         for _, item, decision in records:
             if item.request_id:
-                ids.append(self.store.log_decision(item.query, decision.llm, model_version=model.version,
-                                                   lambda_=decision.lambda_, request_id=item.request_id,
-                                                   candidates=decision_details(decision)))
+                decision_id, created = self.store.record_decision(
+                    item.query, decision.llm, model_version=model.version, lambda_=decision.lambda_,
+                    request_id=item.request_id, candidates=decision_details(decision))
+                ids.append(decision_id if created else None)
             else:
                 ids.append(next(ids_plain))
         return ids

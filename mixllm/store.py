@@ -169,10 +169,18 @@ class InteractionLog:
         """Store a decision and return its id; a retried request_id returns the first decision's id.
         `candidates` (any JSON): the candidates' scores, or a dict with them and what else the
         service needs to answer a retry as the first time (relaxed constraints, notes)."""
+        return self.record_decision(query, llm, model_version=model_version, lambda_=lambda_,
+                                    candidates=candidates, request_id=request_id)[0]
+
+    def record_decision(self, query: str, llm: str, *, model_version: int | None, lambda_: float | None,
+                        candidates: list[dict[str, Any]] | dict[str, Any] | None = None,
+                        request_id: str | None = None) -> tuple[str, bool]:
+        """log_decision, and whether this call stored it (False: the request_id was already taken,
+        perhaps by a concurrent call a moment earlier; the id is then the first decision's)."""
         if request_id:
             existing = self.decision_by_request(request_id)
             if existing is not None:
-                return existing["decision_id"]
+                return existing["decision_id"], False
         decision_id = uuid.uuid4().hex
         row = {"decision_id": decision_id, "request_id": request_id or None, "query": query, "llm": llm,
                "model_version": model_version, "lambda_": lambda_,
@@ -184,8 +192,8 @@ class InteractionLog:
             existing = self.decision_by_request(request_id) if request_id else None
             if existing is None:
                 raise
-            return existing["decision_id"]
-        return decision_id
+            return existing["decision_id"], False
+        return decision_id, True
 
     def log_decisions(self, rows: list[dict[str, Any]]) -> list[str]:
         """Many decisions in one transaction (the batch route)."""

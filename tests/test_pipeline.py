@@ -203,10 +203,13 @@ def test_store_is_idempotent(tmp_path):
     store = InteractionLog(f"sqlite:///{tmp_path}/feedback.db")
     first = store.log_decision("q", "m", model_version=1, lambda_=0.5, request_id="r1")
     assert store.log_decision("q", "m", model_version=1, lambda_=0.5, request_id="r1") == first
+    assert store.record_decision("q2", "m", model_version=1, lambda_=0.5, request_id="r1") == (first, False)
+    fresh, created = store.record_decision("q", "m", model_version=1, lambda_=0.5, request_id="r2")
+    assert created and fresh != first
     a = store.add_feedback(decision_id=first, quality=1.0, kind="binary")
     b = store.add_feedback(decision_id=first, quality=1.0, kind="binary")
     assert a.created and not b.created and a.feedback_id == b.feedback_id
-    assert store.count("feedback") == 1 and store.count("decisions") == 1
+    assert store.count("feedback") == 1 and store.count("decisions") == 2
     from mixllm.store import UnknownDecisionError
 
     with pytest.raises(UnknownDecisionError, match="unknown decision_id"):

@@ -230,6 +230,12 @@ def test_a_retried_request_id_gets_its_first_decision_back(service):
     assert bad.result().status_code == 400 and "requests[1].request_id" in bad.result().text, bad.result().text
     assert "Who founded Rome" not in bad.result().text
     assert good.result().status_code == 200, good.result().text
+    twice = httpx.post(f"{base}/route_batch", timeout=30, json={"requests": [
+        {"query": QUERY, "request_id": "twice-1"}, {"query": "Who founded Rome?", "request_id": "twice-1"}]})
+    assert twice.status_code == 400 and "requests[1].request_id" in twice.text, twice.text
+    same = httpx.post(f"{base}/route_batch", timeout=30, json={"requests": [
+        {"query": QUERY, "request_id": "twice-2"}, {"query": QUERY, "request_id": "twice-2"}]})
+    assert same.status_code == 200 and len({r["decision_id"] for r in same.json()}) == 1, same.text
 
 
 def test_a_batch_with_one_bad_item_logs_nothing(service):
@@ -729,3 +735,19 @@ def test_a_stalled_body_gets_a_408_and_its_connection_back(service):
     assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
     assert b"body_read_timeout_s" in answer
     assert _route(service["base"])["llm"] in PRICE_PER_1K  # the service is unharmed
+
+
+def test_concurrent_calls_with_one_request_id_get_one_decision(service):
+    """Two calls racing with a new request_id: the same query gets the same decision back; another
+    query gets a 409, whichever call wins the race."""
+    base = service["base"]
+    for attempt in range(3):
+        same = [{"query": QUERY, "request_id": f"race-same-{attempt}"}] * 2
+        other = [{"query": QUERY, "request_id": f"race-other-{attempt}"},
+                 {"query": "Who founded Rome?", "request_id": f"race-other-{attempt}"}]
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            answers = list(pool.map(lambda body: httpx.post(f"{base}/route", json=body, timeout=30), same + other))
+        assert [a.status_code for a in answers[:2]] == [200, 200], [a.text for a in answers[:2]]
+        assert answers[0].json()["decision_id"] == answers[1].json()["decision_id"]
+        assert answers[0].json()["llm"] == answers[1].json()["llm"]
+        assert sorted(a.status_code for a in answers[2:]) == [200, 409], [a.text for a in answers[2:]]
