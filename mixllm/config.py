@@ -350,6 +350,21 @@ class PipelineConfig(StrictModel):
     feedback_settle_s: float | None = Field(default=None, ge=0.0)
 
 
+class FailoverConfig(StrictModel):
+    """The proxy's failover along the router's ranking, and its per-LLM circuit breakers."""
+
+    # Upstreams tried for one chat, the router's choice first, then the next candidates by score.
+    # A connection error, a timeout, a 429 or a 5xx (before the first streamed byte) moves on; any
+    # other 4xx is the request's fault and is answered at once.
+    max_attempts: int = Field(default=3, ge=1)
+    deadline_s: float = Field(default=120.0, gt=0)  # all attempts of one chat together
+    # A breaker opens after `breaker_failures` failed calls within `breaker_window_s`: the LLM is
+    # no candidate for `breaker_cooldown_s`, then one call probes it (success closes the breaker).
+    breaker_failures: int = Field(default=3, ge=1)
+    breaker_window_s: float = Field(default=60.0, gt=0)
+    breaker_cooldown_s: float = Field(default=30.0, gt=0)
+
+
 class ServiceConfig(StrictModel):
     """The BentoML route service."""
 
@@ -406,6 +421,7 @@ class ServiceConfig(StrictModel):
     # The worker process exits when `bentoml serve` (its parent) dies, so an orphan never holds the
     # port. Off only if something else supervises and re-parents the worker on purpose.
     exit_with_parent: bool = True
+    failover: FailoverConfig = FailoverConfig()
 
 
 class MixLLMConfig(StrictModel):

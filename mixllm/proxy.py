@@ -28,7 +28,8 @@ def _redacted(text: str, secrets: list[str]) -> str:
 
 
 class ChatProxy:
-    """Needs from the class it is mixed into: config, load (live traffic), metrics and store."""
+    """Needs from the class it is mixed into: config, load (live traffic), metrics, store and
+    breakers (mixllm.circuit.CircuitBreakers)."""
 
     def _chat_refusal(self, request: ChatRequest) -> JSONResponse | None:
         """A 400 naming the field for what the proxy must not forward: text that is not valid
@@ -51,8 +52,42 @@ class ChatProxy:
                 return error(400, name, f"{name} must be an integer from 1 to {cap} (service.{setting}), got {value!r}")
         return None
 
-    async def _forward(self, request: ChatRequest, llm: str, upstream: Any, decision_id: str | None,
-                       version: int) -> Any:
+    async def _forward(self, request: ChatRequest, ranking: list[str], upstreams: dict[str, Any],
+                       decision_id: str | None, version: int) -> Any:
+        """Call the first LLM of `ranking`, and on a connection error, a timeout, a 429 or a 5xx
+        before the first byte, the next one (service.failover: at most max_attempts calls within
+        deadline_s, skipping LLMs whose circuit breaker is open). The answer names the LLM that
+        answered (x-mixllm-llm) and the calls made (x-mixllm-attempts)."""
+        settings = self.config.service.failover
+        deadline = time.monotonic() + settings.deadline_s
+        tried: list[str] = []
+        last: Any = None
+        for llm in ranking:
+            if len(tried) >= settings.max_attempts or time.monotonic() >= deadline:
+                break
+            if not self.breakers.begin(llm):
+                continue
+            tried.append(llm)
+            response, retryable = await self._attempt(request, llm, upstreams[llm], decision_id, version,
+                                                      timeout_s=min(upstreams[llm].timeout_s, deadline - time.monotonic()),
+                                                      attempt=len(tried))
+            if not retryable:
+                response.headers["x-mixllm-attempts"] = str(len(tried))
+                return response
+            last = response
+            if len(tried) < settings.max_attempts and llm != ranking[-1]:
+                logger.warning("failing over from %s (attempt %d of %d)", llm, len(tried), settings.max_attempts)
+        if last is None:
+            open_llms = ", ".join(self.breakers.open_llms()) or ", ".join(ranking)
+            return error(503, None, f"no upstream to call: the circuit breakers of {open_llms} are open after "
+                                    f"repeated failures; retry in {settings.breaker_cooldown_s:g} s",
+                         {"Retry-After": str(int(settings.breaker_cooldown_s))})
+        last.headers["x-mixllm-attempts"] = str(len(tried))
+        return last
+
+    async def _attempt(self, request: ChatRequest, llm: str, upstream: Any, decision_id: str | None,
+                       version: int, timeout_s: float, attempt: int) -> tuple[Any, bool]:
+        """One upstream call: (the response for the caller, whether another LLM may be tried)."""
         import httpx
 
         payload = request.model_dump(exclude_none=True)
@@ -64,24 +99,33 @@ class ChatProxy:
         if key:
             headers["Authorization"] = f"Bearer {key}"
 
-        def upstream_failed(status: int, detail: str, what: str = "") -> JSONResponse:
+        def upstream_failed(status: int, detail: str, what: str = "") -> tuple[JSONResponse, bool]:
             # The caller gets no upstream text (it may echo the key); the log gets it, redacted.
-            logger.warning("upstream for %s answered %d%s: %s", llm, status, what, _redacted(detail[:500], [key or ""]))
-            return error(502, None, f"upstream for {llm} answered {status}{what}; the service log has the details")
+            logger.warning("upstream for %s answered %d%s (attempt %d, decision %s): %s", llm, status, what, attempt,
+                           decision_id, _redacted(detail[:500], [key or ""]))
+            retryable = status == 429 or status >= 500 or status < 400  # < 400: a 2xx that is no answer
+            return error(502, None, f"upstream for {llm} answered {status}{what}; the service log has the details",
+                         {"x-mixllm-llm": llm}), retryable
         url = upstream.base_url.rstrip("/") + "/chat/completions"
-        call_id = decision_id or uuid.uuid4().hex
+        call_id = f"{decision_id or uuid.uuid4().hex}:{attempt}"
         # The proxy reports completion itself, so the call counts until then (or the upstream timeout).
         self.load.start(call_id, llm, expires_after_s=upstream.timeout_s)
         self.metrics.in_flight.labels(llm=llm).inc()
         mixllm_headers = {"x-mixllm-llm": llm, "x-mixllm-model-version": str(version),
                           **({"x-mixllm-decision-id": decision_id} if decision_id else {})}
         started = time.perf_counter()
-        client = httpx.AsyncClient(timeout=upstream.timeout_s)
+        client = httpx.AsyncClient(timeout=max(timeout_s, 0.001))
+        finished = False
 
         def finish(status: str, usage: dict | None) -> None:
+            nonlocal finished
+            if finished:
+                return
+            finished = True
             latency = time.perf_counter() - started
             self.metrics.in_flight.labels(llm=llm).dec()
             self.metrics.proxied.labels(llm=llm, status=status).inc()
+            self.breakers.record(llm, ok=status == "ok")
             # A failed call's time says nothing about the LLM's speed (a dead upstream fails fast).
             self.load.finish(call_id, latency if status == "ok" else None)
             if decision_id and status == "ok":
@@ -89,7 +133,7 @@ class ChatProxy:
                 tokens_out = (usage or {}).get("completion_tokens")
                 cost = self._price(llm, tokens_in, tokens_out)
                 self.store.complete_decision(decision_id, cost_usd=cost, latency_s=latency,
-                                             input_tokens=tokens_in, output_tokens=tokens_out)
+                                             input_tokens=tokens_in, output_tokens=tokens_out, llm=llm)
 
         try:
             if not request.stream:
@@ -107,8 +151,9 @@ class ChatProxy:
                     return upstream_failed(response.status_code, response.text, " without a JSON object")
                 finish("ok", body.get("usage") if isinstance(body.get("usage"), dict) else None)
                 body["model"] = llm
-                body["mixllm"] = {"llm": llm, "decision_id": decision_id, "model_version": version}
-                return JSONResponse(body, headers=mixllm_headers)
+                body["mixllm"] = {"llm": llm, "decision_id": decision_id, "model_version": version,
+                                  "attempts": attempt}
+                return JSONResponse(body, headers=mixllm_headers), False
             upstream_request = client.build_request("POST", url, json=payload, headers=headers)
             response = await client.send(upstream_request, stream=True)
             if response.status_code >= 400:
@@ -120,7 +165,10 @@ class ChatProxy:
         except httpx.HTTPError as exc:
             await client.aclose()
             finish("unreachable", None)
-            return error(502, None, f"upstream for {llm} is unreachable ({type(exc).__name__})")
+            logger.warning("upstream for %s is unreachable (%s, attempt %d, decision %s)", llm, type(exc).__name__,
+                           attempt, decision_id)
+            return error(502, None, f"upstream for {llm} is unreachable ({type(exc).__name__})",
+                         {"x-mixllm-llm": llm}), True
 
         async def relay() -> Any:
             usage = None
@@ -137,12 +185,21 @@ class ChatProxy:
                             chunk["model"] = llm
                             line = "data: " + json.dumps(chunk)
                     yield line + "\n"
+            except httpx.HTTPError as exc:
+                # After the first byte there is no failing over; the client must not take a cut
+                # answer for a whole one, so the stream ends with an error event.
+                finish("dropped", None)
+                logger.warning("upstream for %s dropped the stream (%s, decision %s)", llm, type(exc).__name__,
+                               decision_id)
+                yield "data: " + json.dumps({"error": {"message": f"upstream for {llm} dropped the stream "
+                                                                  "before it was complete", "type": "upstream_error",
+                                                       "code": "upstream_dropped"}}) + "\n\n"
             finally:
                 await response.aclose()
                 await client.aclose()
                 finish("ok", usage)
 
-        return StreamingResponse(relay(), media_type="text/event-stream", headers=mixllm_headers)
+        return StreamingResponse(relay(), media_type="text/event-stream", headers=mixllm_headers), False
 
     def _price(self, llm: str, tokens_in: float | None, tokens_out: float | None) -> float | None:
         if tokens_in is None and tokens_out is None:

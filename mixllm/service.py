@@ -25,6 +25,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
+from mixllm.circuit import CircuitBreakers
 from mixllm.api_models import (
     PROXY_SPENDS_KEYS,
     ROUTABLE,
@@ -142,6 +143,9 @@ class MixLLMService(ChatProxy):
         self.load = LiveLoad(max_age_s=self.config.service.in_flight_max_age_s,
                              window=self.config.service.latency_window)
         self.metrics = ServiceMetrics()
+        failover = self.config.service.failover
+        self.breakers = CircuitBreakers(failover.breaker_failures, failover.breaker_window_s,
+                                        failover.breaker_cooldown_s)
         self.model: LoadedModel | None = None
         self.loading_reason = f"loading {alias} version {version} from the registry"
         self._reload_lock = threading.Lock()
@@ -430,7 +434,8 @@ class MixLLMService(ChatProxy):
         snapshot = self.load.snapshot()
         return {"model_name": self.config.mlflow.registered_model_name, "alias": self.config.service.model_alias,
                 "version": model.version, "uptime_s": round(time.time() - self.started, 1),
-                "in_flight": snapshot.in_flight, "observed_latency_s": snapshot.observed_latency_s, **description}
+                "in_flight": snapshot.in_flight, "observed_latency_s": snapshot.observed_latency_s,
+                "open_circuits": self.breakers.open_llms(), **description}
 
     @admin_app.post("/reload")
     def reload(self) -> dict[str, Any]:
@@ -475,9 +480,11 @@ class MixLLMService(ChatProxy):
                     lambda_ = float(request.model.split(":", 1)[1])
                 except ValueError:
                     return error(400, "model", f"'{request.model}': after 'mixllm:' comes lambda, a number >= 0")
-            candidates = [m for m in model.router.enabled_llms_ if m in upstreams]
-            if not candidates:
+            reachable = [m for m in model.router.enabled_llms_ if m in upstreams]
+            if not reachable:
                 return error(503, None, "no LLM in the catalogue has an upstream (llms[].upstream in params.yaml)")
+            # An LLM whose circuit breaker is open is no candidate (unless every one is).
+            candidates = [m for m in reachable if self.breakers.available(m)] or reachable
             try:
                 item = RouteRequest(query=text, lambda_=lambda_, candidates=candidates)
             except ValidationError as exc:
@@ -488,6 +495,10 @@ class MixLLMService(ChatProxy):
             if isinstance(routed_result, JSONResponse):
                 return routed_result
             chosen, decision_id = routed_result.llm, routed_result.decision_id
+            # Failover follows the router's own ranking: the next best eligible candidates by score.
+            others = sorted((c for c in routed_result.candidates if c.eligible and c.llm != chosen
+                             and c.llm in candidates and c.score is not None), key=lambda c: -c.score)
+            ranking = [chosen, *(c.llm for c in others)]
         else:
             chosen = request.model
             limit = self.config.service.max_query_chars
@@ -497,7 +508,8 @@ class MixLLMService(ChatProxy):
             if chosen not in upstreams:
                 return error(404, "model", f"unknown model '{chosen}'; use mixllm, mixllm:<lambda> or one of "
                                            f"{', '.join(sorted(upstreams))}")
-        return await self._forward(request, chosen, upstreams[chosen], decision_id, model.version)
+            ranking = [chosen]  # the caller named this LLM: no other answers in its place
+        return await self._forward(request, ranking, upstreams, decision_id, model.version)
 
 # Outermost first: the body limit, then the per-client limit (which reads /route_batch bodies the
 # body limit has bounded, and counts rejected tokens too), then the token check.

@@ -212,13 +212,15 @@ class InteractionLog:
         return ids
 
     def complete_decision(self, decision_id: str, *, cost_usd: float | None, latency_s: float | None,
-                          input_tokens: float | None = None, output_tokens: float | None = None) -> None:
-        """Record the real cost and latency of a decided call (the proxy knows them)."""
+                          input_tokens: float | None = None, output_tokens: float | None = None,
+                          llm: str | None = None) -> None:
+        """Record the real cost and latency of a decided call (the proxy knows them), and the LLM
+        that answered when it is not the one chosen (the proxy failed over): feedback on the
+        decision then teaches the LLM that wrote the answer."""
+        values = {"cost_usd": cost_usd, "latency_s": latency_s, "input_tokens": input_tokens,
+                  "output_tokens": output_tokens, **({"llm": llm} if llm else {})}
         with self._writing() as connection:
-            connection.execute(
-                decisions.update().where(decisions.c.decision_id == decision_id).values(
-                    cost_usd=cost_usd, latency_s=latency_s, input_tokens=input_tokens, output_tokens=output_tokens)
-            )
+            connection.execute(decisions.update().where(decisions.c.decision_id == decision_id).values(**values))
 
     def decision_by_request(self, request_id: str) -> dict[str, Any] | None:
         with self.engine.connect() as connection:

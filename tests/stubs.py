@@ -9,10 +9,16 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
 class UpstreamStub:
-    """Answers POST /v1/chat/completions (plain or streamed) naming the model it was asked for."""
+    """Answers POST /v1/chat/completions (plain or streamed) naming the model it was asked for.
 
-    def __init__(self) -> None:
+    `behaviour[model]` makes it fail for that model: "500" or "429" (that status), "close" (the
+    connection is closed with no answer), "slow" (answers after `slow_s`), "drop" (a stream that
+    breaks after its first chunk)."""
+
+    def __init__(self, slow_s: float = 10.0) -> None:
         self.requests: list[dict] = []
+        self.behaviour: dict[str, str] = {}
+        self.slow_s = slow_s
         stub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -20,6 +26,34 @@ class UpstreamStub:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 stub.requests.append({"path": self.path, "body": body, "auth": self.headers.get("Authorization")})
                 model = body.get("model")
+                behaviour = stub.behaviour.get(model)
+                if behaviour in ("500", "429"):
+                    payload = json.dumps({"error": {"message": f"stub {behaviour}"}}).encode()
+                    self.send_response(int(behaviour))
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    self.wfile.write(payload)
+                    return
+                if behaviour == "close":
+                    self.close_connection = True
+                    self.connection.shutdown(2)
+                    return
+                if behaviour == "slow":
+                    time.sleep(stub.slow_s)
+                if behaviour == "drop" and body.get("stream"):
+                    self.send_response(200)
+                    self.send_header("Content-Type", "text/event-stream")
+                    self.send_header("Transfer-Encoding", "chunked")
+                    self.end_headers()
+                    chunk = {"id": "c1", "object": "chat.completion.chunk", "created": 0, "model": model,
+                             "choices": [{"index": 0, "delta": {"content": "partial "}, "finish_reason": None}]}
+                    data = f"data: {json.dumps(chunk)}\n\n".encode()
+                    self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+                    self.wfile.flush()
+                    time.sleep(0.2)
+                    self.close_connection = True
+                    self.connection.shutdown(2)  # mid-stream, without the terminating chunk
+                    return
                 if "SEND-ERROR" in json.dumps(body.get("messages")):  # a careless upstream echoes the key it got
                     payload = json.dumps({"error": f"rejected {self.headers.get('Authorization')}"}).encode()
                     self.send_response(500)

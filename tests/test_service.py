@@ -34,7 +34,8 @@ CHAT = {"model": "mixllm", "messages": [{"role": "user", "content": "hi"}]}
 def _llms(upstream_url):
     return [{"name": name, "input_usd_per_1k": price, "output_usd_per_1k": price,
              "latency": {"per_call_s": 0.5, "concurrency": 2},
-             "upstream": {"base_url": upstream_url, "model": f"upstream-{name}", "api_key_env": "STUB_KEY"}}
+             "upstream": {"base_url": upstream_url, "model": f"upstream-{name}", "api_key_env": "STUB_KEY",
+                          "timeout_s": 1}}
             for name, price in PRICE_PER_1K.items()]
 
 
@@ -67,7 +68,8 @@ def service(tmp_path_factory, upstream):
     # logic is tested in-process in test_one_client_cannot_flood_the_others).
     write_params(root, llms=_llms(upstream.base_url), service={"poll_interval_s": 1, "max_query_chars": 2000,
                                                              "client_rate_per_s": 10_000, "client_burst": 100_000,
-                                                             "body_read_timeout_s": 2},
+                                                             "body_read_timeout_s": 2,
+                                                             "failover": {"breaker_failures": 2, "breaker_cooldown_s": 4}},
                  gate={"max_overhead_ms": 5000})
     make_log(n_queries=120, seed=41).to_csv(root / "log.csv", index=False)
     ingest(root / "log.csv", load_config(root / "params.yaml"))
@@ -535,6 +537,7 @@ def test_openai_proxy_with_the_official_client(service, upstream):
     assert "upstream-key" not in echoed.text, "the upstream's body (which echoed the key) is not passed on"
     log = (service["root"] / "serve.log").read_text(errors="replace")
     assert "rejected Bearer [redacted]" in log and "upstream-key" not in log, "logged, with the key redacted"
+    _close_breakers(base, upstream)  # the two failed calls to coder opened its breaker
     store = InteractionLog(config.sqlalchemy_url(config.service.feedback_store_url))
     decision = store.decision(decision_id)
     assert decision["llm"] == chosen and decision["latency_s"] > 0
@@ -731,7 +734,12 @@ def test_a_stalled_body_gets_a_408_and_its_connection_back(service):
     with socket.create_connection(("127.0.0.1", port), timeout=30) as connection:
         connection.sendall(b"POST /route HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                            b"Content-Length: 100\r\n\r\n{\"query\": ")
-        answer = connection.recv(65536)
+        answer = b""
+        while b"body_read_timeout_s" not in answer:  # the head and the body may come in two segments
+            part = connection.recv(65536)
+            if not part:
+                break
+            answer += part
     assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
     assert b"body_read_timeout_s" in answer
     assert _route(service["base"])["llm"] in PRICE_PER_1K  # the service is unharmed
@@ -751,3 +759,87 @@ def test_concurrent_calls_with_one_request_id_get_one_decision(service):
         assert answers[0].json()["decision_id"] == answers[1].json()["decision_id"]
         assert answers[0].json()["llm"] == answers[1].json()["llm"]
         assert sorted(a.status_code for a in answers[2:]) == [200, 409], [a.text for a in answers[2:]]
+
+
+def _chat(base, model, content=QUERY, **extra):
+    return httpx.post(f"{base}/v1/chat/completions", headers=AUTH, timeout=60,
+                      json={"model": model, "messages": [{"role": "user", "content": content}], **extra})
+
+
+def _close_breakers(base, upstream):
+    """After a failover test: upstreams healthy again, every breaker closed by a probe."""
+    upstream.behaviour.clear()
+    deadline = time.monotonic() + 30
+    while httpx.get(f"{base}/model", timeout=30).json()["open_circuits"] and time.monotonic() < deadline:
+        time.sleep(0.5)
+        for llm in httpx.get(f"{base}/model", timeout=30).json()["open_circuits"]:
+            _chat(base, llm)
+    assert httpx.get(f"{base}/model", timeout=30).json()["open_circuits"] == []
+
+
+@pytest.mark.parametrize("failure", ["500", "429", "close", "slow"])
+def test_the_proxy_fails_over_along_the_ranking(service, upstream, failure):
+    """The router's choice fails (a 5xx, a 429, a refused connection, a timeout): the proxy calls
+    the next candidates by score until one answers, and the decision names the LLM that answered."""
+    import openai
+
+    base, config = service["base"], service["config"]
+    upstream.behaviour.update({"upstream-strong": failure, "upstream-coder": failure})
+    try:
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key=TOKEN, max_retries=0, timeout=60)
+        before = len(upstream.requests)
+        raw = client.chat.completions.with_raw_response.create(
+            model="mixllm:0", messages=[{"role": "user", "content": QUERY}])
+        completion = raw.parse()
+        tried = [r["body"]["model"] for r in upstream.requests[before:]]
+        assert raw.headers["x-mixllm-llm"] == "cheap-chat" and completion.model == "cheap-chat"
+        assert tried[-1] == "upstream-cheap-chat" and int(raw.headers["x-mixllm-attempts"]) == len(tried) >= 2
+        assert tried[0] in ("upstream-strong", "upstream-coder"), "the router's choice (lambda 0) came first"
+        store = InteractionLog(config.sqlalchemy_url(config.service.feedback_store_url))
+        decision = store.decision(raw.headers["x-mixllm-decision-id"])
+        store.dispose()
+        assert decision["llm"] == "cheap-chat", "feedback on this decision teaches the LLM that answered"
+        assert decision["cost_usd"] == pytest.approx((12 + 5) * PRICE_PER_1K["cheap-chat"] / 1000)
+        # A second failure each (service.failover.breaker_failures: 2) opens their breakers, and
+        # routing then skips them: one call, to the LLM that works.
+        failed = {model.removeprefix("upstream-") for model in tried[:-1]}
+        assert _chat(base, "mixllm:0").headers["x-mixllm-llm"] == "cheap-chat"
+        open_now = set(httpx.get(f"{base}/model", timeout=30).json()["open_circuits"])
+        assert failed <= open_now
+        before = len(upstream.requests)
+        skipped = _chat(base, "mixllm:0")
+        called = {r["body"]["model"].removeprefix("upstream-") for r in upstream.requests[before:]}
+        assert skipped.status_code == 200 and skipped.headers["x-mixllm-llm"] == "cheap-chat"
+        assert not called & open_now, "an LLM with an open breaker is no candidate"
+        named = _chat(base, sorted(failed)[0])
+        assert named.status_code == 503 and "circuit" in named.text, "a named LLM with an open circuit: no call"
+    finally:
+        _close_breakers(base, upstream)
+
+
+def test_when_every_upstream_fails_the_answer_is_one_502_after_max_attempts(service, upstream):
+    base = service["base"]
+    upstream.behaviour.update({f"upstream-{llm}": "500" for llm in PRICE_PER_1K})
+    try:
+        before = len(upstream.requests)
+        failed = _chat(base, "mixllm")
+        assert failed.status_code == 502 and failed.headers["x-mixllm-attempts"] == "3"
+        assert len(upstream.requests) - before == 3 and "stub 500" not in failed.text
+    finally:
+        _close_breakers(base, upstream)
+
+
+def test_a_stream_dropped_midway_ends_with_an_error_not_silently(service, upstream):
+    import openai
+
+    base = service["base"]
+    upstream.behaviour["upstream-coder"] = "drop"
+    try:
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key=TOKEN, max_retries=0)
+        stream = client.chat.completions.create(model="coder", messages=[{"role": "user", "content": QUERY}],
+                                                stream=True)
+        with pytest.raises(openai.APIError, match="dropped the stream"):
+            for _ in stream:
+                pass
+    finally:
+        _close_breakers(base, upstream)

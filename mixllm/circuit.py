@@ -1,0 +1,85 @@
+"""Circuit breakers per LLM: an upstream that keeps failing is left alone for a while, then probed.
+
+Closed: calls go through, failures are counted over a sliding window. Open (after `failures`
+failures within `window_s`): the LLM is no candidate. Half-open (after `cooldown_s`): one call is let
+through as a probe; its success closes the breaker, its failure opens it again for another cooldown.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+
+@dataclass
+class _Breaker:
+    failures: deque = field(default_factory=deque)
+    opened_at: float | None = None
+    probing: bool = False
+
+
+class CircuitBreakers:
+    def __init__(self, failures: int = 3, window_s: float = 60.0, cooldown_s: float = 30.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if failures < 1 or window_s <= 0 or cooldown_s <= 0:
+            raise ValueError("failures must be >= 1, window_s and cooldown_s > 0")
+        self.failures, self.window_s, self.cooldown_s, self.clock = failures, window_s, cooldown_s, clock
+        self._breakers: dict[str, _Breaker] = {}
+        self._lock = threading.Lock()
+
+    def state(self, llm: str) -> str:
+        """closed, open or half_open."""
+        with self._lock:
+            return self._state(self._breakers.get(llm))
+
+    def _state(self, breaker: _Breaker | None) -> str:
+        if breaker is None or breaker.opened_at is None:
+            return "closed"
+        return "open" if self.clock() - breaker.opened_at < self.cooldown_s else "half_open"
+
+    def available(self, llm: str) -> bool:
+        """May a call go to `llm` now (closed, or half-open with no probe under way)?"""
+        with self._lock:
+            breaker = self._breakers.get(llm)
+            state = self._state(breaker)
+            return state == "closed" or (state == "half_open" and not breaker.probing)
+
+    def begin(self, llm: str) -> bool:
+        """Claim a call to `llm`: False if it may not be called now. A half-open breaker's one
+        call is its probe."""
+        with self._lock:
+            breaker = self._breakers.get(llm)
+            state = self._state(breaker)
+            if state == "closed":
+                return True
+            if state == "half_open" and not breaker.probing:
+                breaker.probing = True
+                return True
+            return False
+
+    def record(self, llm: str, ok: bool) -> None:
+        """The outcome of a call to `llm`."""
+        with self._lock:
+            breaker = self._breakers.setdefault(llm, _Breaker())
+            now = self.clock()
+            if ok:
+                breaker.failures.clear()
+                breaker.opened_at, breaker.probing = None, False
+                return
+            if breaker.probing or self._state(breaker) == "half_open":  # the probe failed
+                breaker.opened_at, breaker.probing = now, False
+                return
+            breaker.failures.append(now)
+            while breaker.failures and now - breaker.failures[0] > self.window_s:
+                breaker.failures.popleft()
+            if len(breaker.failures) >= self.failures:
+                breaker.opened_at = now
+                breaker.failures.clear()
+
+    def open_llms(self) -> list[str]:
+        """LLMs whose breaker is open or half-open (for GET /model and the decision's notes)."""
+        with self._lock:
+            return sorted(llm for llm, breaker in self._breakers.items() if self._state(breaker) != "closed")

@@ -1,0 +1,51 @@
+"""Circuit breakers: open after repeated failures, one probe after the cooldown, closed by success."""
+
+from __future__ import annotations
+
+import pytest
+
+from mixllm.circuit import CircuitBreakers
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_breaker_opens_after_failures_in_the_window_and_probes_once_after_the_cooldown():
+    clock = Clock()
+    breakers = CircuitBreakers(failures=3, window_s=10, cooldown_s=30, clock=clock)
+    for _ in range(2):
+        breakers.record("a", ok=False)
+    assert breakers.state("a") == "closed" and breakers.available("a")
+    clock.now = 11  # the first two failures left the window
+    breakers.record("a", ok=False)
+    assert breakers.state("a") == "closed"
+    clock.now = 12
+    breakers.record("a", ok=False)
+    breakers.record("a", ok=False)
+    assert breakers.state("a") == "open" and not breakers.available("a") and not breakers.begin("a")
+    assert breakers.open_llms() == ["a"] and breakers.available("b")  # other LLMs are unaffected
+    clock.now = 12 + 30
+    assert breakers.state("a") == "half_open" and breakers.available("a")
+    assert breakers.begin("a") and not breakers.begin("a")  # one probe at a time
+    breakers.record("a", ok=False)  # the probe failed: open for another cooldown
+    assert breakers.state("a") == "open"
+    clock.now = 12 + 60
+    assert breakers.begin("a")
+    breakers.record("a", ok=True)  # the probe succeeded
+    assert breakers.state("a") == "closed" and breakers.open_llms() == []
+
+
+def test_a_success_resets_the_count_and_bad_settings_are_refused():
+    clock = Clock()
+    breakers = CircuitBreakers(failures=2, window_s=60, cooldown_s=5, clock=clock)
+    breakers.record("a", ok=False)
+    breakers.record("a", ok=True)
+    breakers.record("a", ok=False)
+    assert breakers.state("a") == "closed"
+    with pytest.raises(ValueError, match="failures"):
+        CircuitBreakers(failures=0)
