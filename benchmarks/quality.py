@@ -209,7 +209,9 @@ def run_dataset(name: str, entry: DatasetConfig, data_path: Path, work: Path, *,
     if not quick:
         for label, (slug, overrides) in ABLATIONS.items():
             t = time.perf_counter()
-            variant = variant_config(config, slug, overrides)
+            # One change per lever: the encoder backend stays the one MixLLM's row chose on validation
+            # (unless the lever is the backend), or the variant's own choice would change two things.
+            variant = variant_config(config, slug, {"embedding.backend": router.encoder_.backend, **overrides})
             variant_router, train_s = trained(variant, load_split(variant))
             # ms/query end to end with the embedding cache off (as MixLLM's own row).
             curve = measure_router(label, MixLLMAdapter(variant_router), holdout_queries, outcomes, reference,
