@@ -70,6 +70,7 @@ def test_an_encoder_saved_with_unknown_settings_is_refused_with_advice(static_en
     assert QueryEncoder.load(tmp_path / "encoder").max_triplets == static_encoder.max_triplets
 
 
+@pytest.mark.slow
 def test_choose_backend_takes_the_faster_one_only_within_the_allowed_loss():
     config = small_config(embedding__max_aiq_loss=0.003, evaluation__bootstrap_resamples=200)
     train, validation = make_log(n_queries=150, seed=11), make_log(n_queries=90, seed=12)
@@ -90,6 +91,7 @@ def test_choose_backend_takes_the_faster_one_only_within_the_allowed_loss():
     assert choose_backend(lenient, {"torch": good, "static": static}, split)["chosen"] == "static"
 
 
+@pytest.mark.slow
 def test_training_with_backend_auto_records_its_choice_for_mlflow_and_model(tmp_path, monkeypatch):
     from mixllm.config import load_config
     from mixllm.data import ingest
