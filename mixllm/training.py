@@ -218,9 +218,9 @@ STAGES: tuple[Stage, ...] = (
           reads=("interactions", "split", "tags"), outputs=("encoder",), params=("embedding",)),
     Stage("predictors", stage_predictors, "fit every LLM's quality and cost predictors (the complete router)",
           reads=("interactions", "split", "tags", "encoder"), outputs=("router",),
-          # (the evaluation settings: embedding.backend auto compares backends on validation)
-          params=("features", "domains", "predictors", "decision", "llms", "evaluation.cost_budget_share",
-                  "evaluation.quality_target_share", "evaluation.bootstrap_resamples",
+          # (the bootstrap settings: embedding.backend auto compares the backends' validation AIQ,
+          # which no budget or quality target changes)
+          params=("features", "domains", "predictors", "decision", "llms", "evaluation.bootstrap_resamples",
                   "evaluation.confidence_level", "evaluation.seed")),
     Stage("evaluate", stage_evaluate, "evaluate the router and the baselines on the holdout",
           reads=("interactions", "split", "predictors"),
