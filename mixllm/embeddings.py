@@ -107,9 +107,17 @@ def distill_static(model: Any, dims: int) -> Any:
     dims = int(min(dims, model.get_embedding_dimension()))
     logger.info("distilling static token embeddings (%d dimensions) from the encoder", dims)
     torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=UserWarning)
-        return distill_from_model(transformer, model.tokenizer, pca_dims=dims, device="cpu")
+    chatty = [logging.getLogger(name) for name in ("skeletoken", "model2vec")]  # a dozen INFO lines per call
+    levels = [logger.level for logger in chatty]
+    for quiet in chatty:
+        quiet.setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=UserWarning)
+            return distill_from_model(transformer, model.tokenizer, pca_dims=dims, device="cpu")
+    finally:
+        for quiet, level in zip(chatty, levels):
+            quiet.setLevel(level)
 
 
 class QueryEncoder(BaseEstimator):
