@@ -212,25 +212,24 @@ def calibrate_on_validation(config: MixLLMConfig, adapter: Any, split: SplitData
                             reference_llm: str, target: str, value: float) -> Calibration:
     """The lambda meeting a target on the validation part, with the budget's confidence bound."""
     evaluation = config.evaluation
-    validation = query_frame(split.validation)
-    if validation.empty:
-        raise MixLLMError("no validation queries to calibrate on; set split.validation_fraction > 0")
-    validation_outcomes = Outcomes.from_log(split.validation, validation["query_id"], llms)
-    validation_reference = reference_on(split.validation, validation["query_id"], validation_outcomes, reference_llm)
-    _, reference_cost = reference_columns(split.validation, validation["query_id"], validation_outcomes, reference_llm)
-    return calibrate_lambda(adapter.predict(validation), validation_outcomes, validation_reference,
-                            adapter.cost_scale_usd_, target, value, confidence=evaluation.budget_confidence,
+    validation, outcomes, reference = validation_context(config, split, llms, reference_llm)
+    _, reference_cost = reference_columns(split.validation, validation["query_id"], outcomes, reference.llm)
+    return calibrate_lambda(adapter.predict(validation), outcomes, reference, adapter.cost_scale_usd_, target, value,
+                            confidence=evaluation.budget_confidence,
                             window_queries=evaluation.budget_window_queries, reference_cost_usd=reference_cost)
 
 
-def validation_context(config: MixLLMConfig, split: SplitData, llms: Sequence[str]) -> tuple[pd.DataFrame, Outcomes, Reference]:
+def validation_context(config: MixLLMConfig, split: SplitData, llms: Sequence[str],
+                       reference_llm_name: str | None = None) -> tuple[pd.DataFrame, Outcomes, Reference]:
     """The validation part's queries, every LLM's real outcome on them, and the reference LLM
-    (for choices made before the holdout is looked at)."""
+    (the train part's, unless named): for choices made before the holdout is looked at."""
     queries = query_frame(split.validation)
     if queries.empty:
-        raise MixLLMError("no validation queries to choose on; set split.validation_fraction > 0")
+        raise MixLLMError("no validation queries to calibrate lambda or choose the encoder backend on; "
+                          "set split.validation_fraction > 0")
     outcomes = Outcomes.from_log(split.validation, queries["query_id"], llms)
-    reference = reference_on(split.validation, queries["query_id"], outcomes, reference_llm(config, split.train))
+    reference = reference_on(split.validation, queries["query_id"], outcomes,
+                             reference_llm_name or reference_llm(config, split.train))
     return queries, outcomes, reference
 
 
