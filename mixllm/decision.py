@@ -14,6 +14,7 @@ tokens; an observed latency replaces the profile when the caller has one).
 
 from __future__ import annotations
 
+from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -119,3 +120,11 @@ def decide(
     tied = np.isclose(score, best, rtol=0.0, atol=1e-12) & np.isfinite(score)
     cost_key = np.where(tied, cost_usd, np.inf)
     return cost_key.argmin(axis=1), score
+
+
+def fallback_ranking(chosen: str, candidates: Sequence[Any], allowed: Collection[str]) -> list[str]:
+    """The LLMs to try for a decision, in order: the chosen one, then the other eligible candidates
+    in `allowed` by descending score (each candidate has llm, score and eligible, as CandidateScore)."""
+    others = sorted((c for c in candidates if c.eligible and c.llm != chosen and c.llm in allowed
+                     and c.score is not None and np.isfinite(c.score)), key=lambda c: -c.score)
+    return [chosen, *(c.llm for c in others)]

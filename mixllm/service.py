@@ -25,7 +25,6 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
-from mixllm.circuit import CircuitBreakers
 from mixllm.api_models import (
     PROXY_SPENDS_KEYS,
     ROUTABLE,
@@ -43,6 +42,8 @@ from mixllm.api_models import (
     openapi_contract,
     stored_response,
 )
+from mixllm.circuit import CircuitBreakers
+from mixllm.decision import fallback_ranking
 from mixllm.middleware import BearerAuth, BodyLimit, ClientRateLimit, OpenAPIContract, quiet_client_errors
 from mixllm.proxy import ChatProxy
 from mixllm.request_batching import RequestCoalescer
@@ -496,9 +497,7 @@ class MixLLMService(ChatProxy):
                 return routed_result
             chosen, decision_id = routed_result.llm, routed_result.decision_id
             # Failover follows the router's own ranking: the next best eligible candidates by score.
-            others = sorted((c for c in routed_result.candidates if c.eligible and c.llm != chosen
-                             and c.llm in candidates and c.score is not None), key=lambda c: -c.score)
-            ranking = [chosen, *(c.llm for c in others)]
+            ranking = fallback_ranking(chosen, routed_result.candidates, candidates)
         else:
             chosen = request.model
             limit = self.config.service.max_query_chars
