@@ -71,7 +71,7 @@ def test_an_encoder_saved_with_unknown_settings_is_refused_with_advice(static_en
 
 
 @pytest.mark.slow
-def test_choose_backend_takes_the_faster_one_only_within_the_allowed_loss():
+def test_choose_backend_takes_the_faster_one_only_within_the_allowed_loss(static_encoder):
     config = small_config(embedding__max_aiq_loss=0.003, evaluation__bootstrap_resamples=200)
     train, validation = make_log(n_queries=150, seed=11), make_log(n_queries=90, seed=12)
     split = SplitData(train, validation, make_log(n_queries=30, seed=13))
@@ -80,7 +80,7 @@ def test_choose_backend_takes_the_faster_one_only_within_the_allowed_loss():
     shuffled = train.copy()
     shuffled["quality"] = np.random.default_rng(0).permutation(shuffled["quality"].to_numpy())
     static = MixLLMRouter(config, progress=False)
-    static.fit(shuffled, encoder=good.encoder_.with_backend("static"))
+    static.fit(shuffled, encoder=static_encoder)  # the module's (one distillation is ~8 s)
     choice = choose_backend(config, {"torch": good, "static": static}, split)
     figures = choice["candidates"]
     assert choice["best"] == "torch" and choice["chosen"] == "torch"
