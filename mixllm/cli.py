@@ -10,8 +10,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from mixllm.config import MixLLMConfig, load_config, parse_override
-from mixllm.errors import MixLLMError
+from mixllm.cli_common import run, state
+from mixllm.config import parse_override
 
 app = typer.Typer(
     help=(
@@ -28,15 +28,6 @@ app.add_typer(data_app, name="data")
 logger = logging.getLogger("mixllm.cli")
 
 
-class State:
-    params: Optional[Path] = None
-    overrides: dict[str, object] = {}
-
-    def config(self) -> MixLLMConfig:
-        return load_config(self.params, overrides=self.overrides)
-
-
-state = State()
 
 
 @app.callback()
@@ -57,21 +48,6 @@ def main(
     )
     state.params = params
     state.overrides = dict(parse_override(item) for item in (set_ or []))
-
-
-def run(command):  # noqa: ANN001, ANN201 - decorator keeps every command's errors readable
-    """Turn mixllm errors into one clear line and exit code 2, instead of a traceback."""
-    import functools
-
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        try:
-            return command(*args, **kwargs)
-        except MixLLMError as error:
-            typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
-            raise typer.Exit(code=2) from None
-
-    return wrapper
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -468,6 +444,11 @@ def config_show(
     for key, value in config.to_flat_dict().items():
         typer.echo(f"{key} = {value}")
 
+
+from mixllm.cli_tenants import budgets_show, keys_app  # noqa: E402 - the commands register on `app` below
+
+app.add_typer(keys_app, name="keys")
+app.command("budgets")(budgets_show)
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(app())

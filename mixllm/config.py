@@ -424,6 +424,70 @@ class ServiceConfig(StrictModel):
     failover: FailoverConfig = FailoverConfig()
 
 
+BudgetPeriod = Literal["hour", "day", "month"]
+
+
+class TenantConfig(StrictModel):
+    """One tenant of the chat proxy: the LLMs it may use and what it may spend. Its API keys live
+    hashed in the decision log's database (`mixllm keys create NAME`), never in this file."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    # USD per calendar period (UTC): hour, day, month. None of them: no budget, only the key.
+    budgets_usd: dict[BudgetPeriod, float] = Field(default_factory=dict)
+    # When a budget is spent: "cheapest" routes every chat to the cheapest allowed LLM until the
+    # period resets; "reject" answers 429 naming the budget and when it resets.
+    on_exhausted: Literal["cheapest", "reject"] = "cheapest"
+    allowed_llms: tuple[str, ...] | None = None  # None: every LLM of the catalogue
+
+    @field_validator("budgets_usd")
+    @classmethod
+    def _budgets_positive(cls, budgets: dict[str, float]) -> dict[str, float]:
+        for period, usd in budgets.items():
+            if not usd > 0:
+                raise ValueError(f"the {period} budget must be a positive number of USD, got {usd!r}")
+        return budgets
+
+
+class PacingConfig(StrictModel):
+    """The feedback controller that paces a tenant's spend along its budget line.
+
+    pace = spend so far in the period / (budget x the share of the period gone), for the budget
+    furthest ahead. The effective lambda is lambda x exp(u), u = proportional_gain x (pace - 1) +
+    integral_gain x the time-integral of (pace - 1) in periods, bounded by +-ln(max_lambda_factor):
+    ahead of the line routing turns cheaper, behind it turns better, before the money runs out.
+    """
+
+    proportional_gain: float = Field(default=3.0, ge=0.0)
+    integral_gain: float = Field(default=30.0, ge=0.0)
+    max_lambda_factor: float = Field(default=50.0, ge=1.0)
+    # Early in a period the line is near zero and one call looks far ahead of it: the line never
+    # drops below this share of the budget.
+    warmup_share: float = Field(default=0.02, gt=0.0, le=1.0)
+    # lambda 0 (quality only) cannot be scaled: pacing starts from at least this lambda.
+    min_lambda: float = Field(default=0.05, gt=0.0)
+
+
+class BudgetsConfig(StrictModel):
+    """Tenants of the OpenAI-compatible proxy, their budgets and the pacing of their spend."""
+
+    tenants: tuple[TenantConfig, ...] = ()
+    pacing: PacingConfig = PacingConfig()
+    # How long the service trusts a looked-up API key: a revoked key stops working within this.
+    key_cache_s: float = Field(default=5.0, ge=0.0)
+
+    @field_validator("tenants")
+    @classmethod
+    def _tenant_names_unique(cls, tenants: tuple[TenantConfig, ...]) -> tuple[TenantConfig, ...]:
+        names = [tenant.name for tenant in tenants]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"tenant names must be unique; repeated: {', '.join(duplicates)}")
+        return tenants
+
+    def tenant(self, name: str) -> TenantConfig | None:
+        return next((tenant for tenant in self.tenants if tenant.name == name), None)
+
+
 class MixLLMConfig(StrictModel):
     """Everything mixllm reads from params.yaml."""
 
@@ -441,6 +505,7 @@ class MixLLMConfig(StrictModel):
     mlflow: MLflowConfig = MLflowConfig()
     pipeline: PipelineConfig = PipelineConfig()
     service: ServiceConfig = ServiceConfig()
+    budgets: BudgetsConfig = BudgetsConfig()
     # Folder every relative path above is resolved against: the folder holding params.yaml.
     root: Path = Field(default=Path("."), exclude=True)
 
@@ -460,6 +525,15 @@ class MixLLMConfig(StrictModel):
             raise ValueError(
                 f"evaluation.reference_llm '{ref}' is not in llms; choose one of {', '.join(self.llm_names)}"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _tenant_llms_in_catalogue(self) -> MixLLMConfig:
+        for index, tenant in enumerate(self.budgets.tenants):
+            unknown = [name for name in tenant.allowed_llms or () if self.llms and name not in self.llm_names]
+            if unknown:
+                raise ValueError(f"budgets.tenants.{index}.allowed_llms of tenant '{tenant.name}' names "
+                                 f"{', '.join(unknown)}, not in llms; choose from {', '.join(self.llm_names)}")
         return self
 
     @property
@@ -552,6 +626,8 @@ def _format_validation_error(error: ValidationError, source: str) -> str:
         key = ".".join(str(part) for part in item["loc"]) or "(top level)"
         if item["type"] == "extra_forbidden":
             lines.append(f"  - {key}: unknown key (check its spelling against the documented keys)")
+        elif not item["loc"]:  # a check across sections names its keys in the message itself
+            lines.append(f"  - {item['msg'].removeprefix('Value error, ')}")
         else:
             lines.append(f"  - {key}: {item['msg']} (got {item.get('input')!r})")
     return "\n".join(lines)

@@ -55,36 +55,75 @@ class BodyLimit:
         await self.app(scope, _replaying(b"".join(chunks), receive), send)
 
 
+TENANT_HEADER = b"x-mixllm-tenant"  # set by BearerAuth only; a client's own is dropped
+
+
+class TenantKeys:
+    """How BearerAuth looks up tenant API keys: the service sets `lookup` (key -> tenant or None)
+    when it starts; `enabled` when params.yaml lists tenants."""
+
+    def __init__(self) -> None:
+        self.enabled = False
+        self.lookup: Any = None
+
+
 class BearerAuth:
-    """ASGI middleware: the configured token guards /feedback and /admin/* (and /route* if asked),
-    and the chat proxy whenever it calls upstreams with the server's keys: then it needs a token
-    even if none is configured (it answers 401 saying so), so no anonymous caller spends the keys."""
+    """ASGI middleware: who is calling, and may they.
+
+    The admin token (env `token_env`) guards /admin/* and /feedback (and /route* if asked). With
+    tenants configured, a tenant's API key is accepted wherever the admin token is, except /admin;
+    the request then carries the tenant's name in x-mixllm-tenant (a client cannot set it), and an
+    unknown or revoked key is a 401. The chat proxy always needs a token or a tenant key when it
+    calls upstreams with the server's keys (it answers 401 saying so), so no anonymous caller spends
+    them; /budgets always needs one of the two."""
 
     def __init__(self, app: Any, token_env: str = "MIXLLM_API_TOKEN", protect_route: bool = False,
-                 protect_proxy: bool = True):
+                 protect_proxy: bool = True, tenant_keys: TenantKeys | None = None):
         self.app, self.token_env = app, token_env
         self.protect_route, self.protect_proxy = protect_route, protect_proxy
+        self.tenant_keys = tenant_keys or TenantKeys()
 
     def _protected(self, path: str) -> bool:
-        if path.startswith("/feedback") or path.startswith("/admin"):
+        if path.startswith("/feedback") or path.startswith("/admin") or path.startswith("/budgets"):
             return True
         if path.startswith("/v1/chat"):
-            return self.protect_route or self.protect_proxy
+            return self.protect_route or self.protect_proxy or self.tenant_keys.enabled
         return self.protect_route and path.startswith("/route")
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
         token = os.environ.get(self.token_env)
         path = scope.get("path", "")
-        if scope["type"] == "http" and self._protected(path):
-            if not token and self.protect_proxy and path.startswith("/v1/chat"):
-                return await _reject(send, 401, f"this proxy calls upstreams with the server's API keys, so it needs a "
-                                                f"token: set {self.token_env} for the service and send "
-                                                "Authorization: Bearer <token>", field="Authorization")
-            header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
-            # Constant time: the comparison must not tell an attacker how much of a guess was right.
-            if token and not hmac.compare_digest(header.encode("latin-1"), f"Bearer {token}".encode("latin-1", "replace")):
-                return await _reject(send, 401, "missing or wrong bearer token (header: Authorization: Bearer <token>)",
+        headers = [(k, v) for k, v in scope["headers"] if k != TENANT_HEADER]
+        header = dict(headers).get(b"authorization", b"").decode("latin-1")
+        # Constant time: the comparison must not tell an attacker how much of a guess was right.
+        admin = bool(token) and hmac.compare_digest(header.encode("latin-1"),
+                                                    f"Bearer {token}".encode("latin-1", "replace"))
+        tenant = None
+        if not admin and self.tenant_keys.enabled and header.startswith("Bearer ") and self.tenant_keys.lookup:
+            import anyio
+
+            tenant = await anyio.to_thread.run_sync(self.tenant_keys.lookup, header[len("Bearer "):])
+            if tenant is None:
+                return await _reject(send, 401, "unknown or revoked API key (header: Authorization: Bearer <key>; "
+                                                "`mixllm keys list` shows the active keys)", field="Authorization")
+            headers.append((TENANT_HEADER, tenant.encode("latin-1")))
+        scope = {**scope, "headers": headers}
+        if self._protected(path) and not admin:
+            if tenant is not None and path.startswith("/admin"):
+                return await _reject(send, 403, "a tenant's API key does not open /admin; use the admin token",
                                      field="Authorization")
+            if tenant is None:
+                if not token and not self.tenant_keys.enabled:
+                    if self.protect_proxy and path.startswith("/v1/chat"):
+                        return await _reject(send, 401, "this proxy calls upstreams with the server's API keys, so it "
+                                             f"needs a token: set {self.token_env} for the service and send "
+                                             "Authorization: Bearer <token>", field="Authorization")
+                    if not path.startswith("/budgets"):
+                        return await self.app(scope, receive, send)  # no token configured: open
+                return await _reject(send, 401, "missing or wrong bearer token (header: Authorization: Bearer "
+                                                "<token or API key>)", field="Authorization")
         await self.app(scope, receive, send)
 
 

@@ -53,11 +53,13 @@ class ChatProxy:
         return None
 
     async def _forward(self, request: ChatRequest, ranking: list[str], upstreams: dict[str, Any],
-                       decision_id: str | None, version: int) -> Any:
+                       decision_id: str | None, version: int, tenant: Any = None,
+                       predicted_cost: dict[str, float] | None = None) -> Any:
         """Call the first LLM of `ranking`, and on a connection error, a timeout, a 429 or a 5xx
         before the first byte, the next one (service.failover: at most max_attempts calls within
         deadline_s, skipping LLMs whose circuit breaker is open). The answer names the LLM that
-        answered (x-mixllm-llm) and the calls made (x-mixllm-attempts)."""
+        answered (x-mixllm-llm) and the calls made (x-mixllm-attempts). A tenant's answered call is
+        recorded as its spend: priced from the upstream's usage, else the predicted cost."""
         settings = self.config.service.failover
         deadline = time.monotonic() + settings.deadline_s
         tried: list[str] = []
@@ -70,7 +72,8 @@ class ChatProxy:
             tried.append(llm)
             response, retryable = await self._attempt(request, llm, upstreams[llm], decision_id, version,
                                                       timeout_s=min(upstreams[llm].timeout_s, deadline - time.monotonic()),
-                                                      attempt=len(tried))
+                                                      attempt=len(tried), tenant=tenant,
+                                                      predicted_cost=(predicted_cost or {}).get(llm))
             if not retryable:
                 response.headers["x-mixllm-attempts"] = str(len(tried))
                 return response
@@ -86,7 +89,8 @@ class ChatProxy:
         return last
 
     async def _attempt(self, request: ChatRequest, llm: str, upstream: Any, decision_id: str | None,
-                       version: int, timeout_s: float, attempt: int) -> tuple[Any, bool]:
+                       version: int, timeout_s: float, attempt: int, tenant: Any = None,
+                       predicted_cost: float | None = None) -> tuple[Any, bool]:
         """One upstream call: (the response for the caller, whether another LLM may be tried)."""
         import httpx
 
@@ -128,10 +132,15 @@ class ChatProxy:
             self.breakers.record(llm, ok=status == "ok")
             # A failed call's time says nothing about the LLM's speed (a dead upstream fails fast).
             self.load.finish(call_id, latency if status == "ok" else None)
+            if status not in ("ok", "dropped"):  # refused or failed: nothing to pay for
+                return
+            tokens_in = (usage or {}).get("prompt_tokens")
+            tokens_out = (usage or {}).get("completion_tokens")
+            cost = self._price(llm, tokens_in, tokens_out)
+            if tenant is not None:  # a dropped stream was paid for too, up to where it broke
+                self._record_spend(tenant, llm, cost if cost is not None else predicted_cost, cost is None,
+                                   decision_id)
             if decision_id and status == "ok":
-                tokens_in = (usage or {}).get("prompt_tokens")
-                tokens_out = (usage or {}).get("completion_tokens")
-                cost = self._price(llm, tokens_in, tokens_out)
                 self.store.complete_decision(decision_id, cost_usd=cost, latency_s=latency,
                                              input_tokens=tokens_in, output_tokens=tokens_out, llm=llm)
 

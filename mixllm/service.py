@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import bentoml
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
@@ -44,15 +44,17 @@ from mixllm.api_models import (
 )
 from mixllm.circuit import CircuitBreakers
 from mixllm.decision import fallback_ranking
-from mixllm.middleware import BearerAuth, BodyLimit, ClientRateLimit, OpenAPIContract, quiet_client_errors
+from mixllm.middleware import BearerAuth, BodyLimit, ClientRateLimit, OpenAPIContract, TenantKeys, quiet_client_errors
 from mixllm.proxy import ChatProxy
 from mixllm.request_batching import RequestCoalescer
+from mixllm.spending import TenantBudgets
 
 # A worker that cannot start (no champion in the registry) must stop `bentoml serve` with its
 # message instead of being respawned every few seconds; this only turns off respawning.
 os.environ.setdefault("BENTOML_CONTAINERIZED", "true")
 
 logger = logging.getLogger("bentoml.mixllm")  # bentoml serve shows "bentoml.*" loggers
+TENANT_KEYS = TenantKeys()  # filled in when the service starts; read by BearerAuth
 
 
 # ------------------------------------------------------------------------------------- helpers
@@ -119,7 +121,7 @@ for _app in (openai_app, admin_app, root_app):
 @bentoml.asgi_app(openai_app, path="/v1")
 @bentoml.asgi_app(admin_app, path="/admin")
 @bentoml.asgi_app(root_app, path="/")
-class MixLLMService(ChatProxy):
+class MixLLMService(ChatProxy, TenantBudgets):
     """Routes queries with the MLflow champion and closes the continual-learning loop."""
 
     def __init__(self) -> None:
@@ -141,6 +143,13 @@ class MixLLMService(ChatProxy):
         self.store = InteractionLog(self.config.sqlalchemy_url(self.config.service.feedback_store_url),
                                     busy_timeout_s=self.config.service.store_busy_timeout_s)
         ROUTABLE.stored_query = self._stored_query
+        from mixllm.budgets import BudgetPacer
+        from mixllm.ledger import TenantLedger
+
+        self.ledger = TenantLedger(self.store, key_cache_s=self.config.budgets.key_cache_s)
+        self.pacer = BudgetPacer(self.config.budgets.pacing)
+        self._unwritten, self._unwritten_lock = [], threading.Lock()
+        TENANT_KEYS.enabled, TENANT_KEYS.lookup = bool(self.config.budgets.tenants), self.ledger.tenant_of
         self.load = LiveLoad(max_age_s=self.config.service.in_flight_max_age_s,
                              window=self.config.service.latency_window)
         self.metrics = ServiceMetrics()
@@ -438,6 +447,12 @@ class MixLLMService(ChatProxy):
                 "in_flight": snapshot.in_flight, "observed_latency_s": snapshot.observed_latency_s,
                 "open_circuits": self.breakers.open_llms(), **description}
 
+    @root_app.get("/budgets")
+    def budgets(self, http_request: Request) -> dict[str, Any]:
+        """Each tenant's budgets: spend, pace against the budget line, lambda factor, reset times.
+        A tenant's key sees its own; the admin token sees every tenant."""
+        return self.budget_report(self._tenant(http_request))
+
     @admin_app.post("/reload")
     def reload(self) -> dict[str, Any]:
         """Reload the alias now (the service also polls it every service.poll_interval_s), and apply
@@ -460,7 +475,7 @@ class MixLLMService(ChatProxy):
         return {"object": "list", "data": [{"id": n, "object": "model", "created": 0, "owned_by": "mixllm"} for n in names]}
 
     @openai_app.post("/chat/completions")
-    async def chat_completions(self, request: ChatRequest) -> Any:
+    async def chat_completions(self, request: ChatRequest, http_request: Request) -> Any:
         """`model: "mixllm"` (or "mixllm:<lambda>") routes the last user message; any catalogue LLM
         name goes to that LLM directly. The call is forwarded to the LLM's upstream."""
         import anyio
@@ -486,6 +501,10 @@ class MixLLMService(ChatProxy):
                 return error(503, None, "no LLM in the catalogue has an upstream (llms[].upstream in params.yaml)")
             # An LLM whose circuit breaker is open is no candidate (unless every one is).
             candidates = [m for m in reachable if self.breakers.available(m)] or reachable
+            plan = self._spend_plan(self._tenant(http_request), candidates, lambda_, model.router.default_lambda)
+            if isinstance(plan, JSONResponse):
+                return plan
+            candidates, lambda_ = plan.candidates, plan.lambda_
             try:
                 item = RouteRequest(query=text, lambda_=lambda_, candidates=candidates)
             except ValidationError as exc:
@@ -498,6 +517,7 @@ class MixLLMService(ChatProxy):
             chosen, decision_id = routed_result.llm, routed_result.decision_id
             # Failover follows the router's own ranking: the next best eligible candidates by score.
             ranking = fallback_ranking(chosen, routed_result.candidates, candidates)
+            predicted_cost = {c.llm: c.cost_usd for c in routed_result.candidates}
         else:
             chosen = request.model
             limit = self.config.service.max_query_chars
@@ -507,8 +527,25 @@ class MixLLMService(ChatProxy):
             if chosen not in upstreams:
                 return error(404, "model", f"unknown model '{chosen}'; use mixllm, mixllm:<lambda> or one of "
                                            f"{', '.join(sorted(upstreams))}")
+            tenant = self._tenant(http_request)
+            if tenant is not None and tenant.allowed_llms is not None and chosen not in tenant.allowed_llms:
+                return error(403, "model", f"tenant '{tenant.name}' may not use '{chosen}'; its allowed_llms: "
+                                           f"{', '.join(tenant.allowed_llms)}")
+            plan = self._spend_plan(tenant, sorted(upstreams), None, model.router.default_lambda)
+            if isinstance(plan, JSONResponse):
+                return plan
+            if chosen not in plan.candidates:  # its budget is spent: only the cheapest LLM now
+                return error(429, "model", f"{plan.notes[0]}; name that LLM ({plan.candidates[0]}) or use mixllm")
             ranking = [chosen]  # the caller named this LLM: no other answers in its place
-        return await self._forward(request, ranking, upstreams, decision_id, model.version)
+            predicted_cost = {}
+            if plan.tenant is not None:  # its spend needs a price even if the upstream reports no usage
+                predicted = await anyio.to_thread.run_sync(model.router.predict, [text])
+                predicted_cost = {chosen: float(predicted.cost_usd[0, predicted.llms.index(chosen)])}
+        response = await self._forward(request, ranking, upstreams, decision_id, model.version,
+                                       tenant=plan.tenant, predicted_cost=predicted_cost)
+        if plan.notes:  # why this tenant's chat went where it did (pacing, a spent budget)
+            response.headers["x-mixllm-budget"] = plan.notes[0]
+        return response
 
 # Outermost first: the body limit, then the per-client limit (which reads /route_batch bodies the
 # body limit has bounded, and counts rejected tokens too), then the token check.
@@ -517,4 +554,5 @@ MixLLMService.add_asgi_middleware(BodyLimit, max_bytes=SETTINGS.max_body_bytes,
                                   read_timeout_s=SETTINGS.body_read_timeout_s)
 MixLLMService.add_asgi_middleware(ClientRateLimit, rate_per_s=SETTINGS.client_rate_per_s, burst=SETTINGS.client_burst)
 MixLLMService.add_asgi_middleware(BearerAuth, token_env=SETTINGS.auth_token_env,
-                                  protect_route=SETTINGS.require_token_for_route, protect_proxy=PROXY_SPENDS_KEYS)
+                                  protect_route=SETTINGS.require_token_for_route, protect_proxy=PROXY_SPENDS_KEYS,
+                                  tenant_keys=TENANT_KEYS)

@@ -94,7 +94,7 @@ class StoredFeedback:
     llm: str = ""  # the LLM the feedback is about (the decision's, when given a decision_id)
 
 
-def _now() -> datetime:
+def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
@@ -127,12 +127,12 @@ class InteractionLog:
                 cursor.execute("PRAGMA synchronous=FULL")
                 cursor.execute(f"PRAGMA busy_timeout={int(self.busy_timeout_s * 1000)}")
                 cursor.close()
-        self._create_schema()
+        self.create_schema()
         # SQLite allows one writer at a time; serialise our own writes instead of retrying on locks.
         self._write_lock = threading.Lock()
 
     @contextlib.contextmanager
-    def _writing(self) -> Iterator[Any]:
+    def writing(self) -> Iterator[Any]:
         """One write transaction, serialised with this process's other writes; a lock held elsewhere
         longer than the busy timeout is a StoreBusyError, not a hang."""
         if not self._write_lock.acquire(timeout=self.busy_timeout_s):
@@ -146,20 +146,20 @@ class InteractionLog:
         finally:
             self._write_lock.release()
 
-    def _create_schema(self) -> None:
+    def create_schema(self, tables: list[sa.Table] | None = None) -> None:
         """Create the tables once, even when several replicas start together on an empty database:
         on PostgreSQL concurrent CREATE TABLEs collide (a unique violation in the catalogue), so the
         creation holds a transaction-scoped advisory lock; elsewhere a collision is retried once."""
         if self.engine.dialect.name == "postgresql":
             with self.engine.begin() as connection:
                 connection.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": SCHEMA_LOCK_KEY})
-                metadata.create_all(connection)
+                metadata.create_all(connection, tables=tables)
             return
         try:
-            metadata.create_all(self.engine)
+            metadata.create_all(self.engine, tables=tables)
         except sa.exc.DBAPIError:
             time.sleep(0.5)  # another process was creating the same tables: they exist now
-            metadata.create_all(self.engine)
+            metadata.create_all(self.engine, tables=tables)
 
     # --------------------------------------------------------------------------------- decisions
 
@@ -184,9 +184,9 @@ class InteractionLog:
         decision_id = uuid.uuid4().hex
         row = {"decision_id": decision_id, "request_id": request_id or None, "query": query, "llm": llm,
                "model_version": model_version, "lambda_": lambda_,
-               "candidates": json.dumps(candidates) if candidates is not None else None, "created_at": _now()}
+               "candidates": json.dumps(candidates) if candidates is not None else None, "created_at": utcnow()}
         try:
-            with self._writing() as connection:
+            with self.writing() as connection:
                 connection.execute(decisions.insert().values(**row))
         except IntegrityError:
             existing = self.decision_by_request(request_id) if request_id else None
@@ -205,9 +205,9 @@ class InteractionLog:
             payload.append({"decision_id": decision_id, "request_id": None, "query": row["query"], "llm": row["llm"],
                             "model_version": row.get("model_version"), "lambda_": row.get("lambda_"),
                             "candidates": json.dumps(row.get("candidates")) if row.get("candidates") is not None else None,
-                            "created_at": _now()})
+                            "created_at": utcnow()})
         if payload:
-            with self._writing() as connection:
+            with self.writing() as connection:
                 connection.execute(decisions.insert(), payload)
         return ids
 
@@ -219,7 +219,7 @@ class InteractionLog:
         decision then teaches the LLM that wrote the answer."""
         values = {"cost_usd": cost_usd, "latency_s": latency_s, "input_tokens": input_tokens,
                   "output_tokens": output_tokens, **({"llm": llm} if llm else {})}
-        with self._writing() as connection:
+        with self.writing() as connection:
             connection.execute(decisions.update().where(decisions.c.decision_id == decision_id).values(**values))
 
     def decision_by_request(self, request_id: str) -> dict[str, Any] | None:
@@ -235,11 +235,11 @@ class InteractionLog:
     def compact(self, detail_days: float, retention_days: float, now: datetime | None = None) -> dict[str, int]:
         """Bound the decision log: drop the candidates' scores of decisions older than `detail_days`,
         and delete decisions older than `retention_days` that no feedback names. Returns the counts."""
-        now = now or _now()
+        now = now or utcnow()
         detail_cutoff = now - timedelta(days=detail_days)
         retention_cutoff = now - timedelta(days=retention_days)
         named = sa.select(feedback.c.decision_id).where(feedback.c.decision_id.is_not(None))
-        with self._writing() as connection:
+        with self.writing() as connection:
             stripped = connection.execute(
                 decisions.update()
                 .where(decisions.c.created_at < detail_cutoff, decisions.c.candidates.is_not(None))
@@ -283,9 +283,9 @@ class InteractionLog:
             return StoredFeedback(existing, False, llm)
         row = {"decision_id": decision_id, "request_id": request_id or None, "query": query, "llm": llm,
                "quality": float(quality), "cost_usd": float(cost_usd) if cost_usd is not None else None, "latency_s": latency_s,
-               "input_tokens": input_tokens, "output_tokens": output_tokens, "kind": kind, "created_at": _now()}
+               "input_tokens": input_tokens, "output_tokens": output_tokens, "kind": kind, "created_at": utcnow()}
         try:
-            with self._writing() as connection:
+            with self.writing() as connection:
                 result = connection.execute(feedback.insert().values(**row))
                 return StoredFeedback(int(result.inserted_primary_key[0]), True, llm)
         except IntegrityError:
@@ -330,12 +330,12 @@ class InteractionLog:
         return int(value or 0)
 
     def set_watermark(self, value: int, name: str = "continual") -> None:
-        with self._writing() as connection:
+        with self.writing() as connection:
             updated = connection.execute(
-                watermarks.update().where(watermarks.c.name == name).values(value=value, updated_at=_now())
+                watermarks.update().where(watermarks.c.name == name).values(value=value, updated_at=utcnow())
             )
             if updated.rowcount == 0:
-                connection.execute(watermarks.insert().values(name=name, value=value, updated_at=_now()))
+                connection.execute(watermarks.insert().values(name=name, value=value, updated_at=utcnow()))
 
     def dispose(self) -> None:
         self.engine.dispose()

@@ -29,6 +29,12 @@ TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 QUERY = "Write a python function that reverses a list."
 CHAT = {"model": "mixllm", "messages": [{"role": "user", "content": "hi"}]}
+# The proxy's tenants (their keys are made by each test): a budget too small for two calls,
+# refused or sent to the cheapest LLM when spent; one paced on a large budget; one restricted.
+TENANTS = [{"name": "capped", "budgets_usd": {"hour": 1e-9}, "on_exhausted": "reject"},
+           {"name": "frugal", "budgets_usd": {"hour": 1e-9}, "on_exhausted": "cheapest"},
+           {"name": "paced", "budgets_usd": {"day": 1000.0}},
+           {"name": "coders", "allowed_llms": ["coder"]}]
 
 
 def _llms(upstream_url):
@@ -70,7 +76,7 @@ def service(tmp_path_factory, upstream):
                                                              "client_rate_per_s": 10_000, "client_burst": 100_000,
                                                              "body_read_timeout_s": 2,
                                                              "failover": {"breaker_failures": 2, "breaker_cooldown_s": 4}},
-                 gate={"max_overhead_ms": 5000})
+                 gate={"max_overhead_ms": 5000}, budgets={"tenants": TENANTS, "key_cache_s": 0})
     make_log(n_queries=120, seed=41).to_csv(root / "log.csv", index=False)
     ingest(root / "log.csv", load_config(root / "params.yaml"))
     _train(root)
@@ -843,3 +849,75 @@ def test_a_stream_dropped_midway_ends_with_an_error_not_silently(service, upstre
                 pass
     finally:
         _close_breakers(base, upstream)
+
+
+def test_tenant_keys_budgets_and_allowed_llms(service, upstream):
+    """Through the openai client: tenant keys (hashed, revocable), a spent budget answered with a 429
+    naming it or sent to the cheapest LLM, pacing on a live budget, spend from the upstream's usage,
+    a tenant restricted to its allowed LLMs, and GET /budgets for a tenant and for the admin."""
+    import openai
+
+    from mixllm.ledger import TenantLedger, api_keys, key_hash, spend
+
+    base, config = service["base"], service["config"]
+    store = InteractionLog(config.sqlalchemy_url(config.service.feedback_store_url))
+    ledger = TenantLedger(store)
+    keys = {tenant["name"]: ledger.create_key(tenant["name"]) for tenant in TENANTS}
+
+    def client(name):
+        return openai.OpenAI(base_url=f"{base}/v1", api_key=keys[name][1] if name in keys else name, max_retries=0)
+
+    def ask(name, model="mixllm"):
+        return client(name).chat.completions.with_raw_response.create(
+            model=model, messages=[{"role": "user", "content": QUERY}])
+
+    # (The SDK keeps the service's error text in .body: {"error": text, "field": name}.)
+    with pytest.raises(openai.AuthenticationError) as denied:
+        ask("mxk_not-a-key")
+    assert "unknown or revoked" in denied.value.body
+    with store.engine.connect() as connection:
+        stored = [dict(r) for r in connection.execute(api_keys.select()).mappings()]
+    assert key_hash(keys["capped"][1]) in {r["key_hash"] for r in stored}
+    assert not any(keys["capped"][1] in str(value) for r in stored for value in r.values()), "only hashes are stored"
+
+    first = ask("capped")
+    assert first.http_response.status_code == 200
+    with pytest.raises(openai.RateLimitError) as refused:
+        ask("capped")
+    assert "'capped' has spent its hour budget" in refused.value.body
+    assert 1 <= int(refused.value.response.headers["retry-after"]) <= 3601
+
+    ask("frugal")
+    downgraded = ask("frugal", model="mixllm:0")  # quality only, but the budget is spent
+    assert downgraded.headers["x-mixllm-llm"] == "cheap-chat" and "budget spent" in downgraded.headers["x-mixllm-budget"]
+    with pytest.raises(openai.RateLimitError) as named:
+        ask("frugal", model="strong")
+    assert "cheap-chat" in named.value.body
+
+    paced = ask("paced")
+    assert "budget pacing" in paced.headers["x-mixllm-budget"]
+    with store.engine.connect() as connection:
+        rows = connection.execute(spend.select().where(spend.c.tenant == "paced")).mappings().all()
+    chosen = paced.headers["x-mixllm-llm"]
+    assert [(r["llm"], r["estimated"]) for r in rows] == [(chosen, False)]
+    assert rows[0]["cost_usd"] == pytest.approx((12 + 5) * PRICE_PER_1K[chosen] / 1000), "priced from usage"
+
+    assert {ask("coders").headers["x-mixllm-llm"] for _ in range(3)} == {"coder"}
+    with pytest.raises(openai.PermissionDeniedError) as outside:
+        ask("coders", model="strong")
+    assert "allowed_llms" in outside.value.body
+
+    own = httpx.get(f"{base}/budgets", headers={"Authorization": f"Bearer {keys['paced'][1]}"}, timeout=30).json()
+    assert [t["tenant"] for t in own["tenants"]] == ["paced"]
+    assert own["tenants"][0]["budgets"][0]["spent_usd"] == pytest.approx(rows[0]["cost_usd"])
+    every = httpx.get(f"{base}/budgets", headers=AUTH, timeout=30).json()
+    capped = next(t for t in every["tenants"] if t["tenant"] == "capped")
+    assert {t["tenant"] for t in every["tenants"]} == {t["name"] for t in TENANTS} and capped["budgets"][0]["exhausted"]
+    assert httpx.get(f"{base}/budgets", timeout=30).status_code == 401
+    tenant_on_admin = httpx.post(f"{base}/admin/reload", headers={"Authorization": f"Bearer {keys['paced'][1]}"})
+    assert tenant_on_admin.status_code == 403
+
+    ledger.revoke(keys["coders"][0])
+    with pytest.raises(openai.AuthenticationError):  # budgets.key_cache_s is 0 here
+        ask("coders")
+    store.dispose()

@@ -1,0 +1,81 @@
+"""`mixllm keys` and `mixllm budgets`: the proxy's tenants, their API keys and their spend."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Annotated
+
+import typer
+
+from mixllm.cli_common import run, state
+from mixllm.errors import ConfigError
+
+keys_app = typer.Typer(help="Create, list and revoke tenants' API keys for the chat proxy (stored hashed).",
+                       no_args_is_help=True)
+
+
+def _ledger(config):  # noqa: ANN001, ANN202
+    from mixllm.ledger import TenantLedger
+    from mixllm.store import InteractionLog
+
+    store = InteractionLog(config.sqlalchemy_url(config.service.feedback_store_url))
+    return TenantLedger(store, key_cache_s=0)
+
+
+@keys_app.command("create")
+@run
+def keys_create(tenant: Annotated[str, typer.Argument(help="A tenant listed in params.yaml budgets.tenants.")]) -> None:
+    """Make a new API key for a tenant and print it once (only its hash is stored)."""
+    config = state.config()
+    if config.budgets.tenant(tenant) is None:
+        names = ", ".join(t.name for t in config.budgets.tenants) or "none yet"
+        raise ConfigError(f"no tenant '{tenant}' in params.yaml budgets.tenants (listed: {names}); add it there first")
+    key_id, key = _ledger(config).create_key(tenant)
+    typer.echo(key)
+    typer.echo(f"key {key_id} for tenant {tenant}: shown once, stored as a hash. Send it as "
+               "Authorization: Bearer <key> (the openai client's api_key).", err=True)
+
+
+@keys_app.command("list")
+@run
+def keys_list() -> None:
+    """Every key's id, tenant, and when it was created or revoked (never the key)."""
+    frame = _ledger(state.config()).keys()
+    if frame.empty:
+        typer.echo("no keys yet; create one with `mixllm keys create TENANT`")
+    for row in frame.itertuples():
+        status = f"revoked {row.revoked_at}" if row.revoked_at is not None and str(row.revoked_at) != "NaT" else "active"
+        typer.echo(f"{row.key_id}  {row.tenant:24s} created {row.created_at}  {status}")
+
+
+@keys_app.command("revoke")
+@run
+def keys_revoke(key_id: Annotated[str, typer.Argument(help="The key's id, from `mixllm keys list`.")]) -> None:
+    """Revoke a key: the service refuses it (401) within budgets.key_cache_s."""
+    tenant = _ledger(state.config()).revoke(key_id)
+    typer.echo(f"revoked key {key_id} of tenant {tenant}")
+
+
+@run
+def budgets_show() -> None:
+    """Each tenant's budgets now: spent, budget, pace (spend / the budget line so far) and reset time."""
+    from mixllm.budgets import binding, period_bounds, standings
+
+    config = state.config()
+    if not config.budgets.tenants:
+        typer.echo("no tenants in params.yaml budgets.tenants")
+        return
+    ledger, now = _ledger(config), datetime.now(timezone.utc)
+    for tenant in config.budgets.tenants:
+        allowed = ", ".join(tenant.allowed_llms) if tenant.allowed_llms is not None else "every LLM"
+        typer.echo(f"{tenant.name} (when spent: {tenant.on_exhausted}; may use {allowed})")
+        spent = ledger.spent_since(tenant.name, {p: period_bounds(p, now)[0] for p in tenant.budgets_usd})
+        standing = standings(tenant.budgets_usd, spent, now, config.budgets.pacing.warmup_share)
+        if not standing:
+            typer.echo("  no budget")
+        limit = binding(standing)
+        for s in standing:
+            flag = "SPENT" if s.exhausted else ("binding" if s is limit else "")
+            typer.echo(f"  {s.period:5s} ${s.spent_usd:,.4f} of ${s.budget_usd:,.2f} ({100 * s.spent_usd / s.budget_usd:5.1f}%)"
+                       f"  pace {s.pace:4.2f} at {100 * s.elapsed_share:4.1f}% of the {s.period}"
+                       f"  resets {s.resets_at:%Y-%m-%d %H:%M} UTC  {flag}")

@@ -1,0 +1,158 @@
+"""Tenants' API keys and spend, in the decision log's database (SQLite or PostgreSQL), so every
+replica of the service and the `mixllm keys` / `mixllm budgets` commands see the same records.
+
+Keys are stored as SHA-256 hashes: the plaintext is shown once, when the key is created, and a
+database dump does not hand anyone a working key. A key is revoked, never deleted, so its spend
+keeps its tenant.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+
+import pandas as pd
+import sqlalchemy as sa
+
+from mixllm.errors import MixLLMError
+from mixllm.store import InteractionLog, StoreBusyError, metadata, utcnow
+
+logger = logging.getLogger(__name__)
+
+KEY_PREFIX = "mxk_"
+
+api_keys = sa.Table(
+    "api_keys",
+    metadata,
+    sa.Column("key_hash", sa.String(64), primary_key=True),
+    sa.Column("key_id", sa.String(16), unique=True, nullable=False),  # shown in listings, not a secret
+    sa.Column("tenant", sa.String(64), nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("revoked_at", sa.DateTime(timezone=True), nullable=True),
+)
+
+spend = sa.Table(
+    "spend",
+    metadata,
+    sa.Column("spend_id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("tenant", sa.String(64), nullable=False, index=True),
+    sa.Column("llm", sa.String(256), nullable=False),
+    sa.Column("cost_usd", sa.Float, nullable=False),
+    # False: the upstream's usage priced by the catalogue; True: the router's predicted cost (no usage).
+    sa.Column("estimated", sa.Boolean, nullable=False),
+    sa.Column("decision_id", sa.String(64), nullable=True),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, index=True),
+)
+
+
+class UnknownKeyError(MixLLMError, LookupError):
+    """No key (or no active key) matches."""
+
+
+def key_hash(key: str) -> str:
+    return hashlib.sha256(key.encode("utf-8", "replace")).hexdigest()
+
+
+class TenantLedger:
+    """API keys and spend records on an InteractionLog's database."""
+
+    def __init__(self, store: InteractionLog, key_cache_s: float = 5.0):
+        self.store = store
+        self.key_cache_s = key_cache_s
+        store.create_schema([api_keys, spend])
+        self._keys: dict[str, tuple[str | None, float]] = {}  # hash -> (tenant or None, looked up at)
+        self._keys_lock = threading.Lock()
+
+    # ------------------------------------------------------------------------------------ keys
+
+    def create_key(self, tenant: str) -> tuple[str, str]:
+        """A new key for `tenant`: (key_id, the key). The key is not stored; only its hash is."""
+        key = KEY_PREFIX + secrets.token_urlsafe(32)
+        key_id = secrets.token_hex(4)
+        with self.store.writing() as connection:
+            connection.execute(api_keys.insert().values(key_hash=key_hash(key), key_id=key_id, tenant=tenant,
+                                                        created_at=utcnow(), revoked_at=None))
+        return key_id, key
+
+    def revoke(self, key_id: str) -> str:
+        """Revoke a key by its id (from `keys()`); returns its tenant."""
+        with self.store.writing() as connection:
+            row = connection.execute(sa.select(api_keys.c.tenant).where(api_keys.c.key_id == key_id,
+                                                                         api_keys.c.revoked_at.is_(None))).first()
+            if row is None:
+                raise UnknownKeyError(f"no active key with id '{key_id}'; `mixllm keys list` shows the ids")
+            connection.execute(api_keys.update().where(api_keys.c.key_id == key_id).values(revoked_at=utcnow()))
+        with self._keys_lock:
+            self._keys.clear()
+        return str(row.tenant)
+
+    def keys(self) -> pd.DataFrame:
+        with self.store.engine.connect() as connection:
+            rows = connection.execute(sa.select(api_keys.c.key_id, api_keys.c.tenant, api_keys.c.created_at,
+                                                api_keys.c.revoked_at).order_by(api_keys.c.created_at))
+            return pd.DataFrame(rows.mappings().all(), columns=["key_id", "tenant", "created_at", "revoked_at"])
+
+    def tenant_of(self, key: str) -> str | None:
+        """The tenant of an active key, or None (unknown or revoked); cached for key_cache_s."""
+        digest = key_hash(key)
+        now = time.monotonic()
+        with self._keys_lock:
+            cached = self._keys.get(digest)
+        if cached is not None and now - cached[1] < self.key_cache_s:
+            return cached[0]
+        with self.store.engine.connect() as connection:
+            row = connection.execute(sa.select(api_keys.c.tenant).where(api_keys.c.key_hash == digest,
+                                                                        api_keys.c.revoked_at.is_(None))).first()
+        tenant = None if row is None else str(row.tenant)
+        with self._keys_lock:
+            if len(self._keys) > 10_000:  # guessed keys must not grow the cache without bound
+                self._keys.clear()
+            self._keys[digest] = (tenant, now)
+        return tenant
+
+    # ----------------------------------------------------------------------------------- spend
+
+    def record_spend(self, tenant: str, llm: str, cost_usd: float, *, estimated: bool,
+                     decision_id: str | None = None, at: datetime | None = None) -> None:
+        """Store one call's spend; raises StoreBusyError when the database does not take it."""
+        with self.store.writing() as connection:
+            connection.execute(spend.insert().values(tenant=tenant, llm=llm, cost_usd=float(cost_usd),
+                                                     estimated=bool(estimated), decision_id=decision_id,
+                                                     created_at=at or utcnow()))
+
+    def spent_since(self, tenant: str, starts: Mapping[str, datetime]) -> dict[str, float]:
+        """The tenant's spend since each start (period -> start): one query."""
+        if not starts:
+            return {}
+        columns = [sa.func.coalesce(sa.func.sum(sa.case((spend.c.created_at >= start, spend.c.cost_usd), else_=0.0)),
+                                    0.0).label(period) for period, start in starts.items()]
+        earliest = min(starts.values())
+        try:
+            with self.store.engine.connect() as connection:
+                row = connection.execute(sa.select(*columns).where(spend.c.tenant == tenant,
+                                                                   spend.c.created_at >= earliest)).mappings().first()
+        except sa.exc.OperationalError as problem:
+            raise StoreBusyError(f"the spend records cannot be read ({str(problem.orig).strip()[:80]})") from problem
+        return {period: float(row[period] or 0.0) for period in starts}
+
+    def spend_by(self, since: datetime | None = None) -> pd.DataFrame:
+        """Spend per tenant and LLM (since a time, or ever): tenant, llm, calls, cost_usd, estimated_usd."""
+        query = sa.select(spend.c.tenant, spend.c.llm, sa.func.count().label("calls"),
+                          sa.func.sum(spend.c.cost_usd).label("cost_usd"),
+                          sa.func.sum(sa.case((spend.c.estimated, spend.c.cost_usd), else_=0.0)).label("estimated_usd"))
+        if since is not None:
+            query = query.where(spend.c.created_at >= since)
+        with self.store.engine.connect() as connection:
+            rows = connection.execute(query.group_by(spend.c.tenant, spend.c.llm)).mappings().all()
+        return pd.DataFrame(rows, columns=["tenant", "llm", "calls", "cost_usd", "estimated_usd"])
+
+
+def describe_keys(frame: pd.DataFrame) -> list[dict[str, Any]]:
+    return [{"key_id": r.key_id, "tenant": r.tenant, "created_at": str(r.created_at),
+             "revoked_at": None if pd.isna(r.revoked_at) else str(r.revoked_at)} for r in frame.itertuples()]

@@ -1,0 +1,134 @@
+"""Budgets that pace spend: the controller, the calendar periods, the key and spend records, and
+spend that fails closed when its database refuses a write."""
+
+import sqlite3
+import threading
+from datetime import datetime, timedelta, timezone
+
+import numpy as np
+import pytest
+
+from mixllm.budgets import BudgetPacer, binding, period_bounds, standings
+from mixllm.config import PacingConfig, config_from_dict
+from mixllm.errors import ConfigError
+from mixllm.ledger import TenantLedger, UnknownKeyError
+from mixllm.store import InteractionLog
+
+DAY = datetime(2026, 3, 4, tzinfo=timezone.utc)
+
+
+def replay_day(budget_usd, base_lambda=0.3, n=1500, seed=0, settings=PacingConfig()):
+    """A day of queries whose cost falls as lambda rises (a dear LLM's share is a logistic curve in
+    log lambda, the rest cheap); returns spend / budget at the end of the day."""
+    rng = np.random.default_rng(seed)
+    pacer, spent = BudgetPacer(settings), 0.0
+    for t in np.sort(rng.uniform(0, 86_400, n)):
+        now = DAY + timedelta(seconds=float(t))
+        standing = standings({"day": budget_usd}, {"day": spent}, now, settings.warmup_share)
+        lambda_ = pacer.effective_lambda(base_lambda, pacer.factor("t", standing, now))
+        dear_share = 1 / (1 + (lambda_ / 0.3) ** 4)
+        spent += (1.0 if rng.random() < dear_share else 0.05) * rng.uniform(0.5, 1.5)
+    return spent / budget_usd
+
+
+@pytest.mark.parametrize("share", [0.15, 0.3, 0.6])
+def test_pacing_ends_the_day_within_5_percent_of_the_budget(share):
+    # Unpaced, lambda 0.3 spends ~0.53 per query: budgets below and above that are both met.
+    assert replay_day(share * 1500) == pytest.approx(1.0, abs=0.05)
+
+
+def test_without_pacing_the_same_day_misses_the_budget():
+    off = PacingConfig(proportional_gain=0.0, integral_gain=0.0)
+    assert abs(replay_day(0.15 * 1500, settings=off) - 1.0) > 0.5, "the test's budgets need pacing to be met"
+
+
+def test_the_factor_rises_ahead_of_the_line_falls_behind_it_and_stays_bounded():
+    settings = PacingConfig(max_lambda_factor=10)
+    noon = DAY + timedelta(hours=12)
+
+    def factor(spent):
+        return BudgetPacer(settings).factor("t", standings({"day": 10.0}, {"day": spent}, noon, 0.02), noon)
+
+    assert factor(5.0) == pytest.approx(1.0)  # on the line: half the budget at half the day
+    assert factor(7.0) > 1.0 > factor(3.0)
+    assert factor(1e6) == pytest.approx(10.0) and factor(0.0) >= 0.1 - 1e-12
+    assert BudgetPacer(settings).factor("t", [], noon) == 1.0, "no budget, no pacing"
+
+
+def test_periods_and_the_binding_budget():
+    assert period_bounds("month", datetime(2026, 12, 31, 23, tzinfo=timezone.utc)) == (
+        datetime(2026, 12, 1, tzinfo=timezone.utc), datetime(2027, 1, 1, tzinfo=timezone.utc))
+    at = datetime(2026, 3, 4, 6, 30, tzinfo=timezone.utc)
+    assert period_bounds("hour", at)[0] == datetime(2026, 3, 4, 6, tzinfo=timezone.utc)
+    standing = standings({"day": 10.0, "hour": 1.0}, {"day": 2.0, "hour": 0.9}, at, 0.02)
+    assert [s.period for s in standing] == ["hour", "day"]
+    assert binding(standing).period == "hour", "the hour budget is further ahead of its line"
+    spent = standings({"day": 10.0, "hour": 1.0}, {"day": 10.0, "hour": 0.1}, at, 0.02)
+    assert binding(spent).period == "day" and binding(spent).exhausted
+    early = standings({"day": 10.0}, {"day": 0.1}, DAY + timedelta(seconds=1), 0.02)[0]
+    assert early.line_usd == pytest.approx(0.2) and early.pace == pytest.approx(0.5), "warm-up line"
+
+
+def test_keys_are_hashed_revocable_and_spend_sums_by_period(tmp_path):
+    ledger = TenantLedger(InteractionLog(f"sqlite:///{tmp_path / 'log.db'}"), key_cache_s=0)
+    key_id, key = ledger.create_key("team")
+    assert ledger.tenant_of(key) == "team" and ledger.tenant_of(key + "x") is None
+    now = datetime(2026, 3, 4, 6, 30, tzinfo=timezone.utc)
+    ledger.record_spend("team", "a", 1.0, estimated=False, at=now - timedelta(minutes=10))
+    ledger.record_spend("team", "a", 2.0, estimated=True, at=now - timedelta(hours=2))
+    ledger.record_spend("team", "b", 4.0, estimated=False, at=now - timedelta(days=3))
+    ledger.record_spend("team", "b", 16.0, estimated=False, at=now - timedelta(days=5))  # last month
+    ledger.record_spend("other", "a", 8.0, estimated=False, at=now)
+    starts = {p: period_bounds(p, now)[0] for p in ("hour", "day", "month")}
+    assert ledger.spent_since("team", starts) == {"hour": 1.0, "day": 3.0, "month": 7.0}
+    by = ledger.spend_by().set_index(["tenant", "llm"])
+    assert by.loc[("team", "a"), "estimated_usd"] == 2.0 and by.loc[("team", "a"), "calls"] == 2
+    assert ledger.revoke(key_id) == "team" and ledger.tenant_of(key) is None
+    with pytest.raises(UnknownKeyError, match="keys list"):
+        ledger.revoke(key_id)
+
+
+def test_budget_settings_that_are_wrong_fail_naming_the_key():
+    llms = [{"name": "a", "input_usd_per_1k": 1, "output_usd_per_1k": 1}]
+    with pytest.raises(ConfigError, match=r"budgets.tenants.0.allowed_llms.*'t'.*names b"):
+        config_from_dict({"llms": llms, "budgets": {"tenants": [{"name": "t", "allowed_llms": ["b"]}]}})
+    with pytest.raises(ConfigError, match=r"budgets.tenants.0.budgets_usd.*week"):
+        config_from_dict({"budgets": {"tenants": [{"name": "t", "budgets_usd": {"week": 1}}]}})
+    with pytest.raises(ConfigError, match=r"budgets.tenants.0.budgets_usd.*positive"):
+        config_from_dict({"budgets": {"tenants": [{"name": "t", "budgets_usd": {"day": 0}}]}})
+    with pytest.raises(ConfigError, match=r"repeated: t"):
+        config_from_dict({"budgets": {"tenants": [{"name": "t"}, {"name": "t"}]}})
+
+
+def test_spend_that_cannot_be_written_is_kept_and_stops_the_tenants_calls_until_it_is(tmp_path):
+    """Fails closed: the database is locked by another writer; the record waits in memory, the
+    tenant's next call is a 503 (no spend nobody accounts for), and once the lock is gone the
+    record is written and calls go through."""
+    from mixllm.proxy import ChatProxy
+    from mixllm.spending import TenantBudgets
+
+    path = tmp_path / "log.db"
+    config = config_from_dict({"llms": [{"name": "a", "input_usd_per_1k": 1, "output_usd_per_1k": 1}],
+                               "budgets": {"tenants": [{"name": "t", "budgets_usd": {"day": 100}}]}})
+
+    class Gateway(ChatProxy, TenantBudgets):
+        def __init__(self):
+            self.config = config
+            self.ledger = TenantLedger(InteractionLog(f"sqlite:///{path}", busy_timeout_s=0.2))
+            self.pacer = BudgetPacer(config.budgets.pacing)
+            self._unwritten, self._unwritten_lock = [], threading.Lock()
+
+    gateway, tenant = Gateway(), config.budgets.tenant("t")
+    locker = sqlite3.connect(path, timeout=5, isolation_level=None)
+    locker.execute("BEGIN IMMEDIATE")
+    try:
+        gateway._record_spend(tenant, "a", 0.25, False, "d1")  # logged, kept, not raised
+        assert len(gateway._unwritten) == 1
+        refused = gateway._spend_plan(tenant, ["a"], None, 1.0)
+        assert refused.status_code == 503 and b"cannot be accounted for" in refused.body
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
+    plan = gateway._spend_plan(tenant, ["a"], None, 1.0)
+    assert plan.candidates == ["a"] and not gateway._unwritten
+    assert gateway.ledger.spent_since("t", {"day": datetime(2000, 1, 1, tzinfo=timezone.utc)}) == {"day": 0.25}
