@@ -184,6 +184,11 @@ FORWARDED_CHAT_FIELDS = frozenset({
 })
 
 
+# Fields the proxy reads itself and never forwards: a session id in metadata, and candidates (the
+# LLMs this chat may be routed to; the openai client sends them with extra_body).
+CONSUMED_CHAT_FIELDS = frozenset({"metadata", "candidates"})
+
+
 class ChatRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
     model: str = "mixllm"
@@ -246,16 +251,46 @@ def stored_response(stored: dict[str, Any]) -> RouteResponse:
                               eligible=c["eligible"]) for c in candidates])
 
 
+def message_text(message: ChatMessage) -> str | None:
+    content = message.content
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # OpenAI content parts
+        return "\n".join(p["text"] for p in content
+                         if isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str))
+    return None
+
+
 def last_user_text(messages: list[ChatMessage]) -> str | None:
     for message in reversed(messages):
         if message.role == "user":
-            content = message.content
-            if isinstance(content, str):
-                return content
-            if isinstance(content, list):  # OpenAI content parts
-                return "\n".join(p["text"] for p in content
-                                 if isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str))
+            return message_text(message)
     return None
+
+
+def conversation_text(messages: list[ChatMessage], max_messages: int, max_chars: int) -> str | None:
+    """What a chat is routed on: up to `max_messages` messages before the last user turn (oldest
+    cut first, to `max_chars` characters), then that turn, which is kept whole. The encoder keeps a
+    prompt's end when it is too long, so the turn being answered is never the part cut."""
+    last = max((i for i, m in enumerate(messages) if m.role == "user"), default=None)
+    if last is None:
+        return None
+    turn = message_text(messages[last])
+    if not turn:
+        return turn
+    context, budget = [], max_chars
+    for message in reversed(messages[max(last - max_messages, 0):last] if max_messages else []):
+        text = message_text(message)
+        if not text or message.role not in ("user", "assistant", "system"):
+            continue
+        line = f"{message.role}: {text}"
+        if len(line) > budget:
+            if budget > 0:
+                context.append(line[len(line) - budget:])
+            break
+        context.append(line)
+        budget -= len(line)
+    return "\n".join([*reversed(context), turn]) if context else turn
 
 
 def _request_ids_are_fresh(items: list[RouteRequest]) -> list[RouteRequest]:

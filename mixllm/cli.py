@@ -445,10 +445,11 @@ def config_show(
         typer.echo(f"{key} = {value}")
 
 
-from mixllm.cli_tenants import budgets_show, keys_app  # noqa: E402 - the commands register on `app` below
+from mixllm.cli_tenants import budgets_show, keys_app, report_show  # noqa: E402 - registered on `app` here
 
 app.add_typer(keys_app, name="keys")
 app.command("budgets")(budgets_show)
+app.command("report")(report_show)
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(app())

@@ -1,9 +1,10 @@
-"""`mixllm keys` and `mixllm budgets`: the proxy's tenants, their API keys and their spend."""
+"""`mixllm keys`, `mixllm budgets` and `mixllm report`: the proxy's tenants, their API keys, their
+spend and what routing saved."""
 
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -79,3 +80,41 @@ def budgets_show() -> None:
             typer.echo(f"  {s.period:5s} ${s.spent_usd:,.4f} of ${s.budget_usd:,.2f} ({100 * s.spent_usd / s.budget_usd:5.1f}%)"
                        f"  pace {s.pace:4.2f} at {100 * s.elapsed_share:4.1f}% of the {s.period}"
                        f"  resets {s.resets_at:%Y-%m-%d %H:%M} UTC  {flag}")
+
+
+@run
+def report_show(
+    days: Annotated[Optional[float], typer.Option(help="Only the last DAYS days (default: every call).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the whole summary as JSON (what GET /stats answers).")] = False,
+) -> None:
+    """What routing saved: the proxy's answered calls per tenant and model version, their traffic
+    share per LLM, spend, what the same calls would have cost on the reference LLM, savings net of
+    the router's compute, mean feedback quality and failovers."""
+    import json
+    from datetime import timedelta
+
+    from mixllm.savings import reference_llm, usage_summary
+
+    config = state.config()
+    since = datetime.now(timezone.utc) - timedelta(days=days) if days else None
+    calls = _ledger(config).calls_frame(since)
+    summary = usage_summary(calls, config.service.router_usd_per_hour, reference_llm(config))
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2))
+        return
+    overall = summary["overall"]
+    if overall is None:
+        typer.echo("no answered calls yet (the chat proxy records them: POST /v1/chat/completions)")
+        return
+    typer.echo(f"{overall['calls']} calls, {summary['first_call']} to {summary['last_call']}; reference: "
+               f"{summary['reference_llm']}")
+    typer.echo(f"spent ${overall['spend_usd']:.6f} + router ${overall['router_compute_usd']:.6f}; on the reference "
+               f"${overall['reference_cost_usd']:.6f}; net savings ${overall['net_savings_usd']:.6f} "
+               f"({overall['net_savings_pct']:.1f}%)")
+    typer.echo(f"{'tenant':24s} {'version':9s} {'calls':>6s} {'spend $':>11s} {'reference $':>12s} "
+               f"{'net saved $':>12s} {'quality':>7s} {'failovers':>9s}  traffic share")
+    for g in summary["by_tenant_and_version"]:
+        quality = "-" if g["mean_feedback_quality"] is None else f"{g['mean_feedback_quality']:.3f}"
+        shares = ", ".join(f"{llm} {100 * share:.0f}%" for llm, share in g["traffic_share"].items())
+        typer.echo(f"{g['tenant'][:24]:24s} {g['model_version']:9s} {g['calls']:6d} {g['spend_usd']:11.6f} "
+                   f"{g['reference_cost_usd']:12.6f} {g['net_savings_usd']:12.6f} {quality:>7s} {g['failovers']:9d}  {shares}")

@@ -422,6 +422,23 @@ class ServiceConfig(StrictModel):
     # port. Off only if something else supervises and re-parents the worker on purpose.
     exit_with_parent: bool = True
     failover: FailoverConfig = FailoverConfig()
+    # What an hour of the router's machine costs (USD): /stats prices the router's own routing time
+    # at this rate, so its savings are net of what routing costs.
+    router_usd_per_hour: float = Field(default=0.10, ge=0.0)
+
+
+class SessionConfig(StrictModel):
+    """Conversations through the chat proxy."""
+
+    # A conversation (a session id: header x-mixllm-session, metadata.session_id, or the OpenAI
+    # `user` field) stays on the LLM that answered it last; it moves only when that LLM fails,
+    # is disabled or is not allowed, or when this is false.
+    sticky: bool = True
+    ttl_s: float = Field(default=3600.0, gt=0)  # a session unused this long is forgotten
+    # What is routed: the last user turn, after at most this many earlier messages of the
+    # conversation, cut (from the oldest) to context_chars characters.
+    context_messages: int = Field(default=4, ge=0)
+    context_chars: int = Field(default=2000, ge=0)
 
 
 BudgetPeriod = Literal["hour", "day", "month"]
@@ -506,6 +523,7 @@ class MixLLMConfig(StrictModel):
     pipeline: PipelineConfig = PipelineConfig()
     service: ServiceConfig = ServiceConfig()
     budgets: BudgetsConfig = BudgetsConfig()
+    session: SessionConfig = SessionConfig()
     # Folder every relative path above is resolved against: the folder holding params.yaml.
     root: Path = Field(default=Path("."), exclude=True)
 

@@ -1,5 +1,5 @@
-"""Tenants' API keys and spend, in the decision log's database (SQLite or PostgreSQL), so every
-replica of the service and the `mixllm keys` / `mixllm budgets` commands see the same records.
+"""Tenants' API keys and the proxy's answered calls (their spend), in the decision log's database
+(SQLite or PostgreSQL), so every replica of the service and the `mixllm keys` / `mixllm budgets` commands see the same records.
 
 Keys are stored as SHA-256 hashes: the plaintext is shown once, when the key is created, and a
 database dump does not hand anyone a working key. A key is revoked, never deleted, so its spend
@@ -21,7 +21,7 @@ import pandas as pd
 import sqlalchemy as sa
 
 from mixllm.errors import MixLLMError
-from mixllm.store import InteractionLog, StoreBusyError, metadata, utcnow
+from mixllm.store import InteractionLog, StoreBusyError, feedback, metadata, utcnow
 
 logger = logging.getLogger(__name__)
 
@@ -37,16 +37,21 @@ api_keys = sa.Table(
     sa.Column("revoked_at", sa.DateTime(timezone=True), nullable=True),
 )
 
-spend = sa.Table(
-    "spend",
+calls = sa.Table(
+    "calls",
     metadata,
-    sa.Column("spend_id", sa.Integer, primary_key=True, autoincrement=True),
-    sa.Column("tenant", sa.String(64), nullable=False, index=True),
+    # One row per chat the proxy got an answer for (what budgets, /stats and `mixllm report` read).
+    sa.Column("call_id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("tenant", sa.String(64), nullable=True, index=True),  # None: the admin token or no key
     sa.Column("llm", sa.String(256), nullable=False),
     sa.Column("cost_usd", sa.Float, nullable=False),
     # False: the upstream's usage priced by the catalogue; True: the router's predicted cost (no usage).
     sa.Column("estimated", sa.Boolean, nullable=False),
-    sa.Column("decision_id", sa.String(64), nullable=True),
+    sa.Column("decision_id", sa.String(64), nullable=True),  # None: the caller named the LLM
+    sa.Column("model_version", sa.Integer, nullable=True),
+    sa.Column("reference_cost_usd", sa.Float, nullable=True),  # the same call on the reference LLM
+    sa.Column("router_ms", sa.Float, nullable=True),  # the routing decision's wall time
+    sa.Column("attempts", sa.Integer, nullable=False),  # > 1: the proxy failed over
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, index=True),
 )
 
@@ -65,7 +70,7 @@ class TenantLedger:
     def __init__(self, store: InteractionLog, key_cache_s: float = 5.0):
         self.store = store
         self.key_cache_s = key_cache_s
-        store.create_schema([api_keys, spend])
+        store.create_schema([api_keys, calls])
         self._keys: dict[str, tuple[str | None, float]] = {}  # hash -> (tenant or None, looked up at)
         self._keys_lock = threading.Lock()
 
@@ -118,39 +123,44 @@ class TenantLedger:
 
     # ----------------------------------------------------------------------------------- spend
 
-    def record_spend(self, tenant: str, llm: str, cost_usd: float, *, estimated: bool,
-                     decision_id: str | None = None, at: datetime | None = None) -> None:
-        """Store one call's spend; raises StoreBusyError when the database does not take it."""
+    def record_call(self, *, tenant: str | None, llm: str, cost_usd: float, estimated: bool,
+                    decision_id: str | None = None, model_version: int | None = None,
+                    reference_cost_usd: float | None = None, router_ms: float | None = None, attempts: int = 1,
+                    at: datetime | None = None) -> None:
+        """Store one answered call; raises StoreBusyError when the database does not take it."""
         with self.store.writing() as connection:
-            connection.execute(spend.insert().values(tenant=tenant, llm=llm, cost_usd=float(cost_usd),
-                                                     estimated=bool(estimated), decision_id=decision_id,
-                                                     created_at=at or utcnow()))
+            connection.execute(calls.insert().values(
+                tenant=tenant, llm=llm, cost_usd=float(cost_usd), estimated=bool(estimated), decision_id=decision_id,
+                model_version=model_version, reference_cost_usd=reference_cost_usd, router_ms=router_ms,
+                attempts=int(attempts), created_at=at or utcnow()))
 
     def spent_since(self, tenant: str, starts: Mapping[str, datetime]) -> dict[str, float]:
         """The tenant's spend since each start (period -> start): one query."""
         if not starts:
             return {}
-        columns = [sa.func.coalesce(sa.func.sum(sa.case((spend.c.created_at >= start, spend.c.cost_usd), else_=0.0)),
+        columns = [sa.func.coalesce(sa.func.sum(sa.case((calls.c.created_at >= start, calls.c.cost_usd), else_=0.0)),
                                     0.0).label(period) for period, start in starts.items()]
         earliest = min(starts.values())
         try:
             with self.store.engine.connect() as connection:
-                row = connection.execute(sa.select(*columns).where(spend.c.tenant == tenant,
-                                                                   spend.c.created_at >= earliest)).mappings().first()
+                row = connection.execute(sa.select(*columns).where(calls.c.tenant == tenant,
+                                                                   calls.c.created_at >= earliest)).mappings().first()
         except sa.exc.OperationalError as problem:
             raise StoreBusyError(f"the spend records cannot be read ({str(problem.orig).strip()[:80]})") from problem
         return {period: float(row[period] or 0.0) for period in starts}
 
-    def spend_by(self, since: datetime | None = None) -> pd.DataFrame:
-        """Spend per tenant and LLM (since a time, or ever): tenant, llm, calls, cost_usd, estimated_usd."""
-        query = sa.select(spend.c.tenant, spend.c.llm, sa.func.count().label("calls"),
-                          sa.func.sum(spend.c.cost_usd).label("cost_usd"),
-                          sa.func.sum(sa.case((spend.c.estimated, spend.c.cost_usd), else_=0.0)).label("estimated_usd"))
+    def calls_frame(self, since: datetime | None = None) -> pd.DataFrame:
+        """Every answered call since a time (or ever), with the mean quality of its feedback (NaN
+        without): what /stats and `mixllm report` summarise."""
+        quality = (sa.select(feedback.c.decision_id, sa.func.avg(feedback.c.quality).label("feedback_quality"))
+                   .where(feedback.c.decision_id.is_not(None)).group_by(feedback.c.decision_id).subquery())
+        query = sa.select(calls, quality.c.feedback_quality).outerjoin(quality, quality.c.decision_id == calls.c.decision_id)
         if since is not None:
-            query = query.where(spend.c.created_at >= since)
+            query = query.where(calls.c.created_at >= since)
         with self.store.engine.connect() as connection:
-            rows = connection.execute(query.group_by(spend.c.tenant, spend.c.llm)).mappings().all()
-        return pd.DataFrame(rows, columns=["tenant", "llm", "calls", "cost_usd", "estimated_usd"])
+            rows = connection.execute(query.order_by(calls.c.call_id)).mappings().all()
+        columns = [c.name for c in calls.columns] + ["feedback_quality"]
+        return pd.DataFrame(rows, columns=columns)
 
 
 def describe_keys(frame: pd.DataFrame) -> list[dict[str, Any]]:

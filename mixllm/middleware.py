@@ -75,7 +75,7 @@ class BearerAuth:
     the request then carries the tenant's name in x-mixllm-tenant (a client cannot set it), and an
     unknown or revoked key is a 401. The chat proxy always needs a token or a tenant key when it
     calls upstreams with the server's keys (it answers 401 saying so), so no anonymous caller spends
-    them; /budgets always needs one of the two."""
+    them; /budgets, /stats and /dashboard always need one of the two."""
 
     def __init__(self, app: Any, token_env: str = "MIXLLM_API_TOKEN", protect_route: bool = False,
                  protect_proxy: bool = True, tenant_keys: TenantKeys | None = None):
@@ -84,7 +84,7 @@ class BearerAuth:
         self.tenant_keys = tenant_keys or TenantKeys()
 
     def _protected(self, path: str) -> bool:
-        if path.startswith("/feedback") or path.startswith("/admin") or path.startswith("/budgets"):
+        if path.startswith(("/feedback", "/admin", "/budgets", "/stats", "/dashboard")):
             return True
         if path.startswith("/v1/chat"):
             return self.protect_route or self.protect_proxy or self.tenant_keys.enabled
@@ -120,7 +120,7 @@ class BearerAuth:
                         return await _reject(send, 401, "this proxy calls upstreams with the server's API keys, so it "
                                              f"needs a token: set {self.token_env} for the service and send "
                                              "Authorization: Bearer <token>", field="Authorization")
-                    if not path.startswith("/budgets"):
+                    if not path.startswith(("/budgets", "/stats", "/dashboard")):
                         return await self.app(scope, receive, send)  # no token configured: open
                 return await _reject(send, 401, "missing or wrong bearer token (header: Authorization: Bearer "
                                                 "<token or API key>)", field="Authorization")

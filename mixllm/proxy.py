@@ -14,7 +14,16 @@ from typing import Any
 
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from mixllm.api_models import FORWARDED_CHAT_FIELDS, ChatRequest, error, surrogate_path
+from mixllm.api_models import (
+    CONSUMED_CHAT_FIELDS,
+    FORWARDED_CHAT_FIELDS,
+    ChatRequest,
+    conversation_text,
+    error,
+    surrogate_path,
+)
+from mixllm.savings import reference_llm
+from mixllm.sessions import session_key
 
 logger = logging.getLogger("bentoml.mixllm")  # bentoml serve shows "bentoml.*" loggers
 
@@ -28,8 +37,9 @@ def _redacted(text: str, secrets: list[str]) -> str:
 
 
 class ChatProxy:
-    """Needs from the class it is mixed into: config, load (live traffic), metrics, store and
-    breakers (mixllm.circuit.CircuitBreakers)."""
+    """Needs from the class it is mixed into: config, load (live traffic), metrics, store,
+    sessions (mixllm.sessions.SessionLog), breakers (mixllm.circuit.CircuitBreakers) and
+    _record_call (mixllm.spending.TenantBudgets)."""
 
     def _chat_refusal(self, request: ChatRequest) -> JSONResponse | None:
         """A 400 naming the field for what the proxy must not forward: text that is not valid
@@ -39,10 +49,18 @@ class ChatProxy:
             return error(400, where.split(".")[0].split("[")[0], f"{where} holds a lone UTF-16 surrogate, which is "
                                                                   "not valid Unicode text")
         extra = request.model_extra or {}
-        unknown = sorted(set(extra) - FORWARDED_CHAT_FIELDS)
+        unknown = sorted(set(extra) - FORWARDED_CHAT_FIELDS - CONSUMED_CHAT_FIELDS)
         if unknown:
             return error(400, unknown[0], f"'{unknown[0]}' is not a chat-completion parameter this proxy forwards "
-                                          f"(it forwards model, messages, stream, {', '.join(sorted(FORWARDED_CHAT_FIELDS))})")
+                                          f"(it forwards model, messages, stream, {', '.join(sorted(FORWARDED_CHAT_FIELDS))};"
+                                          f" it reads {', '.join(sorted(CONSUMED_CHAT_FIELDS))})")
+        metadata, candidates = extra.get("metadata"), extra.get("candidates")
+        if metadata is not None and not (isinstance(metadata, dict) and all(
+                isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())):
+            return error(400, "metadata", "metadata must be an object of strings (e.g. {\"session_id\": \"abc\"})")
+        if candidates is not None and not (isinstance(candidates, list) and candidates
+                                           and all(isinstance(c, str) for c in candidates)):
+            return error(400, "candidates", "candidates must be a non-empty list of LLM names")
         caps = {"n": self.config.service.proxy_max_n, "max_tokens": self.config.service.proxy_max_tokens,
                 "max_completion_tokens": self.config.service.proxy_max_tokens}
         for name, cap in caps.items():
@@ -52,9 +70,34 @@ class ChatProxy:
                 return error(400, name, f"{name} must be an integer from 1 to {cap} (service.{setting}), got {value!r}")
         return None
 
+    def _routed_text(self, request: ChatRequest, last_turn: str) -> str:
+        """The conversation window the router reads (session.context_*), within max_query_chars
+        (the oldest context is cut first; the last user turn alone is checked by RouteRequest)."""
+        settings = self.config.session
+        text = conversation_text(request.messages, settings.context_messages, settings.context_chars) or last_turn
+        limit = self.config.service.max_query_chars
+        return text[-limit:] if len(text) > limit and len(last_turn) <= limit else text
+
+    def _session(self, request: ChatRequest, http_request: Any, tenant: Any) -> tuple[str | None, str | None]:
+        """(the session's key, the LLM it is on) from header x-mixllm-session, metadata.session_id
+        or the OpenAI `user` field; (None, None) without one, the LLM None when not sticky."""
+        extra = request.model_extra or {}
+        session_id = (http_request.headers.get("x-mixllm-session") or (extra.get("metadata") or {}).get("session_id")
+                      or (extra.get("user") if isinstance(extra.get("user"), str) else None))
+        if not session_id:
+            return None, None
+        key = session_key(tenant.name if tenant is not None else None, session_id)
+        return key, self.sessions.llm_of(key) if self.config.session.sticky else None
+
+    def _remember_session(self, key: str, llm: str) -> None:
+        try:
+            self.sessions.remember(key, llm)
+        except Exception as exc:  # noqa: BLE001 - the answer is already on its way; only stickiness is lost
+            logger.warning("session %s not remembered (%s): its next turn is routed afresh", key, exc)
+
     async def _forward(self, request: ChatRequest, ranking: list[str], upstreams: dict[str, Any],
                        decision_id: str | None, version: int, tenant: Any = None,
-                       predicted_cost: dict[str, float] | None = None) -> Any:
+                       predicted_cost: dict[str, float] | None = None, router_ms: float | None = None) -> Any:
         """Call the first LLM of `ranking`, and on a connection error, a timeout, a 429 or a 5xx
         before the first byte, the next one (service.failover: at most max_attempts calls within
         deadline_s, skipping LLMs whose circuit breaker is open). The answer names the LLM that
@@ -73,7 +116,7 @@ class ChatProxy:
             response, retryable = await self._attempt(request, llm, upstreams[llm], decision_id, version,
                                                       timeout_s=min(upstreams[llm].timeout_s, deadline - time.monotonic()),
                                                       attempt=len(tried), tenant=tenant,
-                                                      predicted_cost=(predicted_cost or {}).get(llm))
+                                                      predicted_cost=(predicted_cost or {}).get(llm), router_ms=router_ms)
             if not retryable:
                 response.headers["x-mixllm-attempts"] = str(len(tried))
                 return response
@@ -90,11 +133,11 @@ class ChatProxy:
 
     async def _attempt(self, request: ChatRequest, llm: str, upstream: Any, decision_id: str | None,
                        version: int, timeout_s: float, attempt: int, tenant: Any = None,
-                       predicted_cost: float | None = None) -> tuple[Any, bool]:
+                       predicted_cost: float | None = None, router_ms: float | None = None) -> tuple[Any, bool]:
         """One upstream call: (the response for the caller, whether another LLM may be tried)."""
         import httpx
 
-        payload = request.model_dump(exclude_none=True)
+        payload = request.model_dump(exclude_none=True, exclude=set(CONSUMED_CHAT_FIELDS))
         payload["model"] = upstream.model or llm
         if request.stream:
             payload.setdefault("stream_options", {"include_usage": True})
@@ -137,9 +180,16 @@ class ChatProxy:
             tokens_in = (usage or {}).get("prompt_tokens")
             tokens_out = (usage or {}).get("completion_tokens")
             cost = self._price(llm, tokens_in, tokens_out)
-            if tenant is not None:  # a dropped stream was paid for too, up to where it broke
-                self._record_spend(tenant, llm, cost if cost is not None else predicted_cost, cost is None,
-                                   decision_id)
+            # Without usage: the router's prediction, else the prompt's length at the catalogue's prices.
+            estimate = predicted_cost if predicted_cost is not None else self._estimated_cost(llm, request)
+            reference = reference_llm(self.config)
+            reference_cost = (self._price(reference, tokens_in, tokens_out) if cost is not None
+                              else self._estimated_cost(reference, request))
+            # A dropped stream was paid for too, up to where it broke.
+            self._record_call(tenant, llm, cost if cost is not None else estimate, cost is None,
+                              decision_id=decision_id, model_version=version if decision_id else None,
+                              reference_cost_usd=reference_cost,
+                              router_ms=router_ms, attempts=attempt)
             if decision_id and status == "ok":
                 self.store.complete_decision(decision_id, cost_usd=cost, latency_s=latency,
                                              input_tokens=tokens_in, output_tokens=tokens_out, llm=llm)
@@ -209,6 +259,13 @@ class ChatProxy:
                 finish("ok", usage)
 
         return StreamingResponse(relay(), media_type="text/event-stream", headers=mixllm_headers), False
+
+    def _estimated_cost(self, llm: str, request: ChatRequest) -> float | None:
+        """A call's cost without usage: its messages' characters as input tokens, the default output."""
+        from mixllm.units import DEFAULT_OUTPUT_TOKENS, tokens_from_chars
+
+        chars = sum(len(str(message.content or "")) for message in request.messages)
+        return self._price(llm, tokens_from_chars(chars), DEFAULT_OUTPUT_TOKENS)
 
     def _price(self, llm: str, tokens_in: float | None, tokens_out: float | None) -> float | None:
         if tokens_in is None and tokens_out is None:

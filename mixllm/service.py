@@ -16,12 +16,12 @@ import signal
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 import bentoml
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
@@ -102,7 +102,8 @@ async def _chat_request_invalid(request: Any, exc: RequestValidationError) -> JS
     an input holding a lone surrogate cannot be encoded: that was a 500."""
     problems = exc.errors()
     problem = problems[0] if problems else {}
-    loc = [str(part) for part in problem.get("loc", ()) if part != "body"]
+    loc = [str(part) for part in problem.get("loc", ())]
+    loc = loc[1:] if loc and loc[0] in ("body", "query", "path", "header") else loc  # where, not what
     return error(400, loc[0] if loc else None, f"{'.'.join(loc) or 'body'}: {problem.get('msg', 'invalid request')}")
 
 
@@ -115,6 +116,7 @@ async def _http_error(request: Any, exc: HTTPException) -> JSONResponse:
 
 for _app in (openai_app, admin_app, root_app):
     _app.add_exception_handler(HTTPException, _http_error)
+root_app.add_exception_handler(RequestValidationError, _chat_request_invalid)  # /stats?days=abc: a 400
 
 
 @bentoml.service(workers=1, threads=SETTINGS.threads, traffic={"timeout": 120})
@@ -149,6 +151,9 @@ class MixLLMService(ChatProxy, TenantBudgets):
         self.ledger = TenantLedger(self.store, key_cache_s=self.config.budgets.key_cache_s)
         self.pacer = BudgetPacer(self.config.budgets.pacing)
         self._unwritten, self._unwritten_lock = [], threading.Lock()
+        from mixllm.sessions import SessionLog
+
+        self.sessions = SessionLog(self.store, ttl_s=self.config.session.ttl_s)
         TENANT_KEYS.enabled, TENANT_KEYS.lookup = bool(self.config.budgets.tenants), self.ledger.tenant_of
         self.load = LiveLoad(max_age_s=self.config.service.in_flight_max_age_s,
                              window=self.config.service.latency_window)
@@ -453,6 +458,22 @@ class MixLLMService(ChatProxy, TenantBudgets):
         A tenant's key sees its own; the admin token sees every tenant."""
         return self.budget_report(self._tenant(http_request))
 
+    @root_app.get("/stats")
+    def stats(self, http_request: Request, days: Annotated[float | None, Query(ge=0.001, le=36_500)] = None) -> dict[str, Any]:
+        """The proxy's answered calls (the last `days`, or all): traffic share per LLM, spend, what
+        the same calls would have cost on the reference LLM, savings net of the router's compute,
+        mean feedback quality and failovers; overall, per tenant, per tenant and model version.
+        A tenant's key sees its own calls; the admin token sees every tenant's."""
+        return self.usage_report(self._tenant(http_request), days)[0]
+
+    @root_app.get("/dashboard", response_class=HTMLResponse)
+    def dashboard(self, http_request: Request, days: Annotated[float | None, Query(ge=0.001, le=36_500)] = None) -> HTMLResponse:
+        """/stats as a page, with charts drawn by the service (no script, no CDN)."""
+        from mixllm.savings import charts, dashboard_html
+
+        summary, calls = self.usage_report(self._tenant(http_request), days)
+        return HTMLResponse(dashboard_html(summary, charts(calls, summary)))
+
     @admin_app.post("/reload")
     def reload(self) -> dict[str, Any]:
         """Reload the alias now (the service also polls it every service.poll_interval_s), and apply
@@ -476,8 +497,10 @@ class MixLLMService(ChatProxy, TenantBudgets):
 
     @openai_app.post("/chat/completions")
     async def chat_completions(self, request: ChatRequest, http_request: Request) -> Any:
-        """`model: "mixllm"` (or "mixllm:<lambda>") routes the last user message; any catalogue LLM
-        name goes to that LLM directly. The call is forwarded to the LLM's upstream."""
+        """`model: "mixllm"` (or "mixllm:<lambda>") routes the conversation (its last user turn after
+        a bounded window of context); any catalogue LLM name goes to that LLM directly. The call is
+        forwarded to the LLM's upstream. A session id keeps a conversation on the LLM that answered
+        it, unless that LLM fails (session.sticky)."""
         import anyio
 
         model = self._current()
@@ -499,24 +522,37 @@ class MixLLMService(ChatProxy, TenantBudgets):
             reachable = [m for m in model.router.enabled_llms_ if m in upstreams]
             if not reachable:
                 return error(503, None, "no LLM in the catalogue has an upstream (llms[].upstream in params.yaml)")
+            wanted = (request.model_extra or {}).get("candidates")
+            if wanted is not None:
+                unknown = [m for m in wanted if m not in reachable]
+                if unknown:
+                    return error(400, "candidates", f"unknown, disabled or unreachable LLM(s) in candidates: "
+                                                    f"{', '.join(unknown)}; choose from {', '.join(reachable)}")
+                reachable = [m for m in reachable if m in wanted]
             # An LLM whose circuit breaker is open is no candidate (unless every one is).
             candidates = [m for m in reachable if self.breakers.available(m)] or reachable
-            plan = self._spend_plan(self._tenant(http_request), candidates, lambda_, model.router.default_lambda)
+            tenant = self._tenant(http_request)
+            plan = self._spend_plan(tenant, candidates, lambda_, model.router.default_lambda)
             if isinstance(plan, JSONResponse):
                 return plan
             candidates, lambda_ = plan.candidates, plan.lambda_
+            session, sticky_llm = self._session(request, http_request, tenant)
             try:
-                item = RouteRequest(query=text, lambda_=lambda_, candidates=candidates)
+                item = RouteRequest(query=self._routed_text(request, text), lambda_=lambda_, candidates=candidates)
             except ValidationError as exc:
                 problem = exc.errors()[0]
                 field = "model" if problem["loc"] and problem["loc"][0] in ("lambda", "lambda_") else "messages"
                 return error(400, field, f"{field}: {problem['msg']}")
+            started = time.perf_counter()
             routed_result = await anyio.to_thread.run_sync(self._route_coalescer, item)
+            router_ms = 1000 * (time.perf_counter() - started)
             if isinstance(routed_result, JSONResponse):
                 return routed_result
             chosen, decision_id = routed_result.llm, routed_result.decision_id
             # Failover follows the router's own ranking: the next best eligible candidates by score.
             ranking = fallback_ranking(chosen, routed_result.candidates, candidates)
+            if sticky_llm in candidates:  # the conversation stays where it is while that LLM works
+                ranking = [sticky_llm, *(m for m in ranking if m != sticky_llm)]
             predicted_cost = {c.llm: c.cost_usd for c in routed_result.candidates}
         else:
             chosen = request.model
@@ -537,14 +573,14 @@ class MixLLMService(ChatProxy, TenantBudgets):
             if chosen not in plan.candidates:  # its budget is spent: only the cheapest LLM now
                 return error(429, "model", f"{plan.notes[0]}; name that LLM ({plan.candidates[0]}) or use mixllm")
             ranking = [chosen]  # the caller named this LLM: no other answers in its place
-            predicted_cost = {}
-            if plan.tenant is not None:  # its spend needs a price even if the upstream reports no usage
-                predicted = await anyio.to_thread.run_sync(model.router.predict, [text])
-                predicted_cost = {chosen: float(predicted.cost_usd[0, predicted.llms.index(chosen)])}
+            session, predicted_cost, router_ms = None, {}, None
         response = await self._forward(request, ranking, upstreams, decision_id, model.version,
-                                       tenant=plan.tenant, predicted_cost=predicted_cost)
+                                       tenant=plan.tenant, predicted_cost=predicted_cost, router_ms=router_ms)
         if plan.notes:  # why this tenant's chat went where it did (pacing, a spent budget)
             response.headers["x-mixllm-budget"] = plan.notes[0]
+        if session is not None and response.status_code == 200:
+            await anyio.to_thread.run_sync(self._remember_session, session, response.headers["x-mixllm-llm"])
+            response.headers["x-mixllm-session"] = "kept" if sticky_llm == response.headers["x-mixllm-llm"] else "routed"
         return response
 
 # Outermost first: the body limit, then the per-client limit (which reads /route_batch bodies the

@@ -86,29 +86,29 @@ class TenantBudgets:
                 f" spent, {100 * limit.elapsed_share:.1f}% of the {limit.period} gone)")
         return SpendPlan(tenant, allowed, paced, [note])
 
-    def _record_spend(self, tenant: TenantConfig, llm: str, cost_usd: float | None, estimated: bool,
-                      decision_id: str | None) -> None:
-        """Store a call's spend; if the database refuses, keep it for the next attempt (never drop it)."""
-        if cost_usd is None:
-            logger.error("no cost known for a call of tenant %s to %s (decision %s): neither usage nor a "
-                         "prediction; recorded as 0", tenant.name, llm, decision_id)
-            cost_usd, estimated = 0.0, True
-        record = {"tenant": tenant.name, "llm": llm, "cost_usd": float(cost_usd), "estimated": estimated,
-                  "decision_id": decision_id, "at": datetime.now(timezone.utc)}
+    def _record_call(self, tenant: TenantConfig | None, llm: str, cost_usd: float, estimated: bool, *,
+                     decision_id: str | None, model_version: int | None, reference_cost_usd: float | None,
+                     router_ms: float | None, attempts: int) -> None:
+        """Store an answered call (its spend); if the database refuses, keep it for the next attempt
+        (never drop it): a budgeted tenant's calls wait (503) until it is written."""
+        record = {"tenant": tenant.name if tenant is not None else None, "llm": llm, "cost_usd": float(cost_usd),
+                  "estimated": estimated, "decision_id": decision_id, "model_version": model_version,
+                  "reference_cost_usd": reference_cost_usd, "router_ms": router_ms, "attempts": attempts,
+                  "at": datetime.now(timezone.utc)}
         with self._unwritten_lock:
             self._unwritten.append(record)
         try:
             self._flush_spend()
         except Exception as exc:  # noqa: BLE001 - kept in memory, retried before the next call
-            logger.error("spend record of tenant %s kept in memory, not yet written (%s); %d waiting. Calls of "
-                         "budgeted tenants get 503 until it is written", tenant.name, exc, len(self._unwritten))
+            logger.error("call record (tenant %s, %s) kept in memory, not yet written (%s); %d waiting. Calls of "
+                         "budgeted tenants get 503 until it is written", record["tenant"], llm, exc, len(self._unwritten))
 
     def _flush_spend(self) -> None:
-        """Write the spend records waiting in memory, oldest first; raises if the database refuses."""
+        """Write the call records waiting in memory, oldest first; raises if the database refuses."""
         with self._unwritten_lock:
             while self._unwritten:
                 record = self._unwritten[0]
-                self.ledger.record_spend(**record)
+                self.ledger.record_call(**record)
                 self._unwritten.pop(0)
 
     def budget_report(self, tenant: TenantConfig | None) -> dict[str, Any]:
@@ -125,3 +125,16 @@ class TenantBudgets:
                         "lambda_factor": factor, "binding": limit.period if limit else None,
                         "budgets": [s.to_dict() for s in standing]})
         return {"tenants": out, "unwritten_spend_records": len(self._unwritten)}
+
+    def usage_report(self, tenant: TenantConfig | None, days: float | None) -> tuple[dict[str, Any], Any]:
+        """(the /stats summary, the calls it summarises): a tenant's own calls, or everyone's."""
+        from datetime import timedelta
+
+        from mixllm.savings import reference_llm, usage_summary
+
+        since = datetime.now(timezone.utc) - timedelta(days=days) if days else None
+        calls = self.ledger.calls_frame(since)
+        if tenant is not None:
+            calls = calls[calls["tenant"] == tenant.name]
+        summary = usage_summary(calls, self.config.service.router_usd_per_hour, reference_llm(self.config))
+        return summary, calls

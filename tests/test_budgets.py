@@ -74,15 +74,15 @@ def test_keys_are_hashed_revocable_and_spend_sums_by_period(tmp_path):
     key_id, key = ledger.create_key("team")
     assert ledger.tenant_of(key) == "team" and ledger.tenant_of(key + "x") is None
     now = datetime(2026, 3, 4, 6, 30, tzinfo=timezone.utc)
-    ledger.record_spend("team", "a", 1.0, estimated=False, at=now - timedelta(minutes=10))
-    ledger.record_spend("team", "a", 2.0, estimated=True, at=now - timedelta(hours=2))
-    ledger.record_spend("team", "b", 4.0, estimated=False, at=now - timedelta(days=3))
-    ledger.record_spend("team", "b", 16.0, estimated=False, at=now - timedelta(days=5))  # last month
-    ledger.record_spend("other", "a", 8.0, estimated=False, at=now)
+    ledger.record_call(tenant="team", llm="a", cost_usd=1.0, estimated=False, at=now - timedelta(minutes=10))
+    ledger.record_call(tenant="team", llm="a", cost_usd=2.0, estimated=True, at=now - timedelta(hours=2))
+    ledger.record_call(tenant="team", llm="b", cost_usd=4.0, estimated=False, at=now - timedelta(days=3))
+    ledger.record_call(tenant="team", llm="b", cost_usd=16.0, estimated=False, at=now - timedelta(days=5))  # last month
+    ledger.record_call(tenant="other", llm="a", cost_usd=8.0, estimated=False, at=now)
     starts = {p: period_bounds(p, now)[0] for p in ("hour", "day", "month")}
     assert ledger.spent_since("team", starts) == {"hour": 1.0, "day": 3.0, "month": 7.0}
-    by = ledger.spend_by().set_index(["tenant", "llm"])
-    assert by.loc[("team", "a"), "estimated_usd"] == 2.0 and by.loc[("team", "a"), "calls"] == 2
+    frame = ledger.calls_frame(since=now - timedelta(days=4))
+    assert sorted(frame["cost_usd"]) == [1.0, 2.0, 4.0, 8.0] and frame["estimated"].sum() == 1
     assert ledger.revoke(key_id) == "team" and ledger.tenant_of(key) is None
     with pytest.raises(UnknownKeyError, match="keys list"):
         ledger.revoke(key_id)
@@ -122,7 +122,8 @@ def test_spend_that_cannot_be_written_is_kept_and_stops_the_tenants_calls_until_
     locker = sqlite3.connect(path, timeout=5, isolation_level=None)
     locker.execute("BEGIN IMMEDIATE")
     try:
-        gateway._record_spend(tenant, "a", 0.25, False, "d1")  # logged, kept, not raised
+        gateway._record_call(tenant, "a", 0.25, False, decision_id="d1", model_version=1, reference_cost_usd=1.0,
+                             router_ms=2.0, attempts=1)  # logged, kept, not raised
         assert len(gateway._unwritten) == 1
         refused = gateway._spend_plan(tenant, ["a"], None, 1.0)
         assert refused.status_code == 503 and b"cannot be accounted for" in refused.body

@@ -34,7 +34,7 @@ CHAT = {"model": "mixllm", "messages": [{"role": "user", "content": "hi"}]}
 TENANTS = [{"name": "capped", "budgets_usd": {"hour": 1e-9}, "on_exhausted": "reject"},
            {"name": "frugal", "budgets_usd": {"hour": 1e-9}, "on_exhausted": "cheapest"},
            {"name": "paced", "budgets_usd": {"day": 1000.0}},
-           {"name": "coders", "allowed_llms": ["coder"]}]
+           {"name": "coders", "allowed_llms": ["coder"]}, {"name": "dashboard"}]
 
 
 def _llms(upstream_url):
@@ -857,7 +857,7 @@ def test_tenant_keys_budgets_and_allowed_llms(service, upstream):
     a tenant restricted to its allowed LLMs, and GET /budgets for a tenant and for the admin."""
     import openai
 
-    from mixllm.ledger import TenantLedger, api_keys, key_hash, spend
+    from mixllm.ledger import TenantLedger, api_keys, calls, key_hash
 
     base, config = service["base"], service["config"]
     store = InteractionLog(config.sqlalchemy_url(config.service.feedback_store_url))
@@ -897,7 +897,7 @@ def test_tenant_keys_budgets_and_allowed_llms(service, upstream):
     paced = ask("paced")
     assert "budget pacing" in paced.headers["x-mixllm-budget"]
     with store.engine.connect() as connection:
-        rows = connection.execute(spend.select().where(spend.c.tenant == "paced")).mappings().all()
+        rows = connection.execute(calls.select().where(calls.c.tenant == "paced")).mappings().all()
     chosen = paced.headers["x-mixllm-llm"]
     assert [(r["llm"], r["estimated"]) for r in rows] == [(chosen, False)]
     assert rows[0]["cost_usd"] == pytest.approx((12 + 5) * PRICE_PER_1K[chosen] / 1000), "priced from usage"
@@ -921,3 +921,108 @@ def test_tenant_keys_budgets_and_allowed_llms(service, upstream):
     with pytest.raises(openai.AuthenticationError):  # budgets.key_cache_s is 0 here
         ask("coders")
     store.dispose()
+
+
+def test_a_conversation_stays_on_its_llm_routes_with_its_context_and_moves_when_the_llm_fails(service, upstream):
+    import openai
+
+    base, config = service["base"], service["config"]
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key=TOKEN, max_retries=0, timeout=60)
+
+    def ask(model, messages, **extra):
+        return client.chat.completions.with_raw_response.create(model=model, messages=messages, **extra)
+
+    turn = [{"role": "user", "content": QUERY}]
+    session = {"extra_headers": {"x-mixllm-session": "conversation-1"}}
+    first = ask("mixllm:0", turn, **session)  # quality first
+    home = first.headers["x-mixllm-llm"]
+    assert home != "cheap-chat" and first.headers["x-mixllm-session"] == "routed"
+    assert ask("mixllm:1000", turn).headers["x-mixllm-llm"] == "cheap-chat", "without a session: the cheap LLM"
+    follow_up = [*turn, {"role": "assistant", "content": "def reverse(xs): return xs[::-1]"},
+                 {"role": "user", "content": "Now the same in Rust, please."}]
+    second = ask("mixllm:1000", follow_up, **session)
+    assert second.headers["x-mixllm-llm"] == home and second.headers["x-mixllm-session"] == "kept"
+    store = InteractionLog(config.sqlalchemy_url(config.service.feedback_store_url))
+    routed_text = store.decision(second.headers["x-mixllm-decision-id"])["query"]
+    store.dispose()
+    assert routed_text.startswith(f"user: {QUERY}\nassistant: def reverse") and routed_text.endswith(
+        "\nNow the same in Rust, please."), "the conversation is routed, the last turn last"
+    assert not {"metadata", "candidates"} & set(upstream.requests[-1]["body"]), "read by the proxy, not forwarded"
+
+    upstream.behaviour[f"upstream-{home}"] = "500"
+    try:
+        moved = ask("mixllm:1000", follow_up, **session)
+        assert moved.headers["x-mixllm-llm"] != home and moved.headers["x-mixllm-session"] == "routed"
+    finally:
+        _close_breakers(base, upstream)
+    assert ask("mixllm:0", turn, **session).headers["x-mixllm-llm"] == moved.headers["x-mixllm-llm"], \
+        "the conversation stays on the LLM that took it over"
+
+    by_user = [ask(model, turn, user="person-7").headers["x-mixllm-llm"] for model in ("mixllm:0", "mixllm:1000")]
+    assert by_user[0] == by_user[1] != "cheap-chat", "the OpenAI user field is a session id too"
+    restricted = ask("mixllm:0", turn, extra_body={"candidates": ["coder"]}, metadata={"session_id": "other"})
+    assert restricted.headers["x-mixllm-llm"] == "coder"
+    with pytest.raises(openai.BadRequestError) as refused:
+        ask("mixllm", turn, extra_body={"candidates": ["gpt-99"]})
+    assert refused.value.response.json()["field"] == "candidates"
+
+
+def test_stats_and_the_dashboard_in_a_real_browser_show_the_recorded_calls(service, tmp_path):
+    """Real traffic of one tenant through the openai client, one rated answer; then /stats and the
+    /dashboard page (in headless Chromium) show the figures of the calls the service recorded."""
+    import shutil
+
+    import openai
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("no chromium on this machine (CI installs Debian's: apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    from mixllm.ledger import TenantLedger, calls
+
+    base, config = service["base"], service["config"]
+    store = InteractionLog(config.sqlalchemy_url(config.service.feedback_store_url))
+    _, key = TenantLedger(store).create_key("dashboard")
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0, timeout=60)
+    answers = [client.chat.completions.with_raw_response.create(model=model, messages=[{"role": "user", "content": QUERY}])
+               for model in ("mixllm:0", "mixllm:0", "mixllm:1000", "cheap-chat")]
+    rated = answers[0].headers["x-mixllm-decision-id"]
+    assert httpx.post(f"{base}/feedback", json={"decision_id": rated, "quality": 0.25}, headers=AUTH).status_code == 200
+    with store.engine.connect() as connection:
+        rows = connection.execute(calls.select().where(calls.c.tenant == "dashboard")).mappings().all()
+    store.dispose()
+    assert len(rows) == 4 and {r["llm"] for r in rows} == {a.headers["x-mixllm-llm"] for a in answers}
+    spend, reference = sum(r["cost_usd"] for r in rows), sum(r["reference_cost_usd"] for r in rows)
+    assert reference > spend > 0, "routing and the cheap LLM cost less than the dearest LLM (the reference)"
+
+    own = httpx.get(f"{base}/stats", headers={"Authorization": f"Bearer {key}"}, timeout=30).json()
+    assert [g["tenant"] for g in own["by_tenant"]] == ["dashboard"] and own["overall"]["calls"] == 4
+    assert own["overall"]["spend_usd"] == pytest.approx(spend) and own["overall"]["mean_feedback_quality"] == 0.25
+    assert own["overall"]["router_compute_usd"] > 0 and own["reference_llm"] == "strong"
+    assert _chat(base, "mixllm").status_code == 200  # the admin token's call: no tenant
+    every = httpx.get(f"{base}/stats", headers=AUTH, timeout=30).json()
+    assert {"dashboard", "(no tenant key)"} <= {g["tenant"] for g in every["by_tenant"]}
+    assert every["overall"]["calls"] >= 5
+    assert httpx.get(f"{base}/stats", params={"days": "abc"}, headers=AUTH).json()["field"] == "days"
+    assert httpx.get(f"{base}/dashboard", timeout=30).status_code == 401
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        try:
+            page = browser.new_page(extra_http_headers={"Authorization": f"Bearer {key}"},
+                                    viewport={"width": 1200, "height": 1000})
+            assert page.goto(f"{base}/dashboard").status == 200
+            row = page.locator('tr[data-tenant="dashboard"]')
+            shown_calls = sum(int(t) for t in row.locator('td[data-field="calls"]').all_inner_texts())
+            shown_spend = sum(float(t.strip("$").replace(",", ""))
+                              for t in row.locator('td[data-field="spend_usd"]').all_inner_texts())
+            assert shown_calls == 4 and shown_spend == pytest.approx(spend, abs=1e-6)
+            assert page.locator('[data-field="overall_calls"]').inner_text() == "4"
+            assert page.locator("figure svg").count() == 3, "three charts, drawn by the service"
+            assert page.locator("#chart-traffic svg").bounding_box()["width"] > 100, "and rendered by the browser"
+            screenshot = Path(os.environ.get("MIXLLM_DASHBOARD_SCREENSHOT", tmp_path / "dashboard.png"))
+            page.screenshot(path=str(screenshot), full_page=True)
+            assert screenshot.stat().st_size > 10_000
+        finally:
+            browser.close()
