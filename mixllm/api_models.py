@@ -108,6 +108,9 @@ class Candidate(BaseModel):
     penalty: float
     score: Optional[float]
     eligible: bool
+    # Under the decision policy: 1 for the argmax policy's choice; a stochastic policy's probabilities
+    # (decision.policy), which the decision log keeps for off-policy evaluation.
+    probability: float = 0.0
 
 
 class RouteResponse(BaseModel):
@@ -225,7 +228,7 @@ def surrogate_path(value: Any, path: str = "") -> str | None:
 
 def candidate_scores(decision: Any) -> list[Candidate]:
     return [Candidate(llm=c.llm, quality=c.quality, cost_usd=c.cost_usd, uncertainty=c.uncertainty, penalty=c.penalty,
-                      score=c.score if np.isfinite(c.score) else None, eligible=c.eligible)
+                      score=c.score if np.isfinite(c.score) else None, eligible=c.eligible, probability=c.probability)
             for c in decision.candidates]
 
 
@@ -248,7 +251,8 @@ def stored_response(stored: dict[str, Any]) -> RouteResponse:
         candidates=[Candidate(llm=c["llm"], quality=c["quality"], cost_usd=c["cost_usd"],
                               uncertainty=c["uncertainty"], penalty=c["penalty"],
                               score=c["score"] if c["score"] is not None and np.isfinite(c["score"]) else None,
-                              eligible=c["eligible"]) for c in candidates])
+                              eligible=c["eligible"], probability=c.get("probability", float(c["llm"] == stored["llm"])))
+                    for c in candidates])
 
 
 def message_text(message: ChatMessage) -> str | None:

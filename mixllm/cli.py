@@ -445,11 +445,13 @@ def config_show(
         typer.echo(f"{key} = {value}")
 
 
-from mixllm.cli_tenants import budgets_show, keys_app, report_show  # noqa: E402 - registered on `app` here
+from mixllm.cli_evidence import evaluate_on_feedback_command  # noqa: E402 - registered on `app` here
+from mixllm.cli_tenants import budgets_show, keys_app, report_show  # noqa: E402
 
 app.add_typer(keys_app, name="keys")
 app.command("budgets")(budgets_show)
 app.command("report")(report_show)
+app.command("evaluate")(evaluate_on_feedback_command)
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(app())

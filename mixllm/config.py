@@ -273,6 +273,14 @@ class PredictorsConfig(StrictModel):
     cost: CostPredictorConfig = CostPredictorConfig()
 
 
+class ExplorationBudgetConfig(StrictModel):
+    """How far a stochastic decision policy may stray from the argmax."""
+
+    share: float = Field(default=0.1, ge=0.0, le=1.0)  # the most probability any decision puts off its argmax
+    # An exploratory choice may cost at most this times the argmax's predicted cost.
+    max_cost_ratio: float = Field(default=2.0, ge=1.0)
+
+
 class DecisionConfig(StrictModel):
     """Meta decision maker: score = q - lambda*c/scale + exploration*sigma - latency penalty."""
 
@@ -287,6 +295,16 @@ class DecisionConfig(StrictModel):
     # Dollars that count as one unit of cost in the score. None: the mean cost per query of the
     # most expensive LLM on the training data, fixed at fit time and saved with the model.
     cost_scale_usd: float | None = Field(default=None, gt=0.0)
+    # Which LLM a decision takes: the argmax of the score (deterministic; it logs probability 1), or a
+    # stochastic policy that logs the probability of every candidate, so logged traffic can judge
+    # another policy without bias (off-policy evaluation): a softmax over the scores at
+    # `temperature`, or epsilon-greedy over the `top_k` scores. Both stay within exploration_budget.
+    policy: Literal["argmax", "softmax", "epsilon_greedy"] = "argmax"
+    temperature: float = Field(default=0.05, gt=0.0)
+    epsilon: float = Field(default=0.1, ge=0.0, le=1.0)
+    top_k: int = Field(default=3, ge=2)
+    exploration_budget: ExplorationBudgetConfig = ExplorationBudgetConfig()
+    seed: int | None = None  # of the stochastic policy's draws; null: fresh randomness
 
 
 class EvaluationConfig(StrictModel):
@@ -315,6 +333,10 @@ class GateConfig(StrictModel):
     objective: Literal["aiq", "quality_at_budget"] = "aiq"
     tolerance: float = Field(default=0.005, ge=0.0)  # absolute, in the objective's units
     max_overhead_ms: float = Field(default=250.0, gt=0)  # routing time per query on the holdout
+    # With at least this many logged decisions with feedback, a candidate must also not be worse
+    # than the champion, by more than `tolerance`, in the doubly-robust off-policy estimate of the
+    # routing score (quality - lambda x cost / scale, the champion's lambda and scale) on them.
+    min_logged_feedback: int = Field(default=200, ge=1)
 
 
 class MLflowConfig(StrictModel):

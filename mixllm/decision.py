@@ -34,6 +34,7 @@ class CandidateScore:
     penalty: float
     score: float
     eligible: bool
+    probability: float = 0.0  # under the decision policy (argmax: 1 for the choice, 0 for the rest)
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,11 @@ class Decision:
     exploration: float
     relaxed: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
+
+    @property
+    def propensity(self) -> float:
+        """The probability the decision policy gave the LLM chosen."""
+        return next((c.probability for c in self.candidates if c.llm == self.llm), 1.0)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -120,6 +126,45 @@ def decide(
     tied = np.isclose(score, best, rtol=0.0, atol=1e-12) & np.isfinite(score)
     cost_key = np.where(tied, cost_usd, np.inf)
     return cost_key.argmin(axis=1), score
+
+
+def action_probabilities(score: np.ndarray, cost_usd: np.ndarray, best: np.ndarray, *, policy: str,
+                         temperature: float, epsilon: float, top_k: int, max_leave_share: float,
+                         max_cost_ratio: float) -> np.ndarray:
+    """Each LLM's probability of being taken, per row, under the decision policy.
+
+    `best` is decide's argmax per row. argmax: all of it on `best`. softmax: proportional to
+    exp(score / temperature); epsilon_greedy: epsilon spread evenly over the next top_k - 1 scores.
+    Either way only eligible LLMs (finite score) whose predicted cost is at most max_cost_ratio x the
+    argmax's may be explored, and at most max_leave_share of the probability leaves the argmax.
+    """
+    n, m = score.shape
+    rows = np.arange(n)
+    probabilities = np.zeros((n, m))
+    probabilities[rows, best] = 1.0
+    if policy == "argmax" or max_leave_share <= 0 or m < 2:
+        return probabilities
+    explorable = np.isfinite(score) & (cost_usd <= max_cost_ratio * cost_usd[rows, best][:, None])
+    explorable[rows, best] = False
+    if policy == "softmax":
+        top = score[rows, best][:, None]
+        weights = np.where(explorable, np.exp(np.minimum((np.where(explorable, score, top) - top) / temperature, 0.0)),
+                           0.0)
+        others = weights / (1.0 + weights.sum(axis=1, keepdims=True))  # the argmax's own weight is exp(0) = 1
+    elif policy == "epsilon_greedy":
+        ranked = np.argsort(-np.where(explorable, score, -np.inf), axis=1)[:, : top_k - 1]
+        chosen = np.zeros((n, m), dtype=bool)
+        np.put_along_axis(chosen, ranked, True, axis=1)
+        chosen &= explorable
+        count = chosen.sum(axis=1, keepdims=True)
+        others = np.where(chosen, epsilon / np.maximum(count, 1), 0.0)
+    else:
+        raise ValueError(f"unknown decision policy '{policy}'; use argmax, softmax or epsilon_greedy")
+    leave = others.sum(axis=1, keepdims=True)
+    others = np.where(leave > max_leave_share, others * (max_leave_share / np.maximum(leave, 1e-300)), others)
+    probabilities = others
+    probabilities[rows, best] = 1.0 - others.sum(axis=1)
+    return probabilities
 
 
 def fallback_ranking(chosen: str, candidates: Sequence[Any], allowed: Collection[str]) -> list[str]:

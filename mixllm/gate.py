@@ -88,6 +88,37 @@ def gate(config: MixLLMConfig, candidate: float, champion: float | None, problem
     return GateVerdict(True, tuple(reasons), name, candidate, champion)
 
 
+def production_verdict(config: MixLLMConfig, candidate: MixLLMRouter, champion: MixLLMRouter) -> dict[str, Any]:
+    """The gate's second opinion, from production: the doubly-robust off-policy estimate of each
+    version's routing score on the decisions the service logged with feedback (the champion's
+    lambda and cost scale for both). Passes without an opinion below gate.min_logged_feedback."""
+    from mixllm.policy_evaluation import evaluate_on_feedback, logged_feedback
+
+    logged = logged_feedback(config)
+    needed = config.gate.min_logged_feedback
+    if len(logged) < needed:
+        return {"promote": True, "metrics": {"production.logged_feedback": float(len(logged))},
+                "summary": f"production: {len(logged)} logged decisions with feedback, fewer than "
+                           f"gate.min_logged_feedback ({needed}); no off-policy verdict"}
+    settings = {"lambda_": champion.default_lambda, "cost_scale_usd": champion.cost_scale_usd_,
+                "resamples": config.evaluation.bootstrap_resamples, "confidence": config.evaluation.confidence_level,
+                "seed": config.evaluation.seed}
+    mine, theirs = evaluate_on_feedback(candidate, logged, **settings), evaluate_on_feedback(champion, logged, **settings)
+    if not mine["n"] or not theirs["n"]:
+        return {"promote": True, "metrics": {"production.logged_feedback": float(len(logged))},
+                "summary": "production: no logged decision names an LLM both versions serve; no off-policy verdict"}
+    a, b = mine["score"]["dr"], theirs["score"]["dr"]
+    tolerance = config.gate.tolerance
+    promote = a.estimate >= b.estimate - tolerance
+    summary = (f"production ({mine['n']} logged decisions with feedback, doubly-robust score): candidate "
+               f"{a.format()} vs champion {b.format()}; " + ("not worse" if promote else "worse") +
+               f" beyond the tolerance {tolerance}")
+    metrics = {"production.logged_feedback": float(len(logged)), "production.dr_score": a.estimate,
+               "production.champion_dr_score": b.estimate, "production.dr_quality": mine["quality"]["dr"].estimate,
+               "production.dr_cost_usd": mine["cost_usd"]["dr"].estimate, "production.agreement": mine["agreement"]}
+    return {"promote": bool(promote), "summary": summary, "metrics": metrics}
+
+
 # ---------------------------------------------------------------------------------- registration
 
 
@@ -120,11 +151,21 @@ def register_candidate(config: MixLLMConfig, router_dir: Path, report: Evaluatio
         champion_value = objective(champion_report, config)
         report.metrics["champion.objective"] = champion_value
     verdict = gate(config, objective(report, config), champion_value, sanity_problems(config, router, report))
+    production = None
+    if champion_before is not None:
+        if config.decision.lambda_ is None:  # the candidate as it would serve: at its calibrated lambda
+            router.calibrated_lambda_ = float(report.calibration.lambda_)
+        production = production_verdict(config, router, champion_router)
+        report.metrics.update(production.pop("metrics"))
+        if verdict.promote and not production["promote"]:
+            verdict = GateVerdict(False, (*verdict.reasons, production["summary"]), verdict.objective,
+                                  verdict.candidate, verdict.champion)
     tags = {
         "mixllm.data_hash": split.fingerprint,
         "mixllm.git_commit": git_commit(config.root),
         "mixllm.gate": verdict.summary()[:4900],
         "mixllm.objective": f"{verdict.objective}={verdict.candidate:.6f}",
+        **({"mixllm.gate.production": production["summary"][:4900]} if production else {}),
         **(extra_tags or {}),
     }
     params = config.to_flat_dict()

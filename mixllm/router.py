@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import re
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
@@ -32,6 +33,7 @@ from mixllm.decision import (
     Decision,
     LoadSnapshot,
     Predictions,
+    action_probabilities,
     decide,
     expected_latency_s,
     latency_penalty,
@@ -44,6 +46,7 @@ from mixllm.predictors import CostPredictor, QualityPredictor, gcv_ridge
 from mixllm.units import call_cost_usd, tokens_from_chars, typical_output_tokens
 
 logger = logging.getLogger(__name__)
+_DRAW_LOCK = threading.Lock()
 
 FORMAT_VERSION = 2  # 2: domain prior (domains.npz), residual quality heads, log-cost models
 
@@ -362,12 +365,21 @@ class MixLLMRouter(BaseEstimator):
             for row in np.flatnonzero(empty):
                 relaxed[row].append(name)
             eligible = np.where(empty[:, None], eligible, combined)
-        chosen, scores = decide(
+        best, scores = decide(
             predictions.quality, predictions.cost_usd, predictions.uncertainty, penalty,
             lambda_=lambda_, exploration=exploration, cost_scale_usd=self.cost_scale_usd_, eligible=eligible,
         )
+        budget = decision_config.exploration_budget
+        probabilities = action_probabilities(
+            scores, predictions.cost_usd, best, policy=decision_config.policy, temperature=decision_config.temperature,
+            epsilon=decision_config.epsilon, top_k=decision_config.top_k, max_leave_share=budget.share,
+            max_cost_ratio=budget.max_cost_ratio)
+        chosen = self._draw(probabilities, best)
         decisions = []
         for row, column in enumerate(chosen):
+            if column != best[row]:
+                notes[row] = "; ".join(n for n in (notes[row], f"explored: {llms[column]} (probability "
+                                                   f"{probabilities[row, column]:.3f}) instead of {llms[best[row]]}") if n)
             decisions.append(
                 Decision(
                     llm=llms[column],
@@ -376,7 +388,7 @@ class MixLLMRouter(BaseEstimator):
                             llm=llm, quality=float(predictions.quality[row, j]), cost_usd=float(predictions.cost_usd[row, j]),
                             uncertainty=float(predictions.uncertainty[row, j]), penalty=float(penalty[row, j]),
                             score=float(scores[row, j]) if np.isfinite(scores[row, j]) else float("-inf"),
-                            eligible=bool(eligible[row, j]),
+                            eligible=bool(eligible[row, j]), probability=float(probabilities[row, j]),
                         )
                         for j, llm in enumerate(llms)
                     ),
@@ -385,6 +397,17 @@ class MixLLMRouter(BaseEstimator):
                 )
             )
         return decisions
+
+    def _draw(self, probabilities: np.ndarray, best: np.ndarray) -> np.ndarray:
+        """The LLM each row takes: the argmax, or a draw from a stochastic policy's probabilities."""
+        if self._config.decision.policy == "argmax":
+            return best
+        with _DRAW_LOCK:  # a numpy Generator is not safe to share between threads unguarded
+            if getattr(self, "_policy_rng", None) is None:
+                self._policy_rng = np.random.default_rng(self._config.decision.seed)
+            uniform = self._policy_rng.random(len(probabilities))
+        cumulative = np.cumsum(probabilities, axis=1)
+        return np.minimum((cumulative < uniform[:, None] * cumulative[:, -1:]).sum(axis=1), probabilities.shape[1] - 1)
 
     def _task_note(self, task: str | None) -> str | None:
         if task is None or self.domain_model_.task_index(task) is not None:

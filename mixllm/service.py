@@ -347,12 +347,12 @@ class MixLLMService(ChatProxy, TenantBudgets):
         if plain:  # one transaction for the batch
             ids_plain = iter(self.store.log_decisions([
                 {"query": item.query, "llm": d.llm, "model_version": model.version, "lambda_": d.lambda_,
-                 "candidates": decision_details(d)} for item, d in plain]))
+                 "candidates": decision_details(d), "propensity": d.propensity} for item, d in plain]))
         for _, item, decision in records:
             if item.request_id:
                 decision_id, created = self.store.record_decision(
                     item.query, decision.llm, model_version=model.version, lambda_=decision.lambda_,
-                    request_id=item.request_id, candidates=decision_details(decision))
+                    request_id=item.request_id, candidates=decision_details(decision), propensity=decision.propensity)
                 ids.append(decision_id if created else None)
             else:
                 ids.append(next(ids_plain))

@@ -45,6 +45,9 @@ decisions = sa.Table(
     sa.Column("model_version", sa.Integer, nullable=True),
     sa.Column("lambda_", sa.Float, nullable=True),
     sa.Column("candidates", sa.Text, nullable=True),
+    # The probability the decision policy gave the LLM it chose (1 for the argmax policy); kept when
+    # compaction drops the candidates' scores, for off-policy evaluation.
+    sa.Column("propensity", sa.Float, nullable=True),
     # What the call really cost and took, when the service saw it happen (the OpenAI proxy).
     sa.Column("cost_usd", sa.Float, nullable=True),
     sa.Column("latency_s", sa.Float, nullable=True),
@@ -77,6 +80,21 @@ watermarks = sa.Table(
     sa.Column("value", sa.Integer, nullable=False),
     sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
 )
+
+
+def _add_missing_columns(connection: Any, tables: list[sa.Table] | None) -> None:
+    """A log written by an older version lacks the nullable columns added since: add them (the only
+    schema change so far is additive, so this is the whole migration)."""
+    inspector = sa.inspect(connection)
+    for table in tables or list(metadata.tables.values()):
+        if not inspector.has_table(table.name):
+            continue
+        present = {column["name"] for column in inspector.get_columns(table.name)}
+        for column in table.columns:
+            if column.name not in present and column.nullable:
+                kind = column.type.compile(dialect=connection.dialect)
+                connection.execute(sa.text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}'))
+                logger.info("decision log: added column %s.%s", table.name, column.name)
 
 
 class StoreBusyError(MixLLMError, RuntimeError):
@@ -154,27 +172,30 @@ class InteractionLog:
             with self.engine.begin() as connection:
                 connection.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": SCHEMA_LOCK_KEY})
                 metadata.create_all(connection, tables=tables)
+                _add_missing_columns(connection, tables)
             return
         try:
             metadata.create_all(self.engine, tables=tables)
         except sa.exc.DBAPIError:
             time.sleep(0.5)  # another process was creating the same tables: they exist now
             metadata.create_all(self.engine, tables=tables)
+        with self.engine.begin() as connection:
+            _add_missing_columns(connection, tables)
 
     # --------------------------------------------------------------------------------- decisions
 
     def log_decision(self, query: str, llm: str, *, model_version: int | None, lambda_: float | None,
                      candidates: list[dict[str, Any]] | dict[str, Any] | None = None,
-                     request_id: str | None = None) -> str:
+                     request_id: str | None = None, propensity: float | None = None) -> str:
         """Store a decision and return its id; a retried request_id returns the first decision's id.
         `candidates` (any JSON): the candidates' scores, or a dict with them and what else the
         service needs to answer a retry as the first time (relaxed constraints, notes)."""
         return self.record_decision(query, llm, model_version=model_version, lambda_=lambda_,
-                                    candidates=candidates, request_id=request_id)[0]
+                                    candidates=candidates, request_id=request_id, propensity=propensity)[0]
 
     def record_decision(self, query: str, llm: str, *, model_version: int | None, lambda_: float | None,
                         candidates: list[dict[str, Any]] | dict[str, Any] | None = None,
-                        request_id: str | None = None) -> tuple[str, bool]:
+                        request_id: str | None = None, propensity: float | None = None) -> tuple[str, bool]:
         """log_decision, and whether this call stored it (False: the request_id was already taken,
         perhaps by a concurrent call a moment earlier; the id is then the first decision's)."""
         if request_id:
@@ -184,7 +205,8 @@ class InteractionLog:
         decision_id = uuid.uuid4().hex
         row = {"decision_id": decision_id, "request_id": request_id or None, "query": query, "llm": llm,
                "model_version": model_version, "lambda_": lambda_,
-               "candidates": json.dumps(candidates) if candidates is not None else None, "created_at": utcnow()}
+               "candidates": json.dumps(candidates) if candidates is not None else None, "propensity": propensity,
+               "created_at": utcnow()}
         try:
             with self.writing() as connection:
                 connection.execute(decisions.insert().values(**row))
@@ -205,7 +227,7 @@ class InteractionLog:
             payload.append({"decision_id": decision_id, "request_id": None, "query": row["query"], "llm": row["llm"],
                             "model_version": row.get("model_version"), "lambda_": row.get("lambda_"),
                             "candidates": json.dumps(row.get("candidates")) if row.get("candidates") is not None else None,
-                            "created_at": utcnow()})
+                            "propensity": row.get("propensity"), "created_at": utcnow()})
         if payload:
             with self.writing() as connection:
                 connection.execute(decisions.insert(), payload)
@@ -316,6 +338,23 @@ class InteractionLog:
         )
         with self.engine.connect() as connection:
             return pd.DataFrame(connection.execute(query).mappings().all())
+
+    def decisions_with_feedback(self, since: datetime | None = None) -> pd.DataFrame:
+        """Logged decisions that got feedback, one row each (the feedback's quality, its cost or the
+        call's), with the probability the policy gave the choice: what off-policy evaluation reads."""
+        query = (
+            sa.select(decisions.c.decision_id, decisions.c.query, decisions.c.llm, decisions.c.propensity,
+                      decisions.c.lambda_, decisions.c.model_version, decisions.c.created_at, feedback.c.quality,
+                      sa.func.coalesce(feedback.c.cost_usd, decisions.c.cost_usd).label("cost_usd"))
+            .select_from(decisions.join(feedback, feedback.c.decision_id == decisions.c.decision_id))
+            .order_by(feedback.c.feedback_id)
+        )
+        if since is not None:
+            query = query.where(decisions.c.created_at >= since)
+        with self.engine.connect() as connection:
+            rows = connection.execute(query).mappings().all()
+        return pd.DataFrame(rows, columns=["decision_id", "query", "llm", "propensity", "lambda_", "model_version",
+                                           "created_at", "quality", "cost_usd"])
 
     def count(self, table: str) -> int:
         target = {"decisions": decisions, "feedback": feedback}[table]

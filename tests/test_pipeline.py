@@ -363,3 +363,49 @@ def test_a_poisoned_cost_scale_is_a_degenerate_model_the_gate_refuses(project):
     assert any("every lambda gives the same routing" in p for p in problems), problems
     verdict = gate(config, 0.99, None, problems)
     assert not verdict.promote and "cost scale" in verdict.summary()
+
+
+def test_explored_traffic_judges_a_second_version_and_the_gate_records_both_verdicts(project, tmp_path):
+    """Route with a stochastic policy (logged probabilities) -> feedback -> an off-policy estimate of
+    a second version -> the gate's verdict. The second version routes everything to the cheapest
+    LLM (lambda 1000): offline its AIQ equals the champion's (lambda does not change the curve), but
+    on the logged traffic its score is worse, so the production evidence keeps it a challenger."""
+    from typer.testing import CliRunner
+
+    from mixllm.cli import app
+
+    settings = {"decision.policy": "softmax", "decision.seed": 0, "decision.exploration_budget.share": 0.3,
+                "decision.temperature": 0.1, "gate.min_logged_feedback": 100}
+    config = _own_registry_and_store(project, tmp_path, **settings)
+    assert run_training(config, progress=False).registration.promoted
+    router, version = Registry(config).load_router("champion")
+    log = make_log(240, seed=11)
+    queries = log.drop_duplicates("query_id")
+    decisions = router.route(queries["query"].tolist())
+    assert all(0 < d.propensity <= 1 for d in decisions)
+    explored = [d for d in decisions if max(d.candidates, key=lambda c: c.score).llm != d.llm]
+    assert 0 < len(explored) < 0.3 * len(decisions) + 15, "some traffic explores, within the budget"
+    store = InteractionLog(config.sqlalchemy_url(config.service.feedback_store_url))
+    for query, decision in zip(queries["query"], decisions):
+        decision_id = store.log_decision(query, decision.llm, model_version=version, lambda_=decision.lambda_,
+                                         propensity=decision.propensity)
+        truth = log[(log["query"] == query) & (log["llm"] == decision.llm)].iloc[0]
+        store.add_feedback(decision_id=decision_id, quality=float(truth["quality"]), cost_usd=float(truth["cost_usd"]))
+    store.dispose()
+
+    cheapest = _own_registry_and_store(project, tmp_path, **settings, **{"decision.lambda": 1000.0})
+    outcome = run_training(cheapest, progress=False)
+    summary = outcome.registration.verdict.summary()
+    assert not outcome.registration.promoted and "production (240 logged decisions" in summary and "worse" in summary
+    assert "below the champion" not in summary, "the offline gate alone would have passed it"
+    tags = {v.version: v for v in Registry(config).versions()}[outcome.registration.version].tags
+    assert "doubly-robust" in tags["mixllm.gate.production"] and tags["mixllm.gate"]
+
+    result = CliRunner().invoke(app, ["--params", str(project / "params.yaml"),
+                                      *[arg for key, value in {**settings, "mlflow.tracking_uri": config.mlflow.tracking_uri,
+                                                               "mlflow.artifact_location": config.mlflow.artifact_location,
+                                                               "service.feedback_store_url": config.service.feedback_store_url,
+                                                               }.items() for arg in ("-S", f"{key}={value}")],
+                                      "evaluate", "--on-feedback", str(outcome.registration.version)])
+    assert result.exit_code == 0, result.output
+    assert "240 logged decisions with feedback" in result.output and result.output.count("  dr ") == 2

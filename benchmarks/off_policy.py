@@ -1,0 +1,154 @@
+"""Off-policy evaluation checked in simulation on the shared logs (a script, not a test).
+
+    python benchmarks/off_policy.py [--datasets ...] [--work DIR] [--replications 100]
+
+Each log's holdout has every LLM's real outcome for every query (full information), so a policy's
+true value on those queries is known. The router trained as in benchmarks/quality.py (same --work
+cache) logs the holdout with a stochastic policy (decision.policy softmax, its temperature, at
+several exploration budgets), at the lambda calibrated on validation for evaluation.cost_budget_share.
+From each such log, IPS, SNIPS and DR estimate two other policies (the same router, argmax, at half
+and at twice that lambda: one that spends more, one that spends less); the truth is their mean
+quality and cost on the same queries. Over replications of the logging draws: each estimator's bias,
+its RMSE, and how often its 95% interval holds the truth; and what exploring cost the logging policy
+(its expected quality and cost against the argmax's). Writes benchmarks/off_policy.json and prints
+Markdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from quality import make_project, trained  # noqa: E402
+
+from mixllm.baselines import MixLLMAdapter  # noqa: E402
+from mixllm.config import load_benchmark_config  # noqa: E402
+from mixllm.data import InteractionStore, ingest  # noqa: E402
+from mixllm.decision import action_probabilities, decide  # noqa: E402
+from mixllm.off_policy import ESTIMATORS, LoggedBandit, off_policy_estimates  # noqa: E402
+from mixllm.report import calibrate_on_validation, holdout_context  # noqa: E402
+from mixllm.training import run_stages  # noqa: E402
+from mixllm.workspace import load_split  # noqa: E402
+
+logger = logging.getLogger("benchmarks.off_policy")
+SHARES = (0.05, 0.1, 0.2, 0.4)
+
+
+def run_dataset(name, entry, data_path, work, replications, resamples):
+    config = make_project(name, entry, work / name)
+    if not InteractionStore(config.path(config.data.store_dir)).parts():
+        ingest(data_path, config)
+    run_stages(config, ["split"])
+    split = load_split(config)
+    router, _ = trained(config, split)
+    queries, outcomes, reference = holdout_context(config, split, router.enabled_llms_)
+    lambda_ = calibrate_on_validation(config, MixLLMAdapter(router), split, router.enabled_llms_, reference.llm,
+                                      "cost_share", config.evaluation.cost_budget_share).lambda_
+    predictions = router.predict(queries["query"].tolist())
+    column = [outcomes.llms.index(llm) for llm in predictions.llms]
+    quality, cost = outcomes.quality[:, column], outcomes.cost_usd[:, column]
+    n, m = quality.shape
+    rows = np.arange(n)
+    zeros = np.zeros_like(quality)
+    reference_quality = float(outcomes.quality[:, outcomes.llms.index(reference.llm)].mean())
+
+    def policy(lam):
+        best, score = decide(predictions.quality, predictions.cost_usd, predictions.uncertainty, zeros, lambda_=lam,
+                             exploration=0.0, cost_scale_usd=router.cost_scale_usd_)
+        return best, score
+
+    best, score = policy(lambda_)
+    targets = {f"argmax at lambda x {factor:g}": np.eye(m)[policy(lambda_ * factor)[0]] for factor in (0.5, 2.0)}
+    decision = config.decision
+    out = {"lambda": lambda_, "n": n, "shares": {}}
+    for share in SHARES:
+        logging_p = action_probabilities(score, predictions.cost_usd, best, policy="softmax",
+                                         temperature=decision.temperature, epsilon=decision.epsilon,
+                                         top_k=decision.top_k, max_leave_share=share,
+                                         max_cost_ratio=decision.exploration_budget.max_cost_ratio)
+        entry_out = {"left_argmax": float(1 - logging_p[rows, best].mean()),
+                     "quality_pct": 100 * float((logging_p * quality).sum(axis=1).mean()) / reference_quality,
+                     "argmax_quality_pct": 100 * float(quality[rows, best].mean()) / reference_quality,
+                     "cost_ratio": float((logging_p * cost).sum(axis=1).mean() / cost[rows, best].mean()),
+                     "targets": {}}
+        for target_name, target in targets.items():
+            truth = {"quality": float((target * quality).sum(axis=1).mean()), "cost": float((target * cost).sum(axis=1).mean())}
+            stats = {k: {e: [] for e in ESTIMATORS} for k in truth}
+            hits = {k: {e: 0 for e in ESTIMATORS} for k in truth}
+            widths = {k: {e: [] for e in ESTIMATORS} for k in truth}
+            for r in range(replications):
+                draw = np.random.default_rng(1000 + r)
+                actions = np.minimum((logging_p.cumsum(axis=1) < draw.random(n)[:, None]).sum(axis=1), m - 1)
+                for kind, observed, predicted in (("quality", quality, predictions.quality),
+                                                  ("cost", cost, predictions.cost_usd)):
+                    result = off_policy_estimates(LoggedBandit(actions, logging_p[rows, actions], observed[rows, actions],
+                                                               target, predicted), resamples=resamples, seed=r)
+                    for e in ESTIMATORS:
+                        interval = result[e]
+                        stats[kind][e].append(interval.estimate - truth[kind])
+                        hits[kind][e] += interval.low <= truth[kind] <= interval.high
+                        widths[kind][e].append(interval.high - interval.low)
+            entry_out["targets"][target_name] = {
+                kind: {e: {"bias": float(np.mean(stats[kind][e])), "rmse": float(np.sqrt(np.mean(np.square(stats[kind][e])))),
+                           "coverage": hits[kind][e] / replications, "width": float(np.mean(widths[kind][e])),
+                           "truth": truth[kind]} for e in ESTIMATORS} for kind in truth}
+            logger.info("%s share %.2f %s: quality coverage %s", name, share, target_name,
+                        {e: hits["quality"][e] / replications for e in ESTIMATORS})
+        out["shares"][f"{share:g}"] = entry_out
+    return out
+
+
+def markdown(name, result):
+    lines = [f"#### {name} ({result['n']} holdout queries, logging lambda {result['lambda']:.4f})", "",
+             "| exploration budget | traffic off the argmax | logging quality % (argmax %) | logging cost ÷ argmax's "
+             "| target | estimator | quality: bias, RMSE, 95% coverage | cost: relative bias, 95% coverage |",
+             "|---|---|---|---|---|---|---|---|"]
+    for share, entry in result["shares"].items():
+        for target, kinds in entry["targets"].items():
+            for e in ESTIMATORS:
+                q, c = kinds["quality"][e], kinds["cost"][e]
+                lines.append(f"| {share} | {100 * entry['left_argmax']:.1f}% | {entry['quality_pct']:.2f} "
+                             f"({entry['argmax_quality_pct']:.2f}) | {entry['cost_ratio']:.3f} | {target} | {e} | "
+                             f"{q['bias']:+.4f}, {q['rmse']:.4f}, {100 * q['coverage']:.0f}% | "
+                             f"{100 * c['bias'] / c['truth']:+.1f}%, {100 * c['coverage']:.0f}% |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--datasets", default=None)
+    parser.add_argument("--work", type=Path, default=None, help="Work folder (shares benchmarks/quality.py's cache).")
+    parser.add_argument("--replications", type=int, default=100)
+    parser.add_argument("--resamples", type=int, default=500)
+    parser.add_argument("--json", type=Path, default=ROOT / "benchmarks/off_policy.json")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("sentence_transformers", "mlflow", "httpx", "mixllm.data", "mixllm.readers", "mixllm.validation"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    bench = load_benchmark_config(ROOT / "benchmarks/datasets.yaml")
+    names = list(bench.datasets) if not args.datasets else [n.strip() for n in args.datasets.split(",")]
+    work = args.work or Path(tempfile.mkdtemp(prefix="mixllm-ope-"))
+    results = {}
+    for name in names:
+        entry = bench.datasets[name]
+        results[name] = run_dataset(name, entry, bench.data_path(entry), work, args.replications, args.resamples)
+        print(markdown(name, results[name]) + "\n", flush=True)
+    args.json.write_text(json.dumps({"when": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                                     "command": "python benchmarks/off_policy.py", "replications": args.replications,
+                                     "datasets": results}, indent=1), encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

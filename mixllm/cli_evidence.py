@@ -1,0 +1,51 @@
+"""`mixllm evaluate --on-feedback VERSION`: a registered version judged on production evidence."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from mixllm.cli_common import run, state
+
+
+@run
+def evaluate_on_feedback_command(
+    on_feedback: Annotated[str, typer.Option("--on-feedback", help="The version (number or alias) to judge.")],
+    against: Annotated[str, typer.Option(help="The version it is compared with (its lambda and cost scale "
+                                               "make the score).")] = "champion",
+) -> None:
+    """Off-policy estimates (IPS, self-normalised IPS, doubly robust, with bootstrap intervals) of a
+    registered version's mean quality, cost and score on the decisions the service logged with
+    feedback, beside the version it is compared with. Decisions logged by a stochastic policy
+    (decision.policy) make the estimates unbiased; under the argmax policy only the decisions both
+    versions agree on carry weight, and DR leans on the model."""
+    from mixllm.policy_evaluation import evaluate_on_feedback, logged_feedback
+    from mixllm.registry import Registry
+
+    config = state.config()
+    registry = Registry(config)
+    logged = logged_feedback(config)
+    if logged.empty:
+        typer.echo(f"no logged decisions with feedback in {config.service.feedback_store_url}; the service logs "
+                   "them (POST /route, then POST /feedback with the decision_id)")
+        return
+    baseline, baseline_version = registry.load_router(int(against) if against.isdigit() else against)
+    judged, judged_version = registry.load_router(int(on_feedback) if on_feedback.isdigit() else on_feedback)
+    settings = {"lambda_": baseline.default_lambda, "cost_scale_usd": baseline.cost_scale_usd_,
+                "resamples": config.evaluation.bootstrap_resamples, "confidence": config.evaluation.confidence_level,
+                "seed": config.evaluation.seed}
+    level = f"{100 * config.evaluation.confidence_level:g}%"
+    typer.echo(f"{len(logged)} logged decisions with feedback; score = quality - {settings['lambda_']:.4g} x cost / "
+               f"${settings['cost_scale_usd']:.4g} (version {baseline_version}'s lambda and scale); {level} intervals")
+    for version, router in ((judged_version, judged), (baseline_version, baseline)):
+        result = evaluate_on_feedback(router, logged, **settings)
+        if not result["n"]:
+            typer.echo(f"version {version}: no logged decision names an LLM it serves")
+            continue
+        typer.echo(f"version {version}: {result['n']} decisions usable ({result['unknown_llm']} name LLMs it does not "
+                   f"serve), agrees with {100 * result['agreement']:.1f}% of the logged choices, effective sample "
+                   f"size {result['score']['effective_sample_size']:.0f}")
+        for name in ("ips", "snips", "dr"):
+            typer.echo(f"  {name:5s}  quality {result['quality'][name].format()}  cost ${result['cost_usd'][name].format(6)}"
+                       f"  score {result['score'][name].format()}")

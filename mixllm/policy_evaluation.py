@@ -1,0 +1,67 @@
+"""Judging a router version on production evidence: off-policy estimates of its mean quality, cost
+and score on the decisions the service logged and got feedback for (`mixllm evaluate --on-feedback`,
+the Prefect task, and the promotion gate)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from mixllm.config import MixLLMConfig
+from mixllm.off_policy import LoggedBandit, off_policy_estimates
+from mixllm.router import MixLLMRouter
+
+logger = logging.getLogger(__name__)
+
+
+def logged_feedback(config: MixLLMConfig) -> pd.DataFrame:
+    """The service's logged decisions with feedback; empty when there is no decision log yet."""
+    from mixllm.store import InteractionLog
+
+    url = config.sqlalchemy_url(config.service.feedback_store_url)
+    if url.startswith("sqlite:///") and not Path(url.split("///", 1)[1]).is_file():
+        return pd.DataFrame(columns=["decision_id", "query", "llm", "propensity", "quality", "cost_usd"])
+    store = InteractionLog(url)
+    try:
+        return store.decisions_with_feedback()
+    finally:
+        store.dispose()
+
+
+def evaluate_on_feedback(router: MixLLMRouter, logged: pd.DataFrame, *, lambda_: float, cost_scale_usd: float,
+                         resamples: int = 1000, confidence: float = 0.95, seed: int = 0) -> dict[str, Any]:
+    """Off-policy estimates (IPS, SNIPS, DR) of `router` serving the logged queries: its mean
+    quality, mean cost, and mean score quality - lambda x cost / cost_scale_usd (the same lambda and
+    scale for every version compared, so their scores compare). The logged probability of each
+    choice is the decision's propensity (1 when it was logged without one: an argmax policy).
+    Decisions whose LLM this router does not serve are left out and counted."""
+    llms = list(router.enabled_llms_)
+    usable = logged[logged["llm"].isin(llms)].reset_index(drop=True) if len(logged) else logged
+    result: dict[str, Any] = {"logged": int(len(logged)), "unknown_llm": int(len(logged) - len(usable))}
+    if not len(usable):
+        return {**result, "n": 0}
+    decisions = router.route(usable["query"].tolist())
+    target = np.array([[next(c.probability for c in d.candidates if c.llm == llm) for llm in llms] for d in decisions])
+    quality = np.array([[next(c.quality for c in d.candidates if c.llm == llm) for llm in llms] for d in decisions])
+    cost = np.array([[next(c.cost_usd for c in d.candidates if c.llm == llm) for llm in llms] for d in decisions])
+    actions = usable["llm"].map(llms.index).to_numpy()
+    rows = np.arange(len(usable))
+    logged_probability = pd.to_numeric(usable["propensity"], errors="coerce").fillna(1.0).to_numpy(dtype=float)
+    observed_cost = pd.to_numeric(usable["cost_usd"], errors="coerce").to_numpy(dtype=float)
+    result["cost_predicted_for"] = int(np.isnan(observed_cost).sum())  # no cost reported: the prediction stands in
+    observed_cost = np.where(np.isnan(observed_cost), cost[rows, actions], observed_cost)
+    observed_quality = usable["quality"].to_numpy(dtype=float)
+    outcomes = {"quality": (observed_quality, quality), "cost_usd": (observed_cost, cost),
+                "score": (observed_quality - lambda_ * observed_cost / cost_scale_usd,
+                          quality - lambda_ * cost / cost_scale_usd)}
+    for name, (observed, predicted) in outcomes.items():
+        result[name] = off_policy_estimates(
+            LoggedBandit(actions, logged_probability, observed, target, predicted),
+            resamples=resamples, confidence=confidence, seed=seed)
+    result["n"] = int(len(usable))
+    result["agreement"] = float(np.mean(target[rows, actions] > 0.5))  # share of logged choices it would make too
+    return result
