@@ -2,7 +2,7 @@
 
 Feedback logged since the watermark -> pool changes from params.yaml + partial_fit of the
 champion (each row updates only the LLM it is about) -> evaluate -> register through the gate ->
-advance the watermark. The watermark moves only in the last task, so a failed run re-reads the
+advance the watermark -> check drift, and retrain (the training job) when the traffic has moved. The watermark moves only in the last task, so a failed run re-reads the
 same feedback next time and no feedback is counted twice.
 """
 
@@ -51,6 +51,13 @@ def compact(params_path: str | None, _after: Any = None) -> dict[str, int]:
     return job.compact_decisions(config_for(params_path))
 
 
+@task(name="check drift and retrain on it", cache_policy=NO_CACHE)
+def drift(params_path: str | None, _after: Any = None) -> dict[str, Any]:
+    from mixllm.monitoring import watch_drift
+
+    return watch_drift(config_for(params_path))
+
+
 @flow(name="continual")
 def continual(params_path: str | None = None) -> dict[str, Any]:
     """Learn from new feedback; registers a version only when there is feedback to learn from."""
@@ -61,7 +68,7 @@ def continual(params_path: str | None = None) -> dict[str, Any]:
     if len(rows) < config.pipeline.min_feedback_rows:
         logger.info("%d new feedback rows past watermark %d: nothing to learn, nothing registered", len(rows), before)
         compact(params_path)
-        return {"feedback_rows": len(rows), "watermark": before, "registration": None}
+        return {"feedback_rows": len(rows), "watermark": before, "registration": None, "drift": drift(params_path)}
     router_dir, champion_version, changes = update(params_path, rows)
     registration = register(params_path, router_dir, champion_version, rows, before)
     after = advance(params_path, int(rows["feedback_id"].max()), registration)
@@ -69,7 +76,8 @@ def continual(params_path: str | None = None) -> dict[str, Any]:
     logger.info("learned from %d feedback rows (watermark %d -> %d); pool changes: %s; version %s: %s",
                 len(rows), before, after, ", ".join(changes) or "none", registration["version"],
                 registration["verdict"])
-    return {"feedback_rows": len(rows), "watermark": after, "pool_changes": changes, "registration": registration}
+    return {"feedback_rows": len(rows), "watermark": after, "pool_changes": changes, "registration": registration,
+            "drift": drift(params_path, after)}
 
 
 if __name__ == "__main__":  # pragma: no cover

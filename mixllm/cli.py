@@ -188,10 +188,22 @@ def pipeline_register() -> None:
 @app.command("continual")
 @run
 def continual_once() -> None:
-    """Learn once from feedback logged since the last run (what the hourly deployment does)."""
+    """Learn once from feedback logged since the last run, then check the traffic for drift and
+    retrain on it (what the hourly deployment does)."""
     from mixllm.continual import run_continual
+    from mixllm.monitoring import watch_drift
 
-    typer.echo(run_continual(state.config()).summary())
+    config = state.config()
+    typer.echo(run_continual(config).summary())
+    watched = watch_drift(config)
+    report = watched["drift"]
+    if report is None:
+        typer.echo("drift: not checked (drift.enabled off, or no champion or decision log yet)")
+    else:
+        typer.echo(f"drift over the last {report['queries']} decisions: "
+                   + ("; ".join(report["reasons"]) if report["reasons"] else "none found"))
+    if watched["retrained"]:
+        typer.echo(f"retrained on drift: version {watched['retrained']['version']}")
 
 
 @app.command("flow")

@@ -463,6 +463,22 @@ class SessionConfig(StrictModel):
     context_chars: int = Field(default=2000, ge=0)
 
 
+class DriftConfig(StrictModel):
+    """The drift monitor (mixllm.drift): recent traffic against the training data."""
+
+    enabled: bool = True
+    window: int = Field(default=500, ge=10)  # the most recent decisions (and rated calls) it reads
+    min_queries: int = Field(default=100, ge=10)  # fewer recent queries: no verdict on the mix
+    psi_threshold: float = Field(default=0.2, gt=0)  # domain mix
+    min_feature_shift: float = Field(default=0.25, gt=0)  # in training SDs (RMS over features) ...
+    p_value: float = Field(default=0.01, gt=0, lt=1)  # ... and not chance (permutation test)
+    permutations: int = Field(default=200, ge=20)
+    feedback_gap: float = Field(default=0.15, gt=0)  # |mean feedback - predicted quality| for an LLM ...
+    min_feedback_per_llm: int = Field(default=30, ge=1)  # ... with at least this many rated calls
+    interval_s: float = Field(default=300.0, ge=0)  # the service re-measures this often (0: never)
+    retrain: bool = True  # the continual job retrains when drift is found
+
+
 BudgetPeriod = Literal["hour", "day", "month"]
 
 
@@ -546,6 +562,7 @@ class MixLLMConfig(StrictModel):
     service: ServiceConfig = ServiceConfig()
     budgets: BudgetsConfig = BudgetsConfig()
     session: SessionConfig = SessionConfig()
+    drift: DriftConfig = DriftConfig()
     # Folder every relative path above is resolved against: the folder holding params.yaml.
     root: Path = Field(default=Path("."), exclude=True)
 

@@ -49,6 +49,7 @@ logger = logging.getLogger(__name__)
 _DRAW_LOCK = threading.Lock()
 
 FORMAT_VERSION = 2  # 2: domain prior (domains.npz), residual quality heads, log-cost models
+DRIFT_REFERENCE_ROWS = 500  # training queries kept (their features) for the drift monitor: drift.npz
 
 
 def _safe_name(name: str) -> str:
@@ -114,6 +115,9 @@ class MixLLMRouter(BaseEstimator):
         features_config = config.features
         self.featurizer_ = estimators.query_featurizer(config).fit(queries, embeddings)
         base = self.featurizer_.transform(queries, embeddings)
+        # What the drift monitor compares recent traffic with: a sample of the training queries' features.
+        keep = np.random.default_rng(0).permutation(len(base))[:DRIFT_REFERENCE_ROWS]
+        self.drift_reference_ = np.asarray(base[np.sort(keep)], dtype=np.float32)
         row_of = pd.Series(np.arange(len(queries)), index=queries_frame["query_id"].to_numpy())
         log = log.assign(_row=log["query_id"].map(row_of).to_numpy())
         llms = sorted(log["llm"].unique())
@@ -668,6 +672,8 @@ class MixLLMRouter(BaseEstimator):
         self.featurizer_.save(folder / "featurizer")
         domain_meta, domain_arrays = self.domain_model_.state()
         np.savez(folder / "domains.npz", **domain_arrays)
+        if getattr(self, "drift_reference_", None) is not None:
+            np.savez(folder / "drift.npz", features=self.drift_reference_)
         predictors_dir = folder / "predictors"
         predictors_dir.mkdir(exist_ok=True)
         files = {}
@@ -732,6 +738,10 @@ class MixLLMRouter(BaseEstimator):
             raise ModelFormatError(f"{folder} is incomplete: domains.npz is missing")
         with np.load(folder / "domains.npz") as data:
             router.domain_model_ = DomainModel.from_state(manifest["domains"], {k: data[k] for k in data.files})
+        router.drift_reference_ = None  # optional: models saved before drift monitoring have none
+        if (folder / "drift.npz").is_file():
+            with np.load(folder / "drift.npz") as data:
+                router.drift_reference_ = data["features"]
         router.domain_weight_ = float(manifest["domain_weight"])
         router.n_base_features_ = int(manifest["n_base_features"])
         router.ridge_ = float(manifest["ridge"])

@@ -87,6 +87,17 @@ class ServiceMetrics:
         self.route_pass_size = prom.Histogram(
             "mixllm_route_pass_queries", "Concurrent /route calls routed in one encoder pass",
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+        # The drift monitor (mixllm.drift), re-measured every drift.interval_s on the recent decisions.
+        self.drift_psi = prom.Gauge("mixllm_drift_domain_psi", "PSI of the recent domain mix against training",
+                                    multiprocess_mode="max")
+        self.drift_shift = prom.Gauge("mixllm_drift_feature_shift", "Shift of the recent query features' mean, "
+                                      "in training SDs", multiprocess_mode="max")
+        self.drift_p_value = prom.Gauge("mixllm_drift_feature_shift_p_value", "Permutation p-value of that shift",
+                                        multiprocess_mode="min")
+        self.drift_gap = prom.Gauge("mixllm_drift_feedback_gap", "Mean feedback quality minus predicted, per LLM",
+                                    ["llm"], multiprocess_mode="max")
+        self.drift_detected = prom.Gauge("mixllm_drift_detected", "1 when the last drift check found drift",
+                                         multiprocess_mode="max")
 
 
 # ------------------------------------------------------------------------------------- service
@@ -171,6 +182,9 @@ class MixLLMService(ChatProxy, TenantBudgets):
         threading.Thread(target=self._reload, args=(version,), daemon=True, name="mixllm-load").start()
         if self.config.service.poll_interval_s > 0:
             threading.Thread(target=self._poll, daemon=True, name="mixllm-poll").start()
+        self.drift_report = None
+        if self.config.drift.enabled and self.config.drift.interval_s > 0:
+            threading.Thread(target=self._watch_drift, daemon=True, name="mixllm-drift").start()
         if self.config.service.exit_with_parent:
             threading.Thread(target=self._exit_when_parent_dies, args=(os.getppid(),), daemon=True,
                              name="mixllm-parent-watch").start()
@@ -241,6 +255,32 @@ class MixLLMService(ChatProxy, TenantBudgets):
                     self._reload(current)
             except Exception as exc:  # noqa: BLE001 - polling must survive a registry hiccup
                 logger.warning("registry poll failed (%s: %s); will retry", type(exc).__name__, exc)
+
+    def _watch_drift(self) -> None:
+        """Re-measure drift every drift.interval_s on the recent decisions; export it on /metrics."""
+        from mixllm.drift import measure_drift
+
+        settings = self.config.drift
+        while not self._stop.wait(settings.interval_s):
+            model = self.model
+            if model is None:
+                continue
+            try:
+                report = measure_drift(model.router, self.store.recent_queries(settings.window),
+                                       self.store.decisions_with_feedback(limit=settings.window), settings)
+            except Exception as exc:  # noqa: BLE001 - monitoring must not take the service down
+                logger.warning("drift check failed (%s: %s); will retry", type(exc).__name__, exc)
+                continue
+            self.drift_report = report
+            for gauge, value in ((self.metrics.drift_psi, report.domain_psi), (self.metrics.drift_shift, report.feature_shift),
+                                 (self.metrics.drift_p_value, report.feature_shift_p_value)):
+                if value is not None:
+                    gauge.set(value)
+            for llm, gap in report.feedback_gap.items():
+                self.metrics.drift_gap.labels(llm=llm).set(gap)
+            self.metrics.drift_detected.set(float(report.drifted))
+            if report.drifted:
+                logger.warning("drift: %s (the continual job retrains on it)", "; ".join(report.reasons))
 
     def __is_ready__(self) -> bool:
         if self.model is None:
@@ -450,7 +490,8 @@ class MixLLMService(ChatProxy, TenantBudgets):
         return {"model_name": self.config.mlflow.registered_model_name, "alias": self.config.service.model_alias,
                 "version": model.version, "uptime_s": round(time.time() - self.started, 1),
                 "in_flight": snapshot.in_flight, "observed_latency_s": snapshot.observed_latency_s,
-                "open_circuits": self.breakers.open_llms(), **description}
+                "open_circuits": self.breakers.open_llms(),
+                "drift": self.drift_report.to_dict() if self.drift_report is not None else None, **description}
 
     @root_app.get("/budgets")
     def budgets(self, http_request: Request) -> dict[str, Any]:

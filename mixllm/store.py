@@ -339,7 +339,13 @@ class InteractionLog:
         with self.engine.connect() as connection:
             return pd.DataFrame(connection.execute(query).mappings().all())
 
-    def decisions_with_feedback(self, since: datetime | None = None) -> pd.DataFrame:
+    def recent_queries(self, limit: int) -> list[str]:
+        """The queries of the last `limit` decisions (what the drift monitor reads)."""
+        query = sa.select(decisions.c.query).order_by(decisions.c.created_at.desc()).limit(limit)
+        with self.engine.connect() as connection:
+            return [row[0] for row in connection.execute(query)]
+
+    def decisions_with_feedback(self, since: datetime | None = None, limit: int | None = None) -> pd.DataFrame:
         """Logged decisions that got feedback, one row each (the feedback's quality, its cost or the
         call's), with the probability the policy gave the choice: what off-policy evaluation reads."""
         query = (
@@ -347,12 +353,14 @@ class InteractionLog:
                       decisions.c.lambda_, decisions.c.model_version, decisions.c.created_at, feedback.c.quality,
                       sa.func.coalesce(feedback.c.cost_usd, decisions.c.cost_usd).label("cost_usd"))
             .select_from(decisions.join(feedback, feedback.c.decision_id == decisions.c.decision_id))
-            .order_by(feedback.c.feedback_id)
+            .order_by(feedback.c.feedback_id.desc())
         )
         if since is not None:
             query = query.where(decisions.c.created_at >= since)
+        if limit is not None:  # the most recent ones
+            query = query.limit(limit)
         with self.engine.connect() as connection:
-            rows = connection.execute(query).mappings().all()
+            rows = connection.execute(query).mappings().all()[::-1]  # oldest first
         return pd.DataFrame(rows, columns=["decision_id", "query", "llm", "propensity", "lambda_", "model_version",
                                            "created_at", "quality", "cost_usd"])
 

@@ -153,7 +153,7 @@ class TrainingOutcome:
 
 
 def run_training(config: MixLLMConfig, *, progress: bool | None = None, register: bool = True,
-                 baselines: Sequence[str] | None = None) -> TrainingOutcome:
+                 baselines: Sequence[str] | None = None, extra_tags: dict[str, str] | None = None) -> TrainingOutcome:
     """The main job in one process: split, tags, encoder, predictors, evaluate, register.
 
     Stages whose inputs did not change since the last run (same stage key, output present) are
@@ -169,7 +169,7 @@ def run_training(config: MixLLMConfig, *, progress: bool | None = None, register
     registration = None
     if register:
         registration = register_candidate(
-            config, router_dir, report, split, run_name="training", extra_tags=replay.tags(),
+            config, router_dir, report, split, run_name="training", extra_tags={**replay.tags(), **(extra_tags or {})},
             artifacts=registered_artifacts(workspace),
         )
         write_atomic(workspace.registration, json.dumps(registration.to_dict(), indent=2))

@@ -409,3 +409,33 @@ def test_explored_traffic_judges_a_second_version_and_the_gate_records_both_verd
                                       "evaluate", "--on-feedback", str(outcome.registration.version)])
     assert result.exit_code == 0, result.output
     assert "240 logged decisions with feedback" in result.output and result.output.count("  dr ") == 2
+
+
+def test_planted_drift_is_found_and_retrains_once_and_steady_traffic_is_not_drift(project, tmp_path):
+    from mixllm.monitoring import check_drift, watch_drift
+
+    config = _own_registry_and_store(project, tmp_path, **{"drift.min_queries": 60, "drift.window": 120})
+    assert run_training(config, progress=False).registration.version == 1
+    store = InteractionLog(config.sqlalchemy_url(config.service.feedback_store_url))
+
+    def log_traffic(queries):
+        for query in queries:
+            store.log_decision(query, "strong", model_version=1, lambda_=0.5)
+
+    log_traffic(make_log(120, seed=21).drop_duplicates("query_id")["query"])  # the training distribution
+    steady = check_drift(config)
+    assert steady.queries == 120 and not steady.drifted, steady.reasons
+    assert steady.domain_psi < 0.2 and steady.feature_shift_p_value > 0.01
+
+    rng = np.random.default_rng(3)
+    dishes = ["risotto", "ramen", "paella", "goulash", "tagine", "pho", "moussaka", "biryani"]
+    log_traffic([f"Give me a recipe for {rng.choice(dishes)} for {rng.integers(2, 12)} people, with wine pairing."
+                 for _ in range(120)])  # a topic the router never saw
+    watched = watch_drift(config)
+    assert watched["drift"]["drifted"] and watched["retrained"]["version"] == 2, watched
+    version = {v.version: v for v in Registry(config).versions()}[2]
+    trigger = version.tags["mixllm.trigger"]
+    assert trigger.startswith("drift: ") and ("shifted" in trigger or "PSI" in trigger), trigger
+    again = watch_drift(config)
+    assert again["drift"]["drifted"] and again["retrained"] is None, "one retrain per drift.window new decisions"
+    store.dispose()

@@ -76,7 +76,8 @@ def service(tmp_path_factory, upstream):
                                                              "client_rate_per_s": 10_000, "client_burst": 100_000,
                                                              "body_read_timeout_s": 2,
                                                              "failover": {"breaker_failures": 2, "breaker_cooldown_s": 4}},
-                 gate={"max_overhead_ms": 5000}, budgets={"tenants": TENANTS, "key_cache_s": 0})
+                 gate={"max_overhead_ms": 5000}, budgets={"tenants": TENANTS, "key_cache_s": 0},
+                 drift={"interval_s": 1, "min_queries": 10, "permutations": 50})
     make_log(n_queries=120, seed=41).to_csv(root / "log.csv", index=False)
     ingest(root / "log.csv", load_config(root / "params.yaml"))
     _train(root)
@@ -491,6 +492,7 @@ def test_concurrent_routes_share_passes_and_each_caller_gets_its_own_decision(se
 
 def test_health_model_and_metrics(service):
     base = service["base"]
+    _route(base)  # a decision of its own, so the test stands alone
     assert httpx.get(f"{base}/healthz").status_code == 200
     assert httpx.get(f"{base}/readyz").status_code == 200
     model = httpx.get(f"{base}/model").json()
@@ -1025,3 +1027,21 @@ def test_stats_and_the_dashboard_in_a_real_browser_show_the_recorded_calls(servi
             assert screenshot.stat().st_size > 10_000
         finally:
             browser.close()
+
+
+def test_drift_of_the_recent_traffic_is_measured_and_exported(service):
+    base = service["base"]
+    for query in make_log(12, seed=77).drop_duplicates("query_id")["query"]:
+        _route(base, query=query)
+    deadline = time.monotonic() + 30
+    drift = None
+    while time.monotonic() < deadline:
+        drift = httpx.get(f"{base}/model", timeout=30).json()["drift"]
+        if drift and drift["queries"] >= 10 and drift["feature_shift"] is not None:
+            break
+        time.sleep(0.5)
+    assert drift and drift["domain_psi"] >= 0 and 0 < drift["feature_shift_p_value"] <= 1, drift
+    metrics = httpx.get(f"{base}/metrics", timeout=30).text
+    exported = {line.split()[0] for line in metrics.splitlines() if line.startswith("mixllm_drift_")}
+    assert {"mixllm_drift_domain_psi", "mixllm_drift_feature_shift", "mixllm_drift_detected"} <= exported, exported
+    assert _metric(metrics, "mixllm_drift_feature_shift") > 0
