@@ -387,6 +387,14 @@ class FailoverConfig(StrictModel):
     breaker_cooldown_s: float = Field(default=30.0, gt=0)
 
 
+class ShadowConfig(StrictModel):
+    """Shadow routing: another registered version scores live traffic beside the champion, unserved."""
+
+    enabled: bool = False
+    alias: str = "challenger"  # or a version number, as text
+    share: float = Field(default=0.1, ge=0.0, le=1.0)  # of the champion's decisions it scores
+
+
 class ServiceConfig(StrictModel):
     """The BentoML route service."""
 
@@ -447,6 +455,7 @@ class ServiceConfig(StrictModel):
     # What an hour of the router's machine costs (USD): /stats prices the router's own routing time
     # at this rate, so its savings are net of what routing costs.
     router_usd_per_hour: float = Field(default=0.10, ge=0.0)
+    shadow: ShadowConfig = ShadowConfig()
 
 
 class SessionConfig(StrictModel):

@@ -48,6 +48,7 @@ from mixllm.middleware import BearerAuth, BodyLimit, ClientRateLimit, OpenAPICon
 from mixllm.proxy import ChatProxy
 from mixllm.request_batching import RequestCoalescer
 from mixllm.spending import TenantBudgets
+from mixllm.watchers import ServiceMetrics, ServiceWatchers
 
 # A worker that cannot start (no champion in the registry) must stop `bentoml serve` with its
 # message instead of being respawned every few seconds; this only turns off respawning.
@@ -66,38 +67,6 @@ class LoadedModel:
 
     router: Any
     version: int
-
-
-class ServiceMetrics:
-    """Prometheus metrics next to BentoML's own request metrics on /metrics."""
-
-    def __init__(self) -> None:
-        import prometheus_client as prom
-
-        self.decisions = prom.Counter("mixllm_decisions_total", "Routing decisions per chosen LLM", ["llm"])
-        self.route_latency = prom.Histogram(
-            "mixllm_route_seconds", "Time to route (per HTTP call)", ["endpoint"],
-            buckets=(0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12))
-        self.feedback = prom.Counter("mixllm_feedback_rows_total", "Feedback rows stored", ["kind"])
-        self.model_version = prom.Gauge("mixllm_model_version", "Registry version being served",
-                                        multiprocess_mode="max")
-        self.in_flight = prom.Gauge("mixllm_in_flight", "Calls in flight per LLM", ["llm"],
-                                    multiprocess_mode="livesum")
-        self.proxied = prom.Counter("mixllm_proxy_calls_total", "Proxied chat completions", ["llm", "status"])
-        self.route_pass_size = prom.Histogram(
-            "mixllm_route_pass_queries", "Concurrent /route calls routed in one encoder pass",
-            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
-        # The drift monitor (mixllm.drift), re-measured every drift.interval_s on the recent decisions.
-        self.drift_psi = prom.Gauge("mixllm_drift_domain_psi", "PSI of the recent domain mix against training",
-                                    multiprocess_mode="max")
-        self.drift_shift = prom.Gauge("mixllm_drift_feature_shift", "Shift of the recent query features' mean, "
-                                      "in training SDs", multiprocess_mode="max")
-        self.drift_p_value = prom.Gauge("mixllm_drift_feature_shift_p_value", "Permutation p-value of that shift",
-                                        multiprocess_mode="min")
-        self.drift_gap = prom.Gauge("mixllm_drift_feedback_gap", "Mean feedback quality minus predicted, per LLM",
-                                    ["llm"], multiprocess_mode="max")
-        self.drift_detected = prom.Gauge("mixllm_drift_detected", "1 when the last drift check found drift",
-                                         multiprocess_mode="max")
 
 
 # ------------------------------------------------------------------------------------- service
@@ -134,7 +103,7 @@ root_app.add_exception_handler(RequestValidationError, _chat_request_invalid)  #
 @bentoml.asgi_app(openai_app, path="/v1")
 @bentoml.asgi_app(admin_app, path="/admin")
 @bentoml.asgi_app(root_app, path="/")
-class MixLLMService(ChatProxy, TenantBudgets):
+class MixLLMService(ChatProxy, TenantBudgets, ServiceWatchers):
     """Routes queries with the MLflow champion and closes the continual-learning loop."""
 
     def __init__(self) -> None:
@@ -179,9 +148,15 @@ class MixLLMService(ChatProxy, TenantBudgets):
         self._route_coalescer = RequestCoalescer(self._route_pass, max_batch_size=self.config.service.max_batch_size)
         self._stop = threading.Event()
         self.started = time.time()
-        threading.Thread(target=self._reload, args=(version,), daemon=True, name="mixllm-load").start()
+        threading.Thread(target=self._load_all, args=(version,), daemon=True, name="mixllm-load").start()
         if self.config.service.poll_interval_s > 0:
             threading.Thread(target=self._poll, daemon=True, name="mixllm-poll").start()
+        self.shadow = None
+        if self.config.service.shadow.enabled:
+            from mixllm.shadow import ShadowLog, ShadowScorer
+
+            self.shadow = ShadowScorer(ShadowLog(self.store), self.config.service.shadow.share)
+        self._off_policy_cache: tuple[float, int | None, dict[str, Any]] | None = None
         self.drift_report = None
         if self.config.drift.enabled and self.config.drift.interval_s > 0:
             threading.Thread(target=self._watch_drift, daemon=True, name="mixllm-drift").start()
@@ -205,6 +180,10 @@ class MixLLMService(ChatProxy, TenantBudgets):
                 return
 
     # -------------------------------------------------------------------------- model lifecycle
+
+    def _load_all(self, version: int) -> None:
+        self._reload(version)
+        self._load_shadow()
 
     def _reload(self, version: int | None = None) -> int:
         """Load `version` (default: what the alias points at now) and swap it in atomically."""
@@ -253,34 +232,9 @@ class MixLLMService(ChatProxy, TenantBudgets):
                 if current is not None and (self.model is None or current != self.model.version):
                     logger.info("registry alias moved to version %s: reloading", current)
                     self._reload(current)
+                self._load_shadow()
             except Exception as exc:  # noqa: BLE001 - polling must survive a registry hiccup
                 logger.warning("registry poll failed (%s: %s); will retry", type(exc).__name__, exc)
-
-    def _watch_drift(self) -> None:
-        """Re-measure drift every drift.interval_s on the recent decisions; export it on /metrics."""
-        from mixllm.drift import measure_drift
-
-        settings = self.config.drift
-        while not self._stop.wait(settings.interval_s):
-            model = self.model
-            if model is None:
-                continue
-            try:
-                report = measure_drift(model.router, self.store.recent_queries(settings.window),
-                                       self.store.decisions_with_feedback(limit=settings.window), settings)
-            except Exception as exc:  # noqa: BLE001 - monitoring must not take the service down
-                logger.warning("drift check failed (%s: %s); will retry", type(exc).__name__, exc)
-                continue
-            self.drift_report = report
-            for gauge, value in ((self.metrics.drift_psi, report.domain_psi), (self.metrics.drift_shift, report.feature_shift),
-                                 (self.metrics.drift_p_value, report.feature_shift_p_value)):
-                if value is not None:
-                    gauge.set(value)
-            for llm, gap in report.feedback_gap.items():
-                self.metrics.drift_gap.labels(llm=llm).set(gap)
-            self.metrics.drift_detected.set(float(report.drifted))
-            if report.drifted:
-                logger.warning("drift: %s (the continual job retrains on it)", "; ".join(report.reasons))
 
     def __is_ready__(self) -> bool:
         if self.model is None:
@@ -366,6 +320,8 @@ class MixLLMService(ChatProxy, TenantBudgets):
                     "concurrent call; a new query needs a new request_id"))
                 continue
             self.metrics.decisions.labels(llm=decision.llm).inc()
+            if self.shadow is not None:
+                self.shadow.offer(decision_id, item.query, decision.llm)
             results[i] = RouteResponse(llm=decision.llm, decision_id=decision_id, model_version=model.version,
                                        lambda_=decision.lambda_, relaxed=list(decision.relaxed),
                                        candidates=candidate_scores(decision), notes=list(decision.notes))
@@ -505,7 +461,11 @@ class MixLLMService(ChatProxy, TenantBudgets):
         the same calls would have cost on the reference LLM, savings net of the router's compute,
         mean feedback quality and failovers; overall, per tenant, per tenant and model version.
         A tenant's key sees its own calls; the admin token sees every tenant's."""
-        return self.usage_report(self._tenant(http_request), days)[0]
+        tenant = self._tenant(http_request)
+        summary = self.usage_report(tenant, days)[0]
+        if tenant is None and self.shadow is not None:
+            summary["shadow"] = self._shadow_stats()
+        return summary
 
     @root_app.get("/dashboard", response_class=HTMLResponse)
     def dashboard(self, http_request: Request, days: Annotated[float | None, Query(ge=0.001, le=36_500)] = None) -> HTMLResponse:

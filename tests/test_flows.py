@@ -100,6 +100,11 @@ def test_continual_flow_runs_once_per_feedback(prefect_harness, tmp_path, monkey
     assert store.watermark() == 1
     assert continual(params_path=str(params))["registration"] is None, "the same feedback is not learned twice"
     store.dispose()
+    from flows.evaluation import evaluate_on_feedback_flow
+
+    judged = evaluate_on_feedback_flow(version="2", params_path=str(params), against="1")
+    assert judged["version"] == 2 and judged["against"] == 1 and judged["logged"] == 1
+    assert judged["estimates"]["n"] == 1 and set(judged["estimates"]["quality"]) >= {"ips", "snips", "dr"}
 
 
 def test_deploy_serves_cron_schedules(tmp_path):

@@ -78,9 +78,17 @@ def service(tmp_path_factory, upstream):
                                                              "failover": {"breaker_failures": 2, "breaker_cooldown_s": 4}},
                  gate={"max_overhead_ms": 5000}, budgets={"tenants": TENANTS, "key_cache_s": 0},
                  drift={"interval_s": 1, "min_queries": 10, "permutations": 50})
+    params = load_config(root / "params.yaml").model_dump(mode="json", by_alias=True, exclude_defaults=True)
+    write_params(root, **{**params, "service": {**params["service"], "shadow": {"enabled": True, "share": 1.0}}})
     make_log(n_queries=120, seed=41).to_csv(root / "log.csv", index=False)
     ingest(root / "log.csv", load_config(root / "params.yaml"))
     _train(root)
+    # A second version for shadow routing: the challenger (a flattened router), never served.
+    _train(root, **{"predictors.quality.ridge": 1e7, "features.use_domains": False})
+    registry = Registry(load_config(root / "params.yaml"))
+    if registry.alias_version("champion") != 1:
+        registry.promote(1, "the tests serve version 1")
+    registry.mark_challenger(2)
     port = free_port()
     process = serve(root, port, extra_env={"MIXLLM_API_TOKEN": TOKEN, "STUB_KEY": "upstream-key"})
     base = f"http://127.0.0.1:{port}"
@@ -1045,3 +1053,27 @@ def test_drift_of_the_recent_traffic_is_measured_and_exported(service):
     exported = {line.split()[0] for line in metrics.splitlines() if line.startswith("mixllm_drift_")}
     assert {"mixllm_drift_domain_psi", "mixllm_drift_feature_shift", "mixllm_drift_detected"} <= exported, exported
     assert _metric(metrics, "mixllm_drift_feature_shift") > 0
+
+
+def test_the_challenger_scores_live_traffic_in_the_shadow_and_is_judged_off_policy(service):
+    base = service["base"]
+    before = {v["model_version"]: v["decisions"] for v in httpx.get(f"{base}/stats", headers=AUTH).json()
+              ["shadow"]["by_version"]}
+    routed = [_route(base, query=q) for q in make_log(10, seed=88).drop_duplicates("query_id")["query"]]
+    for decision in routed[:5]:
+        assert httpx.post(f"{base}/feedback", json={"decision_id": decision["decision_id"], "quality": 1.0},
+                          headers=AUTH).status_code == 200
+    deadline, shadow = time.monotonic() + 30, None
+    while time.monotonic() < deadline:
+        shadow = httpx.get(f"{base}/stats", headers=AUTH, timeout=60).json()["shadow"]
+        scored = {v["model_version"]: v["decisions"] for v in shadow["by_version"]}
+        if scored.get(2, 0) - before.get(2, 0) >= 10:
+            break
+        time.sleep(0.5)
+    assert shadow["version"] == 2 and scored[2] - before.get(2, 0) >= 10, shadow
+    assert all(r["llm"] in PRICE_PER_1K for r in routed) and {d["model_version"] for d in routed} == {1}, "never served"
+    agreement = next(v["agreement"] for v in shadow["by_version"] if v["model_version"] == 2)
+    assert 0 <= agreement <= 1
+    estimates = shadow["off_policy"]
+    assert estimates["shadow"]["n"] >= 5 and estimates["champion"]["n"] >= 5
+    assert 0 <= estimates["champion"]["quality"]["snips"]["estimate"] <= 1
