@@ -39,16 +39,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from quality import make_project, trained  # noqa: E402
+from quality import benchmark_logging, trained_on_log  # noqa: E402
 
 from mixllm.budgets import BudgetPacer, standings  # noqa: E402
 from mixllm.config import PacingConfig, load_benchmark_config, load_config  # noqa: E402
-from mixllm.data import InteractionStore, ingest  # noqa: E402
 from mixllm.decision import decide  # noqa: E402
 from mixllm.report import calibrate_on_validation, holdout_context, validation_context  # noqa: E402
 from mixllm.baselines import MixLLMAdapter  # noqa: E402
-from mixllm.training import run_stages  # noqa: E402
-from mixllm.workspace import load_split  # noqa: E402
 
 logger = logging.getLogger("benchmarks.budget")
 DAY = datetime(2026, 1, 1, tzinfo=timezone.utc)
@@ -88,12 +85,7 @@ def replay(router, queries, outcomes, budget_usd, policy, settings: PacingConfig
 
 
 def run_dataset(name, entry, data_path, work, shares, settings):
-    config = make_project(name, entry, work / name)
-    if not InteractionStore(config.path(config.data.store_dir)).parts():
-        ingest(data_path, config)
-    run_stages(config, ["split"])
-    split = load_split(config)
-    router, _ = trained(config, split)
+    config, split, router = trained_on_log(name, entry, data_path, work)
     lambda_ = 0.0  # quality first
     out: dict[str, Any] = {"lambda": lambda_, "shares": {}}
     parts = {"validation": validation_context(config, split, router.enabled_llms_),
@@ -147,9 +139,7 @@ def main() -> int:
     parser.add_argument("--shares", default="10,20,40", help="Day budgets as % of the reference's cost.")
     parser.add_argument("--json", type=Path, default=ROOT / "benchmarks/budget.json")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("sentence_transformers", "mlflow", "httpx", "mixllm.data", "mixllm.readers", "mixllm.validation"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    benchmark_logging()
     bench = load_benchmark_config(ROOT / "benchmarks/datasets.yaml")
     names = list(bench.datasets) if not args.datasets else [n.strip() for n in args.datasets.split(",")]
     work = args.work or Path(tempfile.mkdtemp(prefix="mixllm-budget-"))

@@ -30,16 +30,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from quality import make_project, trained  # noqa: E402
+from quality import benchmark_logging, trained_on_log  # noqa: E402
 
 from mixllm.baselines import MixLLMAdapter  # noqa: E402
 from mixllm.config import load_benchmark_config  # noqa: E402
-from mixllm.data import InteractionStore, ingest  # noqa: E402
 from mixllm.decision import action_probabilities, decide  # noqa: E402
 from mixllm.off_policy import ESTIMATORS, LoggedBandit, off_policy_estimates  # noqa: E402
 from mixllm.report import calibrate_on_validation, holdout_context  # noqa: E402
-from mixllm.training import run_stages  # noqa: E402
-from mixllm.workspace import load_split  # noqa: E402
 
 logger = logging.getLogger("benchmarks.off_policy")
 SHARES = (0.05, 0.1, 0.2, 0.4)
@@ -47,12 +44,7 @@ COST_RATIOS = (2.0, 100.0)  # decision.exploration_budget.max_cost_ratio: the de
 
 
 def run_dataset(name, entry, data_path, work, replications, resamples):
-    config = make_project(name, entry, work / name)
-    if not InteractionStore(config.path(config.data.store_dir)).parts():
-        ingest(data_path, config)
-    run_stages(config, ["split"])
-    split = load_split(config)
-    router, _ = trained(config, split)
+    config, split, router = trained_on_log(name, entry, data_path, work)
     queries, outcomes, reference = holdout_context(config, split, router.enabled_llms_)
     lambda_ = calibrate_on_validation(config, MixLLMAdapter(router), split, router.enabled_llms_, reference.llm,
                                       "cost_share", config.evaluation.cost_budget_share).lambda_
@@ -138,9 +130,7 @@ def main() -> int:
     parser.add_argument("--resamples", type=int, default=500)
     parser.add_argument("--json", type=Path, default=ROOT / "benchmarks/off_policy.json")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("sentence_transformers", "mlflow", "httpx", "mixllm.data", "mixllm.readers", "mixllm.validation"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    benchmark_logging()
     bench = load_benchmark_config(ROOT / "benchmarks/datasets.yaml")
     names = list(bench.datasets) if not args.datasets else [n.strip() for n in args.datasets.split(",")]
     work = args.work or Path(tempfile.mkdtemp(prefix="mixllm-ope-"))

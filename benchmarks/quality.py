@@ -129,6 +129,25 @@ def variant_config(base: MixLLMConfig, slug: str, overrides: dict[str, Any]) -> 
     return config
 
 
+def benchmark_logging() -> None:
+    """INFO logs with the time, without the libraries' chatter (the sibling scripts use it too)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("sentence_transformers", "mlflow", "httpx", "urllib3", "mixllm.data", "mixllm.readers",
+                  "mixllm.validation"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def trained_on_log(name: str, entry: DatasetConfig, data_path: Path, work: Path) -> tuple[MixLLMConfig, SplitData, MixLLMRouter]:
+    """The log's project under `work` (ingested once), its split, and MixLLM trained on it (stages
+    cached in the project: the sibling scripts reuse this script's --work)."""
+    config = make_project(name, entry, work / name)
+    if not InteractionStore(config.path(config.data.store_dir)).parts():
+        ingest(data_path, config)
+    run_stages(config, ["split"])
+    split = load_split(config)
+    return config, split, trained(config, split)[0]
+
+
 def trained(config: MixLLMConfig, split: SplitData) -> tuple[MixLLMRouter, float]:
     started = time.perf_counter()
     router = train_router(config, split, progress=False)
@@ -585,9 +604,7 @@ def main() -> int:
     parser.add_argument("--resamples", type=int, default=None, help="Bootstrap resamples (default: params.yaml).")
     parser.add_argument("--quick", action="store_true", help="Skip the levers and the simulations (a smoke run).")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("sentence_transformers", "mlflow", "httpx", "urllib3", "mixllm.data", "mixllm.readers", "mixllm.validation"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    benchmark_logging()
     bench = load_benchmark_config(args.config)
     names = list(bench.datasets) if not args.datasets else [n.strip() for n in args.datasets.split(",")]
     unknown = [n for n in names if n not in bench.datasets]
