@@ -42,7 +42,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from quality import benchmark_logging, trained_on_log  # noqa: E402
 
 from mixllm.budgets import BudgetPacer, standings  # noqa: E402
-from mixllm.config import PacingConfig, load_benchmark_config, load_config  # noqa: E402
+from mixllm.benchmark_config import load_benchmark_config  # noqa: E402
+from mixllm.config import PacingConfig, load_config  # noqa: E402
 from mixllm.decision import decide  # noqa: E402
 from mixllm.report import calibrate_on_validation, holdout_context, validation_context  # noqa: E402
 from mixllm.baselines import MixLLMAdapter  # noqa: E402
@@ -136,8 +137,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--datasets", default=None, help="Comma-separated names from benchmarks/datasets.yaml (default: all).")
     parser.add_argument("--work", type=Path, default=None, help="Work folder (shares benchmarks/quality.py's cache).")
-    parser.add_argument("--shares", default="10,20,40", help="Day budgets as % of the reference's cost.")
-    parser.add_argument("--json", type=Path, default=ROOT / "benchmarks/budget.json")
+    parser.add_argument("--shares", default="10,20,40", help="Day budgets as %% of the reference's cost.")
+    parser.add_argument("--json", type=Path, default=ROOT / "benchmarks/budget.json", help="Where the figures go.")
     args = parser.parse_args()
     benchmark_logging()
     bench = load_benchmark_config(ROOT / "benchmarks/datasets.yaml")

@@ -41,7 +41,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from mixllm.baselines import query_frame  # noqa: E402
-from mixllm.config import load_benchmark_config, load_config  # noqa: E402
+from mixllm.benchmark_config import load_benchmark_config  # noqa: E402
+from mixllm.config import load_config  # noqa: E402
 from mixllm.data import InteractionStore, ingest  # noqa: E402
 from mixllm.splitting import normalised_text  # noqa: E402
 from mixllm.evaluate import (  # noqa: E402

@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from quality import benchmark_logging, trained_on_log  # noqa: E402
 
 from mixllm.baselines import MixLLMAdapter  # noqa: E402
-from mixllm.config import load_benchmark_config  # noqa: E402
+from mixllm.benchmark_config import load_benchmark_config  # noqa: E402
 from mixllm.decision import action_probabilities, decide  # noqa: E402
 from mixllm.off_policy import ESTIMATORS, LoggedBandit, off_policy_estimates  # noqa: E402
 from mixllm.report import calibrate_on_validation, holdout_context  # noqa: E402
@@ -124,11 +124,11 @@ def markdown(name, result):
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--datasets", default=None)
+    parser.add_argument("--datasets", default=None, help="Comma-separated names from benchmarks/datasets.yaml (default: all).")
     parser.add_argument("--work", type=Path, default=None, help="Work folder (shares benchmarks/quality.py's cache).")
-    parser.add_argument("--replications", type=int, default=100)
-    parser.add_argument("--resamples", type=int, default=500)
-    parser.add_argument("--json", type=Path, default=ROOT / "benchmarks/off_policy.json")
+    parser.add_argument("--replications", type=int, default=100, help="Logging draws per setting.")
+    parser.add_argument("--resamples", type=int, default=500, help="Bootstrap resamples per interval.")
+    parser.add_argument("--json", type=Path, default=ROOT / "benchmarks/off_policy.json", help="Where the figures go.")
     args = parser.parse_args()
     benchmark_logging()
     bench = load_benchmark_config(ROOT / "benchmarks/datasets.yaml")

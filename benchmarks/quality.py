@@ -40,7 +40,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from mixllm.baselines import MixLLMAdapter, query_frame  # noqa: E402
-from mixllm.config import DatasetConfig, MixLLMConfig, load_benchmark_config, load_config  # noqa: E402
+from mixllm.benchmark_config import DatasetConfig, load_benchmark_config  # noqa: E402
+from mixllm.config import MixLLMConfig, load_config  # noqa: E402
 from mixllm.data import InteractionStore, ingest  # noqa: E402
 from mixllm.evaluate import (  # noqa: E402
     BOOTSTRAP_METRICS,

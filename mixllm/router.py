@@ -11,10 +11,8 @@ constraint is relaxed and the decision says so.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import re
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -39,21 +37,15 @@ from mixllm.decision import (
     latency_penalty,
 )
 from mixllm.embeddings import EmbeddingCache, QueryEncoder
-from mixllm.errors import ModelFormatError, NotFittedError, RoutingError
-from mixllm.domains import DomainModel, domain_labels
-from mixllm.features import QueryFeaturizer
+from mixllm.errors import NotFittedError, RoutingError
+from mixllm.domains import domain_labels
 from mixllm.predictors import CostPredictor, QualityPredictor, gcv_ridge
 from mixllm.units import call_cost_usd, tokens_from_chars, typical_output_tokens
 
 logger = logging.getLogger(__name__)
 _DRAW_LOCK = threading.Lock()
 
-FORMAT_VERSION = 2  # 2: domain prior (domains.npz), residual quality heads, log-cost models
 DRIFT_REFERENCE_ROWS = 500  # training queries kept (their features) for the drift monitor: drift.npz
-
-
-def _safe_name(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "__", name)
 
 
 class MixLLMRouter(BaseEstimator):
@@ -650,146 +642,23 @@ class MixLLMRouter(BaseEstimator):
 
     @staticmethod
     def copy_with_calibrated_lambda(folder: Path | str, lambda_: float, target: Path | str) -> Path:
-        """A copy of a saved router (at `target`) that carries the lambda calibrated for the budget,
-        used when decision.lambda is null. A copy: `folder` may be a DVC output, never edited."""
-        import shutil
+        """A copy of a saved router carrying the lambda calibrated for the budget (router_format)."""
+        from mixllm.router_format import copy_with_calibrated_lambda
 
-        target = Path(target)
-        shutil.copytree(folder, target)
-        manifest_path = target / "router.json"
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        manifest["calibrated_lambda"] = float(lambda_)
-        manifest_path.write_text(json.dumps(manifest, indent=2, default=str), encoding="utf-8")
-        return target
+        return copy_with_calibrated_lambda(folder, lambda_, target)
 
     def save(self, folder: Path | str) -> Path:
-        """A self-describing folder: router.json (config, catalogue, versions), encoder/, featurizer/,
-        predictors/*.npz. Plain formats only: no pickle."""
+        """A self-describing folder in plain formats (no pickle): see mixllm.router_format."""
+        from mixllm.router_format import save_router
+
         self._check_fitted()
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        self.encoder_.save(folder / "encoder")
-        self.featurizer_.save(folder / "featurizer")
-        domain_meta, domain_arrays = self.domain_model_.state()
-        np.savez(folder / "domains.npz", **domain_arrays)
-        if getattr(self, "drift_reference_", None) is not None:
-            np.savez(folder / "drift.npz", features=self.drift_reference_)
-        predictors_dir = folder / "predictors"
-        predictors_dir.mkdir(exist_ok=True)
-        files = {}
-        for llm in self.llms_:
-            quality = self.quality_models_[llm]
-            arrays = {f"cost.{k}": v for k, v in self.cost_models_[llm].state().items()}
-            if quality.kind == "bayesian_linear":
-                arrays.update({f"quality.{k}": v for k, v in quality.model_.state().items()})
-            else:  # refit at load from the data it saw: deterministic, and no pickle
-                arrays.update({"quality.X_seen": quality.X_seen_, "quality.y_seen": quality.y_seen_})
-            if llm in self.anchors_:
-                arrays.update({"anchor.table": self.anchors_[llm]["table"], "anchor.coef": self.anchors_[llm]["coef"]})
-            files[llm] = f"{_safe_name(llm)}.npz"
-            np.savez(predictors_dir / files[llm], **arrays)
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "mixllm_version": __version__,
-            "trained_at": self.trained_at_,
-            "config": self._config.model_dump(mode="json", by_alias=True),
-            "catalogue": self.catalogue_,
-            "predictor_files": files,
-            "quality_params": {llm: self.quality_models_[llm].get_params() for llm in self.llms_},
-            "cost_params": {llm: self.cost_models_[llm].get_params() for llm in self.llms_},
-            "cost_scale_usd": self.cost_scale_usd_,
-            "calibrated_lambda": getattr(self, "calibrated_lambda_", None),
-            "domains": domain_meta,
-            "anchors": {llm: {"llms": a["llms"], "weight": a["weight"]} for llm, a in self.anchors_.items()},
-            "domain_weight": self.domain_weight_,
-            "n_base_features": self.n_base_features_,
-            "ridge": self.ridge_,
-            "mean_quality": self.mean_quality_,
-            "mean_query_chars": self.mean_query_chars_,
-            "typical_output_tokens": self.typical_output_tokens_,
-            "n_features": self.n_features_in_,
-            "n_training_queries": self.n_training_queries_,
-            "n_feedback": getattr(self, "n_feedback_", 0),
-            "timings": getattr(self, "timings_", {}),
-            "tags": self.tag_report_,
-            "backend_choice": getattr(self, "backend_choice_", None),
-        }
-        (folder / "router.json").write_text(json.dumps(manifest, indent=2, default=str), encoding="utf-8")
-        return folder
+        return save_router(self, folder)
 
     @classmethod
     def load(cls, folder: Path | str, *, progress: bool | None = None) -> MixLLMRouter:
-        folder = Path(folder)
-        manifest_path = folder / "router.json"
-        if not manifest_path.is_file():
-            raise ModelFormatError(f"{folder} is not a saved mixllm router: router.json is missing")
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        if manifest.get("format_version") != FORMAT_VERSION:
-            raise ModelFormatError(
-                f"{folder} was saved by mixllm {manifest.get('mixllm_version')} in format "
-                f"{manifest.get('format_version')}; this mixllm ({__version__}) reads format {FORMAT_VERSION}. "
-                "Retrain with `mixllm train` or install the mixllm version that saved it"
-            )
-        router = cls(config=config_from_dict(manifest["config"], source=str(manifest_path)), progress=progress)
-        router.encoder_ = QueryEncoder.load(folder / "encoder")
-        router.encoder_.progress = progress
-        router.featurizer_ = QueryFeaturizer.load(folder / "featurizer")
-        if not (folder / "domains.npz").is_file():
-            raise ModelFormatError(f"{folder} is incomplete: domains.npz is missing")
-        with np.load(folder / "domains.npz") as data:
-            router.domain_model_ = DomainModel.from_state(manifest["domains"], {k: data[k] for k in data.files})
-        router.drift_reference_ = None  # optional: models saved before drift monitoring have none
-        if (folder / "drift.npz").is_file():
-            with np.load(folder / "drift.npz") as data:
-                router.drift_reference_ = data["features"]
-        router.domain_weight_ = float(manifest["domain_weight"])
-        router.n_base_features_ = int(manifest["n_base_features"])
-        router.ridge_ = float(manifest["ridge"])
-        router.catalogue_ = manifest["catalogue"]
-        router.cost_scale_usd_ = float(manifest["cost_scale_usd"])
-        if manifest.get("calibrated_lambda") is not None:
-            router.calibrated_lambda_ = float(manifest["calibrated_lambda"])
-        router.mean_quality_ = float(manifest["mean_quality"])
-        router.mean_query_chars_ = float(manifest["mean_query_chars"])
-        router.typical_output_tokens_ = {k: float(v) for k, v in manifest["typical_output_tokens"].items()}
-        router.n_features_in_ = int(manifest["n_features"])
-        router.n_training_queries_ = int(manifest["n_training_queries"])
-        router.n_feedback_ = int(manifest.get("n_feedback", 0))
-        router.trained_at_ = manifest["trained_at"]
-        router.timings_ = manifest.get("timings", {})
-        router.tag_report_ = manifest.get("tags", {})
-        if manifest.get("backend_choice"):
-            router.backend_choice_ = manifest["backend_choice"]
-        router.clusterer_ = None
-        router.quality_models_, router.cost_models_ = {}, {}
-        router.anchors_ = {}
-        for llm, filename in manifest["predictor_files"].items():
-            path = folder / "predictors" / filename
-            if not path.is_file():
-                raise ModelFormatError(f"{folder} is incomplete: predictors/{filename} for {llm} is missing")
-            with np.load(path) as data:
-                arrays = {k: data[k] for k in data.files}
-            if llm in manifest.get("anchors", {}):
-                router.anchors_[llm] = {**manifest["anchors"][llm], "table": arrays["anchor.table"],
-                                        "coef": arrays["anchor.coef"]}
-            quality_params = manifest["quality_params"][llm]
-            quality = QualityPredictor(**quality_params)
-            quality_state = {k[len("quality."):]: v for k, v in arrays.items() if k.startswith("quality.")}
-            if quality.kind == "bayesian_linear":
-                from mixllm.predictors import BayesianLinearRegressor
+        from mixllm.router_format import load_router
 
-                quality.model_ = BayesianLinearRegressor.from_state(
-                    {"ridge": quality.ridge, "prior_mean": quality.prior_mean, "noise_scale": quality.noise_scale},
-                    quality_state,
-                )
-                quality.n_features_in_ = quality.model_.n_features_in_
-            else:
-                quality.fit(quality_state["X_seen"], quality_state["y_seen"])
-            router.quality_models_[llm] = quality
-            router.cost_models_[llm] = CostPredictor.from_state(
-                manifest["cost_params"][llm], {k[len("cost."):]: v for k, v in arrays.items() if k.startswith("cost.")}
-            )
-        return router
+        return load_router(folder, progress=progress)
 
     def describe(self) -> dict[str, Any]:
         """What a person (or /model) needs to know about this router; no secrets."""

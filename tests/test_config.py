@@ -113,7 +113,7 @@ def test_routerbench_env_wins(tmp_path, monkeypatch):
 def test_the_benchmark_datasets_file_is_valid_and_each_entry_is_complete():
     from pathlib import Path
 
-    from mixllm.config import load_benchmark_config
+    from mixllm.benchmark_config import load_benchmark_config
 
     root = Path(__file__).resolve().parents[1]
     bench = load_benchmark_config(root / "benchmarks/datasets.yaml")
@@ -125,7 +125,7 @@ def test_the_benchmark_datasets_file_is_valid_and_each_entry_is_complete():
 
 
 def test_a_benchmark_entry_with_a_reference_outside_its_catalogue_is_refused(tmp_path):
-    from mixllm.config import load_benchmark_config
+    from mixllm.benchmark_config import load_benchmark_config
 
     path = tmp_path / "datasets.yaml"
     path.write_text("datasets:\n  mine:\n    path: mine.csv\n    reference_llm: gpt-5\n"

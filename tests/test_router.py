@@ -13,7 +13,8 @@ from mixllm.embeddings import QueryEncoder, load_sentence_transformer, mine_doma
 from mixllm.errors import ModelFormatError, RoutingError
 from mixllm.predictors import CostPredictor, QualityPredictor
 from mixllm.decision import LoadSnapshot, decide, expected_latency_s, latency_penalty
-from mixllm.router import FORMAT_VERSION, MixLLMRouter
+from mixllm.router import MixLLMRouter
+from mixllm.router_format import FORMAT_VERSION
 from mixllm.tags import KeyBERTTagger, LLMTagger, TagClusterer, parse_tag_list
 from synthetic import PRICE_PER_1K, small_config
 
