@@ -329,6 +329,12 @@ BatchOfRequests = Annotated[list[RouteRequest], Field(min_length=1, max_length=S
 
 # Every error body: {"error", "field"} from our handlers, {"error", "detail": [...]} from BentoML's
 # validation, and [{"error"}] from BentoML's own 4xx exceptions (it wraps the object in a list).
+# /v1/*: OpenAI's error shape (mixllm.middleware.OpenAIErrors), with the same "field" beside it.
+OPENAI_ERROR_SCHEMA: dict[str, Any] = {"title": "OpenAIError", "type": "object", "required": ["error"], "properties": {
+    "error": {"type": "object", "required": ["message", "type"], "properties": {
+        "message": {"type": "string"}, "type": {"type": "string"}, "param": {"type": "string", "nullable": True},
+        "code": {"type": "string", "nullable": True}}},
+    "field": {"type": "string"}}}
 ERROR_SCHEMA: dict[str, Any] = {"title": "Error", "anyOf": [
     {"type": "object", "required": ["error"], "properties": {
         "error": {"type": "string"}, "field": {"type": "string"},
@@ -374,6 +380,7 @@ def openapi_contract(spec: dict[str, Any]) -> dict[str, Any]:
     visible query text), and the proxy's allowed fields."""
     schemas = spec.setdefault("components", {}).setdefault("schemas", {})
     schemas["Error"] = ERROR_SCHEMA
+    schemas["OpenAIError"] = OPENAI_ERROR_SCHEMA
     for name in ("InvalidArgument", "NotFound", "InternalServerError"):
         schemas[name] = ERROR_SCHEMA
     response = schemas.get("RouteResponse", {})
@@ -397,9 +404,15 @@ def openapi_contract(spec: dict[str, Any]) -> dict[str, Any]:
                     rules[path](schema)
             responses = operation["responses"]
             responses.pop("422", None)  # FastAPI's; our handler answers validation errors with 400
+            schema_name = "OpenAIError" if path.startswith("/v1/") else "Error"
             for status, description in ERROR_STATUSES.items():
                 responses.setdefault(status, {"description": description, "content": {
-                    "application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}})
+                    "application/json": {"schema": {"$ref": f"#/components/schemas/{schema_name}"}}}})
+            if path.startswith("/v1/"):  # FastAPI documented its own errors with the other shape
+                for status, response in responses.items():
+                    content = response.get("content", {}).get("application/json", {})
+                    if status[0] in "45" and content.get("schema", {}).get("$ref", "").endswith("/Error"):
+                        content["schema"] = {"$ref": "#/components/schemas/OpenAIError"}
     return spec
 
 
@@ -453,6 +466,8 @@ def _chat_rules(schema: dict[str, Any]) -> None:
     properties = schema.setdefault("properties", {})
     for name in sorted(FORWARDED_CHAT_FIELDS):
         properties.setdefault(name, {})
+    properties["metadata"] = {"type": "object", "additionalProperties": {"type": "string"}, "nullable": True}
+    properties["candidates"] = {"type": "array", "items": {"type": "string"}, "minItems": 1, "nullable": True}
     properties["n"] = {"type": "integer", "minimum": 1, "maximum": SETTINGS.proxy_max_n, "nullable": True}
     for name in ("max_tokens", "max_completion_tokens"):
         properties[name] = {"type": "integer", "minimum": 1, "maximum": SETTINGS.proxy_max_tokens, "nullable": True}

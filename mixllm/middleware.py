@@ -268,3 +268,58 @@ class OpenAPIContract:
             await send({"type": "http.response.body", "body": body})
 
         await self.app(scope, receive, capture)
+
+
+# OpenAI's error "type" for a status, so its client raises the matching exception with our text.
+OPENAI_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                      404: "not_found_error", 408: "timeout_error", 409: "conflict_error", 413: "invalid_request_error",
+                      415: "invalid_request_error", 429: "rate_limit_error"}
+
+
+def openai_error(body: dict[str, Any], status: int) -> dict[str, Any]:
+    """The service's {"error": text, "field": name} in OpenAI's shape, {"error": {"message", "type",
+    "param", "code"}}, keeping "field" beside it (so one reader serves every endpoint)."""
+    text, field = body.get("error"), body.get("field")
+    kind = OPENAI_ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    return {"error": {"message": text, "type": kind, "param": field, "code": None},
+            **({"field": field} if field else {})}
+
+
+class OpenAIErrors:
+    """ASGI middleware: on /v1/*, error answers (from any layer: the middleware's 401/408/413/429,
+    the proxy's 4xx, 502 and 503) take OpenAI's error shape, so the openai client shows our message
+    instead of "Error code: 429". Successful answers, streams included, pass through untouched."""
+
+    def __init__(self, app: Any, prefix: str = "/v1/"):
+        self.app, self.prefix = app, prefix
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or not scope.get("path", "").startswith(self.prefix):
+            return await self.app(scope, receive, send)
+        start: dict[str, Any] = {}
+        chunks: list[bytes] = []
+
+        async def rewrite(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                if message["status"] < 400:
+                    start["passthrough"] = True
+                    return await send(message)
+                start.update(message)
+                return
+            if start.get("passthrough") or message["type"] != "http.response.body":
+                return await send(message)
+            chunks.append(message.get("body", b""))
+            if message.get("more_body"):
+                return
+            body = b"".join(chunks)
+            try:
+                parsed = json.loads(body)
+            except ValueError:
+                parsed = None
+            if isinstance(parsed, dict) and isinstance(parsed.get("error"), str):
+                body = json.dumps(openai_error(parsed, start["status"])).encode()
+            headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
+            await send({**start, "headers": [*headers, (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
+
+        await self.app(scope, receive, rewrite)

@@ -44,7 +44,15 @@ from mixllm.api_models import (
 )
 from mixllm.circuit import CircuitBreakers
 from mixllm.decision import fallback_ranking
-from mixllm.middleware import BearerAuth, BodyLimit, ClientRateLimit, OpenAPIContract, TenantKeys, quiet_client_errors
+from mixllm.middleware import (
+    BearerAuth,
+    BodyLimit,
+    ClientRateLimit,
+    OpenAIErrors,
+    OpenAPIContract,
+    TenantKeys,
+    quiet_client_errors,
+)
 from mixllm.proxy import ChatProxy
 from mixllm.request_batching import RequestCoalescer
 from mixllm.spending import TenantBudgets
@@ -587,6 +595,7 @@ class MixLLMService(ChatProxy, TenantBudgets, ServiceWatchers):
 # Outermost first: the body limit, then the per-client limit (which reads /route_batch bodies the
 # body limit has bounded, and counts rejected tokens too), then the token check.
 MixLLMService.add_asgi_middleware(OpenAPIContract, fix=openapi_contract)
+MixLLMService.add_asgi_middleware(OpenAIErrors)  # /v1 errors in OpenAI's shape, whichever layer answers
 MixLLMService.add_asgi_middleware(BodyLimit, max_bytes=SETTINGS.max_body_bytes,
                                   read_timeout_s=SETTINGS.body_read_timeout_s)
 MixLLMService.add_asgi_middleware(ClientRateLimit, rate_per_s=SETTINGS.client_rate_per_s, burst=SETTINGS.client_burst)
