@@ -86,6 +86,8 @@ def budgets_show() -> None:
 def report_show(
     days: Annotated[Optional[float], typer.Option(help="Only the last DAYS days (default: every call).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the whole summary as JSON (what GET /stats answers).")] = False,
+    link: Annotated[bool, typer.Option("--link", help="Print a signed /dashboard link for a browser, valid for an "
+                                                      "hour (needs the admin token in the service's env var).")] = False,
 ) -> None:
     """What routing saved: the proxy's answered calls per tenant and model version, their traffic
     share per LLM, spend, what the same calls would have cost on the reference LLM, savings net of
@@ -96,6 +98,17 @@ def report_show(
     from mixllm.savings import reference_llm, usage_summary
 
     config = state.config()
+    if link:
+        import os
+
+        from mixllm.middleware import dashboard_link
+
+        token = os.environ.get(config.service.auth_token_env)
+        if not token:
+            raise ConfigError(f"set {config.service.auth_token_env} to the service's admin token to sign a link "
+                              "(without a token the service's /dashboard is open)")
+        typer.echo(dashboard_link(f"http://{config.service.host}:{config.service.port}", token))
+        return
     since = datetime.now(timezone.utc) - timedelta(days=days) if days else None
     calls = _ledger(config).calls_frame(since)
     summary = usage_summary(calls, config.service.router_usd_per_hour, reference_llm(config))

@@ -75,7 +75,8 @@ class BearerAuth:
     the request then carries the tenant's name in x-mixllm-tenant (a client cannot set it), and an
     unknown or revoked key is a 401. The chat proxy always needs a token or a tenant key when it
     calls upstreams with the server's keys (it answers 401 saying so), so no anonymous caller spends
-    them; /budgets, /stats and /dashboard always need one of the two."""
+    them. /dashboard also opens with a signed, expiring link (`dashboard_link`), since a browser
+    sends no Authorization header."""
 
     def __init__(self, app: Any, token_env: str = "MIXLLM_API_TOKEN", protect_route: bool = False,
                  protect_proxy: bool = True, tenant_keys: TenantKeys | None = None):
@@ -120,11 +121,32 @@ class BearerAuth:
                         return await _reject(send, 401, "this proxy calls upstreams with the server's API keys, so it "
                                              f"needs a token: set {self.token_env} for the service and send "
                                              "Authorization: Bearer <token>", field="Authorization")
-                    if not path.startswith(("/budgets", "/stats", "/dashboard")):
-                        return await self.app(scope, receive, send)  # no token configured: open
+                    return await self.app(scope, receive, send)  # no token configured: open
+                if path == "/dashboard" and token and _signed_link_valid(scope, token):
+                    return await self.app(scope, receive, send)  # a browser: `mixllm report --link`
                 return await _reject(send, 401, "missing or wrong bearer token (header: Authorization: Bearer "
-                                                "<token or API key>)", field="Authorization")
+                                                "<token or API key>; for /dashboard in a browser: "
+                                                "`mixllm report --link`)", field="Authorization")
         await self.app(scope, receive, send)
+
+
+def dashboard_link(base_url: str, token: str, valid_s: float = 3600.0, now: float | None = None) -> str:
+    """A /dashboard URL a browser can open without the token: it expires, and its signature (an
+    HMAC of the expiry with the admin token) proves who made it, without carrying the token."""
+    expires = int((now if now is not None else time.time()) + valid_s)
+    signature = hmac.new(token.encode(), f"dashboard:{expires}".encode(), hashlib.sha256).hexdigest()
+    return f"{base_url.rstrip('/')}/dashboard?expires={expires}&signature={signature}"
+
+
+def _signed_link_valid(scope: dict, token: str) -> bool:
+    from urllib.parse import parse_qs
+
+    query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+    expires, signature = (query.get("expires") or [""])[0], (query.get("signature") or [""])[0]
+    if not expires.isdigit() or int(expires) < time.time():
+        return False
+    wanted = hmac.new(token.encode(), f"dashboard:{expires}".encode(), hashlib.sha256).hexdigest()
+    return hmac.compare_digest(wanted, signature)
 
 
 class ClientRateLimit:

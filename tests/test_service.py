@@ -376,6 +376,34 @@ def test_the_proxy_needs_a_token_whenever_it_spends_upstream_keys(monkeypatch):
     assert status == 401 and b"MIXLLM_TEST_TOKEN" in body and b"Authorization" in body
     assert status_and_body(False, "/v1/chat/completions")[0] == 200, "no upstream key: the proxy stays open"
     assert status_and_body(True, "/route")[0] == 200, "routing spends no key"
+    assert status_and_body(True, "/dashboard")[0] == 200, "no token configured: the service is open"
+
+
+def test_a_signed_dashboard_link_opens_the_page_until_it_expires(monkeypatch):
+    import asyncio
+
+    from mixllm.middleware import BearerAuth, dashboard_link
+
+    async def downstream(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200})
+
+    def status(url):
+        sent = []
+
+        async def send(message):
+            sent.append(message)
+
+        path, _, query = url.partition("://")[2].partition("/")[2].partition("?")
+        scope = {"type": "http", "path": "/" + path, "method": "GET", "headers": [], "query_string": query.encode()}
+        asyncio.run(BearerAuth(downstream, token_env="MIXLLM_TEST_TOKEN")(scope, None, send))
+        return sent[0]["status"]
+
+    monkeypatch.setenv("MIXLLM_TEST_TOKEN", "admin-secret")
+    link = dashboard_link("http://127.0.0.1:3000", "admin-secret")
+    assert status(link) == 200 and "admin-secret" not in link
+    assert status(dashboard_link("http://127.0.0.1:3000", "another-secret")) == 401, "signed by someone else"
+    assert status(dashboard_link("http://127.0.0.1:3000", "admin-secret", valid_s=-1)) == 401, "expired"
+    assert status(link.replace("/dashboard", "/stats")) == 401, "a link opens the page only"
 
 
 def test_disabling_an_llm_in_params_acts_on_admin_reload(service):
@@ -1017,8 +1045,12 @@ def test_stats_and_the_dashboard_in_a_real_browser_show_the_recorded_calls(servi
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
         try:
-            page = browser.new_page(extra_http_headers=AUTH, viewport={"width": 1250, "height": 1000})  # every tenant
-            assert page.goto(f"{base}/dashboard").status == 200
+            # A browser sends no Authorization header: the admin opens a signed, expiring link.
+            from mixllm.middleware import dashboard_link
+
+            page = browser.new_page(viewport={"width": 1250, "height": 1000})
+            assert page.goto(f"{base}/dashboard").status == 401
+            assert page.goto(dashboard_link(base, TOKEN)).status == 200  # the admin's view: every tenant
             row = page.locator('tr[data-tenant="dashboard"]')
             shown_calls = sum(int(t) for t in row.locator('td[data-field="calls"]').all_inner_texts())
             shown_spend = sum(float(t.strip("$").replace(",", ""))
