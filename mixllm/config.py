@@ -456,6 +456,9 @@ class ServiceConfig(StrictModel):
     # at this rate, so its savings are net of what routing costs.
     router_usd_per_hour: float = Field(default=0.10, ge=0.0)
     shadow: ShadowConfig = ShadowConfig()
+    # Answered proxy calls whose records the decision log has not taken yet are kept in memory and
+    # retried; past this many, the proxy answers 503 for every caller until they are written.
+    max_unwritten_calls: int = Field(default=1000, ge=1)
 
 
 class SessionConfig(StrictModel):

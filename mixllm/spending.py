@@ -55,6 +55,13 @@ class TenantBudgets:
         tenant's on_exhausted is reject; a 503 when its spend cannot be accounted for."""
         from mixllm.store import StoreBusyError
 
+        waiting = len(self._unwritten)
+        if waiting >= self.config.service.max_unwritten_calls:  # memory is not the ledger: stop spending
+            try:
+                self._flush_spend()
+            except Exception as exc:  # noqa: BLE001 - answered below, nothing dropped
+                return error(503, None, f"{waiting} answered calls are waiting to be recorded ({exc}); no call "
+                                        "is made until the decision log takes them", {"Retry-After": "5"})
         if tenant is None:
             return SpendPlan(None, candidates, lambda_)
         allowed = [llm for llm in candidates if tenant.allowed_llms is None or llm in tenant.allowed_llms]

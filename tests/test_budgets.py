@@ -133,3 +133,35 @@ def test_spend_that_cannot_be_written_is_kept_and_stops_the_tenants_calls_until_
     plan = gateway._spend_plan(tenant, ["a"], None, 1.0)
     assert plan.candidates == ["a"] and not gateway._unwritten
     assert gateway.ledger.spent_since("t", {"day": datetime(2000, 1, 1, tzinfo=timezone.utc)}) == {"day": 0.25}
+
+
+def test_past_max_unwritten_calls_every_caller_waits_until_the_records_are_written(tmp_path):
+    """Memory is not the ledger: with too many call records waiting, callers without a budget get
+    503s too, and nothing is dropped."""
+    from mixllm.proxy import ChatProxy
+    from mixllm.spending import TenantBudgets
+
+    path = tmp_path / "log.db"
+    config = config_from_dict({"llms": [{"name": "a", "input_usd_per_1k": 1, "output_usd_per_1k": 1}],
+                               "service": {"max_unwritten_calls": 3}})
+
+    class Gateway(ChatProxy, TenantBudgets):
+        def __init__(self):
+            self.config = config
+            self.ledger = TenantLedger(InteractionLog(f"sqlite:///{path}", busy_timeout_s=0.2))
+            self.pacer = BudgetPacer(config.budgets.pacing)
+            self._unwritten, self._unwritten_lock = [], threading.Lock()
+
+    gateway = Gateway()
+    locker = sqlite3.connect(path, timeout=5, isolation_level=None)
+    locker.execute("BEGIN IMMEDIATE")
+    try:
+        for i in range(3):
+            gateway._record_call(None, "a", 0.1, False, decision_id=f"d{i}", model_version=1, reference_cost_usd=1.0,
+                                 router_ms=1.0, attempts=1)
+        assert gateway._spend_plan(None, ["a"], None, 1.0).status_code == 503
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
+    assert gateway._spend_plan(None, ["a"], None, 1.0).candidates == ["a"]
+    assert len(gateway.ledger.calls_frame()) == 3 and not gateway._unwritten
