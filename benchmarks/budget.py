@@ -28,7 +28,6 @@ import argparse
 import json
 import logging
 import sys
-import tempfile
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -39,10 +38,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from quality import benchmark_logging, trained_on_log  # noqa: E402
+from quality import benchmark_logging, chosen_logs, log_arguments, trained_on_log  # noqa: E402
 
 from mixllm.budgets import BudgetPacer, standings  # noqa: E402
-from mixllm.benchmark_config import load_benchmark_config  # noqa: E402
 from mixllm.config import PacingConfig, load_config  # noqa: E402
 from mixllm.decision import decide  # noqa: E402
 from mixllm.report import calibrate_on_validation, holdout_context, validation_context  # noqa: E402
@@ -53,15 +51,17 @@ DAY = datetime(2026, 1, 1, tzinfo=timezone.utc)
 GAIN_GRID = ((0.0, 0.0), (1.0, 10.0), (3.0, 30.0), (3.0, 100.0), (10.0, 30.0))
 
 
-def replay(router, queries, outcomes, budget_usd, policy, settings: PacingConfig, lambda_: float, seed: int = 0):
-    """One day of the queries under a day budget; returns (spend, mean quality, decisions per LLM)."""
-    predictions = router.predict(queries["query"].tolist())
+def replay(predictions, cost_scale_usd, outcomes, budget_usd, policy, settings: PacingConfig, lambda_: float,
+           seed: int = 0):
+    """One day of the queries (the router's `predictions` for them) under a day budget; returns
+    (spend, mean quality, decisions per LLM)."""
+    n = len(predictions.quality)
     column = [outcomes.llms.index(llm) for llm in predictions.llms]
     quality, cost = outcomes.quality[:, column], outcomes.cost_usd[:, column]
     cheapest = int(np.argmin(np.median(predictions.cost_usd, axis=0)))
     rng = np.random.default_rng(seed)
-    order = rng.permutation(len(queries))
-    times = np.sort(rng.uniform(0, 86_400, len(queries)))
+    order = rng.permutation(n)
+    times = np.sort(rng.uniform(0, 86_400, n))
     pacer, spent, earned = BudgetPacer(settings), 0.0, 0.0
     picks = np.zeros(len(predictions.llms), dtype=int)
     zeros = np.zeros((1, len(predictions.llms)))
@@ -78,11 +78,11 @@ def replay(router, queries, outcomes, budget_usd, policy, settings: PacingConfig
                 paced_lambda = pacer.effective_lambda(lambda_, pacer.factor("tenant", standing, now))
             sl = slice(row, row + 1)
             choice = int(decide(predictions.quality[sl], predictions.cost_usd[sl], predictions.uncertainty[sl], zeros,
-                                lambda_=paced_lambda, exploration=0.0, cost_scale_usd=router.cost_scale_usd_)[0][0])
+                                lambda_=paced_lambda, exploration=0.0, cost_scale_usd=cost_scale_usd)[0][0])
         spent += cost[row, choice]
         earned += quality[row, choice]
         picks[choice] += 1
-    return spent, earned / len(queries), dict(zip(predictions.llms, picks.tolist()))
+    return spent, earned / n, dict(zip(predictions.llms, picks.tolist()))
 
 
 def run_dataset(name, entry, data_path, work, shares, settings):
@@ -91,15 +91,17 @@ def run_dataset(name, entry, data_path, work, shares, settings):
     out: dict[str, Any] = {"lambda": lambda_, "shares": {}}
     parts = {"validation": validation_context(config, split, router.enabled_llms_),
              "holdout": holdout_context(config, split, router.enabled_llms_)}
+    predicted = {part: router.predict(queries["query"].tolist()) for part, (queries, _, _) in parts.items()}
+    reference_llm = parts["validation"][2].llm
     for share in shares:
         rows = {}
+        fixed = calibrate_on_validation(config, MixLLMAdapter(router), split, router.enabled_llms_, reference_llm,
+                                        "cost_share", share).lambda_
         for part, (queries, outcomes, reference) in parts.items():
             ref_column = outcomes.llms.index(reference.llm)
             reference_cost = float(outcomes.cost_usd[:, ref_column].sum())
             reference_quality = float(outcomes.quality[:, ref_column].mean())
             budget = share * reference_cost
-            fixed = calibrate_on_validation(config, MixLLMAdapter(router), split, router.enabled_llms_,
-                                            reference.llm, "cost_share", share).lambda_
             cheapest_share = float(outcomes.cost_usd.mean(axis=0).min() * len(queries) / reference_cost)
             policies = {"paced": ("paced", settings, lambda_), "hard cutoff, then cheapest": ("cutoff", settings, lambda_),
                         "hard cutoff, then refused": ("refuse", settings, lambda_),
@@ -109,7 +111,7 @@ def run_dataset(name, entry, data_path, work, shares, settings):
                     policies[f"paced, gains {kp:g}/{ki:g}"] = (
                         "paced", settings.model_copy(update={"proportional_gain": kp, "integral_gain": ki}), lambda_)
             for label, (policy, gains, lam) in policies.items():
-                spent, quality, picks = replay(router, queries, outcomes, budget, policy, gains, lam)
+                spent, quality, picks = replay(predicted[part], router.cost_scale_usd_, outcomes, budget, policy, gains, lam)
                 rows[f"{part}: {label}"] = {"spend_over_budget": spent / budget, "cheapest_llm_cost_share": cheapest_share,
                                             "quality_pct": 100 * quality / reference_quality,
                                             "cost_pct": 100 * spent / reference_cost, "lambda": lam, "picks": picks}
@@ -135,15 +137,11 @@ def markdown(name: str, result: dict[str, Any], gains: bool = False) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--datasets", default=None, help="Comma-separated names from benchmarks/datasets.yaml (default: all).")
-    parser.add_argument("--work", type=Path, default=None, help="Work folder (shares benchmarks/quality.py's cache).")
+    log_arguments(parser, "budget.json")
     parser.add_argument("--shares", default="10,20,40", help="Day budgets as %% of the reference's cost.")
-    parser.add_argument("--json", type=Path, default=ROOT / "benchmarks/budget.json", help="Where the figures go.")
     args = parser.parse_args()
     benchmark_logging()
-    bench = load_benchmark_config(ROOT / "benchmarks/datasets.yaml")
-    names = list(bench.datasets) if not args.datasets else [n.strip() for n in args.datasets.split(",")]
-    work = args.work or Path(tempfile.mkdtemp(prefix="mixllm-budget-"))
+    bench, names, work = chosen_logs(args, "mixllm-budget-")
     settings = load_config(ROOT / "params.yaml").budgets.pacing
     shares = [float(s) / 100 for s in args.shares.split(",")]
     results = {}

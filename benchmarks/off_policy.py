@@ -20,7 +20,6 @@ import argparse
 import json
 import logging
 import sys
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -30,10 +29,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from quality import benchmark_logging, trained_on_log  # noqa: E402
+from quality import benchmark_logging, chosen_logs, log_arguments, trained_on_log  # noqa: E402
 
 from mixllm.baselines import MixLLMAdapter  # noqa: E402
-from mixllm.benchmark_config import load_benchmark_config  # noqa: E402
 from mixllm.decision import action_probabilities, decide  # noqa: E402
 from mixllm.off_policy import ESTIMATORS, LoggedBandit, off_policy_estimates  # noqa: E402
 from mixllm.report import calibrate_on_validation, holdout_context  # noqa: E402
@@ -124,16 +122,12 @@ def markdown(name, result):
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--datasets", default=None, help="Comma-separated names from benchmarks/datasets.yaml (default: all).")
-    parser.add_argument("--work", type=Path, default=None, help="Work folder (shares benchmarks/quality.py's cache).")
+    log_arguments(parser, "off_policy.json")
     parser.add_argument("--replications", type=int, default=100, help="Logging draws per setting.")
     parser.add_argument("--resamples", type=int, default=500, help="Bootstrap resamples per interval.")
-    parser.add_argument("--json", type=Path, default=ROOT / "benchmarks/off_policy.json", help="Where the figures go.")
     args = parser.parse_args()
     benchmark_logging()
-    bench = load_benchmark_config(ROOT / "benchmarks/datasets.yaml")
-    names = list(bench.datasets) if not args.datasets else [n.strip() for n in args.datasets.split(",")]
-    work = args.work or Path(tempfile.mkdtemp(prefix="mixllm-ope-"))
+    bench, names, work = chosen_logs(args, "mixllm-ope-")
     stored = json.loads(args.json.read_text(encoding="utf-8")) if args.json.is_file() else {"datasets": {}}
     for name in names:
         entry = bench.datasets[name]

@@ -138,6 +138,24 @@ def benchmark_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def log_arguments(parser: argparse.ArgumentParser, json_name: str) -> None:
+    """The options every sibling script takes: which logs, the work folder (this script's cache)
+    and where the figures go."""
+    parser.add_argument("--datasets", default=None, help="Comma-separated names from benchmarks/datasets.yaml (default: all).")
+    parser.add_argument("--work", type=Path, default=None, help="Work folder (shares benchmarks/quality.py's cache).")
+    parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / json_name, help="Where the figures go.")
+
+
+def chosen_logs(args: argparse.Namespace, prefix: str) -> tuple[Any, list[str], Path]:
+    """(the benchmark config, the logs asked for, the work folder); an unknown name stops with a message."""
+    bench = load_benchmark_config(ROOT / "benchmarks/datasets.yaml")
+    names = list(bench.datasets) if not args.datasets else [n.strip() for n in args.datasets.split(",")]
+    unknown = [n for n in names if n not in bench.datasets]
+    if unknown:
+        raise SystemExit(f"unknown dataset(s) {', '.join(unknown)}; choose from {', '.join(bench.datasets)}")
+    return bench, names, args.work or Path(tempfile.mkdtemp(prefix=prefix))
+
+
 def trained_on_log(name: str, entry: DatasetConfig, data_path: Path, work: Path) -> tuple[MixLLMConfig, SplitData, MixLLMRouter]:
     """The log's project under `work` (ingested once), its split, and MixLLM trained on it (stages
     cached in the project: the sibling scripts reuse this script's --work)."""

@@ -15,20 +15,9 @@ from flows.common import config_for, library_logs_to_prefect
 @task(name="off-policy estimates on logged feedback", cache_policy=NO_CACHE)
 def off_policy_estimates(params_path: str | None, version: str, against: str = "champion") -> dict[str, Any]:
     from mixllm.evaluate import to_jsonable
-    from mixllm.policy_evaluation import evaluate_on_feedback, logged_feedback
-    from mixllm.registry import Registry
+    from mixllm.policy_evaluation import versions_on_feedback
 
-    config = config_for(params_path)
-    registry = Registry(config)
-    logged = logged_feedback(config)
-    baseline, baseline_version = registry.load_router(int(against) if against.isdigit() else against)
-    judged, judged_version = registry.load_router(int(version) if version.isdigit() else version)
-    settings = {"lambda_": baseline.default_lambda, "cost_scale_usd": baseline.cost_scale_usd_,
-                "resamples": config.evaluation.bootstrap_resamples, "confidence": config.evaluation.confidence_level,
-                "seed": config.evaluation.seed}
-    return to_jsonable({"logged": len(logged), "version": judged_version, "against": baseline_version,
-                        "estimates": evaluate_on_feedback(judged, logged, **settings),
-                        "baseline": evaluate_on_feedback(baseline, logged, **settings)})
+    return to_jsonable(versions_on_feedback(config_for(params_path), version, against))
 
 
 @flow(name="evaluate on feedback")

@@ -20,26 +20,18 @@ def evaluate_on_feedback_command(
     feedback, beside the version it is compared with. Decisions logged by a stochastic policy
     (decision.policy) make the estimates unbiased; under the argmax policy only the decisions both
     versions agree on carry weight, and DR leans on the model."""
-    from mixllm.policy_evaluation import evaluate_on_feedback, logged_feedback
-    from mixllm.registry import Registry
+    from mixllm.policy_evaluation import versions_on_feedback
 
     config = state.config()
-    registry = Registry(config)
-    logged = logged_feedback(config)
-    if logged.empty:
+    judged = versions_on_feedback(config, on_feedback, against)
+    if not judged["logged"]:
         typer.echo(f"no logged decisions with feedback in {config.service.feedback_store_url}; the service logs "
                    "them (POST /route, then POST /feedback with the decision_id)")
         return
-    baseline, baseline_version = registry.load_router(int(against) if against.isdigit() else against)
-    judged, judged_version = registry.load_router(int(on_feedback) if on_feedback.isdigit() else on_feedback)
-    settings = {"lambda_": baseline.default_lambda, "cost_scale_usd": baseline.cost_scale_usd_,
-                "resamples": config.evaluation.bootstrap_resamples, "confidence": config.evaluation.confidence_level,
-                "seed": config.evaluation.seed}
     level = f"{100 * config.evaluation.confidence_level:g}%"
-    typer.echo(f"{len(logged)} logged decisions with feedback; score = quality - {settings['lambda_']:.4g} x cost / "
-               f"${settings['cost_scale_usd']:.4g} (version {baseline_version}'s lambda and scale); {level} intervals")
-    for version, router in ((judged_version, judged), (baseline_version, baseline)):
-        result = evaluate_on_feedback(router, logged, **settings)
+    typer.echo(f"{judged['logged']} logged decisions with feedback; score = quality - {judged['lambda']:.4g} x cost / "
+               f"${judged['cost_scale_usd']:.4g} (version {judged['against']}'s lambda and scale); {level} intervals")
+    for version, result in ((judged["version"], judged["estimates"]), (judged["against"], judged["baseline"])):
         if not result["n"]:
             typer.echo(f"version {version}: no logged decision names an LLM it serves")
             continue

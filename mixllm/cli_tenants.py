@@ -60,7 +60,7 @@ def keys_revoke(key_id: Annotated[str, typer.Argument(help="The key's id, from `
 @run
 def budgets_show() -> None:
     """Each tenant's budgets now: spent, budget, pace (spend / the budget line so far) and reset time."""
-    from mixllm.budgets import binding, period_bounds, standings
+    from mixllm.budgets import binding
 
     config = state.config()
     if not config.budgets.tenants:
@@ -70,8 +70,7 @@ def budgets_show() -> None:
     for tenant in config.budgets.tenants:
         allowed = ", ".join(tenant.allowed_llms) if tenant.allowed_llms is not None else "every LLM"
         typer.echo(f"{tenant.name} (when spent: {tenant.on_exhausted}; may use {allowed})")
-        spent = ledger.spent_since(tenant.name, {p: period_bounds(p, now)[0] for p in tenant.budgets_usd})
-        standing = standings(tenant.budgets_usd, spent, now, config.budgets.pacing.warmup_share)
+        standing = ledger.standing(tenant, now, config.budgets.pacing.warmup_share)
         if not standing:
             typer.echo("  no budget")
         limit = binding(standing)

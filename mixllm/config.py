@@ -23,6 +23,15 @@ ROUTERBENCH_ENV = "MIXLLM_ROUTERBENCH"
 logger = logging.getLogger(__name__)
 
 
+def _named_uniquely(items: tuple[Any, ...], what: str) -> tuple[Any, ...]:
+    """`items` (each with a name) unchanged, or a ValueError naming the repeated names."""
+    names = [item.name for item in items]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise ValueError(f"{what} names must be unique; repeated: {', '.join(duplicates)}")
+    return items
+
+
 class StrictModel(BaseModel):
     """Frozen, no unknown keys; fields may be given by name or by alias (e.g. `lambda`)."""
 
@@ -547,11 +556,7 @@ class BudgetsConfig(StrictModel):
     @field_validator("tenants")
     @classmethod
     def _tenant_names_unique(cls, tenants: tuple[TenantConfig, ...]) -> tuple[TenantConfig, ...]:
-        names = [tenant.name for tenant in tenants]
-        duplicates = sorted({name for name in names if names.count(name) > 1})
-        if duplicates:
-            raise ValueError(f"tenant names must be unique; repeated: {', '.join(duplicates)}")
-        return tenants
+        return _named_uniquely(tenants, "tenant")
 
     def tenant(self, name: str) -> TenantConfig | None:
         return next((tenant for tenant in self.tenants if tenant.name == name), None)
@@ -583,11 +588,7 @@ class MixLLMConfig(StrictModel):
     @field_validator("llms")
     @classmethod
     def _llm_names_unique(cls, llms: tuple[LLMConfig, ...]) -> tuple[LLMConfig, ...]:
-        names = [llm.name for llm in llms]
-        duplicates = sorted({name for name in names if names.count(name) > 1})
-        if duplicates:
-            raise ValueError(f"LLM names must be unique; repeated: {', '.join(duplicates)}")
-        return llms
+        return _named_uniquely(llms, "LLM")
 
     @model_validator(mode="after")
     def _reference_llm_in_catalogue(self) -> MixLLMConfig:

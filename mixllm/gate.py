@@ -92,7 +92,7 @@ def production_verdict(config: MixLLMConfig, candidate: MixLLMRouter, champion: 
     """The gate's second opinion, from production: the doubly-robust off-policy estimate of each
     version's routing score on the decisions the service logged with feedback (the champion's
     lambda and cost scale for both). Passes without an opinion below gate.min_logged_feedback."""
-    from mixllm.policy_evaluation import evaluate_on_feedback, logged_feedback
+    from mixllm.policy_evaluation import compare_on_feedback, logged_feedback
 
     logged = logged_feedback(config)
     needed = config.gate.min_logged_feedback
@@ -100,10 +100,7 @@ def production_verdict(config: MixLLMConfig, candidate: MixLLMRouter, champion: 
         return {"promote": True, "metrics": {"production.logged_feedback": float(len(logged))},
                 "summary": f"production: {len(logged)} logged decisions with feedback, fewer than "
                            f"gate.min_logged_feedback ({needed}); no off-policy verdict"}
-    settings = {"lambda_": champion.default_lambda, "cost_scale_usd": champion.cost_scale_usd_,
-                "resamples": config.evaluation.bootstrap_resamples, "confidence": config.evaluation.confidence_level,
-                "seed": config.evaluation.seed}
-    mine, theirs = evaluate_on_feedback(candidate, logged, **settings), evaluate_on_feedback(champion, logged, **settings)
+    mine, theirs = compare_on_feedback(config, candidate, champion, logged)
     if not mine["n"] or not theirs["n"]:
         return {"promote": True, "metrics": {"production.logged_feedback": float(len(logged))},
                 "summary": "production: no logged decision names an LLM both versions serve; no off-policy verdict"}

@@ -20,6 +20,8 @@ from typing import Any
 import pandas as pd
 import sqlalchemy as sa
 
+from mixllm.budgets import BudgetStanding, period_bounds, standings
+from mixllm.config import TenantConfig
 from mixllm.errors import MixLLMError
 from mixllm.store import InteractionLog, StoreBusyError, feedback, metadata, utcnow
 
@@ -148,6 +150,11 @@ class TenantLedger:
         except sa.exc.OperationalError as problem:
             raise StoreBusyError(f"the spend records cannot be read ({str(problem.orig).strip()[:80]})") from problem
         return {period: float(row[period] or 0.0) for period in starts}
+
+    def standing(self, tenant: TenantConfig, now: datetime, warmup_share: float) -> list[BudgetStanding]:
+        """Where each of the tenant's budgets stands now: its spend since each period began."""
+        spent = self.spent_since(tenant.name, {period: period_bounds(period, now)[0] for period in tenant.budgets_usd})
+        return standings(tenant.budgets_usd, spent, now, warmup_share)
 
     def calls_frame(self, since: datetime | None = None) -> pd.DataFrame:
         """Every answered call since a time (or ever), with the mean quality of its feedback (NaN

@@ -6,7 +6,6 @@ retrain every hour."""
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 from mixllm.config import MixLLMConfig
@@ -17,12 +16,9 @@ WATERMARK = "drift_retrain"  # decisions logged when the last drift retrain star
 
 
 def _store(config: MixLLMConfig) -> Any:
-    from mixllm.store import InteractionLog
+    from mixllm.store import existing_log
 
-    url = config.sqlalchemy_url(config.service.feedback_store_url)
-    if url.startswith("sqlite:///") and not Path(url.split("///", 1)[1]).is_file():
-        return None
-    return InteractionLog(url)
+    return existing_log(config.sqlalchemy_url(config.service.feedback_store_url))
 
 
 def check_drift(config: MixLLMConfig, router: Any = None) -> DriftReport | None:

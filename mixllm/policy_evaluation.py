@@ -5,7 +5,6 @@ the Prefect task, and the promotion gate)."""
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,16 +19,41 @@ logger = logging.getLogger(__name__)
 
 def logged_feedback(config: MixLLMConfig) -> pd.DataFrame:
     """The service's logged decisions with feedback; empty when there is no decision log yet."""
-    from mixllm.store import InteractionLog
+    from mixllm.store import existing_log
 
-    url = config.sqlalchemy_url(config.service.feedback_store_url)
-    if url.startswith("sqlite:///") and not Path(url.split("///", 1)[1]).is_file():
+    store = existing_log(config.sqlalchemy_url(config.service.feedback_store_url))
+    if store is None:
         return pd.DataFrame(columns=["decision_id", "query", "llm", "propensity", "quality", "cost_usd"])
-    store = InteractionLog(url)
     try:
         return store.decisions_with_feedback()
     finally:
         store.dispose()
+
+
+def compare_on_feedback(config: MixLLMConfig, judged: MixLLMRouter, baseline: MixLLMRouter, logged: pd.DataFrame,
+                        resamples: int | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Both versions' estimates on the same logged decisions, their scores made with the baseline's
+    lambda and cost scale (so they compare)."""
+    evaluation = config.evaluation
+    settings = {"lambda_": baseline.default_lambda, "cost_scale_usd": baseline.cost_scale_usd_,
+                "resamples": resamples or evaluation.bootstrap_resamples, "confidence": evaluation.confidence_level,
+                "seed": evaluation.seed}
+    return evaluate_on_feedback(judged, logged, **settings), evaluate_on_feedback(baseline, logged, **settings)
+
+
+def versions_on_feedback(config: MixLLMConfig, version: str, against: str = "champion") -> dict[str, Any]:
+    """Two registered versions (numbers or aliases) judged on the logged decisions with feedback:
+    what `mixllm evaluate --on-feedback` prints and the Prefect flow returns."""
+    from mixllm.registry import Registry
+
+    registry = Registry(config)
+    logged = logged_feedback(config)
+    baseline, baseline_version = registry.load_router(int(against) if against.isdigit() else against)
+    judged, judged_version = registry.load_router(int(version) if version.isdigit() else version)
+    mine, theirs = compare_on_feedback(config, judged, baseline, logged)
+    return {"logged": len(logged), "version": judged_version, "against": baseline_version,
+            "lambda": baseline.default_lambda, "cost_scale_usd": baseline.cost_scale_usd_,
+            "estimates": mine, "baseline": theirs}
 
 
 def evaluate_on_feedback(router: MixLLMRouter, logged: pd.DataFrame, *, lambda_: float, cost_scale_usd: float,
@@ -44,10 +68,9 @@ def evaluate_on_feedback(router: MixLLMRouter, logged: pd.DataFrame, *, lambda_:
     result: dict[str, Any] = {"logged": int(len(logged)), "unknown_llm": int(len(logged) - len(usable))}
     if not len(usable):
         return {**result, "n": 0}
-    decisions = router.route(usable["query"].tolist())
-    target = np.array([[next(c.probability for c in d.candidates if c.llm == llm) for llm in llms] for d in decisions])
-    quality = np.array([[next(c.quality for c in d.candidates if c.llm == llm) for llm in llms] for d in decisions])
-    cost = np.array([[next(c.cost_usd for c in d.candidates if c.llm == llm) for llm in llms] for d in decisions])
+    scored = [{c.llm: c for c in d.candidates} for d in router.route(usable["query"].tolist())]
+    target, quality, cost = (np.array([[getattr(by_llm[llm], field) for llm in llms] for by_llm in scored])
+                             for field in ("probability", "quality", "cost_usd"))
     actions = usable["llm"].map(llms.index).to_numpy()
     rows = np.arange(len(usable))
     logged_probability = pd.to_numeric(usable["propensity"], errors="coerce").fillna(1.0).to_numpy(dtype=float)

@@ -16,7 +16,7 @@ from typing import Any
 from fastapi.responses import JSONResponse
 
 from mixllm.api_models import error
-from mixllm.budgets import binding, period_bounds, standings
+from mixllm.budgets import binding
 from mixllm.config import TenantConfig
 from mixllm.middleware import TENANT_HEADER
 
@@ -45,9 +45,7 @@ class TenantBudgets:
         return self.config.budgets.tenant(name) if name else None
 
     def _standing(self, tenant: TenantConfig, now: datetime) -> list[Any]:
-        starts = {period: period_bounds(period, now)[0] for period in tenant.budgets_usd}
-        spent = self.ledger.spent_since(tenant.name, starts)
-        return standings(tenant.budgets_usd, spent, now, self.config.budgets.pacing.warmup_share)
+        return self.ledger.standing(tenant, now, self.config.budgets.pacing.warmup_share)
 
     def _spend_plan(self, tenant: TenantConfig | None, candidates: list[str], lambda_: float | None,
                     default_lambda: float) -> SpendPlan | JSONResponse:

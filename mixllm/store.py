@@ -116,6 +116,16 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
+def existing_log(url: str) -> InteractionLog | None:
+    """The decision log at `url`, or None when it is a SQLite file not created yet (a job that only
+    reads must not create an empty log as a side effect)."""
+    from pathlib import Path
+
+    if url.startswith("sqlite:///") and ":memory:" not in url and not Path(url.split("///", 1)[1]).is_file():
+        return None
+    return InteractionLog(url)
+
+
 class InteractionLog:
     """The live log: routing decisions and the feedback that joins them, in a SQL database (SQLite WAL
     by default, PostgreSQL by URL). Training data lives elsewhere (`data.InteractionStore`)."""

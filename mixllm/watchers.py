@@ -94,7 +94,7 @@ class ServiceWatchers:
     def _shadow_stats(self) -> dict[str, Any]:
         """The shadow version's agreement with what was served, and the off-policy estimates of it
         and of the champion on the logged decisions with feedback (recomputed at most once a minute)."""
-        from mixllm.policy_evaluation import evaluate_on_feedback
+        from mixllm.policy_evaluation import compare_on_feedback
         from mixllm.shadow import ShadowLog
 
         agreement = ShadowLog(self.store).agreement()
@@ -109,12 +109,9 @@ class ServiceWatchers:
         cached = self._off_policy_cache
         if cached is None or time.monotonic() - cached[0] > 60 or cached[1] != self.shadow.version:
             logged = self.store.decisions_with_feedback(limit=2000)
-            evaluation = self.config.evaluation
-            settings = {"lambda_": model.router.default_lambda, "cost_scale_usd": model.router.cost_scale_usd_,
-                        "resamples": 200, "confidence": evaluation.confidence_level, "seed": evaluation.seed}
+            results = compare_on_feedback(self.config, shadow, model.router, logged, resamples=200)
             estimates = {}
-            for name, router in (("shadow", shadow), ("champion", model.router)):
-                result = evaluate_on_feedback(router, logged, **settings)
+            for name, result in zip(("shadow", "champion"), results):
                 estimates[name] = {"n": result["n"], **({kind: {e: iv.__dict__ for e, iv in result[kind].items()
                                                                 if e in ("ips", "snips", "dr")}
                                                          for kind in ("quality", "cost_usd", "score")} if result["n"] else {})}

@@ -100,16 +100,10 @@ def test_budget_settings_that_are_wrong_fail_naming_the_key():
         config_from_dict({"budgets": {"tenants": [{"name": "t"}, {"name": "t"}]}})
 
 
-def test_spend_that_cannot_be_written_is_kept_and_stops_the_tenants_calls_until_it_is(tmp_path):
-    """Fails closed: the database is locked by another writer; the record waits in memory, the
-    tenant's next call is a 503 (no spend nobody accounts for), and once the lock is gone the
-    record is written and calls go through."""
+def _gateway(config, path):
+    """The proxy's spending part on a real SQLite log whose writes give up after 0.2 s."""
     from mixllm.proxy import ChatProxy
     from mixllm.spending import TenantBudgets
-
-    path = tmp_path / "log.db"
-    config = config_from_dict({"llms": [{"name": "a", "input_usd_per_1k": 1, "output_usd_per_1k": 1}],
-                               "budgets": {"tenants": [{"name": "t", "budgets_usd": {"day": 100}}]}})
 
     class Gateway(ChatProxy, TenantBudgets):
         def __init__(self):
@@ -118,7 +112,18 @@ def test_spend_that_cannot_be_written_is_kept_and_stops_the_tenants_calls_until_
             self.pacer = BudgetPacer(config.budgets.pacing)
             self._unwritten, self._unwritten_lock = [], threading.Lock()
 
-    gateway, tenant = Gateway(), config.budgets.tenant("t")
+    return Gateway()
+
+
+def test_spend_that_cannot_be_written_is_kept_and_stops_the_tenants_calls_until_it_is(tmp_path):
+    """Fails closed: the database is locked by another writer; the record waits in memory, the
+    tenant's next call is a 503 (no spend nobody accounts for), and once the lock is gone the
+    record is written and calls go through."""
+    path = tmp_path / "log.db"
+    config = config_from_dict({"llms": [{"name": "a", "input_usd_per_1k": 1, "output_usd_per_1k": 1}],
+                               "budgets": {"tenants": [{"name": "t", "budgets_usd": {"day": 100}}]}})
+
+    gateway, tenant = _gateway(config, path), config.budgets.tenant("t")
     locker = sqlite3.connect(path, timeout=5, isolation_level=None)
     locker.execute("BEGIN IMMEDIATE")
     try:
@@ -138,21 +143,11 @@ def test_spend_that_cannot_be_written_is_kept_and_stops_the_tenants_calls_until_
 def test_past_max_unwritten_calls_every_caller_waits_until_the_records_are_written(tmp_path):
     """Memory is not the ledger: with too many call records waiting, callers without a budget get
     503s too, and nothing is dropped."""
-    from mixllm.proxy import ChatProxy
-    from mixllm.spending import TenantBudgets
-
     path = tmp_path / "log.db"
     config = config_from_dict({"llms": [{"name": "a", "input_usd_per_1k": 1, "output_usd_per_1k": 1}],
                                "service": {"max_unwritten_calls": 3}})
 
-    class Gateway(ChatProxy, TenantBudgets):
-        def __init__(self):
-            self.config = config
-            self.ledger = TenantLedger(InteractionLog(f"sqlite:///{path}", busy_timeout_s=0.2))
-            self.pacer = BudgetPacer(config.budgets.pacing)
-            self._unwritten, self._unwritten_lock = [], threading.Lock()
-
-    gateway = Gateway()
+    gateway = _gateway(config, path)
     locker = sqlite3.connect(path, timeout=5, isolation_level=None)
     locker.execute("BEGIN IMMEDIATE")
     try:
