@@ -191,11 +191,10 @@ def continual_once() -> None:
     """Learn once from feedback logged since the last run, then check the traffic for drift and
     retrain on it (what the hourly deployment does)."""
     from mixllm.continual import run_continual
-    from mixllm.monitoring import watch_drift
 
-    config = state.config()
-    typer.echo(run_continual(config).summary())
-    watched = watch_drift(config)
+    outcome = run_continual(state.config())
+    typer.echo(outcome.summary())
+    watched = outcome.drift or {"drift": None, "retrained": None}
     report = watched["drift"]
     if report is None:
         typer.echo("drift: not checked (drift.enabled off, or no champion or decision log yet)")

@@ -5,7 +5,7 @@ then advance the watermark. A retrain replays the feedback already learned."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,7 @@ class ContinualOutcome:
     watermark_after: int
     pool_changes: list[str]
     registration: Registration | None
+    drift: dict[str, Any] | None = None  # mixllm.monitoring.watch_drift's answer, when drift was watched
 
     def summary(self) -> str:
         if self.registration is None:
@@ -39,6 +40,11 @@ class ContinualOutcome:
         return (f"{self.feedback_rows} feedback rows ({self.watermark_before} -> {self.watermark_after}); "
                 f"pool changes: {', '.join(self.pool_changes) or 'none'}; version {self.registration.version}: "
                 f"{self.registration.verdict.summary()}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"feedback_rows": self.feedback_rows, "watermark": self.watermark_after,
+                "pool_changes": self.pool_changes,
+                "registration": self.registration.to_dict() if self.registration else None, "drift": self.drift}
 
 
 def screen_feedback(rows: pd.DataFrame, pool: Sequence[str],
@@ -235,24 +241,6 @@ def recover_watermark(config: MixLLMConfig) -> int:
     return watermark
 
 
-def run_continual(config: MixLLMConfig) -> ContinualOutcome:
-    """Read feedback past the watermark, partial_fit the champion, validate, register, gate; advance
-    the watermark only after all of that succeeded (a failed run re-reads the same rows next time,
-    and a run that died between registering and advancing is completed by the next one)."""
-    recover_watermark(config)
-    rows, before = read_new_feedback(config)
-    if len(rows) < config.pipeline.min_feedback_rows:
-        logger.info("continual: %d new feedback rows (< %d): nothing to learn", len(rows), config.pipeline.min_feedback_rows)
-        compact_decisions(config)
-        return ContinualOutcome(len(rows), before, before, [], None)
-    router_dir, champion_version, changes = update_champion(config, rows)
-    registration = register_update(config, router_dir, champion_version, rows, before)
-    after = int(rows["feedback_id"].max())
-    advance_watermark(config, after)
-    compact_decisions(config)
-    return ContinualOutcome(len(rows), before, after, changes, registration)
-
-
 def compact_decisions(config: MixLLMConfig) -> dict[str, int]:
     """Keep the decision log bounded (service.decision_detail_days, service.decision_retention_days)."""
     from mixllm.store import InteractionLog
@@ -262,3 +250,72 @@ def compact_decisions(config: MixLLMConfig) -> dict[str, int]:
         return store.compact(config.service.decision_detail_days, config.service.decision_retention_days)
     finally:
         store.dispose()
+
+
+def _read_feedback(config: MixLLMConfig) -> tuple[pd.DataFrame, int]:
+    recover_watermark(config)
+    return read_new_feedback(config)
+
+
+def _watch_drift(config: MixLLMConfig) -> dict[str, Any]:
+    from mixllm.monitoring import watch_drift
+
+    return watch_drift(config)
+
+
+@dataclass(frozen=True)
+class ContinualStep:
+    """One step of a continual run. run_continual is the only wiring of the steps; the Prefect flow
+    runs each step as a task of the same name (1:1) by handing run_continual its step runner."""
+
+    name: str
+    description: str
+    run: Callable[..., Any]  # run(config, *earlier results)
+    retries: int = 0
+
+
+CONTINUAL_STEPS: tuple[ContinualStep, ...] = (
+    ContinualStep("read", "read feedback past the watermark", _read_feedback, retries=2),
+    ContinualStep("update", "update the champion (pool changes + partial_fit)", update_champion),
+    # No retries: a retry after the version was created would register it twice. A failed
+    # registration changes neither the champion nor the watermark; the next run repeats it.
+    ContinualStep("register", "validate and register through the gate", register_update),
+    ContinualStep("advance", "advance the watermark", advance_watermark),
+    ContinualStep("compact", "compact the decision log", compact_decisions),
+    ContinualStep("drift", "check drift and retrain on it", _watch_drift),
+)
+CONTINUAL_STEP = {step.name: step for step in CONTINUAL_STEPS}
+StepRunner = Callable[..., Any]  # run_step(step, config, *args) -> the step's result
+
+
+def run_step_here(step: ContinualStep, config: MixLLMConfig, *args: Any) -> Any:
+    return step.run(config, *args)
+
+
+def run_continual(config: MixLLMConfig, *, run_step: StepRunner = run_step_here,
+                  watch_drift: bool = True) -> ContinualOutcome:
+    """Read feedback past the watermark, partial_fit the champion, validate, register, gate; advance
+    the watermark only after all of that succeeded (a failed run re-reads the same rows next time,
+    and a run that died between registering and advancing is completed by the next one); then
+    check the traffic for drift and retrain on it (watch_drift)."""
+
+    def step(name: str, *args: Any) -> Any:
+        return run_step(CONTINUAL_STEP[name], config, *args)
+
+    rows, before = step("read")
+    if len(rows) < config.pipeline.min_feedback_rows:
+        logger.info("continual: %d new feedback rows (< %d): nothing to learn, nothing registered", len(rows),
+                    config.pipeline.min_feedback_rows)
+        step("compact")
+        outcome = ContinualOutcome(len(rows), before, before, [], None)
+    else:
+        router_dir, champion_version, changes = step("update", rows)
+        registration = step("register", router_dir, champion_version, rows, before)
+        after = int(rows["feedback_id"].max())
+        step("advance", after)
+        step("compact")
+        outcome = ContinualOutcome(len(rows), before, after, changes, registration)
+        logger.info("continual: %s", outcome.summary())
+    if watch_drift:
+        outcome.drift = step("drift")
+    return outcome

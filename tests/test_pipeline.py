@@ -1,5 +1,6 @@
 """Training, gate, registry and continual learning with a real MLflow store (SQLite in tmp_path)."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -161,13 +162,14 @@ def test_continual_consumes_feedback_once_and_not_on_failure(project, tmp_path, 
     def boom(*args, **kwargs):
         raise RuntimeError("registry unreachable")
 
-    monkeypatch.setattr(continual_module, "register_update", boom)
+    failing = dataclasses.replace(continual_module.CONTINUAL_STEP["register"], run=boom)
+    monkeypatch.setitem(continual_module.CONTINUAL_STEP, "register", failing)
     with pytest.raises(RuntimeError):
-        run_continual(config)
+        run_continual(config, watch_drift=False)
     store = InteractionLog(config.sqlalchemy_url(config.service.feedback_store_url))
     assert store.watermark() == 0
     monkeypatch.undo()
-    outcome = run_continual(config)
+    outcome = run_continual(config, watch_drift=False)
     assert outcome.feedback_rows == 12 and outcome.watermark_after == 12 and store.watermark() == 12
     registration = outcome.registration
     assert registration.version > champion_before
@@ -177,6 +179,7 @@ def test_continual_consumes_feedback_once_and_not_on_failure(project, tmp_path, 
     versions_before = len(registry.versions())
     again = run_continual(config)
     assert again.registration is None and again.feedback_rows == 0
+    assert again.drift is not None and again.drift["retrained"] is None, "the drift step ran; too few decisions to retrain"
     assert len(registry.versions()) == versions_before, "no new feedback: nothing registered"
     store.dispose()
 
@@ -322,7 +325,7 @@ def test_retraining_replays_the_feedback_continual_runs_learned(project, tmp_pat
     config = _own_registry_and_store(project, tmp_path)
     run_training(config, progress=False, baselines=[])
     _feedback(config, n=12)
-    assert run_continual(config).feedback_rows == 12
+    assert run_continual(config, watch_drift=False).feedback_rows == 12
     consumed = consumed_feedback(config)
     assert len(consumed) == 12, "what the continual run learned is what a retrain replays"
     outcome = run_training(config, progress=False, baselines=[])
