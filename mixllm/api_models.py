@@ -7,7 +7,9 @@ errors carry the field in detail[0].loc instead.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 from typing import Annotated, Any, Literal, Optional
 
 import numpy as np
@@ -18,18 +20,19 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInf
 def _settings() -> tuple[Any, Any, bool]:
     """Service settings needed before the class exists (decorators, middleware), the plausibility
     limits of feedback (for the OpenAPI contract), and whether the proxy spends upstream keys (any
-    llms[].upstream.api_key_env). Safe defaults when params.yaml cannot be read yet (then __init__
-    reports the config error in full)."""
+    llms[].upstream.api_key_env). Safe defaults when params.yaml cannot be read yet: the service's
+    __init__ then reads it again and refuses to start with the config error in full. Only a config
+    error is caught: a bug here must not hide behind defaults."""
+    from mixllm.config import PlausibilityConfig, ServiceConfig, load_config
+    from mixllm.errors import ConfigError
+
     try:
-        from mixllm.config import load_config
-
         config = load_config()
-        return (config.service, config.data.limits,
-                any(llm.upstream is not None and llm.upstream.api_key_env for llm in config.llms))
-    except Exception:  # noqa: BLE001
-        from mixllm.config import PlausibilityConfig, ServiceConfig
-
+    except ConfigError as error:
+        logging.getLogger(__name__).warning("service settings: defaults for now (%s)", error)
         return ServiceConfig(), PlausibilityConfig(), True
+    return (config.service, config.data.limits,
+            any(llm.upstream is not None and llm.upstream.api_key_env for llm in config.llms))
 
 
 SETTINGS, LIMITS, PROXY_SPENDS_KEYS = _settings()
@@ -226,15 +229,22 @@ def surrogate_path(value: Any, path: str = "") -> str | None:
     return None
 
 
+def _candidate(fields: dict[str, Any], chosen: str | None = None) -> Candidate:
+    """A response's candidate from a mixllm.decision.CandidateScore's fields, live or as logged (the
+    one schema: test_api_models checks the two agree). Decisions logged before propensities were
+    kept get probability 1 for the chosen LLM, 0 for the others."""
+    score = fields.get("score")
+    return Candidate(**{**fields, "score": score if score is not None and np.isfinite(score) else None,
+                        "probability": fields.get("probability", float(fields["llm"] == chosen))})
+
+
 def candidate_scores(decision: Any) -> list[Candidate]:
-    return [Candidate(llm=c.llm, quality=c.quality, cost_usd=c.cost_usd, uncertainty=c.uncertainty, penalty=c.penalty,
-                      score=c.score if np.isfinite(c.score) else None, eligible=c.eligible, probability=c.probability)
-            for c in decision.candidates]
+    return [_candidate(dataclasses.asdict(c)) for c in decision.candidates]
 
 
 def decision_details(decision: Any) -> dict[str, Any]:
     """What the decision log keeps beside the choice, so a retried request_id gets the same answer."""
-    return {"candidates": [c.__dict__ for c in decision.candidates], "relaxed": list(decision.relaxed),
+    return {"candidates": [dataclasses.asdict(c) for c in decision.candidates], "relaxed": list(decision.relaxed),
             "notes": list(decision.notes)}
 
 
@@ -248,11 +258,7 @@ def stored_response(stored: dict[str, Any]) -> RouteResponse:
         llm=stored["llm"], decision_id=stored["decision_id"], model_version=int(stored["model_version"] or 0),
         lambda_=float(stored["lambda_"] if stored["lambda_"] is not None else 0.0),
         relaxed=list(details.get("relaxed", [])), notes=list(details.get("notes", [])),
-        candidates=[Candidate(llm=c["llm"], quality=c["quality"], cost_usd=c["cost_usd"],
-                              uncertainty=c["uncertainty"], penalty=c["penalty"],
-                              score=c["score"] if c["score"] is not None and np.isfinite(c["score"]) else None,
-                              eligible=c["eligible"], probability=c.get("probability", float(c["llm"] == stored["llm"])))
-                    for c in candidates])
+        candidates=[_candidate(c, chosen=stored["llm"]) for c in candidates])
 
 
 def message_text(message: ChatMessage) -> str | None:
