@@ -4,16 +4,16 @@ predictors (domain prior + Bayesian residual head, cost) -> meta decision (decis
 q_m is LLM m's mean quality in the query's domain (domains.py) plus what its head predicts on top
 (predictors.py); the head's ridge is chosen by generalised cross-validation on the training data.
 The decision rule, score_m = q_m - lambda * c_m / cost_scale + alpha * sigma_m - P_m, and the
-latency penalty P_m are in decision.py. Per-request constraints (candidate subset, maximum
-predicted cost, minimum predicted quality) filter the candidates first; when none is left, the
-constraint is relaxed and the decision says so.
+latency penalty P_m are in decision.py.
+
+The class is split by role: this module fits and predicts (and saves, through router_format),
+routing.py chooses (per-request constraints, the decision policy, latency penalties), and
+online_learning.py learns from feedback and changes the pool without a retrain.
 """
 
 from __future__ import annotations
 
 import logging
-import math
-import threading
 import time
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
@@ -25,30 +25,23 @@ import pandas as pd
 from sklearn.base import BaseEstimator
 
 from mixllm import __version__, estimators
-from mixllm.config import LatencyProfile, LLMConfig, MixLLMConfig, config_from_dict
-from mixllm.decision import (
-    CandidateScore,
-    Decision,
-    LoadSnapshot,
-    Predictions,
-    action_probabilities,
-    decide,
-    expected_latency_s,
-    latency_penalty,
-)
+from mixllm.config import LLMConfig, MixLLMConfig, config_from_dict
+from mixllm.decision import Predictions
+from mixllm.domains import domain_labels
 from mixllm.embeddings import EmbeddingCache, QueryEncoder
 from mixllm.errors import NotFittedError, RoutingError
-from mixllm.domains import domain_labels
+from mixllm.online_learning import OnlineLearningMixin
 from mixllm.predictors import CostPredictor, QualityPredictor, gcv_ridge
-from mixllm.units import call_cost_usd, tokens_from_chars, typical_output_tokens
+from mixllm.router_inputs import check_log, check_queries, check_tasks, token_columns
+from mixllm.routing import RoutingMixin
+from mixllm.units import typical_output_tokens
 
 logger = logging.getLogger(__name__)
-_DRAW_LOCK = threading.Lock()
 
 DRIFT_REFERENCE_ROWS = 500  # training queries kept (their features) for the drift monitor: drift.npz
 
 
-class MixLLMRouter(BaseEstimator):
+class MixLLMRouter(RoutingMixin, OnlineLearningMixin, BaseEstimator):
     """The MixLLM router as one estimator: `fit`, `route`, `partial_fit`, `add_llm`, `remove_llm`, `save`/`load`.
 
     `config` carries every setting (the typed params.yaml); ablations are config changes.
@@ -81,7 +74,7 @@ class MixLLMRouter(BaseEstimator):
         """
         config = self._config
         started = time.perf_counter()
-        log = _check_log(log)
+        log = check_log(log)
         catalogue = {llm.name: llm for llm in config.llms}
         unknown = sorted(set(log["llm"]) - set(catalogue)) if catalogue else []
         if unknown:
@@ -242,7 +235,7 @@ class MixLLMRouter(BaseEstimator):
             X, rows["quality"].to_numpy(), prior=prior)
         self.cost_models_[llm] = estimators.cost_predictor(
             config, self.catalogue_[llm], self.cost_scale_usd_, prior_cost_usd=float(rows["cost_usd"].mean()),
-        ).fit(X, rows["cost_usd"].to_numpy(), rows["query"].str.len().to_numpy(), *_tokens(rows))
+        ).fit(X, rows["cost_usd"].to_numpy(), rows["query"].str.len().to_numpy(), *token_columns(rows))
         self.typical_output_tokens_[llm] = typical_output_tokens(rows)
 
     # ------------------------------------------------------------------------------------ predict
@@ -266,9 +259,9 @@ class MixLLMRouter(BaseEstimator):
         caller's label, e.g. a benchmark or an application) names a known domain is placed in
         that domain; otherwise its domain is predicted from the text."""
         self._check_fitted()
-        queries = _check_queries(queries)
+        queries = check_queries(queries)
         base = self.featurizer_.transform(queries, self._embed(self.encoder_, queries))
-        return self._join(base, self.domain_model_.predict_proba(base, _check_tasks(tasks, len(queries))))
+        return self._join(base, self.domain_model_.predict_proba(base, check_tasks(tasks, len(queries))))
 
     def predict_from_features(self, X: np.ndarray, query_chars: np.ndarray, llms: Sequence[str] | None = None) -> Predictions:
         llms = list(llms) if llms is not None else self.llms_
@@ -301,7 +294,7 @@ class MixLLMRouter(BaseEstimator):
         return np.hstack([anchor["weight"] * (anchors - np.asarray(prior).reshape(-1, 1)), X])
 
     def predict(self, queries: Sequence[str], tasks: Sequence[str | None] | None = None) -> Predictions:
-        queries = _check_queries(queries)
+        queries = check_queries(queries)
         return self.predict_from_features(self.features(queries, tasks), np.array([len(q) for q in queries]))
 
     @property
@@ -310,333 +303,6 @@ class MixLLMRouter(BaseEstimator):
         self._check_fitted()
         classes = self.domain_model_.classes_
         return [] if classes == ["all"] or all(c.startswith("tags:") for c in classes) else list(classes)
-
-    # ------------------------------------------------------------------------------------- route
-
-    def route(
-        self,
-        queries: Sequence[str],
-        *,
-        lambda_: float | None = None,
-        exploration: float | None = None,
-        latency_tolerance_s: float | None = None,
-        candidates: Sequence[str] | None = None,
-        max_cost_usd: float | None = None,
-        min_quality: float | None = None,
-        load: LoadSnapshot | None = None,
-        predictions: Predictions | None = None,
-        tasks: Sequence[str | None] | None = None,
-    ) -> list[Decision]:
-        """Choose an LLM for each query; overrides apply to this call only. `tasks` (one label or
-        None per query) places a query in a known domain instead of predicting it from the text;
-        an unknown label is ignored, and the decision's notes say so."""
-        self._check_fitted()
-        decision_config = self._config.decision
-        lambda_ = _check_number("lambda", self.default_lambda if lambda_ is None else lambda_)
-        exploration = _check_number("exploration", decision_config.exploration if exploration is None else exploration)
-        tolerance = _check_number(
-            "latency_tolerance_s", decision_config.latency_tolerance_s if latency_tolerance_s is None else latency_tolerance_s
-        )
-        if max_cost_usd is not None:
-            max_cost_usd = _check_number("max_cost", max_cost_usd)
-        if min_quality is not None:
-            min_quality = _check_number("min_quality", min_quality)
-        llms = self._candidates(candidates)
-        tasks = _check_tasks(tasks, len(queries) if predictions is None else len(predictions.quality))
-        if predictions is None:
-            predictions = self.predict(queries, tasks)
-        predictions = _select(predictions, llms)
-        notes = [self._task_note(None if tasks is None else tasks[row]) for row in range(len(predictions.quality))]
-        penalty = self.latency_penalties(predictions, load, tolerance)
-        eligible = np.ones_like(predictions.quality, dtype=bool)
-        relaxed: list[list[str]] = [[] for _ in range(len(predictions.quality))]
-        for name, mask in (
-            ("max_cost", predictions.cost_usd <= max_cost_usd if max_cost_usd is not None else None),
-            ("min_quality", predictions.quality >= min_quality if min_quality is not None else None),
-        ):
-            if mask is None:
-                continue
-            combined = eligible & mask
-            empty = ~combined.any(axis=1)
-            for row in np.flatnonzero(empty):
-                relaxed[row].append(name)
-            eligible = np.where(empty[:, None], eligible, combined)
-        best, scores = decide(
-            predictions.quality, predictions.cost_usd, predictions.uncertainty, penalty,
-            lambda_=lambda_, exploration=exploration, cost_scale_usd=self.cost_scale_usd_, eligible=eligible,
-        )
-        budget = decision_config.exploration_budget
-        probabilities = action_probabilities(
-            scores, predictions.cost_usd, best, policy=decision_config.policy, temperature=decision_config.temperature,
-            epsilon=decision_config.epsilon, top_k=decision_config.top_k, max_leave_share=budget.share,
-            max_cost_ratio=budget.max_cost_ratio)
-        chosen = self._draw(probabilities, best)
-        decisions = []
-        for row, column in enumerate(chosen):
-            if column != best[row]:
-                notes[row] = "; ".join(n for n in (notes[row], f"explored: {llms[column]} (probability "
-                                                   f"{probabilities[row, column]:.3f}) instead of {llms[best[row]]}") if n)
-            decisions.append(
-                Decision(
-                    llm=llms[column],
-                    candidates=tuple(
-                        CandidateScore(
-                            llm=llm, quality=float(predictions.quality[row, j]), cost_usd=float(predictions.cost_usd[row, j]),
-                            uncertainty=float(predictions.uncertainty[row, j]), penalty=float(penalty[row, j]),
-                            score=float(scores[row, j]) if np.isfinite(scores[row, j]) else float("-inf"),
-                            eligible=bool(eligible[row, j]), probability=float(probabilities[row, j]),
-                        )
-                        for j, llm in enumerate(llms)
-                    ),
-                    lambda_=lambda_, exploration=exploration, relaxed=tuple(relaxed[row]),
-                    notes=tuple(n for n in [notes[row]] if n),
-                )
-            )
-        return decisions
-
-    def _draw(self, probabilities: np.ndarray, best: np.ndarray) -> np.ndarray:
-        """The LLM each row takes: the argmax, or a draw from a stochastic policy's probabilities."""
-        if self._config.decision.policy == "argmax":
-            return best
-        with _DRAW_LOCK:  # a numpy Generator is not safe to share between threads unguarded
-            if getattr(self, "_policy_rng", None) is None:
-                self._policy_rng = np.random.default_rng(self._config.decision.seed)
-            uniform = self._policy_rng.random(len(probabilities))
-        cumulative = np.cumsum(probabilities, axis=1)
-        return np.minimum((cumulative < uniform[:, None] * cumulative[:, -1:]).sum(axis=1), probabilities.shape[1] - 1)
-
-    def _task_note(self, task: str | None) -> str | None:
-        if task is None or self.domain_model_.task_index(task) is not None:
-            return None
-        known = self.tasks_
-        return (f"task {task!r} is not one this router was trained on ({', '.join(known)}); routed by the text"
-                if known else f"task {task!r} ignored: this router's domains are tag clusters; routed by the text")
-
-    @property
-    def default_lambda(self) -> float:
-        """lambda when a request gives none: decision.lambda if set, else the one calibrated to the
-        cost budget when the model was registered, else 1."""
-        configured = self._config.decision.lambda_
-        if configured is not None:
-            return float(configured)
-        calibrated = getattr(self, "calibrated_lambda_", None)
-        return 1.0 if calibrated is None else float(calibrated)  # a calibrated 0 is a real answer
-
-    def _candidates(self, candidates: Sequence[str] | None) -> list[str]:
-        enabled = self.enabled_llms_
-        if not enabled:
-            raise RoutingError("no enabled LLM to route to; enable one in params.yaml llms or add_llm")
-        if candidates is None:
-            return enabled
-        if isinstance(candidates, str) or not isinstance(candidates, Sequence):
-            raise RoutingError("candidates must be a list of LLM names", field="candidates")
-        unknown = [c for c in candidates if c not in enabled]
-        if unknown:
-            raise RoutingError(
-                f"unknown or disabled LLM(s) in candidates: {', '.join(map(str, unknown))}; choose from {', '.join(enabled)}",
-                field="candidates",
-            )
-        if not candidates:
-            raise RoutingError(f"candidates is empty; leave it out or choose from {', '.join(enabled)}", field="candidates")
-        return [llm for llm in enabled if llm in set(candidates)]
-
-    def latency_penalties(self, predictions: Predictions, load: LoadSnapshot | None, tolerance_s: float) -> np.ndarray:
-        """P_m per query and LLM from the live load (no load: nothing in flight, profile latencies)."""
-        decision_config = self._config.decision
-        penalty = np.zeros_like(predictions.quality)
-        if decision_config.latency_weight == 0:
-            return penalty
-        load = load or LoadSnapshot()
-        for j, llm in enumerate(predictions.llms):
-            profile = LatencyProfile(**self.catalogue_[llm].get("latency", {}))
-            latency = expected_latency_s(profile, predictions.output_tokens[:, j], load.in_flight.get(llm, 0),
-                                         load.observed_latency_s.get(llm))
-            penalty[:, j] = latency_penalty(latency, tolerance_s, decision_config.latency_weight,
-                                            decision_config.latency_scale_s)
-        return penalty
-
-    # ------------------------------------------------------------------------------- continual
-
-    def partial_fit(self, interactions: pd.DataFrame, features: np.ndarray | None = None) -> MixLLMRouter:
-        """Learn from bandit feedback: each row updates only its own LLM's predictors.
-
-        `interactions` needs query, llm, quality, cost_usd (NaN when unknown: then only quality
-        learns; tokens optional); `features` may hold
-        their representation already (one row per interaction) to skip the encoder.
-        """
-        self._check_fitted()
-        # Feedback may come without a cost (a thumbs-up on a /route decision): it teaches quality only.
-        frame = _check_log(interactions, need_query_id=False, allow_missing_cost=True)
-        unknown = sorted(set(frame["llm"]) - set(self.quality_models_))
-        if unknown:
-            raise RoutingError(f"feedback for unknown LLM(s) {', '.join(unknown)}; add them with add_llm first")
-        if features is None:
-            tasks = frame["task"].where(frame["task"].notna(), None).tolist() if "task" in frame else None
-            X = self.features(frame["query"].tolist(), tasks)
-        else:
-            X = np.asarray(features, dtype=np.float64)
-        if X.shape[0] != len(frame):
-            raise RoutingError(f"features has {X.shape[0]} rows for {len(frame)} interactions")
-        proba = self.domain_proba(X)
-        for llm, rows in frame.groupby("llm", sort=False):
-            positions = frame.index.get_indexer(rows.index)
-            prior = self.domain_model_.prior(proba[positions], [llm])[:, 0]
-            head_input = self._head_input(llm, X[positions], proba[positions], prior)
-            self.quality_models_[llm].partial_fit(head_input, rows["quality"].to_numpy(), prior=prior)
-            self.cost_models_[llm].partial_fit(X[positions], rows["cost_usd"].to_numpy(),
-                                               rows["query"].str.len().to_numpy(), *_tokens(rows))
-        self.n_feedback_ = getattr(self, "n_feedback_", 0) + len(frame)
-        return self
-
-    def add_llm(self, name: str, input_usd_per_1k: float, output_usd_per_1k: float, *,
-                latency: LatencyProfile | Mapping[str, Any] | None = None, prior_quality: float | None = None,
-                enabled: bool = True) -> MixLLMRouter:
-        """A new candidate with a prior and a high uncertainty, so exploration tries it. No retrain."""
-        self._check_fitted()
-        if not name or not isinstance(name, str):
-            raise RoutingError("add_llm needs a non-empty LLM name")
-        if name in self.quality_models_:
-            raise RoutingError(f"LLM '{name}' is already in the pool; remove_llm it first to reset it")
-        if input_usd_per_1k < 0 or output_usd_per_1k < 0:
-            raise RoutingError("prices must be >= 0 USD per 1k tokens")
-        profile = latency if isinstance(latency, LatencyProfile) else LatencyProfile(**(latency or {}))
-        entry = LLMConfig(name=name, input_usd_per_1k=input_usd_per_1k, output_usd_per_1k=output_usd_per_1k,
-                          latency=profile, enabled=enabled)
-        if prior_quality is not None and not (isinstance(prior_quality, (int, float)) and 0 <= prior_quality <= 1):
-            raise RoutingError(f"prior_quality must be a number in 0..1, got {prior_quality!r}")
-        per_domain = (np.full(len(self.domain_model_.classes_), float(prior_quality)) if prior_quality is not None
-                      else self._newcomer_prior(input_usd_per_1k + output_usd_per_1k))
-        quality_config = self._config.predictors.quality
-        established = [llm for llm in self.llms_ if llm not in self.anchors_
-                       and self.quality_models_[llm].kind == "bayesian_linear"]
-        if established and quality_config.resemblance_weight > 0:
-            columns = [self.domain_model_.llms_.index(llm) for llm in established]
-            self.anchors_[name] = {
-                "llms": established, "weight": float(quality_config.resemblance_weight),
-                "table": self.domain_model_.table_[:, columns].copy(),
-                "coef": np.vstack([self.quality_models_[llm].model_.coef_ for llm in established]),
-            }
-        self.catalogue_[name] = entry.model_dump(mode="json")
-        self.domain_model_.add_llm(name, per_domain)
-        n_anchors = len(self.anchors_.get(name, {}).get("llms", []))
-        self.quality_models_[name] = estimators.newcomer_quality_predictor(self._config).start_empty(
-            self.n_features_in_ + n_anchors)
-        typical_output = float(np.mean(list(self.typical_output_tokens_.values()))) if self.typical_output_tokens_ else 100.0
-        prior_cost = self._newcomer_cost(input_usd_per_1k, output_usd_per_1k, typical_output)
-        self.cost_models_[name] = estimators.cost_predictor(
-            self._config, entry, self.cost_scale_usd_, prior_cost_usd=prior_cost).start_empty(self.n_features_in_)
-        self.typical_output_tokens_[name] = typical_output
-        logger.info("added LLM %s (prior quality %.3f on average over domains, prior cost $%.6f)", name,
-                    float(np.mean(per_domain)), prior_cost)
-        return self
-
-    def _newcomer_cost(self, input_usd_per_1k: float, output_usd_per_1k: float, typical_output_tokens: float) -> float:
-        """A newcomer's prior dollars per query: its list price times what the pool pays per unit of
-        list price (the median over priced LLMs that have logged costs), so it is priced the way
-        the log's costs were made (e.g. prompt tokens only); else tokens x prices."""
-        ratios = []
-        for llm, model in self.cost_models_.items():
-            price = self.catalogue_[llm]["input_usd_per_1k"] + self.catalogue_[llm]["output_usd_per_1k"]
-            if price > 0 and model.prior_cost_usd > 0 and llm not in self.anchors_:
-                ratios.append(model.prior_cost_usd / price)
-        if ratios:
-            return float(np.median(ratios)) * (input_usd_per_1k + output_usd_per_1k)
-        return float(call_cost_usd(tokens_from_chars(self.mean_query_chars_), typical_output_tokens,
-                                   input_usd_per_1k, output_usd_per_1k))
-
-    def _newcomer_prior(self, price_per_1k: float) -> np.ndarray:
-        """A newcomer's per-domain prior quality (predictors.quality.newcomer_prior).
-
-        optimistic (default): in each domain, as good as the best pool LLM that costs no more
-        (price = input + output per 1k tokens; the cheapest LLMs when none is cheaper). An LLM is
-        added because it is expected to compete at its price; the optimism gets it tried, its
-        feedback corrects it domain by domain, and the uncertainty bonus shrinks as it does.
-        price_tier: the pool's per-domain means weighted by closeness in log price.
-        mean: the pool's per-domain mean."""
-        rule = self._config.predictors.quality.newcomer_prior
-        table = self.domain_model_.table_
-        existing = [llm for llm in self.domain_model_.llms_ if llm in self.catalogue_]
-        if not existing:
-            return np.full(table.shape[0], self.mean_quality_)
-        columns = [self.domain_model_.llms_.index(llm) for llm in existing]
-        pool = table[:, columns]
-        prices = np.array([self.catalogue_[llm]["input_usd_per_1k"] + self.catalogue_[llm]["output_usd_per_1k"]
-                           for llm in existing])
-        if rule == "mean":
-            return pool.mean(axis=1)
-        if rule == "optimistic":
-            affordable = prices <= price_per_1k * (1 + 1e-9)
-            if not affordable.any():
-                affordable = prices <= prices.min() * (1 + 1e-9)
-            return pool[:, affordable].max(axis=1)
-        if price_per_1k <= 0 or (prices <= 0).all():
-            return pool.mean(axis=1)
-        distance = np.log(np.maximum(prices, 1e-12)) - np.log(price_per_1k)
-        weights = np.exp(-0.5 * distance**2) * (prices > 0)
-        weights = weights / weights.sum() if weights.sum() > 0 else np.full(len(existing), 1 / len(existing))
-        return pool @ weights
-
-    def remove_llm(self, name: str) -> MixLLMRouter:
-        """Take an LLM out of the pool; the others are untouched."""
-        self._check_fitted()
-        if name not in self.quality_models_:
-            raise RoutingError(f"LLM '{name}' is not in the pool ({', '.join(self.llms_)})")
-        for table in (self.quality_models_, self.cost_models_, self.catalogue_, self.typical_output_tokens_):
-            table.pop(name, None)
-        self.domain_model_.remove_llm(name)
-        self.anchors_.pop(name, None)
-        logger.info("removed LLM %s", name)
-        return self
-
-    def set_enabled(self, name: str, enabled: bool) -> MixLLMRouter:
-        """Keep an LLM's predictors but take it out of (or put it back into) the candidates."""
-        self._check_fitted()
-        if name not in self.catalogue_:
-            raise RoutingError(f"LLM '{name}' is not in the pool ({', '.join(self.llms_)})")
-        self.catalogue_[name] = {**self.catalogue_[name], "enabled": bool(enabled)}
-        return self
-
-    def apply_enabled_flags(self, llms: Sequence[LLMConfig]) -> list[str]:
-        """Only the catalogue's enabled flags, for LLMs already in the pool (what a served model
-        takes from params.yaml at once; adding and removing LLMs is apply_catalogue's). Returns
-        what changed, one line each."""
-        self._check_fitted()
-        changes = []
-        enabled_now = set(self.enabled_llms_)
-        for llm in llms:
-            if llm.name in self.catalogue_ and (llm.name in enabled_now) != llm.enabled:
-                self.set_enabled(llm.name, llm.enabled)
-                changes.append(f"{'enabled' if llm.enabled else 'disabled'} {llm.name}")
-        return changes
-
-    def apply_catalogue(self, llms: Sequence[LLMConfig]) -> list[str]:
-        """Make the pool match a catalogue: add new LLMs, drop absent ones, update prices, latency and
-        enabled flags. Returns what changed, one line each."""
-        self._check_fitted()
-        changes = []
-        wanted = {llm.name: llm for llm in llms}
-        for name in list(self.quality_models_):
-            if name not in wanted:
-                self.remove_llm(name)
-                changes.append(f"removed {name}")
-        for name, entry in wanted.items():
-            if name not in self.quality_models_:
-                self.add_llm(name, entry.input_usd_per_1k, entry.output_usd_per_1k, latency=entry.latency,
-                             enabled=entry.enabled)
-                changes.append(f"added {name}")
-                continue
-            current = self.catalogue_[name]
-            updated = entry.model_dump(mode="json")
-            if current != updated:
-                if current.get("enabled", True) != entry.enabled:
-                    changes.append(f"{'enabled' if entry.enabled else 'disabled'} {name}")
-                else:
-                    changes.append(f"updated {name}")
-                self.catalogue_[name] = updated
-                cost_model = self.cost_models_[name]
-                cost_model.input_usd_per_1k = entry.input_usd_per_1k
-                cost_model.output_usd_per_1k = entry.output_usd_per_1k
-        return changes
 
     # ---------------------------------------------------------------------------- persistence
 
@@ -686,74 +352,3 @@ class MixLLMRouter(BaseEstimator):
             "n_training_queries": self.n_training_queries_,
             "n_feedback": getattr(self, "n_feedback_", 0),
         }
-
-
-# ------------------------------------------------------------------------------------ helpers
-
-
-def _select(predictions: Predictions, llms: list[str]) -> Predictions:
-    if predictions.llms == llms:
-        return predictions
-    index = [predictions.llms.index(llm) for llm in llms]
-    return Predictions(llms, predictions.quality[:, index], predictions.uncertainty[:, index],
-                       predictions.cost_usd[:, index], predictions.output_tokens[:, index])
-
-
-def _check_number(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise RoutingError(f"{name} must be a number >= 0, got {value!r}", field=name)
-    value = float(value)
-    if not math.isfinite(value) or value < 0:
-        raise RoutingError(f"{name} must be a finite number >= 0, got {value}", field=name)
-    return value
-
-
-def _check_queries(queries: Sequence[str]) -> list[str]:
-    if isinstance(queries, str):
-        raise RoutingError("queries must be a list of strings; wrap a single query in a list")
-    queries = list(queries)
-    if not queries:
-        raise RoutingError("no queries given")
-    for i, query in enumerate(queries):
-        if not isinstance(query, str):
-            raise RoutingError(f"query {i} must be text, got {type(query).__name__}")
-        if not query.strip():
-            raise RoutingError(f"query {i} is empty; send the text to route")
-    return queries
-
-
-def _check_tasks(tasks: Sequence[str | None] | None, n: int) -> list[str | None] | None:
-    if tasks is None:
-        return None
-    if isinstance(tasks, str):
-        raise RoutingError("tasks must be a list (one label or None per query); wrap a single task in a list")
-    tasks = list(tasks)
-    if len(tasks) != n:
-        raise RoutingError(f"got {len(tasks)} tasks for {n} queries; give one (or None) per query")
-    for i, task in enumerate(tasks):
-        if task is not None and not isinstance(task, str):
-            raise RoutingError(f"task {i} must be text or None, got {type(task).__name__}")
-    return [task if task else None for task in tasks]
-
-
-def _check_log(log: pd.DataFrame, need_query_id: bool = True, allow_missing_cost: bool = False) -> pd.DataFrame:
-    needed = ["query", "llm", "quality", "cost_usd"] + (["query_id"] if need_query_id else [])
-    missing = [c for c in needed if c not in log.columns]
-    if missing:
-        raise RoutingError(f"interactions need column(s) {', '.join(missing)}")
-    if log.empty:
-        raise RoutingError("no interactions given")
-    quality = pd.to_numeric(log["quality"], errors="coerce")
-    cost = pd.to_numeric(log["cost_usd"], errors="coerce")
-    missing_cost = log["cost_usd"].isna()  # unknown; anything else must be a finite number
-    bad_cost = (~np.isfinite(cost) & ~missing_cost) | (missing_cost & (not allow_missing_cost))
-    if not np.isfinite(quality).all() or bad_cost.any():
-        raise RoutingError("interactions have a missing or non-finite quality or cost; validate them with mixllm.data first")
-    _check_queries(log["query"].tolist())
-    return log.reset_index(drop=True)
-
-
-def _tokens(rows: pd.DataFrame) -> tuple[np.ndarray | None, np.ndarray | None]:
-    if "input_tokens" in rows and "output_tokens" in rows and rows["output_tokens"].notna().any():
-        return rows["input_tokens"].to_numpy(dtype=float), rows["output_tokens"].to_numpy(dtype=float)
-    return None, None

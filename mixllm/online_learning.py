@@ -1,0 +1,208 @@
+"""A fitted MixLLMRouter's online life: bandit feedback (`partial_fit`: each row updates only its
+LLM's predictors) and pool changes (`add_llm` with a prior and a high uncertainty, `remove_llm`,
+enabling, a whole catalogue at once), all without a retrain. A mixin of MixLLMRouter."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from mixllm import estimators
+from mixllm.config import LatencyProfile, LLMConfig
+from mixllm.errors import RoutingError
+from mixllm.router_inputs import check_log, token_columns
+from mixllm.units import call_cost_usd, tokens_from_chars
+
+if TYPE_CHECKING:
+    from mixllm.router import MixLLMRouter
+
+logger = logging.getLogger(__name__)
+
+
+class OnlineLearningMixin:
+    """`partial_fit`, `add_llm`, `remove_llm`, `set_enabled`, `apply_enabled_flags`, `apply_catalogue`."""
+
+    def partial_fit(self, interactions: pd.DataFrame, features: np.ndarray | None = None) -> MixLLMRouter:
+        """Learn from bandit feedback: each row updates only its own LLM's predictors.
+
+        `interactions` needs query, llm, quality, cost_usd (NaN when unknown: then only quality
+        learns; tokens optional); `features` may hold
+        their representation already (one row per interaction) to skip the encoder.
+        """
+        self._check_fitted()
+        # Feedback may come without a cost (a thumbs-up on a /route decision): it teaches quality only.
+        frame = check_log(interactions, need_query_id=False, allow_missing_cost=True)
+        unknown = sorted(set(frame["llm"]) - set(self.quality_models_))
+        if unknown:
+            raise RoutingError(f"feedback for unknown LLM(s) {', '.join(unknown)}; add them with add_llm first")
+        if features is None:
+            tasks = frame["task"].where(frame["task"].notna(), None).tolist() if "task" in frame else None
+            X = self.features(frame["query"].tolist(), tasks)
+        else:
+            X = np.asarray(features, dtype=np.float64)
+        if X.shape[0] != len(frame):
+            raise RoutingError(f"features has {X.shape[0]} rows for {len(frame)} interactions")
+        proba = self.domain_proba(X)
+        for llm, rows in frame.groupby("llm", sort=False):
+            positions = frame.index.get_indexer(rows.index)
+            prior = self.domain_model_.prior(proba[positions], [llm])[:, 0]
+            head_input = self._head_input(llm, X[positions], proba[positions], prior)
+            self.quality_models_[llm].partial_fit(head_input, rows["quality"].to_numpy(), prior=prior)
+            self.cost_models_[llm].partial_fit(X[positions], rows["cost_usd"].to_numpy(),
+                                               rows["query"].str.len().to_numpy(), *token_columns(rows))
+        self.n_feedback_ = getattr(self, "n_feedback_", 0) + len(frame)
+        return self
+
+    def add_llm(self, name: str, input_usd_per_1k: float, output_usd_per_1k: float, *,
+                latency: LatencyProfile | Mapping[str, Any] | None = None, prior_quality: float | None = None,
+                enabled: bool = True) -> MixLLMRouter:
+        """A new candidate with a prior and a high uncertainty, so exploration tries it. No retrain."""
+        self._check_fitted()
+        if not name or not isinstance(name, str):
+            raise RoutingError("add_llm needs a non-empty LLM name")
+        if name in self.quality_models_:
+            raise RoutingError(f"LLM '{name}' is already in the pool; remove_llm it first to reset it")
+        if input_usd_per_1k < 0 or output_usd_per_1k < 0:
+            raise RoutingError("prices must be >= 0 USD per 1k tokens")
+        profile = latency if isinstance(latency, LatencyProfile) else LatencyProfile(**(latency or {}))
+        entry = LLMConfig(name=name, input_usd_per_1k=input_usd_per_1k, output_usd_per_1k=output_usd_per_1k,
+                          latency=profile, enabled=enabled)
+        if prior_quality is not None and not (isinstance(prior_quality, (int, float)) and 0 <= prior_quality <= 1):
+            raise RoutingError(f"prior_quality must be a number in 0..1, got {prior_quality!r}")
+        per_domain = (np.full(len(self.domain_model_.classes_), float(prior_quality)) if prior_quality is not None
+                      else self._newcomer_prior(input_usd_per_1k + output_usd_per_1k))
+        quality_config = self._config.predictors.quality
+        established = [llm for llm in self.llms_ if llm not in self.anchors_
+                       and self.quality_models_[llm].kind == "bayesian_linear"]
+        if established and quality_config.resemblance_weight > 0:
+            columns = [self.domain_model_.llms_.index(llm) for llm in established]
+            self.anchors_[name] = {
+                "llms": established, "weight": float(quality_config.resemblance_weight),
+                "table": self.domain_model_.table_[:, columns].copy(),
+                "coef": np.vstack([self.quality_models_[llm].model_.coef_ for llm in established]),
+            }
+        self.catalogue_[name] = entry.model_dump(mode="json")
+        self.domain_model_.add_llm(name, per_domain)
+        n_anchors = len(self.anchors_.get(name, {}).get("llms", []))
+        self.quality_models_[name] = estimators.newcomer_quality_predictor(self._config).start_empty(
+            self.n_features_in_ + n_anchors)
+        typical_output = float(np.mean(list(self.typical_output_tokens_.values()))) if self.typical_output_tokens_ else 100.0
+        prior_cost = self._newcomer_cost(input_usd_per_1k, output_usd_per_1k, typical_output)
+        self.cost_models_[name] = estimators.cost_predictor(
+            self._config, entry, self.cost_scale_usd_, prior_cost_usd=prior_cost).start_empty(self.n_features_in_)
+        self.typical_output_tokens_[name] = typical_output
+        logger.info("added LLM %s (prior quality %.3f on average over domains, prior cost $%.6f)", name,
+                    float(np.mean(per_domain)), prior_cost)
+        return self
+
+    def _newcomer_cost(self, input_usd_per_1k: float, output_usd_per_1k: float, typical_output_tokens: float) -> float:
+        """A newcomer's prior dollars per query: its list price times what the pool pays per unit of
+        list price (the median over priced LLMs that have logged costs), so it is priced the way
+        the log's costs were made (e.g. prompt tokens only); else tokens x prices."""
+        ratios = []
+        for llm, model in self.cost_models_.items():
+            price = self.catalogue_[llm]["input_usd_per_1k"] + self.catalogue_[llm]["output_usd_per_1k"]
+            if price > 0 and model.prior_cost_usd > 0 and llm not in self.anchors_:
+                ratios.append(model.prior_cost_usd / price)
+        if ratios:
+            return float(np.median(ratios)) * (input_usd_per_1k + output_usd_per_1k)
+        return float(call_cost_usd(tokens_from_chars(self.mean_query_chars_), typical_output_tokens,
+                                   input_usd_per_1k, output_usd_per_1k))
+
+    def _newcomer_prior(self, price_per_1k: float) -> np.ndarray:
+        """A newcomer's per-domain prior quality (predictors.quality.newcomer_prior).
+
+        optimistic (default): in each domain, as good as the best pool LLM that costs no more
+        (price = input + output per 1k tokens; the cheapest LLMs when none is cheaper). An LLM is
+        added because it is expected to compete at its price; the optimism gets it tried, its
+        feedback corrects it domain by domain, and the uncertainty bonus shrinks as it does.
+        price_tier: the pool's per-domain means weighted by closeness in log price.
+        mean: the pool's per-domain mean."""
+        rule = self._config.predictors.quality.newcomer_prior
+        table = self.domain_model_.table_
+        existing = [llm for llm in self.domain_model_.llms_ if llm in self.catalogue_]
+        if not existing:
+            return np.full(table.shape[0], self.mean_quality_)
+        columns = [self.domain_model_.llms_.index(llm) for llm in existing]
+        pool = table[:, columns]
+        prices = np.array([self.catalogue_[llm]["input_usd_per_1k"] + self.catalogue_[llm]["output_usd_per_1k"]
+                           for llm in existing])
+        if rule == "mean":
+            return pool.mean(axis=1)
+        if rule == "optimistic":
+            affordable = prices <= price_per_1k * (1 + 1e-9)
+            if not affordable.any():
+                affordable = prices <= prices.min() * (1 + 1e-9)
+            return pool[:, affordable].max(axis=1)
+        if price_per_1k <= 0 or (prices <= 0).all():
+            return pool.mean(axis=1)
+        distance = np.log(np.maximum(prices, 1e-12)) - np.log(price_per_1k)
+        weights = np.exp(-0.5 * distance**2) * (prices > 0)
+        weights = weights / weights.sum() if weights.sum() > 0 else np.full(len(existing), 1 / len(existing))
+        return pool @ weights
+
+    def remove_llm(self, name: str) -> MixLLMRouter:
+        """Take an LLM out of the pool; the others are untouched."""
+        self._check_fitted()
+        if name not in self.quality_models_:
+            raise RoutingError(f"LLM '{name}' is not in the pool ({', '.join(self.llms_)})")
+        for table in (self.quality_models_, self.cost_models_, self.catalogue_, self.typical_output_tokens_):
+            table.pop(name, None)
+        self.domain_model_.remove_llm(name)
+        self.anchors_.pop(name, None)
+        logger.info("removed LLM %s", name)
+        return self
+
+    def set_enabled(self, name: str, enabled: bool) -> MixLLMRouter:
+        """Keep an LLM's predictors but take it out of (or put it back into) the candidates."""
+        self._check_fitted()
+        if name not in self.catalogue_:
+            raise RoutingError(f"LLM '{name}' is not in the pool ({', '.join(self.llms_)})")
+        self.catalogue_[name] = {**self.catalogue_[name], "enabled": bool(enabled)}
+        return self
+
+    def apply_enabled_flags(self, llms: Sequence[LLMConfig]) -> list[str]:
+        """Only the catalogue's enabled flags, for LLMs already in the pool (what a served model
+        takes from params.yaml at once; adding and removing LLMs is apply_catalogue's). Returns
+        what changed, one line each."""
+        self._check_fitted()
+        changes = []
+        enabled_now = set(self.enabled_llms_)
+        for llm in llms:
+            if llm.name in self.catalogue_ and (llm.name in enabled_now) != llm.enabled:
+                self.set_enabled(llm.name, llm.enabled)
+                changes.append(f"{'enabled' if llm.enabled else 'disabled'} {llm.name}")
+        return changes
+
+    def apply_catalogue(self, llms: Sequence[LLMConfig]) -> list[str]:
+        """Make the pool match a catalogue: add new LLMs, drop absent ones, update prices, latency and
+        enabled flags. Returns what changed, one line each."""
+        self._check_fitted()
+        changes = []
+        wanted = {llm.name: llm for llm in llms}
+        for name in list(self.quality_models_):
+            if name not in wanted:
+                self.remove_llm(name)
+                changes.append(f"removed {name}")
+        for name, entry in wanted.items():
+            if name not in self.quality_models_:
+                self.add_llm(name, entry.input_usd_per_1k, entry.output_usd_per_1k, latency=entry.latency,
+                             enabled=entry.enabled)
+                changes.append(f"added {name}")
+                continue
+            current = self.catalogue_[name]
+            updated = entry.model_dump(mode="json")
+            if current != updated:
+                if current.get("enabled", True) != entry.enabled:
+                    changes.append(f"{'enabled' if entry.enabled else 'disabled'} {name}")
+                else:
+                    changes.append(f"updated {name}")
+                self.catalogue_[name] = updated
+                cost_model = self.cost_models_[name]
+                cost_model.input_usd_per_1k = entry.input_usd_per_1k
+                cost_model.output_usd_per_1k = entry.output_usd_per_1k
+        return changes
