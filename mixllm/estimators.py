@@ -1,7 +1,7 @@
 """From settings to estimators: the one place that turns the typed config into constructor arguments.
 
 Every estimator of the router is built here, so a setting reaches its estimator by one path and the
-defaults live in `config.py` alone. The estimators' own constructor defaults equal the config's
+defaults live in the `config` package alone. The estimators' own constructor defaults equal the config's
 (tests/test_config.py checks it), so an estimator built by hand behaves like the configured one.
 Arguments that come from the data (a chosen ridge, an LLM's logged mean cost) are passed in.
 """

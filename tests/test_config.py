@@ -138,7 +138,7 @@ def test_a_benchmark_entry_with_a_reference_outside_its_catalogue_is_refused(tmp
 
 
 def test_estimators_built_from_the_default_config_equal_their_own_defaults():
-    """Defaults live in config.py: an estimator built by hand behaves like the configured one, so
+    """Defaults live in the config package: an estimator built by hand behaves like the configured one, so
     their constructor defaults must agree. Arguments that come from the data are left out."""
     from mixllm import estimators
     from mixllm.config import LLMConfig
