@@ -45,15 +45,8 @@ from mixllm.benchmark_config import load_benchmark_config  # noqa: E402
 from mixllm.config import load_config  # noqa: E402
 from mixllm.data import InteractionStore, ingest  # noqa: E402
 from mixllm.splitting import normalised_text  # noqa: E402
-from mixllm.evaluate import (  # noqa: E402
-    Interval,
-    Outcomes,
-    Reference,
-    RouterCurve,
-    bootstrap_metrics,
-    bootstrap_weights,
-    exact_sweep,
-)
+from mixllm.bootstrap import Interval, bootstrap_metrics, bootstrap_weights  # noqa: E402
+from mixllm.evaluate import Outcomes, Reference, RouterCurve, exact_sweep  # noqa: E402
 from mixllm.workspace import Workspace, load_split, write_split  # noqa: E402
 from mixllm.decision import Predictions  # noqa: E402
 from mixllm.router import MixLLMRouter  # noqa: E402

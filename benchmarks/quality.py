@@ -43,20 +43,15 @@ from mixllm.baselines import MixLLMAdapter, query_frame  # noqa: E402
 from mixllm.benchmark_config import DatasetConfig, load_benchmark_config  # noqa: E402
 from mixllm.config import MixLLMConfig, load_config  # noqa: E402
 from mixllm.data import InteractionStore, ingest  # noqa: E402
-from mixllm.evaluate import (  # noqa: E402
+from mixllm.bootstrap import (  # noqa: E402
     BOOTSTRAP_METRICS,
     Interval,
-    Outcomes,
-    RouterCurve,
     at_lambda_bootstrap,
     bootstrap_metrics,
     bootstrap_weights,
-    measure_router,
-    pareto_plot,
-    results_table,
-    routing_overhead_ms,
-    to_jsonable,
 )
+from mixllm.evaluate import Outcomes, RouterCurve, measure_router, routing_overhead_ms  # noqa: E402
+from mixllm.results import pareto_plot, results_table, to_jsonable  # noqa: E402
 from mixllm.report import (  # noqa: E402
     calibrate_on_validation,
     evaluate_router,

@@ -149,7 +149,7 @@ def _stage_command(name: str, description: str, outputs: str):  # noqa: ANN202 -
         config = state.config()
         result = run_stage(config, name, progress=_progress())  # `mixllm train` then reuses what DVC made
         if name == "evaluate":
-            from mixllm.evaluate import format_table
+            from mixllm.results import format_table
 
             typer.echo(format_table(result.table(config)))
             typer.echo("MixLLM: " + result.headline())

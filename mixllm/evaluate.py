@@ -1,4 +1,5 @@
-"""Measuring routers: quality-cost curves, AIQ, budgets, calibration, and the Pareto plot.
+"""Measuring routers: quality-cost curves, AIQ and operating points. Their confidence intervals are
+in bootstrap.py, lambda's calibration to a budget in calibration.py, tables and plots in results.py.
 
 All figures are against a reference LLM on the same queries ("X% of GPT-4's quality at Y% of its
 cost"). A router's curve is its operating points over a lambda sweep. Two routing policies can be
@@ -12,19 +13,15 @@ point its hull is 0 (it cannot spend that little); above its dearest point the h
 The lambda sweep is exact: for each query the score of LLM m is a line in lambda
 (q_m + bonus_m - lambda * c_m / scale), so the choice changes only where the upper envelope of
 those lines has a corner. `decision_path` finds every such corner; the curve has one operating
-point per distinct corner, so no grid can make a hull coarse. Confidence intervals come from a
-bootstrap over the evaluation queries (`bootstrap_metrics`): the same resampled queries for
-every router, so differences between routers are paired.
+point per distinct corner, so no grid can make a hull coarse.
 """
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any, Literal
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -32,8 +29,6 @@ import pandas as pd
 from mixllm.errors import MixLLMError
 from mixllm.decision import Predictions, decide
 from mixllm.units import outcome_tables
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -316,7 +311,7 @@ def exact_sweep(predictions: Predictions, outcomes: Outcomes, reference: Referen
                 cost_scale_usd: float) -> tuple[list[OperatingPoint], DecisionPath]:
     """Every Pareto-efficient operating point of the exact lambda sweep, and the path itself."""
     path = decision_path(predictions.quality, predictions.cost_usd, cost_scale_usd, predictions.llms)
-    quality, cost = _outcome_columns(outcomes, predictions.llms)
+    quality, cost = outcome_columns(outcomes, predictions.llms)
     mean_q, mean_c = path_means(path, quality, cost)
     lambdas = segment_lambdas(path)
     points = []
@@ -326,7 +321,7 @@ def exact_sweep(predictions: Predictions, outcomes: Outcomes, reference: Referen
     return points, path
 
 
-def _outcome_columns(outcomes: Outcomes, llms: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+def outcome_columns(outcomes: Outcomes, llms: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     index = [outcomes.llms.index(llm) for llm in llms]
     return outcomes.quality[:, index], outcomes.cost_usd[:, index]
 
@@ -365,291 +360,3 @@ def routing_overhead_ms(router: Any, queries: Sequence[str], sample: int = 64) -
     finally:
         if hasattr(router, "cache_dir"):
             router.cache_dir = cache_dir
-
-
-# ------------------------------------------------------------------------------------ bootstrap
-
-
-def _hull_arrays(costs: np.ndarray, qualities: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The non-decreasing upper convex hull of points as (costs, qualities) vertex arrays (the
-    Pareto front first, so the monotone chain runs over few points)."""
-    keep = pareto_indices(costs, qualities)
-    xs, ys = costs[keep], qualities[keep]
-    hull_x, hull_y = [xs[0]], [ys[0]]
-    for x, y in zip(xs[1:], ys[1:]):
-        while len(hull_x) >= 2 and (hull_x[-1] - hull_x[-2]) * (y - hull_y[-2]) - (hull_y[-1] - hull_y[-2]) * (x - hull_x[-2]) >= 0:
-            hull_x.pop()
-            hull_y.pop()
-        hull_x.append(x)
-        hull_y.append(y)
-    return np.array(hull_x), np.array(hull_y)
-
-
-def _hull_metrics(hull_x: np.ndarray, hull_y: np.ndarray, cheapest: float, ref_quality: float, ref_cost: float,
-                  budget_share: float, quality_share: float, sweeps: bool) -> tuple[float, float, float, float]:
-    """(AIQ, quality at the budget %, least cost % for the target, least cost % for parity) of one hull."""
-    def at(cost: np.ndarray | float) -> np.ndarray:
-        return np.where(np.asarray(cost) < hull_x[0], 0.0, np.interp(cost, hull_x, hull_y))
-
-    def least(target: float) -> float:
-        if hull_y[-1] < target:
-            return float("nan")
-        if hull_y[0] >= target:
-            return 100 * float(hull_x[0]) / ref_cost
-        return 100 * float(np.interp(target, hull_y, hull_x)) / ref_cost
-
-    if sweeps and ref_cost > cheapest:
-        xs = np.linspace(cheapest, ref_cost, 2001)
-        area = float(np.trapezoid(at(xs), xs) / (ref_cost - cheapest) / ref_quality)
-    else:
-        area = float("nan")
-    return (area, 100 * float(at(budget_share * ref_cost)) / ref_quality, least(quality_share * ref_quality),
-            least(ref_quality))
-
-
-BOOTSTRAP_METRICS = ("aiq", "quality_at_budget_pct", "least_cost_for_target_pct", "least_cost_for_reference_pct")
-
-
-def bootstrap_weights(n_queries: int, n_boot: int, seed: int) -> np.ndarray:
-    """Counts per query for `n_boot` resamples with replacement (shared by every router: paired)."""
-    rng = np.random.default_rng(seed)
-    return rng.multinomial(n_queries, np.full(n_queries, 1.0 / n_queries), size=n_boot).astype(np.float64)
-
-
-def bootstrap_metrics(curve: RouterCurve, outcomes: Outcomes, reference_quality: np.ndarray,
-                      reference_cost: np.ndarray, weights: np.ndarray, budget_share: float,
-                      quality_share: float, chunk: int = 200) -> dict[str, np.ndarray]:
-    """Each metric of `curve` on every bootstrap resample (rows of `weights`), the reference and
-    the cheapest LLM re-measured on the same resample. NaN where a target is not reached."""
-    if curve.path is None:
-        raise MixLLMError(f"router {curve.name!r} has no decision path; measure it with measure_router")
-    quality, cost = _outcome_columns(outcomes, curve.path.llms)
-    out = {name: np.zeros(len(weights)) for name in BOOTSTRAP_METRICS}
-    for start in range(0, len(weights), chunk):
-        block = weights[start:start + chunk]
-        total = block.sum(axis=1)
-        mean_q, mean_c = path_means(curve.path, quality, cost, block)
-        ref_q, ref_c = block @ reference_quality / total, block @ reference_cost / total
-        cheapest = (block @ outcomes.cost_usd / total[:, None]).min(axis=1)
-        for b in range(len(block)):
-            hull_x, hull_y = _hull_arrays(mean_c[b], mean_q[b])
-            values = _hull_metrics(hull_x, hull_y, cheapest[b], ref_q[b], ref_c[b], budget_share, quality_share,
-                                   curve.sweeps_lambda)
-            for name, value in zip(BOOTSTRAP_METRICS, values):
-                out[name][start + b] = value
-    return out
-
-
-def at_lambda_bootstrap(path: DecisionPath, lambda_: float, outcomes: Outcomes, reference_quality: np.ndarray,
-                        reference_cost: np.ndarray, weights: np.ndarray) -> dict[str, np.ndarray]:
-    """Quality and cost shares of one fixed lambda on every resample (e.g. the calibrated one)."""
-    quality, cost = _outcome_columns(outcomes, path.llms)
-    choices = path.choices_at(lambda_)
-    rows = np.arange(len(choices))
-    return {"quality_pct": 100 * (weights @ quality[rows, choices]) / (weights @ reference_quality),
-            "cost_pct": 100 * (weights @ cost[rows, choices]) / (weights @ reference_cost)}
-
-
-@dataclass(frozen=True)
-class Interval:
-    """A point estimate with its percentile bootstrap interval (NaN-free replicates only)."""
-
-    estimate: float
-    low: float
-    high: float
-    reached: float = 1.0  # share of resamples where the metric exists (e.g. a target was reached)
-
-    @classmethod
-    def of(cls, estimate: float | None, replicates: np.ndarray, level: float = 0.95) -> Interval:
-        finite = replicates[np.isfinite(replicates)]
-        estimate = float("nan") if estimate is None else float(estimate)
-        if len(finite) == 0:
-            return cls(estimate, float("nan"), float("nan"), 0.0)
-        tail = 100 * (1 - level) / 2
-        low, high = np.percentile(finite, [tail, 100 - tail])
-        return cls(estimate, float(low), float(high), len(finite) / len(replicates))
-
-    def format(self, digits: int = 4) -> str:
-        if not np.isfinite(self.estimate):
-            return "–"
-        text = f"{self.estimate:.{digits}f} [{self.low:.{digits}f}, {self.high:.{digits}f}]"
-        return text if self.reached >= 0.999 else f"{text} ({100 * self.reached:.0f}% of resamples)"
-
-
-# -------------------------------------------------------------------------------- calibration
-
-CalibrationTarget = Literal["cost_share", "budget_usd_per_1k", "quality_share"]
-
-
-@dataclass(frozen=True)
-class Calibration:
-    target: str
-    value: float
-    lambda_: float
-    validation: OperatingPoint
-    met: bool  # False when no lambda met the target on validation (the closest is returned)
-    confidence: float = 0.5  # of the cost bound; 0.5: the plain validation mean had to meet the budget
-    cost_bound: float | None = None  # upper confidence bound of the cost (share or USD/query) at lambda_
-
-
-def calibrate_lambda(predictions: Predictions, outcomes: Outcomes, reference: Reference, cost_scale_usd: float,
-                     target: CalibrationTarget, value: float, *, confidence: float = 0.5,
-                     window_queries: int | None = None, reference_cost_usd: np.ndarray | None = None) -> Calibration:
-    """The lambda that meets a target on validation data, searched over the exact lambda path.
-
-    cost_share: the best quality whose cost stays within `value` x the reference's cost;
-    budget_usd_per_1k: the same with an absolute budget (dollars per 1,000 queries);
-    quality_share: the cheapest point whose quality is at least `value` x the reference's.
-
-    A budget must hold on traffic the router has not seen, not only on validation. With
-    `confidence` above 0.5 the budget must hold for the one-sided upper confidence bound of the
-    spend over a window of `window_queries` new queries (default: as many as validation has):
-    mean(d) + z * sd(d) * sqrt(1/n_validation + 1/n_window) <= 0 with d_i = cost_i - budget_i per
-    query, budget_i = value x the reference's cost on query i (or value / 1000 USD). The sd comes
-    from the validation queries at that lambda, so a spiky policy gets a wider margin.
-    """
-    from statistics import NormalDist
-
-    if target not in ("cost_share", "budget_usd_per_1k", "quality_share"):
-        raise MixLLMError(f"unknown calibration target '{target}'; choose cost_share, budget_usd_per_1k or quality_share")
-    if value <= 0:
-        raise MixLLMError(f"calibration target value must be > 0, got {value}")
-    if not 0.5 <= confidence < 1:
-        raise MixLLMError(f"budget confidence must be in [0.5, 1), got {confidence}")
-    path = decision_path(predictions.quality, predictions.cost_usd, cost_scale_usd, predictions.llms)
-    quality, cost = _outcome_columns(outcomes, predictions.llms)
-    mean_q, mean_c = path_means(path, quality, cost)
-    lambdas = segment_lambdas(path)
-    n = len(quality)
-    if target == "quality_share":
-        meeting = np.flatnonzero(mean_q >= value * reference.mean_quality)
-        met = len(meeting) > 0
-        k = int(meeting[np.lexsort((-mean_q[meeting], mean_c[meeting]))[0]]) if met else int(np.argmax(mean_q))
-        point = operating_point(path.choices_at(float(lambdas[k])), predictions.llms, outcomes, reference, float(lambdas[k]))
-        return Calibration(target, value, float(lambdas[k]), point, met)
-    if target == "cost_share":
-        per_query_ref = (np.full(n, reference.mean_cost_usd) if reference_cost_usd is None
-                         else np.asarray(reference_cost_usd, dtype=np.float64))
-        allowance = value * per_query_ref
-    else:
-        allowance = np.full(n, value / 1000.0)
-    excess = cost - allowance[:, None]  # d_i for every LLM choice
-    mean_d, mean_d2 = path_means(path, excess, excess**2)
-    z = NormalDist().inv_cdf(confidence)
-    window = n if window_queries is None else max(int(window_queries), 1)
-    sd = np.sqrt(np.maximum(mean_d2 - mean_d**2, 0.0) * n / max(n - 1, 1))
-    bound = mean_d + z * sd * np.sqrt(1.0 / n + 1.0 / window)
-    meeting = np.flatnonzero(bound <= 1e-15)
-    met = len(meeting) > 0
-    if met:
-        k = int(meeting[np.lexsort((mean_c[meeting], -mean_q[meeting]))[0]])
-    else:
-        k = int(np.argmin(bound))
-    point = operating_point(path.choices_at(float(lambdas[k])), predictions.llms, outcomes, reference, float(lambdas[k]))
-    mean_allowance = float(allowance.mean())
-    bound_cost = float(bound[k] + mean_allowance)  # the bound on mean cost in USD per query
-    cost_bound = bound_cost / reference.mean_cost_usd if target == "cost_share" else bound_cost
-    return Calibration(target, value, float(lambdas[k]), point, met, confidence, cost_bound)
-
-
-# ---------------------------------------------------------------------------------- reporting
-
-
-def results_table(curves: Sequence[RouterCurve], reference: Reference, budget_share: float,
-                  quality_share: float) -> pd.DataFrame:
-    return pd.DataFrame([c.summary(reference, budget_share, quality_share) for c in curves])
-
-
-def format_table(table: pd.DataFrame) -> str:
-    """The table as GitHub markdown, numbers rounded for people."""
-    def fmt(value: Any, digits: int = 2) -> str:
-        if value is None or (isinstance(value, float) and not np.isfinite(value)):
-            return "–"
-        return f"{value:.{digits}f}" if isinstance(value, (float, np.floating)) else str(value)
-
-    columns = [c for c in ("router", "calibrated_quality_pct", "calibrated_cost_pct", "aiq", "quality_at_budget_pct",
-                           "least_cost_for_target_pct", "least_cost_for_reference_pct", "best_quality_pct",
-                           "best_quality_cost_pct", "ms_per_query")
-               if c in table.columns]
-    header = "| " + " | ".join(columns) + " |"
-    lines = [header, "|" + "|".join("---" for _ in columns) + "|"]
-    for row in table[columns].itertuples(index=False):
-        lines.append("| " + " | ".join(fmt(v, 4 if c == "aiq" else 2) for v, c in zip(row, columns)) + " |")
-    return "\n".join(lines)
-
-
-def pareto_plot(curves: Sequence[RouterCurve], reference: Reference, single_llm_points: dict[str, OperatingPoint],
-                path: Path | str, title: str = "Quality vs cost", budget_share: float | None = None,
-                quality_share: float | None = None) -> Path:
-    """Every router's hull (and points) and the single LLMs as squares, as shares of the reference;
-    dashed lines mark the cost budget and the quality target."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(9, 6), dpi=120)
-    palette = plt.get_cmap("tab20").colors
-    for index, curve in enumerate(c for c in curves if c.sweeps_lambda):
-        hull = curve.hull()
-        xs = 100 * hull[:, 0] / reference.mean_cost_usd
-        ys = 100 * hull[:, 1] / reference.mean_quality
-        if index == 0:  # the router under test
-            style = {"linewidth": 3.0, "color": "black", "zorder": 5}
-        elif curve.name.startswith(curves[0].name):  # its ablations
-            style = {"linewidth": 1.2, "linestyle": "--", "color": palette[(2 * index + 1) % len(palette)]}
-        else:  # baselines
-            style = {"linewidth": 1.4, "color": palette[(2 * index) % len(palette)]}
-        line, = ax.plot(xs, ys, marker=".", label=curve.name, **style)
-        raw_x = [100 * p.cost_share for p in curve.points]
-        raw_y = [100 * p.quality_share for p in curve.points]
-        ax.scatter(raw_x, raw_y, s=6, color=line.get_color(), alpha=0.35)
-    for llm, point in single_llm_points.items():
-        ax.scatter([100 * point.cost_share], [100 * point.quality_share], marker="s", s=30, color="black")
-        ax.annotate(llm.split("/")[-1], (100 * point.cost_share, 100 * point.quality_share), fontsize=7,
-                    xytext=(3, 3), textcoords="offset points")
-    ax.axhline(100, color="grey", linewidth=0.8, linestyle=":")
-    if budget_share is not None:
-        ax.axvline(100 * budget_share, color="grey", linewidth=0.8, linestyle="--")
-    if quality_share is not None:
-        ax.axhline(100 * quality_share, color="grey", linewidth=0.8, linestyle="--")
-    ax.set_xscale("log")
-    lowest = min([p.cost_share for p in single_llm_points.values()]
-                 + [p.cost_share for c in curves for p in c.points if p.cost_share > 0] or [0.01])
-    ax.set_xlim(left=100 * lowest * 0.7, right=130)
-    ax.set_xlabel(f"cost, % of {reference.llm}")
-    ax.set_ylabel(f"quality, % of {reference.llm}")
-    ax.set_title(title)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, loc="center right")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
-
-
-def curve_records(curves: Sequence[RouterCurve]) -> pd.DataFrame:
-    """Every operating point of every router, long format (for DVC plots and MLflow artifacts)."""
-    rows = []
-    for curve in curves:
-        for point in curve.points:
-            rows.append({"router": curve.name, "lambda": point.lambda_, "cost_pct": 100 * point.cost_share,
-                         "quality_pct": 100 * point.quality_share, "mean_cost_usd": point.mean_cost_usd,
-                         "mean_quality": point.mean_quality})
-    return pd.DataFrame(rows)
-
-
-def to_jsonable(value: Any) -> Any:
-    if hasattr(value, "__dataclass_fields__"):
-        return to_jsonable(asdict(value))
-    if isinstance(value, dict):
-        return {str(k): to_jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [to_jsonable(v) for v in value]
-    if isinstance(value, (np.floating, float)):
-        return None if not np.isfinite(value) else float(value)
-    if isinstance(value, np.integer):
-        return int(value)
-    return value

@@ -14,7 +14,7 @@ import numpy as np
 
 from mixllm.baselines import query_frame
 from mixllm.config import MixLLMConfig
-from mixllm.evaluate import to_jsonable
+from mixllm.results import to_jsonable
 from mixllm.report import EvaluationReport, evaluate_router, objective
 from mixllm.router import MixLLMRouter
 from mixllm.workspace import SplitData, Workspace

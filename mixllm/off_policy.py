@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from mixllm.evaluate import Interval, bootstrap_weights
+from mixllm.bootstrap import Interval, bootstrap_weights
 
 ESTIMATORS = ("ips", "snips", "dr")
 

@@ -17,30 +17,27 @@ from mixllm.baselines import MixLLMAdapter, make_baseline, query_frame
 from mixllm.config import MixLLMConfig
 from mixllm.embeddings import EmbeddingCache, QueryEncoder
 from mixllm.errors import MixLLMError
-from mixllm.evaluate import (
+from mixllm.bootstrap import (
     BOOTSTRAP_METRICS,
-    Calibration,
     Interval,
+    at_lambda_bootstrap,
+    bootstrap_metrics,
+    bootstrap_weights,
+)
+from mixllm.calibration import Calibration, calibrate_lambda
+from mixllm.evaluate import (
     OperatingPoint,
     Outcomes,
     Reference,
     RouterCurve,
-    at_lambda_bootstrap,
     best_single_llm,
-    bootstrap_metrics,
-    bootstrap_weights,
-    calibrate_lambda,
-    curve_records,
-    format_table,
     hull_quality,
     measure_router,
     operating_point,
-    pareto_plot,
-    results_table,
     routing_overhead_ms,
     sweep,
-    to_jsonable,
 )
+from mixllm.results import curve_records, format_table, pareto_plot, results_table, to_jsonable
 from mixllm.router import MixLLMRouter
 from mixllm.workspace import SplitData, Workspace, write_atomic
 

@@ -16,7 +16,7 @@ from mixllm.config import MixLLMConfig, config_from_dict
 from mixllm.continual import stage_replay
 from mixllm.embeddings import QueryEncoder
 from mixllm.errors import MixLLMError
-from mixllm.evaluate import format_table, to_jsonable
+from mixllm.results import format_table, to_jsonable
 from mixllm.gate import Registration, register_candidate
 from mixllm.report import EvaluationReport, choose_backend, evaluate_router, write_evaluation
 from mixllm.router import MixLLMRouter

@@ -6,11 +6,11 @@ import pytest
 
 from mixllm.baselines import OracleRouter, PerSourceRouter, SingleLLMRouter, make_baseline, query_frame
 from mixllm.errors import ConfigError, MixLLMError
+from mixllm.calibration import calibrate_lambda
 from mixllm.evaluate import (
     Outcomes,
     Reference,
     aiq,
-    calibrate_lambda,
     hull_quality,
     least_cost_for_quality,
     operating_point,
@@ -230,7 +230,8 @@ def test_exact_sweep_hull_dominates_any_grid():
 
 
 def test_bootstrap_of_a_router_against_itself_is_exactly_zero_and_intervals_cover_the_estimate():
-    from mixllm.evaluate import Interval, RouterCurve, bootstrap_metrics, bootstrap_weights, measure_router
+    from mixllm.bootstrap import Interval, bootstrap_metrics, bootstrap_weights
+    from mixllm.evaluate import RouterCurve, measure_router
 
     predictions, outcomes = _synthetic_predictions(n=300, seed=5)
     reference = Reference.of(outcomes, "dear")
