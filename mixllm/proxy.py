@@ -1,6 +1,8 @@
 """The OpenAI-compatible proxy's work: what it refuses to forward, the upstream call (plain or
 streamed) with its accounting (in-flight count, latency, cost, the decision's real cost), and the
-error it answers when an upstream fails. A mixin of the service class, which owns the endpoints."""
+error it answers when an upstream fails; and the whole of a chat completion (`_chat`: route or
+take the named LLM, the tenant's budget and session, failover). A mixin of the service class, which
+owns the endpoints."""
 
 from __future__ import annotations
 
@@ -13,15 +15,19 @@ import uuid
 from typing import Any
 
 from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import ValidationError
 
 from mixllm.api_models import (
     CONSUMED_CHAT_FIELDS,
     FORWARDED_CHAT_FIELDS,
     ChatRequest,
+    RouteRequest,
     conversation_text,
     error,
+    last_user_text,
     surrogate_path,
 )
+from mixllm.decision import fallback_ranking
 from mixllm.savings import reference_llm
 from mixllm.sessions import session_key
 
@@ -259,6 +265,91 @@ class ChatProxy:
                 finish("ok", usage)
 
         return StreamingResponse(relay(), media_type="text/event-stream", headers=mixllm_headers), False
+
+    async def _chat(self, request: ChatRequest, http_request: Any) -> Any:
+        """POST /v1/chat/completions (the service's endpoint documents it): route or take the named
+        LLM, apply the tenant's budget and session, forward with failover along the router's ranking."""
+        import anyio
+
+        model = self._current()
+        upstreams = {llm.name: llm.upstream for llm in self.config.llms if llm.upstream is not None}
+        refusal = self._chat_refusal(request)
+        if refusal is not None:
+            return refusal
+        text = last_user_text(request.messages)
+        if not text:
+            return error(400, "messages", "no user message with text to route")
+        decision_id, routed = None, request.model == "mixllm" or request.model.startswith("mixllm:")
+        if routed:
+            lambda_ = None
+            if ":" in request.model:
+                try:
+                    lambda_ = float(request.model.split(":", 1)[1])
+                except ValueError:
+                    return error(400, "model", f"'{request.model}': after 'mixllm:' comes lambda, a number >= 0")
+            reachable = [m for m in model.router.enabled_llms_ if m in upstreams]
+            if not reachable:
+                return error(503, None, "no LLM in the catalogue has an upstream (llms[].upstream in params.yaml)")
+            wanted = (request.model_extra or {}).get("candidates")
+            if wanted is not None:
+                unknown = [m for m in wanted if m not in reachable]
+                if unknown:
+                    return error(400, "candidates", f"unknown, disabled or unreachable LLM(s) in candidates: "
+                                                    f"{', '.join(unknown)}; choose from {', '.join(reachable)}")
+                reachable = [m for m in reachable if m in wanted]
+            # An LLM whose circuit breaker is open is no candidate (unless every one is).
+            candidates = [m for m in reachable if self.breakers.available(m)] or reachable
+            tenant = self._tenant(http_request)
+            plan = self._spend_plan(tenant, candidates, lambda_, model.router.default_lambda)
+            if isinstance(plan, JSONResponse):
+                return plan
+            candidates, lambda_ = plan.candidates, plan.lambda_
+            session, sticky_llm = self._session(request, http_request, tenant)
+            try:
+                item = RouteRequest(query=self._routed_text(request, text), lambda_=lambda_, candidates=candidates)
+            except ValidationError as exc:
+                problem = exc.errors()[0]
+                field = "model" if problem["loc"] and problem["loc"][0] in ("lambda", "lambda_") else "messages"
+                return error(400, field, f"{field}: {problem['msg']}")
+            started = time.perf_counter()
+            routed_result = await anyio.to_thread.run_sync(self._route_coalescer, item)
+            router_ms = 1000 * (time.perf_counter() - started)
+            if isinstance(routed_result, JSONResponse):
+                return routed_result
+            chosen, decision_id = routed_result.llm, routed_result.decision_id
+            # Failover follows the router's own ranking: the next best eligible candidates by score.
+            ranking = fallback_ranking(chosen, routed_result.candidates, candidates)
+            if sticky_llm in candidates:  # the conversation stays where it is while that LLM works
+                ranking = [sticky_llm, *(m for m in ranking if m != sticky_llm)]
+            predicted_cost = {c.llm: c.cost_usd for c in routed_result.candidates}
+        else:
+            chosen = request.model
+            limit = self.config.service.max_query_chars
+            if len(text) > limit:  # the same cap as a routed chat's: the upstream is paid with the server's key
+                return error(400, "messages", f"the last user message has {len(text)} characters; the limit is "
+                                              f"{limit} (service.max_query_chars)")
+            if chosen not in upstreams:
+                return error(404, "model", f"unknown model '{chosen}'; use mixllm, mixllm:<lambda> or one of "
+                                           f"{', '.join(sorted(upstreams))}")
+            tenant = self._tenant(http_request)
+            if tenant is not None and tenant.allowed_llms is not None and chosen not in tenant.allowed_llms:
+                return error(403, "model", f"tenant '{tenant.name}' may not use '{chosen}'; its allowed_llms: "
+                                           f"{', '.join(tenant.allowed_llms)}")
+            plan = self._spend_plan(tenant, sorted(upstreams), None, model.router.default_lambda)
+            if isinstance(plan, JSONResponse):
+                return plan
+            if chosen not in plan.candidates:  # its budget is spent: only the cheapest LLM now
+                return error(429, "model", f"{plan.notes[0]}; name that LLM ({plan.candidates[0]}) or use mixllm")
+            ranking = [chosen]  # the caller named this LLM: no other answers in its place
+            session, predicted_cost, router_ms = None, {}, None
+        response = await self._forward(request, ranking, upstreams, decision_id, model.version,
+                                       tenant=plan.tenant, predicted_cost=predicted_cost, router_ms=router_ms)
+        if plan.notes:  # why this tenant's chat went where it did (pacing, a spent budget)
+            response.headers["x-mixllm-budget"] = plan.notes[0]
+        if session is not None and response.status_code == 200:
+            await anyio.to_thread.run_sync(self._remember_session, session, response.headers["x-mixllm-llm"])
+            response.headers["x-mixllm-session"] = "kept" if sticky_llm == response.headers["x-mixllm-llm"] else "routed"
+        return response
 
     def _estimated_cost(self, llm: str, request: ChatRequest) -> float | None:
         """A call's cost without usage: its messages' characters as input tokens, the default output."""

@@ -6,23 +6,25 @@ Serves the registry's champion (service.model_alias), polls the alias and swaps 
 (requests in flight finish on the model they started with), logs every decision and feedback row
 to the interaction store, and proxies OpenAI-compatible chat completions to the chosen LLM.
 Configuration: params.yaml from the working folder, or MIXLLM_PARAMS.
+
+This module holds the endpoints; their work is in mixins, one role each: model_lifecycle.py
+(loading, swapping, polling), proxy.py (chat completions and the upstream calls), spending.py
+(tenants' budgets and usage), watchers.py (metrics, drift, shadow). The HTTP models are in
+api_models.py, the ASGI layers (limits, auth, error shapes) in middleware.py.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import signal
 import threading
 import time
-from dataclasses import dataclass
 from typing import Annotated, Any
 
 import bentoml
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
-from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
 from mixllm.api_models import (
@@ -38,12 +40,10 @@ from mixllm.api_models import (
     candidate_scores,
     decision_details,
     error,
-    last_user_text,
     openapi_contract,
     stored_response,
 )
 from mixllm.circuit import CircuitBreakers
-from mixllm.decision import fallback_ranking
 from mixllm.middleware import (
     BearerAuth,
     BodyLimit,
@@ -53,6 +53,7 @@ from mixllm.middleware import (
     TenantKeys,
     quiet_client_errors,
 )
+from mixllm.model_lifecycle import LoadedModel, ModelLifecycle
 from mixllm.proxy import ChatProxy
 from mixllm.request_batching import RequestCoalescer
 from mixllm.spending import TenantBudgets
@@ -64,17 +65,6 @@ os.environ.setdefault("BENTOML_CONTAINERIZED", "true")
 
 logger = logging.getLogger("bentoml.mixllm")  # bentoml serve shows "bentoml.*" loggers
 TENANT_KEYS = TenantKeys()  # filled in when the service starts; read by BearerAuth
-
-
-# ------------------------------------------------------------------------------------- helpers
-
-
-@dataclass(frozen=True)
-class LoadedModel:
-    """What requests read: swapped as a whole, so a request never sees half a reload."""
-
-    router: Any
-    version: int
 
 
 # ------------------------------------------------------------------------------------- service
@@ -111,7 +101,7 @@ root_app.add_exception_handler(RequestValidationError, _chat_request_invalid)  #
 @bentoml.asgi_app(openai_app, path="/v1")
 @bentoml.asgi_app(admin_app, path="/admin")
 @bentoml.asgi_app(root_app, path="/")
-class MixLLMService(ChatProxy, TenantBudgets, ServiceWatchers):
+class MixLLMService(ModelLifecycle, ChatProxy, TenantBudgets, ServiceWatchers):
     """Routes queries with the MLflow champion and closes the continual-learning loop."""
 
     def __init__(self) -> None:
@@ -172,78 +162,6 @@ class MixLLMService(ChatProxy, TenantBudgets, ServiceWatchers):
             threading.Thread(target=self._exit_when_parent_dies, args=(os.getppid(),), daemon=True,
                              name="mixllm-parent-watch").start()
 
-    def _exit_when_parent_dies(self, parent_pid: int) -> None:
-        """`bentoml serve` runs this service in a worker process that inherits the listening socket.
-        If the serving process is killed (kill -9, the OOM killer), the worker would live on as an
-        orphan, still answering and holding the port, so a restart could not bind it. When the
-        parent is gone (the worker is re-parented) the worker stops itself: SIGTERM, the graceful
-        way, then a hard exit if that did not end it within 10 s."""
-        while not self._stop.wait(1.0):
-            if os.getppid() != parent_pid:
-                logger.error("the serving process (pid %d) is gone; worker %d exits so the port is freed and a "
-                             "restart can bind it", parent_pid, os.getpid())
-                os.kill(os.getpid(), signal.SIGTERM)
-                if not self._stop.wait(10.0):
-                    os._exit(1)
-                return
-
-    # -------------------------------------------------------------------------- model lifecycle
-
-    def _load_all(self, version: int) -> None:
-        self._reload(version)
-        self._load_shadow()
-
-    def _reload(self, version: int | None = None) -> int:
-        """Load `version` (default: what the alias points at now) and swap it in atomically."""
-        with self._reload_lock:
-            alias = self.config.service.model_alias
-            target = version or self.registry.alias_version(alias)
-            if target is None:
-                raise RuntimeError(f"the registry has no '{alias}' version")
-            if self.model is not None and self.model.version == target:
-                return target
-            started = time.perf_counter()
-            router, number = self.registry.load_router(target)
-            # params.yaml's enabled flags apply to every model served (and /admin/reload re-reads
-            # them); adding and removing LLMs is the continual flow's job, so the served model
-            # stays the registered one.
-            router.apply_enabled_flags(self.config.llms)
-            router.route(["warm-up query"])  # first-call costs are paid here, not by a request
-            self.model = LoadedModel(router, number)
-            ROUTABLE.enabled, ROUTABLE.known = tuple(router.enabled_llms_), tuple(router.llms_)
-            self.loading_reason = ""
-            self.metrics.model_version.set(number)
-            logger.info("serving %s version %d (loaded in %.1fs)", self.config.mlflow.registered_model_name, number,
-                        time.perf_counter() - started)
-            return number
-
-    def _reload_enabled_flags(self) -> list[str]:
-        """Re-read params.yaml and apply its llms[].enabled to the served model at once (an upstream
-        outage: set enabled: false there, then POST /admin/reload). Other settings need a restart."""
-        from mixllm.config import load_config
-
-        fresh = load_config()
-        with self._reload_lock:
-            model = self._current()
-            changes = model.router.apply_enabled_flags(fresh.llms)
-            ROUTABLE.enabled, ROUTABLE.known = tuple(model.router.enabled_llms_), tuple(model.router.llms_)
-            self.config = self.config.model_copy(update={"llms": fresh.llms})
-        if changes:
-            logger.info("params.yaml's enabled flags applied to version %d: %s", model.version, ", ".join(changes))
-        return changes
-
-    def _poll(self) -> None:
-        interval = self.config.service.poll_interval_s
-        while not self._stop.wait(interval):
-            try:
-                current = self.registry.alias_version(self.config.service.model_alias)
-                if current is not None and (self.model is None or current != self.model.version):
-                    logger.info("registry alias moved to version %s: reloading", current)
-                    self._reload(current)
-                self._load_shadow()
-            except Exception as exc:  # noqa: BLE001 - polling must survive a registry hiccup
-                logger.warning("registry poll failed (%s: %s); will retry", type(exc).__name__, exc)
-
     def __is_ready__(self) -> bool:
         if self.model is None:
             raise HTTPException(status_code=503, detail=f"not ready: {self.loading_reason}")
@@ -253,24 +171,6 @@ class MixLLMService(ChatProxy, TenantBudgets, ServiceWatchers):
     def shutdown(self) -> None:
         self._stop.set()
         self.store.dispose()
-
-    def _current(self, *, bentoml_api: bool = False) -> LoadedModel:
-        """The served model, or a 503 while none is loaded. BentoML's own endpoints answer 500 for
-        starlette's HTTPException, so they get BentoML's ServiceUnavailable (a 503, whose text
-        BentoML replaces with a generic one; /route answers its own 503 first, see _not_ready)."""
-        model = self.model
-        if model is None:
-            if bentoml_api:
-                from bentoml.exceptions import ServiceUnavailable
-
-                raise ServiceUnavailable(f"not ready: {self.loading_reason}; retry in a few seconds")
-            raise HTTPException(status_code=503, detail=f"not ready: {self.loading_reason}")
-        return model
-
-    def _not_ready(self) -> JSONResponse | None:
-        if self.model is not None:
-            return None
-        return error(503, None, f"not ready: {self.loading_reason}; retry in a few seconds", {"Retry-After": "2"})
 
     # ------------------------------------------------------------------------------------ route
 
@@ -510,87 +410,7 @@ class MixLLMService(ChatProxy, TenantBudgets, ServiceWatchers):
         a bounded window of context); any catalogue LLM name goes to that LLM directly. The call is
         forwarded to the LLM's upstream. A session id keeps a conversation on the LLM that answered
         it, unless that LLM fails (session.sticky)."""
-        import anyio
-
-        model = self._current()
-        upstreams = {llm.name: llm.upstream for llm in self.config.llms if llm.upstream is not None}
-        refusal = self._chat_refusal(request)
-        if refusal is not None:
-            return refusal
-        text = last_user_text(request.messages)
-        if not text:
-            return error(400, "messages", "no user message with text to route")
-        decision_id, routed = None, request.model == "mixllm" or request.model.startswith("mixllm:")
-        if routed:
-            lambda_ = None
-            if ":" in request.model:
-                try:
-                    lambda_ = float(request.model.split(":", 1)[1])
-                except ValueError:
-                    return error(400, "model", f"'{request.model}': after 'mixllm:' comes lambda, a number >= 0")
-            reachable = [m for m in model.router.enabled_llms_ if m in upstreams]
-            if not reachable:
-                return error(503, None, "no LLM in the catalogue has an upstream (llms[].upstream in params.yaml)")
-            wanted = (request.model_extra or {}).get("candidates")
-            if wanted is not None:
-                unknown = [m for m in wanted if m not in reachable]
-                if unknown:
-                    return error(400, "candidates", f"unknown, disabled or unreachable LLM(s) in candidates: "
-                                                    f"{', '.join(unknown)}; choose from {', '.join(reachable)}")
-                reachable = [m for m in reachable if m in wanted]
-            # An LLM whose circuit breaker is open is no candidate (unless every one is).
-            candidates = [m for m in reachable if self.breakers.available(m)] or reachable
-            tenant = self._tenant(http_request)
-            plan = self._spend_plan(tenant, candidates, lambda_, model.router.default_lambda)
-            if isinstance(plan, JSONResponse):
-                return plan
-            candidates, lambda_ = plan.candidates, plan.lambda_
-            session, sticky_llm = self._session(request, http_request, tenant)
-            try:
-                item = RouteRequest(query=self._routed_text(request, text), lambda_=lambda_, candidates=candidates)
-            except ValidationError as exc:
-                problem = exc.errors()[0]
-                field = "model" if problem["loc"] and problem["loc"][0] in ("lambda", "lambda_") else "messages"
-                return error(400, field, f"{field}: {problem['msg']}")
-            started = time.perf_counter()
-            routed_result = await anyio.to_thread.run_sync(self._route_coalescer, item)
-            router_ms = 1000 * (time.perf_counter() - started)
-            if isinstance(routed_result, JSONResponse):
-                return routed_result
-            chosen, decision_id = routed_result.llm, routed_result.decision_id
-            # Failover follows the router's own ranking: the next best eligible candidates by score.
-            ranking = fallback_ranking(chosen, routed_result.candidates, candidates)
-            if sticky_llm in candidates:  # the conversation stays where it is while that LLM works
-                ranking = [sticky_llm, *(m for m in ranking if m != sticky_llm)]
-            predicted_cost = {c.llm: c.cost_usd for c in routed_result.candidates}
-        else:
-            chosen = request.model
-            limit = self.config.service.max_query_chars
-            if len(text) > limit:  # the same cap as a routed chat's: the upstream is paid with the server's key
-                return error(400, "messages", f"the last user message has {len(text)} characters; the limit is "
-                                              f"{limit} (service.max_query_chars)")
-            if chosen not in upstreams:
-                return error(404, "model", f"unknown model '{chosen}'; use mixllm, mixllm:<lambda> or one of "
-                                           f"{', '.join(sorted(upstreams))}")
-            tenant = self._tenant(http_request)
-            if tenant is not None and tenant.allowed_llms is not None and chosen not in tenant.allowed_llms:
-                return error(403, "model", f"tenant '{tenant.name}' may not use '{chosen}'; its allowed_llms: "
-                                           f"{', '.join(tenant.allowed_llms)}")
-            plan = self._spend_plan(tenant, sorted(upstreams), None, model.router.default_lambda)
-            if isinstance(plan, JSONResponse):
-                return plan
-            if chosen not in plan.candidates:  # its budget is spent: only the cheapest LLM now
-                return error(429, "model", f"{plan.notes[0]}; name that LLM ({plan.candidates[0]}) or use mixllm")
-            ranking = [chosen]  # the caller named this LLM: no other answers in its place
-            session, predicted_cost, router_ms = None, {}, None
-        response = await self._forward(request, ranking, upstreams, decision_id, model.version,
-                                       tenant=plan.tenant, predicted_cost=predicted_cost, router_ms=router_ms)
-        if plan.notes:  # why this tenant's chat went where it did (pacing, a spent budget)
-            response.headers["x-mixllm-budget"] = plan.notes[0]
-        if session is not None and response.status_code == 200:
-            await anyio.to_thread.run_sync(self._remember_session, session, response.headers["x-mixllm-llm"])
-            response.headers["x-mixllm-session"] = "kept" if sticky_llm == response.headers["x-mixllm-llm"] else "routed"
-        return response
+        return await self._chat(request, http_request)
 
 # Outermost first: the body limit, then the per-client limit (which reads /route_batch bodies the
 # body limit has bounded, and counts rejected tokens too), then the token check.
