@@ -22,12 +22,8 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-data_app = typer.Typer(help="Import, fetch and inspect interaction logs.", no_args_is_help=True)
-app.add_typer(data_app, name="data")
 
 logger = logging.getLogger("mixllm.cli")
-
-
 
 
 @app.callback()
@@ -48,61 +44,6 @@ def main(
     )
     state.params = params
     state.overrides = dict(parse_override(item) for item in (set_ or []))
-
-
-# ---------------------------------------------------------------------------------------------- data
-
-
-@data_app.command("import")
-@run
-def data_import(
-    path: Annotated[Path, typer.Argument(help="A log file (.csv, .csv.gz, .jsonl, .parquet, RouterBench .pkl) or a folder of them.")],
-    report: Annotated[Optional[Path], typer.Option(help="Also write the ingest report (JSON) here.")] = None,
-) -> None:
-    """Validate a log and add its good rows to the store; bad rows go to quarantine with reasons."""
-    from mixllm.data import ingest
-
-    config = state.config()
-    result = ingest(path, config)
-    typer.echo(result.summary())
-    result.write(report or config.path(config.data.reports_dir) / "ingest.json")
-
-
-@data_app.command("fetch")
-@run
-def data_fetch(
-    dataset: Annotated[str, typer.Argument(help="Dataset to fetch: routerbench.")] = "routerbench",
-    report: Annotated[Optional[Path], typer.Option(help="Also write the ingest report (JSON) here.")] = None,
-) -> None:
-    """Get RouterBench ($MIXLLM_ROUTERBENCH if set, else download) and import it."""
-    from mixllm.data import fetch_routerbench, ingest
-
-    if dataset != "routerbench":
-        raise typer.BadParameter(f"unknown dataset '{dataset}'; choose routerbench")
-    config = state.config()
-    path = fetch_routerbench(config)
-    typer.echo(f"RouterBench copy: {path}")
-    result = ingest(path, config)
-    typer.echo(result.summary())
-    result.write(report or config.path(config.data.reports_dir) / "ingest.json")
-
-
-@data_app.command("show")
-@run
-def data_show() -> None:
-    """Per-LLM counts, mean quality and cost of the stored interactions, and the split."""
-    from mixllm.data import load_interactions
-    from mixllm.splitting import describe_split, with_split
-
-    config = state.config()
-    frame = with_split(load_interactions(config), config.split)
-    summary = frame.groupby("llm").agg(
-        rows=("query_id", "size"), mean_quality=("quality", "mean"), mean_cost_usd=("cost_usd", "mean")
-    )
-    typer.echo(f"{len(frame)} interactions, {frame['query_id'].nunique()} queries, {frame['llm'].nunique()} LLMs\n")
-    typer.echo(summary.sort_values("mean_cost_usd").to_string(float_format=lambda v: f"{v:.6f}"))
-    typer.echo("\nqueries per part and source:")
-    typer.echo(describe_split(frame).to_string())
 
 
 # ------------------------------------------------------------------------------------- training
@@ -374,74 +315,6 @@ def tags_show(
         typer.echo(f"\n{example['query'][:100]!r}\n   tags: {', '.join(t for t, _ in example['tags'])}")
 
 
-registry_app = typer.Typer(help="Browse and move the MLflow registry's champion.", no_args_is_help=True)
-app.add_typer(registry_app, name="registry")
-
-
-@registry_app.command("list")
-@run
-def registry_list() -> None:
-    """Every registered version with its aliases, key metrics and gate verdict."""
-    from mixllm.registry import Registry
-
-    config = state.config()
-    versions = Registry(config).versions()
-    if not versions:
-        typer.echo(f"{config.mlflow.registered_model_name}: no versions yet; run `mixllm train`")
-        return
-    typer.echo(f"{config.mlflow.registered_model_name} ({config.mlflow_tracking_uri})")
-    for v in versions:
-        aliases = ",".join(v.aliases) or "-"
-        aiq = v.metrics.get("aiq")
-        q = v.metrics.get("calibrated_quality_pct")
-        c = v.metrics.get("calibrated_cost_pct")
-        figures = f"aiq={aiq:.4f} quality={q:.2f}% cost={c:.2f}%" if None not in (aiq, q, c) else ""
-        typer.echo(f"  v{v.version:<3d} {aliases:20s} {v.created}  {figures}")
-        gate_line = v.tags.get("mixllm.gate")
-        if gate_line:
-            typer.echo(f"        gate: {gate_line}")
-        for key in ("mixllm.promoted", "mixllm.rolled_back"):
-            if key in v.tags:
-                typer.echo(f"        {key.split('.')[1]}: {v.tags[key]}")
-
-
-@registry_app.command("promote")
-@run
-def registry_promote(version_number: Annotated[int, typer.Argument(help="The version to make champion.")]) -> None:
-    """Make a version the champion by hand (bypasses the gate; recorded on the version)."""
-    from mixllm.registry import Registry
-
-    Registry(state.config()).promote(version_number, "promoted by hand (mixllm registry promote)")
-    typer.echo(f"champion is now version {version_number}")
-
-
-@registry_app.command("rollback")
-@run
-def registry_rollback() -> None:
-    """Move `champion` back to the previous champion (repeatable; undo with `registry promote`)."""
-    from mixllm.registry import Registry
-
-    before, after = Registry(state.config()).rollback()
-    typer.echo(f"champion rolled back: version {before} -> version {after}")
-    typer.echo("a running service picks it up within service.poll_interval_s, or at once with POST /admin/reload")
-
-
-@app.command("ui")
-@run
-def ui(
-    port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 5000,
-) -> None:
-    """Open the MLflow UI on 127.0.0.1 to browse runs and the model registry (Ctrl-C stops it)."""
-    import subprocess
-
-    config = state.config()
-    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", config.mlflow_tracking_uri,
-               "--default-artifact-root", config.mlflow_artifact_location, "--host", "127.0.0.1",
-               "--port", str(port), "--workers", "1"]
-    typer.echo(f"MLflow UI on http://127.0.0.1:{port} (models: http://127.0.0.1:{port}/#/models)")
-    raise typer.Exit(subprocess.call(command))
-
-
 @app.command("config")
 @run
 def config_show(
@@ -456,9 +329,14 @@ def config_show(
         typer.echo(f"{key} = {value}")
 
 
-from mixllm.cli_evidence import evaluate_on_feedback_command  # noqa: E402 - registered on `app` here
+from mixllm.cli_data import data_app  # noqa: E402 - registered on `app` here
+from mixllm.cli_evidence import evaluate_on_feedback_command  # noqa: E402
+from mixllm.cli_registry import registry_app, ui_command  # noqa: E402
 from mixllm.cli_tenants import budgets_show, keys_app, report_show  # noqa: E402
 
+app.add_typer(data_app, name="data")
+app.add_typer(registry_app, name="registry")
+app.command("ui")(ui_command)
 app.add_typer(keys_app, name="keys")
 app.command("budgets")(budgets_show)
 app.command("report")(report_show)

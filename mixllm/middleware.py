@@ -264,7 +264,7 @@ def quiet_client_errors(logger_name: str = "bentoml._internal.server.http_app") 
 
 class OpenAPIContract:
     """ASGI middleware: GET /docs.json answers BentoML's generated OpenAPI document passed through
-    `fix` (api_models.openapi_contract), so the published contract is the one the service keeps."""
+    `fix` (openapi_contract.openapi_contract), so the published contract is the one the service keeps."""
 
     def __init__(self, app: Any, fix: Any, path: str = "/docs.json"):
         self.app, self.fix, self.path = app, fix, path

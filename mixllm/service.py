@@ -40,7 +40,6 @@ from mixllm.api_models import (
     candidate_scores,
     decision_details,
     error,
-    openapi_contract,
     stored_response,
 )
 from mixllm.circuit import CircuitBreakers
@@ -54,6 +53,7 @@ from mixllm.middleware import (
     quiet_client_errors,
 )
 from mixllm.model_lifecycle import LoadedModel, ModelLifecycle
+from mixllm.openapi_contract import openapi_contract
 from mixllm.proxy import ChatProxy
 from mixllm.request_batching import RequestCoalescer
 from mixllm.spending import TenantBudgets
