@@ -34,7 +34,7 @@ from mixllm.online_learning import OnlineLearningMixin
 from mixllm.predictors import CostPredictor, QualityPredictor, gcv_ridge
 from mixllm.router_inputs import check_log, check_queries, check_tasks, token_columns
 from mixllm.routing import RoutingMixin
-from mixllm.units import typical_output_tokens
+from mixllm.units import outcome_tables, typical_output_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -106,8 +106,7 @@ class MixLLMRouter(RoutingMixin, OnlineLearningMixin, BaseEstimator):
         row_of = pd.Series(np.arange(len(queries)), index=queries_frame["query_id"].to_numpy())
         log = log.assign(_row=log["query_id"].map(row_of).to_numpy())
         llms = sorted(log["llm"].unique())
-        quality = log.pivot_table(index="_row", columns="llm", values="quality", aggfunc="mean")
-        quality = quality.reindex(index=range(len(queries)), columns=llms).to_numpy(dtype=np.float64)
+        quality = outcome_tables(log, llms, queries_frame["query_id"], repeats="mean")[0].to_numpy(dtype=np.float64)
 
         t = time.perf_counter()
         domains_config = config.domains

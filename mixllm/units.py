@@ -5,7 +5,7 @@ long log pivoted into (query x LLM) tables.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -28,11 +28,14 @@ def tokens_from_chars(chars: Any) -> Any:
 
 
 def outcome_tables(log: pd.DataFrame, llms: Sequence[str] | None = None,
-                   query_ids: Sequence[Any] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(quality, cost) as query_id x llm tables from a long log; the first row of a (query, LLM)
-    pair counts; missing pairs are NaN. `llms` / `query_ids` fix the columns / rows and their order."""
-    quality = log.pivot_table(index="query_id", columns="llm", values="quality", aggfunc="first")
-    cost = log.pivot_table(index="query_id", columns="llm", values="cost_usd", aggfunc="first")
+                   query_ids: Sequence[Any] | None = None,
+                   repeats: Literal["first", "mean"] = "first") -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(quality, cost) as query_id x llm tables from a long log; missing pairs are NaN. A (query,
+    LLM) pair logged more than once counts by its first row (evaluation: one outcome per pair) or
+    by the mean of its rows (training: every observation teaches). `llms` / `query_ids` fix the
+    columns / rows and their order."""
+    quality = log.pivot_table(index="query_id", columns="llm", values="quality", aggfunc=repeats)
+    cost = log.pivot_table(index="query_id", columns="llm", values="cost_usd", aggfunc=repeats)
     if llms is not None:
         quality, cost = quality.reindex(columns=list(llms)), cost.reindex(columns=list(llms))
     if query_ids is not None:
