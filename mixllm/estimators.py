@@ -83,10 +83,12 @@ def quality_predictor(config: MixLLMConfig, ridge: float) -> QualityPredictor:
                             random_state=quality.seed)
 
 
-def newcomer_quality_predictor(config: MixLLMConfig) -> QualityPredictor:
-    """The head of an LLM added without data: Bayesian linear (it learns online) with its own, weaker prior."""
+def newcomer_quality_predictor(config: MixLLMConfig, empirical_ridge: float) -> QualityPredictor:
+    """The head of an LLM added without data: Bayesian linear (it learns online), its prior precision
+    predictors.quality.new_llm_prior_ridge, or `empirical_ridge` (from the pool) when that is null."""
     quality = config.predictors.quality
-    return QualityPredictor(kind="bayesian_linear", ridge=quality.new_llm_prior_ridge,
+    ridge = quality.new_llm_prior_ridge if quality.new_llm_prior_ridge is not None else empirical_ridge
+    return QualityPredictor(kind="bayesian_linear", ridge=ridge,
                             noise_scale=quality.noise_scale, prior_mean=0.0, random_state=quality.seed)
 
 

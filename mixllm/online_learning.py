@@ -60,7 +60,9 @@ class OnlineLearningMixin:
     def add_llm(self, name: str, input_usd_per_1k: float, output_usd_per_1k: float, *,
                 latency: LatencyProfile | Mapping[str, Any] | None = None, prior_quality: float | None = None,
                 enabled: bool = True) -> MixLLMRouter:
-        """A new candidate with a prior and a high uncertainty, so exploration tries it. No retrain."""
+        """A new candidate with a prior (per domain, optimistic by default) and a head that learns its
+        answers online, starting from the pool's idea of how far an LLM strays from its prior
+        (`_newcomer_ridge`), so exploration can try it and one answer does not decide it. No retrain."""
         self._check_fitted()
         if not name or not isinstance(name, str):
             raise RoutingError("add_llm needs a non-empty LLM name")
@@ -88,8 +90,8 @@ class OnlineLearningMixin:
         self.catalogue_[name] = entry.model_dump(mode="json")
         self.domain_model_.add_llm(name, per_domain)
         n_anchors = len(self.anchors_.get(name, {}).get("llms", []))
-        self.quality_models_[name] = estimators.newcomer_quality_predictor(self._config).start_empty(
-            self.n_features_in_ + n_anchors)
+        self.quality_models_[name] = estimators.newcomer_quality_predictor(
+            self._config, self._newcomer_ridge()).start_empty(self.n_features_in_ + n_anchors)
         typical_output = float(np.mean(list(self.typical_output_tokens_.values()))) if self.typical_output_tokens_ else 100.0
         prior_cost = self._newcomer_cost(input_usd_per_1k, output_usd_per_1k, typical_output)
         self.cost_models_[name] = estimators.cost_predictor(
@@ -98,6 +100,18 @@ class OnlineLearningMixin:
         logger.info("added LLM %s (prior quality %.3f on average over domains, prior cost $%.6f)", name,
                     float(np.mean(per_domain)), prior_cost)
         return self
+
+    def _newcomer_ridge(self) -> float:
+        """Empirical Bayes: the prior precision that makes a newcomer's head, a priori, as large as the
+        trained heads are (their training residual variance over their mean squared coefficient).
+        Used when predictors.quality.new_llm_prior_ridge is null."""
+        trained = [llm for llm in self.quality_models_ if llm not in self.anchors_
+                   and self.quality_models_[llm].kind == "bayesian_linear" and llm in self.residual_variance_]
+        if not trained:  # nothing to learn the scale from (or a router saved before it was kept)
+            return float(self.ridge_)
+        coef = np.vstack([self.quality_models_[llm].model_.coef_[:-1] for llm in trained])  # without the bias
+        variance = float(np.mean([self.residual_variance_[llm] for llm in trained]))
+        return float(np.clip(variance / max(float(np.mean(coef**2)), 1e-12), self.ridge_, 1e6))
 
     def _newcomer_cost(self, input_usd_per_1k: float, output_usd_per_1k: float, typical_output_tokens: float) -> float:
         """A newcomer's prior dollars per query: its list price times what the pool pays per unit of
@@ -150,7 +164,8 @@ class OnlineLearningMixin:
         self._check_fitted()
         if name not in self.quality_models_:
             raise RoutingError(f"LLM '{name}' is not in the pool ({', '.join(self.llms_)})")
-        for table in (self.quality_models_, self.cost_models_, self.catalogue_, self.typical_output_tokens_):
+        for table in (self.quality_models_, self.cost_models_, self.catalogue_, self.typical_output_tokens_,
+                      self.residual_variance_):
             table.pop(name, None)
         self.domain_model_.remove_llm(name)
         self.anchors_.pop(name, None)

@@ -136,6 +136,7 @@ class MixLLMRouter(RoutingMixin, OnlineLearningMixin, BaseEstimator):
         self.quality_models_: dict[str, QualityPredictor] = {}
         self.cost_models_: dict[str, CostPredictor] = {}
         self.typical_output_tokens_: dict[str, float] = {}
+        self.residual_variance_: dict[str, float] = {}
         t = time.perf_counter()
         for j, (llm, rows) in enumerate(log.groupby("llm", sort=True)):
             entry = catalogue.get(llm) or LLMConfig(name=llm, input_usd_per_1k=0.0, output_usd_per_1k=0.0)
@@ -230,8 +231,10 @@ class MixLLMRouter(RoutingMixin, OnlineLearningMixin, BaseEstimator):
 
     def _fit_llm(self, llm: str, X: np.ndarray, prior: np.ndarray, rows: pd.DataFrame) -> None:
         config = self._config
-        self.quality_models_[llm] = estimators.quality_predictor(config, self.ridge_).fit(
-            X, rows["quality"].to_numpy(), prior=prior)
+        quality = rows["quality"].to_numpy(dtype=np.float64)
+        self.quality_models_[llm] = estimators.quality_predictor(config, self.ridge_).fit(X, quality, prior=prior)
+        # How far answers stray from the head's prediction: the scale of a newcomer's prior (add_llm).
+        self.residual_variance_[llm] = float(np.mean((quality - self.quality_models_[llm].predict(X, prior=prior))**2))
         self.cost_models_[llm] = estimators.cost_predictor(
             config, self.catalogue_[llm], self.cost_scale_usd_, prior_cost_usd=float(rows["cost_usd"].mean()),
         ).fit(X, rows["cost_usd"].to_numpy(), rows["query"].str.len().to_numpy(), *token_columns(rows))

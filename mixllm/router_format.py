@@ -86,6 +86,7 @@ def save_router(router: MixLLMRouter, folder: Path | str) -> Path:
         "mean_quality": router.mean_quality_,
         "mean_query_chars": router.mean_query_chars_,
         "typical_output_tokens": router.typical_output_tokens_,
+        "residual_variance": router.residual_variance_,
         "n_features": router.n_features_in_,
         "n_training_queries": router.n_training_queries_,
         "n_feedback": getattr(router, "n_feedback_", 0),
@@ -131,6 +132,8 @@ def load_router(folder: Path | str, *, progress: bool | None = None) -> MixLLMRo
     router.mean_quality_ = float(manifest["mean_quality"])
     router.mean_query_chars_ = float(manifest["mean_query_chars"])
     router.typical_output_tokens_ = {k: float(v) for k, v in manifest["typical_output_tokens"].items()}
+    # Saved since newcomers' priors are scaled by it; an older save has none (add_llm then uses ridge_).
+    router.residual_variance_ = {k: float(v) for k, v in manifest.get("residual_variance", {}).items()}
     router.n_features_in_ = int(manifest["n_features"])
     router.n_training_queries_ = int(manifest["n_training_queries"])
     router.n_feedback_ = int(manifest.get("n_feedback", 0))

@@ -235,7 +235,7 @@ def test_partial_fit_touches_only_the_llm_that_got_feedback(fitted):
 
 
 def test_add_llm_gets_explored_and_remove_llm_stops_routing(fitted):
-    router = copy.deepcopy(fitted)
+    router = _with_newcomer_ridge(copy.deepcopy(fitted), 1.0)  # a weak prior: a large uncertainty
     router.add_llm("newcomer", 0.001, 0.001, prior_quality=0.5)
     queries = [CODE, MATH, HISTORY]
     explored = [d.llm for d in router.route(queries, lambda_=0.0, exploration=5.0)]
@@ -430,3 +430,45 @@ def test_a_newcomer_keeps_its_resemblance_anchors_through_pool_changes_and_savin
     assert np.array_equal(loaded.predict(queries).quality, after.quality)
     loaded.partial_fit(answered.head(3))  # and it keeps learning after a reload
     assert loaded.quality_models_["twin"].n_samples_seen_ == 23
+
+
+def _with_newcomer_ridge(router, ridge):
+    from mixllm.config import config_from_dict
+
+    raw = router.config.model_dump(mode="json", by_alias=True, exclude={"root"})
+    router.config = config_from_dict(raw, root=router.config.root,
+                                     overrides={"predictors.quality.new_llm_prior_ridge": ridge})
+    return router
+
+
+def test_a_newcomers_prior_is_as_large_as_the_trained_heads_are(fitted):
+    """Empirical Bayes (new_llm_prior_ridge null): the prior precision is the trained heads' residual
+    variance over their mean squared coefficient, never weaker than their own ridge."""
+    trained = fitted.llms_
+    coef = np.vstack([fitted.quality_models_[llm].model_.coef_[:-1] for llm in trained])
+    variance = np.mean([fitted.residual_variance_[llm] for llm in trained])
+    assert 0 < variance < 0.25, "0/1-like outcomes: a residual variance below a coin's"
+    router = copy.deepcopy(fitted)
+    router.add_llm("rival", PRICE_PER_1K["coder"], PRICE_PER_1K["coder"])
+    assert router.quality_models_["rival"].ridge == pytest.approx(max(variance / np.mean(coef**2), fitted.ridge_))
+    assert router.quality_models_["rival"].ridge > 10 * fitted.ridge_, "heads are small next to their GCV ridge"
+
+
+def test_one_wrong_answer_does_not_silence_a_newcomer(fitted):
+    """A newcomer's head starts from a strong prior (predictors.quality.new_llm_prior_ridge): its
+    first wrong answer lowers its predictions a little, and it stays a candidate. Under a weak prior
+    the head fits that one answer almost exactly, and since different queries' features are alike,
+    its predicted quality falls for every query: it would never be tried again."""
+    queries = [CODE, MATH, HISTORY]
+    wrong = pd.DataFrame({"query": [CODE], "llm": ["rival"], "quality": [0.0], "cost_usd": [0.001]})
+    drops = {}
+    for ridge in (fitted.config.predictors.quality.new_llm_prior_ridge, 1.0):
+        router = _with_newcomer_ridge(copy.deepcopy(fitted), ridge)
+        router.add_llm("rival", PRICE_PER_1K["coder"], PRICE_PER_1K["coder"])
+        j = router.llms_.index("rival")
+        before = router.predict(queries).quality[:, j]
+        router.partial_fit(wrong)
+        drops[ridge] = before - router.predict(queries).quality[:, j]
+    default, weak = drops[fitted.config.predictors.quality.new_llm_prior_ridge], drops[1.0]
+    assert np.all(default >= 0) and default.max() < 0.1, "one answer is one answer"
+    assert weak[0] > 0.5 and weak[1:].max() > 0.2, "the weak prior's collapse, also on a query it never answered"

@@ -237,8 +237,13 @@ class QualityPredictorConfig(StrictModel):
     ridge: float | None = Field(default=None, gt=0)
     ridge_grid: tuple[float, ...] = (1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0)
     noise_scale: float = Field(default=0.5, gt=0)  # sigma = noise_scale * sqrt(x^T A^-1 x)
-    # Uncertainty of an LLM added by add_llm before it has any data (its A = prior_ridge * I).
-    new_llm_prior_ridge: float = Field(default=1.0, gt=0)
+    # The prior precision of the head of an LLM added by add_llm before it has any data (its
+    # A = prior_ridge * I). null: empirical Bayes from the pool, the trained heads' residual variance
+    # over their mean squared coefficient ("a newcomer's head is as large as the trained LLMs' heads
+    # are"; 90-130 on the shared logs). A weak prior (e.g. 1) fits the newcomer's first answers almost
+    # exactly and, queries' features being alike, one wrong answer lowers its predicted quality for
+    # every query: it is never tried again (benchmarks/RESULTS.md, "newcomers").
+    new_llm_prior_ridge: float | None = Field(default=None, gt=0)
     # A newcomer's prior quality per domain: optimistic (as good as the best pool LLM that costs no
     # more), price_tier (pool means weighted by closeness in price) or mean (the pool's mean).
     newcomer_prior: Literal["optimistic", "price_tier", "mean"] = "optimistic"
