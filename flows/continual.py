@@ -14,30 +14,25 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.common import config_for, library_logs_to_prefect
 from mixllm import continual as job
 
-STEP_TASKS = {
-    step.name: task(step.run, name=step.description, retries=step.retries,
-                    retry_delay_seconds=5 if step.retries else 0, cache_policy=NO_CACHE)
-    for step in job.CONTINUAL_STEPS
-}
-
 
 def run_as_task(step: job.ContinualStep, config: Any, *args: Any) -> Any:
-    return STEP_TASKS[step.name](config, *args)
+    """Run one step as a Prefect task named after it (the step's own retries; nothing cached)."""
+    step_task = task(step.run, name=step.description, retries=step.retries,
+                     retry_delay_seconds=5 if step.retries else 0, cache_policy=NO_CACHE)
+    return step_task(config, *args)
 
 
 @flow(name="continual")
 def continual(params_path: str | None = None) -> dict[str, Any]:
     """Learn from new feedback; registers a version only when there is feedback to learn from."""
-    library_logs_to_prefect()
-    outcome = job.run_continual(config_for(params_path), run_step=run_as_task)
-    get_run_logger().info(outcome.summary())
-    return outcome.to_dict()
+    library_logs_to_prefect()  # run_continual logs what it learned and registered
+    return job.run_continual(config_for(params_path), run_step=run_as_task).to_dict()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,6 +1,7 @@
 """Continual learning from production feedback: read feedback past the watermark, update the
 champion with bandit updates (and the catalogue's pool changes), register it through the gate,
-then advance the watermark. A retrain replays the feedback already learned."""
+advance the watermark, then check the traffic for drift (and retrain on it). The steps are wired
+once, in run_continual. A retrain replays the feedback already learned."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """A fitted MixLLMRouter's online life: bandit feedback (`partial_fit`: each row updates only its
-LLM's predictors) and pool changes (`add_llm` with a prior and a high uncertainty, `remove_llm`,
-enabling, a whole catalogue at once), all without a retrain. A mixin of MixLLMRouter."""
+LLM's predictors) and pool changes (`add_llm` with an optimistic prior and a head that learns its
+answers, `remove_llm`, enabling, a whole catalogue at once), all without a retrain. A mixin of
+MixLLMRouter."""
 
 from __future__ import annotations
 
@@ -133,7 +134,7 @@ class OnlineLearningMixin:
         optimistic (default): in each domain, as good as the best pool LLM that costs no more
         (price = input + output per 1k tokens; the cheapest LLMs when none is cheaper). An LLM is
         added because it is expected to compete at its price; the optimism gets it tried, its
-        feedback corrects it domain by domain, and the uncertainty bonus shrinks as it does.
+        feedback corrects it query by query (its head), and its uncertainty shrinks as it does.
         price_tier: the pool's per-domain means weighted by closeness in log price.
         mean: the pool's per-domain mean."""
         rule = self._config.predictors.quality.newcomer_prior

@@ -146,7 +146,7 @@ class MixLLMRouter(RoutingMixin, OnlineLearningMixin, BaseEstimator):
         self.timings_["predictors_s"] = time.perf_counter() - t
         for name, entry in catalogue.items():  # catalogue LLMs without data join with a prior
             if name not in self.catalogue_:
-                logger.info("LLM %s has no interactions: added with a prior (high uncertainty)", name)
+                logger.info("LLM %s has no interactions: added with a prior (add_llm)", name)
                 self.add_llm(name, entry.input_usd_per_1k, entry.output_usd_per_1k, latency=entry.latency,
                              enabled=entry.enabled)
         self.trained_at_ = datetime.now(timezone.utc).isoformat(timespec="seconds")

@@ -132,7 +132,8 @@ def load_router(folder: Path | str, *, progress: bool | None = None) -> MixLLMRo
     router.mean_quality_ = float(manifest["mean_quality"])
     router.mean_query_chars_ = float(manifest["mean_query_chars"])
     router.typical_output_tokens_ = {k: float(v) for k, v in manifest["typical_output_tokens"].items()}
-    # Saved since newcomers' priors are scaled by it; an older save has none (add_llm then uses ridge_).
+    # Saved since newcomers' priors are scaled by it. An older save has none, and its saved config
+    # fixes predictors.quality.new_llm_prior_ridge (then 1): retraining gives it the empirical prior.
     router.residual_variance_ = {k: float(v) for k, v in manifest.get("residual_variance", {}).items()}
     router.n_features_in_ = int(manifest["n_features"])
     router.n_training_queries_ = int(manifest["n_training_queries"])

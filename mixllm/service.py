@@ -5,12 +5,8 @@
 Serves the registry's champion (service.model_alias), polls the alias and swaps models atomically
 (requests in flight finish on the model they started with), logs every decision and feedback row
 to the interaction store, and proxies OpenAI-compatible chat completions to the chosen LLM.
-Configuration: params.yaml from the working folder, or MIXLLM_PARAMS.
-
-This module holds the endpoints; their work is in mixins, one role each: model_lifecycle.py
-(loading, swapping, polling), proxy.py (chat completions and the upstream calls), spending.py
-(tenants' budgets and usage), watchers.py (metrics, drift, shadow). The HTTP models are in
-api_models.py, the ASGI layers (limits, auth, error shapes) in middleware.py.
+Configuration: params.yaml from the working folder, or MIXLLM_PARAMS. The endpoints are here; their
+work is in mixins of one role each: model_lifecycle.py, proxy.py, spending.py, watchers.py.
 """
 
 from __future__ import annotations

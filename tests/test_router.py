@@ -455,7 +455,7 @@ def test_a_newcomers_prior_is_as_large_as_the_trained_heads_are(fitted):
 
 
 def test_one_wrong_answer_does_not_silence_a_newcomer(fitted):
-    """A newcomer's head starts from a strong prior (predictors.quality.new_llm_prior_ridge): its
+    """A newcomer's head starts from the pool's empirical-Bayes prior (new_llm_prior_ridge null): its
     first wrong answer lowers its predictions a little, and it stays a candidate. Under a weak prior
     the head fits that one answer almost exactly, and since different queries' features are alike,
     its predicted quality falls for every query: it would never be tried again."""
