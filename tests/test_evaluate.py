@@ -170,13 +170,11 @@ def test_online_pool_changes_add_and_remove(fitted):
     outcomes = Outcomes.from_log(stream_log, queries["query_id"], fitted.llms_)
     import copy
 
-    from mixllm.config import config_from_dict
+    from mixllm.training import ablation_config
 
     router = copy.deepcopy(fitted)
     # A newcomer with a weak prior (a large uncertainty), so that exploration tries it at once.
-    raw = router.config.model_dump(mode="json", by_alias=True, exclude={"root"})
-    router.config = config_from_dict(raw, root=router.config.root,
-                                     overrides={"predictors.quality.new_llm_prior_ridge": 1.0})
+    router.config = ablation_config(router.config, predictors__quality__new_llm_prior_ridge=1.0)
     router.remove_llm("coder")
     events = [PoolEvent(20, "add", "coder", (0.001, 0.001)), PoolEvent(40, "remove", "strong")]
     result = simulate_online(router, queries, outcomes, lambda_=0.0, exploration=1.0, events=events, window=20)

@@ -433,11 +433,9 @@ def test_a_newcomer_keeps_its_resemblance_anchors_through_pool_changes_and_savin
 
 
 def _with_newcomer_ridge(router, ridge):
-    from mixllm.config import config_from_dict
+    from mixllm.training import ablation_config
 
-    raw = router.config.model_dump(mode="json", by_alias=True, exclude={"root"})
-    router.config = config_from_dict(raw, root=router.config.root,
-                                     overrides={"predictors.quality.new_llm_prior_ridge": ridge})
+    router.config = ablation_config(router.config, predictors__quality__new_llm_prior_ridge=ridge)
     return router
 
 
