@@ -7,7 +7,7 @@ import pytest
 
 from mixllm.embeddings import QueryEncoder
 from mixllm.errors import ModelFormatError
-from mixllm.report import choose_backend
+from mixllm.report import backend_loss_bounds, choose_backend
 from mixllm.router import MixLLMRouter
 from mixllm.workspace import SplitData
 from synthetic import make_log, small_config
@@ -68,6 +68,25 @@ def test_an_encoder_saved_with_unknown_settings_is_refused_with_advice(static_en
     meta["params"]["max_pairs"] = meta["params"].pop("max_triplets")  # the setting's old name still loads
     meta_path.write_text(json.dumps(meta))
     assert QueryEncoder.load(tmp_path / "encoder").max_triplets == static_encoder.max_triplets
+
+
+def test_a_faster_backend_that_wins_validation_by_noise_does_not_pass_for_free():
+    rng = np.random.default_rng(0)
+    slow = 0.96 + 0.004 * rng.standard_normal(1000)
+    # Ahead by 0.002 on average but with a spread that makes a loss of 0.01 plausible.
+    lucky = slow + 0.002 + 0.008 * rng.standard_normal(1000)
+    # Ahead by 0.002 and never far behind: a confident tie.
+    steady = slow + 0.002 + 0.0005 * rng.standard_normal(1000)
+    speed = {"torch": 25.0, "static": 1.0}
+    lucky_bounds = backend_loss_bounds({"torch": slow, "static": lucky}, speed, 0.95)
+    steady_bounds = backend_loss_bounds({"torch": slow, "static": steady}, speed, 0.95)
+    assert lucky_bounds["torch"] == steady_bounds["torch"] == 0.0  # the slowest loses nothing by definition
+    assert lucky_bounds["static"] > 0.003 and steady_bounds["static"] < 0.0
+    # With a third, middle backend the fastest must stay close to both slower ones.
+    middle = slow - 0.02
+    bounds = backend_loss_bounds({"torch": slow, "onnx": middle, "static": steady},
+                                 {"torch": 25.0, "onnx": 10.0, "static": 1.0}, 0.95)
+    assert bounds["onnx"] > 0.015 and bounds["static"] < 0.0
 
 
 @pytest.mark.slow
