@@ -71,7 +71,9 @@ ABLATIONS = {
     "mixllm (no fine-tuning)": ("no-ft", {"embedding.fine_tune.enabled": False}),
     "mixllm (no TF-IDF)": ("no-tfidf", {"features.tfidf.enabled": False}),
     "mixllm (ridge fixed at 10, no GCV)": ("ridge10", {"predictors.quality.ridge": 10.0}),
+    "mixllm (no shared difficulty head)": ("no-difficulty", {"predictors.quality.shared_difficulty": False}),
     "mixllm (static encoder, model2vec)": ("static", {"embedding.backend": "static"}),
+    "mixllm (torch encoder)": ("torch", {"embedding.backend": "torch"}),
 }
 TEXT_ONLY = ("knn", "mlp", "tfidf_logistic")  # learned baselines that, like MixLLM, see only the query text
 

@@ -52,7 +52,9 @@ class OnlineLearningMixin:
             positions = frame.index.get_indexer(rows.index)
             prior = self.domain_model_.prior(proba[positions], [llm])[:, 0]
             head_input = self._head_input(llm, X[positions], proba[positions], prior)
-            self.quality_models_[llm].partial_fit(head_input, rows["quality"].to_numpy(), prior=prior)
+            # The shared difficulty head stays as trained: feedback teaches each LLM's own departure.
+            self.quality_models_[llm].partial_fit(head_input, rows["quality"].to_numpy(),
+                                                  prior=prior + self.difficulty(X[positions]))
             self.cost_models_[llm].partial_fit(X[positions], rows["cost_usd"].to_numpy(),
                                                rows["query"].str.len().to_numpy(), *token_columns(rows))
         self.n_feedback_ = getattr(self, "n_feedback_", 0) + len(frame)

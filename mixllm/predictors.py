@@ -178,6 +178,18 @@ def gcv_ridge(X: np.ndarray, Y: np.ndarray, grid: tuple[float, ...] | list[float
     return best, scores
 
 
+def departures(residual: np.ndarray) -> np.ndarray:
+    """Each LLM's residual minus the mean residual of the LLMs that answered the same query: the
+    part that ranks LLMs (a shift shared by every LLM never changes the argmax). Queries fewer
+    than two LLMs answered show no departure (NaN)."""
+    residual = np.asarray(residual, dtype=np.float64)
+    answered = np.isfinite(residual).sum(axis=1)
+    mean = np.nansum(residual, axis=1) / np.maximum(answered, 1)
+    result = residual - mean[:, None]
+    result[answered < 2] = np.nan
+    return result
+
+
 SKLEARN_QUALITY_MODELS = ("random_forest", "knn", "mlp", "gradient_boosting")
 
 

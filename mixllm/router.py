@@ -31,7 +31,7 @@ from mixllm.domains import domain_labels
 from mixllm.embeddings import EmbeddingCache, QueryEncoder
 from mixllm.errors import NotFittedError, RoutingError
 from mixllm.online_learning import OnlineLearningMixin
-from mixllm.predictors import CostPredictor, QualityPredictor, gcv_ridge
+from mixllm.predictors import BayesianLinearRegressor, CostPredictor, QualityPredictor, departures, gcv_ridge
 from mixllm.router_inputs import check_log, check_queries, check_tasks, token_columns
 from mixllm.routing import RoutingMixin
 from mixllm.units import outcome_tables, typical_output_tokens
@@ -125,10 +125,19 @@ class MixLLMRouter(RoutingMixin, OnlineLearningMixin, BaseEstimator):
         self.mean_quality_ = float(log["quality"].mean())
         self.mean_query_chars_ = float(np.mean([len(q) for q in queries]))
         quality_config = config.predictors.quality
+        residual = quality - prior
+        self.difficulty_model_ = (self._fit_difficulty(X, residual, quality_config.ridge_grid)
+                                  if quality_config.shared_difficulty else None)
+        prior = prior + self.difficulty(X)[:, None]
         if quality_config.ridge is not None:
             self.ridge_ = float(quality_config.ridge)
         else:
-            self.ridge_, scores = gcv_ridge(X, quality - prior, quality_config.ridge_grid)
+            targets = residual
+            if self.difficulty_model_ is not None:
+                targets = departures(residual)
+                if not np.isfinite(targets).any():  # a bandit log, one LLM per query: no departures to see
+                    targets = quality - prior
+            self.ridge_, scores = gcv_ridge(X, targets, quality_config.ridge_grid)
             logger.info("quality heads: ridge %g chosen by GCV (%s)", self.ridge_,
                         ", ".join(f"{a:g}: {v:.4f}" for a, v in scores.items()))
         self.catalogue_: dict[str, dict[str, Any]] = {}
@@ -155,6 +164,24 @@ class MixLLMRouter(RoutingMixin, OnlineLearningMixin, BaseEstimator):
         logger.info("router fitted in %.1fs (%s)", self.timings_["total_s"],
                     ", ".join(f"{k}={v:.1f}" for k, v in self.timings_.items()))
         return self
+
+    def _fit_difficulty(self, X: np.ndarray, residual: np.ndarray, grid: Sequence[float]) -> BayesianLinearRegressor:
+        """The shared difficulty head: each training query's mean residual over the LLMs that answered
+        it (weighted by how many did), ridge by GCV. The pool's common part of every LLM's residual."""
+        answered = np.isfinite(residual).sum(axis=1)
+        mean_residual = np.nansum(residual, axis=1) / np.maximum(answered, 1)
+        ridge, _ = gcv_ridge(X, mean_residual, grid)
+        logger.info("shared difficulty head: ridge %g chosen by GCV", ridge)
+        noise_scale = self._config.predictors.quality.noise_scale
+        return BayesianLinearRegressor(ridge=ridge, noise_scale=noise_scale).fit(X, mean_residual,
+                                                                               sample_weight=answered)
+
+    def difficulty(self, X: np.ndarray) -> np.ndarray:
+        """The shared difficulty part of every LLM's predicted quality for feature rows X (0 when the
+        router has no difficulty head: predictors.quality.shared_difficulty false, or an older save)."""
+        model = getattr(self, "difficulty_model_", None)
+        X = np.asarray(X, dtype=np.float64)
+        return np.zeros(len(X)) if model is None else model.predict(X[:, :self.n_features_in_])
 
     def _join(self, base: np.ndarray, domain_proba: np.ndarray) -> np.ndarray:
         """The heads' input: the base features, then the domain memberships scaled by domains.weight."""
@@ -275,10 +302,11 @@ class MixLLMRouter(RoutingMixin, OnlineLearningMixin, BaseEstimator):
         tokens = np.zeros((n, len(llms)))
         proba = self.domain_proba(X)
         prior = self.domain_model_.prior(proba, llms)
+        difficulty = self.difficulty(X)
         for j, llm in enumerate(llms):
             head_input = self._head_input(llm, X, proba, prior[:, j])
-            quality[:, j], sigma[:, j] = self.quality_models_[llm].predict(head_input, prior=prior[:, j],
-                                                                           return_std=True)
+            quality[:, j], sigma[:, j] = self.quality_models_[llm].predict(
+                head_input, prior=prior[:, j] + difficulty, return_std=True)
             cost[:, j] = np.maximum(self.cost_models_[llm].predict(X, query_chars), 0.0)
             predicted_tokens = self.cost_models_[llm].predict_output_tokens(X)
             tokens[:, j] = predicted_tokens if predicted_tokens is not None else self.typical_output_tokens_[llm]
@@ -349,6 +377,7 @@ class MixLLMRouter(RoutingMixin, OnlineLearningMixin, BaseEstimator):
                         "backend_choice": getattr(self, "backend_choice_", None)},
             "features": {**self.featurizer_.block_sizes_, "domains": len(self.domain_model_.classes_)},
             "quality_ridge": self.ridge_,
+            "difficulty_ridge": None if self.difficulty_model_ is None else self.difficulty_model_.ridge,
             "domains": self.domain_model_.describe(),
             "tasks": self.tasks_,
             "n_training_queries": self.n_training_queries_,

@@ -18,7 +18,7 @@ from mixllm.domains import DomainModel
 from mixllm.embeddings import QueryEncoder
 from mixllm.errors import ModelFormatError
 from mixllm.features import QueryFeaturizer
-from mixllm.predictors import CostPredictor, QualityPredictor
+from mixllm.predictors import BayesianLinearRegressor, CostPredictor, QualityPredictor
 from mixllm.router import MixLLMRouter
 
 FORMAT_VERSION = 2  # 2: domain prior (domains.npz), residual quality heads, log-cost models
@@ -53,6 +53,9 @@ def save_router(router: MixLLMRouter, folder: Path | str) -> Path:
     np.savez(folder / "domains.npz", **domain_arrays)
     if getattr(router, "drift_reference_", None) is not None:
         np.savez(folder / "drift.npz", features=router.drift_reference_)
+    difficulty = getattr(router, "difficulty_model_", None)
+    if difficulty is not None:
+        np.savez(folder / "difficulty.npz", **difficulty.state())
     predictors_dir = folder / "predictors"
     predictors_dir.mkdir(exist_ok=True)
     files = {}
@@ -83,6 +86,7 @@ def save_router(router: MixLLMRouter, folder: Path | str) -> Path:
         "domain_weight": router.domain_weight_,
         "n_base_features": router.n_base_features_,
         "ridge": router.ridge_,
+        "difficulty": None if difficulty is None else difficulty.get_params(),
         "mean_quality": router.mean_quality_,
         "mean_query_chars": router.mean_query_chars_,
         "typical_output_tokens": router.typical_output_tokens_,
@@ -122,6 +126,14 @@ def load_router(folder: Path | str, *, progress: bool | None = None) -> MixLLMRo
     if (folder / "drift.npz").is_file():
         with np.load(folder / "drift.npz") as data:
             router.drift_reference_ = data["features"]
+    # Optional: routers saved before the shared difficulty head (or without it) have none.
+    router.difficulty_model_ = None
+    if manifest.get("difficulty") is not None:
+        if not (folder / "difficulty.npz").is_file():
+            raise ModelFormatError(f"{folder} is incomplete: difficulty.npz is missing")
+        with np.load(folder / "difficulty.npz") as data:
+            router.difficulty_model_ = BayesianLinearRegressor.from_state(manifest["difficulty"],
+                                                                          {k: data[k] for k in data.files})
     router.domain_weight_ = float(manifest["domain_weight"])
     router.n_base_features_ = int(manifest["n_base_features"])
     router.ridge_ = float(manifest["ridge"])
@@ -159,8 +171,6 @@ def load_router(folder: Path | str, *, progress: bool | None = None) -> MixLLMRo
         quality = QualityPredictor(**quality_params)
         quality_state = {k[len("quality."):]: v for k, v in arrays.items() if k.startswith("quality.")}
         if quality.kind == "bayesian_linear":
-            from mixllm.predictors import BayesianLinearRegressor
-
             quality.model_ = BayesianLinearRegressor.from_state(
                 {"ridge": quality.ridge, "prior_mean": quality.prior_mean, "noise_scale": quality.noise_scale},
                 quality_state,

@@ -11,12 +11,12 @@ import pytest
 
 from mixllm.embeddings import QueryEncoder, load_sentence_transformer, mine_domain_triplets
 from mixllm.errors import ModelFormatError, RoutingError
-from mixllm.predictors import CostPredictor, QualityPredictor
+from mixllm.predictors import CostPredictor, QualityPredictor, departures
 from mixllm.decision import LoadSnapshot, decide, expected_latency_s, latency_penalty
 from mixllm.router import MixLLMRouter
 from mixllm.router_format import FORMAT_VERSION
 from mixllm.tags import KeyBERTTagger, LLMTagger, TagClusterer, parse_tag_list
-from synthetic import PRICE_PER_1K, small_config
+from synthetic import PRICE_PER_1K, SKILL, TOPICS, small_config
 
 LLMS = sorted(PRICE_PER_1K)
 CODE = "Write a python function that reverses a list of numbers."
@@ -278,6 +278,8 @@ def test_save_load_routes_identically(fitted, tmp_path):
         assert [d.to_dict() for d in fitted.route(queries, lambda_=lam)] == [d.to_dict() for d in loaded.route(queries, lambda_=lam)]
     manifest = json.loads((tmp_path / "router/router.json").read_text())
     assert manifest["format_version"] == FORMAT_VERSION and set(manifest["catalogue"]) == set(LLMS)
+    X = fitted.features(queries)
+    assert np.array_equal(loaded.difficulty(X), fitted.difficulty(X)) and fitted.difficulty_model_ is not None
     assert not list((tmp_path / "router").rglob("*.pkl")), "plain formats only"
 
 
@@ -470,3 +472,65 @@ def test_one_wrong_answer_does_not_silence_a_newcomer(fitted):
     default, weak = drops[fitted.config.predictors.quality.new_llm_prior_ridge], drops[1.0]
     assert np.all(default >= 0) and default.max() < 0.1, "one answer is one answer"
     assert weak[0] > 0.5 and weak[1:].max() > 0.2, "the weak prior's collapse, also on a query it never answered"
+
+
+# ------------------------------------------------------------------------- shared difficulty
+
+
+def _log_with_planted_difficulty(n_queries: int, seed: int) -> pd.DataFrame:
+    """Every LLM's topic skill, and in every topic a hard kind of query that all LLMs get right
+    three times less often: a difficulty the LLMs share, which no topic lookup can see."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i, (topic, skills) in enumerate([(t, {llm: SKILL[llm][t] for llm in SKILL}) for t in TOPICS] * n_queries):
+        if i >= n_queries:
+            break
+        hard = bool(rng.random() < 0.5)
+        template = TOPICS[topic][rng.integers(len(TOPICS[topic]))].format(
+            a=rng.integers(2, 99), b=rng.integers(2, 99), c=rng.integers(100, 999))
+        query = template + (HARD_SUFFIX if hard else "")
+        for llm, skill in skills.items():
+            rows.append({"query_id": f"{topic}-{i}", "query": query, "llm": llm, "source": topic,
+                         "quality": float(rng.random() < skill * (0.3 if hard else 1.0)),
+                         "cost_usd": PRICE_PER_1K[llm] * 0.02})
+    return pd.DataFrame(rows)
+
+
+HARD_SUFFIX = " Give a rigorous proof, handle every edge case and cite primary sources."
+
+
+def test_departures_ignore_what_every_llm_shares():
+    rng = np.random.default_rng(0)
+    residual = rng.normal(size=(50, 4))
+    shifted = residual + rng.normal(size=(50, 1)) * 10  # a per-query shift common to every LLM
+    assert np.allclose(departures(shifted), departures(residual))
+    assert np.allclose(np.nansum(departures(residual), axis=1), 0.0)
+    residual[0, 1:] = np.nan  # one LLM answered: nothing to compare it with
+    residual[1, 2] = np.nan  # three did: their departures from their own mean
+    result = departures(residual)
+    assert np.isnan(result[0]).all()
+    assert np.allclose(result[1, [0, 1, 3]], residual[1, [0, 1, 3]] - residual[1, [0, 1, 3]].mean())
+
+
+def test_the_shared_difficulty_head_finds_a_difficulty_no_topic_shows_and_newcomers_inherit_it():
+    log = _log_with_planted_difficulty(240, seed=3)
+    easy = ["What is 12 plus 30?", "Write a python function to reverse a string of length 9.",
+            "When did the Roman Republic fall?"]
+    hard = [query + HARD_SUFFIX for query in easy]
+    gaps = {}
+    for shared in (True, False):
+        config = small_config(predictors__quality={"ridge": None, "shared_difficulty": shared})
+        router = MixLLMRouter(config, progress=False).fit(log)
+        if shared:
+            X_easy, X_hard = router.features(easy), router.features(hard)
+            # Planted: hard queries are answered right 0.3x as often: 0.37-0.49 less, by topic.
+            found = router.difficulty(X_easy) - router.difficulty(X_hard)
+            assert found.min() > 0.1 and found.mean() > 0.25, found
+        else:
+            assert router.difficulty_model_ is None
+        router.add_llm("rival", PRICE_PER_1K["coder"], PRICE_PER_1K["coder"])
+        j = router.llms_.index("rival")
+        gaps[shared] = router.predict(easy).quality[:, j] - router.predict(hard).quality[:, j]
+    # A newcomer has no answers yet: only the shared head can tell it that hard queries are hard.
+    assert gaps[True].min() > 0.1 and gaps[True].mean() > 0.2, gaps
+    assert np.abs(gaps[False]).max() < 0.05, gaps

@@ -235,6 +235,11 @@ class QualityPredictorConfig(StrictModel):
     # rho in A = rho*I + sum x x^T. null: chosen on the training data by generalised
     # cross-validation (GCV) over ridge_grid; a number fixes it.
     ridge: float | None = Field(default=None, gt=0)
+    # A shared head learns each query's difficulty (the pool's mean residual on it) and the
+    # per-LLM heads learn only how each LLM departs from it; the heads' ridge is then chosen by how
+    # well those departures, the part that decides the argmax, generalise. false: each LLM's head
+    # models its whole residual (benchmarks/RESULTS.md, "shared difficulty").
+    shared_difficulty: bool = True
     ridge_grid: tuple[float, ...] = (1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0)
     noise_scale: float = Field(default=0.5, gt=0)  # sigma = noise_scale * sqrt(x^T A^-1 x)
     # The prior precision of the head of an LLM added by add_llm before it has any data (its
