@@ -245,7 +245,8 @@ class QualityPredictorConfig(StrictModel):
     # The prior precision of the head of an LLM added by add_llm before it has any data (its
     # A = prior_ridge * I). null: empirical Bayes from the pool, the trained heads' residual variance
     # over their mean squared coefficient ("a newcomer's head is as large as the trained LLMs' heads
-    # are"; 83 on the RouterBench subset, 96 on llmrouter_dc). A weak prior (e.g. 1) fits the newcomer's first answers almost
+    # are"; with the shared difficulty head 1,835 on the RouterBench subset, 607 on llmrouter_dc).
+    # A weak prior (e.g. 1) fits the newcomer's first answers almost
     # exactly and, queries' features being alike, one wrong answer lowers its predicted quality for
     # every query: it is never tried again (benchmarks/RESULTS.md, "newcomers").
     new_llm_prior_ridge: float | None = Field(default=None, gt=0)
