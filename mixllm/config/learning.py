@@ -136,7 +136,7 @@ class EmbeddingConfig(StrictModel):
     # What embeds a query at routing time. torch: the (fine-tuned) transformer. static: model2vec
     # token vectors distilled from it after fine-tuning (microseconds per query, no transformer in
     # the service). auto: training fits the router with each and keeps the fastest whose validation
-    # AIQ is within max_aiq_loss of the best.
+    # AIQ is, with confidence, within max_aiq_loss of every slower backend's.
     backend: Literal["torch", "static", "auto"] = "auto"
     static_dims: int = Field(default=256, ge=8, le=1024)
     max_aiq_loss: float = Field(default=0.003, ge=0)
