@@ -178,14 +178,19 @@ def gcv_ridge(X: np.ndarray, Y: np.ndarray, grid: tuple[float, ...] | list[float
     return best, scores
 
 
+def pool_mean(residual: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per query (row): the mean residual of the LLMs that answered it (NaN: did not), and how many did."""
+    residual = np.asarray(residual, dtype=np.float64)
+    answered = np.isfinite(residual).sum(axis=1)
+    return np.nansum(residual, axis=1) / np.maximum(answered, 1), answered
+
+
 def departures(residual: np.ndarray) -> np.ndarray:
     """Each LLM's residual minus the mean residual of the LLMs that answered the same query: the
     part that ranks LLMs (a shift shared by every LLM never changes the argmax). Queries fewer
     than two LLMs answered show no departure (NaN)."""
-    residual = np.asarray(residual, dtype=np.float64)
-    answered = np.isfinite(residual).sum(axis=1)
-    mean = np.nansum(residual, axis=1) / np.maximum(answered, 1)
-    result = residual - mean[:, None]
+    mean, answered = pool_mean(residual)
+    result = np.asarray(residual, dtype=np.float64) - mean[:, None]
     result[answered < 2] = np.nan
     return result
 

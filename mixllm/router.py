@@ -31,7 +31,8 @@ from mixllm.domains import domain_labels
 from mixllm.embeddings import EmbeddingCache, QueryEncoder
 from mixllm.errors import NotFittedError, RoutingError
 from mixllm.online_learning import OnlineLearningMixin
-from mixllm.predictors import BayesianLinearRegressor, CostPredictor, QualityPredictor, departures, gcv_ridge
+from mixllm.predictors import (BayesianLinearRegressor, CostPredictor, QualityPredictor, departures, gcv_ridge,
+                               pool_mean)
 from mixllm.router_inputs import check_log, check_queries, check_tasks, token_columns
 from mixllm.routing import RoutingMixin
 from mixllm.units import outcome_tables, typical_output_tokens
@@ -168,8 +169,7 @@ class MixLLMRouter(RoutingMixin, OnlineLearningMixin, BaseEstimator):
     def _fit_difficulty(self, X: np.ndarray, residual: np.ndarray, grid: Sequence[float]) -> BayesianLinearRegressor:
         """The shared difficulty head: each training query's mean residual over the LLMs that answered
         it (weighted by how many did), ridge by GCV. The pool's common part of every LLM's residual."""
-        answered = np.isfinite(residual).sum(axis=1)
-        mean_residual = np.nansum(residual, axis=1) / np.maximum(answered, 1)
+        mean_residual, answered = pool_mean(residual)
         ridge, _ = gcv_ridge(X, mean_residual, grid)
         logger.info("shared difficulty head: ridge %g chosen by GCV", ridge)
         noise_scale = self._config.predictors.quality.noise_scale
