@@ -127,8 +127,7 @@ class MixLLMRouter(RoutingMixin, OnlineLearningMixin, BaseEstimator):
         self.mean_query_chars_ = float(np.mean([len(q) for q in queries]))
         quality_config = config.predictors.quality
         residual = quality - prior
-        self.difficulty_model_ = (self._fit_difficulty(X, residual, quality_config.ridge_grid)
-                                  if quality_config.shared_difficulty else None)
+        self.difficulty_model_ = self._fit_difficulty(X, residual) if quality_config.shared_difficulty else None
         prior = prior + self.difficulty(X)[:, None]
         if quality_config.ridge is not None:
             self.ridge_ = float(quality_config.ridge)
@@ -166,22 +165,22 @@ class MixLLMRouter(RoutingMixin, OnlineLearningMixin, BaseEstimator):
                     ", ".join(f"{k}={v:.1f}" for k, v in self.timings_.items()))
         return self
 
-    def _fit_difficulty(self, X: np.ndarray, residual: np.ndarray, grid: Sequence[float]) -> BayesianLinearRegressor:
+    def _fit_difficulty(self, X: np.ndarray, residual: np.ndarray) -> BayesianLinearRegressor:
         """The shared difficulty head: each training query's mean residual over the LLMs that answered
         it (weighted by how many did), ridge by GCV. The pool's common part of every LLM's residual."""
+        quality_config = self._config.predictors.quality
         mean_residual, answered = pool_mean(residual)
-        ridge, _ = gcv_ridge(X, mean_residual, grid)
+        ridge, _ = gcv_ridge(X, mean_residual, quality_config.ridge_grid)
         logger.info("shared difficulty head: ridge %g chosen by GCV", ridge)
-        noise_scale = self._config.predictors.quality.noise_scale
-        return BayesianLinearRegressor(ridge=ridge, noise_scale=noise_scale).fit(X, mean_residual,
-                                                                               sample_weight=answered)
+        return BayesianLinearRegressor(ridge=ridge, noise_scale=quality_config.noise_scale).fit(
+            X, mean_residual, sample_weight=answered)
 
     def difficulty(self, X: np.ndarray) -> np.ndarray:
         """The shared difficulty part of every LLM's predicted quality for feature rows X (0 when the
         router has no difficulty head: predictors.quality.shared_difficulty false, or an older save)."""
-        model = getattr(self, "difficulty_model_", None)
-        X = np.asarray(X, dtype=np.float64)
-        return np.zeros(len(X)) if model is None else model.predict(X[:, :self.n_features_in_])
+        if self.difficulty_model_ is None:
+            return np.zeros(len(X))
+        return self.difficulty_model_.predict(np.asarray(X, dtype=np.float64))
 
     def _join(self, base: np.ndarray, domain_proba: np.ndarray) -> np.ndarray:
         """The heads' input: the base features, then the domain memberships scaled by domains.weight."""
