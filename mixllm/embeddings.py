@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import sys
 import tempfile
 import warnings
@@ -25,6 +26,14 @@ import numpy as np
 from sklearn.base import BaseEstimator
 
 from mixllm.errors import ModelFormatError, NotFittedError
+
+# A bound on characters per kept token for cutting a long query before tokenising (English runs
+# at ~4; a cut that holds too few tokens falls back to the whole query, so the bound is about
+# speed, never the result).
+_CHARS_PER_TOKEN = 6
+# Only the characters BERT's normaliser keeps as spaces: it deletes other control characters
+# (e.g. \x0b), which would join the words on either side.
+_WHITESPACE = re.compile(r"[ \t\n\r]+")
 
 logger = logging.getLogger(__name__)
 
@@ -308,8 +317,12 @@ class QueryEncoder(BaseEstimator):
     def _static_transform(self, queries: list[str]) -> np.ndarray:
         """Mean of the static token vectors over the query's last (or first) max_seq_length tokens."""
         static = self.static_
-        token_ids = static.tokenize(queries)
         keep = self.max_seq_length
+        token_ids = self._static_tokens([self._kept_end(query) for query in queries])
+        short = [row for row, ids in enumerate(token_ids) if len(ids) < keep and len(queries[row]) > keep * _CHARS_PER_TOKEN]
+        if short:  # the cut kept fewer tokens than the window holds: tokenise the whole query after all
+            for row, ids in zip(short, self._static_tokens([queries[row] for row in short])):
+                token_ids[row] = ids
         vectors = np.zeros((len(queries), self.dim_), dtype=np.float32)
         for row, ids in enumerate(token_ids):
             if not ids:
@@ -319,6 +332,52 @@ class QueryEncoder(BaseEstimator):
         norms = np.linalg.norm(vectors, axis=1, keepdims=True)
         return vectors / np.where(norms > 0, norms, 1.0)
 
+    def _kept_end(self, query: str) -> str:
+        """The end of a long query that truncation keeps, cut at a whitespace before tokenising:
+        RouterBench prompts open with few-shot prefixes thousands of characters long, and
+        tokenising them only to drop their tokens was a third of a static route's time. The
+        static model's tokenizer splits words at whitespace (BERT's pre-tokenizer), so the words
+        kept are tokenised exactly as in the whole query; when the cut holds fewer tokens than
+        the window, _static_transform tokenises the whole query instead."""
+        budget = self.max_seq_length * _CHARS_PER_TOKEN
+        if len(query) <= budget or not self._splits_at_whitespace():
+            return query
+        if self.truncation_side == "left":
+            match = _WHITESPACE.search(query, len(query) - budget)
+            return query[match.end():] if match else query
+        match = _WHITESPACE.search(query, budget)
+        return query[:match.start()] if match else query
+
+    def _static_tokens(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of whole texts, unknown tokens dropped (as model2vec's own tokenize). Not
+        model2vec's tokenize: its tokenizer cuts every text at 512 tokens from the right, so a
+        longer query kept tokens 256-512 (the middle of a few-shot prefix) instead of its end."""
+        cached = getattr(self, "_untruncated", None)
+        if cached is None or cached[0] is not self.static_:
+            from tokenizers import Tokenizer
+
+            tokenizer = Tokenizer.from_str(self.static_.tokenizer.to_str())
+            tokenizer.no_truncation()
+            tokenizer.no_padding()
+            cached = self._untruncated = (self.static_, tokenizer)
+        unknown = self.static_.unk_token_id
+        encodings = cached[1].encode_batch_fast(texts, add_special_tokens=False)
+        return [[token for token in encoding.ids if token != unknown] for encoding in encodings]
+
+    def _splits_at_whitespace(self) -> bool:
+        """Whether the static tokenizer is BERT's (whitespace ends a word whatever follows); a
+        byte-level BPE, say, joins a space to the next word, and a cut would change that token."""
+        cached = getattr(self, "_whitespace_cut", None)
+        if cached is None or cached[0] is not self.static_:
+            from tokenizers.normalizers import BertNormalizer
+            from tokenizers.pre_tokenizers import BertPreTokenizer
+
+            tokenizer = self.static_.tokenizer
+            exact = isinstance(tokenizer.pre_tokenizer, BertPreTokenizer) and isinstance(
+                tokenizer.normalizer, (BertNormalizer, type(None)))
+            cached = self._whitespace_cut = (self.static_, exact)
+        return cached[1]
+
     def _fingerprint(self) -> str:
         """Identifies the weights and settings, so cached embeddings are never reused across models."""
         digest = hashlib.blake2b(digest_size=10)
@@ -326,7 +385,7 @@ class QueryEncoder(BaseEstimator):
         if self.quantize != "none":  # (kept out of the list when off: existing caches stay valid)
             settings.append(self.quantize)
         if self.backend == "static":  # the static vectors are the whole model at routing time
-            settings.append("static")
+            settings.append("static, untruncated")  # embeddings made before the 512-token fix differ
             digest.update(json.dumps(settings).encode())
             digest.update(np.ascontiguousarray(self.static_.embedding).tobytes())
             return digest.hexdigest()

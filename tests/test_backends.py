@@ -42,6 +42,45 @@ def test_static_encoder_keeps_the_end_of_a_long_query_when_truncating_left(stati
     assert same[0] @ same[1] == pytest.approx(1.0, abs=1e-5)  # both cut to the shared prefix
 
 
+def _mean_of_kept_tokens(encoder, query):
+    """The static vector by definition: tokenise the whole query, keep the window, average."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_str(encoder.static_.tokenizer.to_str())
+    tokenizer.no_truncation()
+    ids = [i for i in tokenizer.encode(query, add_special_tokens=False).ids if i != encoder.static_.unk_token_id]
+    ids = ids[-encoder.max_seq_length:] if encoder.truncation_side == "left" else ids[:encoder.max_seq_length]
+    vector = encoder.static_.embedding[ids].astype(np.float32).mean(axis=0)
+    return vector / np.linalg.norm(vector)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_cutting_a_long_query_before_tokenising_keeps_exactly_the_same_tokens(static_encoder, side):
+    encoder = QueryEncoder(**{**static_encoder.get_params(), "truncation_side": side})
+    encoder.model_, encoder.dim_, encoder.fine_tuned_, encoder.n_triplets_ = static_encoder.model_, 64, False, 0
+    encoder.static_, encoder.fingerprint_ = static_encoder.static_, side
+    long_queries = [
+        "Q: what is the capital of France?\nA: Paris.\n\n" * 20 + "Q: who wrote Hamlet?\nA:",
+        "word " * 200 + "x" * 150 + " tail end",  # a 150-character word: BERT reads it as unknown
+        "a\t" * 40 + "zzzzzzzzzz " * 3,  # few tokens per character near the cut
+        " " * 400 + "only three words",  # the cut holds fewer tokens than the window: whole query
+        "one two three " * 250 + " " * 400 + "the end",  # ... and the whole query is over 512 tokens
+        "Überprüfung der Daten,\r\nbitte! " * 30,
+    ]
+    assert all(len(query) > encoder.max_seq_length * 8 for query in long_queries)  # each one is cut
+    vectors = encoder.transform(long_queries)
+    for query, vector in zip(long_queries, vectors):
+        np.testing.assert_allclose(vector, _mean_of_kept_tokens(encoder, query), rtol=1e-6, atol=1e-7)
+
+
+def test_the_static_encoder_reads_the_end_of_a_query_longer_than_512_tokens(static_encoder):
+    # model2vec's tokenizer stops at 512 tokens: the end of a longer query was never read.
+    prefix = "Question: name a prime number. Answer: seven. " * 80  # ~800 tokens
+    a, b = prefix + "Who built the pyramids?", prefix + "Write python code to parse JSON."
+    vectors = static_encoder.transform([a, b])
+    assert vectors[0] @ vectors[1] < 0.95
+
+
 def test_static_encoder_round_trips_without_loading_the_transformer(static_encoder, tmp_path):
     static_encoder.save(tmp_path / "encoder")
     loaded = QueryEncoder.load(tmp_path / "encoder")
