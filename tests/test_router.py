@@ -11,6 +11,7 @@ import pytest
 
 from mixllm.embeddings import QueryEncoder, load_sentence_transformer, mine_domain_triplets
 from mixllm.errors import ModelFormatError, RoutingError
+from mixllm.features import QueryFeaturizer, length_features
 from mixllm.predictors import CostPredictor, QualityPredictor, departures
 from mixllm.decision import LoadSnapshot, decide, expected_latency_s, latency_penalty
 from mixllm.router import MixLLMRouter
@@ -534,3 +535,22 @@ def test_the_shared_difficulty_head_finds_a_difficulty_no_topic_shows_and_newcom
     # A newcomer has no answers yet: only the shared head can tell it that hard queries are hard.
     assert gaps[True].min() > 0.1 and gaps[True].mean() > 0.2, gaps
     assert np.abs(gaps[False]).max() < 0.05, gaps
+
+
+def test_the_featurizers_tfidf_block_is_sklearns_tfidf_projected_on_the_svd_components():
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    rng = np.random.default_rng(0)
+    words = ["alpha", "beta", "gamma", "delta", "python", "code", "sum", "river", "bank", "loan"]
+    train = [" ".join(rng.choice(words, size=rng.integers(3, 30))) for _ in range(60)]
+    featurizer = QueryFeaturizer(svd_components=5, tfidf_min_df=2).fit(train, rng.normal(size=(60, 4)))
+    # Repeated terms (sublinear tf), bigrams, unknown words only (no TF-IDF at all), mixed case.
+    queries = ["alpha alpha alpha beta code", "Python CODE sum; river-bank loan", "zeta eta theta", "", train[3]]
+    embeddings = rng.normal(size=(len(queries), 4))
+    reference = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, vocabulary=featurizer.tfidf_vocabulary_)
+    reference.idf_ = featurizer.tfidf_idf_
+    tfidf = np.asarray(reference.transform(queries) @ featurizer.svd_components_.T)
+    raw = np.hstack([embeddings, length_features(queries), tfidf])
+    expected = (raw - featurizer.mean_) / featurizer.scale_ / np.sqrt(featurizer.n_features_out_)
+    assert np.abs(tfidf[0]).sum() > 0 and not tfidf[2].any()  # the check compares real numbers
+    np.testing.assert_allclose(featurizer.transform(queries, embeddings), expected, rtol=1e-10, atol=1e-12)
