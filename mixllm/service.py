@@ -18,6 +18,7 @@ import time
 from typing import Annotated, Any
 
 import bentoml
+import numpy as np
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
@@ -194,18 +195,29 @@ class MixLLMService(ModelLifecycle, ChatProxy, TenantBudgets, ServiceWatchers):
         router = model.router
         predictions = router.predict([items[i].query for i in valid], tasks=[items[i].task for i in valid])
         snapshot = self.load.snapshot()
-        records = []
+        # Items with the same settings are decided in one call (the usual batch has one setting):
+        # deciding them one by one cost a batch as much as predicting it.
+        groups: dict[tuple, list[int]] = {}
         for row, i in enumerate(valid):
             item = items[i]
+            settings = (item.lambda_, item.exploration, None if item.candidates is None else tuple(item.candidates),
+                        item.max_cost, item.min_quality)
+            groups.setdefault(settings, []).append(row)
+        decided: dict[int, Any] = {}
+        for rows in groups.values():
+            first = items[valid[rows[0]]]
             try:
-                decision = router.route([item.query], lambda_=item.lambda_, exploration=item.exploration,
-                                        candidates=item.candidates, max_cost_usd=item.max_cost,
-                                        min_quality=item.min_quality, load=snapshot,
-                                        predictions=predictions.subset(slice(row, row + 1)), tasks=[item.task])[0]
-            except RoutingError as exc:
-                results[i] = error(400, exc.field, str(exc))
+                decisions = router.route([items[valid[row]].query for row in rows], lambda_=first.lambda_,
+                                         exploration=first.exploration, candidates=first.candidates,
+                                         max_cost_usd=first.max_cost, min_quality=first.min_quality, load=snapshot,
+                                         predictions=predictions.subset(np.asarray(rows)),
+                                         tasks=[items[valid[row]].task for row in rows])
+            except RoutingError as exc:  # the settings are wrong, so for every item that shares them
+                for row in rows:
+                    results[valid[row]] = error(400, exc.field, str(exc))
                 continue
-            records.append((i, item, decision))
+            decided.update(zip(rows, decisions))
+        records = [(valid[row], items[valid[row]], decided[row]) for row in range(len(valid)) if row in decided]
         if atomic and any(isinstance(result, JSONResponse) for result in results):
             return results
         try:

@@ -136,6 +136,23 @@ def test_routing_decisions_are_not_calls_in_flight(service):
     assert all(c["penalty"] == 0 for c in after["candidates"] if c["llm"] == "coder"), "no latency penalty from routes"
 
 
+def test_a_batch_mixing_settings_routes_each_item_by_its_own(service):
+    """Items that share settings are decided together; each keeps its own candidates, lambda and place."""
+    base = service["base"]
+    settings = [{"candidates": ["coder"]}, {"lambda": 0.0}, {"candidates": ["cheap-chat", "strong"], "lambda": 0.0},
+                {"lambda": 1e6}, {}]
+    requests = [{"query": f"{QUERY} {i}", **settings[i % len(settings)]} for i in range(20)]
+    response = httpx.post(f"{base}/route_batch", timeout=60, json={"requests": requests})
+    assert response.status_code == 200
+    for request, decision in zip(requests, response.json()):
+        assert [c["llm"] for c in decision["candidates"]] == sorted(request.get("candidates", ["cheap-chat", "coder", "strong"]))
+        assert decision["llm"] in request.get("candidates", ["cheap-chat", "coder", "strong"])
+        if "lambda" in request:
+            assert decision["lambda"] == request["lambda"]
+    assert {d["llm"] for d in response.json()[3::5]} == {"cheap-chat"}  # a huge lambda: the cheapest
+    assert len({d["decision_id"] for d in response.json()}) == len(requests)
+
+
 @pytest.mark.parametrize(
     ("path", "body", "status", "field"),
     [
