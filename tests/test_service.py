@@ -143,7 +143,7 @@ def test_a_batch_mixing_settings_routes_each_item_by_its_own(service):
                 {"lambda": 1e6}, {}]
     requests = [{"query": f"{QUERY} {i}", **settings[i % len(settings)]} for i in range(20)]
     response = httpx.post(f"{base}/route_batch", timeout=60, json={"requests": requests})
-    assert response.status_code == 200
+    assert response.status_code == 200 and response.headers["content-type"] == "application/json"
     for request, decision in zip(requests, response.json()):
         assert [c["llm"] for c in decision["candidates"]] == sorted(request.get("candidates", ["cheap-chat", "coder", "strong"]))
         assert decision["llm"] in request.get("candidates", ["cheap-chat", "coder", "strong"])
