@@ -74,7 +74,7 @@ def service(tmp_path_factory, upstream):
     # logic is tested in-process in test_one_client_cannot_flood_the_others).
     write_params(root, llms=_llms(upstream.base_url), service={"poll_interval_s": 1, "max_query_chars": 2000,
                                                              "client_rate_per_s": 10_000, "client_burst": 100_000,
-                                                             "body_read_timeout_s": 2,
+                                                             "body_read_timeout_s": 2, "header_read_timeout_s": 2,
                                                              "failover": {"breaker_failures": 2, "breaker_cooldown_s": 4}},
                  gate={"max_overhead_ms": 5000}, budgets={"tenants": TENANTS, "key_cache_s": 0},
                  drift={"interval_s": 1, "min_queries": 10, "permutations": 50})
@@ -803,6 +803,41 @@ def test_a_stalled_body_gets_a_408_and_its_connection_back(service):
             answer += part
     assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
     assert b"body_read_timeout_s" in answer
+    assert _route(service["base"])["llm"] in PRICE_PER_1K  # the service is unharmed
+
+
+def _read_response(connection) -> bytes:
+    """One HTTP/1.1 response with a Content-Length, read off a raw socket."""
+    answer = b""
+    while b"\r\n\r\n" not in answer:
+        answer += connection.recv(65536)
+    head, body = answer.split(b"\r\n\r\n", 1)
+    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+    while len(body) < length:
+        body += connection.recv(65536)
+    return head
+
+
+def test_a_connection_stalled_in_its_headers_is_closed(service):
+    """Half a request's headers, then silence: the server closes the connection after
+    service.header_read_timeout_s (uvicorn alone held such connections open indefinitely). A
+    kept-alive connection gets the same deadline for its next request."""
+    import socket
+
+    port = int(service["base"].rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as connection:
+        connection.sendall(b"POST /route HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Ty")
+        assert connection.recv(65536) == b""  # closed by the server (our own timeout would raise)
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as connection:
+        connection.sendall(b"GET /livez HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        assert _read_response(connection).startswith(b"HTTP/1.1 200")
+        connection.sendall(b"GET /livez HTTP/1.1\r\nHo")
+        assert connection.recv(65536) == b""
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as connection:  # a slow but whole request
+        for piece in (b"GET /livez HTTP/1.1\r\n", b"Host: 127.0.0.1\r\n", b"\r\n"):
+            connection.sendall(piece)
+            time.sleep(0.3)
+        assert _read_response(connection).startswith(b"HTTP/1.1 200")
     assert _route(service["base"])["llm"] in PRICE_PER_1K  # the service is unharmed
 
 

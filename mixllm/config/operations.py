@@ -99,9 +99,10 @@ class ServiceConfig(StrictModel):
     # bounds how many share one.
     threads: int = Field(default=32, ge=1, le=256)
     # A request whose body has not fully arrived after this long gets a 408 and its connection back.
-    # (Headers that never finish are held by the HTTP server itself: put a reverse proxy with a
-    # header timeout in front for that.)
     body_read_timeout_s: float = Field(default=10.0, gt=0)
+    # A connection whose request headers have not all arrived this long after their first byte is
+    # closed (the HTTP server itself has no such limit; mixllm/header_deadline.py adds it).
+    header_read_timeout_s: float = Field(default=10.0, gt=0)
     # Name of the env var holding the bearer token; when it is set, /feedback and /admin/* need it.
     auth_token_env: str = "MIXLLM_API_TOKEN"
     require_token_for_route: bool = False
