@@ -319,8 +319,10 @@ class QueryEncoder(BaseEstimator):
         static = self.static_
         keep = self.max_seq_length
         token_ids = self._static_tokens([self._kept_end(query) for query in queries])
-        short = [row for row, ids in enumerate(token_ids) if len(ids) < keep and len(queries[row]) > keep * _CHARS_PER_TOKEN]
-        if short:  # the cut kept fewer tokens than the window holds: tokenise the whole query after all
+        # Where a cut kept fewer tokens than the window holds, tokenise the whole query after all.
+        short = [row for row, ids in enumerate(token_ids)
+                 if len(ids) < keep and len(queries[row]) > keep * _CHARS_PER_TOKEN]
+        if short:
             for row, ids in zip(short, self._static_tokens([queries[row] for row in short])):
                 token_ids[row] = ids
         vectors = np.zeros((len(queries), self.dim_), dtype=np.float32)

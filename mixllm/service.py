@@ -24,6 +24,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.exceptions import HTTPException
 
+from mixllm import header_deadline
 from mixllm.api_models import (
     PROXY_SPENDS_KEYS,
     ROUTABLE,
@@ -39,7 +40,6 @@ from mixllm.api_models import (
     error,
     stored_response,
 )
-from mixllm import header_deadline
 from mixllm.circuit import CircuitBreakers
 from mixllm.middleware import (
     BearerAuth,
@@ -431,8 +431,10 @@ MixLLMService.add_asgi_middleware(OpenAPIContract, fix=openapi_contract)
 MixLLMService.add_asgi_middleware(OpenAIErrors)  # /v1 errors in OpenAI's shape, whichever layer answers
 MixLLMService.add_asgi_middleware(BodyLimit, max_bytes=SETTINGS.max_body_bytes,
                                   read_timeout_s=SETTINGS.body_read_timeout_s)
-header_deadline.install(SETTINGS.header_read_timeout_s)  # headers come before any middleware sees a request
 MixLLMService.add_asgi_middleware(ClientRateLimit, rate_per_s=SETTINGS.client_rate_per_s, burst=SETTINGS.client_burst)
 MixLLMService.add_asgi_middleware(BearerAuth, token_env=SETTINGS.auth_token_env,
                                   protect_route=SETTINGS.require_token_for_route, protect_proxy=PROXY_SPENDS_KEYS,
                                   tenant_keys=TENANT_KEYS)
+# Below the middleware: a request's headers must be complete before any middleware sees it, so the
+# deadline for them is the HTTP server's (uvicorn's protocol class, set before BentoML starts it).
+header_deadline.install(SETTINGS.header_read_timeout_s)
