@@ -131,7 +131,7 @@ class QueryFeaturizer(BaseEstimator):
         if self.use_length:
             blocks.append(length_features(queries))
         if self.svd_components_.shape[0]:
-            blocks.append(self._tfidf_reduced(queries) * self.tfidf_weight)
+            blocks.append(self._tfidf_reduced(queries))
         if not blocks:
             return np.zeros((len(queries), 0))
         return np.hstack(blocks)
@@ -142,7 +142,12 @@ class QueryFeaturizer(BaseEstimator):
         raw = self._raw(queries, np.asarray(embeddings, dtype=np.float64))
         # Standardised, then shrunk so a typical row has unit length: the linear predictors' ridge
         # and prior uncertainty then mean the same whatever the number of features.
-        return (raw - self.mean_) / self.scale_ / np.sqrt(max(self.n_features_out_, 1))
+        features = (raw - self.mean_) / self.scale_ / np.sqrt(max(self.n_features_out_, 1))
+        if self.tfidf_weight != 1.0 and self.block_sizes_["tfidf"]:
+            # After standardising (before, it cancelled out): a weight w lets the TF-IDF terms' part
+            # of a head vary w times as much under the same ridge.
+            features[:, features.shape[1] - self.block_sizes_["tfidf"]:] *= self.tfidf_weight
+        return features
 
     # -- plain-format persistence (no pickle)
 

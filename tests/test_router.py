@@ -554,3 +554,16 @@ def test_the_featurizers_tfidf_block_is_sklearns_tfidf_projected_on_the_svd_comp
     expected = (raw - featurizer.mean_) / featurizer.scale_ / np.sqrt(featurizer.n_features_out_)
     assert np.abs(tfidf[0]).sum() > 0 and not tfidf[2].any()  # the check compares real numbers
     np.testing.assert_allclose(featurizer.transform(queries, embeddings), expected, rtol=1e-10, atol=1e-12)
+
+
+def test_the_tfidf_weight_scales_the_standardised_tfidf_block_and_nothing_else():
+    rng = np.random.default_rng(1)
+    words = ["alpha", "beta", "gamma", "delta", "python", "code", "sum", "river"]
+    train = [" ".join(rng.choice(words, size=rng.integers(3, 20))) for _ in range(40)]
+    embeddings = rng.normal(size=(40, 3))
+    plain = QueryFeaturizer(svd_components=4).fit(train, embeddings)
+    doubled = QueryFeaturizer(svd_components=4, tfidf_weight=2.0).fit(train, embeddings)
+    a, b = plain.transform(train, embeddings), doubled.transform(train, embeddings)
+    np.testing.assert_allclose(b[:, -4:], 2.0 * a[:, -4:])  # (standardising used to cancel the weight)
+    np.testing.assert_allclose(b[:, :-4], a[:, :-4])
+    assert np.abs(a[:, -4:]).sum() > 0
