@@ -215,6 +215,8 @@ class TfidfConfig(StrictModel):
     min_df: int = Field(default=2, ge=1)
     # Reduced with truncated SVD so the linear bandit's A matrix stays small (d x d).
     svd_components: int = Field(default=128, ge=0)
+    # Scales the standardised TF-IDF block: under one ridge, its terms may move a head `weight`
+    # times as far as the embedding's.
     weight: float = Field(default=1.0, gt=0)
 
 
