@@ -49,6 +49,7 @@ from mixllm.bootstrap import Interval, bootstrap_metrics, bootstrap_weights  # n
 from mixllm.evaluate import Outcomes, Reference, RouterCurve, exact_sweep  # noqa: E402
 from mixllm.workspace import Workspace, load_split, write_split  # noqa: E402
 from mixllm.decision import Predictions  # noqa: E402
+from mixllm.predictors import gcv_ridge  # noqa: E402
 from mixllm.router import MixLLMRouter  # noqa: E402
 
 logger = logging.getLogger("benchmarks.levers")
@@ -180,6 +181,11 @@ def run(name: str, entry, data_path: Path, work: Path, n_boot: int) -> pd.DataFr
             log[log["query_id"].isin(train_ids)]).predict(te_frame).quality
         Y = Q[~test]
         R = Y - prior_tr
+        # The alternatives below model each LLM's whole residual (no shared difficulty head), so they
+        # get a ridge chosen by GCV on that residual; router.ridge_ is the departures' ridge, chosen
+        # for a smaller target.
+        grid = config.predictors.quality.ridge_grid
+        residual_ridge, _ = gcv_ridge(X_tr, R, grid)
         # + stacked TF-IDF logistic (cross-fitted inside the training folds)
         inner = np.arange(len(tr_frame)) % 5
         stacked_tr = np.zeros_like(Y)
@@ -190,7 +196,7 @@ def run(name: str, entry, data_path: Path, work: Path, n_boot: int) -> pd.DataFr
         for j in range(len(llms)):
             G_tr = np.hstack([X_tr, 30 * (stacked_tr[:, [j]] - prior_tr[:, [j]])])
             G_te = np.hstack([X_te, 30 * (stacked_te[:, [j]] - prior_te[:, [j]])])
-            coef = ridge_fit(G_tr, R[:, [j]], router.ridge_)
+            coef = ridge_fit(G_tr, R[:, [j]], residual_ridge)
             predictions["+ stacked TF-IDF logistic"][test, j] = np.clip(prior_te[:, j] + (with_bias(G_te) @ coef)[:, 0], 0, 1)
         # NNLS stack of the default (in-sample on train, a mild optimism), TF-IDF logistic and kNN
         embed_tr = router._embed(router.encoder_, tr_frame["query"].tolist())
@@ -202,7 +208,7 @@ def run(name: str, entry, data_path: Path, work: Path, n_boot: int) -> pd.DataFr
         predictions["NNLS stack (default, TF-IDF logistic, kNN)"][test] = nnls_blend(
             [default_tr, stacked_tr, knn_tr], Y, [default.quality, stacked_te, knn_predict(embed_tr, Y, embed_te)])
         # Reduced-rank heads
-        coef = ridge_fit(X_tr, R, router.ridge_)
+        coef = ridge_fit(X_tr, R, residual_ridge)
         fitted = with_bias(X_tr) @ coef
         _, _, directions = np.linalg.svd(fitted - fitted.mean(axis=0), full_matrices=False)
         for rank in (1, 2):
@@ -213,7 +219,7 @@ def run(name: str, entry, data_path: Path, work: Path, n_boot: int) -> pd.DataFr
                                                                X_te * np.sqrt(X_tr.shape[1]), C=0.01)
         # No domain prior: a ridge on the features around each LLM's mean
         mean = Y.mean(axis=0)
-        coef = ridge_fit(X_tr, Y - mean, router.ridge_)
+        coef = ridge_fit(X_tr, Y - mean, gcv_ridge(X_tr, Y - mean, grid)[0])
         predictions["no domain prior"][test] = np.clip(mean + with_bias(X_te) @ coef, 0, 1)
         logger.info("%s fold %d: %.0f s", name, f, time.perf_counter() - started)
     reference_llm = entry.reference_llm
