@@ -318,13 +318,12 @@ class QueryEncoder(BaseEstimator):
         """Mean of the static token vectors over the query's last (or first) max_seq_length tokens."""
         static = self.static_
         keep = self.max_seq_length
-        token_ids = self._static_tokens([self._kept_end(query) for query in queries])
+        kept = [self._kept_end(query) for query in queries]
+        token_ids = self._static_tokens(kept)
         # Where a cut kept fewer tokens than the window holds, tokenise the whole query after all.
-        short = [row for row, ids in enumerate(token_ids)
-                 if len(ids) < keep and len(queries[row]) > keep * _CHARS_PER_TOKEN]
-        if short:
-            for row, ids in zip(short, self._static_tokens([queries[row] for row in short])):
-                token_ids[row] = ids
+        short = [row for row, ids in enumerate(token_ids) if len(ids) < keep and kept[row] is not queries[row]]
+        for row, ids in zip(short, self._static_tokens([queries[row] for row in short])):
+            token_ids[row] = ids
         vectors = np.zeros((len(queries), self.dim_), dtype=np.float32)
         for row, ids in enumerate(token_ids):
             if not ids:
@@ -335,14 +334,15 @@ class QueryEncoder(BaseEstimator):
         return vectors / np.where(norms > 0, norms, 1.0)
 
     def _kept_end(self, query: str) -> str:
-        """The end of a long query that truncation keeps, cut at a whitespace before tokenising:
-        RouterBench prompts open with few-shot prefixes thousands of characters long, and
-        tokenising them only to drop their tokens was a third of a static route's time. The
-        static model's tokenizer splits words at whitespace (BERT's pre-tokenizer), so the words
-        kept are tokenised exactly as in the whole query; when the cut holds fewer tokens than
-        the window, _static_transform tokenises the whole query instead."""
+        """The end of a long query that truncation keeps, cut at a whitespace before tokenising
+        (the query itself when it is not cut): RouterBench prompts open with few-shot prefixes
+        thousands of characters long, and tokenising them only to drop their tokens was a third of
+        a static route's time. BERT's pre-tokenizer splits words at whitespace, so the words kept
+        are tokenised exactly as in the whole query; a byte-level BPE, say, joins a space to the
+        next word, so other tokenizers are never cut. When the cut holds fewer tokens than the
+        window, _static_transform tokenises the whole query instead."""
         budget = self.max_seq_length * _CHARS_PER_TOKEN
-        if len(query) <= budget or not self._splits_at_whitespace():
+        if len(query) <= budget or not self._static_tokenizer()[1]:
             return query
         if self.truncation_side == "left":
             match = _WHITESPACE.search(query, len(query) - budget)
@@ -351,34 +351,32 @@ class QueryEncoder(BaseEstimator):
         return query[:match.start()] if match else query
 
     def _static_tokens(self, texts: list[str]) -> list[list[int]]:
-        """Token ids of whole texts, unknown tokens dropped (as model2vec's own tokenize). Not
-        model2vec's tokenize: its tokenizer cuts every text at 512 tokens from the right, so a
-        longer query kept tokens 256-512 (the middle of a few-shot prefix) instead of its end."""
-        cached = getattr(self, "_untruncated", None)
-        if cached is None or cached[0] is not self.static_:
-            from tokenizers import Tokenizer
-
-            tokenizer = Tokenizer.from_str(self.static_.tokenizer.to_str())
-            tokenizer.no_truncation()
-            tokenizer.no_padding()
-            cached = self._untruncated = (self.static_, tokenizer)
+        """Token ids of whole texts, unknown tokens dropped (as model2vec's own tokenize)."""
+        if not texts:
+            return []
         unknown = self.static_.unk_token_id
-        encodings = cached[1].encode_batch_fast(texts, add_special_tokens=False)
+        encodings = self._static_tokenizer()[0].encode_batch_fast(texts, add_special_tokens=False)
         return [[token for token in encoding.ids if token != unknown] for encoding in encodings]
 
-    def _splits_at_whitespace(self) -> bool:
-        """Whether the static tokenizer is BERT's (whitespace ends a word whatever follows); a
-        byte-level BPE, say, joins a space to the next word, and a cut would change that token."""
-        cached = getattr(self, "_whitespace_cut", None)
+    def _static_tokenizer(self) -> tuple[Any, bool]:
+        """The static model's tokenizer without its 512-token cut, and whether it is BERT's (so a
+        query may be cut at a whitespace first), built once per static model. Not model2vec's own:
+        it cuts every text at 512 tokens from the right, so a longer query kept tokens 256-512 (the
+        middle of a few-shot prefix) instead of its end."""
+        cached = getattr(self, "_static_tokenizer_cache", None)
         if cached is None or cached[0] is not self.static_:
+            from tokenizers import Tokenizer
             from tokenizers.normalizers import BertNormalizer
             from tokenizers.pre_tokenizers import BertPreTokenizer
 
-            tokenizer = self.static_.tokenizer
-            exact = isinstance(tokenizer.pre_tokenizer, BertPreTokenizer) and isinstance(
-                tokenizer.normalizer, (BertNormalizer, type(None)))
-            cached = self._whitespace_cut = (self.static_, exact)
-        return cached[1]
+            original = self.static_.tokenizer
+            untruncated = Tokenizer.from_str(original.to_str())
+            untruncated.no_truncation()
+            untruncated.no_padding()
+            splits_at_whitespace = isinstance(original.pre_tokenizer, BertPreTokenizer) and isinstance(
+                original.normalizer, (BertNormalizer, type(None)))
+            cached = self._static_tokenizer_cache = (self.static_, untruncated, splits_at_whitespace)
+        return cached[1], cached[2]
 
     def _fingerprint(self) -> str:
         """Identifies the weights and settings, so cached embeddings are never reused across models."""

@@ -48,13 +48,14 @@ class OnlineLearningMixin:
         if X.shape[0] != len(frame):
             raise RoutingError(f"features has {X.shape[0]} rows for {len(frame)} interactions")
         proba = self.domain_proba(X)
+        difficulty = self.difficulty(X)
         for llm, rows in frame.groupby("llm", sort=False):
             positions = frame.index.get_indexer(rows.index)
             prior = self.domain_model_.prior(proba[positions], [llm])[:, 0]
             head_input = self._head_input(llm, X[positions], proba[positions], prior)
             # The shared difficulty head stays as trained: feedback teaches each LLM's own departure.
             self.quality_models_[llm].partial_fit(head_input, rows["quality"].to_numpy(),
-                                                  prior=prior + self.difficulty(X[positions]))
+                                                  prior=prior + difficulty[positions])
             self.cost_models_[llm].partial_fit(X[positions], rows["cost_usd"].to_numpy(),
                                                rows["query"].str.len().to_numpy(), *token_columns(rows))
         self.n_feedback_ = getattr(self, "n_feedback_", 0) + len(frame)

@@ -53,7 +53,7 @@ def save_router(router: MixLLMRouter, folder: Path | str) -> Path:
     np.savez(folder / "domains.npz", **domain_arrays)
     if getattr(router, "drift_reference_", None) is not None:
         np.savez(folder / "drift.npz", features=router.drift_reference_)
-    difficulty = getattr(router, "difficulty_model_", None)
+    difficulty = router.difficulty_model_
     if difficulty is not None:
         np.savez(folder / "difficulty.npz", **difficulty.state())
     predictors_dir = folder / "predictors"
