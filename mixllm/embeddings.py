@@ -147,7 +147,7 @@ class QueryEncoder(BaseEstimator):
         model_path: str | None = None,
         max_seq_length: int = 256,
         truncation_side: str = "left",
-        batch_size: int = 64,
+        batch_size: int = 16,
         quantize: str = "none",
         fine_tune: bool = True,
         epochs: int = 1,
