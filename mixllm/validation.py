@@ -263,6 +263,8 @@ def validate_interactions(
     good = np.array([i not in reasons for i in range(len(frame))], dtype=bool)
     frame["row_hash"] = _row_hash(frame)
     candidates = frame.loc[good]
+    # Only keys that repeat are grouped: iterating over every row's group took 1.5 s of a 35k-row ingest.
+    candidates = candidates.loc[candidates.duplicated(list(KEY_COLUMNS), keep=False)]
     keyed = candidates.groupby(list(KEY_COLUMNS), sort=False, dropna=False)
     for _, group in keyed:
         if len(group) < 2:
