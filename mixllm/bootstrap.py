@@ -15,7 +15,8 @@ def _hull_arrays(costs: np.ndarray, qualities: np.ndarray) -> tuple[np.ndarray, 
     """The non-decreasing upper convex hull of points as (costs, qualities) vertex arrays (the
     Pareto front first, so the monotone chain runs over few points)."""
     keep = pareto_indices(costs, qualities)
-    xs, ys = costs[keep], qualities[keep]
+    # Python floats: the chain's arithmetic on numpy scalars was most of a 1,000-resample bootstrap.
+    xs, ys = costs[keep].tolist(), qualities[keep].tolist()
     hull_x, hull_y = [xs[0]], [ys[0]]
     for x, y in zip(xs[1:], ys[1:]):
         while len(hull_x) >= 2 and (hull_x[-1] - hull_x[-2]) * (y - hull_y[-2]) - (hull_y[-1] - hull_y[-2]) * (x - hull_x[-2]) >= 0:
