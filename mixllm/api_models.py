@@ -7,7 +7,6 @@ errors carry the field in detail[0].loc instead.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 from typing import Annotated, Any, Literal, Optional
@@ -239,9 +238,10 @@ def _candidate(fields: dict[str, Any], chosen: str | None = None) -> Candidate:
 
 
 def _fields(candidate: Any) -> dict[str, Any]:
-    """A CandidateScore's fields, all plain values: dataclasses.asdict's deep copy of them was a
-    tenth of a routed batch's time."""
-    return {field.name: getattr(candidate, field.name) for field in dataclasses.fields(candidate)}
+    """A CandidateScore's fields, all plain values (a dataclass without slots keeps exactly its
+    fields in __dict__): dataclasses.asdict's deep copy, then dataclasses.fields, each took a tenth
+    of a routed batch's time."""
+    return dict(vars(candidate))
 
 
 def candidate_scores(decision: Any) -> list[Candidate]:

@@ -38,3 +38,9 @@ def test_decisions_logged_before_propensities_get_the_argmax_probability():
     stored = {"llm": "small", "decision_id": "d1", "model_version": 1, "lambda_": None, "candidates": json.dumps(old)}
     probabilities = [c.probability for c in stored_response(stored).candidates]
     assert probabilities == [1.0, 0.0, 0.0]
+
+
+def test_the_logged_candidates_are_exactly_the_decision_fields():
+    """decision_details reads a candidate's __dict__ (fast); a slotted or extended dataclass would break that."""
+    decision = _decision()
+    assert decision_details(decision)["candidates"] == [dataclasses.asdict(c) for c in decision.candidates]
