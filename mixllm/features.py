@@ -13,6 +13,7 @@ predicted from it. Fitted state is plain arrays, saved as .npz/.json.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,12 @@ import numpy as np
 from sklearn.base import BaseEstimator
 
 from mixllm.errors import ModelFormatError, NotFittedError
+
+logger = logging.getLogger(__name__)
+
+# Saved with every featurizer: features.tfidf.weight multiplies the standardised TF-IDF block.
+# Featurizers saved before this marker applied it before standardising, where it cancelled out.
+_WEIGHT_AFTER_STANDARDISING = "after standardising"
 
 
 def length_features(queries: Sequence[str]) -> np.ndarray:
@@ -160,7 +167,8 @@ class QueryFeaturizer(BaseEstimator):
             svd_components=self.svd_components_, mean=self.mean_, scale=self.scale_,
         )
         meta = {"params": self.get_params(), "tfidf_vocabulary": self.tfidf_vocabulary_,
-                "block_sizes": self.block_sizes_, "n_features_out": self.n_features_out_}
+                "block_sizes": self.block_sizes_, "n_features_out": self.n_features_out_,
+                "tfidf_weight_applied": _WEIGHT_AFTER_STANDARDISING}
         (folder / "featurizer.json").write_text(json.dumps(meta), encoding="utf-8")
 
     @classmethod
@@ -171,7 +179,14 @@ class QueryFeaturizer(BaseEstimator):
             arrays = np.load(folder / "featurizer.npz")
         except FileNotFoundError as error:
             raise ModelFormatError(f"{folder} lacks the featurizer ({error.filename})") from None
-        featurizer = cls(**meta["params"])
+        params = dict(meta["params"])
+        if params.get("tfidf_weight", 1.0) != 1.0 and meta.get("tfidf_weight_applied") != _WEIGHT_AFTER_STANDARDISING:
+            # Saved when the weight was applied before standardising, which cancelled it: the heads
+            # were fitted on unweighted features, so they are served the same way.
+            logger.warning("%s was saved when features.tfidf.weight had no effect; loading it with weight 1, as it "
+                           "was trained (retrain to use weight %s)", folder, params["tfidf_weight"])
+            params["tfidf_weight"] = 1.0
+        featurizer = cls(**params)
         featurizer.tfidf_vocabulary_ = meta["tfidf_vocabulary"]
         featurizer.block_sizes_ = meta["block_sizes"]
         featurizer.n_features_out_ = meta["n_features_out"]

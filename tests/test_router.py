@@ -567,3 +567,23 @@ def test_the_tfidf_weight_scales_the_standardised_tfidf_block_and_nothing_else()
     np.testing.assert_allclose(b[:, -4:], 2.0 * a[:, -4:])  # (standardising used to cancel the weight)
     np.testing.assert_allclose(b[:, :-4], a[:, :-4])
     assert np.abs(a[:, -4:]).sum() > 0
+
+
+def test_a_featurizer_saved_when_the_tfidf_weight_cancelled_out_loads_as_it_was_trained(tmp_path):
+    rng = np.random.default_rng(2)
+    words = ["alpha", "beta", "gamma", "delta", "python", "code", "sum", "river"]
+    train = [" ".join(rng.choice(words, size=rng.integers(3, 20))) for _ in range(40)]
+    embeddings = rng.normal(size=(40, 3))
+    plain = QueryFeaturizer(svd_components=4).fit(train, embeddings)
+    doubled = QueryFeaturizer(svd_components=4, tfidf_weight=2.0).fit(train, embeddings)
+    doubled.save(tmp_path / "new")
+    np.testing.assert_allclose(QueryFeaturizer.load(tmp_path / "new").transform(train, embeddings),
+                               doubled.transform(train, embeddings))
+    doubled.save(tmp_path / "old")
+    meta_path = tmp_path / "old" / "featurizer.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["tfidf_weight_applied"]  # as saved before the weight took effect
+    meta_path.write_text(json.dumps(meta))
+    old = QueryFeaturizer.load(tmp_path / "old")
+    assert old.tfidf_weight == 1.0
+    np.testing.assert_allclose(old.transform(train, embeddings), plain.transform(train, embeddings))
