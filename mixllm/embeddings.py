@@ -159,7 +159,7 @@ class QueryEncoder(BaseEstimator):
         random_state: int = 13,
         progress: bool | None = None,
         backend: str = "torch",
-        static_dims: int = 384,
+        static_dims: int = 256,
     ):
         self.model_path = model_path
         self.max_seq_length = max_seq_length

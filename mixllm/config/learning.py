@@ -141,10 +141,9 @@ class EmbeddingConfig(StrictModel):
     # the service). auto: training fits the router with each and keeps the fastest whose validation
     # AIQ is, with confidence, within max_aiq_loss of every slower backend's.
     backend: Literal["torch", "static", "auto"] = "auto"
-    # The static vectors' dimensions after model2vec's PCA; at the encoder's own 384 nothing is cut.
-    # Chosen on validation (benchmarks/RESULTS.md): 384 against 256 gave 0.9681 / 1.0380 / 0.9593
-    # against 0.9682 / 1.0328 / 0.9587 on the three shared logs, for ~10% more time per query.
-    static_dims: int = Field(default=384, ge=8, le=1024)
+    # The static vectors' dimensions after model2vec's PCA (the encoder has 384). 384 (no cut) tied
+    # 256 on validation and did worse on two holdouts (benchmarks/RESULTS.md, "Why these defaults").
+    static_dims: int = Field(default=256, ge=8, le=1024)
     max_aiq_loss: float = Field(default=0.003, ge=0)
     fine_tune: FineTuneConfig = FineTuneConfig()
 
