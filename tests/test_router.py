@@ -556,13 +556,19 @@ def test_the_featurizers_tfidf_block_is_sklearns_tfidf_projected_on_the_svd_comp
     np.testing.assert_allclose(featurizer.transform(queries, embeddings), expected, rtol=1e-10, atol=1e-12)
 
 
-def test_the_tfidf_weight_scales_the_standardised_tfidf_block_and_nothing_else():
-    rng = np.random.default_rng(1)
+def _plain_and_doubled_featurizers(seed: int):
+    """Training texts and embeddings, with featurizers fitted on them at TF-IDF weight 1 and 2."""
+    rng = np.random.default_rng(seed)
     words = ["alpha", "beta", "gamma", "delta", "python", "code", "sum", "river"]
     train = [" ".join(rng.choice(words, size=rng.integers(3, 20))) for _ in range(40)]
     embeddings = rng.normal(size=(40, 3))
     plain = QueryFeaturizer(svd_components=4).fit(train, embeddings)
     doubled = QueryFeaturizer(svd_components=4, tfidf_weight=2.0).fit(train, embeddings)
+    return train, embeddings, plain, doubled
+
+
+def test_the_tfidf_weight_scales_the_standardised_tfidf_block_and_nothing_else():
+    train, embeddings, plain, doubled = _plain_and_doubled_featurizers(1)
     a, b = plain.transform(train, embeddings), doubled.transform(train, embeddings)
     np.testing.assert_allclose(b[:, -4:], 2.0 * a[:, -4:])  # (standardising used to cancel the weight)
     np.testing.assert_allclose(b[:, :-4], a[:, :-4])
@@ -570,12 +576,7 @@ def test_the_tfidf_weight_scales_the_standardised_tfidf_block_and_nothing_else()
 
 
 def test_a_featurizer_saved_when_the_tfidf_weight_cancelled_out_loads_as_it_was_trained(tmp_path):
-    rng = np.random.default_rng(2)
-    words = ["alpha", "beta", "gamma", "delta", "python", "code", "sum", "river"]
-    train = [" ".join(rng.choice(words, size=rng.integers(3, 20))) for _ in range(40)]
-    embeddings = rng.normal(size=(40, 3))
-    plain = QueryFeaturizer(svd_components=4).fit(train, embeddings)
-    doubled = QueryFeaturizer(svd_components=4, tfidf_weight=2.0).fit(train, embeddings)
+    train, embeddings, plain, doubled = _plain_and_doubled_featurizers(2)
     doubled.save(tmp_path / "new")
     np.testing.assert_allclose(QueryFeaturizer.load(tmp_path / "new").transform(train, embeddings),
                                doubled.transform(train, embeddings))
