@@ -13,6 +13,7 @@ Other scikit-learn regressors can be chosen for the offline path; they have no u
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -22,6 +23,25 @@ from mixllm.errors import ConfigError, NotFittedError
 from mixllm.units import call_cost_usd
 
 logger = logging.getLogger(__name__)
+
+
+class VarianceMemo:
+    """x^T A^-1 x per row of X, computed once per (posterior, input) for as long as the memo lives
+    (one batch of predictions). Every head of a freshly trained router shares one posterior
+    (share_posteriors), and these d x d products were most of a single query's prediction time:
+    11 heads read 11 copies of a 1.2 MB matrix. The memo holds what it has seen, so no id it keys
+    on can be reused by another array while it lives."""
+
+    def __init__(self) -> None:
+        self._seen: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+
+    def variance(self, A_inv: np.ndarray, X: np.ndarray, Xb: np.ndarray) -> np.ndarray:
+        key = (id(A_inv), id(X))
+        hit = self._seen.get(key)
+        if hit is None:
+            # One BLAS product: unoptimised einsum took half of routing's time.
+            hit = self._seen[key] = (A_inv, X, np.sum((Xb @ A_inv) * Xb, axis=1))
+        return hit[2]
 
 
 class BayesianLinearRegressor(BaseEstimator):
@@ -110,16 +130,18 @@ class BayesianLinearRegressor(BaseEstimator):
         if not hasattr(self, "coef_"):
             raise NotFittedError("BayesianLinearRegressor is not fitted; call fit or partial_fit first")
 
-    def predict(self, X: np.ndarray, return_std: bool = False) -> Any:
+    def predict(self, X: np.ndarray, return_std: bool = False, memo: VarianceMemo | None = None) -> Any:
+        """`memo` (one per batch of inputs) lets models that share their posterior (share_posteriors)
+        compute the uncertainty of the same inputs once."""
         self._check()
+        X = np.asarray(X, dtype=np.float64)
         Xb = self._with_bias(X)
         mean = Xb @ self.coef_
         if self.clip_low is not None or self.clip_high is not None:
             mean = np.clip(mean, self.clip_low, self.clip_high)
         if not return_std:
             return mean
-        # x^T A^-1 x per row, through one BLAS product: unoptimised einsum took half of routing's time.
-        variance = np.sum((Xb @ self.A_inv_) * Xb, axis=1)
+        variance = (memo or VarianceMemo()).variance(self.A_inv_, X, Xb)
         return mean, self.noise_scale * np.sqrt(np.maximum(variance, 0.0))
 
     def state(self) -> dict[str, np.ndarray]:
@@ -277,13 +299,15 @@ class QualityPredictor(BaseEstimator):
             self.model_ = make_sklearn_regressor(self.kind, self.random_state).fit(self.X_seen_, self.y_seen_)
         return self
 
-    def predict(self, X: np.ndarray, prior: np.ndarray | None = None, return_std: bool = False) -> Any:
+    def predict(self, X: np.ndarray, prior: np.ndarray | None = None, return_std: bool = False,
+                memo: VarianceMemo | None = None) -> Any:
+        """`memo`: see BayesianLinearRegressor.predict."""
         if not hasattr(self, "model_"):
             raise NotFittedError("QualityPredictor is not fitted")
         X = np.asarray(X, dtype=np.float64)
         offset = self._offset(prior, len(X))
         if self.kind == "bayesian_linear":
-            residual, std = self.model_.predict(X, return_std=True)
+            residual, std = self.model_.predict(X, return_std=True, memo=memo)
         else:
             residual = self.model_.predict(X)
             std = np.zeros(len(X))
@@ -295,6 +319,31 @@ class QualityPredictor(BaseEstimator):
         if self.kind == "bayesian_linear":
             return int(self.model_.n_samples_seen_)
         return int(len(self.y_seen_))
+
+
+def share_posteriors(heads: Iterable[QualityPredictor]) -> int:
+    """Let Bayesian heads whose posteriors have the same precision matrix hold one copy of it (A and
+    A^-1). Every head trained on the same queries with the same ridge has it (all the LLMs of a
+    full-information log), so routing then computes a query's uncertainty once for all of them
+    (VarianceMemo), and memory holds one copy instead of one per LLM. The shared arrays are made
+    read-only: an update replaces them rather than writing into them, so an LLM's feedback gives it
+    its own again. Returns how many heads now use another head's arrays."""
+    kept: list[BayesianLinearRegressor] = []
+    shared = 0
+    for head in heads:
+        model = getattr(head, "model_", None)
+        if not isinstance(model, BayesianLinearRegressor) or not hasattr(model, "A_inv_"):
+            continue
+        twin = next((k for k in kept if k.A_.shape == model.A_.shape and np.array_equal(k.A_, model.A_)
+                     and np.array_equal(k.A_inv_, model.A_inv_)), None)
+        if twin is None:
+            model.A_.setflags(write=False)
+            model.A_inv_.setflags(write=False)
+            kept.append(model)
+        elif twin.A_inv_ is not model.A_inv_:
+            model.A_, model.A_inv_ = twin.A_, twin.A_inv_
+            shared += 1
+    return shared
 
 
 class CostPredictor(BaseEstimator):

@@ -31,8 +31,8 @@ from mixllm.domains import domain_labels
 from mixllm.embeddings import EmbeddingCache, QueryEncoder
 from mixllm.errors import NotFittedError, RoutingError
 from mixllm.online_learning import OnlineLearningMixin
-from mixllm.predictors import (BayesianLinearRegressor, CostPredictor, QualityPredictor, departures, gcv_ridge,
-                               pool_mean)
+from mixllm.predictors import (BayesianLinearRegressor, CostPredictor, QualityPredictor, VarianceMemo, departures,
+                               gcv_ridge, pool_mean, share_posteriors)
 from mixllm.router_inputs import check_log, check_queries, check_tasks, token_columns
 from mixllm.routing import RoutingMixin
 from mixllm.units import outcome_tables, typical_output_tokens
@@ -152,6 +152,7 @@ class MixLLMRouter(RoutingMixin, OnlineLearningMixin, BaseEstimator):
             self.catalogue_[llm] = entry.model_dump(mode="json")
             positions = rows["_row"].to_numpy()
             self._fit_llm(llm, X[positions], prior[positions, llms.index(llm)], rows)
+        share_posteriors(self.quality_models_.values())
         self.timings_["predictors_s"] = time.perf_counter() - t
         for name, entry in catalogue.items():  # catalogue LLMs without data join with a prior
             if name not in self.catalogue_:
@@ -302,10 +303,11 @@ class MixLLMRouter(RoutingMixin, OnlineLearningMixin, BaseEstimator):
         proba = self.domain_proba(X)
         prior = self.domain_model_.prior(proba, llms)
         difficulty = self.difficulty(X)
+        memo = VarianceMemo()  # heads that share a posterior read the same X: one uncertainty product
         for j, llm in enumerate(llms):
             head_input = self._head_input(llm, X, proba, prior[:, j])
             quality[:, j], sigma[:, j] = self.quality_models_[llm].predict(
-                head_input, prior=prior[:, j] + difficulty, return_std=True)
+                head_input, prior=prior[:, j] + difficulty, return_std=True, memo=memo)
             cost[:, j] = np.maximum(self.cost_models_[llm].predict(X, query_chars), 0.0)
             predicted_tokens = self.cost_models_[llm].predict_output_tokens(X)
             tokens[:, j] = predicted_tokens if predicted_tokens is not None else self.typical_output_tokens_[llm]

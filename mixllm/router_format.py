@@ -18,7 +18,7 @@ from mixllm.domains import DomainModel
 from mixllm.embeddings import QueryEncoder
 from mixllm.errors import ModelFormatError
 from mixllm.features import QueryFeaturizer
-from mixllm.predictors import BayesianLinearRegressor, CostPredictor, QualityPredictor
+from mixllm.predictors import BayesianLinearRegressor, CostPredictor, QualityPredictor, share_posteriors
 from mixllm.router import MixLLMRouter
 
 FORMAT_VERSION = 2  # 2: domain prior (domains.npz), residual quality heads, log-cost models
@@ -182,4 +182,5 @@ def load_router(folder: Path | str, *, progress: bool | None = None) -> MixLLMRo
         router.cost_models_[llm] = CostPredictor.from_state(
             manifest["cost_params"][llm], {k[len("cost."):]: v for k, v in arrays.items() if k.startswith("cost.")}
         )
+    share_posteriors(router.quality_models_.values())  # saved one copy per LLM; one is routed with
     return router

@@ -235,6 +235,36 @@ def test_partial_fit_touches_only_the_llm_that_got_feedback(fitted):
         router.partial_fit(feedback.assign(llm="stranger"))
 
 
+def test_heads_trained_on_the_same_queries_share_one_posterior_and_feedback_unshares_it(fitted, tmp_path):
+    # The heads share A^-1 so routing computes a query's uncertainty once (VarianceMemo); the
+    # figures must be what each head computes alone, and feedback must give an LLM its own again.
+    def posterior_owners(router):
+        return {id(router.quality_models_[llm].model_.A_inv_) for llm in router.llms_}
+
+    queries = [CODE, MATH, HISTORY]
+    assert len(posterior_owners(fitted)) == 1, "every LLM answered every training query"
+    X = fitted.features(queries)
+    shared = fitted.predict_from_features(X, np.array([len(q) for q in queries]))
+    alone = copy.deepcopy(fitted)
+    for llm in alone.llms_:  # each head with a private copy, predicting without a memo
+        model = alone.quality_models_[llm].model_
+        model.A_inv_ = np.array(model.A_inv_)
+    assert len(posterior_owners(alone)) == len(alone.llms_)
+    unshared = alone.predict_from_features(X, np.array([len(q) for q in queries]))
+    assert np.array_equal(shared.uncertainty, unshared.uncertainty) and np.array_equal(shared.quality, unshared.quality)
+    fitted.save(tmp_path / "router")
+    assert len(posterior_owners(MixLLMRouter.load(tmp_path / "router", progress=False))) == 1, "one copy after loading"
+
+    router = copy.deepcopy(fitted)
+    router.partial_fit(pd.DataFrame({"query": [MATH], "llm": ["coder"], "quality": [1.0], "cost_usd": [1e-4]}))
+    owners = {llm: id(router.quality_models_[llm].model_.A_inv_) for llm in router.llms_}
+    assert sum(owner == owners["coder"] for owner in owners.values()) == 1, "the coder has its own posterior now"
+    assert len(set(owners.values())) == 2, "the others still share theirs"
+    after = router.predict([MATH])
+    j = after.llms.index("coder")
+    assert after.uncertainty[0, j] < fitted.predict([MATH]).uncertainty[0, j], "its answer made it surer there"
+
+
 def test_add_llm_gets_explored_and_remove_llm_stops_routing(fitted):
     router = _with_newcomer_ridge(copy.deepcopy(fitted), 1.0)  # a weak prior: a large uncertainty
     router.add_llm("newcomer", 0.001, 0.001, prior_quality=0.5)
