@@ -19,6 +19,9 @@ Reported: AIQ of the out-of-fold predictions and the paired bootstrap difference
   baselines' cost model) instead of the log-scale regression
 - with the task label: the default routing with each query's true task, and per_source (the
   per-task mean, the baseline that reads the same label) for comparison
+- the text-only baselines of the leaderboard (tfidf_logistic; mlp on the fold's frozen-encoder
+  embeddings), each with its own cost model, fitted on the same folds: the router's lead over them
+  on every train + validation query, a larger sample than a holdout
 
 The encoder is the frozen base model here (fine-tuning per fold would multiply the time by five).
 """
@@ -40,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from mixllm.baselines import query_frame  # noqa: E402
+from mixllm.baselines import make_baseline, query_frame  # noqa: E402
 from mixllm.benchmark_config import load_benchmark_config  # noqa: E402
 from mixllm.config import load_config  # noqa: E402
 from mixllm.data import InteractionStore, ingest  # noqa: E402
@@ -146,10 +149,12 @@ def run(name: str, entry, data_path: Path, work: Path, n_boot: int) -> pd.DataFr
     costs = np.zeros_like(Q)
     names = ["default", "+ stacked TF-IDF logistic", "NNLS stack (default, TF-IDF logistic, kNN)",
              "reduced-rank heads (k=1)", "reduced-rank heads (k=2)", "logistic heads", "no domain prior",
-             "domain prior alone", "cost linear in length", "default + task label", "per_source (task label)"]
+             "domain prior alone", "cost linear in length", "default + task label", "per_source (task label)",
+             "tfidf_logistic (baseline)", "mlp (baseline)"]
     for name_ in names:
         predictions[name_] = np.zeros_like(Q)
     length_costs = np.zeros_like(Q)
+    baseline_costs = {label: np.zeros_like(Q) for label in ("tfidf_logistic (baseline)", "mlp (baseline)")}
     for f in range(5):
         started = time.perf_counter()
         train_ids = set(frame["query_id"][fold != f])
@@ -179,6 +184,10 @@ def run(name: str, entry, data_path: Path, work: Path, n_boot: int) -> pd.DataFr
 
         predictions["per_source (task label)"][test] = PerSourceRouter().fit(
             log[log["query_id"].isin(train_ids)]).predict(te_frame).quality
+        for label, baseline in (("tfidf_logistic (baseline)", make_baseline("tfidf_logistic")),
+                                ("mlp (baseline)", make_baseline("mlp", embed=lambda texts: router._embed(router.encoder_, texts)))):
+            fitted_baseline = baseline.fit(log[log["query_id"].isin(train_ids)]).predict(te_frame)
+            predictions[label][test], baseline_costs[label][test] = fitted_baseline.quality, fitted_baseline.cost_usd
         Y = Q[~test]
         R = Y - prior_tr
         # The alternatives below model each LLM's whole residual (no shared difficulty head), so they
@@ -228,7 +237,7 @@ def run(name: str, entry, data_path: Path, work: Path, n_boot: int) -> pd.DataFr
     weights = bootstrap_weights(len(frame), n_boot, seed=0)
     replicates, rows = {}, []
     for label, quality in predictions.items():
-        cost = length_costs if label == "cost linear in length" else costs
+        cost = length_costs if label == "cost linear in length" else baseline_costs.get(label, costs)
         pred = Predictions(llms, quality, np.zeros_like(quality), cost, np.zeros_like(quality))
         points, path = exact_sweep(pred, outcomes, reference, 1.0)
         curve = RouterCurve(label, points, 0.0, True, path=path)
