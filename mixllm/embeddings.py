@@ -100,6 +100,10 @@ def mine_domain_triplets(
 
 
 BACKENDS = ("torch", "static")
+# What a fitted encoder can change without a new fit (QueryEncoder.with_settings): the training
+# pipeline's encoder stage fine-tunes, and the predictors stage applies these from the config, so
+# changing one of them never re-fine-tunes.
+INFERENCE_SETTINGS = ("backend", "batch_size", "quantize", "max_seq_length", "static_dims")
 
 
 def distill_static(model: Any, dims: int) -> Any:
@@ -191,14 +195,34 @@ class QueryEncoder(BaseEstimator):
     def model_(self, model: Any) -> None:
         self._model = model
 
-    def with_backend(self, backend: str) -> QueryEncoder:
-        """This fitted encoder embedding with another backend (the transformer is shared, not copied)."""
+    def with_settings(self, **changes: Any) -> QueryEncoder:
+        """This fitted encoder with other inference settings (INFERENCE_SETTINGS: the backend, the
+        batch size, int8, the token window, the static dimensions); the fine-tuned weights are the
+        same (shared, or copied when the token window differs, since the model holds it). Settings
+        that change the weights need a new fit."""
         self._check_fitted()
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-        other = QueryEncoder(**{**self.get_params(), "backend": backend})
-        other.model_ = self.model_
-        other.dim_, other.fine_tuned_, other.n_triplets_ = self.dim_, self.fine_tuned_, self.n_triplets_
+        unknown = sorted(set(changes) - set(INFERENCE_SETTINGS))
+        if unknown:
+            raise ValueError(f"{', '.join(unknown)} change the fine-tuned weights: fit a new encoder instead")
+        if changes.get("backend", self.backend) not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {changes['backend']!r}")
+        other = QueryEncoder(**{**self.get_params(), **changes})
+        other.fine_tuned_, other.n_triplets_ = self.fine_tuned_, self.n_triplets_
+        if other.backend == self.backend == "static" and other.static_dims == self.static_dims:
+            # The same vectors: no second distillation, and the transformer (which a static encoder
+            # reads its window from no more) stays unloaded until someone asks for it.
+            other._model, other._model_folder = getattr(self, "_model", None), getattr(self, "_model_folder", None)
+            other.static_, other.dim_ = self.static_, self.dim_
+            other.fingerprint_ = other._fingerprint()
+            return other
+        model = self.model_
+        if model.max_seq_length != other.max_seq_length:
+            import copy
+
+            model = copy.deepcopy(model)
+            model.max_seq_length = other.max_seq_length
+        other.model_ = model
+        other.dim_ = int(model.get_embedding_dimension())
         other._finish_fit()
         return other
 

@@ -71,7 +71,9 @@ def stage_encoder(config: MixLLMConfig, split: SplitData | None = None, progress
     domains, _ = read_tags(config)
     frame = query_frame(split.train)
     labels = frame["query_id"].astype(str).map(lambda q: domains.get(q, "")).tolist()
-    encoder = MixLLMRouter(config, progress=progress).fit_encoder(frame["query"].tolist(), labels)
+    # The transformer alone: the predictors stage derives the backend and the other inference settings.
+    encoder = MixLLMRouter(ablation_config(config, **{"embedding.backend": "torch"}), progress=progress).fit_encoder(
+        frame["query"].tolist(), labels)
     return replace_dir(Workspace.of(config).encoder, encoder.save)
 
 
@@ -80,16 +82,20 @@ def stage_predictors(config: MixLLMConfig, split: SplitData | None = None, progr
     split = split or load_split(config)
     workspace = Workspace.of(config)
     domains, report = read_tags(config)
-    encoder = QueryEncoder.load(workspace.encoder)
-    encoder.progress = progress
-    wanted = config.embedding.backend
-    backends = ["torch", "static"] if wanted == "auto" else [wanted]
+    fine_tuned = QueryEncoder.load(workspace.encoder)
+    fine_tuned.progress = progress
+    embedding = config.embedding
+    # The encoder stage made the weights; how they are run comes from this config (so changing it
+    # never re-fine-tunes).
+    inference = {"batch_size": embedding.batch_size, "quantize": embedding.quantize,
+                 "max_seq_length": embedding.max_seq_length, "static_dims": embedding.static_dims}
+    backends = ["torch", "static"] if embedding.backend == "auto" else [embedding.backend]
     routers = {}
     for backend in backends:
         router = MixLLMRouter(config, cache_dir=workspace.cache, progress=progress)
         router.tag_report_ = report
         routers[backend] = router.fit(split.train, domains=domains,
-                                      encoder=encoder if encoder.backend == backend else encoder.with_backend(backend))
+                                      encoder=fine_tuned.with_settings(backend=backend, **inference))
     if len(routers) > 1:
         choice = choose_backend(config, routers, split)
         router = routers[choice["chosen"]]
@@ -213,15 +219,21 @@ STAGES: tuple[Stage, ...] = (
     Stage("tags", stage_tags, "find each training query's domain (its task label, or its tag cluster)",
           reads=("interactions", "split"), outputs=("tags",),
           params=("tags", "domains.labels", "domains.min_queries", "embedding.model_path",
-                  "embedding.max_seq_length", "features.use_domains", "embedding.fine_tune.enabled")),
+                  "embedding.max_seq_length", "embedding.truncation_side", "features.use_domains",
+                  "embedding.fine_tune.enabled")),
+    # The encoder stage depends on what changes the fine-tuned weights only; the inference settings
+    # (embeddings.INFERENCE_SETTINGS) and the backend choice belong to the predictors stage.
     Stage("encoder", stage_encoder, "fine-tune the encoder on same-domain triplets",
-          reads=("interactions", "split", "tags"), outputs=("encoder",), params=("embedding",)),
+          reads=("interactions", "split", "tags"), outputs=("encoder",),
+          params=("embedding.model_path", "embedding.truncation_side", "embedding.fine_tune")),
     Stage("predictors", stage_predictors, "fit every LLM's quality and cost predictors (the complete router)",
           reads=("interactions", "split", "tags", "encoder"), outputs=("router",),
           # (the bootstrap settings: embedding.backend auto compares the backends' validation AIQ,
           # which no budget or quality target changes)
-          params=("features", "domains", "predictors", "decision", "llms", "evaluation.bootstrap_resamples",
-                  "evaluation.confidence_level", "evaluation.seed")),
+          params=("embedding.backend", "embedding.max_aiq_loss", "embedding.batch_size", "embedding.quantize",
+                  "embedding.max_seq_length", "embedding.static_dims", "features", "domains", "predictors",
+                  "decision", "llms", "evaluation.bootstrap_resamples", "evaluation.confidence_level",
+                  "evaluation.seed")),
     Stage("evaluate", stage_evaluate, "evaluate the router and the baselines on the holdout",
           reads=("interactions", "split", "predictors"),
           outputs=("metrics", "metrics_detail", "table", "curve", "plot"),

@@ -88,7 +88,7 @@ def test_static_encoder_round_trips_without_loading_the_transformer(static_encod
     np.testing.assert_array_equal(loaded.transform(QUERIES), static_encoder.transform(QUERIES))
     assert loaded.fingerprint_ == static_encoder.fingerprint_
     assert loaded.model_ is not None and loaded._model is not None  # the transformer loads on demand
-    torch_encoder = static_encoder.with_backend("torch")
+    torch_encoder = static_encoder.with_settings(backend="torch")
     assert torch_encoder.transform(QUERIES).shape == (3, 384)
     assert torch_encoder.fingerprint_ != static_encoder.fingerprint_  # caches never mix backends
 
@@ -175,3 +175,34 @@ def test_training_with_backend_auto_records_its_choice_for_mlflow_and_model(tmp_
 
     metrics = evaluate_router(config, router, load_split(config), baselines=[], bootstrap=False).metrics
     assert metrics["backend.static.validation_aiq"] == pytest.approx(choice["candidates"]["static"]["validation_aiq"])
+
+
+def test_inference_settings_change_how_the_weights_run_never_the_weights(static_encoder):
+    transformer = static_encoder.with_settings(backend="torch")
+    one_by_one = transformer.with_settings(batch_size=1)
+    np.testing.assert_allclose(one_by_one.transform(QUERIES), transformer.transform(QUERIES), atol=1e-5)
+    assert one_by_one.fingerprint_ == transformer.fingerprint_, "the batch size changes no embedding: caches stay valid"
+    longer = transformer.with_settings(max_seq_length=16)
+    assert (transformer.model_.max_seq_length, longer.model_.max_seq_length) == (8, 16), "a copy, not the shared model"
+    assert longer.fingerprint_ != transformer.fingerprint_
+    again = static_encoder.with_settings(batch_size=4)
+    assert again.static_ is static_encoder.static_, "the same static vectors, not a second distillation"
+    np.testing.assert_array_equal(again.transform(QUERIES), static_encoder.transform(QUERIES))
+    with pytest.raises(ValueError, match="fine-tuned weights"):
+        transformer.with_settings(epochs=3)
+
+
+def test_changing_an_inference_setting_keeps_the_fine_tuned_encoder_and_refits_the_router():
+    from mixllm.training import stage_keys
+
+    base = stage_keys(small_config())
+    # (embedding.max_seq_length is one too, but the tags read up to 128 of its tokens, so it reaches the
+    # encoder through them)
+    for setting, value in (("batch_size", 4), ("backend", "static"), ("quantize", "int8"), ("static_dims", 32),
+                           ("max_aiq_loss", 0.01)):
+        keys = stage_keys(small_config(**{f"embedding__{setting}": value}))
+        assert keys["encoder"] == base["encoder"], f"embedding.{setting} re-fine-tunes the encoder"
+        assert keys["predictors"] != base["predictors"], f"embedding.{setting} does not reach the router"
+    retrained = stage_keys(small_config(embedding__fine_tune={"enabled": True, "epochs": 2}))
+    assert retrained["encoder"] != base["encoder"]
+    assert stage_keys(small_config(embedding__truncation_side="right"))["encoder"] != base["encoder"]
