@@ -35,7 +35,10 @@ def first_training(tmp_path_factory):
     make_log(n_queries=150, seed=4).to_csv(root / "log.csv", index=False)
     config = load_config(root / "params.yaml")
     ingest(root / "log.csv", config)
-    return root, run_training(config, progress=False)
+    outcome = run_training(config, progress=False)
+    # The stages this training left recorded, read at once: other tests train other settings in the
+    # same work folder and record their own stage keys, so a later read depends on the tests' order.
+    return root, outcome, completed_stages(config)
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +74,7 @@ def _config_from_defaults():
 
 
 def test_first_training_registers_champion_and_reuses_stages(first_training):
-    project, outcome = first_training
+    project, outcome, completed = first_training
     config = _config(project)
     assert outcome.registration.version == 1 and outcome.registration.promoted
     registry = Registry(config)
@@ -86,7 +89,7 @@ def test_first_training_registers_champion_and_reuses_stages(first_training):
     assert set(summary) <= set(detail) and "baseline.random.quality_at_budget_pct" in detail
     baseline_aiq = {key for key in detail if key.startswith("baseline.") and key.endswith(".aiq")}
     assert baseline_aiq <= set(summary), "each baseline's AIQ (where it has one) is in the summary"
-    assert completed_stages(config) == {"split", "tags", "encoder", "predictors", "evaluate"}
+    assert completed == {"split", "tags", "encoder", "predictors", "evaluate"}
     summary = outcome.summary(config)
     assert "pareto.png" in summary and "version 1" in summary
     first = {v.version: v for v in registry.versions()}[1]
