@@ -201,9 +201,12 @@ class QueryEncoder(BaseEstimator):
         same (shared, or copied when the token window differs, since the model holds it). Settings
         that change the weights need a new fit."""
         self._check_fitted()
-        unknown = sorted(set(changes) - set(INFERENCE_SETTINGS))
+        unknown = sorted(set(changes) - set(self.get_params()))
         if unknown:
-            raise ValueError(f"{', '.join(unknown)} change the fine-tuned weights: fit a new encoder instead")
+            raise ValueError(f"{', '.join(unknown)}: not QueryEncoder settings ({', '.join(INFERENCE_SETTINGS)} can change)")
+        weights = sorted(set(changes) - set(INFERENCE_SETTINGS))
+        if weights:
+            raise ValueError(f"{', '.join(weights)} change the fine-tuned weights: fit a new encoder instead")
         if changes.get("backend", self.backend) not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {changes['backend']!r}")
         other = QueryEncoder(**{**self.get_params(), **changes})

@@ -190,6 +190,8 @@ def test_inference_settings_change_how_the_weights_run_never_the_weights(static_
     np.testing.assert_array_equal(again.transform(QUERIES), static_encoder.transform(QUERIES))
     with pytest.raises(ValueError, match="fine-tuned weights"):
         transformer.with_settings(epochs=3)
+    with pytest.raises(ValueError, match="not QueryEncoder settings"):
+        transformer.with_settings(batchsize=3)
 
 
 def test_changing_an_inference_setting_keeps_the_fine_tuned_encoder_and_refits_the_router():
