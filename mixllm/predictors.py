@@ -321,15 +321,14 @@ class QualityPredictor(BaseEstimator):
         return int(len(self.y_seen_))
 
 
-def share_posteriors(heads: Iterable[QualityPredictor]) -> int:
+def share_posteriors(heads: Iterable[QualityPredictor]) -> None:
     """Let Bayesian heads whose posteriors have the same precision matrix hold one copy of it (A and
     A^-1). Every head trained on the same queries with the same ridge has it (all the LLMs of a
     full-information log), so routing then computes a query's uncertainty once for all of them
     (VarianceMemo), and memory holds one copy instead of one per LLM. The shared arrays are made
     read-only: an update replaces them rather than writing into them, so an LLM's feedback gives it
-    its own again. Returns how many heads now use another head's arrays."""
+    its own again."""
     kept: list[BayesianLinearRegressor] = []
-    shared = 0
     for head in heads:
         model = getattr(head, "model_", None)
         if not isinstance(model, BayesianLinearRegressor) or not hasattr(model, "A_inv_"):
@@ -340,10 +339,8 @@ def share_posteriors(heads: Iterable[QualityPredictor]) -> int:
             model.A_.setflags(write=False)
             model.A_inv_.setflags(write=False)
             kept.append(model)
-        elif twin.A_inv_ is not model.A_inv_:
+        else:
             model.A_, model.A_inv_ = twin.A_, twin.A_inv_
-            shared += 1
-    return shared
 
 
 class CostPredictor(BaseEstimator):

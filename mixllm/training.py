@@ -14,7 +14,7 @@ from typing import Any
 from mixllm.baselines import query_frame
 from mixllm.config import MixLLMConfig, config_from_dict
 from mixllm.continual import stage_replay
-from mixllm.embeddings import QueryEncoder
+from mixllm.embeddings import INFERENCE_SETTINGS, QueryEncoder
 from mixllm.errors import MixLLMError
 from mixllm.results import format_table, to_jsonable
 from mixllm.gate import Registration, register_candidate
@@ -87,8 +87,7 @@ def stage_predictors(config: MixLLMConfig, split: SplitData | None = None, progr
     embedding = config.embedding
     # The encoder stage made the weights; how they are run comes from this config (so changing it
     # never re-fine-tunes).
-    inference = {"batch_size": embedding.batch_size, "quantize": embedding.quantize,
-                 "max_seq_length": embedding.max_seq_length, "static_dims": embedding.static_dims}
+    inference = {name: getattr(embedding, name) for name in INFERENCE_SETTINGS if name != "backend"}
     backends = ["torch", "static"] if embedding.backend == "auto" else [embedding.backend]
     routers = {}
     for backend in backends:
@@ -230,10 +229,9 @@ STAGES: tuple[Stage, ...] = (
           reads=("interactions", "split", "tags", "encoder"), outputs=("router",),
           # (the bootstrap settings: embedding.backend auto compares the backends' validation AIQ,
           # which no budget or quality target changes)
-          params=("embedding.backend", "embedding.max_aiq_loss", "embedding.batch_size", "embedding.quantize",
-                  "embedding.max_seq_length", "embedding.static_dims", "features", "domains", "predictors",
-                  "decision", "llms", "evaluation.bootstrap_resamples", "evaluation.confidence_level",
-                  "evaluation.seed")),
+          params=(*(f"embedding.{name}" for name in INFERENCE_SETTINGS), "embedding.max_aiq_loss", "features",
+                  "domains", "predictors", "decision", "llms", "evaluation.bootstrap_resamples",
+                  "evaluation.confidence_level", "evaluation.seed")),
     Stage("evaluate", stage_evaluate, "evaluate the router and the baselines on the holdout",
           reads=("interactions", "split", "predictors"),
           outputs=("metrics", "metrics_detail", "table", "curve", "plot"),
