@@ -1,7 +1,7 @@
 """Serving benchmark: the BentoML service against the bare encoder, in one run (a script, not a test).
 
     MIXLLM_ROUTERBENCH=../shared/data/routerbench_subset/routerbench_subset_long.csv.gz \
-        python benchmarks/serve.py [--project DIR] [--requests 256] [--backend torch|static]
+        python benchmarks/serve.py [--project DIR] [--requests 256] [--backend torch|onnx|static]
 
 Without --project it trains a champion on the subset in a temporary project first, with the encoder
 backend --backend (embedding.backend). The service's cold start (process start to /readyz 200) is timed. Then, on the
@@ -99,7 +99,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--project", type=Path, default=None, help="A project folder with a trained champion.")
     parser.add_argument("--requests", type=int, default=256, help="Requests per load level.")
-    parser.add_argument("--backend", choices=("torch", "static", "auto"), default="torch",
+    parser.add_argument("--backend", choices=("torch", "onnx", "static", "auto"), default="torch",
                         help="embedding.backend of the champion trained without --project.")
     parser.add_argument("--repeats", type=int, default=3,
                         help="Passes per throughput figure (bare batched and each load level); the median is shown.")

@@ -99,7 +99,7 @@ def mine_domain_triplets(
     return triplets
 
 
-BACKENDS = ("torch", "static")
+BACKENDS = ("torch", "onnx", "static")
 # What a fitted encoder can change without a new fit (QueryEncoder.with_settings): the training
 # pipeline's encoder stage fine-tunes, and the predictors stage applies these from the config, so
 # changing one of them never re-fine-tunes.
@@ -133,6 +133,96 @@ def distill_static(model: Any, dims: int) -> Any:
             quiet.setLevel(level)
 
 
+def export_onnx(model: Any) -> bytes:
+    """The whole sentence-transformers model (transformer, pooling, normalisation) as an ONNX graph
+    taking the tokenizer's outputs, with batch and sequence axes left free.
+
+    torch's TorchScript-based exporter: deprecated since torch 2.9 but in the pinned 2.13, it exports
+    MiniLM in ~1.5 s; the torch.export-based one needs onnxscript and took 14 s for the same graph.
+    The embeddings agree with torch's to ~2e-7 (tests/test_backends.py checks it)."""
+    import io
+
+    import torch
+
+    names = list(model.tokenizer.model_input_names)
+
+    class SentenceEmbedding(torch.nn.Module):
+        def __init__(self, inner: Any):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, *inputs: Any) -> Any:
+            return self.inner(dict(zip(names, inputs)))["sentence_embedding"]
+
+    example = model.tokenizer(["an example query", "another"], padding=True, return_tensors="pt")
+    buffer = io.BytesIO()
+    with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+        # The legacy exporter announces its successor and traces shape arithmetic it warns about;
+        # the graph is checked against torch's embeddings instead.
+        warnings.simplefilter("ignore")
+        torch.onnx.export(SentenceEmbedding(model.eval()), tuple(example[name] for name in names), buffer,
+                          input_names=names, output_names=["sentence_embedding"],
+                          dynamic_axes={**{name: {0: "batch", 1: "tokens"} for name in names},
+                                        "sentence_embedding": {0: "batch"}},
+                          opset_version=17, dynamo=False)
+    return buffer.getvalue()
+
+
+class OnnxEncoder:
+    """An exported sentence-transformers model run by onnxruntime: tokenizes with the model's own
+    `tokenizers` tokenizer (truncated on the same side, to the same window) and returns unit vectors.
+    Imports neither torch nor transformers, so a service that routes with it starts in seconds."""
+
+    def __init__(self, graph: bytes, tokenizer_json: str, input_names: Sequence[str], max_seq_length: int,
+                 truncation_side: str):
+        import onnxruntime
+        from tokenizers import Tokenizer
+
+        self.graph, self.tokenizer_json, self.input_names = graph, tokenizer_json, list(input_names)
+        options = onnxruntime.SessionOptions()
+        options.inter_op_num_threads = 1  # one graph at a time; its operators use the cores
+        options.log_severity_level = 3
+        self.session = onnxruntime.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+        self.tokenizer = Tokenizer.from_str(tokenizer_json)
+        self.tokenizer.enable_truncation(int(max_seq_length), direction=truncation_side)
+        padding = self.tokenizer.padding or {}
+        self.tokenizer.enable_padding(pad_id=int(padding.get("pad_id", 0)),
+                                      pad_token=str(padding.get("pad_token", "[PAD]")))
+
+    @classmethod
+    def from_model(cls, model: Any, max_seq_length: int, truncation_side: str) -> OnnxEncoder:
+        return cls(export_onnx(model), model.tokenizer.backend_tokenizer.to_str(), model.tokenizer.model_input_names,
+                   max_seq_length, truncation_side)
+
+    def encode(self, texts: Sequence[str], batch_size: int, progress: bool = False) -> np.ndarray:
+        parts = []
+        starts = range(0, len(texts), batch_size)
+        if progress:
+            from tqdm.auto import tqdm
+
+            starts = tqdm(starts, desc="Batches", unit="batch")
+        for start in starts:
+            encodings = self.tokenizer.encode_batch(list(texts[start:start + batch_size]))
+            columns = {"input_ids": [e.ids for e in encodings], "attention_mask": [e.attention_mask for e in encodings],
+                       "token_type_ids": [e.type_ids for e in encodings]}
+            feeds = {name: np.asarray(columns[name], dtype=np.int64) for name in self.input_names}
+            parts.append(self.session.run(None, feeds)[0])
+        vectors = np.vstack(parts).astype(np.float32)
+        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+        return vectors / np.where(norms > 0, norms, 1.0)
+
+    def save(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "model.onnx").write_bytes(self.graph)
+        (folder / "tokenizer.json").write_text(self.tokenizer_json, encoding="utf-8")
+        (folder / "inputs.json").write_text(json.dumps(self.input_names), encoding="utf-8")
+
+    @classmethod
+    def load(cls, folder: Path, max_seq_length: int, truncation_side: str) -> OnnxEncoder:
+        return cls((folder / "model.onnx").read_bytes(), (folder / "tokenizer.json").read_text(encoding="utf-8"),
+                   json.loads((folder / "inputs.json").read_text(encoding="utf-8")), max_seq_length, truncation_side)
+
+
 class QueryEncoder(BaseEstimator):
     """Queries -> unit-length vectors, from a sentence-transformers model fine-tuned on domain triplets.
 
@@ -140,10 +230,11 @@ class QueryEncoder(BaseEstimator):
     loads the base model); `transform` embeds. The fitted model saves as a normal
     sentence-transformers folder.
 
-    `backend` says what embeds at routing time: "torch" runs the transformer; "static" runs static
-    token vectors distilled from the (fine-tuned) transformer with model2vec, hundreds of times faster
-    at some quality cost (benchmarks/RESULTS.md). A static encoder saved and loaded again never loads
-    the transformer unless asked for it (`model_`).
+    `backend` says what embeds at routing time: "torch" runs the transformer; "onnx" runs the same
+    transformer exported to ONNX by onnxruntime (the same embeddings to ~1e-7, without torch in the
+    process); "static" runs static token vectors distilled from the (fine-tuned) transformer with
+    model2vec, hundreds of times faster at some quality cost (benchmarks/RESULTS.md). An onnx or
+    static encoder saved and loaded again never loads the transformer unless asked for it (`model_`).
     """
 
     def __init__(
@@ -211,6 +302,15 @@ class QueryEncoder(BaseEstimator):
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {changes['backend']!r}")
         other = QueryEncoder(**{**self.get_params(), **changes})
         other.fine_tuned_, other.n_triplets_ = self.fine_tuned_, self.n_triplets_
+        if other.backend == self.backend == "onnx":
+            # The same graph: only the tokenizer's window may differ, and the transformer stays unloaded.
+            graph = self.onnx_
+            other._model, other._model_folder = getattr(self, "_model", None), getattr(self, "_model_folder", None)
+            other.onnx_ = OnnxEncoder(graph.graph, graph.tokenizer_json, graph.input_names, other.max_seq_length,
+                                      other.truncation_side)
+            other.dim_ = self.dim_
+            other._finish_fit()
+            return other
         if other.backend == self.backend == "static" and other.static_dims == self.static_dims:
             # The same vectors: no second distillation, and the transformer (which a static encoder
             # reads its window from no more) stays unloaded until someone asks for it.
@@ -232,14 +332,21 @@ class QueryEncoder(BaseEstimator):
     def _finish_fit(self) -> None:
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if self.backend == "onnx" and self.quantize != "none":
+            raise ValueError("embedding.quantize int8 runs on the torch backend; the onnx backend runs the "
+                             "exported fp32 graph (set quantize: none, or backend: torch)")
         if self.backend == "static":
             self.static_ = distill_static(self.model_, self.static_dims)
             self.dim_ = int(self.static_.dim)
+        if self.backend == "onnx" and getattr(self, "onnx_", None) is None:
+            logger.info("exporting the encoder to ONNX")
+            self.onnx_ = OnnxEncoder.from_model(self.model_, self.max_seq_length, self.truncation_side)
         self.fingerprint_ = self._fingerprint()
 
     def fit(self, queries: Sequence[str], domains: np.ndarray | None = None) -> QueryEncoder:
         self.model_ = load_sentence_transformer(self.model_path, self.max_seq_length, self.truncation_side)
         self.dim_ = int(self.model_.get_embedding_dimension())
+        self.onnx_ = None  # exported anew from the weights this fit makes
         self.fine_tuned_ = False
         self.n_triplets_ = 0
         if self.fine_tune and domains is not None:
@@ -330,6 +437,9 @@ class QueryEncoder(BaseEstimator):
             return np.zeros((0, self.dim_), dtype=np.float32)
         if self.backend == "static":
             return self._static_transform(list(queries))
+        if self.backend == "onnx":
+            return self.onnx_.encode(list(queries), self.batch_size,
+                                     progress=show_progress(self.progress) and len(queries) > self.batch_size)
         return np.asarray(
             self._inference_model().encode(
                 list(queries),
@@ -411,6 +521,12 @@ class QueryEncoder(BaseEstimator):
         settings = [str(self.model_path), self.max_seq_length, self.truncation_side]
         if self.quantize != "none":  # (kept out of the list when off: existing caches stay valid)
             settings.append(self.quantize)
+        if self.backend == "onnx":  # the exported graph and its tokenizer are the model at routing time
+            settings.append("onnx")
+            digest.update(json.dumps(settings).encode())
+            digest.update(self.onnx_.graph)
+            digest.update(self.onnx_.tokenizer_json.encode())
+            return digest.hexdigest()
         if self.backend == "static":  # the static vectors are the whole model at routing time
             settings.append("static, untruncated")  # embeddings made before the 512-token fix differ
             digest.update(json.dumps(settings).encode())
@@ -429,6 +545,8 @@ class QueryEncoder(BaseEstimator):
         self.model_.save(str(folder))
         if self.backend == "static":
             self.static_.save_pretrained(str(folder / "static"))
+        if self.backend == "onnx":
+            self.onnx_.save(folder / "onnx")
         meta = {
             "params": self.get_params(),
             "dim": self.dim_,
@@ -457,6 +575,9 @@ class QueryEncoder(BaseEstimator):
 
             encoder.model_, encoder._model_folder = None, folder
             encoder.static_ = StaticModel.from_pretrained(str(folder / "static"), force_download=False)
+        elif encoder.backend == "onnx":  # the exported graph: neither torch nor transformers is imported
+            encoder.model_, encoder._model_folder = None, folder
+            encoder.onnx_ = OnnxEncoder.load(folder / "onnx", encoder.max_seq_length, encoder.truncation_side)
         else:
             encoder.model_ = load_sentence_transformer(folder, encoder.max_seq_length, encoder.truncation_side)
         encoder.dim_ = int(meta["dim"])

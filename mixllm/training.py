@@ -88,13 +88,23 @@ def stage_predictors(config: MixLLMConfig, split: SplitData | None = None, progr
     # The encoder stage made the weights; how they are run comes from this config (so changing it
     # never re-fine-tunes).
     inference = {name: getattr(embedding, name) for name in INFERENCE_SETTINGS if name != "backend"}
-    backends = ["torch", "static"] if embedding.backend == "auto" else [embedding.backend]
+    # auto: the transformer runs as ONNX (the same embeddings, a service without torch) unless int8
+    # asks for torch's quantisation.
+    transformer = "torch" if embedding.quantize != "none" else "onnx"
+    backends = [transformer, "static"] if embedding.backend == "auto" else [embedding.backend]
     routers = {}
     for backend in backends:
+        try:
+            encoder = fine_tuned.with_settings(backend=backend, **inference)
+        except Exception as error:  # noqa: BLE001 - any exporter failure; auto falls back to torch, said in the log
+            if embedding.backend != "auto" or backend != "onnx":
+                raise
+            logger.warning("the ONNX export of the encoder failed (%s: %s); the transformer runs on torch",
+                           type(error).__name__, error)
+            backend, encoder = "torch", fine_tuned.with_settings(backend="torch", **inference)
         router = MixLLMRouter(config, cache_dir=workspace.cache, progress=progress)
         router.tag_report_ = report
-        routers[backend] = router.fit(split.train, domains=domains,
-                                      encoder=fine_tuned.with_settings(backend=backend, **inference))
+        routers[backend] = router.fit(split.train, domains=domains, encoder=encoder)
     if len(routers) > 1:
         choice = choose_backend(config, routers, split)
         router = routers[choice["chosen"]]

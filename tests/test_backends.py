@@ -1,4 +1,4 @@
-"""Encoder backends: the static (model2vec) encoder, and training's choice between backends."""
+"""Encoder backends: the static (model2vec) and ONNX encoders, and training's choice between backends."""
 
 from __future__ import annotations
 
@@ -167,7 +167,7 @@ def test_training_with_backend_auto_records_its_choice_for_mlflow_and_model(tmp_
     run_stages(config, ["split", "tags", "encoder", "predictors"], progress=False)
     router = MixLLMRouter.load(Workspace.of(config).router)
     choice = router.describe()["encoder"]["backend_choice"]
-    assert set(choice["candidates"]) == {"torch", "static"}
+    assert set(choice["candidates"]) == {"onnx", "static"}  # the transformer runs as ONNX
     assert router.encoder_.backend == choice["chosen"] == router.describe()["encoder"]["backend"]
     eligible = [name for name, c in choice["candidates"].items() if c["aiq_loss_bound"] <= 0.003]
     assert choice["chosen"] == min(eligible, key=lambda name: choice["candidates"][name]["ms_per_query"])
@@ -175,6 +175,38 @@ def test_training_with_backend_auto_records_its_choice_for_mlflow_and_model(tmp_
 
     metrics = evaluate_router(config, router, load_split(config), baselines=[], bootstrap=False).metrics
     assert metrics["backend.static.validation_aiq"] == pytest.approx(choice["candidates"]["static"]["validation_aiq"])
+
+
+# Inputs where a tokenizer run outside transformers could part from it: whitespace at the ends, accents
+# and CJK (normalised and split by BERT's tokenizer), a control character, nothing, and a text far past
+# the window (kept from its end: truncation_side left).
+AWKWARD = ["  padded with spaces  ", "Ünïcödé façade — naïve café", "中文的问题是什么", "tab\tand\x0bvertical", "",
+           "count " * 300 + "the end?"]
+
+
+def test_the_onnx_backend_embeds_as_the_transformer_does_and_loads_without_torch(static_encoder, tmp_path):
+    import subprocess
+    import sys
+
+    transformer = static_encoder.with_settings(backend="torch", max_seq_length=16)
+    exported = transformer.with_settings(backend="onnx")
+    np.testing.assert_allclose(exported.transform(AWKWARD), transformer.transform(AWKWARD), atol=1e-5)
+    assert exported.fingerprint_ != transformer.fingerprint_  # caches never mix backends
+    # Another window reuses the graph (no second export) and cuts where the transformer cuts.
+    wider = exported.with_settings(max_seq_length=64, batch_size=2)
+    assert wider.onnx_.graph is exported.onnx_.graph
+    np.testing.assert_allclose(wider.transform(AWKWARD), transformer.with_settings(max_seq_length=64).transform(AWKWARD),
+                               atol=1e-5)
+    exported.save(tmp_path / "encoder")
+    check = ("import sys, numpy as np; from mixllm.embeddings import QueryEncoder; "
+             f"e = QueryEncoder.load({str(tmp_path / 'encoder')!r}); v = e.transform({AWKWARD!r}); "
+             f"np.save({str(tmp_path / 'v.npy')!r}, v); print(e.fingerprint_, "
+             "sorted(m for m in ('torch', 'transformers', 'sentence_transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=True).stdout.split()
+    assert out[0] == exported.fingerprint_ and out[1:] == ["[]"], out  # nothing heavy imported to route
+    np.testing.assert_array_equal(np.load(tmp_path / "v.npy"), exported.transform(AWKWARD))
+    with pytest.raises(ValueError, match="int8 runs on the torch backend"):
+        transformer.with_settings(backend="onnx", quantize="int8")
 
 
 def test_inference_settings_change_how_the_weights_run_never_the_weights(static_encoder):

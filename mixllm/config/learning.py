@@ -136,11 +136,14 @@ class EmbeddingConfig(StrictModel):
     # int8: the encoder's Linear layers quantised dynamically for inference (fine-tuning stays
     # fp32); about twice as fast on CPU, at a quality cost measured in benchmarks/RESULTS.md.
     quantize: Literal["none", "int8"] = "none"
-    # What embeds a query at routing time. torch: the (fine-tuned) transformer. static: model2vec
-    # token vectors distilled from it after fine-tuning (microseconds per query, no transformer in
-    # the service). auto: training fits the router with each and keeps the fastest whose validation
-    # AIQ is, with confidence, within max_aiq_loss of every slower backend's.
-    backend: Literal["torch", "static", "auto"] = "auto"
+    # What embeds a query at routing time. torch: the (fine-tuned) transformer. onnx: the same
+    # transformer exported at training and run by onnxruntime (embeddings equal to ~1e-7; no torch
+    # in the service, so it starts and loads faster; fp32 only). static: model2vec token vectors
+    # distilled from it after fine-tuning (microseconds per query). auto: training fits the router
+    # with the transformer (onnx; torch when quantize is int8 or the export fails) and with static,
+    # and keeps the fastest whose validation AIQ is, with confidence, within max_aiq_loss of every
+    # slower backend's.
+    backend: Literal["torch", "onnx", "static", "auto"] = "auto"
     # The static vectors' dimensions after model2vec's PCA (the encoder has 384). 384 (no cut) tied
     # 256 on validation and did worse on two holdouts (benchmarks/RESULTS.md, "Why these defaults").
     static_dims: int = Field(default=256, ge=8, le=1024)
