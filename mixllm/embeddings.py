@@ -168,6 +168,10 @@ def export_onnx(model: Any) -> bytes:
     return buffer.getvalue()
 
 
+# The graph's inputs, and the field of a `tokenizers` Encoding each one is read from.
+ONNX_INPUTS = {"input_ids": "ids", "attention_mask": "attention_mask", "token_type_ids": "type_ids"}
+
+
 class OnnxEncoder:
     """An exported sentence-transformers model run by onnxruntime: tokenizes with the model's own
     `tokenizers` tokenizer (truncated on the same side, to the same window) and returns unit vectors.
@@ -185,14 +189,24 @@ class OnnxEncoder:
         self.session = onnxruntime.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
         self.tokenizer = Tokenizer.from_str(tokenizer_json)
         self.tokenizer.enable_truncation(int(max_seq_length), direction=truncation_side)
-        padding = self.tokenizer.padding or {}
-        self.tokenizer.enable_padding(pad_id=int(padding.get("pad_id", 0)),
-                                      pad_token=str(padding.get("pad_token", "[PAD]")))
+        if self.tokenizer.padding is None:  # from_model writes the model's own pad token into the JSON
+            self.tokenizer.enable_padding()
 
     @classmethod
     def from_model(cls, model: Any, max_seq_length: int, truncation_side: str) -> OnnxEncoder:
-        return cls(export_onnx(model), model.tokenizer.backend_tokenizer.to_str(), model.tokenizer.model_input_names,
-                   max_seq_length, truncation_side)
+        from tokenizers import Tokenizer
+
+        names = list(model.tokenizer.model_input_names)
+        unknown = sorted(set(names) - set(ONNX_INPUTS))
+        if unknown:
+            raise ValueError(f"the onnx backend feeds {', '.join(ONNX_INPUTS)}; this model also asks for "
+                             f"{', '.join(unknown)}: use embedding.backend torch")
+        # The pad token matters beyond the attention mask for some models (RoBERTa's positions count
+        # from it), so it is the model's own, saved with the tokenizer.
+        tokenizer = Tokenizer.from_str(model.tokenizer.backend_tokenizer.to_str())
+        if model.tokenizer.pad_token_id is not None:
+            tokenizer.enable_padding(pad_id=int(model.tokenizer.pad_token_id), pad_token=str(model.tokenizer.pad_token))
+        return cls(export_onnx(model), tokenizer.to_str(), names, max_seq_length, truncation_side)
 
     def encode(self, texts: Sequence[str], batch_size: int, progress: bool = False) -> np.ndarray:
         parts = []
@@ -203,9 +217,8 @@ class OnnxEncoder:
             starts = tqdm(starts, desc="Batches", unit="batch")
         for start in starts:
             encodings = self.tokenizer.encode_batch(list(texts[start:start + batch_size]))
-            columns = {"input_ids": [e.ids for e in encodings], "attention_mask": [e.attention_mask for e in encodings],
-                       "token_type_ids": [e.type_ids for e in encodings]}
-            feeds = {name: np.asarray(columns[name], dtype=np.int64) for name in self.input_names}
+            feeds = {name: np.asarray([getattr(encoding, ONNX_INPUTS[name]) for encoding in encodings], dtype=np.int64)
+                     for name in self.input_names}
             parts.append(self.session.run(None, feeds)[0])
         vectors = np.vstack(parts).astype(np.float32)
         norms = np.linalg.norm(vectors, axis=1, keepdims=True)

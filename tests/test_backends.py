@@ -150,7 +150,7 @@ def test_choose_backend_takes_the_faster_one_only_within_the_allowed_loss(static
 
 
 @pytest.mark.slow
-def test_training_with_backend_auto_records_its_choice_for_mlflow_and_model(tmp_path, monkeypatch):
+def test_training_with_backend_auto_records_its_choice_for_mlflow_and_model(tmp_path, monkeypatch, caplog):
     from mixllm.config import load_config
     from mixllm.data import ingest
     from mixllm.training import run_stages
@@ -175,6 +175,23 @@ def test_training_with_backend_auto_records_its_choice_for_mlflow_and_model(tmp_
 
     metrics = evaluate_router(config, router, load_split(config), baselines=[], bootstrap=False).metrics
     assert metrics["backend.static.validation_aiq"] == pytest.approx(choice["candidates"]["static"]["validation_aiq"])
+
+    # Where the export fails (an architecture the exporter cannot trace, say), auto runs the transformer
+    # on torch instead and says so.
+    import mixllm.embeddings
+    from mixllm.training import stage_predictors
+
+    def broken_export(model):
+        raise RuntimeError("cannot trace this model")
+
+    monkeypatch.setattr(mixllm.embeddings, "export_onnx", broken_export)
+    with caplog.at_level("WARNING", logger="mixllm.training"):
+        stage_predictors(config, progress=False)
+    assert "ONNX export of the encoder failed (RuntimeError: cannot trace this model)" in caplog.text
+    fallback = MixLLMRouter.load(Workspace.of(config).router).describe()["encoder"]["backend_choice"]
+    assert set(fallback["candidates"]) == {"torch", "static"}
+    assert fallback["candidates"]["torch"]["validation_aiq"] == pytest.approx(
+        choice["candidates"]["onnx"]["validation_aiq"], abs=1e-3)  # the same transformer, run by torch
 
 
 # Inputs where a tokenizer run outside transformers could part from it: whitespace at the ends, accents
