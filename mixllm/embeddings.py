@@ -183,6 +183,7 @@ class OnnxEncoder:
         from tokenizers import Tokenizer
 
         self.graph, self.tokenizer_json, self.input_names = graph, tokenizer_json, list(input_names)
+        self.max_seq_length, self.truncation_side = int(max_seq_length), truncation_side
         options = onnxruntime.SessionOptions()
         options.inter_op_num_threads = 1  # one graph at a time; its operators use the cores
         options.log_severity_level = 3
@@ -191,6 +192,16 @@ class OnnxEncoder:
         self.tokenizer.enable_truncation(int(max_seq_length), direction=truncation_side)
         if self.tokenizer.padding is None:  # from_model writes the model's own pad token into the JSON
             self.tokenizer.enable_padding()
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # An onnxruntime session cannot be pickled: rebuild it from the graph.
+        return OnnxEncoder, (self.graph, self.tokenizer_json, self.input_names, self.max_seq_length,
+                             self.truncation_side)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> OnnxEncoder:
+        # Nothing in it changes after it is built, so a copy of a router (simulate_online's) shares it
+        # rather than holding a second graph.
+        return self
 
     @classmethod
     def from_model(cls, model: Any, max_seq_length: int, truncation_side: str) -> OnnxEncoder:

@@ -224,6 +224,12 @@ def test_the_onnx_backend_embeds_as_the_transformer_does_and_loads_without_torch
     np.testing.assert_array_equal(np.load(tmp_path / "v.npy"), exported.transform(AWKWARD))
     with pytest.raises(ValueError, match="int8 runs on the torch backend"):
         transformer.with_settings(backend="onnx", quantize="int8")
+    # Copies (simulate_online deep-copies its router) and pickles embed as the original does.
+    import copy
+    import pickle
+
+    for duplicate in (copy.deepcopy(exported), pickle.loads(pickle.dumps(exported))):
+        np.testing.assert_array_equal(duplicate.transform(AWKWARD), exported.transform(AWKWARD))
 
 
 def test_inference_settings_change_how_the_weights_run_never_the_weights(static_encoder):
