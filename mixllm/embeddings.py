@@ -327,11 +327,13 @@ class QueryEncoder(BaseEstimator):
         other = QueryEncoder(**{**self.get_params(), **changes})
         other.fine_tuned_, other.n_triplets_ = self.fine_tuned_, self.n_triplets_
         if other.backend == self.backend == "onnx":
-            # The same graph: only the tokenizer's window may differ, and the transformer stays unloaded.
+            # The same graph: a new session only when the tokenizer's window differs, and the
+            # transformer stays unloaded.
             graph = self.onnx_
             other._model, other._model_folder = getattr(self, "_model", None), getattr(self, "_model_folder", None)
-            other.onnx_ = OnnxEncoder(graph.graph, graph.tokenizer_json, graph.input_names, other.max_seq_length,
-                                      other.truncation_side)
+            same_window = (graph.max_seq_length, graph.truncation_side) == (other.max_seq_length, other.truncation_side)
+            other.onnx_ = graph if same_window else OnnxEncoder(graph.graph, graph.tokenizer_json, graph.input_names,
+                                                                other.max_seq_length, other.truncation_side)
             other.dim_ = self.dim_
             other._finish_fit()
             return other
