@@ -26,6 +26,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,7 @@ ABLATIONS = {
     "mixllm (no shared difficulty head)": ("no-difficulty", {"predictors.quality.shared_difficulty": False}),
     "mixllm (static encoder, model2vec)": ("static", {"embedding.backend": "static"}),
     "mixllm (torch encoder)": ("torch", {"embedding.backend": "torch"}),
+    "mixllm (onnx int8 encoder)": ("onnx-int8", {"embedding.backend": "onnx", "embedding.quantize": "int8"}),
 }
 TEXT_ONLY = ("knn", "mlp", "tfidf_logistic")  # learned baselines that, like MixLLM, see only the query text
 
@@ -198,7 +200,9 @@ def _float(value: Any) -> float:
 
 
 def run_dataset(name: str, entry: DatasetConfig, data_path: Path, work: Path, *, quick: bool,
-                n_boot: int, plot_dir: Path) -> dict[str, Any]:
+                n_boot: int, plot_dir: Path, levers: Sequence[str] | None = None) -> dict[str, Any]:
+    """Every router on one log. The lever rows are `levers` (ABLATIONS' slugs; None: all of them,
+    or none when `quick`); `quick` also skips the simulations."""
     started = time.perf_counter()
     config = make_project(name, entry, work / name)
     store = InteractionStore(config.path(config.data.store_dir))
@@ -227,8 +231,9 @@ def run_dataset(name: str, entry: DatasetConfig, data_path: Path, work: Path, *,
     curves.insert(1, task_curve)
 
     ablations: dict[str, Any] = {}
-    if not quick:
-        for label, (slug, overrides) in ABLATIONS.items():
+    chosen = ([] if quick else [slug for slug, _ in ABLATIONS.values()]) if levers is None else list(levers)
+    for label, (slug, overrides) in ABLATIONS.items():
+        if slug in chosen:
             t = time.perf_counter()
             # One change per lever: the encoder backend stays the one MixLLM's row chose on validation
             # (unless the lever is the backend), or the variant's own choice would change two things.
@@ -349,6 +354,9 @@ def main() -> int:
                         help="Markdown file whose leaderboard section is rewritten.")
     parser.add_argument("--resamples", type=int, default=None, help="Bootstrap resamples (default: params.yaml).")
     parser.add_argument("--quick", action="store_true", help="Skip the levers and the simulations (a smoke run).")
+    parser.add_argument("--levers", default=None,
+                        help="Comma-separated lever rows to run (default: all, or none with --quick): "
+                        + ", ".join(slug for slug, _ in ABLATIONS.values()))
     args = parser.parse_args()
     benchmark_logging()
     bench = load_benchmark_config(args.config)
@@ -362,9 +370,15 @@ def main() -> int:
         print("missing data: " + "; ".join(f"{n}: {bench.data_path(bench.datasets[n])}" for n in missing)
               + ". Set MIXLLM_SHARED_DATA to the folder holding the shared logs.", file=sys.stderr)
         return 2
+    levers = None if args.levers is None else [slug.strip() for slug in args.levers.split(",") if slug.strip()]
+    unknown = sorted(set(levers or []) - {slug for slug, _ in ABLATIONS.values()})
+    if unknown:
+        print(f"unknown lever(s) {', '.join(unknown)}; choose from {', '.join(s for s, _ in ABLATIONS.values())}",
+              file=sys.stderr)
+        return 2
     work = args.work or Path(tempfile.mkdtemp(prefix="mixllm-bench-"))
     command = "python benchmarks/quality.py" + (f" --datasets {args.datasets}" if args.datasets else "") + (
-        " --quick" if args.quick else "")
+        " --quick" if args.quick else "") + (f" --levers {args.levers}" if args.levers is not None else "")
     stored = json.loads(args.json.read_text(encoding="utf-8")) if args.json.is_file() else {}
     stored = stored if isinstance(stored.get("datasets"), dict) else {"datasets": {}}
     for name in names:
@@ -372,7 +386,7 @@ def main() -> int:
         logger.info("=== %s", name)
         n_boot = args.resamples if args.resamples is not None else load_config(ROOT / "params.yaml").evaluation.bootstrap_resamples
         result = run_dataset(name, entry, bench.data_path(entry), work, quick=args.quick, n_boot=n_boot,
-                             plot_dir=ROOT / "benchmarks")
+                             plot_dir=ROOT / "benchmarks", levers=levers)
         result.update({"when": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine(),
                        "command": command})
         stored["datasets"][name] = to_jsonable(result)

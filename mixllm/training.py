@@ -88,10 +88,9 @@ def stage_predictors(config: MixLLMConfig, split: SplitData | None = None, progr
     # The encoder stage made the weights; how they are run comes from this config (so changing it
     # never re-fine-tunes).
     inference = {name: getattr(embedding, name) for name in INFERENCE_SETTINGS if name != "backend"}
-    # auto: the transformer runs as ONNX (the same embeddings, a service without torch) unless int8
-    # asks for torch's quantisation.
-    transformer = "torch" if embedding.quantize != "none" else "onnx"
-    backends = [transformer, "static"] if embedding.backend == "auto" else [embedding.backend]
+    # auto: the transformer runs as ONNX (the same embeddings, or int8 ones for quantize int8; a
+    # service without torch).
+    backends = ["onnx", "static"] if embedding.backend == "auto" else [embedding.backend]
     routers = {}
     for backend in backends:
         try:

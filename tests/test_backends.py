@@ -222,14 +222,35 @@ def test_the_onnx_backend_embeds_as_the_transformer_does_and_loads_without_torch
     out = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=True).stdout.split()
     assert out[0] == exported.fingerprint_ and out[1:] == ["[]"], out  # nothing heavy imported to route
     np.testing.assert_array_equal(np.load(tmp_path / "v.npy"), exported.transform(AWKWARD))
-    with pytest.raises(ValueError, match="int8 runs on the torch backend"):
-        transformer.with_settings(backend="onnx", quantize="int8")
     # Copies (simulate_online deep-copies its router) and pickles embed as the original does.
     import copy
     import pickle
 
     for duplicate in (copy.deepcopy(exported), pickle.loads(pickle.dumps(exported))):
         np.testing.assert_array_equal(duplicate.transform(AWKWARD), exported.transform(AWKWARD))
+
+
+@pytest.mark.slow
+def test_int8_onnx_quantises_the_exported_graph_and_stays_close_to_fp32(static_encoder, tmp_path):
+    fp32 = static_encoder.with_settings(backend="onnx", max_seq_length=64)
+    int8 = fp32.with_settings(quantize="int8")
+    assert int8.onnx_.graph is not fp32.onnx_.graph, "another graph, not the fp32 one with another name"
+    assert len(int8.onnx_.graph) < 0.8 * len(fp32.onnx_.graph), "the MatMul weights are stored in int8"
+    texts = QUERIES + AWKWARD[:-2] + ["Prove that the square root of two is irrational.",
+                                      "Write a SQL query that lists the ten largest orders."]
+    a, b = fp32.transform(texts), int8.transform(texts)
+    cosine = (a * b).sum(axis=1)
+    assert not np.allclose(a, b, atol=1e-4), "int8 really runs"
+    assert cosine.min() > 0.9, cosine
+    # The nearest neighbours are kept: int8 moves each query less than the queries lie apart.
+    np.testing.assert_array_equal(np.argsort(-(b @ b.T), axis=1)[:, 1], np.argsort(-(a @ a.T), axis=1)[:, 1])
+    assert len({fp32.fingerprint_, int8.fingerprint_}) == 2, "cached fp32 embeddings are never served as int8"
+    int8.save(tmp_path / "encoder")
+    loaded = QueryEncoder.load(tmp_path / "encoder")
+    assert (loaded.backend, loaded.quantize, loaded.fingerprint_) == ("onnx", "int8", int8.fingerprint_)
+    np.testing.assert_array_equal(loaded.transform(texts), b)
+    back = loaded.with_settings(quantize="none")  # re-exported from the saved transformer
+    np.testing.assert_allclose(back.transform(texts), a, atol=1e-5)
 
 
 def test_inference_settings_change_how_the_weights_run_never_the_weights(static_encoder):

@@ -133,14 +133,15 @@ class EmbeddingConfig(StrictModel):
     # 400 prompts of each shared log: 6.2-16.7 ms per query at 16 against 9.3-21.5 ms at 64; the
     # embeddings agree to 2e-7): smaller batches carry less padding and stay in cache.
     batch_size: int = Field(default=16, ge=1)
-    # int8: the encoder's Linear layers quantised dynamically for inference (fine-tuning stays
-    # fp32); about twice as fast on CPU, at a quality cost measured in benchmarks/RESULTS.md.
+    # int8: the transformer's matrix products quantised dynamically for inference (fine-tuning
+    # stays fp32): torch's int8 Linear layers on the torch backend, onnxruntime's int8 MatMuls on
+    # onnx. Faster on a CPU, at a quality cost measured in benchmarks/RESULTS.md.
     quantize: Literal["none", "int8"] = "none"
     # What embeds a query at routing time. torch: the (fine-tuned) transformer. onnx: the same
-    # transformer exported at training and run by onnxruntime (embeddings equal to ~1e-7; no torch
-    # in the service, so it starts and loads faster; fp32 only). static: model2vec token vectors
+    # transformer exported at training and run by onnxruntime (fp32 embeddings equal to ~1e-7; no
+    # torch in the service, so it starts and loads faster). static: model2vec token vectors
     # distilled from it after fine-tuning (microseconds per query). auto: training fits the router
-    # with the transformer (onnx; torch when quantize is int8 or the export fails) and with static,
+    # with the transformer (onnx; torch when the export fails) and with static,
     # and keeps the fastest whose validation AIQ is, with confidence, within max_aiq_loss of every
     # slower backend's.
     backend: Literal["torch", "onnx", "static", "auto"] = "auto"
