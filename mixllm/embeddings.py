@@ -243,10 +243,16 @@ class OnnxEncoder:
             raise ValueError(f"the onnx backend feeds {', '.join(ONNX_INPUTS)}; this model also asks for "
                              f"{', '.join(unknown)}: use embedding.backend torch")
         # The pad token matters beyond the attention mask for some models (RoBERTa's positions count
-        # from it), so it is the model's own, saved with the tokenizer.
+        # from it), so it is the model's own, saved with the tokenizer. Truncation and padding are
+        # set here, not copied: transformers writes its last call's settings into the tokenizer it
+        # wraps, so a copy would depend on what ran before (and so would the encoder's fingerprint).
         tokenizer = Tokenizer.from_str(model.tokenizer.backend_tokenizer.to_str())
+        tokenizer.no_truncation()  # OnnxEncoder truncates to its own window
+        tokenizer.no_padding()
         if model.tokenizer.pad_token_id is not None:
             tokenizer.enable_padding(pad_id=int(model.tokenizer.pad_token_id), pad_token=str(model.tokenizer.pad_token))
+        else:
+            tokenizer.enable_padding()
         graph = export_onnx(model)
         if quantize == "int8":
             graph = quantize_onnx(graph)

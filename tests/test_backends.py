@@ -209,6 +209,10 @@ def test_the_onnx_backend_embeds_as_the_transformer_does_and_loads_without_torch
     exported = transformer.with_settings(backend="onnx")
     np.testing.assert_allclose(exported.transform(AWKWARD), transformer.transform(AWKWARD), atol=1e-5)
     assert exported.fingerprint_ != transformer.fingerprint_  # caches never mix backends
+    # Exported again after the transformer has run, the graph and its tokenizer are the same:
+    # cached embeddings stay valid (transformers keeps its last call's padding in its tokenizer).
+    transformer.transform(AWKWARD)
+    assert transformer.with_settings(backend="onnx").fingerprint_ == exported.fingerprint_
     # Another window reuses the graph (no second export) and cuts where the transformer cuts.
     wider = exported.with_settings(max_seq_length=64, batch_size=2)
     assert wider.onnx_.graph is exported.onnx_.graph
