@@ -87,23 +87,23 @@ def stage_predictors(config: MixLLMConfig, split: SplitData | None = None, progr
     embedding = config.embedding
     # The encoder stage made the weights; how they are run comes from this config (so changing it
     # never re-fine-tunes).
-    inference = {name: getattr(embedding, name) for name in INFERENCE_SETTINGS if name != "backend"}
-    # auto: the transformer runs as ONNX (the same embeddings, or int8 ones for quantize int8; a
-    # service without torch).
-    backends = ["onnx", "static"] if embedding.backend == "auto" else [embedding.backend]
+    inference = {name: getattr(embedding, name) for name in INFERENCE_SETTINGS if name not in ("backend", "quantize")}
+    candidates = (embedding.auto_candidates() if embedding.backend == "auto"
+                  else {embedding.backend: {"backend": embedding.backend, "quantize": embedding.quantize}})
     routers = {}
-    for backend in backends:
+    for name, settings in candidates.items():
         try:
-            encoder = fine_tuned.with_settings(backend=backend, **inference)
+            encoder = fine_tuned.with_settings(**settings, **inference)
         except Exception as error:  # noqa: BLE001 - any exporter failure; auto falls back to torch, said in the log
-            if embedding.backend != "auto" or backend != "onnx":
+            if embedding.backend != "auto" or settings["backend"] != "onnx":
                 raise
-            logger.warning("the ONNX export of the encoder failed (%s: %s); the transformer runs on torch",
-                           type(error).__name__, error)
-            backend, encoder = "torch", fine_tuned.with_settings(backend="torch", **inference)
+            logger.warning("the ONNX export of the encoder failed (%s: %s); %s runs on torch",
+                           type(error).__name__, error, name)
+            name = name.replace("onnx", "torch", 1)
+            encoder = fine_tuned.with_settings(**{**settings, "backend": "torch"}, **inference)
         router = MixLLMRouter(config, cache_dir=workspace.cache, progress=progress)
         router.tag_report_ = report
-        routers[backend] = router.fit(split.train, domains=domains, encoder=encoder)
+        routers[name] = router.fit(split.train, domains=domains, encoder=encoder)
     if len(routers) > 1:
         choice = choose_backend(config, routers, split)
         router = routers[choice["chosen"]]
@@ -238,7 +238,8 @@ STAGES: tuple[Stage, ...] = (
           reads=("interactions", "split", "tags", "encoder"), outputs=("router",),
           # (the bootstrap settings: embedding.backend auto compares the backends' validation AIQ,
           # which no budget or quality target changes)
-          params=(*(f"embedding.{name}" for name in INFERENCE_SETTINGS), "embedding.max_aiq_loss", "features",
+          params=(*(f"embedding.{name}" for name in INFERENCE_SETTINGS), "embedding.auto_backends",
+                  "embedding.max_aiq_loss", "features",
                   "domains", "predictors", "decision", "llms", "evaluation.bootstrap_resamples",
                   "evaluation.confidence_level", "evaluation.seed")),
     Stage("evaluate", stage_evaluate, "evaluate the router and the baselines on the holdout",

@@ -167,8 +167,10 @@ def test_training_with_backend_auto_records_its_choice_for_mlflow_and_model(tmp_
     run_stages(config, ["split", "tags", "encoder", "predictors"], progress=False)
     router = MixLLMRouter.load(Workspace.of(config).router)
     choice = router.describe()["encoder"]["backend_choice"]
-    assert set(choice["candidates"]) == {"onnx", "static"}  # the transformer runs as ONNX
-    assert router.encoder_.backend == choice["chosen"] == router.describe()["encoder"]["backend"]
+    assert set(choice["candidates"]) == {"onnx", "onnx-int8", "static"}  # the transformer runs as ONNX, fp32 and int8
+    served = config.embedding.auto_candidates()[choice["chosen"]]
+    assert {"backend": router.encoder_.backend, "quantize": router.encoder_.quantize} == served
+    assert router.describe()["encoder"]["backend"] == served["backend"]
     eligible = [name for name, c in choice["candidates"].items() if c["aiq_loss_bound"] <= 0.003]
     assert choice["chosen"] == min(eligible, key=lambda name: choice["candidates"][name]["ms_per_query"])
     from mixllm.report import evaluate_router
@@ -189,7 +191,7 @@ def test_training_with_backend_auto_records_its_choice_for_mlflow_and_model(tmp_
         stage_predictors(config, progress=False)
     assert "ONNX export of the encoder failed (RuntimeError: cannot trace this model)" in caplog.text
     fallback = MixLLMRouter.load(Workspace.of(config).router).describe()["encoder"]["backend_choice"]
-    assert set(fallback["candidates"]) == {"torch", "static"}
+    assert set(fallback["candidates"]) == {"torch", "torch-int8", "static"}
     assert fallback["candidates"]["torch"]["validation_aiq"] == pytest.approx(
         choice["candidates"]["onnx"]["validation_aiq"], abs=1e-3)  # the same transformer, run by torch
 
@@ -232,6 +234,24 @@ def test_the_onnx_backend_embeds_as_the_transformer_does_and_loads_without_torch
 
     for duplicate in (copy.deepcopy(exported), pickle.loads(pickle.dumps(exported))):
         np.testing.assert_array_equal(duplicate.transform(AWKWARD), exported.transform(AWKWARD))
+
+
+def test_auto_backends_name_each_candidates_encoder_settings():
+    from pydantic import ValidationError
+
+    from mixllm.config.learning import EmbeddingConfig
+
+    assert EmbeddingConfig().auto_candidates() == {"onnx": {"backend": "onnx", "quantize": "none"},
+                                                   "onnx-int8": {"backend": "onnx", "quantize": "int8"},
+                                                   "static": {"backend": "static", "quantize": "none"}}
+    # quantize int8 asks for int8 transformers: the fp32 candidate becomes its int8 variant, once.
+    assert EmbeddingConfig(quantize="int8", auto_backends=["torch", "onnx", "onnx-int8", "static"]).auto_candidates() == {
+        "torch-int8": {"backend": "torch", "quantize": "int8"}, "onnx-int8": {"backend": "onnx", "quantize": "int8"},
+        "static": {"backend": "static", "quantize": "none"}}
+    with pytest.raises(ValidationError, match="lists onnx more than once"):
+        EmbeddingConfig(auto_backends=["onnx", "static", "onnx"])
+    with pytest.raises(ValidationError, match="auto_backends"):
+        EmbeddingConfig(auto_backends=["onnx", "openvino"])
 
 
 @pytest.mark.slow

@@ -135,21 +135,45 @@ class EmbeddingConfig(StrictModel):
     batch_size: int = Field(default=16, ge=1)
     # int8: the transformer's matrix products quantised dynamically for inference (fine-tuning
     # stays fp32): torch's int8 Linear layers on the torch backend, onnxruntime's int8 MatMuls on
-    # onnx. Faster on a CPU, at a quality cost measured in benchmarks/RESULTS.md.
+    # onnx. Faster on a CPU, at a quality cost measured in benchmarks/RESULTS.md. With backend auto,
+    # int8 turns the transformer candidates of auto_backends into their int8 variants.
     quantize: Literal["none", "int8"] = "none"
     # What embeds a query at routing time. torch: the (fine-tuned) transformer. onnx: the same
     # transformer exported at training and run by onnxruntime (fp32 embeddings equal to ~1e-7; no
     # torch in the service, so it starts and loads faster). static: model2vec token vectors
     # distilled from it after fine-tuning (microseconds per query). auto: training fits the router
-    # with the transformer (onnx; torch when the export fails) and with static,
-    # and keeps the fastest whose validation AIQ is, with confidence, within max_aiq_loss of every
-    # slower backend's.
+    # with each of auto_backends (onnx falls back to torch when the export fails) and keeps the
+    # fastest whose validation AIQ is, with confidence, within max_aiq_loss of every slower one's.
     backend: Literal["torch", "onnx", "static", "auto"] = "auto"
+    # The candidates of backend auto: a backend, "-int8" for its int8 variant. Each costs one more
+    # pass over the training and validation queries at training. onnx-int8 ran 0.6-0.75x onnx's
+    # time per query, and tied or beat it on validation on the three shared logs
+    # (benchmarks/RESULTS.md).
+    auto_backends: list[Literal["torch", "torch-int8", "onnx", "onnx-int8", "static"]] = Field(
+        default_factory=lambda: ["onnx", "onnx-int8", "static"], min_length=1)
     # The static vectors' dimensions after model2vec's PCA (the encoder has 384). 384 (no cut) tied
     # 256 on validation and did worse on two holdouts (benchmarks/RESULTS.md, "Why these defaults").
     static_dims: int = Field(default=256, ge=8, le=1024)
     max_aiq_loss: float = Field(default=0.003, ge=0)
     fine_tune: FineTuneConfig = FineTuneConfig()
+
+    @field_validator("auto_backends")
+    @classmethod
+    def _distinct_backends(cls, names: list[str]) -> list[str]:
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"lists {', '.join(repeated)} more than once")
+        return names
+
+    def auto_candidates(self) -> dict[str, dict[str, str]]:
+        """backend auto's candidates: name -> the encoder settings it runs with (backend, quantize)."""
+        candidates = {}
+        for name in self.auto_backends:
+            backend, _, variant = name.partition("-")
+            quantize = variant or ("none" if backend == "static" else self.quantize)
+            candidates[backend if quantize == "none" else f"{backend}-{quantize}"] = {"backend": backend,
+                                                                                        "quantize": quantize}
+        return candidates
 
 
 class LLMTaggerConfig(StrictModel):
