@@ -367,14 +367,19 @@ class QueryEncoder(BaseEstimator):
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {changes['backend']!r}")
         other = QueryEncoder(**{**self.get_params(), **changes})
         other.fine_tuned_, other.n_triplets_ = self.fine_tuned_, self.n_triplets_
-        if other.backend == self.backend == "onnx" and other.quantize == self.quantize:
-            # The same graph: a new session only when the tokenizer's window differs, and the
-            # transformer stays unloaded.
+        if other.backend == self.backend == "onnx" and self.quantize in (other.quantize, "none"):
+            # The same graph (or, for int8, the fp32 graph quantised): a new session only when the
+            # graph or the tokenizer's window differs, and the transformer stays unloaded.
             graph = self.onnx_
             other._model, other._model_folder = getattr(self, "_model", None), getattr(self, "_model_folder", None)
             same_window = (graph.max_seq_length, graph.truncation_side) == (other.max_seq_length, other.truncation_side)
-            other.onnx_ = graph if same_window else OnnxEncoder(graph.graph, graph.tokenizer_json, graph.input_names,
-                                                                other.max_seq_length, other.truncation_side)
+            if other.quantize != self.quantize:
+                logger.info("quantising the encoder's ONNX graph (%s)", other.quantize)
+                other.onnx_ = OnnxEncoder(quantize_onnx(graph.graph), graph.tokenizer_json, graph.input_names,
+                                          other.max_seq_length, other.truncation_side)
+            else:
+                other.onnx_ = graph if same_window else OnnxEncoder(graph.graph, graph.tokenizer_json, graph.input_names,
+                                                                    other.max_seq_length, other.truncation_side)
             other.dim_ = self.dim_
             other._finish_fit()
             return other

@@ -91,9 +91,11 @@ def stage_predictors(config: MixLLMConfig, split: SplitData | None = None, progr
     candidates = (embedding.auto_candidates() if embedding.backend == "auto"
                   else {embedding.backend: {"backend": embedding.backend, "quantize": embedding.quantize}})
     routers = {}
+    derived: dict[str, QueryEncoder] = {}  # an onnx-int8 candidate quantises the onnx one's graph, not a new export
     for name, settings in candidates.items():
+        source = derived.get(settings["backend"], fine_tuned)
         try:
-            encoder = fine_tuned.with_settings(**settings, **inference)
+            encoder = source.with_settings(**settings, **inference)
         except Exception as error:  # noqa: BLE001 - any exporter failure; auto falls back to torch, said in the log
             if embedding.backend != "auto" or settings["backend"] != "onnx":
                 raise
@@ -101,6 +103,7 @@ def stage_predictors(config: MixLLMConfig, split: SplitData | None = None, progr
                            type(error).__name__, error, name)
             name = name.replace("onnx", "torch", 1)
             encoder = fine_tuned.with_settings(**{**settings, "backend": "torch"}, **inference)
+        derived.setdefault(encoder.backend, encoder)
         router = MixLLMRouter(config, cache_dir=workspace.cache, progress=progress)
         router.tag_report_ = report
         routers[name] = router.fit(split.train, domains=domains, encoder=encoder)
