@@ -77,6 +77,7 @@ ABLATIONS = {
     "mixllm (torch encoder)": ("torch", {"embedding.backend": "torch"}),
     "mixllm (onnx int8 encoder)": ("onnx-int8", {"embedding.backend": "onnx", "embedding.quantize": "int8"}),
 }
+LEVERS = [slug for slug, _ in ABLATIONS.values()]
 TEXT_ONLY = ("knn", "mlp", "tfidf_logistic")  # learned baselines that, like MixLLM, see only the query text
 
 
@@ -231,9 +232,10 @@ def run_dataset(name: str, entry: DatasetConfig, data_path: Path, work: Path, *,
     curves.insert(1, task_curve)
 
     ablations: dict[str, Any] = {}
-    chosen = ([] if quick else [slug for slug, _ in ABLATIONS.values()]) if levers is None else list(levers)
+    if levers is None:
+        levers = [] if quick else LEVERS
     for label, (slug, overrides) in ABLATIONS.items():
-        if slug in chosen:
+        if slug in levers:
             t = time.perf_counter()
             # One change per lever: the encoder backend stays the one MixLLM's row chose on validation
             # (unless the lever is the backend), or the variant's own choice would change two things.
@@ -356,7 +358,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="Skip the levers and the simulations (a smoke run).")
     parser.add_argument("--levers", default=None,
                         help="Comma-separated lever rows to run (default: all, or none with --quick): "
-                        + ", ".join(slug for slug, _ in ABLATIONS.values()))
+                        + ", ".join(LEVERS))
     args = parser.parse_args()
     benchmark_logging()
     bench = load_benchmark_config(args.config)
@@ -371,10 +373,9 @@ def main() -> int:
               + ". Set MIXLLM_SHARED_DATA to the folder holding the shared logs.", file=sys.stderr)
         return 2
     levers = None if args.levers is None else [slug.strip() for slug in args.levers.split(",") if slug.strip()]
-    unknown = sorted(set(levers or []) - {slug for slug, _ in ABLATIONS.values()})
+    unknown = sorted(set(levers or []) - set(LEVERS))
     if unknown:
-        print(f"unknown lever(s) {', '.join(unknown)}; choose from {', '.join(s for s, _ in ABLATIONS.values())}",
-              file=sys.stderr)
+        print(f"unknown lever(s) {', '.join(unknown)}; choose from {', '.join(LEVERS)}", file=sys.stderr)
         return 2
     work = args.work or Path(tempfile.mkdtemp(prefix="mixllm-bench-"))
     command = "python benchmarks/quality.py" + (f" --datasets {args.datasets}" if args.datasets else "") + (
