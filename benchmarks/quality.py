@@ -73,8 +73,10 @@ ABLATIONS = {
     "mixllm (no TF-IDF)": ("no-tfidf", {"features.tfidf.enabled": False}),
     "mixllm (ridge fixed at 10, no GCV)": ("ridge10", {"predictors.quality.ridge": 10.0}),
     "mixllm (no shared difficulty head)": ("no-difficulty", {"predictors.quality.shared_difficulty": False}),
-    "mixllm (static encoder, model2vec)": ("static", {"embedding.backend": "static"}),
-    "mixllm (torch encoder)": ("torch", {"embedding.backend": "torch"}),
+    # The backend levers name their quantisation too: the other levers inherit the one MixLLM chose.
+    "mixllm (static encoder, model2vec)": ("static", {"embedding.backend": "static", "embedding.quantize": "none"}),
+    "mixllm (torch encoder)": ("torch", {"embedding.backend": "torch", "embedding.quantize": "none"}),
+    "mixllm (onnx fp32 encoder)": ("onnx", {"embedding.backend": "onnx", "embedding.quantize": "none"}),
     "mixllm (onnx int8 encoder)": ("onnx-int8", {"embedding.backend": "onnx", "embedding.quantize": "int8"}),
 }
 LEVERS = [slug for slug, _ in ABLATIONS.values()]
@@ -234,12 +236,15 @@ def run_dataset(name: str, entry: DatasetConfig, data_path: Path, work: Path, *,
     ablations: dict[str, Any] = {}
     if levers is None:
         levers = [] if quick else LEVERS
+    # One change per lever: the encoder backend and its quantisation stay the ones MixLLM's row chose
+    # on validation (unless the lever is the backend), or the variant's own choice would change two things.
+    chosen = {"embedding.backend": router.encoder_.backend, "embedding.quantize": router.encoder_.quantize}
     for label, (slug, overrides) in ABLATIONS.items():
-        if slug in levers:
+        if slug in levers and {**chosen, **overrides} == chosen:
+            logger.info("%s: lever %s is MixLLM's own row (the backend it chose); skipped", name, slug)
+        elif slug in levers:
             t = time.perf_counter()
-            # One change per lever: the encoder backend stays the one MixLLM's row chose on validation
-            # (unless the lever is the backend), or the variant's own choice would change two things.
-            variant = variant_config(config, slug, {"embedding.backend": router.encoder_.backend, **overrides})
+            variant = variant_config(config, slug, {**chosen, **overrides})
             variant_router, train_s = trained(variant, load_split(variant))
             # ms/query end to end with the embedding cache off (as MixLLM's own row).
             curve = measure_router(label, MixLLMAdapter(variant_router), holdout_queries, outcomes, reference,
