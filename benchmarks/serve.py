@@ -1,7 +1,7 @@
 """Serving benchmark: the BentoML service against the bare encoder, in one run (a script, not a test).
 
     MIXLLM_ROUTERBENCH=../shared/data/routerbench_subset/routerbench_subset_long.csv.gz \
-        python benchmarks/serve.py [--project DIR] [--requests 256] [--backend torch|onnx|static]
+        python benchmarks/serve.py [--project DIR] [--requests 256] [--backend auto|onnx-int8|onnx|torch|static]
 
 Without --project it trains a champion on the subset in a temporary project first, with the encoder
 backend --backend (embedding.backend). The service's cold start (process start to /readyz 200) is timed. Then, on the
@@ -99,8 +99,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--project", type=Path, default=None, help="A project folder with a trained champion.")
     parser.add_argument("--requests", type=int, default=256, help="Requests per load level.")
-    parser.add_argument("--backend", choices=("torch", "onnx", "static", "auto"), default="torch",
-                        help="embedding.backend of the champion trained without --project.")
+    parser.add_argument("--backend", choices=("torch", "torch-int8", "onnx", "onnx-int8", "static", "auto"),
+                        default="auto", help="The champion's encoder when trained without --project: "
+                        "embedding.backend, '-int8' for embedding.quantize int8; auto (the default) compares "
+                        "embedding.auto_backends on validation, as mixllm train does.")
     parser.add_argument("--repeats", type=int, default=3,
                         help="Passes per throughput figure (bare batched and each load level); the median is shown.")
     args = parser.parse_args()
@@ -113,7 +115,10 @@ def main() -> int:
             return 2
         project = Path(tempfile.mkdtemp(prefix="mixllm-serve-bench-"))
         params = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
-        params["embedding"]["backend"] = args.backend
+        backend, _, variant = args.backend.partition("-")
+        params["embedding"]["backend"] = backend
+        if variant:
+            params["embedding"]["quantize"] = variant
         (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
         config = load_config(project / "params.yaml")
         ingest(source, config)
@@ -193,7 +198,8 @@ def main() -> int:
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     print(f"\n## Serving ({stamp}; {platform.machine()}, {os.cpu_count()} cores; champion v{version}; "
           f"{len(queries)} holdout prompts, max_seq_length {config.embedding.max_seq_length}, "
-          f"encoder backend {router.encoder_.backend}; TOKENIZERS_PARALLELISM "
+          f"encoder backend {router.encoder_.backend}, quantize {getattr(router.encoder_, 'quantize', 'none')}; "
+          f"TOKENIZERS_PARALLELISM "
           f"{os.environ.get('TOKENIZERS_PARALLELISM', 'unset')})\n")
     print("| measure | value | ratio to the bare encoder |\n|---|---|---|")
     print(f"| bare encoder, one query at a time: median ms/query | {bare_ms:.1f} | 1.00 |")
