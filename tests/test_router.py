@@ -442,6 +442,22 @@ def test_an_optimistic_newcomer_starts_as_the_best_llm_at_its_price(fitted):
     assert rival_cost == pytest.approx(coder_cost, rel=0.25)
 
 
+def test_a_newcomers_prior_cost_prices_input_and_output_tokens_apart(fitted):
+    router = copy.deepcopy(fitted)
+    # A pool whose typical query is 400 input and 50 output tokens, priced at different
+    # input:output ratios (as real catalogues are): each LLM's logged dollars follow from them.
+    prices = {"cheap-chat": (0.0005, 0.0015), "coder": (0.002, 0.002), "strong": (0.01, 0.03)}
+    for llm, (input_price, output_price) in prices.items():
+        router.catalogue_[llm].update(input_usd_per_1k=input_price, output_usd_per_1k=output_price)
+        router.cost_models_[llm].prior_cost_usd = 0.4 * input_price + 0.05 * output_price
+    router.add_llm("long-answers", 0.001, 0.02)  # output 20x dearer than input
+    expected = 0.4 * 0.001 + 0.05 * 0.02
+    assert router.cost_models_["long-answers"].prior_cost_usd == pytest.approx(expected, rel=0.02)
+    # The test tells the rules apart: one price per LLM (input + output) says about twice as much.
+    per_summed_price = np.median([(0.4 * i + 0.05 * o) / (i + o) for i, o in prices.values()]) * 0.021
+    assert per_summed_price > 1.8 * expected
+
+
 def test_a_newcomer_keeps_its_resemblance_anchors_through_pool_changes_and_saving(fitted, tmp_path):
     from mixllm.router import MixLLMRouter
     from synthetic import make_log
