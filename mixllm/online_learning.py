@@ -126,7 +126,7 @@ class OnlineLearningMixin:
         newcomer's input and output prices. Output tokens dearer than input ones are the rule, so one
         price per LLM (input + output) misprices a newcomer whose ratio differs from the pool's: on
         the RouterBench subset it put gpt-4-1106 at $0.0080 a query against the $0.0050 it costs
-        (the fit: $0.0045). When the pool's LLMs all share one input:output price ratio the two
+        (the fit: $0.0046). When the pool's LLMs all share one input:output price ratio the two
         cannot be told apart, and the pool's median dollars per unit of summed price are used; with
         no priced LLM, tokens x prices."""
         pool = [(self.catalogue_[llm]["input_usd_per_1k"], self.catalogue_[llm]["output_usd_per_1k"],
