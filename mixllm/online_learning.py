@@ -95,8 +95,9 @@ class OnlineLearningMixin:
         self.catalogue_[name] = entry.model_dump(mode="json")
         self.domain_model_.add_llm(name, per_domain)
         n_anchors = len(self.anchors_.get(name, {}).get("llms", []))
-        self.quality_models_[name] = estimators.newcomer_quality_predictor(
-            self._config, self._newcomer_ridge()).start_empty(self.n_features_in_ + n_anchors)
+        head = estimators.newcomer_quality_predictor(self._config, self._newcomer_ridge())
+        self.quality_models_[name] = head.start_empty(self.n_features_in_ + n_anchors,
+                                                      self._newcomer_precision(head.ridge, n_anchors))
         typical_output = float(np.mean(list(self.typical_output_tokens_.values()))) if self.typical_output_tokens_ else 100.0
         prior_cost = self._newcomer_cost(input_usd_per_1k, output_usd_per_1k, typical_output)
         self.cost_models_[name] = estimators.cost_predictor(
@@ -117,6 +118,26 @@ class OnlineLearningMixin:
         coef = np.vstack([self.quality_models_[llm].model_.coef_[:-1] for llm in trained])  # without the bias
         variance = float(np.mean([self.residual_variance_[llm] for llm in trained]))
         return float(np.clip(variance / max(float(np.mean(coef**2)), 1e-12), self.ridge_, 1e6))
+
+    def _newcomer_precision(self, ridge: float, n_anchors: int) -> np.ndarray | None:
+        """The newcomer head's prior precision per coefficient: `ridge` (empirical Bayes) on the
+        query-level inputs and the bias, predictors.quality.newcomer_domain_answers on its
+        domain-membership coefficients (the head's input ends with the domain block, the bias after it).
+
+        The per-domain prior is a guess from prices (about 0.1 off per domain on the shared logs),
+        while the empirical-Bayes precision (1,835 on the RouterBench subset) would need thousands of
+        answers to correct it: a newcomer the guess underrates in a domain then stays underrated
+        there. A domain coefficient of precision N moves halfway to what the newcomer has shown in
+        that domain after N answers there. The bias keeps `ridge`: every domain shares it, and a
+        loose bias let failures in one domain silence the newcomer in all (benchmarks/RESULTS.md,
+        "where a newcomer's regret comes from")."""
+        answers = self._config.predictors.quality.newcomer_domain_answers
+        if answers is None:
+            return None
+        precision = np.full(n_anchors + self.n_features_in_ + 1, float(ridge))
+        n_domains = self.n_features_in_ - self.n_base_features_
+        precision[-1 - n_domains:-1] = float(answers)
+        return precision
 
     def _newcomer_cost(self, input_usd_per_1k: float, output_usd_per_1k: float, typical_output_tokens: float) -> float:
         """A newcomer's prior dollars per query, priced the way the log's costs were made.

@@ -65,16 +65,21 @@ class BayesianLinearRegressor(BaseEstimator):
         X = np.asarray(X, dtype=np.float64)
         return np.hstack([X, np.ones((X.shape[0], 1))])
 
-    def _init_stats(self, n_features: int) -> None:
+    def _init_stats(self, n_features: int, precision: np.ndarray | None = None) -> None:
+        """The prior as statistics: precision `ridge` on every coefficient, or one per coefficient
+        (`precision`, the bias last), e.g. a looser one where the prior is known to be rough."""
         d = n_features + 1
-        self.A_ = self.ridge * np.eye(d)
+        diagonal = np.full(d, float(self.ridge)) if precision is None else np.asarray(precision, dtype=np.float64)
+        if diagonal.shape != (d,) or not np.all(diagonal > 0):
+            raise ValueError(f"precision needs {d} positive values (the bias last), got {diagonal.shape}")
+        self.A_ = np.diag(diagonal)
         theta0 = np.zeros(d)
         theta0[-1] = self.prior_mean
-        self.b_ = self.ridge * theta0
+        self.b_ = diagonal * theta0
         self.n_features_in_ = n_features
         self.n_samples_seen_ = 0
         # The prior's posterior is known in closed form: no factorisation needed.
-        self.A_inv_ = np.eye(d) / self.ridge
+        self.A_inv_ = np.diag(1.0 / diagonal)
         self.coef_ = theta0
 
     def _solve(self) -> None:
@@ -277,12 +282,13 @@ class QualityPredictor(BaseEstimator):
         self.n_features_in_ = X.shape[1]
         return self
 
-    def start_empty(self, n_features: int) -> QualityPredictor:
-        """A model that has seen nothing yet: the prior, with the prior's (large) uncertainty. For add_llm."""
+    def start_empty(self, n_features: int, precision: np.ndarray | None = None) -> QualityPredictor:
+        """A model that has seen nothing yet: the prior, with the prior's (large) uncertainty. For add_llm.
+        `precision`: one prior precision per coefficient (the bias last) instead of `ridge` for all."""
         if self.kind != "bayesian_linear":
             raise ConfigError("only the bayesian_linear quality predictor can start without data (add_llm)")
         self.model_ = self._linear()
-        self.model_._init_stats(n_features)
+        self.model_._init_stats(n_features, precision)
         self.n_features_in_ = n_features
         return self
 

@@ -521,6 +521,35 @@ def test_one_wrong_answer_does_not_silence_a_newcomer(fitted):
     assert weak[0] > 0.5 and weak[1:].max() > 0.2, "the weak prior's collapse, also on a query it never answered"
 
 
+def test_a_newcomer_the_prices_underrate_learns_its_level_in_that_domain(fitted):
+    """Planted: a newcomer at the cheap LLM's price (so its prior is the cheap LLM's: 0.15 in math)
+    that answers every math query right. With newcomer_domain_answers N its math level moves about
+    n / (n + N) of the way after n answers there; the domain block takes the signal, so its code
+    predictions move less than under the empirical-Bayes head alone, whose shared inputs carry it
+    everywhere (on this log that head learns 0.48 in math and 0.36 in code; N = 20: 0.66 and 0.19)."""
+    from mixllm.training import ablation_config
+    from synthetic import make_log
+
+    assert fitted.config.predictors.quality.newcomer_domain_answers is not None, "on by default"
+    shown = make_log(n_queries=120, seed=3).query("llm == 'coder' and source == 'math'").head(40)
+    shown = shown.assign(llm="rival", quality=1.0)
+    rises, before = {}, {}
+    for answers in (20.0, None):
+        router = copy.deepcopy(fitted)
+        router.config = ablation_config(router.config, predictors__quality__newcomer_domain_answers=answers)
+        router.add_llm("rival", PRICE_PER_1K["cheap-chat"], PRICE_PER_1K["cheap-chat"])
+        j = router.llms_.index("rival")
+        before[answers] = router.predict([MATH, CODE]).quality[:, j]
+        router.partial_fit(shown)
+        rises[answers] = router.predict([MATH, CODE]).quality[:, j] - before[answers]
+    gap = 1.0 - before[20.0][0]
+    assert rises[20.0][0] >= 0.8 * len(shown) / (len(shown) + 20.0) * gap, "the math level moved as promised"
+    assert rises[20.0][0] > 1.2 * rises[None][0], "the empirical-Bayes head alone learns it more slowly"
+    assert rises[20.0][1] < 0.7 * rises[None][1], "and spreads it to code, where the newcomer was not shown"
+    selective = rises[20.0][0] / rises[20.0][1]
+    assert selective > 2 * rises[None][0] / rises[None][1], "the lesson stays in the domain it was shown in"
+
+
 # ------------------------------------------------------------------------- shared difficulty
 
 

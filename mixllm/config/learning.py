@@ -285,6 +285,12 @@ class QualityPredictorConfig(StrictModel):
     # exactly and, queries' features being alike, one wrong answer lowers its predicted quality for
     # every query: it is never tried again (benchmarks/RESULTS.md, "newcomers").
     new_llm_prior_ridge: float | None = Field(default=None, gt=0)
+    # The newcomer head's domain-membership coefficients (its per-domain level) are as certain as
+    # this many answers in the domain: there the level moves halfway to what the newcomer has shown
+    # after that many answers, instead of after thousands at the empirical-Bayes precision, so a
+    # per-domain prior the prices got wrong is corrected within a few hundred queries. 20 let a few
+    # failures silence it (benchmarks/newcomers.py). null: new_llm_prior_ridge for every coefficient.
+    newcomer_domain_answers: float | None = Field(default=100.0, gt=0)
     # A newcomer's prior quality per domain: optimistic (as good as the best pool LLM that costs no
     # more), price_tier (pool means weighted by closeness in price) or mean (the pool's mean).
     newcomer_prior: Literal["optimistic", "price_tier", "mean"] = "optimistic"
