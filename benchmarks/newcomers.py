@@ -6,7 +6,7 @@
 Per log: MixLLM as benchmarks/quality.py trains it (same project and stage cache with the same
 --work), lambda calibrated on validation for the budget, and the pool-change replay of
 benchmarks/replays.py (the log's datasets.yaml plan: newcomers join with a prior only) on the
-**validation** part, in three stream orders. Reported per variant and exploration weight: regret
+**validation** part (or, to check a choice after the fact, `--part holdout`), in three stream orders. Reported per variant and exploration weight: regret
 per query against the router that had the full pool all along (mean and per order), each
 newcomer's traffic share (the full pool's), and the quality over the window as % of the reference.
 
@@ -47,10 +47,10 @@ from replays import pool_change, stream_of  # noqa: E402
 
 from mixllm.baselines import MixLLMAdapter  # noqa: E402
 from mixllm.online_learning import OnlineLearningMixin  # noqa: E402
-from mixllm.report import calibrate_on_validation, reference_llm, validation_context  # noqa: E402
+from mixllm.report import calibrate_on_validation, holdout_context, reference_llm, validation_context  # noqa: E402
 
 logger = logging.getLogger("benchmarks.newcomers")
-ORDERS = (1, 2, 3)  # stream seeds; the leaderboard's validation stream is seed 1
+ORDERS = {"validation": (1, 2, 3), "holdout": (0, 1, 2)}  # stream seeds; the leaderboard's are 1 and 0
 
 
 def start_variant(router: Any, llm: str, variant: str, lambda_: float, true_means: dict[str, np.ndarray]) -> None:
@@ -83,7 +83,7 @@ def start_variant(router: Any, llm: str, variant: str, lambda_: float, true_mean
 
 
 def run_dataset(name: str, entry: Any, data_path: Path, work: Path, variants: list[str],
-                explorations: list[float]) -> dict[str, Any]:
+                explorations: list[float], part: str = "validation") -> dict[str, Any]:
     config, split, router = trained_on_log(name, entry, data_path, work)
     plan = entry.pool_change
     if plan is None or not plan.join:
@@ -91,14 +91,17 @@ def run_dataset(name: str, entry: Any, data_path: Path, work: Path, variants: li
     reference_name = reference_llm(config, split.train)
     lambda_ = calibrate_on_validation(config, MixLLMAdapter(router), split, router.enabled_llms_, reference_name,
                                       "cost_share", config.evaluation.cost_budget_share).lambda_
-    queries, outcomes, reference = validation_context(config, split, router.enabled_llms_, reference_name)
-    plan = plan.model_copy(update={"join_at": min(plan.join_at, len(queries) // 4),
-                                   "leave_at": min(plan.leave_at, len(queries) // 2)})
+    if part == "holdout":  # the after-the-fact check: the leaderboard's plan on the holdout
+        queries, outcomes, reference = holdout_context(config, split, router.enabled_llms_)
+    else:  # where choices are made: the plan scaled to the smaller part, as the leaderboard's tuning does
+        queries, outcomes, reference = validation_context(config, split, router.enabled_llms_, reference_name)
+        plan = plan.model_copy(update={"join_at": min(plan.join_at, len(queries) // 4),
+                                       "leave_at": min(plan.leave_at, len(queries) // 2)})
     prices = {llm.name: (llm.input_usd_per_1k, llm.output_usd_per_1k) for llm in config.llms}
     true_means = {llm: router.domain_model_.table_[:, router.domain_model_.llms_.index(llm)].copy()
                   for llm in plan.join}
     streams = []
-    for seed in ORDERS:
+    for seed in ORDERS[part]:
         stream, stream_outcomes = stream_of(queries, outcomes, np.random.default_rng(seed).permutation(len(queries)))
         streams.append((stream, stream_outcomes, router.features(stream["query"].tolist())))
     shipped_add_llm = OnlineLearningMixin.add_llm
@@ -127,12 +130,12 @@ def run_dataset(name: str, entry: Any, data_path: Path, work: Path, variants: li
                 rows.append(row)
     finally:
         OnlineLearningMixin.add_llm = shipped_add_llm
-    return {"lambda": lambda_, "plan": plan.model_dump(), "validation_queries": len(queries), "rows": rows}
+    return {"part": part, "lambda": lambda_, "plan": plan.model_dump(), "queries": len(queries), "rows": rows}
 
 
 def markdown(name: str, result: dict[str, Any]) -> str:
     joiners = result["plan"]["join"]
-    lines = [f"**{name}** (validation, {result['validation_queries']} queries; {', '.join(joiners)} join at query "
+    lines = [f"**{name}** ({result['part']}, {result['queries']} queries; {', '.join(joiners)} join at query "
              f"{result['plan']['join_at']}; lambda {result['lambda']:.4f}):", "",
              "| newcomer start | exploration | regret per query (orders) | "
              + " | ".join(f"{llm} share (full pool)" for llm in joiners) + " | quality % (full pool) |",
@@ -151,6 +154,9 @@ def main() -> int:
     parser.add_argument("--variants", default="optimistic,true_means,break_even=0,break_even=0.02,break_even=0.05",
                         help="Comma-separated newcomer starts (see the module docstring).")
     parser.add_argument("--explorations", default="0", help="Comma-separated exploration weights.")
+    parser.add_argument("--part", choices=("validation", "holdout"), default="validation",
+                        help="Where to replay: validation (where choices are made) or the holdout (only to "
+                             "check a choice after the fact).")
     args = parser.parse_args()
     benchmark_logging()
     bench, names, work = chosen_logs(args, "mixllm-newcomers-")
@@ -159,7 +165,7 @@ def main() -> int:
     results = {}
     for name in names:
         entry = bench.datasets[name]
-        results[name] = run_dataset(name, entry, bench.data_path(entry), work, variants, explorations)
+        results[name] = run_dataset(name, entry, bench.data_path(entry), work, variants, explorations, args.part)
         print(markdown(name, results[name]) + "\n", flush=True)
     args.json.write_text(json.dumps({"when": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                                      "command": "python benchmarks/newcomers.py " + " ".join(sys.argv[1:]),
