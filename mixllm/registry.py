@@ -348,7 +348,7 @@ class Registry:
                 )
             number = resolved
         self.client  # noqa: B018
-        target = Path(destination or tempfile.mkdtemp(prefix="mixllm-model-"))
+        target = Path(destination) if destination else _download_folder()
         path = mlflow.artifacts.download_artifacts(
             artifact_uri=f"models:/{self.name}/{number}", dst_path=str(target)
         )
@@ -368,6 +368,44 @@ class Registry:
             return MixLLMRouter.load(folder, progress=False), number
         finally:
             shutil.rmtree(folder.parent.parent, ignore_errors=True)
+
+
+DOWNLOAD_PREFIX = "mixllm-model-"
+
+
+def _download_folder() -> Path:
+    """A fresh temporary folder for one version's download, named after this process (see
+    remove_orphaned_downloads)."""
+    remove_orphaned_downloads()
+    return Path(tempfile.mkdtemp(prefix=f"{DOWNLOAD_PREFIX}{os.getpid()}-"))
+
+
+def remove_orphaned_downloads(parent: Path | None = None) -> list[Path]:
+    """Remove the downloads of processes that are gone. `load_router` deletes its download once the
+    router is in memory, but a process stopped while it loads (kill -9, the OOM killer, a service
+    stopped during start-up or a hot reload) cannot: each such stop left ~110 MB in the temporary
+    folder. A folder is removed only when the pid in its name no longer runs; folders without one
+    (made before pids were recorded) are left to the user, as their owner cannot be told."""
+    removed = []
+    for folder in Path(parent or tempfile.gettempdir()).glob(f"{DOWNLOAD_PREFIX}*-*"):
+        pid_text = folder.name[len(DOWNLOAD_PREFIX):].split("-", 1)[0]
+        if not folder.is_dir() or not pid_text.isdigit() or _process_runs(int(pid_text)):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    if removed:
+        logger.info("removed %d model download(s) left by stopped processes", len(removed))
+    return removed
+
+
+def _process_runs(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _is_number(value: Any) -> bool:

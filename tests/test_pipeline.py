@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import os
 
 import numpy as np
 import pandas as pd
@@ -133,6 +134,30 @@ def test_worse_candidate_is_challenger_better_is_promoted_and_rollback(project, 
     assert registry.alias_version("champion") == 3
     with pytest.raises(RegistryError, match="has no version 42"):
         registry.promote(42, "nope")
+
+
+def test_a_download_left_by_a_killed_process_is_removed_by_the_next_load(project, tmp_path, monkeypatch):
+    """A process stopped while it loads a version cannot delete its download (~110 MB each); the next
+    load in any process removes it, and a load that completes leaves nothing behind."""
+    import subprocess
+    import sys
+    import tempfile
+
+    downloads = tmp_path / "tmp"
+    downloads.mkdir()
+    killed_mid_load = ("import os, sys; from mixllm.config import load_config; from mixllm.registry import Registry; "
+                       "Registry(load_config(sys.argv[1])).download_router('champion'); os._exit(0)")
+    subprocess.run([sys.executable, "-c", killed_mid_load, str(project / "params.yaml")], check=True, cwd=project,
+                   env={**os.environ, "TMPDIR": str(downloads)}, timeout=300)
+    (orphan,) = downloads.iterdir()
+    assert (orphan / "artifacts").is_dir()
+    unrelated = downloads / "mixllm-model-no-pid"  # made before pids were recorded: its owner is unknown
+    unrelated.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(downloads))
+    registry = Registry(_config(project))
+    router, number = registry.load_router("champion")
+    assert number == registry.alias_version("champion") and router.llms_
+    assert sorted(downloads.iterdir()) == [unrelated]
 
 
 def _feedback(config, n=12, seed=0):
