@@ -145,7 +145,7 @@ def knn_predict(E_train: np.ndarray, Y: np.ndarray, E_test: np.ndarray, k: int =
     return KNeighborsRegressor(n_neighbors=min(k, len(E_train)), metric="cosine").fit(E_train, Y).predict(E_test)
 
 
-def run(name: str, entry, data_path: Path, work: Path, n_boot: int) -> pd.DataFrame:
+def run(name: str, entry, data_path: Path, work: Path, n_boot: int, skip: frozenset[str] = frozenset()) -> pd.DataFrame:
     from quality import make_project
 
     config = make_project(name, entry, work / name)
@@ -168,11 +168,12 @@ def run(name: str, entry, data_path: Path, work: Path, n_boot: int) -> pd.DataFr
              "reduced-rank heads (k=1)", "reduced-rank heads (k=2)", "logistic heads", "boosted base",
              "boosted base + residual head", "no domain prior",
              "domain prior alone", "cost linear in length", "default + task label", "per_source (task label)",
-             "tfidf_logistic (baseline)", "mlp (baseline)"]
+             "tfidf_logistic (baseline)", "mlp (baseline)", "knn (baseline)"]
     for name_ in names:
         predictions[name_] = np.zeros_like(Q)
     length_costs = np.zeros_like(Q)
-    baseline_costs = {label: np.zeros_like(Q) for label in ("tfidf_logistic (baseline)", "mlp (baseline)")}
+    text_baselines = ("tfidf_logistic", "mlp", "knn")
+    baseline_costs = {f"{kind} (baseline)": np.zeros_like(Q) for kind in text_baselines}
     for f in range(5):
         started = time.perf_counter()
         train_ids = set(frame["query_id"][fold != f])
@@ -202,8 +203,9 @@ def run(name: str, entry, data_path: Path, work: Path, n_boot: int) -> pd.DataFr
 
         predictions["per_source (task label)"][test] = PerSourceRouter().fit(
             log[log["query_id"].isin(train_ids)]).predict(te_frame).quality
-        for label, baseline in (("tfidf_logistic (baseline)", make_baseline("tfidf_logistic")),
-                                ("mlp (baseline)", make_baseline("mlp", embed=lambda texts: router._embed(router.encoder_, texts)))):
+        for kind in text_baselines:  # the embedding baselines read the fold router's embeddings, as on the leaderboard
+            label = f"{kind} (baseline)"
+            baseline = make_baseline(kind, embed=lambda texts: router._embed(router.encoder_, texts))
             fitted_baseline = baseline.fit(log[log["query_id"].isin(train_ids)]).predict(te_frame)
             predictions[label][test], baseline_costs[label][test] = fitted_baseline.quality, fitted_baseline.cost_usd
         Y = Q[~test]
@@ -245,14 +247,15 @@ def run(name: str, entry, data_path: Path, work: Path, n_boot: int) -> pd.DataFr
         predictions["logistic heads"][test] = logistic_columns(X_tr * np.sqrt(X_tr.shape[1]), Y,
                                                                X_te * np.sqrt(X_tr.shape[1]), C=0.01)
         # Boosted base per LLM; its residual head learns from the base's cross-fitted predictions
-        boosted_tr = np.zeros_like(Y)
-        for k in range(5):
-            boosted_tr[inner == k] = boosted_columns(X_tr[inner != k], Y[inner != k], X_tr[inner == k])
-        boosted_te = boosted_columns(X_tr, Y, X_te)
-        predictions["boosted base"][test] = np.clip(boosted_te, 0, 1)
-        residual = Y - boosted_tr
-        coef = ridge_fit(X_tr, residual, gcv_ridge(X_tr, residual, grid)[0])
-        predictions["boosted base + residual head"][test] = np.clip(boosted_te + with_bias(X_te) @ coef, 0, 1)
+        if not {"boosted base", "boosted base + residual head"} <= skip:  # most of the time on the larger logs
+            boosted_tr = np.zeros_like(Y)
+            for k in range(5):
+                boosted_tr[inner == k] = boosted_columns(X_tr[inner != k], Y[inner != k], X_tr[inner == k])
+            boosted_te = boosted_columns(X_tr, Y, X_te)
+            predictions["boosted base"][test] = np.clip(boosted_te, 0, 1)
+            residual = Y - boosted_tr
+            coef = ridge_fit(X_tr, residual, gcv_ridge(X_tr, residual, grid)[0])
+            predictions["boosted base + residual head"][test] = np.clip(boosted_te + with_bias(X_te) @ coef, 0, 1)
         # No domain prior: a ridge on the features around each LLM's mean
         mean = Y.mean(axis=0)
         coef = ridge_fit(X_tr, Y - mean, gcv_ridge(X_tr, Y - mean, grid)[0])
@@ -264,6 +267,8 @@ def run(name: str, entry, data_path: Path, work: Path, n_boot: int) -> pd.DataFr
     weights = bootstrap_weights(len(frame), n_boot, seed=0)
     replicates, rows = {}, []
     for label, quality in predictions.items():
+        if label in skip:
+            continue
         cost = length_costs if label == "cost linear in length" else baseline_costs.get(label, costs)
         pred = Predictions(llms, quality, np.zeros_like(quality), cost, np.zeros_like(quality))
         points, path = exact_sweep(pred, outcomes, reference, 1.0)
@@ -285,6 +290,8 @@ def main() -> int:
     parser.add_argument("--datasets", default=None)
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "mixllm-levers", help="Work folder (kept: caches).")
     parser.add_argument("--resamples", type=int, default=500)
+    parser.add_argument("--skip", default="", help="Comma-separated rows to leave out, e.g. 'boosted base,boosted base + "
+                        "residual head' (gradient-boosted trees per LLM take most of the time on the larger logs).")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("sentence_transformers", "mixllm", "httpx"):
@@ -294,7 +301,8 @@ def main() -> int:
     names = list(bench.datasets) if not args.datasets else args.datasets.split(",")
     for name in names:
         entry = bench.datasets[name]
-        table = run(name, entry, bench.data_path(entry), args.work, args.resamples)
+        skip = frozenset(label.strip() for label in args.skip.split(",") if label.strip())
+        table = run(name, entry, bench.data_path(entry), args.work, args.resamples, skip)
         print(f"\n### {name} (5-fold cross-validation on train + validation; AIQ of out-of-fold predictions)\n")
         print(table[["lever", "aiq_ci", "minus_default"]].rename(
             columns={"aiq_ci": "AIQ (95% CI)", "minus_default": "lever − default (95% CI)"}).to_markdown(index=False))
