@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from sklearn.base import BaseEstimator
 
+from mixllm.base import BaseEstimator
 from mixllm.errors import ConfigError, NotFittedError
 from mixllm.decision import Predictions
 from mixllm.router import MixLLMRouter

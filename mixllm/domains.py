@@ -26,8 +26,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from sklearn.base import BaseEstimator
 
+from mixllm.base import BaseEstimator
 from mixllm.errors import NotFittedError, RoutingError
 
 logger = logging.getLogger(__name__)

@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sklearn.base import BaseEstimator
 
+from mixllm.base import BaseEstimator
 from mixllm.errors import ModelFormatError, NotFittedError
 
 # A bound on characters per kept token for cutting a long query before tokenising (English runs

@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sklearn.base import BaseEstimator
 
+from mixllm.base import BaseEstimator
 from mixllm.errors import ModelFormatError, NotFittedError
 
 logger = logging.getLogger(__name__)
@@ -34,6 +36,21 @@ def length_features(queries: Sequence[str]) -> np.ndarray:
     chars = np.array([len(q) for q in queries], dtype=np.float64)
     words = np.array([len(q.split()) for q in queries], dtype=np.float64)
     return np.column_stack([np.log1p(chars), np.log1p(words)])
+
+
+# scikit-learn's default word tokens: two or more word characters.
+WORD_TOKEN = re.compile(r"(?u)\b\w\w+\b")
+
+
+def word_ngrams(text: str, ngram_max: int) -> list[str]:
+    """The terms TfidfVectorizer's analyzer gives with its defaults and ngram_range (1, ngram_max):
+    lower-cased word tokens, then their n-grams joined by a space (a test checks it against
+    scikit-learn). Written out so routing does not import scikit-learn (see mixllm.base)."""
+    tokens = WORD_TOKEN.findall(text.lower())
+    terms = list(tokens)
+    for n in range(2, min(ngram_max, len(tokens)) + 1):
+        terms.extend(" ".join(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
+    return terms
 
 
 class QueryFeaturizer(BaseEstimator):
@@ -103,11 +120,7 @@ class QueryFeaturizer(BaseEstimator):
         check, and scipy copying the transposed components for every product)."""
         cached = getattr(self, "_tfidf_cache", None)
         if cached is None or cached[0] is not self.svd_components_:
-            from sklearn.feature_extraction.text import TfidfVectorizer
-
-            vectorizer = TfidfVectorizer(ngram_range=(1, self.tfidf_ngram_max), sublinear_tf=True, dtype=np.float64,
-                                         vocabulary=self.tfidf_vocabulary_)
-            cached = self._tfidf_cache = (self.svd_components_, vectorizer.build_analyzer(),
+            cached = self._tfidf_cache = (self.svd_components_, partial(word_ngrams, ngram_max=self.tfidf_ngram_max),
                                           np.ascontiguousarray(self.svd_components_.T))
         return cached[1], cached[2]
 

@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
-from scipy.optimize import nnls
 
 from mixllm import estimators
 from mixllm.config import LatencyProfile, LLMConfig
@@ -160,6 +159,8 @@ class OnlineLearningMixin:
         prices, cost = np.array([row[:2] for row in pool]), np.array([row[2] for row in pool])
         share_out = prices[:, 1] / prices.sum(axis=1)
         if np.ptp(share_out) > 0.02:  # at least two input:output ratios: the split is identified
+            from scipy.optimize import nnls  # here, not at import: a served router never needs scipy
+
             thousands_of_tokens, _ = nnls(prices / cost[:, None], np.ones(len(pool)))
             if thousands_of_tokens.any():
                 return float(thousands_of_tokens @ [input_usd_per_1k, output_usd_per_1k])

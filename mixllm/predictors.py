@@ -17,8 +17,8 @@ from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
-from sklearn.base import BaseEstimator
 
+from mixllm.base import BaseEstimator
 from mixllm.errors import ConfigError, NotFittedError
 from mixllm.units import call_cost_usd
 

@@ -22,9 +22,9 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from sklearn.base import BaseEstimator
 
 from mixllm import __version__, estimators
+from mixllm.base import BaseEstimator
 from mixllm.config import LLMConfig, MixLLMConfig, config_from_dict
 from mixllm.decision import Predictions
 from mixllm.domains import domain_labels

@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sklearn.base import BaseEstimator
 
+from mixllm.base import BaseEstimator
 from mixllm.errors import ConfigError, MixLLMError, NotFittedError
 
 logger = logging.getLogger(__name__)

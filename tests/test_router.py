@@ -631,6 +631,50 @@ def test_the_featurizers_tfidf_block_is_sklearns_tfidf_projected_on_the_svd_comp
     np.testing.assert_allclose(featurizer.transform(queries, embeddings), expected, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("ngram_max", [1, 2, 3])
+def test_the_featurizers_own_tokenizer_gives_sklearns_terms(ngram_max):
+    """Routing tokenizes without scikit-learn; its terms must be the ones TF-IDF was fitted on."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    from mixllm.features import word_ngrams
+
+    texts = ["Python CODE sum; river-bank loan", "a I x_y 3.14 2+2=4", "Ünïcödé FAÇADE naïve café", "中文的问题 是什么",
+             "tab\tand\x0bvertical\nnew line", "", "one", "it's don't e-mail co-op", "  spaced   out  ", "ΣΊΣΥΦΟΣ Straße"]
+    analyzer = TfidfVectorizer(ngram_range=(1, ngram_max)).build_analyzer()
+    for text in texts:
+        assert word_ngrams(text, ngram_max) == analyzer(text), text
+
+
+def test_estimators_keep_sklearns_parameter_protocol_without_importing_it():
+    from sklearn.base import clone
+
+    predictor = QualityPredictor(kind="bayesian_linear", ridge=7.0)
+    assert predictor.get_params()["ridge"] == 7.0 and "ridge=7.0" in repr(predictor)
+    copy_ = clone(predictor)
+    assert copy_ is not predictor and copy_.get_params() == predictor.get_params()
+    assert predictor.set_params(ridge=3.0) is predictor and predictor.ridge == 3.0
+    with pytest.raises(ValueError, match="has no parameter 'ridg'"):
+        predictor.set_params(ridg=1.0)
+
+
+def test_a_saved_router_loads_and_routes_without_importing_scikit_learn_or_scipy(train_log, tmp_path):
+    """Importing scikit-learn (and scipy.stats with it) took 1.2-1.8 s of a served model's start."""
+    import subprocess
+    import sys
+
+    router = MixLLMRouter(small_config(embedding__backend="static", embedding__static_dims=32),
+                          progress=False).fit(train_log)
+    router.save(tmp_path / "router")
+    queries = [CODE, MATH, HISTORY]
+    check = ("import json, sys; from mixllm.router import MixLLMRouter; "
+             f"router = MixLLMRouter.load({str(tmp_path / 'router')!r}, progress=False); "
+             f"print(json.dumps([d.llm for d in router.route({queries!r})])); "
+             "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules} & {'sklearn', 'scipy', 'torch'})))")
+    out = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=True).stdout.splitlines()
+    assert json.loads(out[-2]) == [d.llm for d in router.route(queries)]
+    assert json.loads(out[-1]) == []
+
+
 def _plain_and_doubled_featurizers(seed: int):
     """Training texts and embeddings, with featurizers fitted on them at TF-IDF weight 1 and 2."""
     rng = np.random.default_rng(seed)
