@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mixllm.base import BaseEstimator
+from mixllm.estimator_base import BaseEstimator
 from mixllm.errors import ConfigError, NotFittedError
 from mixllm.decision import Predictions
 from mixllm.router import MixLLMRouter

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from mixllm.base import BaseEstimator
+from mixllm.estimator_base import BaseEstimator
 from mixllm.errors import ModelFormatError, NotFittedError
 
 # A bound on characters per kept token for cutting a long query before tokenising (English runs

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from mixllm.base import BaseEstimator
+from mixllm.estimator_base import BaseEstimator
 from mixllm.errors import ModelFormatError, NotFittedError
 
 logger = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ WORD_TOKEN = re.compile(r"(?u)\b\w\w+\b")
 def word_ngrams(text: str, ngram_max: int) -> list[str]:
     """The terms TfidfVectorizer's analyzer gives with its defaults and ngram_range (1, ngram_max):
     lower-cased word tokens, then their n-grams joined by a space (a test checks it against
-    scikit-learn). Written out so routing does not import scikit-learn (see mixllm.base)."""
+    scikit-learn). Written out so routing does not import scikit-learn (see mixllm.estimator_base)."""
     tokens = WORD_TOKEN.findall(text.lower())
     terms = list(tokens)
     for n in range(2, min(ngram_max, len(tokens)) + 1):

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from mixllm.base import BaseEstimator
+from mixllm.estimator_base import BaseEstimator
 from mixllm.errors import ConfigError, NotFittedError
 from mixllm.units import call_cost_usd
 

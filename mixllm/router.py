@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from mixllm import __version__, estimators
-from mixllm.base import BaseEstimator
+from mixllm.estimator_base import BaseEstimator
 from mixllm.config import LLMConfig, MixLLMConfig, config_from_dict
 from mixllm.decision import Predictions
 from mixllm.domains import domain_labels

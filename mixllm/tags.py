@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from mixllm.base import BaseEstimator
+from mixllm.estimator_base import BaseEstimator
 from mixllm.errors import ConfigError, MixLLMError, NotFittedError
 
 logger = logging.getLogger(__name__)
