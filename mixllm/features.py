@@ -43,9 +43,10 @@ WORD_TOKEN = re.compile(r"(?u)\b\w\w+\b")
 
 
 def word_ngrams(text: str, ngram_max: int) -> list[str]:
-    """The terms TfidfVectorizer's analyzer gives with its defaults and ngram_range (1, ngram_max):
-    lower-cased word tokens, then their n-grams joined by a space (a test checks it against
-    scikit-learn). Written out so routing does not import scikit-learn (see mixllm.estimator_base)."""
+    """The TF-IDF terms of a text: the terms TfidfVectorizer's own analyzer gives with its defaults and
+    ngram_range (1, ngram_max), lower-cased word tokens and their n-grams joined by a space (a test
+    checks it against scikit-learn's, which featurizers saved before read). Written out so routing
+    does not import scikit-learn (see mixllm.estimator_base)."""
     tokens = WORD_TOKEN.findall(text.lower())
     terms = list(tokens)
     for n in range(2, min(ngram_max, len(tokens)) + 1):
@@ -88,8 +89,9 @@ class QueryFeaturizer(BaseEstimator):
         self.tfidf_idf_ = np.zeros(0)
         self.svd_components_ = np.zeros((0, 0))
         if self.use_tfidf and self.svd_components > 0:
+            # The analyzer routing uses, so fitting and routing cannot tokenize apart.
             vectorizer = TfidfVectorizer(
-                ngram_range=(1, self.tfidf_ngram_max), min_df=min(self.tfidf_min_df, len(queries)),
+                analyzer=partial(word_ngrams, ngram_max=self.tfidf_ngram_max), min_df=min(self.tfidf_min_df, len(queries)),
                 max_features=self.tfidf_max_features, sublinear_tf=True, dtype=np.float64,
             )
             tfidf = vectorizer.fit_transform(queries)
