@@ -10,6 +10,7 @@ tagged with its data hash, git commit and gate verdict.
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
@@ -375,9 +376,23 @@ DOWNLOAD_PREFIX = "mixllm-model-"
 
 def _download_folder() -> Path:
     """A fresh temporary folder for one version's download, named after this process (see
-    remove_orphaned_downloads)."""
+    remove_orphaned_downloads). A process that exits normally while a download is still in use (a
+    service stopped while it loads in a background thread) removes it on the way out."""
+    global _CLEANUP_REGISTERED
     remove_orphaned_downloads()
+    if not _CLEANUP_REGISTERED:
+        atexit.register(_remove_own_downloads, os.getpid())
+        _CLEANUP_REGISTERED = True
     return Path(tempfile.mkdtemp(prefix=f"{DOWNLOAD_PREFIX}{os.getpid()}-"))
+
+
+_CLEANUP_REGISTERED = False
+
+
+def _remove_own_downloads(pid: int) -> None:
+    if os.getpid() == pid:  # not in a forked child, whose parent may still use them
+        for folder in Path(tempfile.gettempdir()).glob(f"{DOWNLOAD_PREFIX}{pid}-*"):
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def remove_orphaned_downloads(parent: Path | None = None) -> list[Path]:

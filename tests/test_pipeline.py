@@ -137,18 +137,24 @@ def test_worse_candidate_is_challenger_better_is_promoted_and_rollback(project, 
 
 
 def test_a_download_left_by_a_killed_process_is_removed_by_the_next_load(project, tmp_path, monkeypatch):
-    """A process stopped while it loads a version cannot delete its download (~110 MB each); the next
-    load in any process removes it, and a load that completes leaves nothing behind."""
+    """A process stopped while it loads a version cannot delete its download (~110 MB each): one that
+    exits normally removes it on the way out, and after a kill the next load in any process does."""
     import subprocess
     import sys
     import tempfile
 
     downloads = tmp_path / "tmp"
     downloads.mkdir()
-    killed_mid_load = ("import os, sys; from mixllm.config import load_config; from mixllm.registry import Registry; "
-                       "Registry(load_config(sys.argv[1])).download_router('champion'); os._exit(0)")
-    subprocess.run([sys.executable, "-c", killed_mid_load, str(project / "params.yaml")], check=True, cwd=project,
-                   env={**os.environ, "TMPDIR": str(downloads)}, timeout=300)
+
+    def download_then(exit_call: str) -> None:
+        script = ("import os, sys; from mixllm.config import load_config; from mixllm.registry import Registry; "
+                  f"Registry(load_config(sys.argv[1])).download_router('champion'); {exit_call}")
+        subprocess.run([sys.executable, "-c", script, str(project / "params.yaml")], check=True, cwd=project,
+                       env={**os.environ, "TMPDIR": str(downloads)}, timeout=300)
+
+    download_then("sys.exit(0)")  # a service stopped while it loads in a background thread
+    assert list(downloads.iterdir()) == []
+    download_then("os._exit(0)")  # kill -9: no cleanup runs
     (orphan,) = downloads.iterdir()
     assert (orphan / "artifacts").is_dir()
     unrelated = downloads / "mixllm-model-no-pid"  # made before pids were recorded: its owner is unknown
