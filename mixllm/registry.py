@@ -372,6 +372,7 @@ class Registry:
 
 
 DOWNLOAD_PREFIX = "mixllm-model-"
+_CLEANUP_REGISTERED = False  # this process's exit hook for its own downloads
 
 
 def _download_folder() -> Path:
@@ -384,9 +385,6 @@ def _download_folder() -> Path:
         atexit.register(_remove_own_downloads, os.getpid())
         _CLEANUP_REGISTERED = True
     return Path(tempfile.mkdtemp(prefix=f"{DOWNLOAD_PREFIX}{os.getpid()}-"))
-
-
-_CLEANUP_REGISTERED = False
 
 
 def _remove_own_downloads(pid: int) -> None:
