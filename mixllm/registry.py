@@ -11,6 +11,7 @@ tagged with its data hash, git commit and gate verdict.
 from __future__ import annotations
 
 import atexit
+import functools
 import json
 import logging
 import os
@@ -372,19 +373,20 @@ class Registry:
 
 
 DOWNLOAD_PREFIX = "mixllm-model-"
-_CLEANUP_REGISTERED = False  # this process's exit hook for its own downloads
 
 
 def _download_folder() -> Path:
     """A fresh temporary folder for one version's download, named after this process (see
     remove_orphaned_downloads). A process that exits normally while a download is still in use (a
     service stopped while it loads in a background thread) removes it on the way out."""
-    global _CLEANUP_REGISTERED
     remove_orphaned_downloads()
-    if not _CLEANUP_REGISTERED:
-        atexit.register(_remove_own_downloads, os.getpid())
-        _CLEANUP_REGISTERED = True
+    _remove_own_downloads_at_exit()
     return Path(tempfile.mkdtemp(prefix=f"{DOWNLOAD_PREFIX}{os.getpid()}-"))
+
+
+@functools.cache  # one exit hook per process
+def _remove_own_downloads_at_exit() -> None:
+    atexit.register(_remove_own_downloads, os.getpid())
 
 
 def _remove_own_downloads(pid: int) -> None:
