@@ -180,13 +180,13 @@ def test_training_with_backend_auto_records_its_choice_for_mlflow_and_model(tmp_
 
     # Where the export fails (an architecture the exporter cannot trace, say), auto runs the transformer
     # on torch instead and says so.
-    import mixllm.embeddings
+    import mixllm.encoder_backends
     from mixllm.training import stage_predictors
 
     def broken_export(model):
         raise RuntimeError("cannot trace this model")
 
-    monkeypatch.setattr(mixllm.embeddings, "export_onnx", broken_export)
+    monkeypatch.setattr(mixllm.encoder_backends, "export_onnx", broken_export)
     with caplog.at_level("WARNING", logger="mixllm.training"):
         stage_predictors(config, progress=False)
     assert "ONNX export of the encoder failed (RuntimeError: cannot trace this model)" in caplog.text
