@@ -2,7 +2,11 @@
 streamed) with its accounting (in-flight count, latency, cost, the decision's real cost), and the
 error it answers when an upstream fails; and the whole of a chat completion (`_chat`: route or
 take the named LLM, the tenant's budget and session, failover). A mixin of the service class, which
-owns the endpoints."""
+owns the endpoints.
+
+Imports: `bentoml serve` imports the service module twice at start (the serving process reads its
+settings, then the worker serves), so what only a request needs (pandas, SQLAlchemy: ~0.6 s) is
+imported where it is used; by the first request the worker has them loaded anyway."""
 
 from __future__ import annotations
 
@@ -28,8 +32,6 @@ from mixllm.api_models import (
     surrogate_path,
 )
 from mixllm.decision import fallback_ranking
-from mixllm.savings import reference_llm
-from mixllm.sessions import session_key
 
 logger = logging.getLogger("bentoml.mixllm")  # bentoml serve shows "bentoml.*" loggers
 
@@ -92,6 +94,8 @@ class ChatProxy:
                       or (extra.get("user") if isinstance(extra.get("user"), str) else None))
         if not session_id:
             return None, None
+        from mixllm.sessions import session_key  # here: see the module's note on imports
+
         key = session_key(tenant.name if tenant is not None else None, session_id)
         return key, self.sessions.llm_of(key) if self.config.session.sticky else None
 
@@ -188,6 +192,8 @@ class ChatProxy:
             cost = self._price(llm, tokens_in, tokens_out)
             # Without usage: the router's prediction, else the prompt's length at the catalogue's prices.
             estimate = predicted_cost if predicted_cost is not None else self._estimated_cost(llm, request)
+            from mixllm.savings import reference_llm  # here: see the module's note on imports
+
             reference = reference_llm(self.config)
             reference_cost = (self._price(reference, tokens_in, tokens_out) if cost is not None
                               else self._estimated_cost(reference, request))
