@@ -1,7 +1,8 @@
-"""The served model's life in the service: loading the registry's alias in the background, swapping
-a new version in atomically (requests in flight finish on the model they started with), polling the
-alias, applying params.yaml's enabled flags, answering 503 while nothing is loaded, and stopping the
-worker when its serving process is gone. A mixin of the service class."""
+"""The served model's life in the service: loading the registry's alias in the background (or, on a
+restart, the local copy of the version served last, then the registry's answer: served_copy.py),
+swapping a new version in atomically (requests in flight finish on the model they started with),
+polling the alias, applying params.yaml's enabled flags, answering 503 while nothing is loaded, and
+stopping the worker when its serving process is gone. A mixin of the service class."""
 
 from __future__ import annotations
 
@@ -26,11 +27,13 @@ class LoadedModel:
 
     router: Any
     version: int
+    source: str = "registry"  # or "local copy": a restart's version until the registry has answered
 
 
 class ModelLifecycle:
-    """Needs from the class it is mixed into: config, registry, metrics, model (None until loaded),
-    loading_reason, _reload_lock, _stop, and _load_shadow (the shadow's own loading)."""
+    """Needs from the class it is mixed into: config, registry, served_copy (None when
+    service.warm_start is off), metrics, model (None until loaded), loading_reason, _reload_lock,
+    _stop, and _load_shadow (the shadow's own loading)."""
 
     def _exit_when_parent_dies(self, parent_pid: int) -> None:
         """`bentoml serve` runs this service in a worker process that inherits the listening socket.
@@ -47,9 +50,57 @@ class ModelLifecycle:
                     os._exit(1)
                 return
 
-    def _load_all(self, version: int) -> None:
-        self._reload(version)
+    def _load_then_poll(self, version: int | None) -> None:
+        """The start's loading, then the alias polling (after it, so a poll never races the start's
+        loading with a load of its own)."""
+        self._load_all(version)
+        if self.config.service.poll_interval_s > 0:
+            self._poll()
+
+    def _load_all(self, version: int | None) -> None:
+        """The start's loading, in the background: `version` from the registry; or, with None (a
+        served copy exists), that copy first, then whatever the registry's alias names now."""
+        try:
+            if version is None and self._serve_copy():
+                try:
+                    self._reload()
+                except Exception as exc:  # noqa: BLE001 - the copy serves on; polling asks again
+                    logger.warning("serving the local copy of version %d; the registry did not answer (%s: %s), "
+                                   "polling will ask again", self.model.version, type(exc).__name__, exc)
+            else:
+                self._reload(version)
+        except Exception as exc:
+            self.loading_reason = f"loading failed ({type(exc).__name__}: {exc}); see the service log"
+            logger.exception("loading the served model failed; polling the registry will try again")
+            return
         self._load_shadow()
+
+    def _serve_copy(self) -> bool:
+        """Serve the local copy of the version served last, if there is one of this alias."""
+        if self.served_copy is None:
+            return False
+        started = time.perf_counter()
+        copied = self.served_copy.load()
+        if copied is None:
+            return False
+        router, number = copied
+        with self._reload_lock:
+            if self.model is not None:  # a reload (/admin/reload) came first: it is the newer answer
+                return True
+            self._swap_in(router, number, "local copy")
+        logger.info("serving %s version %d from its local copy (loaded in %.1fs); asking the registry whether "
+                    "'%s' moved", self.config.mlflow.registered_model_name, number, time.perf_counter() - started,
+                    self.config.service.model_alias)
+        return True
+
+    def _keep_copy(self, folder: Any, version: int) -> None:
+        if self.served_copy is None:
+            return
+        try:
+            self.served_copy.save(folder, version)
+        except OSError as exc:  # a full disk costs the next start its head start, not this load
+            logger.warning("could not keep a local copy of version %d (%s); the next start will wait for the "
+                           "registry", version, exc)
 
     def _reload(self, version: int | None = None) -> int:
         """Load `version` (default: what the alias points at now) and swap it in atomically."""
@@ -59,21 +110,28 @@ class ModelLifecycle:
             if target is None:
                 raise RuntimeError(f"the registry has no '{alias}' version")
             if self.model is not None and self.model.version == target:
+                if self.model.source != "registry":
+                    self.model = LoadedModel(self.model.router, target)
+                    logger.info("the registry confirms '%s' is version %d, the one served", alias, target)
                 return target
             started = time.perf_counter()
-            router, number = self.registry.load_router(target)
-            # params.yaml's enabled flags apply to every model served (and /admin/reload re-reads
-            # them); adding and removing LLMs is the continual flow's job, so the served model
-            # stays the registered one.
-            router.apply_enabled_flags(self.config.llms)
-            router.route(["warm-up query"])  # first-call costs are paid here, not by a request
-            self.model = LoadedModel(router, number)
-            ROUTABLE.enabled, ROUTABLE.known = tuple(router.enabled_llms_), tuple(router.llms_)
-            self.loading_reason = ""
-            self.metrics.model_version.set(number)
+            router, number = self.registry.load_router(target, keep=self._keep_copy)
+            self._swap_in(router, number, "registry")
             logger.info("serving %s version %d (loaded in %.1fs)", self.config.mlflow.registered_model_name, number,
                         time.perf_counter() - started)
             return number
+
+    def _swap_in(self, router: Any, number: int, source: str) -> None:
+        """Prepare a loaded router and make it the one requests read (under _reload_lock)."""
+        # params.yaml's enabled flags apply to every model served (and /admin/reload re-reads
+        # them); adding and removing LLMs is the continual flow's job, so the served model
+        # stays the registered one.
+        router.apply_enabled_flags(self.config.llms)
+        router.route(["warm-up query"])  # first-call costs are paid here, not by a request
+        self.model = LoadedModel(router, number, source)
+        ROUTABLE.enabled, ROUTABLE.known = tuple(router.enabled_llms_), tuple(router.llms_)
+        self.loading_reason = ""
+        self.metrics.model_version.set(number)
 
     def _reload_enabled_flags(self) -> list[str]:
         """Re-read params.yaml and apply its llms[].enabled to the served model at once (an upstream
@@ -95,8 +153,10 @@ class ModelLifecycle:
         while not self._stop.wait(interval):
             try:
                 current = self.registry.alias_version(self.config.service.model_alias)
-                if current is not None and (self.model is None or current != self.model.version):
-                    logger.info("registry alias moved to version %s: reloading", current)
+                if current is not None and (self.model is None or current != self.model.version
+                                            or self.model.source != "registry"):
+                    if self.model is None or current != self.model.version:
+                        logger.info("registry alias moved to version %s: reloading", current)
                     self._reload(current)
                 self._load_shadow()
             except Exception as exc:  # noqa: BLE001 - polling must survive a registry hiccup

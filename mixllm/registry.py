@@ -18,6 +18,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
@@ -362,12 +363,19 @@ class Registry:
             router_dir = candidates[0]
         return router_dir, number
 
-    def load_router(self, alias_or_version: str | int = CHAMPION) -> tuple[Any, int]:
+    def load_router(self, alias_or_version: str | int = CHAMPION,
+                    keep: Callable[[Path, int], None] | None = None) -> tuple[Any, int]:
+        """The router of a version (or alias) in memory, and the version number. `keep(folder,
+        version)`, when given, may copy the downloaded router folder before it is deleted (the
+        service's served copy)."""
         from mixllm.router import MixLLMRouter
 
         folder, number = self.download_router(alias_or_version)
         try:
-            return MixLLMRouter.load(folder, progress=False), number
+            router = MixLLMRouter.load(folder, progress=False)
+            if keep is not None:
+                keep(folder, number)
+            return router, number
         finally:
             shutil.rmtree(folder.parent.parent, ignore_errors=True)
 

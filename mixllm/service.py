@@ -112,8 +112,17 @@ class MixLLMService(ModelLifecycle, ChatProxy, TenantBudgets, ServiceWatchers):
         self.config = load_config()
         self.registry = Registry(self.config)
         alias = self.config.service.model_alias
-        version = self.registry.alias_version(alias)
-        if version is None:
+        self.served_copy = None
+        if self.config.service.warm_start:
+            from mixllm.served_copy import ServedCopy
+
+            self.served_copy = ServedCopy(self.config.path(self.config.service.served_copy_dir),
+                                          self.config.mlflow_tracking_uri, self.config.mlflow.registered_model_name, alias)
+        # With a copy of the version served last, the registry is asked in the background (MLflow
+        # takes ~2 s to import and open); without one, a start with no champion is refused here.
+        copied = self.served_copy.version() if self.served_copy is not None else None
+        version = None if copied is not None else self.registry.alias_version(alias)
+        if copied is None and version is None:
             message = (f"refusing to start: the MLflow registry ({self.config.mlflow_tracking_uri}) has no "
                        f"'{alias}' version of {self.config.mlflow.registered_model_name}. Train one first: mixllm train")
             logger.error(message)
@@ -138,15 +147,14 @@ class MixLLMService(ModelLifecycle, ChatProxy, TenantBudgets, ServiceWatchers):
         self.breakers = CircuitBreakers(failover.breaker_failures, failover.breaker_window_s,
                                         failover.breaker_cooldown_s)
         self.model: LoadedModel | None = None
-        self.loading_reason = f"loading {alias} version {version} from the registry"
+        self.loading_reason = (f"loading {alias} version {version} from the registry" if copied is None
+                               else f"loading the local copy of {alias} version {copied}")
         self._reload_lock = threading.Lock()
         # Concurrent /route calls share encoder passes (the same batches /route_batch gets).
         self._route_coalescer = RequestCoalescer(self._route_pass, max_batch_size=self.config.service.max_batch_size)
         self._stop = threading.Event()
         self.started = time.time()
-        threading.Thread(target=self._load_all, args=(version,), daemon=True, name="mixllm-load").start()
-        if self.config.service.poll_interval_s > 0:
-            threading.Thread(target=self._poll, daemon=True, name="mixllm-poll").start()
+        threading.Thread(target=self._load_then_poll, args=(version,), daemon=True, name="mixllm-load").start()
         self.shadow = None
         if self.config.service.shadow.enabled:
             from mixllm.shadow import ShadowLog, ShadowScorer
@@ -365,7 +373,7 @@ class MixLLMService(ModelLifecycle, ChatProxy, TenantBudgets, ServiceWatchers):
             llm["upstream"] = upstreams.get(llm["name"])
         snapshot = self.load.snapshot()
         return {"model_name": self.config.mlflow.registered_model_name, "alias": self.config.service.model_alias,
-                "version": model.version, "uptime_s": round(time.time() - self.started, 1),
+                "version": model.version, "loaded_from": model.source, "uptime_s": round(time.time() - self.started, 1),
                 "in_flight": snapshot.in_flight, "observed_latency_s": snapshot.observed_latency_s,
                 "open_circuits": self.breakers.open_llms(),
                 "drift": self.drift_report.to_dict() if self.drift_report is not None else None, **description}

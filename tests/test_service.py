@@ -774,6 +774,55 @@ def test_a_killed_server_takes_its_worker_along_and_a_restart_binds_the_port(ser
             stop(restarted)
 
 
+def test_a_restart_serves_its_local_copy_at_once_then_the_version_the_registry_names(service):
+    """A restart serves the version it served last from a local copy, without waiting for MLflow,
+    and asks the registry in the background. Here the copy holds a version the champion alias does
+    not name (as if the alias had moved while the service was down): the replica answers with the
+    copy's version first, then swaps in the alias's, and the copy follows it."""
+    import yaml
+
+    from mixllm.served_copy import ServedCopy
+
+    base, root = service["base"], service["root"]
+    served = httpx.get(f"{base}/model", timeout=30).json()
+    assert served["loaded_from"] == "registry"
+    note = json.loads((root / "data" / "serving" / "served.json").read_text())
+    assert (note["alias"], note["version"]) == ("champion", served["version"]), "the service keeps a copy of what it serves"
+
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["service"]["served_copy_dir"] = "data/serving-planted"
+    (root / "params-planted.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    config = load_config(root / "params-planted.yaml")
+    registry = Registry(config)
+    champion = registry.alias_version("champion")
+    other = next(v.version for v in registry.versions() if v.version != champion)
+    copy = ServedCopy(config.path(config.service.served_copy_dir), config.mlflow_tracking_uri,
+                      config.mlflow.registered_model_name, "champion")
+    registry.load_router(other, keep=copy.save)
+    assert copy.version() == other
+
+    port = free_port()
+    process = serve(root, port, log_name="planted.log",
+                    extra_env={"MIXLLM_PARAMS": str(root / "params-planted.yaml"), "MIXLLM_API_TOKEN": TOKEN})
+    replica = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{replica}/readyz", 180, process)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            model = httpx.get(f"{replica}/model", timeout=30).json()
+            if (model["version"], model["loaded_from"]) == (champion, "registry"):
+                break
+            time.sleep(0.2)
+        assert (model["version"], model["loaded_from"]) == (champion, "registry"), model
+        assert _route(replica)["model_version"] == champion
+    finally:
+        stop(process)
+    log = (root / "planted.log").read_text(errors="replace")
+    assert f"serving mixllm-router version {other} from its local copy" in log
+    assert log.index(f"version {other} from its local copy") < log.index(f"serving mixllm-router version {champion} (loaded")
+    assert copy.version() == champion, "the copy now holds the registry's version"
+
+
 def test_requests_answered_4xx_log_one_line_not_a_traceback(service):
     log_path = service["root"] / "serve.log"
     before = log_path.read_text(errors="replace")

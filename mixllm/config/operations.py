@@ -87,6 +87,12 @@ class ServiceConfig(StrictModel):
     port: int = Field(default=3000, ge=1, le=65535)
     model_alias: str = "champion"
     poll_interval_s: float = Field(default=30.0, ge=0.0)  # 0 disables registry polling
+    # A restart serves the version served last at once, from a copy kept in served_copy_dir, and asks
+    # the registry in the background (the registry's answer costs ~2 s of a ~7 s start: importing
+    # MLflow and opening its store); a version the alias moved to meanwhile is swapped in as soon as
+    # the registry answers. Off: every start waits for the registry (and keeps no copy).
+    warm_start: bool = True
+    served_copy_dir: Path = Path("data/serving")
     max_query_chars: int = Field(default=8000, gt=0)
     # /route_batch: most queries per call and per merged batch (adaptive batching); also the most
     # concurrent /route calls that share one encoder pass.
