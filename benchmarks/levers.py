@@ -55,7 +55,7 @@ from mixllm.bootstrap import Interval, bootstrap_metrics, bootstrap_weights  # n
 from mixllm.evaluate import Outcomes, Reference, RouterCurve, exact_sweep  # noqa: E402
 from mixllm.workspace import Workspace, load_split, write_split  # noqa: E402
 from mixllm.decision import Predictions  # noqa: E402
-from mixllm.predictors import gcv_ridge  # noqa: E402
+from mixllm.bayesian_linear import gcv_ridge  # noqa: E402
 from mixllm.router import MixLLMRouter  # noqa: E402
 
 logger = logging.getLogger("benchmarks.levers")

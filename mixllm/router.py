@@ -31,8 +31,8 @@ from mixllm.domains import domain_labels
 from mixllm.embeddings import EmbeddingCache, QueryEncoder
 from mixllm.errors import NotFittedError, RoutingError
 from mixllm.online_learning import OnlineLearningMixin
-from mixllm.predictors import (BayesianLinearRegressor, CostPredictor, QualityPredictor, VarianceMemo, departures,
-                               gcv_ridge, pool_mean, share_posteriors)
+from mixllm.bayesian_linear import BayesianLinearRegressor, VarianceMemo, gcv_ridge
+from mixllm.predictors import CostPredictor, QualityPredictor, departures, pool_mean, share_posteriors
 from mixllm.router_inputs import check_log, check_queries, check_tasks, token_columns
 from mixllm.routing import RoutingMixin
 from mixllm.units import outcome_tables, typical_output_tokens

@@ -18,7 +18,8 @@ from mixllm.domains import DomainModel
 from mixllm.embeddings import QueryEncoder
 from mixllm.errors import ModelFormatError
 from mixllm.features import QueryFeaturizer
-from mixllm.predictors import BayesianLinearRegressor, CostPredictor, QualityPredictor, share_posteriors
+from mixllm.bayesian_linear import BayesianLinearRegressor
+from mixllm.predictors import CostPredictor, QualityPredictor, share_posteriors
 from mixllm.router import MixLLMRouter
 
 FORMAT_VERSION = 2  # 2: domain prior (domains.npz), residual quality heads, log-cost models

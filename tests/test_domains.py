@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from mixllm.domains import DomainModel, domain_labels
-from mixllm.predictors import QualityPredictor, gcv_ridge
+from mixllm.bayesian_linear import gcv_ridge
+from mixllm.predictors import QualityPredictor
 
 
 def _planted(n=600, seed=0):
