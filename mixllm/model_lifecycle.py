@@ -52,8 +52,15 @@ class ModelLifecycle:
 
     def _load_then_poll(self, version: int | None) -> None:
         """The start's loading, then the alias polling (after it, so a poll never races the start's
-        loading with a load of its own)."""
+        loading with a load of its own). A start that serves its local copy asks the registry until
+        it answers, even with polling off."""
         self._load_all(version)
+        wait = 1.0
+        while self.config.service.poll_interval_s <= 0 and self.model is not None and self.model.source != "registry":
+            if self._stop.wait(wait):
+                return
+            wait = min(wait * 2, 60.0)
+            self._ask_registry()
         if self.config.service.poll_interval_s > 0:
             self._poll()
 
@@ -62,11 +69,7 @@ class ModelLifecycle:
         served copy exists), that copy first, then whatever the registry's alias names now."""
         try:
             if version is None and self._serve_copy():
-                try:
-                    self._reload()
-                except Exception as exc:  # noqa: BLE001 - the copy serves on; polling asks again
-                    logger.warning("serving the local copy of version %d; the registry did not answer (%s: %s), "
-                                   "polling will ask again", self.model.version, type(exc).__name__, exc)
+                self._ask_registry()
             else:
                 self._reload(version)
         except Exception as exc:
@@ -75,8 +78,17 @@ class ModelLifecycle:
             return
         self._load_shadow()
 
+    def _ask_registry(self) -> None:
+        """While the local copy serves: load what the alias names now (or confirm the copy)."""
+        try:
+            self._reload()
+        except Exception as exc:  # noqa: BLE001 - the copy serves on; the registry is asked again
+            logger.warning("serving the local copy of version %d; the registry did not confirm it (%s: %s); "
+                           "asking again", self.model.version, type(exc).__name__, exc)
+
     def _serve_copy(self) -> bool:
-        """Serve the local copy of the version served last, if there is one of this alias."""
+        """Serve the local copy of the version served last, if there is one of this alias that loads
+        and answers its warm-up query; else the start waits for the registry."""
         if self.served_copy is None:
             return False
         started = time.perf_counter()
@@ -87,20 +99,16 @@ class ModelLifecycle:
         with self._reload_lock:
             if self.model is not None:  # a reload (/admin/reload) came first: it is the newer answer
                 return True
-            self._swap_in(router, number, "local copy")
+            try:
+                self._swap_in(router, number, "local copy")
+            except Exception as exc:  # noqa: BLE001 - e.g. params.yaml now disables its every LLM
+                logger.warning("the local copy of version %d does not route (%s: %s); starting from the registry",
+                               number, type(exc).__name__, exc)
+                return False
         logger.info("serving %s version %d from its local copy (loaded in %.1fs); asking the registry whether "
                     "'%s' moved", self.config.mlflow.registered_model_name, number, time.perf_counter() - started,
                     self.config.service.model_alias)
         return True
-
-    def _keep_copy(self, folder: Any, version: int) -> None:
-        if self.served_copy is None:
-            return
-        try:
-            self.served_copy.save(folder, version)
-        except OSError as exc:  # a full disk costs the next start its head start, not this load
-            logger.warning("could not keep a local copy of version %d (%s); the next start will wait for the "
-                           "registry", version, exc)
 
     def _reload(self, version: int | None = None) -> int:
         """Load `version` (default: what the alias points at now) and swap it in atomically."""
@@ -109,17 +117,51 @@ class ModelLifecycle:
             target = version or self.registry.alias_version(alias)
             if target is None:
                 raise RuntimeError(f"the registry has no '{alias}' version")
+            identity = self.registry.version_identity(target) if self.served_copy is not None else None
             if self.model is not None and self.model.version == target:
-                if self.model.source != "registry":
+                if self.model.source == "registry":
+                    return target
+                if identity == self.served_copy.identity():
                     self.model = LoadedModel(self.model.router, target)
                     logger.info("the registry confirms '%s' is version %d, the one served", alias, target)
-                return target
+                    return target
+                logger.warning("the local copy's version %d is not the registry's version %d (another run): "
+                               "loading the registry's", target, target)
             started = time.perf_counter()
-            router, number = self.registry.load_router(target, keep=self._keep_copy)
-            self._swap_in(router, number, "registry")
+            staged: list[Any] = []
+            router, number = self.registry.load_router(target, keep=lambda folder, _: staged.append(self._stage(folder)))
+            try:
+                self._swap_in(router, number, "registry")
+            except BaseException:
+                for copy in staged:
+                    if copy is not None:
+                        self.served_copy.discard(copy)
+                raise
+            self._commit_copy(staged[0] if staged else None, number, identity)
             logger.info("serving %s version %d (loaded in %.1fs)", self.config.mlflow.registered_model_name, number,
                         time.perf_counter() - started)
             return number
+
+    def _stage(self, folder: Any) -> Any:
+        """A staged copy of a version being loaded, or None (warm start off, or no room)."""
+        if self.served_copy is None:
+            return None
+        try:
+            return self.served_copy.stage(folder)
+        except OSError as exc:  # a full disk costs the next start its head start, not this load
+            logger.warning("could not keep a local copy (%s); the next start will wait for the registry", exc)
+            return None
+
+    def _commit_copy(self, staged: Any, version: int, identity: str | None) -> None:
+        """The staged copy becomes the served copy, now that its version serves."""
+        if staged is None:
+            return
+        try:
+            self.served_copy.commit(staged, version, identity)
+        except OSError as exc:
+            self.served_copy.discard(staged)
+            logger.warning("could not keep a local copy of version %d (%s); the next start will wait for the "
+                           "registry", version, exc)
 
     def _swap_in(self, router: Any, number: int, source: str) -> None:
         """Prepare a loaded router and make it the one requests read (under _reload_lock)."""
@@ -153,11 +195,14 @@ class ModelLifecycle:
         while not self._stop.wait(interval):
             try:
                 current = self.registry.alias_version(self.config.service.model_alias)
+                if current is None and self.model is not None and self.model.source != "registry":
+                    logger.error("the registry has no '%s' version: serving the local copy of version %d until "
+                                 "one is promoted", self.config.service.model_alias, self.model.version)
                 if current is not None and (self.model is None or current != self.model.version
                                             or self.model.source != "registry"):
                     if self.model is None or current != self.model.version:
                         logger.info("registry alias moved to version %s: reloading", current)
-                    self._reload(current)
+                    self._reload()  # reads the alias again under the lock: never an older answer
                 self._load_shadow()
             except Exception as exc:  # noqa: BLE001 - polling must survive a registry hiccup
                 logger.warning("registry poll failed (%s: %s); will retry", type(exc).__name__, exc)

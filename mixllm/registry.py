@@ -246,6 +246,15 @@ class Registry:
         except MlflowException:
             return None
 
+    def version_identity(self, version_number: int) -> str | None:
+        """What tells a version apart from a same-numbered one of another registry: its MLflow run."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self.client.get_model_version(self.name, str(version_number)).run_id
+        except MlflowException:
+            return None
+
     def _history(self) -> list[int]:
         from mlflow.exceptions import MlflowException
 

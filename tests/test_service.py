@@ -783,11 +783,12 @@ def test_a_restart_serves_its_local_copy_at_once_then_the_version_the_registry_n
 
     from mixllm.served_copy import ServedCopy
 
-    base, root = service["base"], service["root"]
+    base, root, config = service["base"], service["root"], service["config"]
     served = httpx.get(f"{base}/model", timeout=30).json()
     assert served["loaded_from"] == "registry"
-    note = json.loads((root / "data" / "serving" / "served.json").read_text())
-    assert (note["alias"], note["version"]) == ("champion", served["version"]), "the service keeps a copy of what it serves"
+    kept = ServedCopy(config.path(config.service.served_copy_dir), config.mlflow_tracking_uri,
+                      config.mlflow.registered_model_name, "champion")
+    assert kept.version() == served["version"], "the service keeps a copy of what it serves"
 
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["service"]["served_copy_dir"] = "data/serving-planted"
@@ -798,7 +799,9 @@ def test_a_restart_serves_its_local_copy_at_once_then_the_version_the_registry_n
     other = next(v.version for v in registry.versions() if v.version != champion)
     copy = ServedCopy(config.path(config.service.served_copy_dir), config.mlflow_tracking_uri,
                       config.mlflow.registered_model_name, "champion")
-    registry.load_router(other, keep=copy.save)
+    staged = []
+    registry.load_router(other, keep=lambda folder, _: staged.append(copy.stage(folder)))
+    copy.commit(staged[0], other, registry.version_identity(other))
     assert copy.version() == other
 
     port = free_port()
