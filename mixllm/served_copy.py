@@ -126,7 +126,10 @@ class ServedCopy:
         for leftover in self.folder.glob(f"{STAGING_PREFIX}*"):
             try:
                 if time.time() - leftover.stat().st_mtime > STALE_STAGING_S:
-                    shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink()
+                    if leftover.is_dir():
+                        shutil.rmtree(leftover, ignore_errors=True)
+                    else:
+                        leftover.unlink()
             except OSError:
                 pass
 
