@@ -192,12 +192,15 @@ class ModelLifecycle:
 
     def _poll(self) -> None:
         interval = self.config.service.poll_interval_s
+        alias_missing = False  # said once per outage: a line every interval buried the log
         while not self._stop.wait(interval):
             try:
                 current = self.registry.alias_version(self.config.service.model_alias)
-                if current is None and self.model is not None and self.model.source != "registry":
+                serving_copy = self.model is not None and self.model.source != "registry"
+                if current is None and serving_copy and not alias_missing:
                     logger.error("the registry has no '%s' version: serving the local copy of version %d until "
                                  "one is promoted", self.config.service.model_alias, self.model.version)
+                alias_missing = current is None and serving_copy
                 if current is not None and (self.model is None or current != self.model.version
                                             or self.model.source != "registry"):
                     if self.model is None or current != self.model.version:

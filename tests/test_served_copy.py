@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 
 from mixllm import api_models
-from mixllm.model_lifecycle import ModelLifecycle
+from mixllm.model_lifecycle import LoadedModel, ModelLifecycle
 from mixllm.served_copy import NOTE, ServedCopy
 
 SOURCE = ("sqlite:////projects/a/mlflow.db", "mixllm-router", "champion")
@@ -227,3 +227,26 @@ def test_with_polling_off_a_start_from_the_copy_asks_until_the_registry_answers(
     assert service.model.version == 2
     thread.join(5)
     assert not thread.is_alive()
+
+
+def test_a_missing_alias_is_reported_once_per_outage_while_the_copy_serves(tmp_path, routable, caplog):
+    copy = FakeCopy(tmp_path / "serving", *SOURCE)
+    _keep(copy, tmp_path, 3, "run-3")
+    registry = ControlledRegistry(tmp_path, alias_version=None, runs={3: "run-3"})
+    service = Lifecycle(registry, copy, poll_interval_s=0.01)
+    polls = []
+    asked = registry.alias_version
+    registry.alias_version = lambda alias: polls.append(alias) or asked(alias)
+    with caplog.at_level(logging.ERROR, logger="bentoml.mixllm"):
+        thread = _start(service)
+        assert _wait_for(lambda: len(polls) >= 20)
+        registry.alias = 3  # promoted: the registry confirms the copy
+        assert _wait_for(lambda: service.model.source == "registry")
+        service.model = LoadedModel(service.model.router, 3, "local copy")  # a restart serving the copy again
+        registry.alias = None
+        seen = len(polls)
+        assert _wait_for(lambda: len(polls) >= seen + 20)
+        service._stop.set()
+        thread.join(5)
+    reports = [r for r in caplog.records if "has no 'champion' version" in r.getMessage()]
+    assert len(reports) == 2, f"one report per outage, not one per poll ({len(reports)} in {len(polls)} polls)"
