@@ -15,15 +15,17 @@ import threading
 import time
 from collections.abc import Mapping
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
 import sqlalchemy as sa
 
 from mixllm.budgets import BudgetStanding, period_bounds, standings
 from mixllm.config import TenantConfig
 from mixllm.errors import MixLLMError
 from mixllm.store import InteractionLog, StoreBusyError, feedback, metadata, utcnow
+
+if TYPE_CHECKING:  # pandas is imported where a frame is made: a service start (logs, router, a route) never needs it
+    import pandas as pd
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +102,7 @@ class TenantLedger:
         return str(row.tenant)
 
     def keys(self) -> pd.DataFrame:
+        import pandas as pd
         with self.store.engine.connect() as connection:
             rows = connection.execute(sa.select(api_keys.c.key_id, api_keys.c.tenant, api_keys.c.created_at,
                                                 api_keys.c.revoked_at).order_by(api_keys.c.created_at))
@@ -167,9 +170,11 @@ class TenantLedger:
         with self.store.engine.connect() as connection:
             rows = connection.execute(query.order_by(calls.c.call_id)).mappings().all()
         columns = [c.name for c in calls.columns] + ["feedback_quality"]
+        import pandas as pd
         return pd.DataFrame(rows, columns=columns)
 
 
 def describe_keys(frame: pd.DataFrame) -> list[dict[str, Any]]:
+    import pandas as pd
     return [{"key_id": r.key_id, "tenant": r.tenant, "created_at": str(r.created_at),
              "revoked_at": None if pd.isna(r.revoked_at) else str(r.revoked_at)} for r in frame.itertuples()]

@@ -10,7 +10,6 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 
 from mixllm import estimators
 from mixllm.config import LatencyProfile, LLMConfig
@@ -19,6 +18,7 @@ from mixllm.router_inputs import check_log, token_columns
 from mixllm.units import call_cost_usd, tokens_from_chars
 
 if TYPE_CHECKING:
+    import pandas as pd
     from mixllm.router import MixLLMRouter
 
 logger = logging.getLogger(__name__)

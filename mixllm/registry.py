@@ -23,12 +23,14 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
 
 from mixllm.config import MixLLMConfig
 from mixllm.errors import RegistryError
+
+if TYPE_CHECKING:  # pandas is imported where a frame is made: a service start (logs, router, a route) never needs it
+    import pandas as pd
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +105,7 @@ def _pyfunc_class() -> type:
             self.router = MixLLMRouter.load(context.artifacts[ROUTER_ARTIFACT], progress=False)
 
         def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
+            import pandas as pd
             queries = model_input["query"].astype(str).tolist()
             lambdas = model_input["lambda"].tolist() if "lambda" in model_input else [None] * len(queries)
             rows = []
@@ -206,6 +209,7 @@ class Registry:
 
         self.client  # noqa: B018 - sets the tracking URI
         self._ensure_registered_model()
+        import pandas as pd
         example = pd.DataFrame({"query": input_example})
         signature = infer_signature(
             example, pd.DataFrame({"llm": ["llm"], "lambda": [1.0], "candidates": ["[]"]})

@@ -18,10 +18,9 @@ import time
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 
 from mixllm import __version__, estimators
 from mixllm.estimator_base import BaseEstimator
@@ -36,6 +35,9 @@ from mixllm.predictors import CostPredictor, QualityPredictor, departures, pool_
 from mixllm.router_inputs import check_log, check_queries, check_tasks, token_columns
 from mixllm.routing import RoutingMixin
 from mixllm.units import outcome_tables, typical_output_tokens
+
+if TYPE_CHECKING:  # pandas is imported where a frame is made: a service start (logs, router, a route) never needs it
+    import pandas as pd
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +106,7 @@ class MixLLMRouter(RoutingMixin, OnlineLearningMixin, BaseEstimator):
         # What the drift monitor compares recent traffic with: a sample of the training queries' features.
         keep = np.random.default_rng(0).permutation(len(base))[:DRIFT_REFERENCE_ROWS]
         self.drift_reference_ = np.asarray(base[np.sort(keep)], dtype=np.float32)
+        import pandas as pd
         row_of = pd.Series(np.arange(len(queries)), index=queries_frame["query_id"].to_numpy())
         log = log.assign(_row=log["query_id"].map(row_of).to_numpy())
         llms = sorted(log["llm"].unique())

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 
 from mixllm.errors import RoutingError
+
+if TYPE_CHECKING:  # pandas is imported where a frame is made: a service start (logs, router, a route) never needs it
+    import pandas as pd
 
 
 def check_number(name: str, value: Any) -> float:
@@ -57,6 +59,7 @@ def check_log(log: pd.DataFrame, need_query_id: bool = True, allow_missing_cost:
         raise RoutingError(f"interactions need column(s) {', '.join(missing)}")
     if log.empty:
         raise RoutingError("no interactions given")
+    import pandas as pd
     quality = pd.to_numeric(log["quality"], errors="coerce")
     cost = pd.to_numeric(log["cost_usd"], errors="coerce")
     missing_cost = log["cost_usd"].isna()  # unknown; anything else must be a finite number

@@ -10,12 +10,14 @@ import logging
 import queue
 import random
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
 import sqlalchemy as sa
 
 from mixllm.store import InteractionLog, metadata, utcnow
+
+if TYPE_CHECKING:  # pandas is imported where a frame is made: a service start (logs, router, a route) never needs it
+    import pandas as pd
 
 logger = logging.getLogger("bentoml.mixllm")
 
@@ -48,6 +50,7 @@ class ShadowLog:
                  .group_by(shadow_decisions.c.model_version))
         with self.store.engine.connect() as connection:
             rows = connection.execute(query).mappings().all()
+        import pandas as pd
         return pd.DataFrame(rows, columns=["model_version", "decisions", "agreed"])
 
 

@@ -20,13 +20,15 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 
 from mixllm.errors import MixLLMError
+
+if TYPE_CHECKING:  # pandas is imported where a frame is made: a service start (logs, router, a route) never needs it
+    import pandas as pd
 
 logger = logging.getLogger(__name__)
 
@@ -346,6 +348,7 @@ class InteractionLog:
             .where(feedback.c.feedback_id > after_id)
             .order_by(feedback.c.feedback_id)
         )
+        import pandas as pd
         with self.engine.connect() as connection:
             return pd.DataFrame(connection.execute(query).mappings().all())
 
@@ -371,6 +374,7 @@ class InteractionLog:
             query = query.limit(limit)
         with self.engine.connect() as connection:
             rows = connection.execute(query).mappings().all()[::-1]  # oldest first
+        import pandas as pd
         return pd.DataFrame(rows, columns=["decision_id", "query", "llm", "propensity", "lambda_", "model_version",
                                            "created_at", "quality", "cost_usd"])
 

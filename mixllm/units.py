@@ -5,10 +5,12 @@ long log pivoted into (query x LLM) tables.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-import pandas as pd
+
+if TYPE_CHECKING:  # pandas is imported where a frame is made: a service start (logs, router, a route) never needs it
+    import pandas as pd
 
 # Tokens in English text, roughly: one per four characters (OpenAI's rule of thumb). Used only when
 # a log or a response gives no token counts.

@@ -657,8 +657,10 @@ def test_estimators_keep_sklearns_parameter_protocol_without_importing_it():
         predictor.set_params(ridg=1.0)
 
 
-def test_a_saved_router_loads_and_routes_without_importing_scikit_learn_or_scipy(train_log, tmp_path):
-    """Importing scikit-learn (and scipy.stats with it) took 1.2-1.8 s of a served model's start."""
+def test_a_service_start_loads_routes_and_logs_without_importing_scikit_learn_scipy_or_pandas(train_log, tmp_path):
+    """What a service start does (open the decision log, the tenant ledger and the sessions, load
+    the router, route, log the decision) imports none of them: importing scikit-learn (and
+    scipy.stats with it) took 1.2-1.8 s of a served model's start, pandas 0.6 s."""
     import subprocess
     import sys
 
@@ -666,11 +668,19 @@ def test_a_saved_router_loads_and_routes_without_importing_scikit_learn_or_scipy
                           progress=False).fit(train_log)
     router.save(tmp_path / "router")
     queries = [CODE, MATH, HISTORY]
-    check = ("import json, sys; from mixllm.router import MixLLMRouter; "
+    url = f"sqlite:///{tmp_path / 'feedback.db'}"
+    check = ("import json, sys; from mixllm.router import MixLLMRouter; from mixllm.store import InteractionLog; "
+             "from mixllm.ledger import TenantLedger; from mixllm.sessions import SessionLog; "
+             f"store = InteractionLog({url!r}); TenantLedger(store); SessionLog(store, ttl_s=60); "
              f"router = MixLLMRouter.load({str(tmp_path / 'router')!r}, progress=False); "
-             f"print(json.dumps([d.llm for d in router.route({queries!r})])); "
-             "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules} & {'sklearn', 'scipy', 'torch'})))")
-    out = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=True).stdout.splitlines()
+             f"decisions = router.route({queries!r}); "
+             "store.log_decisions([{'query': 'q', 'llm': d.llm, 'model_version': 1, 'lambda_': d.lambda_, "
+             "'candidates': [], 'propensity': 1.0} for d in decisions]); "
+             "print(json.dumps([d.llm for d in decisions])); "
+             "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules} & {'sklearn', 'scipy', 'torch', 'pandas'})))")
+    done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = done.stdout.splitlines()
     assert json.loads(out[-2]) == [d.llm for d in router.route(queries)]
     assert json.loads(out[-1]) == []
 
