@@ -103,6 +103,7 @@ class TenantLedger:
 
     def keys(self) -> pd.DataFrame:
         import pandas as pd
+
         with self.store.engine.connect() as connection:
             rows = connection.execute(sa.select(api_keys.c.key_id, api_keys.c.tenant, api_keys.c.created_at,
                                                 api_keys.c.revoked_at).order_by(api_keys.c.created_at))
@@ -171,10 +172,12 @@ class TenantLedger:
             rows = connection.execute(query.order_by(calls.c.call_id)).mappings().all()
         columns = [c.name for c in calls.columns] + ["feedback_quality"]
         import pandas as pd
+
         return pd.DataFrame(rows, columns=columns)
 
 
 def describe_keys(frame: pd.DataFrame) -> list[dict[str, Any]]:
     import pandas as pd
+
     return [{"key_id": r.key_id, "tenant": r.tenant, "created_at": str(r.created_at),
              "revoked_at": None if pd.isna(r.revoked_at) else str(r.revoked_at)} for r in frame.itertuples()]

@@ -19,6 +19,7 @@ from mixllm.units import call_cost_usd, tokens_from_chars
 
 if TYPE_CHECKING:
     import pandas as pd
+
     from mixllm.router import MixLLMRouter
 
 logger = logging.getLogger(__name__)

@@ -25,7 +25,6 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-
 from mixllm.config import MixLLMConfig
 from mixllm.errors import RegistryError
 
@@ -106,6 +105,7 @@ def _pyfunc_class() -> type:
 
         def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
             import pandas as pd
+
             queries = model_input["query"].astype(str).tolist()
             lambdas = model_input["lambda"].tolist() if "lambda" in model_input else [None] * len(queries)
             rows = []
@@ -210,6 +210,7 @@ class Registry:
         self.client  # noqa: B018 - sets the tracking URI
         self._ensure_registered_model()
         import pandas as pd
+
         example = pd.DataFrame({"query": input_example})
         signature = infer_signature(
             example, pd.DataFrame({"llm": ["llm"], "lambda": [1.0], "candidates": ["[]"]})

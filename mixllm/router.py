@@ -107,6 +107,7 @@ class MixLLMRouter(RoutingMixin, OnlineLearningMixin, BaseEstimator):
         keep = np.random.default_rng(0).permutation(len(base))[:DRIFT_REFERENCE_ROWS]
         self.drift_reference_ = np.asarray(base[np.sort(keep)], dtype=np.float32)
         import pandas as pd
+
         row_of = pd.Series(np.arange(len(queries)), index=queries_frame["query_id"].to_numpy())
         log = log.assign(_row=log["query_id"].map(row_of).to_numpy())
         llms = sorted(log["llm"].unique())

@@ -60,6 +60,7 @@ def check_log(log: pd.DataFrame, need_query_id: bool = True, allow_missing_cost:
     if log.empty:
         raise RoutingError("no interactions given")
     import pandas as pd
+
     quality = pd.to_numeric(log["quality"], errors="coerce")
     cost = pd.to_numeric(log["cost_usd"], errors="coerce")
     missing_cost = log["cost_usd"].isna()  # unknown; anything else must be a finite number

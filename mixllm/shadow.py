@@ -51,6 +51,7 @@ class ShadowLog:
         with self.store.engine.connect() as connection:
             rows = connection.execute(query).mappings().all()
         import pandas as pd
+
         return pd.DataFrame(rows, columns=["model_version", "decisions", "agreed"])
 
 

@@ -349,6 +349,7 @@ class InteractionLog:
             .order_by(feedback.c.feedback_id)
         )
         import pandas as pd
+
         with self.engine.connect() as connection:
             return pd.DataFrame(connection.execute(query).mappings().all())
 
@@ -375,6 +376,7 @@ class InteractionLog:
         with self.engine.connect() as connection:
             rows = connection.execute(query).mappings().all()[::-1]  # oldest first
         import pandas as pd
+
         return pd.DataFrame(rows, columns=["decision_id", "query", "llm", "propensity", "lambda_", "model_version",
                                            "created_at", "quality", "cost_usd"])
 
