@@ -125,8 +125,8 @@ class ModelLifecycle:
                     self.model = LoadedModel(self.model.router, target)
                     logger.info("the registry confirms '%s' is version %d, the one served", alias, target)
                     return target
-                logger.warning("the local copy's version %d is not the registry's version %d (another run): "
-                               "loading the registry's", target, target)
+                logger.warning("the local copy of version %d came from another MLflow run than the registry's "
+                               "version %d (the registry was rebuilt?): loading the registry's", target, target)
             started = time.perf_counter()
             staged: list[Any] = []
             router, number = self.registry.load_router(target, keep=lambda folder, _: staged.append(self._stage(folder)))
