@@ -23,7 +23,9 @@ applied to the router after add_llm):
   +domains=P: the domain-membership coefficients only (the bias, which every domain shares, keeps
   the empirical-Bayes precision, so failures in one domain do not pull the others down). Since
   predictors.quality.newcomer_domain_answers (100) this is what add_llm does; +domains=ridge gives
-  the domain block the empirical-Bayes precision too, as add_llm did before.
+  the domain block the empirical-Bayes precision too, as add_llm did before; +anchors=P: the
+  resemblance block (how each trained LLM's prediction departs from the newcomer's prior) gets
+  precision P, so a few answers can tell which trained LLMs the newcomer behaves like.
 """
 
 from __future__ import annotations
@@ -80,6 +82,11 @@ def start_variant(router: Any, llm: str, variant: str, lambda_: float, true_mean
             value = settings[option]  # a precision, or "ridge": the head's own (empirical Bayes)
             head.A_[level, level] = router.quality_models_[llm].ridge if value == "ridge" else float(value)
             head.A_inv_ = np.linalg.inv(head.A_)
+    if "anchors" in settings and llm in router.anchors_:
+        head = router.quality_models_[llm].model_
+        block = np.arange(len(router.anchors_[llm]["llms"]))  # the resemblance block opens the head's input
+        head.A_[block, block] = float(settings["anchors"])
+        head.A_inv_ = np.linalg.inv(head.A_)
 
 
 def run_dataset(name: str, entry: Any, data_path: Path, work: Path, variants: list[str],
