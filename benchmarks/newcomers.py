@@ -15,6 +15,8 @@ applied to the router after add_llm):
 - optimistic: add_llm as shipped (predictors.quality.newcomer_prior).
 - true_means: the newcomer's per-domain prior set to its real per-domain mean from the training
   part (it reads answers a newcomer has not given): how far a perfect per-domain prior gets.
+- dearest_break_even=M: break_even=M for a newcomer dearer than every trained LLM (which the
+  optimistic prior never lets win), optimistic for the others.
 - break_even=M: per domain, the quality at which the newcomer's score (q - lambda x cost / scale)
   equals the best pool LLM's there, plus M (each LLM's cost: its mean on the training part; the
   newcomer's: add_llm's cost prior), so it is tried in every domain where it could pay.
@@ -55,6 +57,16 @@ logger = logging.getLogger("benchmarks.newcomers")
 ORDERS = {"validation": (1, 2, 3), "holdout": (0, 1, 2)}  # stream seeds; the leaderboard's are 1 and 0
 
 
+def dearest(router: Any, llm: str) -> bool:
+    """Whether `llm` costs more (input + output price) than every trained LLM: the one newcomer the
+    optimistic prior (the best pool LLM that costs no more) prices out of every argmax."""
+    def price(name: str) -> float:
+        return router.catalogue_[name]["input_usd_per_1k"] + router.catalogue_[name]["output_usd_per_1k"]
+
+    pool = [m for m in router.domain_model_.llms_ if m != llm and m not in router.anchors_]
+    return bool(pool) and price(llm) > max(price(m) for m in pool)
+
+
 def start_variant(router: Any, llm: str, variant: str, lambda_: float, true_means: dict[str, np.ndarray]) -> None:
     """Change a just-added newcomer's start as `variant` says (see the module docstring)."""
     rule, *options = variant.split("+")
@@ -63,7 +75,7 @@ def start_variant(router: Any, llm: str, variant: str, lambda_: float, true_mean
     j = domains.llms_.index(llm)
     if rule == "true_means":
         domains.table_[:, j] = true_means[llm]
-    elif rule.startswith("break_even="):
+    elif rule.startswith("break_even=") or (rule.startswith("dearest_break_even=") and dearest(router, llm)):
         margin = float(rule.split("=")[1])
         pool = [m for m in domains.llms_ if m != llm and m not in router.anchors_]
         columns = [domains.llms_.index(m) for m in pool]
@@ -71,7 +83,7 @@ def start_variant(router: Any, llm: str, variant: str, lambda_: float, true_mean
         best_score = (domains.table_[:, columns] - lambda_ * pool_cost / router.cost_scale_usd_).max(axis=1)
         own_cost = lambda_ * router.cost_models_[llm].prior_cost_usd / router.cost_scale_usd_
         domains.table_[:, j] = np.clip(best_score + own_cost + margin, 0.0, 1.0)
-    elif rule != "optimistic":
+    elif rule != "optimistic" and not rule.startswith("dearest_break_even="):
         raise SystemExit(f"unknown variant {variant!r}: optimistic, true_means or break_even=M, each with +level=P")
     for option, with_bias in (("level", True), ("domains", False)):
         if option in settings:

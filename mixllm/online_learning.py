@@ -64,10 +64,13 @@ class OnlineLearningMixin:
 
     def add_llm(self, name: str, input_usd_per_1k: float, output_usd_per_1k: float, *,
                 latency: LatencyProfile | Mapping[str, Any] | None = None, prior_quality: float | None = None,
-                enabled: bool = True) -> MixLLMRouter:
+                enabled: bool = True, lambda_: float | None = None) -> MixLLMRouter:
         """A new candidate with a prior (per domain, optimistic by default) and a head that learns its
         answers online, starting from the pool's idea of how far an LLM strays from its prior
-        (`_newcomer_ridge`), so exploration can try it and one answer does not decide it. No retrain."""
+        (`_newcomer_ridge`), so exploration can try it and one answer does not decide it. No retrain.
+
+        `lambda_`: the lambda it will be routed at, which the prior of a newcomer dearer than every
+        trained LLM depends on (`_newcomer_prior`); default decision.lambda, else the calibrated one."""
         self._check_fitted()
         if not name or not isinstance(name, str):
             raise RoutingError("add_llm needs a non-empty LLM name")
@@ -80,8 +83,13 @@ class OnlineLearningMixin:
                           latency=profile, enabled=enabled)
         if prior_quality is not None and not (isinstance(prior_quality, (int, float)) and 0 <= prior_quality <= 1):
             raise RoutingError(f"prior_quality must be a number in 0..1, got {prior_quality!r}")
+        typical_output = float(np.mean(list(self.typical_output_tokens_.values()))) if self.typical_output_tokens_ else 100.0
+        prior_cost = self._newcomer_cost(input_usd_per_1k, output_usd_per_1k, typical_output)
+        if lambda_ is None:
+            lambda_ = self._config.decision.lambda_
+            lambda_ = getattr(self, "calibrated_lambda_", None) if lambda_ is None else lambda_
         per_domain = (np.full(len(self.domain_model_.classes_), float(prior_quality)) if prior_quality is not None
-                      else self._newcomer_prior(input_usd_per_1k + output_usd_per_1k))
+                      else self._newcomer_prior(input_usd_per_1k + output_usd_per_1k, prior_cost, lambda_))
         quality_config = self._config.predictors.quality
         established = [llm for llm in self.llms_ if llm not in self.anchors_
                        and self.quality_models_[llm].kind == "bayesian_linear"]
@@ -98,8 +106,6 @@ class OnlineLearningMixin:
         head = estimators.newcomer_quality_predictor(self._config, self._newcomer_ridge())
         self.quality_models_[name] = head.start_empty(self.n_features_in_ + n_anchors,
                                                       self._newcomer_precision(head.ridge, n_anchors))
-        typical_output = float(np.mean(list(self.typical_output_tokens_.values()))) if self.typical_output_tokens_ else 100.0
-        prior_cost = self._newcomer_cost(input_usd_per_1k, output_usd_per_1k, typical_output)
         self.cost_models_[name] = estimators.cost_predictor(
             self._config, entry, self.cost_scale_usd_, prior_cost_usd=prior_cost).start_empty(self.n_features_in_)
         self.typical_output_tokens_[name] = typical_output
@@ -167,13 +173,19 @@ class OnlineLearningMixin:
                 return float(thousands_of_tokens @ [input_usd_per_1k, output_usd_per_1k])
         return float(np.median(cost / prices.sum(axis=1))) * (input_usd_per_1k + output_usd_per_1k)
 
-    def _newcomer_prior(self, price_per_1k: float) -> np.ndarray:
+    def _newcomer_prior(self, price_per_1k: float, prior_cost_usd: float, lambda_: float | None) -> np.ndarray:
         """A newcomer's per-domain prior quality (predictors.quality.newcomer_prior).
 
         optimistic (default): in each domain, as good as the best pool LLM that costs no more
         (price = input + output per 1k tokens; the cheapest LLMs when none is cheaper). An LLM is
         added because it is expected to compete at its price; the optimism gets it tried, its
         feedback corrects it query by query (its head), and its uncertainty shrinks as it does.
+        A newcomer dearer than every pool LLM would then be the best LLM's quality at a higher
+        cost, which no argmax picks: it is never tried (GPT-4 joining the RouterBench subset got
+        0% of the traffic against the full pool's 27%). With a known `lambda_` it starts instead at
+        break-even in each domain: the quality at which its score (q - lambda x cost / scale, at
+        `prior_cost_usd`) equals the best pool LLM's there (each at its mean training cost), so it
+        is tried where it could pay and its answers decide (benchmarks/RESULTS.md, newcomers).
         price_tier: the pool's per-domain means weighted by closeness in log price.
         mean: the pool's per-domain mean."""
         rule = self._config.predictors.quality.newcomer_prior
@@ -188,6 +200,12 @@ class OnlineLearningMixin:
         if rule == "mean":
             return pool.mean(axis=1)
         if rule == "optimistic":
+            if lambda_ is not None and price_per_1k > prices.max():
+                scale = self.cost_scale_usd_
+                pool_cost = np.array([self.cost_models_[llm].prior_cost_usd for llm in existing])
+                best_score = (pool - lambda_ * pool_cost / scale).max(axis=1)
+                break_even = best_score + lambda_ * prior_cost_usd / scale
+                return np.clip(np.maximum(break_even, pool.max(axis=1)), 0.0, 1.0)
             affordable = prices <= price_per_1k * (1 + 1e-9)
             if not affordable.any():
                 affordable = prices <= prices.min() * (1 + 1e-9)

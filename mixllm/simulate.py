@@ -109,7 +109,7 @@ def simulate_online(
             if event.action == "remove":
                 router.remove_llm(event.llm)
             elif event.action == "add":
-                router.add_llm(event.llm, *event.prices)
+                router.add_llm(event.llm, *event.prices, lambda_=lambda_)
             else:
                 raise MixLLMError(f"unknown pool event {event.action!r}; use add or remove")
         llms = router.enabled_llms_

@@ -442,6 +442,42 @@ def test_an_optimistic_newcomer_starts_as_the_best_llm_at_its_price(fitted):
     assert rival_cost == pytest.approx(coder_cost, rel=0.25)
 
 
+def test_a_newcomer_dearer_than_every_llm_starts_at_break_even_and_takes_its_share(fitted):
+    """Planted: 'strong' (right 90-95% of the time everywhere, 10x the coder's price) leaves the pool and
+    joins again with a prior only. Optimistic alone, it would be the coder's 0.5 in math at ten times
+    the cost: never chosen, though the full pool sends it every math query at this lambda. At
+    break-even it is tried, its answers confirm it, and it takes about the full pool's share."""
+    from mixllm.baselines import query_frame
+    from mixllm.evaluate import Outcomes
+    from mixllm.simulate import PoolEvent, simulate_online
+    from synthetic import make_log
+
+    stream = make_log(90, seed=5)
+    queries = query_frame(stream)
+    outcomes = Outcomes.from_log(stream, queries["query_id"], fitted.llms_)
+    math = stream.drop_duplicates("query_id").set_index("query_id").loc[queries["query_id"], "source"].eq("math").to_numpy()
+    lambda_, price = 0.3, PRICE_PER_1K["strong"]
+    full = np.array(simulate_online(fitted, queries, outcomes, lambda_=lambda_).choices) == "strong"
+    assert full[math].mean() > 0.9, "the planted setting: the full pool sends math to strong"
+
+    unknown = copy.deepcopy(fitted)  # no lambda known (none configured, none calibrated): optimistic
+    unknown.remove_llm("strong")
+    unknown.add_llm("strong", price, price)
+    table, column = unknown.domain_model_.table_, unknown.domain_model_.llms_.index("strong")
+    pool = [unknown.domain_model_.llms_.index(llm) for llm in ("cheap-chat", "coder")]
+    assert np.allclose(table[:, column], table[:, pool].max(axis=1)), "the best pool LLM's quality"
+    stuck = np.array(simulate_online(unknown, queries, outcomes, lambda_=lambda_).choices) == "strong"
+    assert not stuck.any(), "priced out of every argmax: never tried"
+
+    rejoined = copy.deepcopy(fitted)
+    rejoined.remove_llm("strong")
+    events = [PoolEvent(0, "add", "strong", (price, price))]  # simulate_online tells add_llm its lambda
+    tried = np.array(simulate_online(rejoined, queries, outcomes, lambda_=lambda_, events=events).choices) == "strong"
+    assert tried[math].mean() > 0.7, "tried where it pays, and kept there by its answers"
+    assert abs(tried.mean() - full.mean()) < 0.1, "about the full pool's share"
+    assert tried[~math].mean() < 0.3, "not where the cheaper LLMs do as well"
+
+
 def test_a_newcomers_prior_cost_prices_input_and_output_tokens_apart(fitted):
     router = copy.deepcopy(fitted)
     # A pool whose typical query is 400 input and 50 output tokens, priced at different

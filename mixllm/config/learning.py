@@ -292,7 +292,9 @@ class QualityPredictorConfig(StrictModel):
     # failures silence it (benchmarks/newcomers.py). null: new_llm_prior_ridge for every coefficient.
     newcomer_domain_answers: float | None = Field(default=100.0, gt=0)
     # A newcomer's prior quality per domain: optimistic (as good as the best pool LLM that costs no
-    # more), price_tier (pool means weighted by closeness in price) or mean (the pool's mean).
+    # more; one dearer than every pool LLM: break-even with the pool's best score at the lambda it is
+    # routed at, when that lambda is known), price_tier (pool means weighted by closeness in price) or
+    # mean (the pool's mean).
     newcomer_prior: Literal["optimistic", "price_tier", "mean"] = "optimistic"
     # A newcomer's head also reads how each trained LLM's prediction differs from its prior (frozen
     # at the join), scaled by this: a few answers then tell which LLMs it resembles. 0: off.
