@@ -85,6 +85,8 @@ class OnlineLearningMixin:
             raise RoutingError(f"prior_quality must be a number in 0..1, got {prior_quality!r}")
         typical_output = float(np.mean(list(self.typical_output_tokens_.values()))) if self.typical_output_tokens_ else 100.0
         prior_cost = self._newcomer_cost(input_usd_per_1k, output_usd_per_1k, typical_output)
+        if lambda_ is not None and not (isinstance(lambda_, (int, float)) and 0 <= lambda_ < float("inf")):
+            raise RoutingError(f"lambda_ must be a number >= 0, got {lambda_!r}", field="lambda")
         if lambda_ is None:
             lambda_ = self._config.decision.lambda_
             lambda_ = getattr(self, "calibrated_lambda_", None) if lambda_ is None else lambda_
@@ -182,7 +184,7 @@ class OnlineLearningMixin:
         feedback corrects it query by query (its head), and its uncertainty shrinks as it does.
         A newcomer dearer than every pool LLM would then be the best LLM's quality at a higher
         cost, which no argmax picks: it is never tried (GPT-4 joining the RouterBench subset got
-        0% of the traffic against the full pool's 27%). With a known `lambda_` it starts instead at
+        0% of the traffic against the full pool's 14-27%). With a known `lambda_` it starts instead at
         break-even in each domain: the quality at which its score (q - lambda x cost / scale, at
         `prior_cost_usd`) equals the best pool LLM's there (each at its mean training cost), so it
         is tried where it could pay and its answers decide (benchmarks/RESULTS.md, newcomers).
