@@ -14,7 +14,7 @@ import numpy as np
 from mixllm import estimators
 from mixllm.config import LatencyProfile, LLMConfig
 from mixllm.errors import RoutingError
-from mixllm.router_inputs import check_log, token_columns
+from mixllm.router_inputs import check_log, check_number, token_columns
 from mixllm.units import call_cost_usd, tokens_from_chars
 
 if TYPE_CHECKING:
@@ -85,11 +85,7 @@ class OnlineLearningMixin:
             raise RoutingError(f"prior_quality must be a number in 0..1, got {prior_quality!r}")
         typical_output = float(np.mean(list(self.typical_output_tokens_.values()))) if self.typical_output_tokens_ else 100.0
         prior_cost = self._newcomer_cost(input_usd_per_1k, output_usd_per_1k, typical_output)
-        if lambda_ is not None and not (isinstance(lambda_, (int, float)) and 0 <= lambda_ < float("inf")):
-            raise RoutingError(f"lambda_ must be a number >= 0, got {lambda_!r}", field="lambda")
-        if lambda_ is None:
-            lambda_ = self._config.decision.lambda_
-            lambda_ = getattr(self, "calibrated_lambda_", None) if lambda_ is None else lambda_
+        lambda_ = self.known_lambda if lambda_ is None else check_number("lambda_", lambda_)
         per_domain = (np.full(len(self.domain_model_.classes_), float(prior_quality)) if prior_quality is not None
                       else self._newcomer_prior(input_usd_per_1k + output_usd_per_1k, prior_cost, lambda_))
         quality_config = self._config.predictors.quality

@@ -130,14 +130,20 @@ class RoutingMixin:
                 if known else f"task {task!r} ignored: this router's domains are tag clusters; routed by the text")
 
     @property
-    def default_lambda(self) -> float:
-        """lambda when a request gives none: decision.lambda if set, else the one calibrated to the
-        cost budget when the model was registered, else 1."""
+    def known_lambda(self) -> float | None:
+        """decision.lambda if set, else the one calibrated to the cost budget when the model was
+        registered, else None (nothing says what lambda it routes at)."""
         configured = self._config.decision.lambda_
         if configured is not None:
             return float(configured)
         calibrated = getattr(self, "calibrated_lambda_", None)
-        return 1.0 if calibrated is None else float(calibrated)  # a calibrated 0 is a real answer
+        return None if calibrated is None else float(calibrated)  # a calibrated 0 is a real answer
+
+    @property
+    def default_lambda(self) -> float:
+        """lambda when a request gives none: `known_lambda`, else 1."""
+        known = self.known_lambda
+        return 1.0 if known is None else known
 
     def _candidates(self, candidates: Sequence[str] | None) -> list[str]:
         enabled = self.enabled_llms_
