@@ -1,5 +1,5 @@
 """Budget pacing replay (a script, not a test): a holdout replayed as one day of traffic under a day
-budget, paced by the service's controller (mixllm.budgets.BudgetPacer), against a hard cutoff.
+budget, paced by the service's controller (mixllm.core.budgets.BudgetPacer), against a hard cutoff.
 
     python benchmarks/budget.py [--datasets routerbench_subset,llmrouter_dc] [--work DIR] [--shares 10,20,40]
 
@@ -40,11 +40,11 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from quality import benchmark_logging, chosen_logs, log_arguments, trained_on_log  # noqa: E402
 
-from mixllm.budgets import BudgetPacer, standings  # noqa: E402
 from mixllm.config import PacingConfig, load_config  # noqa: E402
-from mixllm.decision import decide  # noqa: E402
-from mixllm.report import calibrate_on_validation, holdout_context, validation_context  # noqa: E402
-from mixllm.baselines import MixLLMAdapter  # noqa: E402
+from mixllm.core.budgets import BudgetPacer, standings  # noqa: E402
+from mixllm.core.decision import decide  # noqa: E402
+from mixllm.evaluation.baselines import MixLLMAdapter  # noqa: E402
+from mixllm.jobs.report import calibrate_on_validation, holdout_context, validation_context  # noqa: E402
 
 logger = logging.getLogger("benchmarks.budget")
 DAY = datetime(2026, 1, 1, tzinfo=timezone.utc)

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from mixllm.bootstrap import Interval
+from mixllm.evaluation.bootstrap import Interval
 
 LEADERBOARD_START = "<!-- leaderboard:start (written by benchmarks/quality.py; do not edit by hand) -->"
 LEADERBOARD_END = "<!-- leaderboard:end -->"

@@ -46,24 +46,24 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from mixllm.baselines import make_baseline, query_frame  # noqa: E402
-from mixllm.benchmark_config import load_benchmark_config  # noqa: E402
 from mixllm.config import load_config  # noqa: E402
-from mixllm.data import InteractionStore, ingest  # noqa: E402
-from mixllm.splitting import normalised_text  # noqa: E402
-from mixllm.bootstrap import Interval, bootstrap_metrics, bootstrap_weights  # noqa: E402
-from mixllm.evaluate import Outcomes, Reference, RouterCurve, exact_sweep  # noqa: E402
-from mixllm.workspace import Workspace, load_split, write_split  # noqa: E402
-from mixllm.decision import Predictions  # noqa: E402
-from mixllm.bayesian_linear import gcv_ridge  # noqa: E402
-from mixllm.router import MixLLMRouter  # noqa: E402
+from mixllm.core.bayesian_linear import gcv_ridge  # noqa: E402
+from mixllm.core.decision import Predictions  # noqa: E402
+from mixllm.core.router import MixLLMRouter  # noqa: E402
+from mixllm.evaluation.baselines import make_baseline, query_frame  # noqa: E402
+from mixllm.evaluation.bootstrap import Interval, bootstrap_metrics, bootstrap_weights  # noqa: E402
+from mixllm.evaluation.evaluate import Outcomes, Reference, RouterCurve, exact_sweep  # noqa: E402
+from mixllm.io.benchmark_config import load_benchmark_config  # noqa: E402
+from mixllm.io.data import InteractionStore, ingest  # noqa: E402
+from mixllm.io.splitting import normalised_text  # noqa: E402
+from mixllm.io.workspace import Workspace, load_split, write_split  # noqa: E402
 
 logger = logging.getLogger("benchmarks.levers")
 
 
 def folds_of(frame: pd.DataFrame, k: int = 5, seed: int = 7) -> np.ndarray:
     """A fold per query; same-text queries share a fold."""
-    from mixllm.splitting import stable_unit
+    from mixllm.io.splitting import stable_unit
 
     return np.array([int(stable_unit(seed, normalised_text(q)) * k) for q in frame["query"]])
 
@@ -189,7 +189,7 @@ def run(name: str, entry, data_path: Path, work: Path, n_boot: int, skip: frozen
         predictions["default"][test] = default.quality
         predictions["cost linear in length"][test] = default.quality
         costs[test] = default.cost_usd
-        from mixllm.baselines import LengthCostModel
+        from mixllm.evaluation.baselines import LengthCostModel
 
         length_costs[test] = LengthCostModel().fit(log[log["query_id"].isin(train_ids)]).predict(
             te_frame["query"].tolist(), llms)
@@ -199,7 +199,7 @@ def run(name: str, entry, data_path: Path, work: Path, n_boot: int, skip: frozen
         tasks = te_frame["source"].tolist() if "source" in te_frame else None
         predictions["default + task label"][test] = router.predict_from_features(
             router.features(te_frame["query"].tolist(), tasks), chars_te, llms).quality
-        from mixllm.baselines import PerSourceRouter
+        from mixllm.evaluation.baselines import PerSourceRouter
 
         predictions["per_source (task label)"][test] = PerSourceRouter().fit(
             log[log["query_id"].isin(train_ids)]).predict(te_frame).quality

@@ -49,9 +49,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from quality import benchmark_logging, chosen_logs, log_arguments, trained_on_log  # noqa: E402
 from replays import pool_change, stream_of  # noqa: E402
 
-from mixllm.baselines import MixLLMAdapter  # noqa: E402
-from mixllm.online_learning import OnlineLearningMixin  # noqa: E402
-from mixllm.report import calibrate_on_validation, holdout_context, reference_llm, validation_context  # noqa: E402
+from mixllm.core.online_learning import OnlineLearningMixin  # noqa: E402
+from mixllm.evaluation.baselines import MixLLMAdapter  # noqa: E402
+from mixllm.jobs.report import calibrate_on_validation, holdout_context, reference_llm, validation_context  # noqa: E402
 
 logger = logging.getLogger("benchmarks.newcomers")
 ORDERS = {"validation": (1, 2, 3), "holdout": (0, 1, 2)}  # stream seeds; the leaderboard's are 1 and 0

@@ -31,10 +31,10 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from quality import benchmark_logging, chosen_logs, log_arguments, trained_on_log  # noqa: E402
 
-from mixllm.baselines import MixLLMAdapter  # noqa: E402
-from mixllm.decision import action_probabilities, decide  # noqa: E402
-from mixllm.off_policy import ESTIMATORS, LoggedBandit, off_policy_estimates  # noqa: E402
-from mixllm.report import calibrate_on_validation, holdout_context  # noqa: E402
+from mixllm.core.decision import action_probabilities, decide  # noqa: E402
+from mixllm.evaluation.baselines import MixLLMAdapter  # noqa: E402
+from mixllm.evaluation.off_policy import ESTIMATORS, LoggedBandit, off_policy_estimates  # noqa: E402
+from mixllm.jobs.report import calibrate_on_validation, holdout_context  # noqa: E402
 
 logger = logging.getLogger("benchmarks.off_policy")
 SHARES = (0.05, 0.1, 0.2, 0.4)

@@ -37,30 +37,30 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mixllm.baselines import MixLLMAdapter, query_frame  # noqa: E402
-from mixllm.benchmark_config import DatasetConfig, load_benchmark_config  # noqa: E402
 from mixllm.config import MixLLMConfig, load_config  # noqa: E402
-from mixllm.data import InteractionStore, ingest  # noqa: E402
-from mixllm.bootstrap import (  # noqa: E402
+from mixllm.evaluation.baselines import MixLLMAdapter, query_frame  # noqa: E402
+from mixllm.evaluation.bootstrap import (  # noqa: E402
     BOOTSTRAP_METRICS,
     Interval,
     at_lambda_bootstrap,
     bootstrap_metrics,
     bootstrap_weights,
 )
-from mixllm.evaluate import Outcomes, RouterCurve, measure_router, routing_overhead_ms  # noqa: E402
-from mixllm.results import pareto_plot, results_table, to_jsonable  # noqa: E402
+from mixllm.evaluation.evaluate import Outcomes, RouterCurve, measure_router, routing_overhead_ms  # noqa: E402
+from mixllm.evaluation.results import pareto_plot, results_table, to_jsonable  # noqa: E402
+from mixllm.io.benchmark_config import DatasetConfig, load_benchmark_config  # noqa: E402
+from mixllm.io.data import InteractionStore, ingest  # noqa: E402
 from leaderboard import leaderboard, revive, write_leaderboard  # noqa: E402  (benchmarks/leaderboard.py)
 from replays import simulate  # noqa: E402  (benchmarks/replays.py)
-from mixllm.report import (  # noqa: E402
+from mixllm.core.router import MixLLMRouter  # noqa: E402
+from mixllm.io.workspace import SplitData, Workspace, load_split  # noqa: E402
+from mixllm.jobs.report import (  # noqa: E402
     calibrate_on_validation,
     evaluate_router,
     holdout_context,
     reference_columns,
 )
-from mixllm.training import reuse_stage_outputs, run_stages, train_router  # noqa: E402
-from mixllm.workspace import SplitData, Workspace, load_split  # noqa: E402
-from mixllm.router import MixLLMRouter  # noqa: E402
+from mixllm.jobs.training import reuse_stage_outputs, run_stages, train_router  # noqa: E402
 
 logger = logging.getLogger("benchmarks.quality")
 
@@ -121,8 +121,8 @@ def variant_config(base: MixLLMConfig, slug: str, overrides: dict[str, Any]) -> 
 def benchmark_logging() -> None:
     """INFO logs with the time, without the libraries' chatter (the sibling scripts use it too)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("sentence_transformers", "mlflow", "httpx", "urllib3", "mixllm.data", "mixllm.readers",
-                  "mixllm.validation"):
+    for noisy in ("sentence_transformers", "mlflow", "httpx", "urllib3", "mixllm.io.data", "mixllm.io.readers",
+                  "mixllm.io.validation"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
@@ -337,7 +337,7 @@ def plain_budget(config: MixLLMConfig, router: MixLLMRouter, split: SplitData, o
                  reference: Any) -> dict[str, float]:
     """The budget without the confidence bound (validation mean <= budget), for comparison."""
     from mixllm.config import config_from_dict
-    from mixllm.evaluate import sweep
+    from mixllm.evaluation.evaluate import sweep
 
     raw = config.model_dump(mode="json", by_alias=True, exclude={"root"})
     plain = config_from_dict(raw, root=config.root, overrides={"evaluation.budget_confidence": 0.5})

@@ -11,15 +11,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mixllm.baselines import query_frame
-from mixllm.benchmark_config import DatasetConfig
 from mixllm.config import MixLLMConfig
-from mixllm.evaluate import Outcomes
-from mixllm.report import holdout_context, reference_on
-from mixllm.router import MixLLMRouter
-from mixllm.simulate import PoolEvent, adaptation, shifted_order, simulate_latency, simulate_online
-from mixllm.units import output_tokens_table
-from mixllm.workspace import SplitData
+from mixllm.core.router import MixLLMRouter
+from mixllm.core.units import output_tokens_table
+from mixllm.evaluation.baselines import query_frame
+from mixllm.evaluation.evaluate import Outcomes
+from mixllm.evaluation.simulate import PoolEvent, adaptation, shifted_order, simulate_latency, simulate_online
+from mixllm.io.benchmark_config import DatasetConfig
+from mixllm.io.workspace import SplitData
+from mixllm.jobs.report import holdout_context, reference_on
 
 EXPLORATION_GRID = (0.0, 0.1, 0.25, 0.5, 1.0)
 ARRIVAL_RATE = 12.0  # queries/s in the latency replay: enough to queue the dearest LLM's four slots

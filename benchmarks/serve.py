@@ -36,13 +36,13 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mixllm.baselines import query_frame  # noqa: E402
+from mixllm.cli.processes import free_port, start, stop, wait_http  # noqa: E402
 from mixllm.config import load_config  # noqa: E402
-from mixllm.data import ingest  # noqa: E402
-from mixllm.training import run_training  # noqa: E402
-from mixllm.workspace import load_split  # noqa: E402
-from mixllm.registry import Registry  # noqa: E402
-from mixllm.processes import free_port, start, stop, wait_http  # noqa: E402
+from mixllm.evaluation.baselines import query_frame  # noqa: E402
+from mixllm.io.data import ingest  # noqa: E402
+from mixllm.io.registry import Registry  # noqa: E402
+from mixllm.io.workspace import load_split  # noqa: E402
+from mixllm.jobs.training import run_training  # noqa: E402
 
 
 def percentile(values, q):
@@ -158,7 +158,7 @@ def main() -> int:
            "BENTOML_HOME": str(project / "bentoml")}
     env.pop("MIXLLM_API_TOKEN", None)
     launched = time.perf_counter()
-    process = start([sys.executable, "-m", "bentoml", "serve", "mixllm.service:MixLLMService", "--host", "127.0.0.1",
+    process = start([sys.executable, "-m", "bentoml", "serve", "mixllm.service.app:MixLLMService", "--host", "127.0.0.1",
                      "--port", str(port)], log_path=project / "serve-bench.log", env=env, cwd=project)
     base = f"http://127.0.0.1:{port}"
     rows = []
@@ -200,7 +200,7 @@ def main() -> int:
         restarts = []
         for _ in range(args.restarts):
             launched = time.perf_counter()
-            process = start([sys.executable, "-m", "bentoml", "serve", "mixllm.service:MixLLMService", "--host",
+            process = start([sys.executable, "-m", "bentoml", "serve", "mixllm.service.app:MixLLMService", "--host",
                              "127.0.0.1", "--port", str(port)], log_path=project / "serve-bench.log", env=env, cwd=project)
             wait_http(f"{base}/readyz", 300, process, interval=0.05)
             restarts.append(time.perf_counter() - launched)

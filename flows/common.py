@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from mixllm.config import MixLLMConfig, load_config
-from mixllm.errors import ConfigError
+from mixllm.core.errors import ConfigError
 
 
 def config_for(params_path: str | None) -> MixLLMConfig:

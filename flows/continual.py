@@ -6,8 +6,8 @@ advance the watermark -> check drift, and retrain (the training job) when the tr
 The watermark moves only after registering, so a failed run re-reads the same feedback next time
 and no feedback is counted twice.
 
-The steps and their order live in one place, mixllm.continual.run_continual; this flow hands it a
-step runner that runs each step (mixllm.continual.CONTINUAL_STEPS) as a Prefect task of the same name.
+The steps and their order live in one place, mixllm.jobs.continual.run_continual; this flow hands it a
+step runner that runs each step (mixllm.jobs.continual.CONTINUAL_STEPS) as a Prefect task of the same name.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.common import config_for, library_logs_to_prefect
-from mixllm import continual as job
+from mixllm.jobs import continual as job
 
 
 def run_as_task(step: job.ContinualStep, config: Any, *args: Any) -> Any:

@@ -14,8 +14,8 @@ from flows.common import config_for, library_logs_to_prefect
 
 @task(name="off-policy estimates on logged feedback", cache_policy=NO_CACHE)
 def off_policy_estimates(params_path: str | None, version: str, against: str = "champion") -> dict[str, Any]:
-    from mixllm.results import to_jsonable
-    from mixllm.policy_evaluation import versions_on_feedback
+    from mixllm.evaluation.results import to_jsonable
+    from mixllm.jobs.policy_evaluation import versions_on_feedback
 
     return to_jsonable(versions_on_feedback(config_for(params_path), version, against))
 

@@ -1,8 +1,8 @@
 """The `training` flow: ingest -> split -> tags -> encoder -> predictors -> replay -> evaluate (with
 the baselines in parallel) -> compare with the champion -> log and register -> promote through the gate.
 
-The cached stages are tasks made from the stage table (mixllm.training.STAGES), one per stage, each
-cached by the stage's key (mixllm.training.stage_keys: exactly its data and settings), so a re-run
+The cached stages are tasks made from the stage table (mixllm.jobs.training.STAGES), one per stage, each
+cached by the stage's key (mixllm.jobs.training.stage_keys: exactly its data and settings), so a re-run
 with unchanged data and params re-embeds and re-fine-tunes nothing. Evaluation is split into one
 task for MixLLM and one per baseline so the task runner can run them in parallel.
 """
@@ -15,16 +15,16 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.common import config_for, library_logs_to_prefect, task_runner
-from mixllm import training as job
-from mixllm.continual import stage_replay
-from mixllm.data import ingest_pending
-from mixllm.gate import register_candidate
-from mixllm.report import EvaluationReport, evaluate_router, finish_report, measure_baseline
-from mixllm.workspace import Workspace, load_split
+from mixllm.io.data import ingest_pending
+from mixllm.io.workspace import Workspace, load_split
+from mixllm.jobs import training as job
+from mixllm.jobs.continual import stage_replay
+from mixllm.jobs.gate import register_candidate
+from mixllm.jobs.report import EvaluationReport, evaluate_router, finish_report, measure_baseline
 
 
 def _stage_cache_key(stage: str):
-    """Cache key = the stage's key (mixllm.training.stage_keys): same data and params, same key."""
+    """Cache key = the stage's key (mixllm.jobs.training.stage_keys): same data and params, same key."""
 
     def key(context: Any, parameters: dict[str, Any]) -> str:
         config = config_for(parameters.get("params_path"))
@@ -72,7 +72,7 @@ def evaluate_mixllm(params_path: str | None, router_dir: str) -> EvaluationRepor
     config = config_for(params_path)
     from pathlib import Path
 
-    from mixllm.router import MixLLMRouter
+    from mixllm.core.router import MixLLMRouter
 
     router = MixLLMRouter.load(Path(router_dir), progress=False)
     router.cache_dir = Workspace.of(config).cache
@@ -82,8 +82,8 @@ def evaluate_mixllm(params_path: str | None, router_dir: str) -> EvaluationRepor
 @task(name="measure a baseline", cache_policy=NO_CACHE)
 def evaluate_baseline(params_path: str | None, name: str, _after: Any = None) -> Any:
     config = config_for(params_path)
-    from mixllm.embeddings import QueryEncoder
-    from mixllm.router import MixLLMRouter
+    from mixllm.core.embeddings import QueryEncoder
+    from mixllm.core.router import MixLLMRouter
 
     workspace = Workspace.of(config)
     llms = MixLLMRouter.load(workspace.router, progress=False).enabled_llms_

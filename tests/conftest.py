@@ -76,6 +76,6 @@ def train_log():
 @pytest.fixture(scope="session")
 def fitted(train_log):
     """A router fitted once per session on the synthetic log (no fine-tuning: fast)."""
-    from mixllm.router import MixLLMRouter
+    from mixllm.core.router import MixLLMRouter
 
     return MixLLMRouter(small_config(), progress=False).fit(train_log)

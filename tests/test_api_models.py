@@ -5,8 +5,8 @@ import dataclasses
 import json
 import math
 
-from mixllm.api_models import Candidate, candidate_scores, decision_details, stored_response
-from mixllm.decision import CandidateScore, Decision
+from mixllm.core.decision import CandidateScore, Decision
+from mixllm.service.api_models import Candidate, candidate_scores, decision_details, stored_response
 
 
 def _decision() -> Decision:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mixllm.embeddings import QueryEncoder
-from mixllm.errors import ModelFormatError
-from mixllm.report import backend_loss_bounds, choose_backend
-from mixllm.router import MixLLMRouter
-from mixllm.workspace import SplitData
+from mixllm.core.embeddings import QueryEncoder
+from mixllm.core.errors import ModelFormatError
+from mixllm.core.router import MixLLMRouter
+from mixllm.io.workspace import SplitData
+from mixllm.jobs.backend_choice import backend_loss_bounds, choose_backend
 from synthetic import make_log, small_config
 
 QUERIES = ["What is 12 plus 30?", "Write a python function to reverse a string.", "When did Rome fall?"]
@@ -152,9 +152,9 @@ def test_choose_backend_takes_the_faster_one_only_within_the_allowed_loss(static
 @pytest.mark.slow
 def test_training_with_backend_auto_records_its_choice_for_mlflow_and_model(tmp_path, monkeypatch, caplog):
     from mixllm.config import load_config
-    from mixllm.data import ingest
-    from mixllm.training import run_stages
-    from mixllm.workspace import Workspace, load_split
+    from mixllm.io.data import ingest
+    from mixllm.io.workspace import Workspace, load_split
+    from mixllm.jobs.training import run_stages
     from synthetic import write_params
 
     monkeypatch.chdir(tmp_path)
@@ -173,21 +173,21 @@ def test_training_with_backend_auto_records_its_choice_for_mlflow_and_model(tmp_
     assert router.describe()["encoder"]["backend"] == served["backend"]
     eligible = [name for name, c in choice["candidates"].items() if c["aiq_loss_bound"] <= 0.003]
     assert choice["chosen"] == min(eligible, key=lambda name: choice["candidates"][name]["ms_per_query"])
-    from mixllm.report import evaluate_router
+    from mixllm.jobs.report import evaluate_router
 
     metrics = evaluate_router(config, router, load_split(config), baselines=[], bootstrap=False).metrics
     assert metrics["backend.static.validation_aiq"] == pytest.approx(choice["candidates"]["static"]["validation_aiq"])
 
     # Where the export fails (an architecture the exporter cannot trace, say), auto runs the transformer
     # on torch instead and says so.
-    import mixllm.encoder_backends
-    from mixllm.training import stage_predictors
+    import mixllm.core.encoder_backends
+    from mixllm.jobs.training import stage_predictors
 
     def broken_export(model):
         raise RuntimeError("cannot trace this model")
 
-    monkeypatch.setattr(mixllm.encoder_backends, "export_onnx", broken_export)
-    with caplog.at_level("WARNING", logger="mixllm.training"):
+    monkeypatch.setattr(mixllm.core.encoder_backends, "export_onnx", broken_export)
+    with caplog.at_level("WARNING", logger="mixllm.jobs.training"):
         stage_predictors(config, progress=False)
     assert "ONNX export of the encoder failed (RuntimeError: cannot trace this model)" in caplog.text
     fallback = MixLLMRouter.load(Workspace.of(config).router).describe()["encoder"]["backend_choice"]
@@ -221,7 +221,7 @@ def test_the_onnx_backend_embeds_as_the_transformer_does_and_loads_without_torch
     np.testing.assert_allclose(wider.transform(AWKWARD), transformer.with_settings(max_seq_length=64).transform(AWKWARD),
                                atol=1e-5)
     exported.save(tmp_path / "encoder")
-    check = ("import sys, numpy as np; from mixllm.embeddings import QueryEncoder; "
+    check = ("import sys, numpy as np; from mixllm.core.embeddings import QueryEncoder; "
              f"e = QueryEncoder.load({str(tmp_path / 'encoder')!r}); v = e.transform({AWKWARD!r}); "
              f"np.save({str(tmp_path / 'v.npy')!r}, v); print(e.fingerprint_, "
              "sorted(m for m in ('torch', 'transformers', 'sentence_transformers') if m in sys.modules))")
@@ -295,7 +295,7 @@ def test_inference_settings_change_how_the_weights_run_never_the_weights(static_
 
 
 def test_changing_an_inference_setting_keeps_the_fine_tuned_encoder_and_refits_the_router():
-    from mixllm.training import stage_keys
+    from mixllm.jobs.training import stage_keys
 
     base = stage_keys(small_config())
     # (embedding.max_seq_length is one too, but the tags read up to 128 of its tokens, so it reaches the

@@ -8,11 +8,11 @@ from datetime import datetime, timedelta, timezone
 import numpy as np
 import pytest
 
-from mixllm.budgets import BudgetPacer, binding, period_bounds, standings
 from mixllm.config import PacingConfig, config_from_dict
-from mixllm.errors import ConfigError
-from mixllm.ledger import TenantLedger, UnknownKeyError
-from mixllm.store import InteractionLog
+from mixllm.core.budgets import BudgetPacer, binding, period_bounds, standings
+from mixllm.core.errors import ConfigError
+from mixllm.io.ledger import TenantLedger, UnknownKeyError
+from mixllm.io.store import InteractionLog
 
 DAY = datetime(2026, 3, 4, tzinfo=timezone.utc)
 
@@ -102,8 +102,8 @@ def test_budget_settings_that_are_wrong_fail_naming_the_key():
 
 def _gateway(config, path):
     """The proxy's spending part on a real SQLite log whose writes give up after 0.2 s."""
-    from mixllm.proxy import ChatProxy
-    from mixllm.spending import TenantBudgets
+    from mixllm.service.proxy import ChatProxy
+    from mixllm.service.spending import TenantBudgets
 
     class Gateway(ChatProxy, TenantBudgets):
         def __init__(self):

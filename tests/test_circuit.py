@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mixllm.circuit import CircuitBreakers
+from mixllm.service.circuit import CircuitBreakers
 
 
 class Clock:

@@ -2,7 +2,7 @@ import json
 
 from typer.testing import CliRunner
 
-from mixllm.cli import app
+from mixllm.cli.commands import app
 
 runner = CliRunner()
 

@@ -5,7 +5,7 @@ import yaml
 from pydantic import ValidationError
 
 from mixllm.config import config_from_dict, find_params_file, load_config, parse_override
-from mixllm.errors import ConfigError
+from mixllm.core.errors import ConfigError
 
 REPO_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 
@@ -113,7 +113,7 @@ def test_routerbench_env_wins(tmp_path, monkeypatch):
 def test_the_benchmark_datasets_file_is_valid_and_each_entry_is_complete():
     from pathlib import Path
 
-    from mixllm.benchmark_config import load_benchmark_config
+    from mixllm.io.benchmark_config import load_benchmark_config
 
     root = Path(__file__).resolve().parents[1]
     bench = load_benchmark_config(root / "benchmarks/datasets.yaml")
@@ -125,7 +125,7 @@ def test_the_benchmark_datasets_file_is_valid_and_each_entry_is_complete():
 
 
 def test_a_benchmark_entry_with_a_reference_outside_its_catalogue_is_refused(tmp_path):
-    from mixllm.benchmark_config import load_benchmark_config
+    from mixllm.io.benchmark_config import load_benchmark_config
 
     path = tmp_path / "datasets.yaml"
     path.write_text("datasets:\n  mine:\n    path: mine.csv\n    reference_llm: gpt-5\n"
@@ -140,8 +140,8 @@ def test_a_benchmark_entry_with_a_reference_outside_its_catalogue_is_refused(tmp
 def test_estimators_built_from_the_default_config_equal_their_own_defaults():
     """Defaults live in the config package: an estimator built by hand behaves like the configured one, so
     their constructor defaults must agree. Arguments that come from the data are left out."""
-    from mixllm import estimators
     from mixllm.config import LLMConfig
+    from mixllm.core import estimators
 
     config = config_from_dict({})
     from_data = {"ridge", "input_usd_per_1k", "output_usd_per_1k", "cost_scale_usd", "prior_cost_usd", "progress"}

@@ -1,6 +1,6 @@
 """What a chat is routed on: the last user turn after a bounded window of its conversation."""
 
-from mixllm.api_models import ChatMessage, conversation_text
+from mixllm.service.api_models import ChatMessage, conversation_text
 
 
 def _messages(*pairs):

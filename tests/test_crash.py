@@ -13,13 +13,13 @@ import time
 
 import pytest
 
+from mixllm.cli.processes import start
 from mixllm.config import load_config
-from mixllm.continual import consumed_feedback
-from mixllm.data import ingest, load_interactions
-from mixllm.processes import start
-from mixllm.registry import Registry
-from mixllm.store import InteractionLog
-from mixllm.training import run_training
+from mixllm.io.data import ingest, load_interactions
+from mixllm.io.registry import Registry
+from mixllm.io.store import InteractionLog
+from mixllm.jobs.continual import consumed_feedback
+from mixllm.jobs.training import run_training
 from synthetic import make_log, write_params
 
 pytestmark = pytest.mark.slow  # real servers, flows or training: `-m "not slow"` skips them
@@ -147,7 +147,7 @@ def test_a_killed_continual_update_never_skips_feedback(project):
     assert learned == [f"1-{last_id}"], f"each feedback row learned by exactly one version: {learned}"
 
     # The narrowest window, made on purpose: the version is registered, the watermark not yet moved.
-    from mixllm.continual import read_new_feedback, recover_watermark, register_update, update_champion
+    from mixllm.jobs.continual import read_new_feedback, recover_watermark, register_update, update_champion
 
     for i in range(12):
         store.add_feedback(query=f"What is {i} plus 1?", llm="strong", quality=1.0, request_id=f"late-{i}")

@@ -7,10 +7,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mixllm.data import InteractionStore, fetch_routerbench, ingest
-from mixllm.readers import read_log
-from mixllm.validation import validate_interactions
-from mixllm.errors import DataError, DataUnavailableError
+from mixllm.core.errors import DataError, DataUnavailableError
+from mixllm.io.data import InteractionStore, fetch_routerbench, ingest
+from mixllm.io.readers import read_log
+from mixllm.io.validation import validate_interactions
 
 LLMS = ["cheap-chat", "coder", "strong"]
 

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from mixllm.domains import DomainModel, domain_labels
-from mixllm.bayesian_linear import gcv_ridge
-from mixllm.predictors import QualityPredictor
+from mixllm.core.bayesian_linear import gcv_ridge
+from mixllm.core.domains import DomainModel, domain_labels
+from mixllm.core.predictors import QualityPredictor
 
 
 def _planted(n=600, seed=0):

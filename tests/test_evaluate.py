@@ -4,10 +4,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mixllm.baselines import OracleRouter, PerSourceRouter, SingleLLMRouter, make_baseline, query_frame
-from mixllm.errors import ConfigError, MixLLMError
-from mixllm.calibration import calibrate_lambda
-from mixllm.evaluate import (
+from mixllm.core.decision import Predictions
+from mixllm.core.errors import ConfigError, MixLLMError
+from mixllm.core.router import MixLLMRouter
+from mixllm.evaluation.baselines import OracleRouter, PerSourceRouter, SingleLLMRouter, make_baseline, query_frame
+from mixllm.evaluation.calibration import calibrate_lambda
+from mixllm.evaluation.evaluate import (
     Outcomes,
     Reference,
     aiq,
@@ -16,9 +18,7 @@ from mixllm.evaluate import (
     operating_point,
     upper_hull,
 )
-from mixllm.decision import Predictions
-from mixllm.router import MixLLMRouter
-from mixllm.simulate import PoolEvent, oracle_stream, simulate_latency, simulate_online
+from mixllm.evaluation.simulate import PoolEvent, oracle_stream, simulate_latency, simulate_online
 from synthetic import make_log
 
 
@@ -60,7 +60,7 @@ def test_oracle_picks_the_cheapest_best_llm():
         for i, q in enumerate(outcomes.query_ids) for j, m in enumerate(outcomes.llms)
     ])
     oracle = OracleRouter().fit(log)
-    from mixllm.decision import decide
+    from mixllm.core.decision import decide
 
     p = oracle.predict(query_frame(log))
     choice, _ = decide(p.quality, p.cost_usd, p.uncertainty, np.zeros_like(p.quality), lambda_=0.0,
@@ -170,7 +170,7 @@ def test_online_pool_changes_add_and_remove(fitted):
     outcomes = Outcomes.from_log(stream_log, queries["query_id"], fitted.llms_)
     import copy
 
-    from mixllm.training import ablation_config
+    from mixllm.jobs.training import ablation_config
 
     router = copy.deepcopy(fitted)
     # A newcomer with a weak prior (a large uncertainty), so that exploration tries it at once.
@@ -201,8 +201,8 @@ def test_latency_penalty_cuts_waiting_on_an_overloaded_llm(fitted):
 
 
 def test_exact_path_matches_the_decision_rule_at_every_lambda():
-    from mixllm.evaluate import decision_path, segment_lambdas
-    from mixllm.decision import decide
+    from mixllm.core.decision import decide
+    from mixllm.evaluation.evaluate import decision_path, segment_lambdas
 
     predictions, _ = _synthetic_predictions(n=200, seed=3)
     path = decision_path(predictions.quality, predictions.cost_usd, 10.0, predictions.llms)
@@ -218,7 +218,7 @@ def test_exact_path_matches_the_decision_rule_at_every_lambda():
 
 
 def test_exact_sweep_hull_dominates_any_grid():
-    from mixllm.evaluate import aiq, exact_sweep, sweep
+    from mixllm.evaluation.evaluate import aiq, exact_sweep, sweep
 
     predictions, outcomes = _synthetic_predictions(n=300, seed=4)
     reference = Reference.of(outcomes, "dear")
@@ -234,8 +234,8 @@ def test_exact_sweep_hull_dominates_any_grid():
 
 
 def test_bootstrap_of_a_router_against_itself_is_exactly_zero_and_intervals_cover_the_estimate():
-    from mixllm.bootstrap import Interval, bootstrap_metrics, bootstrap_weights
-    from mixllm.evaluate import RouterCurve, measure_router
+    from mixllm.evaluation.bootstrap import Interval, bootstrap_metrics, bootstrap_weights
+    from mixllm.evaluation.evaluate import RouterCurve, measure_router
 
     predictions, outcomes = _synthetic_predictions(n=300, seed=5)
     reference = Reference.of(outcomes, "dear")
@@ -264,7 +264,7 @@ def test_bootstrap_of_a_router_against_itself_is_exactly_zero_and_intervals_cove
 
 
 def test_a_confidence_bound_keeps_the_budget_where_the_mean_alone_overspends():
-    from mixllm.evaluate import sweep
+    from mixllm.evaluation.evaluate import sweep
 
     # Validation and a fresh sample from the same distribution: the plain calibration lands on the
     # budget line, so a fresh sample overspends about half the time; the 95% bound rarely does.
@@ -284,7 +284,7 @@ def test_a_confidence_bound_keeps_the_budget_where_the_mean_alone_overspends():
 
 
 def test_shifted_order_changes_the_task_mix_once():
-    from mixllm.simulate import shifted_order
+    from mixllm.evaluation.simulate import shifted_order
 
     sources = ["a"] * 30 + ["b"] * 50 + ["c"] * 20
     order, boundary = shifted_order(sources, seed=2)
@@ -299,7 +299,7 @@ def test_shifted_order_changes_the_task_mix_once():
 
 
 def test_adaptation_known_answers():
-    from mixllm.simulate import OnlineResult, adaptation
+    from mixllm.evaluation.simulate import OnlineResult, adaptation
 
     n = 400
     quality = np.ones(n)

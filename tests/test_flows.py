@@ -8,10 +8,10 @@ import time
 import numpy as np
 import pytest
 
+from mixllm.cli.processes import free_port, start, stop, wait_http
 from mixllm.config import load_config
-from mixllm.registry import Registry
-from mixllm.router import MixLLMRouter
-from mixllm.processes import free_port, start, stop, wait_http
+from mixllm.core.router import MixLLMRouter
+from mixllm.io.registry import Registry
 from synthetic import make_log, write_params
 
 pytestmark = pytest.mark.slow  # real servers, flows or training: `-m "not slow"` skips them
@@ -60,7 +60,7 @@ def test_training_flow_registers_and_caches(prefect_harness, tmp_path, monkeypat
         task_runs = client.read_task_runs(flow_run_filter=flow_run_filter)
     states = {t.name.rsplit("-", 1)[0]: t.state.name for t in task_runs}
     cached = {name for name, state_name in states.items() if state_name == "Cached"}
-    from mixllm.training import STAGE, ROUTER_STAGES
+    from mixllm.jobs.training import STAGE, ROUTER_STAGES
 
     assert {STAGE[name].description for name in ("split", *ROUTER_STAGES)} <= cached, states
 
@@ -84,7 +84,7 @@ def test_dask_runner_gives_the_same_model(prefect_harness, tmp_path, monkeypatch
 def test_continual_flow_runs_once_per_feedback(prefect_harness, tmp_path, monkeypatch):
     from flows.continual import continual
     from flows.training import run
-    from mixllm.store import InteractionLog
+    from mixllm.io.store import InteractionLog
 
     params = _project(tmp_path)
     monkeypatch.chdir(tmp_path)

@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 from pydantic import ValidationError
 
-from mixllm.live_traffic import LiveLoad
-from mixllm.continual import screen_feedback
+from mixllm.jobs.continual import screen_feedback
+from mixllm.service.live_traffic import LiveLoad
 
 
 def test_only_measured_latency_feeds_the_average():
@@ -62,7 +62,7 @@ def test_screen_feedback_sets_aside_each_bad_row_with_its_reason():
 
 
 def test_request_schemas_reject_blank_text_and_non_finite_numbers():
-    from mixllm.api_models import FeedbackRequest, RouteRequest, last_user_text
+    from mixllm.service.api_models import FeedbackRequest, RouteRequest, last_user_text
 
     for body in ({"query": "   "}, {"query": "hi", "lambda": float("nan")}, {"query": "hi", "max_cost": float("inf")}):
         with pytest.raises(ValidationError):
@@ -72,14 +72,14 @@ def test_request_schemas_reject_blank_text_and_non_finite_numbers():
                  {"query": "  ", "llm": "a", "quality": 0.5}):
         with pytest.raises(ValidationError):
             FeedbackRequest.model_validate(body)
-    from mixllm.api_models import ChatMessage
+    from mixllm.service.api_models import ChatMessage
 
     parts = [{"type": "text", "text": 5}, {"type": "text", "text": "real"}, {"type": "image_url"}]
     assert last_user_text([ChatMessage(role="user", content=parts)]) == "real"
 
 
 def test_continual_reads_only_settled_feedback_in_id_order():
-    from mixllm.continual import settled_prefix
+    from mixllm.jobs.continual import settled_prefix
 
     now = pd.Timestamp("2026-01-01 12:00:00", tz="UTC")
     rows = pd.DataFrame({"feedback_id": [1, 2, 3, 4],

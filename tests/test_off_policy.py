@@ -5,9 +5,9 @@ import sqlite3
 import numpy as np
 import pytest
 
-from mixllm.decision import action_probabilities
-from mixllm.off_policy import LoggedBandit, off_policy_estimates
-from mixllm.store import InteractionLog
+from mixllm.core.decision import action_probabilities
+from mixllm.evaluation.off_policy import LoggedBandit, off_policy_estimates
+from mixllm.io.store import InteractionLog
 
 POLICY = {"temperature": 0.05, "epsilon": 0.2, "top_k": 3, "max_leave_share": 0.3, "max_cost_ratio": 2.0}
 

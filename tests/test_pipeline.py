@@ -9,14 +9,14 @@ import pandas as pd
 import pytest
 
 from mixllm.config import load_config
-from mixllm.data import ingest
-from mixllm.errors import RegistryError
-from mixllm.continual import run_continual, update_champion
-from mixllm.gate import GateVerdict, gate
-from mixllm.training import completed_stages, run_training
-from mixllm.workspace import Workspace
-from mixllm.registry import Registry
-from mixllm.store import InteractionLog
+from mixllm.core.errors import RegistryError
+from mixllm.io.data import ingest
+from mixllm.io.registry import Registry
+from mixllm.io.store import InteractionLog
+from mixllm.io.workspace import Workspace
+from mixllm.jobs.continual import run_continual, update_champion
+from mixllm.jobs.gate import GateVerdict, gate
+from mixllm.jobs.training import completed_stages, run_training
 from synthetic import make_log, write_params
 
 pytestmark = pytest.mark.slow  # real servers, flows or training: `-m "not slow"` skips them
@@ -147,7 +147,7 @@ def test_a_download_left_by_a_killed_process_is_removed_by_the_next_load(project
     downloads.mkdir()
 
     def download_then(exit_call: str) -> None:
-        script = ("import os, sys; from mixllm.config import load_config; from mixllm.registry import Registry; "
+        script = ("import os, sys; from mixllm.config import load_config; from mixllm.io.registry import Registry; "
                   f"Registry(load_config(sys.argv[1])).download_router('champion'); {exit_call}")
         subprocess.run([sys.executable, "-c", script, str(project / "params.yaml")], check=True, cwd=project,
                        env={**os.environ, "TMPDIR": str(downloads)}, timeout=300)
@@ -191,7 +191,7 @@ def test_continual_consumes_feedback_once_and_not_on_failure(project, tmp_path, 
     champion_before = registry.alias_version("champion")
     _feedback(config, n=12)
     # A failure after the update must leave the watermark where it was.
-    import mixllm.continual as continual_module
+    import mixllm.jobs.continual as continual_module
 
     def boom(*args, **kwargs):
         raise RuntimeError("registry unreachable")
@@ -230,7 +230,7 @@ def test_continual_applies_pool_changes(project):
                          "cost_usd": [0.001]})
     router_dir, _, changes = update_champion(changed, rows)
     assert sorted(changes) == sorted([f"disabled {config.llms[0].name}", "added newcomer"])
-    from mixllm.router import MixLLMRouter
+    from mixllm.core.router import MixLLMRouter
 
     router = MixLLMRouter.load(router_dir)
     assert "newcomer" in router.enabled_llms_ and config.llms[0].name not in router.enabled_llms_
@@ -247,7 +247,7 @@ def test_store_is_idempotent(tmp_path):
     b = store.add_feedback(decision_id=first, quality=1.0, kind="binary")
     assert a.created and not b.created and a.feedback_id == b.feedback_id
     assert store.count("feedback") == 1 and store.count("decisions") == 2
-    from mixllm.store import UnknownDecisionError
+    from mixllm.io.store import UnknownDecisionError
 
     with pytest.raises(UnknownDecisionError, match="unknown decision_id"):
         store.add_feedback(decision_id="nope", quality=1.0)
@@ -265,7 +265,7 @@ def test_the_decision_log_is_compacted_without_losing_feedback(tmp_path):
 
     import sqlalchemy as sa
 
-    from mixllm.store import UnknownDecisionError, decisions
+    from mixllm.io.store import UnknownDecisionError, decisions
 
     store = InteractionLog(f"sqlite:///{tmp_path}/feedback.db")
     scores = [{"llm": f"llm-{j}", "quality": 0.5, "cost_usd": 0.001, "score": 0.4} for j in range(30)]
@@ -314,7 +314,7 @@ def test_registered_model_carries_the_calibrated_lambda(project):
 def test_cli_calibrate_route_and_registry_list(project):
     from typer.testing import CliRunner
 
-    from mixllm.cli import app
+    from mixllm.cli.commands import app
 
     runner = CliRunner()
     params = str(project / "params.yaml")
@@ -337,8 +337,8 @@ def test_cli_calibrate_route_and_registry_list(project):
 
 def test_a_disabled_reference_llm_is_still_the_yardstick(project):
     """Disabling the best LLM (an outage) must not break evaluation: it stays the reference."""
-    from mixllm.report import evaluate_router
-    from mixllm.workspace import load_split
+    from mixllm.io.workspace import load_split
+    from mixllm.jobs.report import evaluate_router
 
     config = _config(project)
     split = load_split(config)
@@ -353,8 +353,8 @@ def test_a_disabled_reference_llm_is_still_the_yardstick(project):
 
 def test_retraining_replays_the_feedback_continual_runs_learned(project, tmp_path):
     """A nightly retrain must not forget the feedback: it replays rows up to the watermark, once."""
-    from mixllm.continual import consumed_feedback
-    from mixllm.router import MixLLMRouter
+    from mixllm.core.router import MixLLMRouter
+    from mixllm.jobs.continual import consumed_feedback
 
     config = _own_registry_and_store(project, tmp_path)
     run_training(config, progress=False, baselines=[])
@@ -374,7 +374,7 @@ def test_retraining_replays_the_feedback_continual_runs_learned(project, tmp_pat
         assert not np.allclose(offline.quality[:, j], replayed.quality[:, j]), f"{llm} learned nothing"
     untouched = [k for k, llm in enumerate(offline.llms) if llm not in set(consumed["llm"])]
     assert all(np.array_equal(offline.quality[:, k], replayed.quality[:, k]) for k in untouched)
-    from mixllm.continual import stage_replay
+    from mixllm.jobs.continual import stage_replay
 
     off = _own_registry_and_store(project, tmp_path, **{"pipeline.replay_feedback": False})
     assert stage_replay(off)[0] == workspace.router, "replay off: the offline fit is what gets evaluated"
@@ -382,10 +382,10 @@ def test_retraining_replays_the_feedback_continual_runs_learned(project, tmp_pat
 
 def test_a_poisoned_cost_scale_is_a_degenerate_model_the_gate_refuses(project):
     """One absurd cost can make every lambda route alike; the sanity checks must say so, first model or not."""
-    from mixllm.gate import sanity_problems
-    from mixllm.report import evaluate_router
-    from mixllm.workspace import load_split
-    from mixllm.router import MixLLMRouter
+    from mixllm.core.router import MixLLMRouter
+    from mixllm.io.workspace import load_split
+    from mixllm.jobs.gate import sanity_problems
+    from mixllm.jobs.report import evaluate_router
 
     config = _config(project)
     run_training(config, progress=False, register=False)  # the module's stages, reused when already built
@@ -409,7 +409,7 @@ def test_explored_traffic_judges_a_second_version_and_the_gate_records_both_verd
     on the logged traffic its score is worse, so the production evidence keeps it a challenger."""
     from typer.testing import CliRunner
 
-    from mixllm.cli import app
+    from mixllm.cli.commands import app
 
     settings = {"decision.policy": "softmax", "decision.seed": 0, "decision.exploration_budget.share": 0.3,
                 "decision.temperature": 0.1, "gate.min_logged_feedback": 100}
@@ -449,7 +449,7 @@ def test_explored_traffic_judges_a_second_version_and_the_gate_records_both_verd
 
 
 def test_planted_drift_is_found_and_retrains_once_and_steady_traffic_is_not_drift(project, tmp_path):
-    from mixllm.monitoring import check_drift, watch_drift
+    from mixllm.jobs.monitoring import check_drift, watch_drift
 
     config = _own_registry_and_store(project, tmp_path, **{"drift.min_queries": 60, "drift.window": 120})
     assert run_training(config, progress=False).registration.version == 1

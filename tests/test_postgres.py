@@ -16,11 +16,11 @@ import pytest
 import sqlalchemy as sa
 
 from mixllm.config import config_from_dict, load_config
-from mixllm.continual import read_new_feedback
-from mixllm.data import ingest
-from mixllm.registry import Registry
-from mixllm.store import InteractionLog, feedback
-from mixllm.training import run_training
+from mixllm.io.data import ingest
+from mixllm.io.registry import Registry
+from mixllm.io.store import InteractionLog, feedback
+from mixllm.jobs.continual import read_new_feedback
+from mixllm.jobs.training import run_training
 from synthetic import make_log, write_params
 
 pytestmark = pytest.mark.slow  # real servers, flows or training: `-m "not slow"` skips them
@@ -95,7 +95,7 @@ def test_feedback_is_stored_exactly_once_under_concurrent_retries(postgres):
 
 WRITER = textwrap.dedent("""
     import json, random, sys
-    from mixllm.store import InteractionLog
+    from mixllm.io.store import InteractionLog
 
     url, seed, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     store = InteractionLog(url)  # both processes create the schema at once on an empty database

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from mixllm.cli import app
+from mixllm.cli.commands import app
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,12 +48,12 @@ def test_every_command_has_help():
 
 
 def test_dvc_yaml_declares_what_the_stage_table_says():
-    """dvc.yaml and mixllm.training.STAGES (which drives `mixllm train`, the Prefect tasks and the
+    """dvc.yaml and mixllm.jobs.training.STAGES (which drives `mixllm train`, the Prefect tasks and the
     cache keys) must agree on every stage's command, inputs, settings and outputs."""
     import yaml
 
     from mixllm.config import load_config
-    from mixllm.training import STAGES, dvc_stage
+    from mixllm.jobs.training import STAGES, dvc_stage
 
     config = load_config(ROOT / "params.yaml")
     declared = yaml.safe_load((ROOT / "dvc.yaml").read_text(encoding="utf-8"))["stages"]

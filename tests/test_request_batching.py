@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from mixllm.request_batching import RequestCoalescer
+from mixllm.service.request_batching import RequestCoalescer
 
 
 def _wait_until(condition, limit_s=10.0):

@@ -9,14 +9,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mixllm.embeddings import QueryEncoder, load_sentence_transformer, mine_domain_triplets
-from mixllm.errors import ModelFormatError, RoutingError
-from mixllm.features import QueryFeaturizer, length_features
-from mixllm.predictors import CostPredictor, QualityPredictor, departures
-from mixllm.decision import LoadSnapshot, decide, expected_latency_s, latency_penalty
-from mixllm.router import MixLLMRouter
-from mixllm.router_format import FORMAT_VERSION
-from mixllm.tags import KeyBERTTagger, LLMTagger, TagClusterer, parse_tag_list
+from mixllm.core.decision import LoadSnapshot, decide, expected_latency_s, latency_penalty
+from mixllm.core.embeddings import QueryEncoder, load_sentence_transformer, mine_domain_triplets
+from mixllm.core.errors import ModelFormatError, RoutingError
+from mixllm.core.features import QueryFeaturizer, length_features
+from mixllm.core.predictors import CostPredictor, QualityPredictor, departures
+from mixllm.core.router import MixLLMRouter
+from mixllm.core.router_format import FORMAT_VERSION
+from mixllm.core.tags import KeyBERTTagger, LLMTagger, TagClusterer, parse_tag_list
 from synthetic import PRICE_PER_1K, SKILL, TOPICS, small_config
 
 LLMS = sorted(PRICE_PER_1K)
@@ -447,9 +447,9 @@ def test_a_newcomer_dearer_than_every_llm_starts_at_break_even_and_takes_its_sha
     joins again with a prior only. Optimistic alone, it would be the coder's 0.5 in math at ten times
     the cost: never chosen, though the full pool sends it every math query at this lambda. At
     break-even it is tried, its answers confirm it, and it takes about the full pool's share."""
-    from mixllm.baselines import query_frame
-    from mixllm.evaluate import Outcomes
-    from mixllm.simulate import PoolEvent, simulate_online
+    from mixllm.evaluation.baselines import query_frame
+    from mixllm.evaluation.evaluate import Outcomes
+    from mixllm.evaluation.simulate import PoolEvent, simulate_online
     from synthetic import make_log
 
     stream = make_log(90, seed=5)
@@ -497,7 +497,7 @@ def test_a_newcomers_prior_cost_prices_input_and_output_tokens_apart(fitted):
 
 
 def test_a_newcomer_keeps_its_resemblance_anchors_through_pool_changes_and_saving(fitted, tmp_path):
-    from mixllm.router import MixLLMRouter
+    from mixllm.core.router import MixLLMRouter
     from synthetic import make_log
 
     router = copy.deepcopy(fitted)
@@ -520,7 +520,7 @@ def test_a_newcomer_keeps_its_resemblance_anchors_through_pool_changes_and_savin
 
 
 def _with_newcomer_ridge(router, ridge):
-    from mixllm.training import ablation_config
+    from mixllm.jobs.training import ablation_config
 
     router.config = ablation_config(router.config, predictors__quality__new_llm_prior_ridge=ridge)
     return router
@@ -565,7 +565,7 @@ def test_a_newcomer_the_prices_underrate_learns_its_level_in_that_domain(fitted)
     n / (n + N) of the way after n answers there; the domain block takes the signal, so its code
     predictions move less than under the empirical-Bayes head alone, whose shared inputs carry it
     everywhere (on this log that head learns 0.48 in math and 0.36 in code; N = 20: 0.66 and 0.19)."""
-    from mixllm.training import ablation_config
+    from mixllm.jobs.training import ablation_config
     from synthetic import make_log
 
     assert fitted.config.predictors.quality.newcomer_domain_answers is not None, "on by default"
@@ -674,7 +674,7 @@ def test_the_featurizers_own_tokenizer_gives_sklearns_terms(ngram_max):
     """Routing tokenizes without scikit-learn; its terms must be the ones TF-IDF was fitted on."""
     from sklearn.feature_extraction.text import TfidfVectorizer
 
-    from mixllm.features import word_ngrams
+    from mixllm.core.features import word_ngrams
 
     texts = ["Python CODE sum; river-bank loan", "a I x_y 3.14 2+2=4", "Ünïcödé FAÇADE naïve café", "中文的问题 是什么",
              "tab\tand\x0bvertical\nnew line", "", "one", "it's don't e-mail co-op", "  spaced   out  ", "ΣΊΣΥΦΟΣ Straße"]
@@ -707,8 +707,8 @@ def test_a_service_start_loads_routes_and_logs_without_importing_scikit_learn_sc
     router.save(tmp_path / "router")
     queries = [CODE, MATH, HISTORY]
     url = f"sqlite:///{tmp_path / 'feedback.db'}"
-    check = ("import json, sys; from mixllm.router import MixLLMRouter; from mixllm.store import InteractionLog; "
-             "from mixllm.ledger import TenantLedger; from mixllm.sessions import SessionLog; "
+    check = ("import json, sys; from mixllm.core.router import MixLLMRouter; from mixllm.io.store import InteractionLog; "
+             "from mixllm.io.ledger import TenantLedger; from mixllm.io.sessions import SessionLog; "
              f"store = InteractionLog({url!r}); TenantLedger(store); SessionLog(store, ttl_s=60); "
              f"router = MixLLMRouter.load({str(tmp_path / 'router')!r}, progress=False); "
              f"decisions = router.route({queries!r}); "

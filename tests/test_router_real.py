@@ -7,10 +7,10 @@ import json
 import pytest
 
 from mixllm.config import load_config
-from mixllm.data import ingest
-from mixllm.workspace import load_split
-from mixllm.router import MixLLMRouter
-from mixllm.baselines import query_frame
+from mixllm.core.router import MixLLMRouter
+from mixllm.evaluation.baselines import query_frame
+from mixllm.io.data import ingest
+from mixllm.io.workspace import load_split
 
 pytestmark = pytest.mark.slow  # real servers, flows or training: `-m "not slow"` skips them
 

@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 
 from mixllm.config import config_from_dict
-from mixllm.savings import DIRECT, NO_TENANT, charts, dashboard_html, reference_llm, usage_summary
+from mixllm.evaluation.savings import DIRECT, NO_TENANT, charts, dashboard_html, reference_llm, usage_summary
 
 
 def _calls():

@@ -1,5 +1,5 @@
-"""The service's local copy of the version it serves (mixllm/served_copy.py) and how a start uses it
-(mixllm/model_lifecycle.py), in process with a registry whose answers the test controls. Serving
+"""The service's local copy of the version it serves (mixllm/service/served_copy.py) and how a start uses it
+(mixllm/service/model_lifecycle.py), in process with a registry whose answers the test controls. Serving
 from a copy with the real registry and service is tested in test_service.py."""
 
 import json
@@ -10,9 +10,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from mixllm import api_models
-from mixllm.model_lifecycle import LoadedModel, ModelLifecycle
-from mixllm.served_copy import NOTE, ServedCopy
+from mixllm.service import api_models
+from mixllm.service.model_lifecycle import LoadedModel, ModelLifecycle
+from mixllm.service.served_copy import NOTE, ServedCopy
 
 SOURCE = ("sqlite:////projects/a/mlflow.db", "mixllm-router", "champion")
 

@@ -14,12 +14,12 @@ import httpx
 import numpy as np
 import pytest
 
+from mixllm.cli.processes import free_port, port_in_use, start, stop, wait_http
 from mixllm.config import load_config
-from mixllm.data import ingest
-from mixllm.training import run_training
-from mixllm.registry import Registry
-from mixllm.processes import free_port, port_in_use, start, stop, wait_http
-from mixllm.store import InteractionLog
+from mixllm.io.data import ingest
+from mixllm.io.registry import Registry
+from mixllm.io.store import InteractionLog
+from mixllm.jobs.training import run_training
 from stubs import UpstreamStub
 from synthetic import PRICE_PER_1K, make_log, write_params
 
@@ -56,7 +56,7 @@ def serve(root, port, log_name="serve.log", extra_env=None):
     env = {**os.environ, "MIXLLM_PARAMS": str(root / "params.yaml"),
            "BENTOML_HOME": str(root / f"bentoml-{Path(log_name).stem}"),
            "BENTOML_DO_NOT_TRACK": "true", **(extra_env or {})}
-    command = [sys.executable, "-m", "bentoml", "serve", "mixllm.service:MixLLMService",
+    command = [sys.executable, "-m", "bentoml", "serve", "mixllm.service.app:MixLLMService",
                "--host", "127.0.0.1", "--port", str(port)]
     return start(command, log_path=root / log_name, env=env, cwd=root)
 
@@ -373,7 +373,7 @@ def test_the_proxy_needs_a_token_whenever_it_spends_upstream_keys(monkeypatch):
     """Even with no service token configured: anonymous callers must not spend the server's keys."""
     import asyncio
 
-    from mixllm.middleware import BearerAuth
+    from mixllm.service.middleware import BearerAuth
 
     async def downstream(scope, receive, send):
         await send({"type": "http.response.start", "status": 200})
@@ -399,7 +399,7 @@ def test_the_proxy_needs_a_token_whenever_it_spends_upstream_keys(monkeypatch):
 def test_a_signed_dashboard_link_opens_the_page_until_it_expires(monkeypatch):
     import asyncio
 
-    from mixllm.middleware import BearerAuth, dashboard_link
+    from mixllm.service.middleware import BearerAuth, dashboard_link
 
     async def downstream(scope, receive, send):
         await send({"type": "http.response.start", "status": 200})
@@ -477,7 +477,7 @@ def test_one_client_cannot_flood_the_others():
     (another token, or another address) is untouched; a batch costs one token per query."""
     import asyncio
 
-    from mixllm.middleware import ClientRateLimit
+    from mixllm.service.middleware import ClientRateLimit
 
     now = [0.0]
     calls = []
@@ -728,7 +728,7 @@ def test_bentoml_build_packages_the_service(tmp_path):
                             text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert 'Successfully built Bento(tag="mixllm:' in result.stdout + result.stderr
-    built = list((tmp_path / "home/bentos/mixllm").glob("*/src/mixllm/service.py"))
+    built = list((tmp_path / "home/bentos/mixllm").glob("*/src/mixllm/service/app.py"))
     assert built, "the bento carries the service code"
 
 
@@ -781,7 +781,7 @@ def test_a_restart_serves_its_local_copy_at_once_then_the_version_the_registry_n
     copy's version first, then swaps in the alias's, and the copy follows it."""
     import yaml
 
-    from mixllm.served_copy import ServedCopy
+    from mixllm.service.served_copy import ServedCopy
 
     base, root, config = service["base"], service["root"], service["config"]
     served = httpx.get(f"{base}/model", timeout=30).json()
@@ -1003,7 +1003,7 @@ def test_tenant_keys_budgets_and_allowed_llms(service, upstream):
     a tenant restricted to its allowed LLMs, and GET /budgets for a tenant and for the admin."""
     import openai
 
-    from mixllm.ledger import TenantLedger, api_keys, calls, key_hash
+    from mixllm.io.ledger import TenantLedger, api_keys, calls, key_hash
 
     base, config = service["base"], service["config"]
     store = InteractionLog(config.sqlalchemy_url(config.service.feedback_store_url))
@@ -1122,7 +1122,7 @@ def test_stats_and_the_dashboard_in_a_real_browser_show_the_recorded_calls(servi
         pytest.skip("no chromium on this machine (CI installs Debian's: apt-get install chromium)")
     from playwright.sync_api import sync_playwright
 
-    from mixllm.ledger import TenantLedger, calls
+    from mixllm.io.ledger import TenantLedger, calls
 
     base, config = service["base"], service["config"]
     store = InteractionLog(config.sqlalchemy_url(config.service.feedback_store_url))
@@ -1154,7 +1154,7 @@ def test_stats_and_the_dashboard_in_a_real_browser_show_the_recorded_calls(servi
         browser = playwright.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
         try:
             # A browser sends no Authorization header: the admin opens a signed, expiring link.
-            from mixllm.middleware import dashboard_link
+            from mixllm.service.middleware import dashboard_link
 
             page = browser.new_page(viewport={"width": 1250, "height": 1000})
             assert page.goto(f"{base}/dashboard").status == 401

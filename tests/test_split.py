@@ -2,7 +2,7 @@ import pandas as pd
 import pytest
 
 from mixllm.config import SplitConfig
-from mixllm.splitting import split_queries, with_split
+from mixllm.io.splitting import split_queries, with_split
 from synthetic import make_log
 
 
@@ -54,7 +54,7 @@ def test_same_seed_same_split_other_seed_differs(log):
 def test_split_column_in_data_is_honoured(log):
     ids = log["query_id"].unique()
     given = {q: ("test" if i % 4 == 0 else "train") for i, q in enumerate(ids)}
-    from mixllm.validation import validate_interactions
+    from mixllm.io.validation import validate_interactions
 
     with_col = validate_interactions(log.assign(split=log["query_id"].map(given))).accepted
     parts = split_queries(with_col, SplitConfig(column="split", validation_fraction=0.2))

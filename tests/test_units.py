@@ -3,7 +3,7 @@
 import numpy as np
 import pandas as pd
 
-from mixllm.units import outcome_tables
+from mixllm.core.units import outcome_tables
 
 
 def _log() -> pd.DataFrame:

@@ -107,7 +107,7 @@ class ServiceConfig(StrictModel):
     # A request whose body has not fully arrived after this long gets a 408 and its connection back.
     body_read_timeout_s: float = Field(default=10.0, gt=0)
     # A connection whose request headers have not all arrived this long after their first byte is
-    # closed (the HTTP server itself has no such limit; mixllm/header_deadline.py adds it).
+    # closed (the HTTP server itself has no such limit; mixllm/service/header_deadline.py adds it).
     header_read_timeout_s: float = Field(default=10.0, gt=0)
     # Name of the env var holding the bearer token; when it is set, /feedback and /admin/* need it.
     auth_token_env: str = "MIXLLM_API_TOKEN"
@@ -168,7 +168,7 @@ class SessionConfig(StrictModel):
 
 
 class DriftConfig(StrictModel):
-    """The drift monitor (mixllm.drift): recent traffic against the training data."""
+    """The drift monitor (mixllm.evaluation.drift): recent traffic against the training data."""
 
     enabled: bool = True
     # The most recent decisions (and rated calls) it reads; each check encodes their queries again

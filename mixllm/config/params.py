@@ -15,7 +15,7 @@ from mixllm.config.learning import (DataConfig, DecisionConfig, DomainsConfig, E
                                     FeaturesConfig, LLMConfig, PredictorsConfig, SplitConfig, TagsConfig)
 from mixllm.config.operations import (BudgetsConfig, DriftConfig, GateConfig, MLflowConfig, PipelineConfig,
                                       ServiceConfig, SessionConfig)
-from mixllm.errors import ConfigError
+from mixllm.core.errors import ConfigError
 
 
 class MixLLMConfig(StrictModel):

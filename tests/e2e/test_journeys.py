@@ -15,9 +15,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from mixllm.cli.processes import free_port, start, stop, wait_http
 from mixllm.config import load_config
-from mixllm.registry import Registry
-from mixllm.processes import free_port, start, stop, wait_http
+from mixllm.io.registry import Registry
 from synthetic import make_log, write_params
 
 pytestmark = pytest.mark.slow  # real servers, flows or training: `-m "not slow"` skips them
@@ -87,7 +87,7 @@ def test_every_journey_end_to_end(prefect_harness, tmp_path, monkeypatch):
     # Journey: call the route endpoint of the BentoML service.
     port = free_port()
     env = {**os.environ, "MIXLLM_PARAMS": params, "MIXLLM_API_TOKEN": TOKEN, "BENTOML_HOME": str(tmp_path / "bentoml")}
-    service = start([sys.executable, "-m", "bentoml", "serve", "mixllm.service:MixLLMService", "--host", "127.0.0.1",
+    service = start([sys.executable, "-m", "bentoml", "serve", "mixllm.service.app:MixLLMService", "--host", "127.0.0.1",
                      "--port", str(port)], log_path=tmp_path / "serve.log", env=env, cwd=project)
     base = f"http://127.0.0.1:{port}"
     try:

@@ -1,0 +1,404 @@
+"""The decision log the service writes and the continual flow reads: routing decisions and their feedback.
+
+(Not to be confused with `data.InteractionStore`, the Parquet training log of full interactions.)
+
+SQLite in WAL mode by default (a file under data/), any SQLAlchemy URL (PostgreSQL) by config.
+Every routing decision is logged; feedback joins its decision by `decision_id`. Writes are
+idempotent: a retried decision or feedback (same decision_id / request_id) never makes a second
+row, and a call returns only after its row is committed. The continual flow reads feedback past
+a watermark, and advances the watermark only after it has used the rows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import TYPE_CHECKING, Any
+
+import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError
+
+from mixllm.core.errors import MixLLMError
+
+if TYPE_CHECKING:  # pandas is imported where a frame is made: a service start (logs, router, a route) never needs it
+    import pandas as pd
+
+logger = logging.getLogger(__name__)
+
+# Any fixed 64-bit number: the advisory lock that serialises schema creation on PostgreSQL.
+SCHEMA_LOCK_KEY = 0x6D69786C6C6D  # "mixllm"
+
+metadata = sa.MetaData()
+
+decisions = sa.Table(
+    "decisions",
+    metadata,
+    sa.Column("decision_id", sa.String(64), primary_key=True),
+    sa.Column("request_id", sa.String(128), unique=True, nullable=True),
+    sa.Column("query", sa.Text, nullable=False),
+    sa.Column("llm", sa.String(256), nullable=False),
+    sa.Column("model_version", sa.Integer, nullable=True),
+    sa.Column("lambda_", sa.Float, nullable=True),
+    sa.Column("candidates", sa.Text, nullable=True),
+    # The probability the decision policy gave the LLM it chose (1 for the argmax policy); kept when
+    # compaction drops the candidates' scores, for off-policy evaluation.
+    sa.Column("propensity", sa.Float, nullable=True),
+    # What the call really cost and took, when the service saw it happen (the OpenAI proxy).
+    sa.Column("cost_usd", sa.Float, nullable=True),
+    sa.Column("latency_s", sa.Float, nullable=True),
+    sa.Column("input_tokens", sa.Float, nullable=True),
+    sa.Column("output_tokens", sa.Float, nullable=True),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+feedback = sa.Table(
+    "feedback",
+    metadata,
+    sa.Column("feedback_id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("decision_id", sa.String(64), unique=True, nullable=True),
+    sa.Column("request_id", sa.String(128), unique=True, nullable=True),
+    sa.Column("query", sa.Text, nullable=False),
+    sa.Column("llm", sa.String(256), nullable=False),
+    sa.Column("quality", sa.Float, nullable=False),
+    sa.Column("cost_usd", sa.Float, nullable=True),  # unknown unless sent or measured by the proxy
+    sa.Column("latency_s", sa.Float, nullable=True),
+    sa.Column("input_tokens", sa.Float, nullable=True),
+    sa.Column("output_tokens", sa.Float, nullable=True),
+    sa.Column("kind", sa.String(16), nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+watermarks = sa.Table(
+    "watermarks",
+    metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("value", sa.Integer, nullable=False),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+
+def _add_missing_columns(connection: Any, tables: list[sa.Table] | None) -> None:
+    """A log written by an older version lacks the nullable columns added since: add them (the only
+    schema change so far is additive, so this is the whole migration)."""
+    inspector = sa.inspect(connection)
+    for table in tables or list(metadata.tables.values()):
+        if not inspector.has_table(table.name):
+            continue
+        present = {column["name"] for column in inspector.get_columns(table.name)}
+        for column in table.columns:
+            if column.name not in present and column.nullable:
+                kind = column.type.compile(dialect=connection.dialect)
+                connection.execute(sa.text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}'))
+                logger.info("decision log: added column %s.%s", table.name, column.name)
+
+
+class StoreBusyError(MixLLMError, RuntimeError):
+    """The database did not take a write within the busy timeout (another writer holds its lock)."""
+
+
+class UnknownDecisionError(MixLLMError, LookupError):
+    """Feedback names a decision_id the store has never seen."""
+
+
+@dataclass(frozen=True)
+class StoredFeedback:
+    feedback_id: int
+    created: bool  # False: the same feedback was already stored (an idempotent retry)
+    llm: str = ""  # the LLM the feedback is about (the decision's, when given a decision_id)
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def existing_log(url: str) -> InteractionLog | None:
+    """The decision log at `url`, or None when it is a SQLite file not created yet (a job that only
+    reads must not create an empty log as a side effect)."""
+    from pathlib import Path
+
+    if url.startswith("sqlite:///") and ":memory:" not in url and not Path(url.split("///", 1)[1]).is_file():
+        return None
+    return InteractionLog(url)
+
+
+class InteractionLog:
+    """The live log: routing decisions and the feedback that joins them, in a SQL database (SQLite WAL
+    by default, PostgreSQL by URL). Training data lives elsewhere (`data.InteractionStore`)."""
+
+    def __init__(self, url: str, busy_timeout_s: float = 30.0):
+        """`busy_timeout_s`: how long a write waits for a database lock held by another writer
+        before it fails with StoreBusyError (the service keeps it short and answers 503)."""
+        self.url = url
+        self.busy_timeout_s = float(busy_timeout_s)
+        connect_args: dict[str, Any] = {}
+        if url.startswith("sqlite"):
+            path = url.split("///", 1)[-1]
+            if path and path != ":memory:":
+                from pathlib import Path
+
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            connect_args = {"timeout": self.busy_timeout_s, "check_same_thread": False}
+        elif url.startswith("postgresql"):
+            connect_args = {"options": f"-c lock_timeout={int(self.busy_timeout_s * 1000)}"}
+        self.engine = sa.create_engine(url, connect_args=connect_args, pool_pre_ping=True)
+        if url.startswith("sqlite"):
+            @sa.event.listens_for(self.engine, "connect")
+            def _sqlite_pragmas(dbapi_connection: Any, _: Any) -> None:
+                cursor = dbapi_connection.cursor()
+                # WAL: readers never block the writer; FULL sync: a committed row survives a crash.
+                cursor.execute("PRAGMA journal_mode=WAL")
+                cursor.execute("PRAGMA synchronous=FULL")
+                cursor.execute(f"PRAGMA busy_timeout={int(self.busy_timeout_s * 1000)}")
+                cursor.close()
+        self.create_schema()
+        # SQLite allows one writer at a time; serialise our own writes instead of retrying on locks.
+        self._write_lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[Any]:
+        """One write transaction, serialised with this process's other writes; a lock held elsewhere
+        longer than the busy timeout is a StoreBusyError, not a hang."""
+        if not self._write_lock.acquire(timeout=self.busy_timeout_s):
+            raise StoreBusyError(f"the decision log is busy: no write slot within {self.busy_timeout_s:g} s; retry shortly")
+        try:
+            with self.engine.begin() as connection:
+                yield connection
+        except sa.exc.OperationalError as problem:
+            raise StoreBusyError(f"the decision log is busy or unreachable ({str(problem.orig).strip()[:80]}); "
+                                 "retry shortly") from problem
+        finally:
+            self._write_lock.release()
+
+    def create_schema(self, tables: list[sa.Table] | None = None) -> None:
+        """Create the tables once, even when several replicas start together on an empty database:
+        on PostgreSQL concurrent CREATE TABLEs collide (a unique violation in the catalogue), so the
+        creation holds a transaction-scoped advisory lock; elsewhere a collision is retried once."""
+        if self.engine.dialect.name == "postgresql":
+            with self.engine.begin() as connection:
+                connection.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": SCHEMA_LOCK_KEY})
+                metadata.create_all(connection, tables=tables)
+                _add_missing_columns(connection, tables)
+            return
+        try:
+            metadata.create_all(self.engine, tables=tables)
+        except sa.exc.DBAPIError:
+            time.sleep(0.5)  # another process was creating the same tables: they exist now
+            metadata.create_all(self.engine, tables=tables)
+        with self.engine.begin() as connection:
+            _add_missing_columns(connection, tables)
+
+    # --------------------------------------------------------------------------------- decisions
+
+    def log_decision(self, query: str, llm: str, *, model_version: int | None, lambda_: float | None,
+                     candidates: list[dict[str, Any]] | dict[str, Any] | None = None,
+                     request_id: str | None = None, propensity: float | None = None) -> str:
+        """Store a decision and return its id; a retried request_id returns the first decision's id.
+        `candidates` (any JSON): the candidates' scores, or a dict with them and what else the
+        service needs to answer a retry as the first time (relaxed constraints, notes)."""
+        return self.record_decision(query, llm, model_version=model_version, lambda_=lambda_,
+                                    candidates=candidates, request_id=request_id, propensity=propensity)[0]
+
+    def record_decision(self, query: str, llm: str, *, model_version: int | None, lambda_: float | None,
+                        candidates: list[dict[str, Any]] | dict[str, Any] | None = None,
+                        request_id: str | None = None, propensity: float | None = None) -> tuple[str, bool]:
+        """log_decision, and whether this call stored it (False: the request_id was already taken,
+        perhaps by a concurrent call a moment earlier; the id is then the first decision's)."""
+        if request_id:
+            existing = self.decision_by_request(request_id)
+            if existing is not None:
+                return existing["decision_id"], False
+        decision_id = uuid.uuid4().hex
+        row = {"decision_id": decision_id, "request_id": request_id or None, "query": query, "llm": llm,
+               "model_version": model_version, "lambda_": lambda_,
+               "candidates": json.dumps(candidates) if candidates is not None else None, "propensity": propensity,
+               "created_at": utcnow()}
+        try:
+            with self.writing() as connection:
+                connection.execute(decisions.insert().values(**row))
+        except IntegrityError:
+            existing = self.decision_by_request(request_id) if request_id else None
+            if existing is None:
+                raise
+            return existing["decision_id"], False
+        return decision_id, True
+
+    def log_decisions(self, rows: list[dict[str, Any]]) -> list[str]:
+        """Many decisions in one transaction (the batch route)."""
+        ids = []
+        payload = []
+        for row in rows:
+            decision_id = uuid.uuid4().hex
+            ids.append(decision_id)
+            payload.append({"decision_id": decision_id, "request_id": None, "query": row["query"], "llm": row["llm"],
+                            "model_version": row.get("model_version"), "lambda_": row.get("lambda_"),
+                            "candidates": json.dumps(row.get("candidates")) if row.get("candidates") is not None else None,
+                            "propensity": row.get("propensity"), "created_at": utcnow()})
+        if payload:
+            with self.writing() as connection:
+                connection.execute(decisions.insert(), payload)
+        return ids
+
+    def complete_decision(self, decision_id: str, *, cost_usd: float | None, latency_s: float | None,
+                          input_tokens: float | None = None, output_tokens: float | None = None,
+                          llm: str | None = None) -> None:
+        """Record the real cost and latency of a decided call (the proxy knows them), and the LLM
+        that answered when it is not the one chosen (the proxy failed over): feedback on the
+        decision then teaches the LLM that wrote the answer."""
+        values = {"cost_usd": cost_usd, "latency_s": latency_s, "input_tokens": input_tokens,
+                  "output_tokens": output_tokens, **({"llm": llm} if llm else {})}
+        with self.writing() as connection:
+            connection.execute(decisions.update().where(decisions.c.decision_id == decision_id).values(**values))
+
+    def decision_by_request(self, request_id: str) -> dict[str, Any] | None:
+        with self.engine.connect() as connection:
+            row = connection.execute(sa.select(decisions).where(decisions.c.request_id == request_id)).mappings().first()
+        return dict(row) if row else None
+
+    def decision(self, decision_id: str) -> dict[str, Any] | None:
+        with self.engine.connect() as connection:
+            row = connection.execute(sa.select(decisions).where(decisions.c.decision_id == decision_id)).mappings().first()
+        return dict(row) if row else None
+
+    def compact(self, detail_days: float, retention_days: float, now: datetime | None = None) -> dict[str, int]:
+        """Bound the decision log: drop the candidates' scores of decisions older than `detail_days`,
+        and delete decisions older than `retention_days` that no feedback names. Returns the counts."""
+        now = now or utcnow()
+        detail_cutoff = now - timedelta(days=detail_days)
+        retention_cutoff = now - timedelta(days=retention_days)
+        named = sa.select(feedback.c.decision_id).where(feedback.c.decision_id.is_not(None))
+        with self.writing() as connection:
+            stripped = connection.execute(
+                decisions.update()
+                .where(decisions.c.created_at < detail_cutoff, decisions.c.candidates.is_not(None))
+                .values(candidates=None)
+            ).rowcount
+            deleted = connection.execute(
+                decisions.delete().where(decisions.c.created_at < retention_cutoff, decisions.c.decision_id.not_in(named))
+            ).rowcount
+        if self.engine.dialect.name == "sqlite" and (stripped or deleted):
+            with self.engine.connect() as connection:  # give the freed pages back to the file system
+                connection.execution_options(isolation_level="AUTOCOMMIT").execute(sa.text("VACUUM"))
+        logger.info("decision log compacted: %d decisions' scores dropped (older than %g days), %d decisions deleted "
+                    "(older than %g days, no feedback)", stripped, detail_days, deleted, retention_days)
+        return {"scores_dropped": int(stripped), "deleted": int(deleted)}
+
+    # ---------------------------------------------------------------------------------- feedback
+
+    def add_feedback(self, *, quality: float, kind: str = "refined", decision_id: str | None = None,
+                     request_id: str | None = None, query: str | None = None, llm: str | None = None,
+                     cost_usd: float | None = None, latency_s: float | None = None,
+                     input_tokens: float | None = None, output_tokens: float | None = None) -> StoredFeedback:
+        """Store one feedback row, committed before returning. With a decision_id, query and llm
+        come from the decision; a second call for the same decision_id (or request_id) is a no-op."""
+        if decision_id:
+            decision = self.decision(decision_id)
+            if decision is None:
+                raise UnknownDecisionError(f"unknown decision_id '{decision_id}': use the id /route returned (decisions "
+                                           "without feedback are kept service.decision_retention_days)")
+            if llm is not None and llm != decision["llm"]:
+                raise MixLLMError(f"decision {decision_id} chose '{decision['llm']}', not '{llm}'", field="llm")
+            query, llm = decision["query"], decision["llm"]
+            # What the proxy measured fills what the feedback leaves out.
+            cost_usd = cost_usd if cost_usd is not None else decision.get("cost_usd")
+            latency_s = latency_s if latency_s is not None else decision.get("latency_s")
+            input_tokens = input_tokens if input_tokens is not None else decision.get("input_tokens")
+            output_tokens = output_tokens if output_tokens is not None else decision.get("output_tokens")
+        if not query or not llm:
+            raise MixLLMError("feedback needs a decision_id, or a query and the llm that answered it")
+        existing = self._existing_feedback(decision_id, request_id)
+        if existing is not None:
+            return StoredFeedback(existing, False, llm)
+        row = {"decision_id": decision_id, "request_id": request_id or None, "query": query, "llm": llm,
+               "quality": float(quality), "cost_usd": float(cost_usd) if cost_usd is not None else None, "latency_s": latency_s,
+               "input_tokens": input_tokens, "output_tokens": output_tokens, "kind": kind, "created_at": utcnow()}
+        try:
+            with self.writing() as connection:
+                result = connection.execute(feedback.insert().values(**row))
+                return StoredFeedback(int(result.inserted_primary_key[0]), True, llm)
+        except IntegrityError:
+            existing = self._existing_feedback(decision_id, request_id)
+            if existing is None:
+                raise
+            return StoredFeedback(existing, False, llm)
+
+    def _existing_feedback(self, decision_id: str | None, request_id: str | None) -> int | None:
+        conditions = []
+        if decision_id:
+            conditions.append(feedback.c.decision_id == decision_id)
+        if request_id:
+            conditions.append(feedback.c.request_id == request_id)
+        if not conditions:
+            return None
+        with self.engine.connect() as connection:
+            return connection.execute(sa.select(feedback.c.feedback_id).where(sa.or_(*conditions))).scalars().first()
+
+    def feedback_since(self, after_id: int) -> pd.DataFrame:
+        """Feedback rows with id > after_id, joined to their decisions (model version, lambda)."""
+        query = (
+            sa.select(feedback, decisions.c.model_version, decisions.c.lambda_,
+                      decisions.c.created_at.label("decided_at"))
+            .select_from(feedback.outerjoin(decisions, feedback.c.decision_id == decisions.c.decision_id))
+            .where(feedback.c.feedback_id > after_id)
+            .order_by(feedback.c.feedback_id)
+        )
+        import pandas as pd
+
+        with self.engine.connect() as connection:
+            return pd.DataFrame(connection.execute(query).mappings().all())
+
+    def recent_queries(self, limit: int) -> list[str]:
+        """The queries of the last `limit` decisions (what the drift monitor reads)."""
+        query = sa.select(decisions.c.query).order_by(decisions.c.created_at.desc()).limit(limit)
+        with self.engine.connect() as connection:
+            return [row[0] for row in connection.execute(query)]
+
+    def decisions_with_feedback(self, since: datetime | None = None, limit: int | None = None) -> pd.DataFrame:
+        """Logged decisions that got feedback, one row each (the feedback's quality, its cost or the
+        call's), with the probability the policy gave the choice: what off-policy evaluation reads."""
+        query = (
+            sa.select(decisions.c.decision_id, decisions.c.query, decisions.c.llm, decisions.c.propensity,
+                      decisions.c.lambda_, decisions.c.model_version, decisions.c.created_at, feedback.c.quality,
+                      sa.func.coalesce(feedback.c.cost_usd, decisions.c.cost_usd).label("cost_usd"))
+            .select_from(decisions.join(feedback, feedback.c.decision_id == decisions.c.decision_id))
+            .order_by(feedback.c.feedback_id.desc())
+        )
+        if since is not None:
+            query = query.where(decisions.c.created_at >= since)
+        if limit is not None:  # the most recent ones
+            query = query.limit(limit)
+        with self.engine.connect() as connection:
+            rows = connection.execute(query).mappings().all()[::-1]  # oldest first
+        import pandas as pd
+
+        return pd.DataFrame(rows, columns=["decision_id", "query", "llm", "propensity", "lambda_", "model_version",
+                                           "created_at", "quality", "cost_usd"])
+
+    def count(self, table: str) -> int:
+        target = {"decisions": decisions, "feedback": feedback}[table]
+        with self.engine.connect() as connection:
+            return int(connection.execute(sa.select(sa.func.count()).select_from(target)).scalar_one())
+
+    # -------------------------------------------------------------------------------- watermarks
+
+    def watermark(self, name: str = "continual") -> int:
+        with self.engine.connect() as connection:
+            value = connection.execute(sa.select(watermarks.c.value).where(watermarks.c.name == name)).scalar_one_or_none()
+        return int(value or 0)
+
+    def set_watermark(self, value: int, name: str = "continual") -> None:
+        with self.writing() as connection:
+            updated = connection.execute(
+                watermarks.update().where(watermarks.c.name == name).values(value=value, updated_at=utcnow())
+            )
+            if updated.rowcount == 0:
+                connection.execute(watermarks.insert().values(name=name, value=value, updated_at=utcnow()))
+
+    def dispose(self) -> None:
+        self.engine.dispose()

@@ -1,0 +1,145 @@
+"""The proxy's tenants: which LLMs a tenant may use, where its spend stands against its budgets,
+the lambda that paces it, and the spend records. A mixin of the service class, beside ChatProxy.
+
+Spend fails closed: a record the database does not take is kept in memory and retried before the
+next call, and while it cannot be written the tenant gets 503s instead of calls nobody accounts for.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from fastapi.responses import JSONResponse
+
+from mixllm.config import TenantConfig
+from mixllm.core.budgets import binding
+from mixllm.service.api_models import error
+from mixllm.service.middleware import TENANT_HEADER
+
+logger = logging.getLogger("bentoml.mixllm")
+
+
+@dataclass
+class SpendPlan:
+    """What a tenant's chat may do: its candidates, the lambda to route with, and why."""
+
+    tenant: TenantConfig | None
+    candidates: list[str]
+    lambda_: float | None
+    notes: list[str] = field(default_factory=list)
+
+
+class TenantBudgets:
+    """Needs from the class it is mixed into: config, ledger (mixllm.io.ledger.TenantLedger), pacer
+    (mixllm.core.budgets.BudgetPacer) and _price (ChatProxy's)."""
+
+    _unwritten: list[dict[str, Any]]
+    _unwritten_lock: threading.Lock
+
+    def _tenant(self, request: Any) -> TenantConfig | None:
+        name = request.headers.get(TENANT_HEADER.decode())
+        return self.config.budgets.tenant(name) if name else None
+
+    def _standing(self, tenant: TenantConfig, now: datetime) -> list[Any]:
+        return self.ledger.standing(tenant, now, self.config.budgets.pacing.warmup_share)
+
+    def _spend_plan(self, tenant: TenantConfig | None, candidates: list[str], lambda_: float | None,
+                    default_lambda: float) -> SpendPlan | JSONResponse:
+        """The tenant's allowed candidates and paced lambda; a 429 when a budget is spent and the
+        tenant's on_exhausted is reject; a 503 when its spend cannot be accounted for."""
+        from mixllm.io.store import StoreBusyError
+
+        waiting = len(self._unwritten)
+        if waiting >= self.config.service.max_unwritten_calls:  # memory is not the ledger: stop spending
+            try:
+                self._flush_spend()
+            except Exception as exc:  # noqa: BLE001 - answered below, nothing dropped
+                return error(503, None, f"{waiting} answered calls are waiting to be recorded ({exc}); no call "
+                                        "is made until the decision log takes them", {"Retry-After": "5"})
+        if tenant is None:
+            return SpendPlan(None, candidates, lambda_)
+        allowed = [llm for llm in candidates if tenant.allowed_llms is None or llm in tenant.allowed_llms]
+        if not allowed:
+            return error(403, "model", f"tenant '{tenant.name}' may use none of the reachable LLMs "
+                                       f"({', '.join(candidates)}); its allowed_llms: {', '.join(tenant.allowed_llms or [])}")
+        if not tenant.budgets_usd:
+            return SpendPlan(tenant, allowed, lambda_)
+        now = datetime.now(timezone.utc)
+        try:
+            self._flush_spend()
+            standing = self._standing(tenant, now)
+        except StoreBusyError as exc:
+            return error(503, None, f"the spend of tenant '{tenant.name}' cannot be accounted for ({exc}); no "
+                                    "call is made until it can", {"Retry-After": "2"})
+        limit = binding(standing)
+        if limit is not None and limit.exhausted:
+            resets = limit.resets_at.isoformat().replace("+00:00", "Z")
+            if tenant.on_exhausted == "reject":
+                retry = max(int((limit.resets_at - now).total_seconds()) + 1, 1)
+                return error(429, None, f"tenant '{tenant.name}' has spent its {limit.period} budget "
+                                        f"(${limit.spent_usd:.4f} of ${limit.budget_usd:.4f}); it resets at {resets}",
+                             {"Retry-After": str(retry)})
+            cheapest = min(allowed, key=lambda name: self._price(name, 1000, 1000) or float("inf"))
+            return SpendPlan(tenant, [cheapest], lambda_, [f"{limit.period} budget spent: cheapest LLM until {resets}"])
+        factor = self.pacer.factor(tenant.name, standing, now)
+        paced = self.pacer.effective_lambda(default_lambda if lambda_ is None else lambda_, factor)
+        note = (f"budget pacing: lambda x{factor:.2f} ({limit.period} budget {100 * limit.spent_usd / limit.budget_usd:.1f}%"
+                f" spent, {100 * limit.elapsed_share:.1f}% of the {limit.period} gone)")
+        return SpendPlan(tenant, allowed, paced, [note])
+
+    def _record_call(self, tenant: TenantConfig | None, llm: str, cost_usd: float, estimated: bool, *,
+                     decision_id: str | None, model_version: int | None, reference_cost_usd: float | None,
+                     router_ms: float | None, attempts: int) -> None:
+        """Store an answered call (its spend); if the database refuses, keep it for the next attempt
+        (never drop it): a budgeted tenant's calls wait (503) until it is written."""
+        record = {"tenant": tenant.name if tenant is not None else None, "llm": llm, "cost_usd": float(cost_usd),
+                  "estimated": estimated, "decision_id": decision_id, "model_version": model_version,
+                  "reference_cost_usd": reference_cost_usd, "router_ms": router_ms, "attempts": attempts,
+                  "at": datetime.now(timezone.utc)}
+        with self._unwritten_lock:
+            self._unwritten.append(record)
+        try:
+            self._flush_spend()
+        except Exception as exc:  # noqa: BLE001 - kept in memory, retried before the next call
+            logger.error("call record (tenant %s, %s) kept in memory, not yet written (%s); %d waiting. Calls of "
+                         "budgeted tenants get 503 until it is written", record["tenant"], llm, exc, len(self._unwritten))
+
+    def _flush_spend(self) -> None:
+        """Write the call records waiting in memory, oldest first; raises if the database refuses."""
+        with self._unwritten_lock:
+            while self._unwritten:
+                record = self._unwritten[0]
+                self.ledger.record_call(**record)
+                self._unwritten.pop(0)
+
+    def budget_report(self, tenant: TenantConfig | None) -> dict[str, Any]:
+        """GET /budgets: each tenant's standing (only the caller's own for a tenant key)."""
+        now = datetime.now(timezone.utc)
+        tenants = [tenant] if tenant is not None else list(self.config.budgets.tenants)
+        out = []
+        for entry in tenants:
+            standing = self._standing(entry, now) if entry.budgets_usd else []
+            limit = binding(standing)
+            factor = self.pacer.factor(entry.name, standing, now) if standing else 1.0
+            out.append({"tenant": entry.name, "on_exhausted": entry.on_exhausted,
+                        "allowed_llms": list(entry.allowed_llms) if entry.allowed_llms is not None else None,
+                        "lambda_factor": factor, "binding": limit.period if limit else None,
+                        "budgets": [s.to_dict() for s in standing]})
+        return {"tenants": out, "unwritten_spend_records": len(self._unwritten)}
+
+    def usage_report(self, tenant: TenantConfig | None, days: float | None) -> tuple[dict[str, Any], Any]:
+        """(the /stats summary, the calls it summarises): a tenant's own calls, or everyone's."""
+        from datetime import timedelta
+
+        from mixllm.evaluation.savings import reference_llm, usage_summary
+
+        since = datetime.now(timezone.utc) - timedelta(days=days) if days else None
+        calls = self.ledger.calls_frame(since)
+        if tenant is not None:
+            calls = calls[calls["tenant"] == tenant.name]
+        summary = usage_summary(calls, self.config.service.router_usd_per_hour, reference_llm(self.config))
+        return summary, calls
