@@ -74,3 +74,11 @@ def test_only_the_registry_imports_mlflow():
             if any(n == "mlflow" or n.startswith("mlflow.") for n in names):
                 importers.append(str(path.relative_to(PACKAGE)))
     assert sorted(set(importers)) == ["io/registry.py"]
+
+
+def test_the_flows_are_shells_over_the_jobs():
+    """A Prefect flow runs jobs; it never reaches into the service or the command line."""
+    wrong = [f"{path.relative_to(PACKAGE.parent)}:{line} imports {name}"
+             for path in sorted((PACKAGE.parent / "flows").rglob("*.py"))
+             for line, name in mixllm_imports(path) if layer_of(name) in {"service", "cli"}]
+    assert not wrong, "\n".join(wrong)
