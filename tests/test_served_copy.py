@@ -250,3 +250,35 @@ def test_a_missing_alias_is_reported_once_per_outage_while_the_copy_serves(tmp_p
         thread.join(5)
     reports = [r for r in caplog.records if "has no 'champion' version" in r.getMessage()]
     assert len(reports) == 2, f"one report per outage, not one per poll ({len(reports)} in {len(polls)} polls)"
+
+
+def test_replicas_committing_at_once_leave_the_copy_the_note_names(tmp_path):
+    """Replicas of one project share the served copy. Each commits the version it serves when it
+    loads one, so commits can overlap (an alias move reaches every replica within one poll). Whatever
+    the overlap, the note must name a copy that is there: overlapping commits used to delete each
+    other's folders and leave a note naming none."""
+    copies = [ServedCopy(tmp_path / "serving", *SOURCE) for _ in range(6)]
+    # Replica r commits versions r+1, r+2, ... (mod 5): at any moment the replicas commit different ones.
+    versions = [[(r + i) % 5 + 1 for i in range(5)] for r in range(len(copies))]
+    staged = [[copy.stage(_router_folder(tmp_path, f"download-{r}-{v}", f"v{v}")) for v in versions[r]]
+              for r, copy in enumerate(copies)]
+    start, failures = threading.Barrier(len(copies)), []
+
+    def replica(r):
+        start.wait()
+        try:
+            for v, staging in zip(versions[r], staged[r]):
+                copies[r].commit(staging, v, f"run-{v}")
+        except Exception as exc:  # noqa: BLE001 - the test reports what a replica met
+            failures.append(repr(exc))
+
+    threads = [threading.Thread(target=replica, args=(r,)) for r in range(len(copies))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not failures, failures
+    version = copies[0].version()
+    assert version is not None
+    assert (copies[0].folder / f"version-{version}" / "router.json").read_text() == f"v{version}"
+    assert sorted(p.name for p in copies[0].folder.iterdir()) == [NOTE, f"version-{version}"]

@@ -13,11 +13,16 @@ start then waits for the registry, as it does with no copy.
 Several services may share a project (replicas): a copy is staged under a name no other process
 uses and renamed into place only once its version serves, and the note is replaced atomically, so a
 reader sees the old copy or the new one, never half of one; a copy deleted under a reader fails its
-load, and that start waits for the registry.
+load, and that start waits for the registry. Commits take a lock file beside the folder, one at a
+time: overlapping commits (an alias move reaches every replica within one poll) used to delete each
+other's copies and fail with "Directory not empty". The last commit wins; if a slower replica
+commits an older version last, the next start serves it and swaps in the alias's version from the
+registry, as after any alias move.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -27,7 +32,12 @@ import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
+
+try:
+    import fcntl
+except ImportError:  # Windows: no lock, so replicas there must not commit at once (one service per copy)
+    fcntl = None
 
 logger = logging.getLogger("bentoml.mixllm")  # bentoml serve shows "bentoml.*" loggers
 
@@ -102,8 +112,22 @@ class ServedCopy:
             raise
         return staging
 
+    @contextlib.contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """One commit at a time among the processes and threads that share this copy (the lock file
+        sits beside the folder, so the folder holds only the note and the copy)."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with open(self.folder.parent / f"{self.folder.name}.lock", "ab") as handle:
+            if fcntl is not None:
+                fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file closes, also if the process dies
+            yield
+
     def commit(self, staging: Path, version: int, identity: str | None) -> None:
         """Make a staged copy the served copy: the note names it, older copies go."""
+        with self._exclusive():
+            self._commit(staging, version, identity)
+
+    def _commit(self, staging: Path, version: int, identity: str | None) -> None:
         target = self._version_folder(version)
         note = self.note()
         if note is not None and (note["version"], note.get("identity")) == (version, identity) and target.is_dir():
