@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from mixllm import __version__
-
 from mixllm.config import LLMConfig, MixLLMConfig, config_from_dict
 from mixllm.core import estimators
 from mixllm.core.bayesian_linear import BayesianLinearRegressor, VarianceMemo, gcv_ridge
