@@ -10,9 +10,10 @@ import pandas as pd
 import pytest
 
 from mixllm.core.decision import LoadSnapshot, decide, expected_latency_s, latency_penalty
-from mixllm.core.embeddings import QueryEncoder, load_sentence_transformer, mine_domain_triplets
+from mixllm.core.embeddings import QueryEncoder, load_sentence_transformer
 from mixllm.core.errors import ModelFormatError, RoutingError
 from mixllm.core.features import QueryFeaturizer, length_features
+from mixllm.core.fine_tuning import mine_domain_triplets
 from mixllm.core.predictors import CostPredictor, QualityPredictor, departures
 from mixllm.core.router import MixLLMRouter
 from mixllm.core.router_format import FORMAT_VERSION

