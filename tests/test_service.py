@@ -1063,6 +1063,12 @@ def test_tenant_keys_budgets_and_allowed_llms(service, upstream):
     ledger.revoke(keys["coders"][0])
     with pytest.raises(openai.AuthenticationError):  # budgets.key_cache_s is 0 here
         ask("coders")
+    # A key whose tenant was taken out of params.yaml, and not revoked, used to pass for the admin token.
+    _, orphan = ledger.create_key("no-longer-configured")
+    keys["no-longer-configured"] = (None, orphan)
+    assert httpx.get(f"{base}/budgets", headers={"Authorization": f"Bearer {orphan}"}, timeout=30).status_code == 401
+    with pytest.raises(openai.AuthenticationError, match="unknown or revoked API key"):
+        ask("no-longer-configured")
     store.dispose()
 
 

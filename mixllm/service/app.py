@@ -137,7 +137,7 @@ class MixLLMService(ModelLifecycle, RouteDecisions, ChatProxy, TenantBudgets, Se
         from mixllm.io.sessions import SessionLog
 
         self.sessions = SessionLog(self.store, ttl_s=self.config.session.ttl_s)
-        TENANT_KEYS.enabled, TENANT_KEYS.lookup = bool(self.config.budgets.tenants), self.ledger.tenant_of
+        TENANT_KEYS.enabled, TENANT_KEYS.lookup = bool(self.config.budgets.tenants), self._tenant_of_key
         self.load = LiveLoad(max_age_s=self.config.service.in_flight_max_age_s,
                              window=self.config.service.latency_window)
         self.metrics = ServiceMetrics()

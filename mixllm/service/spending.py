@@ -40,6 +40,17 @@ class TenantBudgets:
     _unwritten: list[dict[str, Any]]
     _unwritten_lock: threading.Lock
 
+    def _tenant_of_key(self, key: str) -> str | None:
+        """The tenant of an active key, if params.yaml still has it. A key whose tenant was taken out of
+        budgets.tenants but not revoked would otherwise pass the middleware and then match no tenant,
+        which is how the admin token looks: every tenant's figures and an unbudgeted proxy."""
+        tenant = self.ledger.tenant_of(key)
+        if tenant is not None and self.config.budgets.tenant(tenant) is None:
+            logger.warning("refused an API key of tenant %r, which budgets.tenants no longer has (revoke it: "
+                           "mixllm keys revoke KEY_ID)", tenant)
+            return None
+        return tenant
+
     def _tenant(self, request: Any) -> TenantConfig | None:
         name = request.headers.get(TENANT_HEADER.decode())
         return self.config.budgets.tenant(name) if name else None
