@@ -1200,8 +1200,13 @@ def test_drift_of_the_recent_traffic_is_measured_and_exported(service):
 
 def test_the_challenger_scores_live_traffic_in_the_shadow_and_is_judged_off_policy(service):
     base = service["base"]
-    before = {v["model_version"]: v["decisions"] for v in httpx.get(f"{base}/stats", headers=AUTH).json()
-              ["shadow"]["by_version"]}
+    # The challenger loads after the champion; queries routed before it serves are not shadowed, so a
+    # test run first (alone, or first in a random order) waits for it.
+    deadline = time.monotonic() + 60
+    while (stats := httpx.get(f"{base}/stats", headers=AUTH, timeout=60).json())["shadow"]["version"] != 2:
+        assert time.monotonic() < deadline, f"the challenger never loaded: {stats['shadow']}"
+        time.sleep(0.5)
+    before = {v["model_version"]: v["decisions"] for v in stats["shadow"]["by_version"]}
     routed = [_route(base, query=q) for q in make_log(10, seed=88).drop_duplicates("query_id")["query"]]
     for decision in routed[:5]:
         assert httpx.post(f"{base}/feedback", json={"decision_id": decision["decision_id"], "quality": 1.0},
@@ -1210,8 +1215,8 @@ def test_the_challenger_scores_live_traffic_in_the_shadow_and_is_judged_off_poli
     while time.monotonic() < deadline:
         shadow = httpx.get(f"{base}/stats", headers=AUTH, timeout=60).json()["shadow"]
         scored = {v["model_version"]: v["decisions"] for v in shadow["by_version"]}
-        if scored.get(2, 0) - before.get(2, 0) >= 10:
-            break
+        if scored.get(2, 0) - before.get(2, 0) >= 10 and shadow["off_policy"].get("shadow", {}).get("n", 0) >= 5:
+            break  # the shadow has scored every query, and the estimates include the feedback just given
         time.sleep(0.5)
     assert shadow["version"] == 2 and scored[2] - before.get(2, 0) >= 10, shadow
     assert all(r["llm"] in PRICE_PER_1K for r in routed) and {d["model_version"] for d in routed} == {1}, "never served"

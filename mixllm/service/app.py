@@ -158,7 +158,7 @@ class MixLLMService(ModelLifecycle, RouteDecisions, ChatProxy, TenantBudgets, Se
             from mixllm.service.shadow import ShadowLog, ShadowScorer
 
             self.shadow = ShadowScorer(ShadowLog(self.store), self.config.service.shadow.share)
-        self._off_policy_cache: tuple[float, int | None, dict[str, Any]] | None = None
+        self._off_policy_cache: tuple[float, int | None, dict[str, Any], int] | None = None
         self.drift_report = None
         if self.config.drift.enabled and self.config.drift.interval_s > 0:
             threading.Thread(target=self._watch_drift, daemon=True, name="mixllm-drift").start()

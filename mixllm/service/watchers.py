@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 logger = logging.getLogger("bentoml.mixllm")  # bentoml serve shows "bentoml.*" loggers
+OFF_POLICY_MIN_AGE_S = 5.0  # the shortest time between two off-policy bootstraps for /stats
 
 
 class ServiceMetrics:
@@ -94,7 +95,10 @@ class ServiceWatchers:
 
     def _shadow_stats(self) -> dict[str, Any]:
         """The shadow version's agreement with what was served, and the off-policy estimates of it
-        and of the champion on the logged decisions with feedback (recomputed at most once a minute)."""
+        and of the champion on the logged decisions with feedback. Recomputed when the shadow version
+        changes, when feedback has arrived since (at most every OFF_POLICY_MIN_AGE_S: it costs a
+        bootstrap), and at least once a minute; a fixed minute used to show estimates made before the
+        feedback just given."""
         from mixllm.jobs.policy_evaluation import compare_on_feedback
         from mixllm.service.shadow import ShadowLog
 
@@ -107,8 +111,9 @@ class ServiceWatchers:
         model, shadow = self.model, self.shadow.router
         if model is None or shadow is None:
             return out
-        cached = self._off_policy_cache
-        if cached is None or time.monotonic() - cached[0] > 60 or cached[1] != self.shadow.version:
+        cached, now, feedback_rows = self._off_policy_cache, time.monotonic(), self.store.count("feedback")
+        if (cached is None or cached[1] != self.shadow.version or now - cached[0] > 60
+                or (cached[3] != feedback_rows and now - cached[0] > OFF_POLICY_MIN_AGE_S)):
             logged = self.store.decisions_with_feedback(limit=2000)
             results = compare_on_feedback(self.config, shadow, model.router, logged, resamples=200)
             estimates = {}
@@ -116,6 +121,6 @@ class ServiceWatchers:
                 estimates[name] = {"n": result["n"], **({kind: {e: iv.__dict__ for e, iv in result[kind].items()
                                                                 if e in ("ips", "snips", "dr")}
                                                          for kind in ("quality", "cost_usd", "score")} if result["n"] else {})}
-            self._off_policy_cache = (time.monotonic(), self.shadow.version, estimates)
+            self._off_policy_cache = (now, self.shadow.version, estimates, feedback_rows)
         out["off_policy"] = self._off_policy_cache[2]
         return out
