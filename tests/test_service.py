@@ -465,7 +465,7 @@ def test_a_locked_decision_log_answers_503_quickly_and_recovers(service):
                            headers=AUTH, timeout=60)
         assert rated.status_code == 503 and rated.headers.get("retry-after") == "1", rated.text
         batch = httpx.post(f"{base}/route_batch", json={"requests": [{"query": QUERY}]}, timeout=60)
-        assert batch.status_code == 503, batch.text
+        assert batch.status_code == 503 and batch.headers.get("retry-after") == "1", batch.text
     finally:
         locker.execute("ROLLBACK")
         locker.close()

@@ -45,6 +45,7 @@ from mixllm.service.middleware import (
     ClientRateLimit,
     OpenAIErrors,
     OpenAPIContract,
+    RetryAfterOnUnavailable,
     TenantKeys,
     quiet_client_errors,
 )
@@ -334,6 +335,7 @@ class MixLLMService(ModelLifecycle, RouteDecisions, ChatProxy, TenantBudgets, Se
 # body limit has bounded, and counts rejected tokens too), then the token check.
 MixLLMService.add_asgi_middleware(OpenAPIContract, fix=openapi_contract)
 MixLLMService.add_asgi_middleware(OpenAIErrors)  # /v1 errors in OpenAI's shape, whichever layer answers
+MixLLMService.add_asgi_middleware(RetryAfterOnUnavailable)  # every 503 says when to retry
 MixLLMService.add_asgi_middleware(BodyLimit, max_bytes=SETTINGS.max_body_bytes,
                                   read_timeout_s=SETTINGS.body_read_timeout_s)
 MixLLMService.add_asgi_middleware(ClientRateLimit, rate_per_s=SETTINGS.client_rate_per_s, burst=SETTINGS.client_burst)

@@ -307,6 +307,28 @@ def openai_error(body: dict[str, Any], status: int) -> dict[str, Any]:
             **({"field": field} if field else {})}
 
 
+class RetryAfterOnUnavailable:
+    """ASGI middleware: every 503 tells the client when to retry. The service's own 503s say so
+    already; those raised through BentoML (a busy decision log on /route_batch, the model still
+    loading) cannot carry a header, and a client without Retry-After retries at once or gives up."""
+
+    def __init__(self, app: Any, seconds: int = 1):
+        self.app, self.header = app, (b"retry-after", str(int(seconds)).encode())
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def with_retry_after(message: dict) -> None:
+            if message["type"] == "http.response.start" and message["status"] == 503:
+                headers = list(message.get("headers", []))
+                if not any(k.lower() == b"retry-after" for k, _ in headers):
+                    message = {**message, "headers": [*headers, self.header]}
+            await send(message)
+
+        await self.app(scope, receive, with_retry_after)
+
+
 class OpenAIErrors:
     """ASGI middleware: on /v1/*, error answers (from any layer: the middleware's 401/408/413/429,
     the proxy's 4xx, 502 and 503) take OpenAI's error shape, so the openai client shows our message
