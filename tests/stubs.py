@@ -13,7 +13,8 @@ class UpstreamStub:
 
     `behaviour[model]` makes it fail for that model: "500" or "429" (that status), "close" (the
     connection is closed with no answer), "slow" (answers after `slow_s`), "drop" (a stream that
-    breaks after its first chunk)."""
+    breaks after its first chunk), "cut" (a stream that ends cleanly after its first chunk, without
+    `data: [DONE]`)."""
 
     def __init__(self, slow_s: float = 10.0) -> None:
         self.requests: list[dict] = []
@@ -53,6 +54,16 @@ class UpstreamStub:
                     time.sleep(0.2)
                     self.close_connection = True
                     self.connection.shutdown(2)  # mid-stream, without the terminating chunk
+                    return
+                if behaviour == "cut" and body.get("stream"):
+                    chunk = {"id": "c1", "object": "chat.completion.chunk", "created": 0, "model": model,
+                             "choices": [{"index": 0, "delta": {"content": "partial "}, "finish_reason": None}]}
+                    data = f"data: {json.dumps(chunk)}\n\n".encode()
+                    self.send_response(200)
+                    self.send_header("Content-Type", "text/event-stream")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)  # a whole HTTP answer, but not a whole stream
                     return
                 if "SEND-ERROR" in json.dumps(body.get("messages")):  # a careless upstream echoes the key it got
                     payload = json.dumps({"error": f"rejected {self.headers.get('Authorization')}"}).encode()

@@ -981,18 +981,23 @@ def test_when_every_upstream_fails_the_answer_is_one_502_after_max_attempts(serv
         _close_breakers(base, upstream)
 
 
-def test_a_stream_dropped_midway_ends_with_an_error_not_silently(service, upstream):
+@pytest.mark.parametrize("how", ["drop", "cut"])
+def test_a_stream_dropped_midway_ends_with_an_error_not_silently(service, upstream, how):
+    """A broken connection ("drop") or a clean close before `data: [DONE]` ("cut"): either way the
+    client must not take the first chunk for the whole answer."""
     import openai
 
     base = service["base"]
-    upstream.behaviour["upstream-coder"] = "drop"
+    upstream.behaviour["upstream-coder"] = how
     try:
         client = openai.OpenAI(base_url=f"{base}/v1", api_key=TOKEN, max_retries=0)
         stream = client.chat.completions.create(model="coder", messages=[{"role": "user", "content": QUERY}],
                                                 stream=True)
+        received = []
         with pytest.raises(openai.APIError, match="dropped the stream"):
-            for _ in stream:
-                pass
+            for chunk in stream:
+                received.append(chunk.choices[0].delta.content)
+        assert received == ["partial "], "the first chunk arrived before the error"
     finally:
         _close_breakers(base, upstream)
 

@@ -242,9 +242,10 @@ class ChatProxy:
                          {"x-mixllm-llm": llm}), True
 
         async def relay() -> Any:
-            usage = None
+            usage, complete = None, False
             try:
                 async for line in response.aiter_lines():
+                    complete = complete or line.strip() == "data: [DONE]"
                     if line.startswith("data: ") and line != "data: [DONE]":
                         try:
                             chunk = json.loads(line[6:])
@@ -256,6 +257,8 @@ class ChatProxy:
                             chunk["model"] = llm
                             line = "data: " + json.dumps(chunk)
                     yield line + "\n"
+                if not complete:  # the connection ended cleanly, but the answer did not ([DONE] never came)
+                    raise httpx.RemoteProtocolError("the stream ended without data: [DONE]")
             except httpx.HTTPError as exc:
                 # After the first byte there is no failing over; the client must not take a cut
                 # answer for a whole one, so the stream ends with an error event.
