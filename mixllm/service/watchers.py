@@ -9,6 +9,7 @@ from typing import Any
 
 logger = logging.getLogger("bentoml.mixllm")  # bentoml serve shows "bentoml.*" loggers
 OFF_POLICY_MIN_AGE_S = 5.0  # the shortest time between two off-policy bootstraps for /stats
+OFF_POLICY_MAX_AGE_S = 60.0  # the longest /stats shows the same estimates (new decisions change them too)
 
 
 class ServiceMetrics:
@@ -97,8 +98,8 @@ class ServiceWatchers:
         """The shadow version's agreement with what was served, and the off-policy estimates of it
         and of the champion on the logged decisions with feedback. Recomputed when the shadow version
         changes, when feedback has arrived since (at most every OFF_POLICY_MIN_AGE_S: it costs a
-        bootstrap), and at least once a minute; a fixed minute used to show estimates made before the
-        feedback just given."""
+        bootstrap), and at least every OFF_POLICY_MAX_AGE_S; a fixed minute used to show estimates
+        made before the feedback just given."""
         from mixllm.jobs.policy_evaluation import compare_on_feedback
         from mixllm.service.shadow import ShadowLog
 
@@ -112,7 +113,7 @@ class ServiceWatchers:
         if model is None or shadow is None:
             return out
         cached, now, feedback_rows = self._off_policy_cache, time.monotonic(), self.store.count("feedback")
-        if (cached is None or cached[1] != self.shadow.version or now - cached[0] > 60
+        if (cached is None or cached[1] != self.shadow.version or now - cached[0] > OFF_POLICY_MAX_AGE_S
                 or (cached[3] != feedback_rows and now - cached[0] > OFF_POLICY_MIN_AGE_S)):
             logged = self.store.decisions_with_feedback(limit=2000)
             results = compare_on_feedback(self.config, shadow, model.router, logged, resamples=200)
