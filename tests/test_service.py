@@ -963,6 +963,7 @@ def test_the_proxy_fails_over_along_the_ranking(service, upstream, failure):
         called = {r["body"]["model"].removeprefix("upstream-") for r in upstream.requests[before:]}
         assert skipped.status_code == 200 and skipped.headers["x-mixllm-llm"] == "cheap-chat"
         assert not called & open_now, "an LLM with an open breaker is no candidate"
+        assert set(skipped.headers["x-mixllm-circuit-open"].split(",")) == open_now, "and the answer says which"
         named = _chat(base, sorted(failed)[0])
         assert named.status_code == 503 and "circuit" in named.text, "a named LLM with an open circuit: no call"
     finally:

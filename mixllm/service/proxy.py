@@ -288,6 +288,7 @@ class ChatProxy:
         text = last_user_text(request.messages)
         if not text:
             return error(400, "messages", "no user message with text to route")
+        circuit_open: list[str] = []  # LLMs routing left out because their breaker is open
         decision_id, routed = None, request.model == "mixllm" or request.model.startswith("mixllm:")
         if routed:
             lambda_ = None
@@ -308,6 +309,7 @@ class ChatProxy:
                 reachable = [m for m in reachable if m in wanted]
             # An LLM whose circuit breaker is open is no candidate (unless every one is).
             candidates = [m for m in reachable if self.breakers.available(m)] or reachable
+            circuit_open = [m for m in reachable if m not in candidates]
             tenant = self._tenant(http_request)
             plan = self._spend_plan(tenant, candidates, lambda_, model.router.default_lambda)
             if isinstance(plan, JSONResponse):
@@ -355,6 +357,9 @@ class ChatProxy:
                                        tenant=plan.tenant, predicted_cost=predicted_cost, router_ms=router_ms)
         if plan.notes:  # why this tenant's chat went where it did (pacing, a spent budget)
             response.headers["x-mixllm-budget"] = plan.notes[0]
+        if circuit_open:  # the decision was made without them: the caller and the log say so
+            response.headers["x-mixllm-circuit-open"] = ",".join(circuit_open)
+            logger.info("decision %s routed without %s (circuit open)", decision_id, ", ".join(circuit_open))
         if session is not None and response.status_code == 200:
             await anyio.to_thread.run_sync(self._remember_session, session, response.headers["x-mixllm-llm"])
             response.headers["x-mixllm-session"] = "kept" if sticky_llm == response.headers["x-mixllm-llm"] else "routed"
