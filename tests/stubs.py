@@ -41,29 +41,24 @@ class UpstreamStub:
                     return
                 if behaviour == "slow":
                     time.sleep(stub.slow_s)
-                if behaviour == "drop" and body.get("stream"):
-                    self.send_response(200)
-                    self.send_header("Content-Type", "text/event-stream")
-                    self.send_header("Transfer-Encoding", "chunked")
-                    self.end_headers()
-                    chunk = {"id": "c1", "object": "chat.completion.chunk", "created": 0, "model": model,
-                             "choices": [{"index": 0, "delta": {"content": "partial "}, "finish_reason": None}]}
-                    data = f"data: {json.dumps(chunk)}\n\n".encode()
-                    self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
-                    self.wfile.flush()
-                    time.sleep(0.2)
-                    self.close_connection = True
-                    self.connection.shutdown(2)  # mid-stream, without the terminating chunk
-                    return
-                if behaviour == "cut" and body.get("stream"):
+                if behaviour in ("drop", "cut") and body.get("stream"):  # one chunk of an answer, then the end
                     chunk = {"id": "c1", "object": "chat.completion.chunk", "created": 0, "model": model,
                              "choices": [{"index": 0, "delta": {"content": "partial "}, "finish_reason": None}]}
                     data = f"data: {json.dumps(chunk)}\n\n".encode()
                     self.send_response(200)
                     self.send_header("Content-Type", "text/event-stream")
+                    if behaviour == "drop":
+                        self.send_header("Transfer-Encoding", "chunked")
+                        self.end_headers()
+                        self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+                        self.wfile.flush()
+                        time.sleep(0.2)
+                        self.close_connection = True
+                        self.connection.shutdown(2)  # mid-stream, without the terminating chunk
+                        return
                     self.send_header("Content-Length", str(len(data)))
                     self.end_headers()
-                    self.wfile.write(data)  # a whole HTTP answer, but not a whole stream
+                    self.wfile.write(data)  # "cut": a whole HTTP answer, but not a whole stream
                     return
                 if "SEND-ERROR" in json.dumps(body.get("messages")):  # a careless upstream echoes the key it got
                     payload = json.dumps({"error": f"rejected {self.headers.get('Authorization')}"}).encode()
