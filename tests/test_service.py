@@ -396,6 +396,36 @@ def test_the_proxy_needs_a_token_whenever_it_spends_upstream_keys(monkeypatch):
     assert status_and_body(True, "/dashboard")[0] == 200, "no token configured: the service is open"
 
 
+def test_bearer_auth_remembers_the_tenant_keys_it_accepted(monkeypatch):
+    """So the per-client limit, which runs before it, gives a tenant's key its own bucket and a
+    made-up key none."""
+    import asyncio
+
+    from mixllm.service.middleware import BearerAuth, TenantKeys
+
+    async def downstream(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200})
+
+    tenant_keys = TenantKeys()
+    tenant_keys.enabled, tenant_keys.lookup = True, {"key-of-acme": "acme"}.get
+    monkeypatch.delenv("MIXLLM_TEST_TOKEN", raising=False)
+
+    def status(key):
+        sent = []
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "path": "/route", "method": "POST",
+                 "headers": [(b"authorization", f"Bearer {key}".encode())]}
+        asyncio.run(BearerAuth(downstream, token_env="MIXLLM_TEST_TOKEN", tenant_keys=tenant_keys)(scope, None, send))
+        return sent[0]["status"]
+
+    assert not tenant_keys.seen_valid(b"Bearer key-of-acme")
+    assert status("key-of-acme") == 200 and tenant_keys.seen_valid(b"Bearer key-of-acme")
+    assert status("made-up") == 401 and not tenant_keys.seen_valid(b"Bearer made-up")
+
+
 def test_a_signed_dashboard_link_opens_the_page_until_it_expires(monkeypatch):
     import asyncio
 
@@ -472,13 +502,17 @@ def test_a_locked_decision_log_answers_503_quickly_and_recovers(service):
     assert _route(base)["llm"] in PRICE_PER_1K, "the lock released, routing logs again"
 
 
-def test_one_client_cannot_flood_the_others():
+def test_one_client_cannot_flood_the_others(monkeypatch):
     """The per-client token bucket: a client over its rate gets 429 with Retry-After; another client
-    (another token, or another address) is untouched; a batch costs one token per query."""
+    (another valid token, or another address) is untouched; a made-up token is no new client; a
+    batch costs one token per query."""
     import asyncio
 
-    from mixllm.service.middleware import ClientRateLimit
+    from mixllm.service.middleware import ClientRateLimit, TenantKeys
 
+    monkeypatch.setenv("MIXLLM_TEST_ADMIN_TOKEN", "alice")
+    tenant_keys = TenantKeys()
+    tenant_keys.remember_valid(b"Bearer bob")  # as BearerAuth does once a tenant's key checks out
     now = [0.0]
     calls = []
 
@@ -487,7 +521,8 @@ def test_one_client_cannot_flood_the_others():
         calls.append(message.get("body", b""))
         await send({"type": "http.response.start", "status": 200})
 
-    limiter = ClientRateLimit(downstream, rate_per_s=2.0, burst=4, clock=lambda: now[0])
+    limiter = ClientRateLimit(downstream, rate_per_s=2.0, burst=4, token_env="MIXLLM_TEST_ADMIN_TOKEN",
+                              tenant_keys=tenant_keys, clock=lambda: now[0])
 
     def call(path="/route", ip="10.0.0.1", token=None, body=b"{}"):
         sent = []
@@ -507,6 +542,7 @@ def test_one_client_cannot_flood_the_others():
     status, headers, body = call()
     assert status == 429 and headers[b"retry-after"] == b"1" and b"service.client_rate_per_s" in body
     assert call(ip="10.0.0.2")[0] == 200 and call(token="alice")[0] == 200, "other clients are untouched"
+    assert [call(token=f"made-up-{i}")[0] for i in range(3)] == [429] * 3, "a token nobody issued is its address"
     now[0] = 0.5  # one token back
     assert call()[0] == 200 and call()[0] == 429
     batch = json.dumps({"requests": [{"query": f"q{i}"} for i in range(10)]}).encode()

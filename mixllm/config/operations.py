@@ -131,7 +131,7 @@ class ServiceConfig(StrictModel):
     # deleted, and feedback naming it is answered 404. Feedback rows are never deleted.
     decision_detail_days: float = Field(default=1.0, gt=0)
     decision_retention_days: float = Field(default=30.0, gt=0)
-    # Per-client limit on /route*, /feedback and the proxy (a client: its bearer token, else its IP):
+    # Per-client limit on /route*, /feedback and the proxy (a client: its bearer token if valid, else its IP):
     # a token bucket refilled at client_rate_per_s queries a second, holding at most client_burst
     # (a /route_batch call costs one per query). 0 turns it off. One client may not flood the
     # service, nor steer everyone's routing through the live load.

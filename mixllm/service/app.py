@@ -61,7 +61,7 @@ from mixllm.service.watchers import ServiceMetrics, ServiceWatchers
 os.environ.setdefault("BENTOML_CONTAINERIZED", "true")
 
 logger = logging.getLogger("bentoml.mixllm")  # bentoml serve shows "bentoml.*" loggers
-TENANT_KEYS = TenantKeys()  # filled in when the service starts; read by BearerAuth
+TENANT_KEYS = TenantKeys()  # filled in when the service starts; read by BearerAuth and ClientRateLimit
 
 
 # ------------------------------------------------------------------------------------- service
@@ -338,7 +338,8 @@ MixLLMService.add_asgi_middleware(OpenAIErrors)  # /v1 errors in OpenAI's shape,
 MixLLMService.add_asgi_middleware(RetryAfterOnUnavailable)  # every 503 says when to retry
 MixLLMService.add_asgi_middleware(BodyLimit, max_bytes=SETTINGS.max_body_bytes,
                                   read_timeout_s=SETTINGS.body_read_timeout_s)
-MixLLMService.add_asgi_middleware(ClientRateLimit, rate_per_s=SETTINGS.client_rate_per_s, burst=SETTINGS.client_burst)
+MixLLMService.add_asgi_middleware(ClientRateLimit, rate_per_s=SETTINGS.client_rate_per_s, burst=SETTINGS.client_burst,
+                                  token_env=SETTINGS.auth_token_env, tenant_keys=TENANT_KEYS)
 MixLLMService.add_asgi_middleware(BearerAuth, token_env=SETTINGS.auth_token_env,
                                   protect_route=SETTINGS.require_token_for_route, protect_proxy=PROXY_SPENDS_KEYS,
                                   tenant_keys=TENANT_KEYS)

@@ -60,11 +60,30 @@ TENANT_HEADER = b"x-mixllm-tenant"  # set by BearerAuth only; a client's own is 
 
 class TenantKeys:
     """How BearerAuth looks up tenant API keys: the service sets `lookup` (key -> tenant or None)
-    when it starts; `enabled` when params.yaml lists tenants."""
+    when it starts; `enabled` when params.yaml lists tenants. BearerAuth also remembers which keys
+    it has seen valid (as hashes), so ClientRateLimit, which runs first, can tell a client's own key
+    from a made-up one without a lookup."""
+
+    max_remembered = 100_000
 
     def __init__(self) -> None:
         self.enabled = False
         self.lookup: Any = None
+        self._seen_valid: dict[str, None] = {}  # hashes of authorization headers, oldest first
+
+    def remember_valid(self, authorization: bytes) -> None:
+        digest = _client_digest(authorization)
+        self._seen_valid.pop(digest, None)
+        self._seen_valid[digest] = None
+        if len(self._seen_valid) > self.max_remembered:
+            del self._seen_valid[next(iter(self._seen_valid))]
+
+    def seen_valid(self, authorization: bytes) -> bool:
+        return _client_digest(authorization) in self._seen_valid
+
+
+def _client_digest(authorization: bytes) -> str:
+    return hashlib.sha256(authorization).hexdigest()[:16]
 
 
 class BearerAuth:
@@ -109,6 +128,7 @@ class BearerAuth:
             if tenant is None:
                 return await _reject(send, 401, "unknown or revoked API key (header: Authorization: Bearer <key>; "
                                                 "`mixllm keys list` shows the active keys)", field="Authorization")
+            self.tenant_keys.remember_valid(header.encode("latin-1"))
             headers.append((TENANT_HEADER, tenant.encode("latin-1")))
         scope = {**scope, "headers": headers}
         if self._protected(path) and not admin:
@@ -151,16 +171,28 @@ def _signed_link_valid(scope: dict, token: str) -> bool:
 
 class ClientRateLimit:
     """ASGI middleware: a token bucket per client, so one client cannot crowd out the others or
-    steer routing with a flood of decisions. A client is its bearer token (hashed) when it sends one,
-    else its IP address. A /route_batch call costs one token per query, other calls one. A client
-    with tokens left may spend more than it has (a full batch goes through), and then waits until
-    the bucket is positive again. Over the limit: 429 with Retry-After, naming the setting."""
+    steer routing with a flood of decisions. A client is its bearer token (hashed) when the token is
+    a valid one (the admin token, or a tenant key BearerAuth has accepted before), else its IP
+    address: a made-up token, new on every call, must not buy a fresh bucket on the paths that need
+    none. A /route_batch call costs one token per query, other calls one. A client with tokens left
+    may spend more than it has (a full batch goes through), and then waits until the bucket is
+    positive again. Over the limit: 429 with Retry-After, naming the setting."""
 
     limited = ("/route", "/feedback", "/v1/chat")
 
-    def __init__(self, app: Any, rate_per_s: float, burst: int, clock: Any = time.monotonic):
+    def __init__(self, app: Any, rate_per_s: float, burst: int, token_env: str = "MIXLLM_API_TOKEN",
+                 tenant_keys: TenantKeys | None = None, clock: Any = time.monotonic):
         self.app, self.rate, self.burst, self.clock = app, float(rate_per_s), float(burst), clock
+        self.token_env, self.tenant_keys = token_env, tenant_keys or TenantKeys()
         self._buckets: dict[str, tuple[float, float]] = {}  # client -> (tokens, when last refilled)
+
+    def _client(self, scope: dict) -> str:
+        authorization = dict(scope["headers"]).get(b"authorization", b"")
+        admin_token = os.environ.get(self.token_env)
+        if authorization and ((admin_token and hmac.compare_digest(authorization, f"Bearer {admin_token}".encode(
+                "latin-1", "replace"))) or self.tenant_keys.seen_valid(authorization)):
+            return "token:" + _client_digest(authorization)
+        return "ip:" + str((scope.get("client") or ("unknown",))[0])
 
     def _take(self, client: str, cost: float) -> float:
         """0 if the call may go ahead (its cost is taken), else the seconds until it may."""
@@ -179,10 +211,7 @@ class ClientRateLimit:
         path = scope.get("path", "")
         if scope["type"] != "http" or self.rate <= 0 or not path.startswith(self.limited):
             return await self.app(scope, receive, send)
-        headers = dict(scope["headers"])
-        token = headers.get(b"authorization", b"")
-        client = ("token:" + hashlib.sha256(token).hexdigest()[:16] if token
-                  else "ip:" + str((scope.get("client") or ("unknown",))[0]))
+        client = self._client(scope)
         cost, body = 1.0, None
         if path.startswith("/route_batch"):  # one token per query: read the (size-limited) body once
             chunks, more = [], True
