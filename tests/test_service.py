@@ -196,6 +196,10 @@ def test_a_batch_mixing_settings_routes_each_item_by_its_own(service):
         ("/v1/chat/completions", {**CHAT, "n": 50}, 400, "n"),
         ("/v1/chat/completions", {**CHAT, "max_tokens": 100000}, 400, "max_tokens"),
         ("/v1/chat/completions", {**CHAT, "surprise": {"a": 1}}, 400, "surprise"),
+        ("/v1/chat/completions", {"model": "mixllm", "messages": [{"role": "user", "content": "hi",
+                                                                   "surprise": {"a": 1}}]}, 400, "messages"),
+        ("/v1/chat/completions", {"model": "mixllm", "messages": [{"role": "wizard", "content": "hi"}]}, 400,
+         "messages"),
         ("/v1/chat/completions", {**CHAT, "stream": "yes"}, 400, "stream"),
         ("/v1/chat/completions", {**CHAT, "model": "mixllmXYZ"}, 404, "model"),
         # A chat straight to one LLM has the same length cap as a routed one.

@@ -189,6 +189,13 @@ FORWARDED_CHAT_FIELDS = frozenset({
 })
 
 
+# The keys a chat message may carry, and its roles (OpenAI's, tool calls included). A message with
+# another key is refused, as a request with another parameter is: it too goes to the paid upstream.
+FORWARDED_MESSAGE_FIELDS = frozenset({"role", "content", "name", "tool_calls", "tool_call_id", "function_call",
+                                      "refusal", "audio"})
+MESSAGE_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
+
+
 # Fields the proxy reads itself and never forwards: a session id in metadata, and candidates (the
 # LLMs this chat may be routed to; the openai client sends them with extra_body).
 CONSUMED_CHAT_FIELDS = frozenset({"metadata", "candidates"})

@@ -7,7 +7,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from mixllm.service.api_models import FORWARDED_CHAT_FIELDS, LIMITS, ROUTABLE, SETTINGS
+from mixllm.service.api_models import (
+    FORWARDED_CHAT_FIELDS,
+    FORWARDED_MESSAGE_FIELDS,
+    LIMITS,
+    MESSAGE_ROLES,
+    ROUTABLE,
+    SETTINGS,
+)
 
 # Every error body: {"error", "field"} from our handlers, {"error", "detail": [...]} from BentoML's
 # validation, and [{"error"}] from BentoML's own 4xx exceptions (it wraps the object in a list).
@@ -74,6 +81,8 @@ def openapi_contract(spec: dict[str, Any]) -> dict[str, Any]:
         _route_request_rules(schemas["RouteRequest"])
     if "ChatRequest" in schemas:
         _chat_rules(schemas["ChatRequest"])
+    if "ChatMessage" in schemas:
+        _message_rules(schemas["ChatMessage"])
     for path, operations in spec.get("paths", {}).items():
         for method, operation in operations.items():
             if not isinstance(operation, dict) or "responses" not in operation:
@@ -153,4 +162,12 @@ def _chat_rules(schema: dict[str, Any]) -> None:
     properties["n"] = {"type": "integer", "minimum": 1, "maximum": SETTINGS.proxy_max_n, "nullable": True}
     for name in ("max_tokens", "max_completion_tokens"):
         properties[name] = {"type": "integer", "minimum": 1, "maximum": SETTINGS.proxy_max_tokens, "nullable": True}
+    schema["additionalProperties"] = False
+
+
+def _message_rules(schema: dict[str, Any]) -> None:
+    properties = schema.setdefault("properties", {})
+    for name in sorted(FORWARDED_MESSAGE_FIELDS):
+        properties.setdefault(name, {})
+    properties["role"] = {"type": "string", "enum": sorted(MESSAGE_ROLES)}
     schema["additionalProperties"] = False

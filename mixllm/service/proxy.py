@@ -25,6 +25,8 @@ from mixllm.core.decision import fallback_ranking
 from mixllm.service.api_models import (
     CONSUMED_CHAT_FIELDS,
     FORWARDED_CHAT_FIELDS,
+    FORWARDED_MESSAGE_FIELDS,
+    MESSAGE_ROLES,
     ChatRequest,
     RouteRequest,
     conversation_text,
@@ -51,11 +53,20 @@ class ChatProxy:
 
     def _chat_refusal(self, request: ChatRequest) -> JSONResponse | None:
         """A 400 naming the field for what the proxy must not forward: text that is not valid
-        Unicode, a parameter outside FORWARDED_CHAT_FIELDS, n or max_tokens above the caps."""
+        Unicode, a parameter outside FORWARDED_CHAT_FIELDS, a message key outside FORWARDED_MESSAGE_FIELDS
+        or an unknown role, n or max_tokens above the caps."""
         where = surrogate_path(request.model_dump())
         if where:
             return error(400, where.split(".")[0].split("[")[0], f"{where} holds a lone UTF-16 surrogate, which is "
                                                                   "not valid Unicode text")
+        for index, message in enumerate(request.messages):
+            if message.role not in MESSAGE_ROLES:
+                return error(400, "messages", f"messages[{index}].role is {message.role!r}; a message's role is one of "
+                                              f"{', '.join(sorted(MESSAGE_ROLES))}")
+            unknown_keys = sorted(set(message.model_extra or {}) - FORWARDED_MESSAGE_FIELDS)
+            if unknown_keys:
+                return error(400, "messages", f"messages[{index}].{unknown_keys[0]} is not a message field this proxy "
+                                              f"forwards (it forwards {', '.join(sorted(FORWARDED_MESSAGE_FIELDS))})")
         extra = request.model_extra or {}
         unknown = sorted(set(extra) - FORWARDED_CHAT_FIELDS - CONSUMED_CHAT_FIELDS)
         if unknown:
