@@ -3,6 +3,7 @@
 import sqlite3
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from mixllm.core.decision import action_probabilities
@@ -101,3 +102,39 @@ def test_a_decision_log_written_before_propensities_gains_the_column(tmp_path):
     store.add_feedback(quality=0.0, decision_id="d0")
     logged = store.decisions_with_feedback().set_index("decision_id")
     assert logged.loc[decision_id, "propensity"] == 0.25 and np.isnan(logged.loc["d0", "propensity"])
+
+
+def test_a_decision_another_llm_answered_keeps_the_policys_choice(tmp_path):
+    """A failover (or a kept session) changes the LLM that answered; the policy's choice, whose
+    probability was logged, moves to chosen_llm, once."""
+    store = InteractionLog(f"sqlite:///{tmp_path / 'log.db'}")
+    failed_over = store.log_decision("q1", "a", model_version=1, lambda_=0.5, propensity=0.8)
+    answered = store.log_decision("q2", "a", model_version=1, lambda_=0.5, propensity=0.8)
+    store.complete_decision(failed_over, cost_usd=0.01, latency_s=1.0, llm="b")
+    store.complete_decision(failed_over, cost_usd=0.01, latency_s=1.0, llm="c")  # a later record keeps the first
+    store.complete_decision(answered, cost_usd=0.01, latency_s=1.0, llm="a")
+    for decision_id in (failed_over, answered):
+        store.add_feedback(quality=1.0, decision_id=decision_id)
+    logged = store.decisions_with_feedback().set_index("decision_id")
+    assert logged.loc[failed_over, ["llm", "chosen_llm"]].tolist() == ["c", "a"]
+    assert logged.loc[answered, "llm"] == "a" and pd.isna(logged.loc[answered, "chosen_llm"])
+    assert store.decision(failed_over)["propensity"] == 0.8
+
+
+def test_off_policy_estimates_leave_out_decisions_the_policy_did_not_choose(fitted, train_log):
+    from mixllm.jobs.policy_evaluation import evaluate_on_feedback
+
+    llms = list(fitted.enabled_llms_)
+    queries = train_log["query"].drop_duplicates().head(40).tolist()
+    rng = np.random.default_rng(3)
+    logged = pd.DataFrame({"decision_id": [f"d{i}" for i in range(40)], "query": queries,
+                           "llm": [llms[i % len(llms)] for i in range(40)], "chosen_llm": None,
+                           "propensity": 1.0, "quality": rng.random(40), "cost_usd": 0.001})
+    overridden = logged.copy()
+    overridden.loc[:9, "chosen_llm"] = [llms[(i + 1) % len(llms)] for i in range(10)]  # another LLM answered
+    overridden.loc[:9, "quality"] = 0.0  # what a biased estimate would read
+    settings = {"lambda_": 0.1, "cost_scale_usd": 0.001, "resamples": 50}
+    kept = evaluate_on_feedback(fitted, logged.iloc[10:].reset_index(drop=True), **settings)
+    result = evaluate_on_feedback(fitted, overridden, **settings)
+    assert result["not_policy_choice"] == 10 and result["n"] == 30 and result["logged"] == 40
+    assert result["quality"]["dr"].estimate == pytest.approx(kept["quality"]["dr"].estimate)

@@ -33,10 +33,11 @@ def evaluate_on_feedback_command(
                f"${judged['cost_scale_usd']:.4g} (version {judged['against']}'s lambda and scale); {level} intervals")
     for version, result in ((judged["version"], judged["estimates"]), (judged["against"], judged["baseline"])):
         if not result["n"]:
-            typer.echo(f"version {version}: no logged decision names an LLM it serves")
+            typer.echo(f"version {version}: no logged decision names an LLM it serves and the policy chose "
+                       f"({result['not_policy_choice']} answered by another LLM than the policy chose)")
             continue
         typer.echo(f"version {version}: {result['n']} decisions usable ({result['unknown_llm']} name LLMs it does not "
-                   f"serve), agrees with {100 * result['agreement']:.1f}% of the logged choices, effective sample "
+                   f"serve, {result['not_policy_choice']} answered by another LLM than the policy chose), agrees with {100 * result['agreement']:.1f}% of the logged choices, effective sample "
                    f"size {result['score']['effective_sample_size']:.0f}")
         for name in ("ips", "snips", "dr"):
             typer.echo(f"  {name:5s}  quality {result['quality'][name].format()}  cost ${result['cost_usd'][name].format(6)}"

@@ -50,6 +50,10 @@ decisions = sa.Table(
     # The probability the decision policy gave the LLM it chose (1 for the argmax policy); kept when
     # compaction drops the candidates' scores, for off-policy evaluation.
     sa.Column("propensity", sa.Float, nullable=True),
+    # The LLM the policy chose, kept when another one answered (the proxy failed over, or a session
+    # stayed on its LLM): `llm` then names the one that answered, which feedback teaches, and the
+    # propensity belongs to this one, so off-policy evaluation leaves the decision out.
+    sa.Column("chosen_llm", sa.String(256), nullable=True),
     # What the call really cost and took, when the service saw it happen (the OpenAI proxy).
     sa.Column("cost_usd", sa.Float, nullable=True),
     sa.Column("latency_s", sa.Float, nullable=True),
@@ -249,10 +253,15 @@ class InteractionLog:
                           input_tokens: float | None = None, output_tokens: float | None = None,
                           llm: str | None = None) -> None:
         """Record the real cost and latency of a decided call (the proxy knows them), and the LLM
-        that answered when it is not the one chosen (the proxy failed over): feedback on the
-        decision then teaches the LLM that wrote the answer."""
-        values = {"cost_usd": cost_usd, "latency_s": latency_s, "input_tokens": input_tokens,
-                  "output_tokens": output_tokens, **({"llm": llm} if llm else {})}
+        that answered when it is not the one chosen (the proxy failed over, or a session stayed on
+        its LLM): feedback on the decision then teaches the LLM that wrote the answer, and the
+        policy's own choice moves to chosen_llm (the first time only)."""
+        values: dict[str, Any] = {"cost_usd": cost_usd, "latency_s": latency_s, "input_tokens": input_tokens,
+                                  "output_tokens": output_tokens}
+        if llm:  # SET reads the row as it was: chosen_llm keeps the policy's choice, llm takes the answer's
+            values["chosen_llm"] = sa.case((sa.and_(decisions.c.chosen_llm.is_(None), decisions.c.llm != llm),
+                                            decisions.c.llm), else_=decisions.c.chosen_llm)
+            values["llm"] = llm
         with self.writing() as connection:
             connection.execute(decisions.update().where(decisions.c.decision_id == decision_id).values(**values))
 
@@ -361,10 +370,11 @@ class InteractionLog:
 
     def decisions_with_feedback(self, since: datetime | None = None, limit: int | None = None) -> pd.DataFrame:
         """Logged decisions that got feedback, one row each (the feedback's quality, its cost or the
-        call's), with the probability the policy gave the choice: what off-policy evaluation reads."""
+        call's), with the probability the policy gave its choice and that choice when another LLM
+        answered (chosen_llm): what off-policy evaluation reads."""
         query = (
-            sa.select(decisions.c.decision_id, decisions.c.query, decisions.c.llm, decisions.c.propensity,
-                      decisions.c.lambda_, decisions.c.model_version, decisions.c.created_at, feedback.c.quality,
+            sa.select(decisions.c.decision_id, decisions.c.query, decisions.c.llm, decisions.c.chosen_llm,
+                      decisions.c.propensity, decisions.c.lambda_, decisions.c.model_version, decisions.c.created_at, feedback.c.quality,
                       sa.func.coalesce(feedback.c.cost_usd, decisions.c.cost_usd).label("cost_usd"))
             .select_from(decisions.join(feedback, feedback.c.decision_id == decisions.c.decision_id))
             .order_by(feedback.c.feedback_id.desc())
@@ -377,8 +387,8 @@ class InteractionLog:
             rows = connection.execute(query).mappings().all()[::-1]  # oldest first
         import pandas as pd
 
-        return pd.DataFrame(rows, columns=["decision_id", "query", "llm", "propensity", "lambda_", "model_version",
-                                           "created_at", "quality", "cost_usd"])
+        return pd.DataFrame(rows, columns=["decision_id", "query", "llm", "chosen_llm", "propensity", "lambda_",
+                                           "model_version", "created_at", "quality", "cost_usd"])
 
     def count(self, table: str) -> int:
         target = {"decisions": decisions, "feedback": feedback}[table]

@@ -23,7 +23,7 @@ def logged_feedback(config: MixLLMConfig) -> pd.DataFrame:
 
     store = existing_log(config.sqlalchemy_url(config.service.feedback_store_url))
     if store is None:
-        return pd.DataFrame(columns=["decision_id", "query", "llm", "propensity", "quality", "cost_usd"])
+        return pd.DataFrame(columns=["decision_id", "query", "llm", "chosen_llm", "propensity", "quality", "cost_usd"])
     try:
         return store.decisions_with_feedback()
     finally:
@@ -62,10 +62,17 @@ def evaluate_on_feedback(router: MixLLMRouter, logged: pd.DataFrame, *, lambda_:
     quality, mean cost, and mean score quality - lambda x cost / cost_scale_usd (the same lambda and
     scale for every version compared, so their scores compare). The logged probability of each
     choice is the decision's propensity (1 when it was logged without one: an argmax policy).
-    Decisions whose LLM this router does not serve are left out and counted."""
+    Decisions whose LLM this router does not serve are left out and counted, and so are those
+    another LLM answered than the one the policy chose (a failover, a session kept on its LLM):
+    their propensity is not the answer's, and weighing them by it would bias every estimate."""
     llms = list(router.enabled_llms_)
-    usable = logged[logged["llm"].isin(llms)].reset_index(drop=True) if len(logged) else logged
-    result: dict[str, Any] = {"logged": int(len(logged)), "unknown_llm": int(len(logged) - len(usable))}
+    overridden = (logged["chosen_llm"].notna() & (logged["chosen_llm"] != logged["llm"]) if "chosen_llm" in logged
+                  else pd.Series(False, index=logged.index))
+    policy_choices = logged[~overridden]
+    usable = (policy_choices[policy_choices["llm"].isin(llms)].reset_index(drop=True) if len(policy_choices)
+              else policy_choices)
+    result: dict[str, Any] = {"logged": int(len(logged)), "not_policy_choice": int(overridden.sum()),
+                              "unknown_llm": int(len(policy_choices) - len(usable))}
     if not len(usable):
         return {**result, "n": 0}
     scored = [{c.llm: c for c in d.candidates} for d in router.route(usable["query"].tolist())]
