@@ -295,6 +295,31 @@ def test_the_decision_log_is_compacted_without_losing_feedback(tmp_path):
     store.dispose()
 
 
+def test_upstream_attempts_are_kept_with_their_decision_and_forgotten_past_retention(tmp_path):
+    from datetime import datetime, timedelta, timezone
+
+    from mixllm.io.attempts import AttemptLog, attempts
+
+    store = InteractionLog(f"sqlite:///{tmp_path}/feedback.db")
+    log = AttemptLog(store)
+    decision_id = store.log_decision("q", "strong", model_version=1, lambda_=0.5)
+    log.record(decision_id=decision_id, attempt=1, llm="strong", outcome="upstream_error", status_code=500,
+               latency_s=0.2)
+    log.record(decision_id=decision_id, attempt=2, llm="coder", outcome="unreachable", latency_s=0.1)
+    log.record(decision_id=decision_id, attempt=3, llm="cheap", outcome="ok", status_code=200, latency_s=0.4)
+    log.record(decision_id=None, attempt=1, llm="coder", outcome="ok", status_code=200, latency_s=0.3)
+    story = [(a["attempt"], a["llm"], a["outcome"], a["status_code"]) for a in log.of_decision(decision_id)]
+    assert story == [(1, "strong", "upstream_error", 500), (2, "coder", "unreachable", None), (3, "cheap", "ok", 200)]
+    with pytest.raises(ValueError, match="outcome"):
+        log.record(decision_id=decision_id, attempt=4, llm="cheap", outcome="fine", latency_s=0.1)
+    with store.engine.begin() as connection:
+        connection.execute(attempts.update().where(attempts.c.attempt < 3)
+                           .values(created_at=datetime.now(timezone.utc) - timedelta(days=40)))
+    assert log.forget_older(days=30.0) == 3
+    assert [a["attempt"] for a in log.of_decision(decision_id)] == [3]
+    store.dispose()
+
+
 def test_registered_model_carries_the_calibrated_lambda(project):
     config = _config(project)
     registry = Registry(config)

@@ -18,6 +18,7 @@ from mixllm.cli.processes import free_port, port_in_use, start, stop, wait_http
 from mixllm.config import load_config
 from mixllm.io.data import ingest
 from mixllm.io.registry import Registry
+from mixllm.io.attempts import AttemptLog
 from mixllm.io.store import InteractionLog
 from mixllm.jobs.training import run_training
 from stubs import UpstreamStub
@@ -969,6 +970,10 @@ def _close_breakers(base, upstream):
     assert httpx.get(f"{base}/model", timeout=30).json()["open_circuits"] == []
 
 
+# What the attempt log records for each way an upstream fails.
+OUTCOME_OF = {"500": "upstream_error", "429": "upstream_error", "close": "unreachable", "slow": "unreachable"}
+
+
 @pytest.mark.parametrize("failure", ["500", "429", "close", "slow"])
 def test_the_proxy_fails_over_along_the_ranking(service, upstream, failure):
     """The router's choice fails (a 5xx, a 429, a refused connection, a timeout): the proxy calls
@@ -989,8 +994,13 @@ def test_the_proxy_fails_over_along_the_ranking(service, upstream, failure):
         assert tried[0] in ("upstream-strong", "upstream-coder"), "the router's choice (lambda 0) came first"
         store = InteractionLog(config.sqlalchemy_url(config.service.feedback_store_url))
         decision = store.decision(raw.headers["x-mixllm-decision-id"])
+        calls = AttemptLog(store).of_decision(raw.headers["x-mixllm-decision-id"])
         store.dispose()
         assert decision["llm"] == "cheap-chat", "feedback on this decision teaches the LLM that answered"
+        assert decision["chosen_llm"] == tried[0].removeprefix("upstream-"), "and the policy's choice is kept"
+        assert [(c["attempt"], c["llm"]) for c in calls] == [(i + 1, m.removeprefix("upstream-"))
+                                                               for i, m in enumerate(tried)], "every call is recorded"
+        assert [c["outcome"] for c in calls] == [OUTCOME_OF[failure]] * (len(tried) - 1) + ["ok"]
         assert decision["cost_usd"] == pytest.approx((12 + 5) * PRICE_PER_1K["cheap-chat"] / 1000)
         # A second failure each (service.failover.breaker_failures: 2) opens their breakers, and
         # routing then skips them: one call, to the LLM that works.

@@ -243,12 +243,15 @@ def recover_watermark(config: MixLLMConfig) -> int:
 
 
 def compact_decisions(config: MixLLMConfig) -> dict[str, int]:
-    """Keep the decision log bounded (service.decision_detail_days, service.decision_retention_days)."""
+    """Keep the decision log bounded (service.decision_detail_days, service.decision_retention_days):
+    old decisions' scores and old decisions without feedback, and upstream calls past retention."""
+    from mixllm.io.attempts import AttemptLog
     from mixllm.io.store import InteractionLog
 
     store = InteractionLog(config.sqlalchemy_url(config.service.feedback_store_url))
     try:
-        return store.compact(config.service.decision_detail_days, config.service.decision_retention_days)
+        counts = store.compact(config.service.decision_detail_days, config.service.decision_retention_days)
+        return {**counts, "attempts_deleted": AttemptLog(store).forget_older(config.service.decision_retention_days)}
     finally:
         store.dispose()
 

@@ -135,9 +135,11 @@ class MixLLMService(ModelLifecycle, RouteDecisions, ChatProxy, TenantBudgets, Se
         self.ledger = TenantLedger(self.store, key_cache_s=self.config.budgets.key_cache_s)
         self.pacer = BudgetPacer(self.config.budgets.pacing)
         self._unwritten, self._unwritten_lock = [], threading.Lock()
+        from mixllm.io.attempts import AttemptLog
         from mixllm.io.sessions import SessionLog
 
         self.sessions = SessionLog(self.store, ttl_s=self.config.session.ttl_s)
+        self.attempts = AttemptLog(self.store)
         TENANT_KEYS.enabled, TENANT_KEYS.lookup = bool(self.config.budgets.tenants), self._tenant_of_key
         self.load = LiveLoad(max_age_s=self.config.service.in_flight_max_age_s,
                              window=self.config.service.latency_window)

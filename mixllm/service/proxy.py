@@ -48,8 +48,15 @@ def _redacted(text: str, secrets: list[str]) -> str:
 
 class ChatProxy:
     """Needs from the class it is mixed into: config, load (live traffic), metrics, store,
-    sessions (mixllm.io.sessions.SessionLog), breakers (mixllm.service.circuit.CircuitBreakers) and
-    _record_call (mixllm.service.spending.TenantBudgets)."""
+    sessions (mixllm.io.sessions.SessionLog), attempts (mixllm.io.attempts.AttemptLog), breakers
+    (mixllm.service.circuit.CircuitBreakers) and _record_call (mixllm.service.spending.TenantBudgets)."""
+
+    def _record_attempt(self, **attempt: Any) -> None:
+        try:
+            self.attempts.record(**attempt)
+        except Exception as exc:  # noqa: BLE001 - the call is made; only its record row is lost (the log has it)
+            logger.warning("attempt %s of decision %s (%s, %s) not recorded: %s", attempt["attempt"],
+                           attempt["decision_id"], attempt["llm"], attempt["outcome"], exc)
 
     def _chat_refusal(self, request: ChatRequest) -> JSONResponse | None:
         """A 400 naming the field for what the proxy must not forward: text that is not valid
@@ -185,7 +192,7 @@ class ChatProxy:
         client = httpx.AsyncClient(timeout=max(timeout_s, 0.001))
         finished = False
 
-        def finish(status: str, usage: dict | None) -> None:
+        def finish(status: str, usage: dict | None, status_code: int | None = None) -> None:
             nonlocal finished
             if finished:
                 return
@@ -193,6 +200,8 @@ class ChatProxy:
             latency = time.perf_counter() - started
             self.metrics.in_flight.labels(llm=llm).dec()
             self.metrics.proxied.labels(llm=llm, status=status).inc()
+            self._record_attempt(decision_id=decision_id, attempt=attempt, llm=llm, outcome=status,
+                                 status_code=status_code, latency_s=latency)
             self.breakers.record(llm, ok=status == "ok")
             # A failed call's time says nothing about the LLM's speed (a dead upstream fails fast).
             self.load.finish(call_id, latency if status == "ok" else None)
@@ -222,16 +231,16 @@ class ChatProxy:
                 response = await client.post(url, json=payload, headers=headers)
                 await client.aclose()
                 if response.status_code >= 400:
-                    finish("upstream_error", None)
+                    finish("upstream_error", None, response.status_code)
                     return upstream_failed(response.status_code, response.text)
                 try:
                     body = response.json()
                     if not isinstance(body, dict):
                         raise ValueError("not a JSON object")
                 except ValueError:
-                    finish("upstream_error", None)
+                    finish("upstream_error", None, response.status_code)
                     return upstream_failed(response.status_code, response.text, " without a JSON object")
-                finish("ok", body.get("usage") if isinstance(body.get("usage"), dict) else None)
+                finish("ok", body.get("usage") if isinstance(body.get("usage"), dict) else None, response.status_code)
                 body["model"] = llm
                 body["mixllm"] = {"llm": llm, "decision_id": decision_id, "model_version": version,
                                   "attempts": attempt}
@@ -242,7 +251,7 @@ class ChatProxy:
                 text = (await response.aread()).decode(errors="replace")
                 await response.aclose()
                 await client.aclose()
-                finish("upstream_error", None)
+                finish("upstream_error", None, response.status_code)
                 return upstream_failed(response.status_code, text)
         except httpx.HTTPError as exc:
             await client.aclose()
@@ -273,7 +282,7 @@ class ChatProxy:
             except httpx.HTTPError as exc:
                 # After the first byte there is no failing over; the client must not take a cut
                 # answer for a whole one, so the stream ends with an error event.
-                finish("dropped", None)
+                finish("dropped", None, response.status_code)
                 logger.warning("upstream for %s dropped the stream (%s, decision %s)", llm, type(exc).__name__,
                                decision_id)
                 yield "data: " + json.dumps({"error": {"message": f"upstream for {llm} dropped the stream "
@@ -282,7 +291,7 @@ class ChatProxy:
             finally:
                 await response.aclose()
                 await client.aclose()
-                finish("ok", usage)
+                finish("ok", usage, response.status_code)
 
         return StreamingResponse(relay(), media_type="text/event-stream", headers=mixllm_headers), False
 
