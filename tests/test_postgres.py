@@ -43,8 +43,12 @@ def postgres(tmp_path_factory):
             connection.execute(sa.text(f'CREATE DATABASE "{name}"'))
         return _sqlalchemy(server.get_uri(database=name))
 
+    def drop(url: str) -> None:  # the database goes away under its users (as a server that is down)
+        with admin.connect() as connection:
+            connection.execute(sa.text(f'DROP DATABASE "{sa.engine.make_url(url).database}" WITH (FORCE)'))
+
     try:
-        yield SimpleNamespace(database=database, pid=pid)
+        yield SimpleNamespace(database=database, drop=drop, pid=pid)
     finally:
         admin.dispose()
         server.cleanup()
@@ -109,6 +113,37 @@ WRITER = textwrap.dedent("""
     store.dispose()
     json.dump(ids, open(out, "w"))
 """)
+
+
+def test_a_database_that_goes_away_is_a_retry_never_a_crash(postgres):
+    """Every read and write the service makes answers a lost database with StoreBusyError (the
+    service's 503 with Retry-After), not the driver's OperationalError (a 500)."""
+    from mixllm.io.attempts import AttemptLog
+    from mixllm.io.ledger import TenantLedger
+    from mixllm.io.sessions import SessionLog
+    from mixllm.io.store import StoreBusyError
+
+    url = postgres.database("vanishing")
+    store = InteractionLog(url, busy_timeout_s=2.0)
+    ledger, sessions, attempts = TenantLedger(store, key_cache_s=0.0), SessionLog(store, ttl_s=60.0), AttemptLog(store)
+    decision_id = store.log_decision("q", "coder", model_version=1, lambda_=0.5, request_id="route-1")
+    assert store.decision_by_request("route-1")["decision_id"] == decision_id
+    postgres.drop(url)
+    calls = {
+        "decision_by_request": lambda: store.decision_by_request("route-1"),
+        "log_decision": lambda: store.log_decision("q2", "coder", model_version=1, lambda_=0.5),
+        "add_feedback": lambda: store.add_feedback(quality=1.0, decision_id=decision_id),
+        "decisions_with_feedback": store.decisions_with_feedback,
+        "tenant_of": lambda: ledger.tenant_of("some-key"),
+        "llm_of": lambda: sessions.llm_of("a-session"),
+        "record attempt": lambda: attempts.record(decision_id=decision_id, attempt=1, llm="coder", outcome="ok",
+                                                  latency_s=0.1),
+    }
+    for name, call in calls.items():
+        with pytest.raises(StoreBusyError, match="retry shortly"):
+            call()
+            pytest.fail(f"{name} went through on a database that is gone")
+    store.dispose()
 
 
 def test_two_processes_write_one_database_exactly_once(postgres, tmp_path):

@@ -430,6 +430,14 @@ def test_bearer_auth_remembers_the_tenant_keys_it_accepted(monkeypatch):
     assert status("key-of-acme") == 200 and tenant_keys.seen_valid(b"Bearer key-of-acme")
     assert status("made-up") == 401 and not tenant_keys.seen_valid(b"Bearer made-up")
 
+    def key_store_down(key):
+        from mixllm.io.store import StoreBusyError
+
+        raise StoreBusyError("the decision log is unreachable; retry shortly")
+
+    tenant_keys.lookup = key_store_down
+    assert status("key-of-acme") == 503, "a key that cannot be checked: retry later, not a 500 and not a 401"
+
 
 def test_a_signed_dashboard_link_opens_the_page_until_it_expires(monkeypatch):
     import asyncio

@@ -45,7 +45,7 @@ class AttemptLog:
     def of_decision(self, decision_id: str) -> list[dict[str, Any]]:
         """The decision's upstream calls, first to last."""
         query = sa.select(attempts).where(attempts.c.decision_id == decision_id).order_by(attempts.c.attempt_id)
-        with self.store.engine.connect() as connection:
+        with self.store.reading() as connection:
             return [dict(row) for row in connection.execute(query).mappings()]
 
     def forget_older(self, days: float) -> int:

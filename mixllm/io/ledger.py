@@ -22,7 +22,7 @@ import sqlalchemy as sa
 from mixllm.config import TenantConfig
 from mixllm.core.budgets import BudgetStanding, period_bounds, standings
 from mixllm.core.errors import MixLLMError
-from mixllm.io.store import InteractionLog, StoreBusyError, feedback, metadata, utcnow
+from mixllm.io.store import InteractionLog, feedback, metadata, utcnow
 
 if TYPE_CHECKING:  # pandas is imported where a frame is made: a service start (logs, router, a route) never needs it
     import pandas as pd
@@ -104,7 +104,7 @@ class TenantLedger:
     def keys(self) -> pd.DataFrame:
         import pandas as pd
 
-        with self.store.engine.connect() as connection:
+        with self.store.reading() as connection:
             rows = connection.execute(sa.select(api_keys.c.key_id, api_keys.c.tenant, api_keys.c.created_at,
                                                 api_keys.c.revoked_at).order_by(api_keys.c.created_at))
             return pd.DataFrame(rows.mappings().all(), columns=["key_id", "tenant", "created_at", "revoked_at"])
@@ -117,7 +117,7 @@ class TenantLedger:
             cached = self._keys.get(digest)
         if cached is not None and now - cached[1] < self.key_cache_s:
             return cached[0]
-        with self.store.engine.connect() as connection:
+        with self.store.reading() as connection:
             row = connection.execute(sa.select(api_keys.c.tenant).where(api_keys.c.key_hash == digest,
                                                                         api_keys.c.revoked_at.is_(None))).first()
         tenant = None if row is None else str(row.tenant)
@@ -147,12 +147,9 @@ class TenantLedger:
         columns = [sa.func.coalesce(sa.func.sum(sa.case((calls.c.created_at >= start, calls.c.cost_usd), else_=0.0)),
                                     0.0).label(period) for period, start in starts.items()]
         earliest = min(starts.values())
-        try:
-            with self.store.engine.connect() as connection:
-                row = connection.execute(sa.select(*columns).where(calls.c.tenant == tenant,
-                                                                   calls.c.created_at >= earliest)).mappings().first()
-        except sa.exc.OperationalError as problem:
-            raise StoreBusyError(f"the spend records cannot be read ({str(problem.orig).strip()[:80]})") from problem
+        with self.store.reading() as connection:  # a database that refuses: StoreBusyError
+            row = connection.execute(sa.select(*columns).where(calls.c.tenant == tenant,
+                                                               calls.c.created_at >= earliest)).mappings().first()
         return {period: float(row[period] or 0.0) for period in starts}
 
     def standing(self, tenant: TenantConfig, now: datetime, warmup_share: float) -> list[BudgetStanding]:
@@ -168,7 +165,7 @@ class TenantLedger:
         query = sa.select(calls, quality.c.feedback_quality).outerjoin(quality, quality.c.decision_id == calls.c.decision_id)
         if since is not None:
             query = query.where(calls.c.created_at >= since)
-        with self.store.engine.connect() as connection:
+        with self.store.reading() as connection:
             rows = connection.execute(query.order_by(calls.c.call_id)).mappings().all()
         columns = [c.name for c in calls.columns] + ["feedback_quality"]
         import pandas as pd

@@ -31,7 +31,7 @@ class SessionLog:
 
     def llm_of(self, key: str) -> str | None:
         """The LLM this session was last answered by, unless it has been idle longer than ttl_s."""
-        with self.store.engine.connect() as connection:
+        with self.store.reading() as connection:
             row = connection.execute(sa.select(sessions.c.llm, sessions.c.updated_at)
                                      .where(sessions.c.session_key == key)).first()
         if row is None:

@@ -180,6 +180,17 @@ class InteractionLog:
         finally:
             self._write_lock.release()
 
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[Any]:
+        """A connection for reads; a database that is down or refuses (OperationalError) is a
+        StoreBusyError too, so every caller answers it the same way (503, retry), never a 500."""
+        try:
+            with self.engine.connect() as connection:
+                yield connection
+        except sa.exc.OperationalError as problem:
+            raise StoreBusyError(f"the decision log is unreachable ({str(problem.orig).strip()[:80]}); "
+                                 "retry shortly") from problem
+
     def create_schema(self, tables: list[sa.Table] | None = None) -> None:
         """Create the tables once, even when several replicas start together on an empty database:
         on PostgreSQL concurrent CREATE TABLEs collide (a unique violation in the catalogue), so the
@@ -266,12 +277,12 @@ class InteractionLog:
             connection.execute(decisions.update().where(decisions.c.decision_id == decision_id).values(**values))
 
     def decision_by_request(self, request_id: str) -> dict[str, Any] | None:
-        with self.engine.connect() as connection:
+        with self.reading() as connection:
             row = connection.execute(sa.select(decisions).where(decisions.c.request_id == request_id)).mappings().first()
         return dict(row) if row else None
 
     def decision(self, decision_id: str) -> dict[str, Any] | None:
-        with self.engine.connect() as connection:
+        with self.reading() as connection:
             row = connection.execute(sa.select(decisions).where(decisions.c.decision_id == decision_id)).mappings().first()
         return dict(row) if row else None
 
@@ -292,7 +303,7 @@ class InteractionLog:
                 decisions.delete().where(decisions.c.created_at < retention_cutoff, decisions.c.decision_id.not_in(named))
             ).rowcount
         if self.engine.dialect.name == "sqlite" and (stripped or deleted):
-            with self.engine.connect() as connection:  # give the freed pages back to the file system
+            with self.reading() as connection:  # KEEP give the freed pages back to the file system
                 connection.execution_options(isolation_level="AUTOCOMMIT").execute(sa.text("VACUUM"))
         logger.info("decision log compacted: %d decisions' scores dropped (older than %g days), %d decisions deleted "
                     "(older than %g days, no feedback)", stripped, detail_days, deleted, retention_days)
@@ -345,7 +356,7 @@ class InteractionLog:
             conditions.append(feedback.c.request_id == request_id)
         if not conditions:
             return None
-        with self.engine.connect() as connection:
+        with self.reading() as connection:
             return connection.execute(sa.select(feedback.c.feedback_id).where(sa.or_(*conditions))).scalars().first()
 
     def feedback_since(self, after_id: int) -> pd.DataFrame:
@@ -359,13 +370,13 @@ class InteractionLog:
         )
         import pandas as pd
 
-        with self.engine.connect() as connection:
+        with self.reading() as connection:
             return pd.DataFrame(connection.execute(query).mappings().all())
 
     def recent_queries(self, limit: int) -> list[str]:
         """The queries of the last `limit` decisions (what the drift monitor reads)."""
         query = sa.select(decisions.c.query).order_by(decisions.c.created_at.desc()).limit(limit)
-        with self.engine.connect() as connection:
+        with self.reading() as connection:
             return [row[0] for row in connection.execute(query)]
 
     def decisions_with_feedback(self, since: datetime | None = None, limit: int | None = None) -> pd.DataFrame:
@@ -383,7 +394,7 @@ class InteractionLog:
             query = query.where(decisions.c.created_at >= since)
         if limit is not None:  # the most recent ones
             query = query.limit(limit)
-        with self.engine.connect() as connection:
+        with self.reading() as connection:
             rows = connection.execute(query).mappings().all()[::-1]  # oldest first
         import pandas as pd
 
@@ -392,13 +403,13 @@ class InteractionLog:
 
     def count(self, table: str) -> int:
         target = {"decisions": decisions, "feedback": feedback}[table]
-        with self.engine.connect() as connection:
+        with self.reading() as connection:
             return int(connection.execute(sa.select(sa.func.count()).select_from(target)).scalar_one())
 
     # -------------------------------------------------------------------------------- watermarks
 
     def watermark(self, name: str = "continual") -> int:
-        with self.engine.connect() as connection:
+        with self.reading() as connection:
             value = connection.execute(sa.select(watermarks.c.value).where(watermarks.c.name == name)).scalar_one_or_none()
         return int(value or 0)
 

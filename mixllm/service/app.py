@@ -24,6 +24,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.exceptions import HTTPException
 
+from mixllm.io.store import StoreBusyError
 from mixllm.service import header_deadline
 from mixllm.service.api_models import (
     PROXY_SPENDS_KEYS,
@@ -89,8 +90,16 @@ async def _http_error(request: Any, exc: HTTPException) -> JSONResponse:
     return error(exc.status_code, field, str(exc.detail), dict(exc.headers or {}))
 
 
+async def _store_unavailable(request: Any, exc: Exception) -> JSONResponse:
+    """The decision log is down, or another writer holds its lock, wherever a page or the proxy
+    reads or writes it: a 503 that says to retry, never a 500."""
+    logger.warning("%s answered 503: %s", request.url.path, exc)
+    return error(503, None, str(exc), {"Retry-After": "1"})
+
+
 for _app in (openai_app, admin_app, root_app):
     _app.add_exception_handler(HTTPException, _http_error)
+    _app.add_exception_handler(StoreBusyError, _store_unavailable)
 root_app.add_exception_handler(RequestValidationError, _chat_request_invalid)  # /stats?days=abc: a 400
 
 
@@ -203,8 +212,8 @@ class MixLLMService(ModelLifecycle, RouteDecisions, ChatProxy, TenantBudgets, Se
         if busy:
             from bentoml.exceptions import ServiceUnavailable
 
-            raise ServiceUnavailable("the decision log is busy (another writer holds its lock); nothing was logged, "
-                                     "retry shortly")
+            raise ServiceUnavailable("the decision log is busy (another writer holds its lock) or unreachable; nothing "
+                                     "was logged, retry shortly")
         if any(isinstance(result, JSONResponse) for result in results):
             # Only when something changed between validation and routing (a candidate was disabled,
             # or another call took an item's request_id meanwhile): the merged calls fail together,
@@ -226,7 +235,7 @@ class MixLLMService(ModelLifecycle, RouteDecisions, ChatProxy, TenantBudgets, Se
         """Store feedback durably (answers after the commit); a retry with the same decision_id or
         request_id is recognised and stores nothing new."""
         from mixllm.core.errors import MixLLMError
-        from mixllm.io.store import StoreBusyError, UnknownDecisionError
+        from mixllm.io.store import UnknownDecisionError
         from mixllm.io.validation import implausible_values
 
         model = self.model

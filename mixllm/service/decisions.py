@@ -33,8 +33,11 @@ class RouteDecisions:
 
         results: list[Any] = [None] * len(items)
         valid = []
-        for i, item in enumerate(items):
-            stored = self.store.decision_by_request(item.request_id) if item.request_id else None
+        try:
+            earlier = [self.store.decision_by_request(item.request_id) if item.request_id else None for item in items]
+        except StoreBusyError as exc:  # the log cannot say whether these are retries: route none of them
+            return [error(503, None, str(exc), {"Retry-After": "1"}) for _ in items]
+        for i, (item, stored) in enumerate(zip(items, earlier)):
             if stored is not None and stored["query"] != item.query:
                 results[i] = error(409, "request_id", f"request_id {item.request_id!r} was already used for another "
                                    "query; a retry must repeat the same query, a new query needs a new request_id")
@@ -82,7 +85,11 @@ class RouteDecisions:
         # an LLM with one big anonymous batch. Only calls the proxy makes count (see _forward).
         for (i, item, decision), decision_id in zip(records, decision_ids):
             if decision_id is None:  # a concurrent call took this request_id between our check and our write
-                stored = self.store.decision_by_request(item.request_id)
+                try:
+                    stored = self.store.decision_by_request(item.request_id)
+                except StoreBusyError as exc:
+                    results[i] = error(503, None, str(exc), {"Retry-After": "1"})
+                    continue
                 results[i] = (stored_response(stored) if stored["query"] == item.query else error(
                     409, "request_id", f"request_id {item.request_id!r} was just used for another query by a "
                     "concurrent call; a new query needs a new request_id"))

@@ -124,7 +124,12 @@ class BearerAuth:
         if not admin and self.tenant_keys.enabled and header.startswith("Bearer ") and self.tenant_keys.lookup:
             import anyio
 
-            tenant = await anyio.to_thread.run_sync(self.tenant_keys.lookup, header[len("Bearer "):])
+            try:
+                tenant = await anyio.to_thread.run_sync(self.tenant_keys.lookup, header[len("Bearer "):])
+            except Exception as exc:  # noqa: BLE001 - the key store is down: say so, never a 500
+                logging.getLogger("bentoml.mixllm").warning("API key not checked: %s", exc)
+                return await _reject(send, 503, "the API key cannot be checked now (the decision log is unreachable); "
+                                                "retry shortly", headers={"Retry-After": "1"})
             if tenant is None:
                 return await _reject(send, 401, "unknown or revoked API key (header: Authorization: Bearer <key>; "
                                                 "`mixllm keys list` shows the active keys)", field="Authorization")

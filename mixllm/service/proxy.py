@@ -223,8 +223,12 @@ class ChatProxy:
                               reference_cost_usd=reference_cost,
                               router_ms=router_ms, attempts=attempt)
             if decision_id and status == "ok":
-                self.store.complete_decision(decision_id, cost_usd=cost, latency_s=latency,
-                                             input_tokens=tokens_in, output_tokens=tokens_out, llm=llm)
+                try:
+                    self.store.complete_decision(decision_id, cost_usd=cost, latency_s=latency,
+                                                 input_tokens=tokens_in, output_tokens=tokens_out, llm=llm)
+                except Exception as exc:  # noqa: BLE001 - the answer is paid for and on its way: do not fail it
+                    logger.warning("decision %s: the call's cost, latency and LLM (%s) not recorded: %s", decision_id,
+                                   llm, exc)
 
         try:
             if not request.stream:

@@ -48,7 +48,7 @@ class ShadowLog:
         agree = sa.func.sum(sa.case((shadow_decisions.c.llm == shadow_decisions.c.served_llm, 1), else_=0))
         query = (sa.select(shadow_decisions.c.model_version, sa.func.count().label("decisions"), agree.label("agreed"))
                  .group_by(shadow_decisions.c.model_version))
-        with self.store.engine.connect() as connection:
+        with self.store.reading() as connection:
             rows = connection.execute(query).mappings().all()
         import pandas as pd
 
