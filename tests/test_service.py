@@ -126,6 +126,18 @@ def test_route_then_feedback_is_stored_exactly_once(service):
     assert routed["llm"] in httpx.get(f"{base}/model").json()["observed_latency_s"], "the reported latency counts"
 
 
+def test_a_latency_reported_without_a_decision_does_not_steer_routing(service):
+    """Feedback on a query + llm (no decision_id) is stored, but its latency_s is no measurement
+    of a call this service routed: it must not move the live latency estimate."""
+    base = service["base"]
+    before = httpx.get(f"{base}/model", timeout=30).json()["observed_latency_s"].get("strong")
+    for i in range(40):
+        response = httpx.post(f"{base}/feedback", json={"query": f"{QUERY} {i}", "llm": "strong", "quality": 0.5,
+                                                        "latency_s": 3000.0}, headers=AUTH, timeout=30)
+        assert response.status_code == 200, response.text
+    assert httpx.get(f"{base}/model", timeout=30).json()["observed_latency_s"].get("strong") == before
+
+
 def test_routing_decisions_are_not_calls_in_flight(service):
     """One anonymous batch of routes must not make an LLM look busy to everyone else."""
     base = service["base"]

@@ -3,7 +3,8 @@
 Only real upstream calls count as in flight: the proxy's, from the moment it forwards a call until
 the upstream answers (or its timeout; at most `max_age_s`). A /route decision is not a call: the
 caller may never make it, and counting decisions let one anonymous batch of routes pin an LLM as
-busy. Only latencies that were measured (by the proxy, or sent as latency_s with /feedback) feed
+busy. Only latencies that were measured (by the proxy, or sent as latency_s with /feedback on a
+decision the service made) feed
 the estimate.
 Observed latency is the median of each LLM's last `window` measurements: a mean would let one
 absurd report (latency_s: 1e300) pin an LLM's penalty for thousands of normal ones, while a median
