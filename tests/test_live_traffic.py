@@ -47,16 +47,16 @@ def test_unreported_calls_expire_after_their_own_lifetime():
 
 def test_screen_feedback_sets_aside_each_bad_row_with_its_reason():
     rows = pd.DataFrame({
-        "feedback_id": range(1, 7),
-        "query": ["fine", "   ", "fine", "fine", "fine", "unpriced"],
-        "llm": ["a", "a", "gone", "a", "a", "a"],
-        "quality": [1.0, 1.0, 1.0, 1.7, 0.5, 0.0],
-        "cost_usd": [0.1, 0.1, 0.1, 0.1, np.inf, None],
+        "feedback_id": range(1, 8),
+        "query": ["fine", "   ", "fine", "fine", "fine", "unpriced", "\u200b\u200b "],  # zero-width spaces: blank too
+        "llm": ["a", "a", "gone", "a", "a", "a", "a"],
+        "quality": [1.0, 1.0, 1.0, 1.7, 0.5, 0.0, 1.0],
+        "cost_usd": [0.1, 0.1, 0.1, 0.1, np.inf, None, 0.1],
     })
     usable, skipped = screen_feedback(rows, ["a"])
     assert usable["feedback_id"].tolist() == [1, 6]
     assert np.isnan(usable["cost_usd"].iloc[1]), "an unknown cost stays unknown"
-    assert skipped == {"LLM no longer in the pool": 1, "blank query": 1, "quality not a number in 0..1": 1,
+    assert skipped == {"LLM no longer in the pool": 1, "blank query": 2, "quality not a number in 0..1": 1,
                        "cost negative or infinite": 1}
     assert len(usable) + sum(skipped.values()) == len(rows), "every row is either used or counted"
 

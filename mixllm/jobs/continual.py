@@ -16,6 +16,7 @@ import pandas as pd
 
 from mixllm.config import MixLLMConfig, PlausibilityConfig
 from mixllm.core.router import MixLLMRouter
+from mixllm.core.schemas import is_blank
 from mixllm.io.workspace import Workspace, load_split, replace_dir
 from mixllm.jobs.gate import Registration, register_candidate
 from mixllm.jobs.report import evaluate_router
@@ -60,7 +61,7 @@ def screen_feedback(rows: pd.DataFrame, pool: Sequence[str],
     cost = pd.to_numeric(rows["cost_usd"], errors="coerce")
     checks = {
         "LLM no longer in the pool": ~rows["llm"].isin(list(pool)),
-        "blank query": ~rows["query"].map(lambda q: isinstance(q, str) and bool(q.strip())),
+        "blank query": ~rows["query"].map(lambda q: isinstance(q, str) and not is_blank(q)),  # as the service's check
         "quality not a number in 0..1": ~quality.between(0.0, 1.0),
         "cost negative or infinite": rows["cost_usd"].notna() & ~(cost.between(0.0, np.inf, inclusive="left")),
         "cost past data.limits.max_cost_usd": cost > limits.max_cost_usd,
