@@ -86,6 +86,13 @@ def _client_digest(authorization: bytes) -> str:
     return hashlib.sha256(authorization).hexdigest()[:16]
 
 
+def _is_admin(authorization: bytes, token_env: str) -> bool:
+    """Whether an Authorization header carries the admin token (env `token_env`)."""
+    token = os.environ.get(token_env)
+    # Constant time: the comparison must not tell an attacker how much of a guess was right.
+    return bool(token) and hmac.compare_digest(authorization, f"Bearer {token}".encode("latin-1", "replace"))
+
+
 class BearerAuth:
     """ASGI middleware: who is calling, and may they.
 
@@ -117,9 +124,7 @@ class BearerAuth:
         path = scope.get("path", "")
         headers = [(k, v) for k, v in scope["headers"] if k != TENANT_HEADER]
         header = dict(headers).get(b"authorization", b"").decode("latin-1")
-        # Constant time: the comparison must not tell an attacker how much of a guess was right.
-        admin = bool(token) and hmac.compare_digest(header.encode("latin-1"),
-                                                    f"Bearer {token}".encode("latin-1", "replace"))
+        admin = _is_admin(header.encode("latin-1"), self.token_env)
         tenant = None
         if not admin and self.tenant_keys.enabled and header.startswith("Bearer ") and self.tenant_keys.lookup:
             import anyio
@@ -193,9 +198,7 @@ class ClientRateLimit:
 
     def _client(self, scope: dict) -> str:
         authorization = dict(scope["headers"]).get(b"authorization", b"")
-        admin_token = os.environ.get(self.token_env)
-        if authorization and ((admin_token and hmac.compare_digest(authorization, f"Bearer {admin_token}".encode(
-                "latin-1", "replace"))) or self.tenant_keys.seen_valid(authorization)):
+        if authorization and (_is_admin(authorization, self.token_env) or self.tenant_keys.seen_valid(authorization)):
             return "token:" + _client_digest(authorization)
         return "ip:" + str((scope.get("client") or ("unknown",))[0])
 
