@@ -35,3 +35,41 @@ def test_fetch_without_copy_offline_says_how(project, monkeypatch):
     result = runner.invoke(app, ["data", "fetch", "routerbench"])
     assert result.exit_code == 2
     assert "MIXLLM_ROUTERBENCH" in result.output
+
+
+def test_keys_budgets_and_report_walk_a_tenant_from_key_to_savings(project):
+    """`mixllm keys create/list/revoke`, `mixllm budgets` and `mixllm report` on one tenant: the key
+    is printed once and stored hashed, its spend shows against its budget, and revoking it ends it."""
+    from mixllm.config import load_config
+    from mixllm.io.ledger import TenantLedger
+    from mixllm.io.store import InteractionLog
+    from synthetic import write_params
+
+    write_params(project, budgets={"tenants": [{"name": "acme", "budgets_usd": {"day": 2.0}}]})
+    unknown = runner.invoke(app, ["keys", "create", "nobody"])
+    assert unknown.exit_code == 2 and "budgets.tenants" in unknown.output and "acme" in unknown.output
+    created = runner.invoke(app, ["keys", "create", "acme"])
+    assert created.exit_code == 0, created.output
+    key = created.stdout.strip().splitlines()[0]
+    config = load_config(project / "params.yaml")
+    ledger = TenantLedger(InteractionLog(config.sqlalchemy_url(config.service.feedback_store_url)), key_cache_s=0)
+    import sqlalchemy as sa
+
+    with ledger.store.engine.connect() as connection:
+        stored = [tuple(row) for row in connection.execute(sa.text("SELECT * FROM api_keys"))]
+    assert ledger.tenant_of(key) == "acme" and len(stored) == 1, "the key works"
+    assert not any(key in str(value) for value in stored[0]), "and only its hash is stored"
+    listing = runner.invoke(app, ["keys", "list"])
+    key_id = listing.output.split()[0]
+    assert "acme" in listing.output and "active" in listing.output and key not in listing.output
+    ledger.record_call(tenant="acme", llm="strong", cost_usd=0.5, estimated=False, reference_cost_usd=1.0)
+    budgets = runner.invoke(app, ["budgets"])
+    assert budgets.exit_code == 0 and "acme" in budgets.output and "$0.5000 of $2.00 ( 25.0%)" in budgets.output
+    report = runner.invoke(app, ["report", "--json"])
+    summary = json.loads(report.stdout)
+    assert summary["overall"]["calls"] == 1 and summary["overall"]["spend_usd"] == 0.5
+    assert "1 calls" in runner.invoke(app, ["report"]).output
+    revoked = runner.invoke(app, ["keys", "revoke", key_id])
+    assert revoked.exit_code == 0 and "acme" in revoked.output
+    assert ledger.tenant_of(key) is None and "revoked" in runner.invoke(app, ["keys", "list"]).output
+    ledger.store.dispose()
