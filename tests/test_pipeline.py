@@ -320,6 +320,24 @@ def test_upstream_attempts_are_kept_with_their_decision_and_forgotten_past_reten
     store.dispose()
 
 
+def test_a_session_keeps_its_llm_until_it_idles_past_its_ttl_and_tenants_do_not_share_sessions(tmp_path):
+    from datetime import datetime, timedelta, timezone
+
+    from mixllm.io.sessions import SessionLog, session_key, sessions
+
+    store = InteractionLog(f"sqlite:///{tmp_path}/feedback.db")
+    log = SessionLog(store, ttl_s=600.0)
+    acme, globex = session_key("acme", "chat-1"), session_key("globex", "chat-1")
+    log.remember(acme, "coder")
+    log.remember(acme, "strong")  # the conversation moved (its LLM failed over)
+    assert log.llm_of(acme) == "strong" and log.llm_of(globex) is None, "the same session id of another tenant"
+    with store.engine.begin() as connection:  # idle for longer than the TTL
+        connection.execute(sessions.update().values(updated_at=datetime.now(timezone.utc) - timedelta(seconds=601)))
+    assert log.llm_of(acme) is None, "an idle conversation is routed afresh"
+    assert log.forget_idle() == 1 and log.llm_of(acme) is None
+    store.dispose()
+
+
 def test_registered_model_carries_the_calibrated_lambda(project):
     config = _config(project)
     registry = Registry(config)
