@@ -578,6 +578,33 @@ def test_one_client_cannot_flood_the_others(monkeypatch):
     assert call("/model", token="bob")[0] == 200 and call("/healthz")[0] == 200, "information endpoints are not limited"
 
 
+def test_behind_a_reverse_proxy_the_client_is_the_address_it_forwards():
+    import asyncio
+
+    from mixllm.service.middleware import ClientRateLimit
+
+    async def downstream(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200})
+
+    limiter = ClientRateLimit(downstream, rate_per_s=1.0, burst=2, address_header="X-Forwarded-For",
+                              clock=lambda: 0.0)
+
+    def status(forwarded):
+        sent = []
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "path": "/route", "method": "POST", "client": ("10.0.0.9", 443),  # the proxy
+                 "headers": [(b"x-forwarded-for", forwarded.encode())] if forwarded else []}
+        asyncio.run(limiter(scope, None, send))
+        return sent[0]["status"]
+
+    assert [status("203.0.113.5") for _ in range(3)] == [200, 200, 429]
+    assert status("203.0.113.6") == 200, "another client behind the same proxy has its own allowance"
+    assert status("1.2.3.4, 203.0.113.5") == 429, "the address the proxy appended counts, not what the client wrote"
+
+
 def _metric(text: str, name: str) -> float:
     return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " ")
                or line.startswith(name + "{"))
@@ -1048,6 +1075,24 @@ def test_when_every_upstream_fails_the_answer_is_one_502_after_max_attempts(serv
         failed = _chat(base, "mixllm")
         assert failed.status_code == 502 and failed.headers["x-mixllm-attempts"] == "3"
         assert len(upstream.requests) - before == 3 and "stub 500" not in failed.text
+    finally:
+        _close_breakers(base, upstream)
+
+
+def test_a_stream_fails_over_before_its_first_byte(service, upstream):
+    """A streamed chat whose chosen LLM answers 500 before streaming is answered, streamed, by the
+    next candidate; the caller sees one clean stream and the headers name who answered."""
+    import openai
+
+    base = service["base"]
+    upstream.behaviour.update({"upstream-strong": "500", "upstream-coder": "500"})
+    try:
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key=TOKEN, max_retries=0, timeout=60)
+        raw = client.chat.completions.with_raw_response.create(
+            model="mixllm:0", messages=[{"role": "user", "content": QUERY}], stream=True)
+        text = "".join(chunk.choices[0].delta.content or "" for chunk in raw.parse() if chunk.choices)
+        assert raw.headers["x-mixllm-llm"] == "cheap-chat" and int(raw.headers["x-mixllm-attempts"]) >= 2
+        assert text.startswith("answer from upstream-cheap-chat")
     finally:
         _close_breakers(base, upstream)
 
