@@ -390,7 +390,7 @@ def test_the_proxy_needs_a_token_whenever_it_spends_upstream_keys(monkeypatch):
     """Even with no service token configured: anonymous callers must not spend the server's keys."""
     import asyncio
 
-    from mixllm.service.middleware import BearerAuth
+    from mixllm.service.access import BearerAuth
 
     async def downstream(scope, receive, send):
         await send({"type": "http.response.start", "status": 200})
@@ -418,7 +418,7 @@ def test_bearer_auth_remembers_the_tenant_keys_it_accepted(monkeypatch):
     made-up key none."""
     import asyncio
 
-    from mixllm.service.middleware import BearerAuth, TenantKeys
+    from mixllm.service.access import BearerAuth, TenantKeys
 
     async def downstream(scope, receive, send):
         await send({"type": "http.response.start", "status": 200})
@@ -454,7 +454,7 @@ def test_bearer_auth_remembers_the_tenant_keys_it_accepted(monkeypatch):
 def test_a_signed_dashboard_link_opens_the_page_until_it_expires(monkeypatch):
     import asyncio
 
-    from mixllm.service.middleware import BearerAuth, dashboard_link
+    from mixllm.service.access import BearerAuth, dashboard_link
 
     async def downstream(scope, receive, send):
         await send({"type": "http.response.start", "status": 200})
@@ -533,7 +533,7 @@ def test_one_client_cannot_flood_the_others(monkeypatch):
     batch costs one token per query."""
     import asyncio
 
-    from mixllm.service.middleware import ClientRateLimit, TenantKeys
+    from mixllm.service.access import ClientRateLimit, TenantKeys
 
     monkeypatch.setenv("MIXLLM_TEST_ADMIN_TOKEN", "alice")
     tenant_keys = TenantKeys()
@@ -581,7 +581,7 @@ def test_one_client_cannot_flood_the_others(monkeypatch):
 def test_behind_a_reverse_proxy_the_client_is_the_address_it_forwards():
     import asyncio
 
-    from mixllm.service.middleware import ClientRateLimit
+    from mixllm.service.access import ClientRateLimit
 
     async def downstream(scope, receive, send):
         await send({"type": "http.response.start", "status": 200})
@@ -1281,7 +1281,7 @@ def test_stats_and_the_dashboard_in_a_real_browser_show_the_recorded_calls(servi
         browser = playwright.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
         try:
             # A browser sends no Authorization header: the admin opens a signed, expiring link.
-            from mixllm.service.middleware import dashboard_link
+            from mixllm.service.access import dashboard_link
 
             page = browser.new_page(viewport={"width": 1250, "height": 1000})
             assert page.goto(f"{base}/dashboard").status == 401

@@ -100,7 +100,7 @@ def report_show(
     if link:
         import os
 
-        from mixllm.service.middleware import dashboard_link
+        from mixllm.service.access import dashboard_link
 
         token = os.environ.get(config.service.auth_token_env)
         if not token:

@@ -26,6 +26,7 @@ from starlette.exceptions import HTTPException
 
 from mixllm.io.store import StoreBusyError
 from mixllm.service import header_deadline
+from mixllm.service.access import BearerAuth, ClientRateLimit, TenantKeys
 from mixllm.service.api_models import (
     PROXY_SPENDS_KEYS,
     ROUTABLE,
@@ -41,13 +42,10 @@ from mixllm.service.api_models import (
 from mixllm.service.circuit import CircuitBreakers
 from mixllm.service.decisions import RouteDecisions
 from mixllm.service.middleware import (
-    BearerAuth,
     BodyLimit,
-    ClientRateLimit,
     OpenAIErrors,
     OpenAPIContract,
     RetryAfterOnUnavailable,
-    TenantKeys,
     quiet_client_errors,
 )
 from mixllm.service.model_lifecycle import LoadedModel, ModelLifecycle

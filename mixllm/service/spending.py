@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse
 from mixllm.config import TenantConfig
 from mixllm.core.budgets import binding
 from mixllm.service.api_models import error
-from mixllm.service.middleware import TENANT_HEADER
+from mixllm.service.access import TENANT_HEADER
 
 logger = logging.getLogger("bentoml.mixllm")
 
