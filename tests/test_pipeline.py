@@ -265,7 +265,8 @@ def test_the_decision_log_is_compacted_without_losing_feedback(tmp_path):
 
     import sqlalchemy as sa
 
-    from mixllm.io.store import UnknownDecisionError, decisions
+    from mixllm.io.store import UnknownDecisionError
+    from mixllm.io.store_schema import decisions
 
     store = InteractionLog(f"sqlite:///{tmp_path}/feedback.db")
     scores = [{"llm": f"llm-{j}", "quality": 0.5, "cost_usd": 0.001, "score": 0.4} for j in range(30)]

@@ -18,7 +18,8 @@ import sqlalchemy as sa
 from mixllm.config import config_from_dict, load_config
 from mixllm.io.data import ingest
 from mixllm.io.registry import Registry
-from mixllm.io.store import InteractionLog, feedback
+from mixllm.io.store import InteractionLog
+from mixllm.io.store_schema import feedback
 from mixllm.jobs.continual import read_new_feedback
 from mixllm.jobs.training import run_training
 from synthetic import make_log, write_params

@@ -9,7 +9,8 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from mixllm.io.store import InteractionLog, metadata, utcnow
+from mixllm.io.store import InteractionLog, utcnow
+from mixllm.io.store_schema import metadata
 
 # What an attempt came to: the proxy's outcomes (mixllm_proxy_calls_total's status label).
 OUTCOMES = ("ok", "upstream_error", "unreachable", "dropped")

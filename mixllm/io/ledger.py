@@ -22,7 +22,8 @@ import sqlalchemy as sa
 from mixllm.config import TenantConfig
 from mixllm.core.budgets import BudgetStanding, period_bounds, standings
 from mixllm.core.errors import MixLLMError
-from mixllm.io.store import InteractionLog, feedback, metadata, utcnow
+from mixllm.io.store import InteractionLog, utcnow
+from mixllm.io.store_schema import feedback, metadata
 
 if TYPE_CHECKING:  # pandas is imported where a frame is made: a service start (logs, router, a route) never needs it
     import pandas as pd

@@ -9,7 +9,8 @@ from datetime import timedelta
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 
-from mixllm.io.store import InteractionLog, metadata, utcnow
+from mixllm.io.store import InteractionLog, utcnow
+from mixllm.io.store_schema import metadata
 
 sessions = sa.Table(
     "sessions",

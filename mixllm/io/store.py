@@ -26,82 +26,12 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 
 from mixllm.core.errors import MixLLMError
+from mixllm.io.store_schema import SCHEMA_LOCK_KEY, add_missing_columns, decisions, feedback, metadata, watermarks
 
 if TYPE_CHECKING:  # pandas is imported where a frame is made: a service start (logs, router, a route) never needs it
     import pandas as pd
 
 logger = logging.getLogger(__name__)
-
-# Any fixed 64-bit number: the advisory lock that serialises schema creation on PostgreSQL.
-SCHEMA_LOCK_KEY = 0x6D69786C6C6D  # "mixllm"
-
-metadata = sa.MetaData()
-
-decisions = sa.Table(
-    "decisions",
-    metadata,
-    sa.Column("decision_id", sa.String(64), primary_key=True),
-    sa.Column("request_id", sa.String(128), unique=True, nullable=True),
-    sa.Column("query", sa.Text, nullable=False),
-    sa.Column("llm", sa.String(256), nullable=False),
-    sa.Column("model_version", sa.Integer, nullable=True),
-    sa.Column("lambda_", sa.Float, nullable=True),
-    sa.Column("candidates", sa.Text, nullable=True),
-    # The probability the decision policy gave the LLM it chose (1 for the argmax policy); kept when
-    # compaction drops the candidates' scores, for off-policy evaluation.
-    sa.Column("propensity", sa.Float, nullable=True),
-    # The LLM the policy chose, kept when another one answered (the proxy failed over, or a session
-    # stayed on its LLM): `llm` then names the one that answered, which feedback teaches, and the
-    # propensity belongs to this one, so off-policy evaluation leaves the decision out.
-    sa.Column("chosen_llm", sa.String(256), nullable=True),
-    # What the call really cost and took, when the service saw it happen (the OpenAI proxy).
-    sa.Column("cost_usd", sa.Float, nullable=True),
-    sa.Column("latency_s", sa.Float, nullable=True),
-    sa.Column("input_tokens", sa.Float, nullable=True),
-    sa.Column("output_tokens", sa.Float, nullable=True),
-    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
-)
-
-feedback = sa.Table(
-    "feedback",
-    metadata,
-    sa.Column("feedback_id", sa.Integer, primary_key=True, autoincrement=True),
-    sa.Column("decision_id", sa.String(64), unique=True, nullable=True),
-    sa.Column("request_id", sa.String(128), unique=True, nullable=True),
-    sa.Column("query", sa.Text, nullable=False),
-    sa.Column("llm", sa.String(256), nullable=False),
-    sa.Column("quality", sa.Float, nullable=False),
-    sa.Column("cost_usd", sa.Float, nullable=True),  # unknown unless sent or measured by the proxy
-    sa.Column("latency_s", sa.Float, nullable=True),
-    sa.Column("input_tokens", sa.Float, nullable=True),
-    sa.Column("output_tokens", sa.Float, nullable=True),
-    sa.Column("kind", sa.String(16), nullable=False),
-    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
-)
-
-watermarks = sa.Table(
-    "watermarks",
-    metadata,
-    sa.Column("name", sa.String(64), primary_key=True),
-    sa.Column("value", sa.Integer, nullable=False),
-    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
-)
-
-
-def _add_missing_columns(connection: Any, tables: list[sa.Table] | None) -> None:
-    """A log written by an older version lacks the nullable columns added since: add them (the only
-    schema change so far is additive, so this is the whole migration)."""
-    inspector = sa.inspect(connection)
-    for table in tables or list(metadata.tables.values()):
-        if not inspector.has_table(table.name):
-            continue
-        present = {column["name"] for column in inspector.get_columns(table.name)}
-        for column in table.columns:
-            if column.name not in present and column.nullable:
-                kind = column.type.compile(dialect=connection.dialect)
-                connection.execute(sa.text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}'))
-                logger.info("decision log: added column %s.%s", table.name, column.name)
-
 
 class StoreBusyError(MixLLMError, RuntimeError):
     """The database did not take a write within the busy timeout (another writer holds its lock)."""
@@ -199,7 +129,7 @@ class InteractionLog:
             with self.engine.begin() as connection:
                 connection.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": SCHEMA_LOCK_KEY})
                 metadata.create_all(connection, tables=tables)
-                _add_missing_columns(connection, tables)
+                add_missing_columns(connection, tables)
             return
         try:
             metadata.create_all(self.engine, tables=tables)
@@ -207,7 +137,7 @@ class InteractionLog:
             time.sleep(0.5)  # another process was creating the same tables: they exist now
             metadata.create_all(self.engine, tables=tables)
         with self.engine.begin() as connection:
-            _add_missing_columns(connection, tables)
+            add_missing_columns(connection, tables)
 
     # --------------------------------------------------------------------------------- decisions
 

@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 
-from mixllm.io.store import InteractionLog, metadata, utcnow
+from mixllm.io.store import InteractionLog, utcnow
+from mixllm.io.store_schema import metadata
 
 if TYPE_CHECKING:  # pandas is imported where a frame is made: a service start (logs, router, a route) never needs it
     import pandas as pd
