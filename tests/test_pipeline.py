@@ -437,6 +437,7 @@ def test_a_poisoned_cost_scale_is_a_degenerate_model_the_gate_refuses(project):
     split = load_split(config)
     healthy = evaluate_router(config, router, split, bootstrap=False)
     assert sanity_problems(config, router, healthy) == []
+    healthy_scale = router.cost_scale_usd_
     router.cost_scale_usd_ = float("inf")  # what a cost of 1e308 in the training log did to the scale
     poisoned = evaluate_router(config, router, split, bootstrap=False)
     problems = sanity_problems(config, router, poisoned)
@@ -444,6 +445,18 @@ def test_a_poisoned_cost_scale_is_a_degenerate_model_the_gate_refuses(project):
     assert any("every lambda gives the same routing" in p for p in problems), problems
     verdict = gate(config, 0.99, None, problems)
     assert not verdict.promote and "cost scale" in verdict.summary()
+    # The other checks, each on the healthy report with one thing wrong.
+    from dataclasses import replace
+
+    router.cost_scale_usd_ = healthy_scale
+    nan_predictions = replace(healthy, predictions_finite=False)
+    assert any("NaN or infinite predictions" in p for p in sanity_problems(config, router, nan_predictions))
+    unmet = replace(healthy, calibration=replace(healthy.calibration, met=False))
+    assert any("no lambda met" in p and "decision.lambda" in p for p in sanity_problems(config, router, unmet))
+    assert sanity_problems(config.model_copy(update={"decision": config.decision.model_copy(update={"lambda_": 0.5})}),
+                           router, unmet) == [], "an explicit lambda needs no calibration"
+    not_finite = gate(config, float("nan"), 0.8, [])
+    assert not not_finite.promote and "not finite" in not_finite.summary(), "a NaN objective never beats a champion"
 
 
 def test_explored_traffic_judges_a_second_version_and_the_gate_records_both_verdicts(project, tmp_path):
