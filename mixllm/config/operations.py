@@ -137,10 +137,6 @@ class ServiceConfig(StrictModel):
     # service, nor steer everyone's routing through the live load.
     client_rate_per_s: float = Field(default=50.0, ge=0.0)
     client_burst: int = Field(default=512, ge=1)
-    # Behind a reverse proxy every client has the proxy's address: name the header it appends the
-    # client's address to (e.g. x-forwarded-for), and the last address in it is the client's. Only
-    # with a proxy you run that always sets it: otherwise a client could write any address there.
-    client_address_header: str | None = None
     # How long a /route or /feedback write waits for the decision log's lock when another writer
     # holds it (a backup, a long migration) before answering 503 with Retry-After.
     store_busy_timeout_s: float = Field(default=2.0, gt=0)

@@ -151,22 +151,17 @@ class ClientRateLimit:
     limited = ("/route", "/feedback", "/v1/chat")
 
     def __init__(self, app: Any, rate_per_s: float, burst: int, token_env: str = "MIXLLM_API_TOKEN",
-                 tenant_keys: TenantKeys | None = None, address_header: str | None = None,
-                 clock: Any = time.monotonic):
+                 tenant_keys: TenantKeys | None = None, clock: Any = time.monotonic):
         self.app, self.rate, self.burst, self.clock = app, float(rate_per_s), float(burst), clock
         self.token_env, self.tenant_keys = token_env, tenant_keys or TenantKeys()
-        # Behind a reverse proxy: the header it appends the client's address to (its last entry).
-        self.address_header = address_header.lower().encode("latin-1") if address_header else None
         self._buckets: dict[str, tuple[float, float]] = {}  # client -> (tokens, when last refilled)
 
     def _client(self, scope: dict) -> str:
-        headers = dict(scope["headers"])
-        authorization = headers.get(b"authorization", b"")
+        authorization = dict(scope["headers"]).get(b"authorization", b"")
         if authorization and (_is_admin(authorization, self.token_env) or self.tenant_keys.seen_valid(authorization)):
             return "token:" + _client_digest(authorization)
-        forwarded = headers.get(self.address_header, b"").split(b",")[-1].strip() if self.address_header else b""
-        if forwarded:
-            return "ip:" + forwarded.decode("latin-1")
+        # Behind a reverse proxy the address is the client's already: uvicorn (under BentoML) takes it
+        # from X-Forwarded-For when the proxy's address is in FORWARDED_ALLOW_IPS (default: localhost).
         return "ip:" + str((scope.get("client") or ("unknown",))[0])
 
     def _take(self, client: str, cost: float) -> float:

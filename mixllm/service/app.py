@@ -350,8 +350,7 @@ MixLLMService.add_asgi_middleware(RetryAfterOnUnavailable)  # every 503 says whe
 MixLLMService.add_asgi_middleware(BodyLimit, max_bytes=SETTINGS.max_body_bytes,
                                   read_timeout_s=SETTINGS.body_read_timeout_s)
 MixLLMService.add_asgi_middleware(ClientRateLimit, rate_per_s=SETTINGS.client_rate_per_s, burst=SETTINGS.client_burst,
-                                  token_env=SETTINGS.auth_token_env, tenant_keys=TENANT_KEYS,
-                                  address_header=SETTINGS.client_address_header)
+                                  token_env=SETTINGS.auth_token_env, tenant_keys=TENANT_KEYS)
 MixLLMService.add_asgi_middleware(BearerAuth, token_env=SETTINGS.auth_token_env,
                                   protect_route=SETTINGS.require_token_for_route, protect_proxy=PROXY_SPENDS_KEYS,
                                   tenant_keys=TENANT_KEYS)
