@@ -258,6 +258,19 @@ def test_store_is_idempotent(tmp_path):
     store.dispose()
 
 
+def test_feedback_says_whether_the_service_timed_the_call_itself(tmp_path):
+    """So a latency_s sent with feedback on a proxied call is not counted a second time."""
+    store = InteractionLog(f"sqlite:///{tmp_path}/feedback.db")
+    proxied = store.log_decision("q1", "coder", model_version=1, lambda_=0.5)
+    store.complete_decision(proxied, cost_usd=0.001, latency_s=0.8, llm="coder")
+    routed = store.log_decision("q2", "coder", model_version=1, lambda_=0.5)
+    assert store.add_feedback(quality=1.0, decision_id=proxied, latency_s=0.9).latency_measured
+    assert store.add_feedback(quality=1.0, decision_id=proxied, latency_s=0.9).latency_measured, "a retry says so too"
+    assert not store.add_feedback(quality=1.0, decision_id=routed, latency_s=0.9).latency_measured
+    assert not store.add_feedback(quality=1.0, query="q3", llm="coder", latency_s=0.9).latency_measured
+    store.dispose()
+
+
 def test_the_decision_log_is_compacted_without_losing_feedback(tmp_path):
     """Old decisions lose their candidates' scores, then (with no feedback) the whole row; feedback
     rows and the decisions they name stay, and a compacted SQLite file gives its space back."""

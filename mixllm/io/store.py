@@ -46,6 +46,7 @@ class StoredFeedback:
     feedback_id: int
     created: bool  # False: the same feedback was already stored (an idempotent retry)
     llm: str = ""  # the LLM the feedback is about (the decision's, when given a decision_id)
+    latency_measured: bool = False  # the decision's call was timed by the service itself (the proxy)
 
 
 def utcnow() -> datetime:
@@ -255,28 +256,31 @@ class InteractionLog:
             if llm is not None and llm != decision["llm"]:
                 raise MixLLMError(f"decision {decision_id} chose '{decision['llm']}', not '{llm}'", field="llm")
             query, llm = decision["query"], decision["llm"]
+            measured = decision.get("latency_s") is not None
             # What the proxy measured fills what the feedback leaves out.
             cost_usd = cost_usd if cost_usd is not None else decision.get("cost_usd")
             latency_s = latency_s if latency_s is not None else decision.get("latency_s")
             input_tokens = input_tokens if input_tokens is not None else decision.get("input_tokens")
             output_tokens = output_tokens if output_tokens is not None else decision.get("output_tokens")
+        else:
+            measured = False
         if not query or not llm:
             raise MixLLMError("feedback needs a decision_id, or a query and the llm that answered it")
         existing = self._existing_feedback(decision_id, request_id)
         if existing is not None:
-            return StoredFeedback(existing, False, llm)
+            return StoredFeedback(existing, False, llm, measured)
         row = {"decision_id": decision_id, "request_id": request_id or None, "query": query, "llm": llm,
                "quality": float(quality), "cost_usd": float(cost_usd) if cost_usd is not None else None, "latency_s": latency_s,
                "input_tokens": input_tokens, "output_tokens": output_tokens, "kind": kind, "created_at": utcnow()}
         try:
             with self.writing() as connection:
                 result = connection.execute(feedback.insert().values(**row))
-                return StoredFeedback(int(result.inserted_primary_key[0]), True, llm)
+                return StoredFeedback(int(result.inserted_primary_key[0]), True, llm, measured)
         except IntegrityError:
             existing = self._existing_feedback(decision_id, request_id)
             if existing is None:
                 raise
-            return StoredFeedback(existing, False, llm)
+            return StoredFeedback(existing, False, llm, measured)
 
     def _existing_feedback(self, decision_id: str | None, request_id: str | None) -> int | None:
         conditions = []

@@ -264,9 +264,10 @@ class MixLLMService(ModelLifecycle, RouteDecisions, ChatProxy, TenantBudgets, Se
             return error(400, exc.field, str(exc))
         if stored.created:
             self.metrics.feedback.labels(kind=kind).inc()
-            # A measured call (bounded by data.limits above) of a decision this service made: a bare
-            # query + llm report costs nothing to send, and a few dozen would move the median.
-            if request.latency_s is not None and request.decision_id:
+            # A measured call (bounded by data.limits above) of a decision this service made and did
+            # not time itself (the proxy's own measurement is counted already): a bare query + llm
+            # report costs nothing to send, and a few dozen would move the median.
+            if request.latency_s is not None and request.decision_id and not stored.latency_measured:
                 self.load.observe_latency(stored.llm, request.latency_s)
         return FeedbackResponse(feedback_id=stored.feedback_id, created=stored.created)
 
