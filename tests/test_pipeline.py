@@ -258,6 +258,20 @@ def test_store_is_idempotent(tmp_path):
     store.dispose()
 
 
+def test_a_decision_log_out_of_connections_is_busy_within_its_timeout_not_a_crash(tmp_path):
+    from mixllm.core.errors import StoreBusyError
+
+    store = InteractionLog(f"sqlite:///{tmp_path}/feedback.db", busy_timeout_s=0.5)
+    assert store.engine.pool.timeout() == 0.5, "the pool waits as long as a lock would (its own default: 30 s)"
+    held = [store.engine.connect() for _ in range(store.engine.pool.size() + store.engine.pool._max_overflow)]
+    with pytest.raises(StoreBusyError, match="retry shortly"):
+        store.decision("some-decision")
+    for connection in held:
+        connection.close()
+    assert store.decision("some-decision") is None
+    store.dispose()
+
+
 def test_feedback_says_whether_the_service_timed_the_call_itself(tmp_path):
     """So a latency_s sent with feedback on a proxied call is not counted a second time."""
     store = InteractionLog(f"sqlite:///{tmp_path}/feedback.db")
@@ -313,6 +327,7 @@ def test_upstream_attempts_are_kept_with_their_decision_and_forgotten_past_reten
     from datetime import datetime, timedelta, timezone
 
     from mixllm.io.attempts import AttemptLog, attempts
+    from mixllm.io.store_schema import decisions
 
     store = InteractionLog(f"sqlite:///{tmp_path}/feedback.db")
     log = AttemptLog(store)
@@ -329,8 +344,19 @@ def test_upstream_attempts_are_kept_with_their_decision_and_forgotten_past_reten
     with store.engine.begin() as connection:
         connection.execute(attempts.update().where(attempts.c.attempt < 3)
                            .values(created_at=datetime.now(timezone.utc) - timedelta(days=40)))
-    assert log.forget_older(days=30.0) == 3
-    assert [a["attempt"] for a in log.of_decision(decision_id)] == [3]
+    assert log.forget_older(days=30.0) == 1, "the old direct chat's; a decision still kept keeps its calls"
+    assert [a["attempt"] for a in log.of_decision(decision_id)] == [1, 2, 3]
+    with store.engine.begin() as connection:  # the decision goes, as compaction deletes one without feedback
+        connection.execute(decisions.delete().where(decisions.c.decision_id == decision_id))
+    assert log.forget_older(days=30.0) == 2
+    assert [a["attempt"] for a in log.of_decision(decision_id)] == [3], "the recent one stays its retention"
+    # In the service a background thread writes them, in order, so no request waits on the database.
+    queued = AttemptLog(store, background=True)
+    later = store.log_decision("q2", "strong", model_version=1, lambda_=0.5)
+    for attempt, llm in enumerate(["strong", "coder", "cheap"], start=1):
+        queued.submit(decision_id=later, attempt=attempt, llm=llm, outcome="ok", latency_s=0.1)
+    assert queued.flush(timeout_s=10.0)
+    assert [a["llm"] for a in queued.of_decision(later)] == ["strong", "coder", "cheap"]
     store.dispose()
 
 

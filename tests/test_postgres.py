@@ -122,7 +122,7 @@ def test_a_database_that_goes_away_is_a_retry_never_a_crash(postgres):
     from mixllm.io.attempts import AttemptLog
     from mixllm.io.ledger import TenantLedger
     from mixllm.io.sessions import SessionLog
-    from mixllm.io.store import StoreBusyError
+    from mixllm.core.errors import StoreBusyError
 
     url = postgres.database("vanishing")
     store = InteractionLog(url, busy_timeout_s=2.0)

@@ -443,7 +443,7 @@ def test_bearer_auth_remembers_the_tenant_keys_it_accepted(monkeypatch):
     assert status("made-up") == 401 and not tenant_keys.seen_valid(b"Bearer made-up")
 
     def key_store_down(key):
-        from mixllm.io.store import StoreBusyError
+        from mixllm.core.errors import StoreBusyError
 
         raise StoreBusyError("the decision log is unreachable; retry shortly")
 
@@ -1014,7 +1014,10 @@ def test_the_proxy_fails_over_along_the_ranking(service, upstream, failure):
         assert tried[0] in ("upstream-strong", "upstream-coder"), "the router's choice (lambda 0) came first"
         store = InteractionLog(config.sqlalchemy_url(config.service.feedback_store_url))
         decision = store.decision(raw.headers["x-mixllm-decision-id"])
-        calls = AttemptLog(store).of_decision(raw.headers["x-mixllm-decision-id"])
+        deadline = time.monotonic() + 10  # the service writes attempts from a background thread
+        while len(calls := AttemptLog(store).of_decision(raw.headers["x-mixllm-decision-id"])) < len(tried) and \
+                time.monotonic() < deadline:
+            time.sleep(0.1)
         store.dispose()
         assert decision["llm"] == "cheap-chat", "feedback on this decision teaches the LLM that answered"
         assert decision["chosen_llm"] == tried[0].removeprefix("upstream-"), "and the policy's choice is kept"

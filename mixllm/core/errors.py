@@ -38,3 +38,8 @@ class ModelFormatError(MixLLMError, ValueError):
 
 class RegistryError(MixLLMError, RuntimeError):
     """The MLflow registry is missing what was asked for (no champion, unknown version)."""
+
+
+class StoreBusyError(MixLLMError, RuntimeError):
+    """The decision log did not take a read or write: another writer holds its lock past the busy
+    timeout, or the database is down or out of connections. Retry shortly (the service: 503)."""

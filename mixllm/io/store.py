@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 
-from mixllm.core.errors import MixLLMError
+from mixllm.core.errors import MixLLMError, StoreBusyError
 from mixllm.io.store_schema import SCHEMA_LOCK_KEY, add_missing_columns, decisions, feedback, metadata, watermarks
 
 if TYPE_CHECKING:  # pandas is imported where a frame is made: a service start (logs, router, a route) never needs it
@@ -33,8 +33,13 @@ if TYPE_CHECKING:  # pandas is imported where a frame is made: a service start (
 
 logger = logging.getLogger(__name__)
 
-class StoreBusyError(MixLLMError, RuntimeError):
-    """The database did not take a write within the busy timeout (another writer holds its lock)."""
+# What a database that is down, locked or out of connections raises: the driver's operational and
+# interface errors, and the connection pool's timeout (every pooled connection in use).
+UNAVAILABLE = (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.TimeoutError)
+
+
+def _reason(problem: Exception) -> str:
+    return str(getattr(problem, "orig", None) or problem).strip()[:80]
 
 
 class UnknownDecisionError(MixLLMError, LookupError):
@@ -82,7 +87,9 @@ class InteractionLog:
             connect_args = {"timeout": self.busy_timeout_s, "check_same_thread": False}
         elif url.startswith("postgresql"):
             connect_args = {"options": f"-c lock_timeout={int(self.busy_timeout_s * 1000)}"}
-        self.engine = sa.create_engine(url, connect_args=connect_args, pool_pre_ping=True)
+        # Every pooled connection in use (a burst of threads): wait as long as for a lock, then StoreBusyError.
+        pool = {} if ":memory:" in url else {"pool_timeout": self.busy_timeout_s}
+        self.engine = sa.create_engine(url, connect_args=connect_args, pool_pre_ping=True, **pool)
         if url.startswith("sqlite"):
             @sa.event.listens_for(self.engine, "connect")
             def _sqlite_pragmas(dbapi_connection: Any, _: Any) -> None:
@@ -105,8 +112,8 @@ class InteractionLog:
         try:
             with self.engine.begin() as connection:
                 yield connection
-        except sa.exc.OperationalError as problem:
-            raise StoreBusyError(f"the decision log is busy or unreachable ({str(problem.orig).strip()[:80]}); "
+        except UNAVAILABLE as problem:
+            raise StoreBusyError(f"the decision log is busy or unreachable ({_reason(problem)}); "
                                  "retry shortly") from problem
         finally:
             self._write_lock.release()
@@ -118,8 +125,8 @@ class InteractionLog:
         try:
             with self.engine.connect() as connection:
                 yield connection
-        except sa.exc.OperationalError as problem:
-            raise StoreBusyError(f"the decision log is unreachable ({str(problem.orig).strip()[:80]}); "
+        except UNAVAILABLE as problem:
+            raise StoreBusyError(f"the decision log is unreachable ({_reason(problem)}); "
                                  "retry shortly") from problem
 
     def create_schema(self, tables: list[sa.Table] | None = None) -> None:
@@ -234,7 +241,7 @@ class InteractionLog:
                 decisions.delete().where(decisions.c.created_at < retention_cutoff, decisions.c.decision_id.not_in(named))
             ).rowcount
         if self.engine.dialect.name == "sqlite" and (stripped or deleted):
-            with self.reading() as connection:  # KEEP give the freed pages back to the file system
+            with self.reading() as connection:  # give the freed pages back to the file system
                 connection.execution_options(isolation_level="AUTOCOMMIT").execute(sa.text("VACUUM"))
         logger.info("decision log compacted: %d decisions' scores dropped (older than %g days), %d decisions deleted "
                     "(older than %g days, no feedback)", stripped, detail_days, deleted, retention_days)

@@ -24,7 +24,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.exceptions import HTTPException
 
-from mixllm.io.store import StoreBusyError
+from mixllm.core.errors import StoreBusyError
 from mixllm.service import header_deadline
 from mixllm.service.access import BearerAuth, ClientRateLimit, TenantKeys
 from mixllm.service.api_models import (
@@ -146,7 +146,7 @@ class MixLLMService(ModelLifecycle, RouteDecisions, ChatProxy, TenantBudgets, Se
         from mixllm.io.sessions import SessionLog
 
         self.sessions = SessionLog(self.store, ttl_s=self.config.session.ttl_s)
-        self.attempts = AttemptLog(self.store)
+        self.attempts = AttemptLog(self.store, background=True)
         TENANT_KEYS.enabled, TENANT_KEYS.lookup = bool(self.config.budgets.tenants), self._tenant_of_key
         self.load = LiveLoad(max_age_s=self.config.service.in_flight_max_age_s,
                              window=self.config.service.latency_window)
@@ -184,6 +184,7 @@ class MixLLMService(ModelLifecycle, RouteDecisions, ChatProxy, TenantBudgets, Se
     @bentoml.on_shutdown
     def shutdown(self) -> None:
         self._stop.set()
+        self.attempts.flush(timeout_s=2.0)  # the upstream calls' rows still queued
         self.store.dispose()
 
     @bentoml.api(route="/route")

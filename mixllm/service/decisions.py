@@ -28,8 +28,7 @@ class RouteDecisions:
 
         A retried request_id gets its stored decision back (routing again could choose another
         LLM under a different load). With `atomic`, one invalid item means nothing is logged."""
-        from mixllm.core.errors import RoutingError
-        from mixllm.io.store import StoreBusyError
+        from mixllm.core.errors import RoutingError, StoreBusyError
 
         results: list[Any] = [None] * len(items)
         valid = []

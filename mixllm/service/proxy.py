@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 
 from mixllm.core.decision import fallback_ranking
+from mixllm.core.errors import StoreBusyError
 from mixllm.service.api_models import (
     CONSUMED_CHAT_FIELDS,
     FORWARDED_CHAT_FIELDS,
@@ -50,13 +51,6 @@ class ChatProxy:
     """Needs from the class it is mixed into: config, load (live traffic), metrics, store,
     sessions (mixllm.io.sessions.SessionLog), attempts (mixllm.io.attempts.AttemptLog), breakers
     (mixllm.service.circuit.CircuitBreakers) and _record_call (mixllm.service.spending.TenantBudgets)."""
-
-    def _record_attempt(self, **attempt: Any) -> None:
-        try:
-            self.attempts.record(**attempt)
-        except Exception as exc:  # noqa: BLE001 - the call is made; only its record row is lost (the log has it)
-            logger.warning("attempt %s of decision %s (%s, %s) not recorded: %s", attempt["attempt"],
-                           attempt["decision_id"], attempt["llm"], attempt["outcome"], exc)
 
     def _chat_refusal(self, request: ChatRequest) -> JSONResponse | None:
         """A 400 naming the field for what the proxy must not forward: text that is not valid
@@ -115,7 +109,13 @@ class ChatProxy:
         from mixllm.io.sessions import session_key  # here: see the module's note on imports
 
         key = session_key(tenant.name if tenant is not None else None, session_id)
-        return key, self.sessions.llm_of(key) if self.config.session.sticky else None
+        if not self.config.session.sticky:
+            return key, None
+        try:
+            return key, self.sessions.llm_of(key)
+        except StoreBusyError as exc:  # as a lost write does: this turn is routed afresh, not refused
+            logger.warning("session %s not read (%s): this turn is routed afresh", key, exc)
+            return key, None
 
     def _remember_session(self, key: str, llm: str) -> None:
         try:
@@ -200,8 +200,8 @@ class ChatProxy:
             latency = time.perf_counter() - started
             self.metrics.in_flight.labels(llm=llm).dec()
             self.metrics.proxied.labels(llm=llm, status=status).inc()
-            self._record_attempt(decision_id=decision_id, attempt=attempt, llm=llm, outcome=status,
-                                 status_code=status_code, latency_s=latency)
+            self.attempts.submit(decision_id=decision_id, attempt=attempt, llm=llm, outcome=status,
+                                 status_code=status_code, latency_s=latency)  # written by a background thread
             self.breakers.record(llm, ok=status == "ok")
             # A failed call's time says nothing about the LLM's speed (a dead upstream fails fast).
             self.load.finish(call_id, latency if status == "ok" else None)

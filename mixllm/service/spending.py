@@ -62,7 +62,7 @@ class TenantBudgets:
                     default_lambda: float) -> SpendPlan | JSONResponse:
         """The tenant's allowed candidates and paced lambda; a 429 when a budget is spent and the
         tenant's on_exhausted is reject; a 503 when its spend cannot be accounted for."""
-        from mixllm.io.store import StoreBusyError
+        from mixllm.core.errors import StoreBusyError
 
         waiting = len(self._unwritten)
         if waiting >= self.config.service.max_unwritten_calls:  # memory is not the ledger: stop spending
