@@ -2,7 +2,6 @@
 spend that fails closed when its database refuses a write."""
 
 import sqlite3
-import threading
 from datetime import datetime, timedelta, timezone
 
 import numpy as np
@@ -110,7 +109,7 @@ def _gateway(config, path):
             self.config = config
             self.ledger = TenantLedger(InteractionLog(f"sqlite:///{path}", busy_timeout_s=0.2))
             self.pacer = BudgetPacer(config.budgets.pacing)
-            self._unwritten, self._unwritten_lock = [], threading.Lock()
+            self._start_spend_records()  # its journal: under the config's root
 
     return Gateway()
 
@@ -121,7 +120,7 @@ def test_spend_that_cannot_be_written_is_kept_and_stops_the_tenants_calls_until_
     record is written and calls go through."""
     path = tmp_path / "log.db"
     config = config_from_dict({"llms": [{"name": "a", "input_usd_per_1k": 1, "output_usd_per_1k": 1}],
-                               "budgets": {"tenants": [{"name": "t", "budgets_usd": {"day": 100}}]}})
+                               "budgets": {"tenants": [{"name": "t", "budgets_usd": {"day": 100}}]}}, root=tmp_path)
 
     gateway, tenant = _gateway(config, path), config.budgets.tenant("t")
     locker = sqlite3.connect(path, timeout=5, isolation_level=None)
@@ -145,7 +144,7 @@ def test_past_max_unwritten_calls_every_caller_waits_until_the_records_are_writt
     503s too, and nothing is dropped."""
     path = tmp_path / "log.db"
     config = config_from_dict({"llms": [{"name": "a", "input_usd_per_1k": 1, "output_usd_per_1k": 1}],
-                               "service": {"max_unwritten_calls": 3}})
+                               "service": {"max_unwritten_calls": 3}}, root=tmp_path)
 
     gateway = _gateway(config, path)
     locker = sqlite3.connect(path, timeout=5, isolation_level=None)
@@ -160,3 +159,52 @@ def test_past_max_unwritten_calls_every_caller_waits_until_the_records_are_writt
         locker.close()
     assert gateway._spend_plan(None, ["a"], None, 1.0).candidates == ["a"]
     assert len(gateway.ledger.calls_frame()) == 3 and not gateway._unwritten
+
+
+def test_spend_the_database_refuses_survives_a_restart_in_the_journal_and_is_written_once(config):
+    """While the decision log refuses writes, an answered call's spend record goes to the journal on
+    local disk; a restarted service writes it when the database takes it, and a record the database
+    already has (a crash between its commit and the journal's rewrite) is not written twice."""
+    from mixllm.io.ledger import calls
+    from mixllm.service.spending import TenantBudgets
+
+    url = config.sqlalchemy_url(config.service.feedback_store_url)
+
+    class Service(TenantBudgets):  # what the service class gives the mixin
+        def __init__(self):
+            self.config = config
+            self.ledger = TenantLedger(InteractionLog(url, busy_timeout_s=0.3), key_cache_s=0)
+            self._start_spend_records()
+
+    def answered(service, cost):
+        service._record_call(None, "coder", cost, False, decision_id=None, model_version=None,
+                             reference_cost_usd=None, router_ms=None, attempts=1)
+
+    def stored():
+        with first.ledger.store.engine.connect() as connection:
+            return sorted(row.cost_usd for row in connection.execute(calls.select()))
+
+    first = Service()
+    journal = first.spend_journal.path
+    locker = sqlite3.connect(url.removeprefix("sqlite:///"), timeout=5)
+    locker.execute("BEGIN IMMEDIATE")  # another writer holds the lock
+    answered(first, 0.25)
+    assert stored() == [] and len(first.spend_journal.pending()) == 1 and len(first._unwritten) == 1
+    restarted = Service()  # the process died; the database still refuses
+    assert len(restarted._unwritten) == 1 and journal.is_file()
+    locker.rollback()
+    locker.close()
+    again = Service()  # the next start writes what the journal holds
+    assert stored() == [0.25] and not journal.is_file()
+    first._flush_spend()  # the first process, still holding the record: already stored, not again
+    restarted._flush_spend()
+    assert stored() == [0.25]
+    # A crash between the database's commit and the journal's rewrite: the record is in both.
+    answered(again, 0.5)
+    row = again.ledger.calls_frame().iloc[-1]
+    again.spend_journal.append({"tenant": None, "llm": "coder", "cost_usd": 0.5, "estimated": False,
+                                "decision_id": None, "model_version": None, "reference_cost_usd": None,
+                                "router_ms": None, "attempts": 1, "at": row["created_at"].to_pydatetime(),
+                                "record_id": row["record_id"]})
+    Service()
+    assert stored() == [0.25, 0.5] and not journal.is_file()

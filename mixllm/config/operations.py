@@ -116,6 +116,9 @@ class ServiceConfig(StrictModel):
     proxy_max_n: int = Field(default=4, ge=1)
     proxy_max_tokens: int = Field(default=16_384, ge=1)  # max_tokens / max_completion_tokens
     feedback_store_url: str = "sqlite:///data/feedback.db"
+    # Where answered calls wait, on local disk, while the decision log refuses their spend records
+    # (a restart meanwhile loses none; replayed, each once, when the database takes them).
+    spend_journal_path: Path = Path("data/spend_journal.jsonl")
     request_timeout_s: int = Field(default=60, ge=1)
     max_body_bytes: int = Field(default=1_048_576, ge=1024)  # larger requests get 413
     # A routed call without a completion report counts as in flight for twice its expected service

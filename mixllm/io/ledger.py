@@ -58,6 +58,8 @@ calls = sa.Table(
     sa.Column("router_ms", sa.Float, nullable=True),  # the routing decision's wall time
     sa.Column("attempts", sa.Integer, nullable=False),  # > 1: the proxy failed over
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, index=True),
+    # The service's id for the record, so one replayed from the spend journal is stored once.
+    sa.Column("record_id", sa.String(32), nullable=True),
 )
 
 
@@ -133,13 +135,18 @@ class TenantLedger:
     def record_call(self, *, tenant: str | None, llm: str, cost_usd: float, estimated: bool,
                     decision_id: str | None = None, model_version: int | None = None,
                     reference_cost_usd: float | None = None, router_ms: float | None = None, attempts: int = 1,
-                    at: datetime | None = None) -> None:
-        """Store one answered call; raises StoreBusyError when the database does not take it."""
+                    at: datetime | None = None, record_id: str | None = None, only_new: bool = False) -> bool:
+        """Store one answered call; raises StoreBusyError when the database does not take it. With
+        `only_new`, a record_id already stored is not stored again (a journal replay); False then."""
         with self.store.writing() as connection:
+            if only_new and record_id and connection.execute(
+                    sa.select(calls.c.call_id).where(calls.c.record_id == record_id)).first() is not None:
+                return False
             connection.execute(calls.insert().values(
                 tenant=tenant, llm=llm, cost_usd=float(cost_usd), estimated=bool(estimated), decision_id=decision_id,
                 model_version=model_version, reference_cost_usd=reference_cost_usd, router_ms=router_ms,
-                attempts=int(attempts), created_at=at or utcnow()))
+                attempts=int(attempts), created_at=at or utcnow(), record_id=record_id))
+        return True
 
     def spent_since(self, tenant: str, starts: Mapping[str, datetime]) -> dict[str, float]:
         """The tenant's spend since each start (period -> start): one query."""

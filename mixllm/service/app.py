@@ -141,7 +141,7 @@ class MixLLMService(ModelLifecycle, RouteDecisions, ChatProxy, TenantBudgets, Se
 
         self.ledger = TenantLedger(self.store, key_cache_s=self.config.budgets.key_cache_s)
         self.pacer = BudgetPacer(self.config.budgets.pacing)
-        self._unwritten, self._unwritten_lock = [], threading.Lock()
+        self._start_spend_records()
         from mixllm.io.attempts import AttemptLog
         from mixllm.io.sessions import SessionLog
 

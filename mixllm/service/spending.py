@@ -1,14 +1,16 @@
 """The proxy's tenants: which LLMs a tenant may use, where its spend stands against its budgets,
 the lambda that paces it, and the spend records. A mixin of the service class, beside ChatProxy.
 
-Spend fails closed: a record the database does not take is kept in memory and retried before the
-next call, and while it cannot be written the tenant gets 503s instead of calls nobody accounts for.
+Spend fails closed: a record the database does not take is kept (in memory and in a journal on
+local disk, so a restart loses none) and retried before the next call, and while it cannot be
+written the tenant gets 503s instead of calls nobody accounts for.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -35,9 +37,25 @@ class SpendPlan:
 
 class TenantBudgets:
     """Needs from the class it is mixed into: config, ledger (mixllm.io.ledger.TenantLedger), pacer
-    (mixllm.core.budgets.BudgetPacer) and _price (ChatProxy's)."""
+    (mixllm.core.budgets.BudgetPacer) and _price (ChatProxy's); `_start_spend_records` at start."""
 
     _unwritten: list[dict[str, Any]]
+
+    def _start_spend_records(self) -> None:
+        """The records waiting to be written: none, or what a previous run left in the journal."""
+        from mixllm.io.spend_journal import SpendJournal
+
+        self._unwritten_lock = threading.Lock()
+        self.spend_journal = SpendJournal(self.config.path(self.config.service.spend_journal_path))
+        self._unwritten = self.spend_journal.pending()
+        self._journaled = {record["record_id"] for record in self._unwritten}
+        if self._unwritten:
+            logger.warning("%d call records left in %s by an earlier run: writing them to the decision log",
+                           len(self._unwritten), self.spend_journal.path)
+            try:
+                self._flush_spend()
+            except Exception as exc:  # noqa: BLE001 - they stay journaled; budgeted tenants wait meanwhile
+                logger.error("the journaled call records are not written yet (%s); retried before each call", exc)
     _unwritten_lock: threading.Lock
 
     def _tenant_of_key(self, key: str) -> str | None:
@@ -110,22 +128,38 @@ class TenantBudgets:
         record = {"tenant": tenant.name if tenant is not None else None, "llm": llm, "cost_usd": float(cost_usd),
                   "estimated": estimated, "decision_id": decision_id, "model_version": model_version,
                   "reference_cost_usd": reference_cost_usd, "router_ms": router_ms, "attempts": attempts,
-                  "at": datetime.now(timezone.utc)}
+                  "at": datetime.now(timezone.utc), "record_id": uuid.uuid4().hex}
         with self._unwritten_lock:
             self._unwritten.append(record)
         try:
             self._flush_spend()
-        except Exception as exc:  # noqa: BLE001 - kept in memory, retried before the next call
-            logger.error("call record (tenant %s, %s) kept in memory, not yet written (%s); %d waiting. Calls of "
-                         "budgeted tenants get 503 until it is written", record["tenant"], llm, exc, len(self._unwritten))
+        except Exception as exc:  # noqa: BLE001 - kept, retried before the next call
+            try:
+                self.spend_journal.append(record)
+                self._journaled.add(record["record_id"])
+                kept = f"kept in {self.spend_journal.path}"
+            except OSError as disk:  # memory is all that is left: say so
+                kept = f"kept in memory only (the journal refused it: {disk})"
+            logger.error("call record (tenant %s, %s) %s, not yet written (%s); %d waiting. Calls of budgeted "
+                         "tenants get 503 until it is written", record["tenant"], llm, kept, exc, len(self._unwritten))
 
     def _flush_spend(self) -> None:
-        """Write the call records waiting in memory, oldest first; raises if the database refuses."""
-        with self._unwritten_lock:
-            while self._unwritten:
-                record = self._unwritten[0]
-                self.ledger.record_call(**record)
-                self._unwritten.pop(0)
+        """Write the call records waiting (oldest first), those a previous run left in the journal
+        included; raises if the database refuses. Journaled ones leave the journal once written."""
+        written: set[str] = set()
+        try:
+            with self._unwritten_lock:
+                while self._unwritten:
+                    record = self._unwritten[0]
+                    journaled = record["record_id"] in self._journaled
+                    self.ledger.record_call(**record, only_new=journaled)
+                    self._unwritten.pop(0)
+                    if journaled:
+                        written.add(record["record_id"])
+        finally:
+            if written:
+                self.spend_journal.remove(written)
+                self._journaled -= written
 
     def budget_report(self, tenant: TenantConfig | None) -> dict[str, Any]:
         """GET /budgets: each tenant's standing (only the caller's own for a tenant key)."""
