@@ -326,13 +326,15 @@ def test_while_the_model_loads_routes_answer_503_and_feedback_is_still_checked(s
     port = free_port()
     process = serve(service["root"], port, log_name="replica.log", extra_env={"MIXLLM_API_TOKEN": TOKEN})
     base = f"http://127.0.0.1:{port}"
-    seen = {"route": [], "feedback": []}
+    seen = {"route": [], "feedback": [], "batch": []}
     try:
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline and process.poll() is None:
             try:
                 ready = httpx.get(f"{base}/readyz", timeout=5).status_code == 200
                 seen["route"].append(httpx.post(f"{base}/route", json={"query": QUERY}, timeout=30))
+                seen["batch"].append(httpx.post(f"{base}/route_batch", json={"requests": [{"query": QUERY}]},
+                                                timeout=30))
                 seen["feedback"].append(httpx.post(f"{base}/feedback", headers=AUTH, timeout=30, json={
                     "query": "q", "llm": "gpt-99", "quality": 0.5}))
             except httpx.TransportError:
@@ -343,7 +345,7 @@ def test_while_the_model_loads_routes_answer_503_and_feedback_is_still_checked(s
         assert seen["route"], "the replica answered"
     finally:
         stop(process)
-    for response in seen["route"]:
+    for response in seen["route"] + seen["batch"]:
         assert response.status_code in (200, 503), response.text
         assert response.status_code == 200 or "not ready" in response.text
     assert seen["route"][-1].status_code == 200
@@ -521,6 +523,7 @@ def test_a_locked_decision_log_answers_503_quickly_and_recovers(service):
         assert rated.status_code == 503 and rated.headers.get("retry-after") == "1", rated.text
         batch = httpx.post(f"{base}/route_batch", json={"requests": [{"query": QUERY}]}, timeout=60)
         assert batch.status_code == 503 and batch.headers.get("retry-after") == "1", batch.text
+        assert "decision log is busy" in batch.json()["error"], "the reason, not BentoML's generic text"
     finally:
         locker.execute("ROLLBACK")
         locker.close()

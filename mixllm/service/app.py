@@ -46,6 +46,7 @@ from mixllm.service.middleware import (
     OpenAIErrors,
     OpenAPIContract,
     RetryAfterOnUnavailable,
+    UnavailableReason,
     quiet_client_errors,
 )
 from mixllm.service.model_lifecycle import LoadedModel, ModelLifecycle
@@ -61,6 +62,7 @@ os.environ.setdefault("BENTOML_CONTAINERIZED", "true")
 
 logger = logging.getLogger("bentoml.mixllm")  # bentoml serve shows "bentoml.*" loggers
 TENANT_KEYS = TenantKeys()  # filled in when the service starts; read by BearerAuth and ClientRateLimit
+UNAVAILABLE = UnavailableReason()  # set when the service starts; read by RetryAfterOnUnavailable
 
 
 # ------------------------------------------------------------------------------------- service
@@ -148,6 +150,7 @@ class MixLLMService(ModelLifecycle, RouteDecisions, ChatProxy, TenantBudgets, Se
         self.sessions = SessionLog(self.store, ttl_s=self.config.session.ttl_s)
         self.attempts = AttemptLog(self.store, background=True)
         TENANT_KEYS.enabled, TENANT_KEYS.lookup = bool(self.config.budgets.tenants), self._tenant_of_key
+        UNAVAILABLE.explain = self._why_unavailable
         self.load = LiveLoad(max_age_s=self.config.service.in_flight_max_age_s,
                              window=self.config.service.latency_window)
         self.metrics = ServiceMetrics()
@@ -348,7 +351,7 @@ class MixLLMService(ModelLifecycle, RouteDecisions, ChatProxy, TenantBudgets, Se
 # body limit has bounded, and counts rejected tokens too), then the token check.
 MixLLMService.add_asgi_middleware(OpenAPIContract, fix=openapi_contract)
 MixLLMService.add_asgi_middleware(OpenAIErrors)  # /v1 errors in OpenAI's shape, whichever layer answers
-MixLLMService.add_asgi_middleware(RetryAfterOnUnavailable)  # every 503 says when to retry
+MixLLMService.add_asgi_middleware(RetryAfterOnUnavailable, reason=UNAVAILABLE)  # every 503 says when to retry, and why
 MixLLMService.add_asgi_middleware(BodyLimit, max_bytes=SETTINGS.max_body_bytes,
                                   read_timeout_s=SETTINGS.body_read_timeout_s)
 MixLLMService.add_asgi_middleware(ClientRateLimit, rate_per_s=SETTINGS.client_rate_per_s, burst=SETTINGS.client_burst,

@@ -153,23 +153,51 @@ def openai_error(body: dict[str, Any], status: int) -> dict[str, Any]:
             **({"field": field} if field else {})}
 
 
-class RetryAfterOnUnavailable:
-    """ASGI middleware: every 503 tells the client when to retry. The service's own 503s say so
-    already; those raised through BentoML (a busy decision log on /route_batch, the model still
-    loading) cannot carry a header, and a client without Retry-After retries at once or gives up."""
+# What BentoML answers for any exception of 500 or more it catches, whatever the exception said.
+BENTOML_GENERIC_ERROR = b"An unexpected error has occurred, please check the server log."
 
-    def __init__(self, app: Any, seconds: int = 1):
+
+class UnavailableReason:
+    """Why the service answers 503 now (the service sets `explain` when it starts): what
+    RetryAfterOnUnavailable puts in place of BentoML's generic text."""
+
+    def __init__(self) -> None:
+        self.explain: Any = None  # () -> str
+
+
+class RetryAfterOnUnavailable:
+    """ASGI middleware: every 503 tells the client when to retry, and why. The service's own 503s
+    say so already; those raised through BentoML (a busy decision log on /route_batch, the model
+    still loading) cannot carry a header, and BentoML replaces their message with a generic one.
+    A client without Retry-After retries at once or gives up; one without a reason cannot act."""
+
+    def __init__(self, app: Any, seconds: int = 1, reason: UnavailableReason | None = None):
         self.app, self.header = app, (b"retry-after", str(int(seconds)).encode())
+        self.reason = reason or UnavailableReason()
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        held: dict | None = None  # a 503's start, until its body shows whether it is BentoML's generic one
 
         async def with_retry_after(message: dict) -> None:
+            nonlocal held
             if message["type"] == "http.response.start" and message["status"] == 503:
                 headers = list(message.get("headers", []))
                 if not any(k.lower() == b"retry-after" for k, _ in headers):
                     message = {**message, "headers": [*headers, self.header]}
+                if self.reason.explain is not None:
+                    held = message
+                    return
+            if message["type"] == "http.response.body" and held is not None:
+                start, held = held, None
+                body = message.get("body", b"")
+                if BENTOML_GENERIC_ERROR in body and not message.get("more_body"):
+                    body = json.dumps({"error": self.reason.explain()}).encode()
+                    start = {**start, "headers": [(k, str(len(body)).encode() if k.lower() == b"content-length" else v)
+                                                  for k, v in start["headers"]]}
+                    message = {**message, "body": body}
+                await send(start)
             await send(message)
 
         await self.app(scope, receive, with_retry_after)

@@ -223,6 +223,14 @@ class ModelLifecycle:
             raise HTTPException(status_code=503, detail=f"not ready: {self.loading_reason}")
         return model
 
+    def _why_unavailable(self) -> str:
+        """What a 503 raised through BentoML (/route_batch's) meant: the model still loading, or
+        else the decision log refusing the batch's decisions."""
+        if self.model is None:
+            return f"not ready: {self.loading_reason}; retry in a few seconds"
+        return ("the decision log is busy (another writer holds its lock) or unreachable; nothing was logged, "
+                "retry shortly")
+
     def _not_ready(self) -> JSONResponse | None:
         if self.model is not None:
             return None
