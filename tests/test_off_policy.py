@@ -138,3 +138,14 @@ def test_off_policy_estimates_leave_out_decisions_the_policy_did_not_choose(fitt
     result = evaluate_on_feedback(fitted, overridden, **settings)
     assert result["not_policy_choice"] == 10 and result["n"] == 30 and result["logged"] == 40
     assert result["quality"]["dr"].estimate == pytest.approx(kept["quality"]["dr"].estimate)
+
+
+def test_decisions_made_before_the_shadow_version_loads_are_counted_not_lost_silently(tmp_path):
+    from mixllm.service.shadow import ShadowLog, ShadowScorer
+
+    store = InteractionLog(f"sqlite:///{tmp_path / 'log.db'}")
+    scorer = ShadowScorer(ShadowLog(store), share=1.0, seed=0)
+    scorer.offer("d1", "What is 2 plus 2?", "coder")
+    scorer.offer("d2", "Write a python function.", "coder")
+    assert scorer.before_loaded == 2 and scorer._queue.empty(), "counted, and nothing to score"
+    store.dispose()

@@ -1319,6 +1319,7 @@ def test_the_challenger_scores_live_traffic_in_the_shadow_and_is_judged_off_poli
             break  # the shadow has scored every query, and the estimates include the feedback just given
         time.sleep(0.5)
     assert shadow["version"] == 2 and scored[2] - before.get(2, 0) >= 10, shadow
+    assert isinstance(shadow.get("decisions_before_loaded"), int), "the decisions it could not score are counted"
     assert all(r["llm"] in PRICE_PER_1K for r in routed) and {d["model_version"] for d in routed} == {1}, "never served"
     agreement = next(v["agreement"] for v in shadow["by_version"] if v["model_version"] == 2)
     assert 0 <= agreement <= 1

@@ -64,7 +64,8 @@ class ShadowScorer:
         self.log, self.share = log, share
         self.router: Any = None
         self.version: int | None = None
-        self.dropped = 0
+        self.dropped = 0  # sampled, but the queue was full
+        self.before_loaded = 0  # decisions made while no shadow version was loaded yet (not scored)
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self._random = random.Random(seed)
         threading.Thread(target=self._work, daemon=True, name="mixllm-shadow").start()
@@ -73,7 +74,10 @@ class ShadowScorer:
         self.router, self.version = router, version
 
     def offer(self, decision_id: str, query: str, served_llm: str) -> None:
-        if self.router is None or self._random.random() >= self.share:
+        if self.router is None:
+            self.before_loaded += 1
+            return
+        if self._random.random() >= self.share:
             return
         try:
             self._queue.put_nowait((decision_id, query, served_llm))

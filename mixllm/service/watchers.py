@@ -106,6 +106,7 @@ class ServiceWatchers:
         agreement = ShadowLog(self.store).agreement()
         out: dict[str, Any] = {"version": self.shadow.version, "alias": self.config.service.shadow.alias,
                                "share": self.shadow.share, "dropped": self.shadow.dropped,
+                               "decisions_before_loaded": self.shadow.before_loaded,
                                "by_version": [{"model_version": int(r.model_version), "decisions": int(r.decisions),
                                                "agreement": r.agreed / r.decisions if r.decisions else None}
                                               for r in agreement.itertuples()]}
