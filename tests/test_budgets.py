@@ -1,6 +1,7 @@
 """Budgets that pace spend: the controller, the calendar periods, the key and spend records, and
 spend that fails closed when its database refuses a write."""
 
+import json
 import sqlite3
 from datetime import datetime, timedelta, timezone
 
@@ -208,3 +209,43 @@ def test_spend_the_database_refuses_survives_a_restart_in_the_journal_and_is_wri
                                 "record_id": row["record_id"]})
     Service()
     assert stored() == [0.25, 0.5] and not journal.is_file()
+
+
+def test_the_spend_journal_survives_a_torn_line_and_keeps_what_it_cannot_replay(tmp_path):
+    from mixllm.io.spend_journal import SpendJournal
+
+    journal = SpendJournal(tmp_path / "spend.jsonl")
+    record = {"tenant": "t", "llm": "a", "cost_usd": 0.1, "estimated": False, "decision_id": None,
+              "model_version": 1, "reference_cost_usd": None, "router_ms": None, "attempts": 1,
+              "at": datetime.now(timezone.utc), "record_id": "r1"}
+    journal.append(record)
+    with open(journal.path, "a", encoding="utf-8") as torn:  # a crash mid-append
+        torn.write('{"tenant": "t", "llm": "a", "cost')
+    journal.append({**record, "record_id": "r2"})
+    with open(journal.path, "a", encoding="utf-8") as foreign:
+        foreign.write(json.dumps({**record, "at": record["at"].isoformat(), "record_id": "r3", "colour": "red"}) + "\n")
+    pending = journal.pending()
+    assert [r["record_id"] for r in pending] == ["r1", "r2"], "the torn line and the foreign one are not replayed"
+    assert pending[0]["at"] == record["at"] and pending[0]["at"].tzinfo is not None
+    journal.remove({"r1", "r2"})
+    left = journal.path.read_text(encoding="utf-8").splitlines()
+    assert len(left) == 2 and '"colour"' in left[1], "what cannot be replayed stays, for a person to read"
+
+
+def test_a_record_the_database_refuses_for_good_is_set_aside_and_the_rest_are_written(tmp_path):
+    from mixllm.io.ledger import calls
+
+    path = tmp_path / "log.db"
+    config = config_from_dict({"llms": [{"name": "a", "input_usd_per_1k": 1, "output_usd_per_1k": 1}]}, root=tmp_path)
+    gateway = _gateway(config, path)
+    bad = {"tenant": None, "llm": None, "cost_usd": 0.1, "estimated": False, "decision_id": None, "model_version": None,
+           "reference_cost_usd": None, "router_ms": None, "attempts": 1, "at": datetime.now(timezone.utc),
+           "record_id": "bad"}  # llm is NOT NULL: an IntegrityError, not a busy database
+    gateway._unwritten.append(bad)
+    gateway._record_call(None, "a", 0.25, False, decision_id=None, model_version=None, reference_cost_usd=None,
+                         router_ms=None, attempts=1)
+    with gateway.ledger.store.engine.connect() as connection:
+        assert [row.cost_usd for row in connection.execute(calls.select())] == [0.25]
+    assert gateway._unwritten == []
+    rejected = (tmp_path / "data/spend_journal.jsonl.rejected").read_text(encoding="utf-8")
+    assert '"bad"' in rejected and "IntegrityError" in rejected

@@ -57,6 +57,9 @@ class AttemptLog:
             self._queue.put_nowait(attempt)
         except queue.Full:
             self.dropped += 1
+            if self.dropped == 1 or self.dropped % 1000 == 0:
+                logger.warning("%d upstream attempts not recorded: the writer is %d rows behind (the decision log "
+                               "is slow or down)", self.dropped, self._queue.qsize())
 
     def flush(self, timeout_s: float = 5.0) -> bool:
         """Wait up to `timeout_s` until every submitted row is written (or failed and logged);

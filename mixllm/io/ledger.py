@@ -18,6 +18,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError
 
 from mixllm.config import TenantConfig
 from mixllm.core.budgets import BudgetStanding, period_bounds, standings
@@ -61,6 +62,7 @@ calls = sa.Table(
     # The service's id for the record, so one replayed from the spend journal is stored once.
     sa.Column("record_id", sa.String(32), nullable=True),
 )
+RECORD_ID_INDEX = sa.Index("ix_calls_record_id", calls.c.record_id, unique=True)
 
 
 class UnknownKeyError(MixLLMError, LookupError):
@@ -78,6 +80,11 @@ class TenantLedger:
         self.store = store
         self.key_cache_s = key_cache_s
         store.create_schema([api_keys, calls])
+        try:  # a ledger made before record_id had no index on it
+            with store.writing() as connection:
+                RECORD_ID_INDEX.create(connection, checkfirst=True)
+        except sa.exc.DBAPIError:  # another replica created it a moment ago
+            pass
         self._keys: dict[str, tuple[str | None, float]] = {}  # hash -> (tenant or None, looked up at)
         self._keys_lock = threading.Lock()
 
@@ -135,18 +142,24 @@ class TenantLedger:
     def record_call(self, *, tenant: str | None, llm: str, cost_usd: float, estimated: bool,
                     decision_id: str | None = None, model_version: int | None = None,
                     reference_cost_usd: float | None = None, router_ms: float | None = None, attempts: int = 1,
-                    at: datetime | None = None, record_id: str | None = None, only_new: bool = False) -> bool:
-        """Store one answered call; raises StoreBusyError when the database does not take it. With
-        `only_new`, a record_id already stored is not stored again (a journal replay); False then."""
-        with self.store.writing() as connection:
-            if only_new and record_id and connection.execute(
-                    sa.select(calls.c.call_id).where(calls.c.record_id == record_id)).first() is not None:
-                return False
-            connection.execute(calls.insert().values(
-                tenant=tenant, llm=llm, cost_usd=float(cost_usd), estimated=bool(estimated), decision_id=decision_id,
-                model_version=model_version, reference_cost_usd=reference_cost_usd, router_ms=router_ms,
-                attempts=int(attempts), created_at=at or utcnow(), record_id=record_id))
+                    at: datetime | None = None, record_id: str | None = None) -> bool:
+        """Store one answered call; raises StoreBusyError when the database does not take it. A
+        record_id already stored (a journal replay, a retried commit) is not stored again: False."""
+        try:
+            with self.store.writing() as connection:
+                connection.execute(calls.insert().values(
+                    tenant=tenant, llm=llm, cost_usd=float(cost_usd), estimated=bool(estimated), decision_id=decision_id,
+                    model_version=model_version, reference_cost_usd=reference_cost_usd, router_ms=router_ms,
+                    attempts=int(attempts), created_at=at or utcnow(), record_id=record_id))
+        except IntegrityError:
+            if record_id is None or not self._stored(record_id):
+                raise
+            return False
         return True
+
+    def _stored(self, record_id: str) -> bool:
+        with self.store.reading() as connection:
+            return connection.execute(sa.select(calls.c.call_id).where(calls.c.record_id == record_id)).first() is not None
 
     def spent_since(self, tenant: str, starts: Mapping[str, datetime]) -> dict[str, float]:
         """The tenant's spend since each start (period -> start): one query."""

@@ -20,6 +20,12 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
+# A call record's keys (TenantLedger.record_call's arguments): a line with others, or without the
+# required ones, is not replayed (it is kept in the journal and logged).
+RECORD_KEYS = frozenset({"tenant", "llm", "cost_usd", "estimated", "decision_id", "model_version",
+                         "reference_cost_usd", "router_ms", "attempts", "at", "record_id"})
+REQUIRED_KEYS = frozenset({"llm", "cost_usd", "estimated", "at", "record_id"})
+
 
 class SpendJournal:
     def __init__(self, path: Path):
@@ -38,10 +44,22 @@ class SpendJournal:
     def append(self, record: dict[str, Any]) -> None:
         """Add one record (it must have a record_id); on disk when this returns."""
         line = json.dumps({**record, "at": record["at"].isoformat()}) + "\n"
-        with self._locked(), open(self.path, "a", encoding="utf-8") as journal:
+        with self._locked(), open(self.path, "a+", encoding="utf-8") as journal:
+            if journal.tell() > 0:  # a crash may have left half a line: never glue a record onto it
+                journal.seek(journal.tell() - 1)
+                if journal.read(1) != "\n":
+                    line = "\n" + line
             journal.write(line)
             journal.flush()
             os.fsync(journal.fileno())
+
+    def reject(self, record: dict[str, Any], reason: str) -> None:
+        """Set aside a record the database refused for good (not for being busy), in <journal>.rejected."""
+        rejected = self.path.with_name(self.path.name + ".rejected")
+        with self._locked(), open(rejected, "a", encoding="utf-8") as out:
+            out.write(json.dumps({**record, "at": record["at"].isoformat(), "rejected_because": reason}) + "\n")
+            out.flush()
+            os.fsync(out.fileno())
 
     def pending(self) -> list[dict[str, Any]]:
         """Every record in the journal, oldest first (a line that does not parse is logged and kept)."""
@@ -75,9 +93,11 @@ class SpendJournal:
                 continue
             try:
                 record = json.loads(line)
+                if not isinstance(record, dict) or set(record) - RECORD_KEYS or REQUIRED_KEYS - set(record):
+                    raise ValueError(f"keys must be among {sorted(RECORD_KEYS)}, with {sorted(REQUIRED_KEYS)}")
                 record["at"] = datetime.fromisoformat(record["at"])
-                if not isinstance(record.get("record_id"), str):
-                    raise ValueError("no record_id")
+                if not isinstance(record["record_id"], str):
+                    raise ValueError("record_id is not a string")
                 records.append(record)
             except (ValueError, KeyError, TypeError) as exc:
                 logger.error("%s line %d is not a call record (%s); it is kept there, not written", self.path,

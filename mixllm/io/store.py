@@ -88,7 +88,8 @@ class InteractionLog:
         elif url.startswith("postgresql"):
             connect_args = {"options": f"-c lock_timeout={int(self.busy_timeout_s * 1000)}"}
         # Every pooled connection in use (a burst of threads): wait as long as for a lock, then StoreBusyError.
-        pool = {} if ":memory:" in url else {"pool_timeout": self.busy_timeout_s}
+        in_memory = ":memory:" in url or url.rstrip("/") == "sqlite:"  # one connection per thread, no pool timeout
+        pool = {} if in_memory else {"pool_timeout": self.busy_timeout_s}
         self.engine = sa.create_engine(url, connect_args=connect_args, pool_pre_ping=True, **pool)
         if url.startswith("sqlite"):
             @sa.event.listens_for(self.engine, "connect")

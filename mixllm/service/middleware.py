@@ -191,8 +191,7 @@ class RetryAfterOnUnavailable:
                     return
             if message["type"] == "http.response.body" and held is not None:
                 start, held = held, None
-                body = message.get("body", b"")
-                if BENTOML_GENERIC_ERROR in body and not message.get("more_body"):
+                if not message.get("more_body") and _is_bentoml_generic_error(message.get("body", b"")):
                     body = json.dumps({"error": self.reason.explain()}).encode()
                     start = {**start, "headers": [(k, str(len(body)).encode() if k.lower() == b"content-length" else v)
                                                   for k, v in start["headers"]]}
@@ -201,6 +200,16 @@ class RetryAfterOnUnavailable:
             await send(message)
 
         await self.app(scope, receive, with_retry_after)
+        if held is not None:  # the app sent a start and no body: send both, as it meant to
+            await send(held)
+            await send({"type": "http.response.body", "body": b""})
+
+
+def _is_bentoml_generic_error(body: bytes) -> bool:
+    try:
+        return json.loads(body) == {"error": BENTOML_GENERIC_ERROR.decode()}
+    except ValueError:
+        return False
 
 
 class OpenAIErrors:

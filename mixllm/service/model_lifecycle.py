@@ -225,11 +225,11 @@ class ModelLifecycle:
 
     def _why_unavailable(self) -> str:
         """What a 503 raised through BentoML (/route_batch's) meant: the model still loading, or
-        else the decision log refusing the batch's decisions."""
+        else the decision log refusing the batch's decisions (or BentoML's own batching overloaded)."""
         if self.model is None:
             return f"not ready: {self.loading_reason}; retry in a few seconds"
-        return ("the decision log is busy (another writer holds its lock) or unreachable; nothing was logged, "
-                "retry shortly")
+        return ("the decision log is busy (another writer holds its lock) or unreachable, or the service is "
+                "overloaded; nothing was logged, retry shortly")
 
     def _not_ready(self) -> JSONResponse | None:
         if self.model is not None:

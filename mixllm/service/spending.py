@@ -146,20 +146,31 @@ class TenantBudgets:
     def _flush_spend(self) -> None:
         """Write the call records waiting (oldest first), those a previous run left in the journal
         included; raises if the database refuses. Journaled ones leave the journal once written."""
+        from mixllm.core.errors import StoreBusyError
+
         written: set[str] = set()
         try:
             with self._unwritten_lock:
                 while self._unwritten:
                     record = self._unwritten[0]
-                    journaled = record["record_id"] in self._journaled
-                    self.ledger.record_call(**record, only_new=journaled)
+                    try:
+                        self.ledger.record_call(**record)  # a record_id stored already is not stored again
+                    except StoreBusyError:
+                        raise
+                    except Exception as exc:  # noqa: BLE001 - refused for good: set aside, never blocking the rest
+                        logger.error("call record %s refused by the decision log (%s: %s); set aside in %s.rejected",
+                                     record, type(exc).__name__, exc, self.spend_journal.path)
+                        self.spend_journal.reject(record, f"{type(exc).__name__}: {exc}")
                     self._unwritten.pop(0)
-                    if journaled:
+                    if record["record_id"] in self._journaled:
                         written.add(record["record_id"])
         finally:
             if written:
-                self.spend_journal.remove(written)
-                self._journaled -= written
+                try:
+                    self.spend_journal.remove(written)
+                    self._journaled -= written
+                except OSError as exc:  # written to the database: the journal's copy is replayed once, harmlessly
+                    logger.warning("the spend journal keeps %d records already written (%s)", len(written), exc)
 
     def budget_report(self, tenant: TenantConfig | None) -> dict[str, Any]:
         """GET /budgets: each tenant's standing (only the caller's own for a tenant key)."""
