@@ -249,3 +249,22 @@ def test_a_record_the_database_refuses_for_good_is_set_aside_and_the_rest_are_wr
     assert gateway._unwritten == []
     rejected = (tmp_path / "data/spend_journal.jsonl.rejected").read_text(encoding="utf-8")
     assert '"bad"' in rejected and "IntegrityError" in rejected
+
+
+def test_a_spend_journal_that_cannot_be_written_leaves_the_service_serving_with_records_in_memory(tmp_path):
+    (tmp_path / "not-a-folder").write_text("a file where the journal's folder should be")
+    config = config_from_dict({"llms": [{"name": "a", "input_usd_per_1k": 1, "output_usd_per_1k": 1}],
+                               "service": {"spend_journal_path": "not-a-folder/spend.jsonl"}}, root=tmp_path)
+    path = tmp_path / "log.db"
+    gateway = _gateway(config, path)  # starts
+    locker = sqlite3.connect(path, timeout=5, isolation_level=None)
+    locker.execute("BEGIN IMMEDIATE")
+    try:
+        gateway._record_call(None, "a", 0.25, False, decision_id=None, model_version=None, reference_cost_usd=None,
+                             router_ms=None, attempts=1)
+        assert len(gateway._unwritten) == 1, "kept in memory when the journal refuses it"
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
+    gateway._flush_spend()
+    assert gateway._unwritten == [] and len(gateway.ledger.calls_frame()) == 1

@@ -47,7 +47,13 @@ class TenantBudgets:
 
         self._unwritten_lock = threading.Lock()
         self.spend_journal = SpendJournal(self.config.path(self.config.service.spend_journal_path))
-        self._unwritten = self.spend_journal.pending()
+        try:
+            self._unwritten = self.spend_journal.pending()
+        except OSError as exc:  # serve anyway: records the database refuses then wait in memory only
+            logger.error("the spend journal %s cannot be read or written (%s): call records the decision log "
+                         "refuses will be kept in memory only; fix service.spend_journal_path", self.spend_journal.path,
+                         exc)
+            self._unwritten = []
         self._journaled = {record["record_id"] for record in self._unwritten}
         if self._unwritten:
             logger.warning("%d call records left in %s by an earlier run: writing them to the decision log",
