@@ -4,7 +4,10 @@ does: a restart while the database is down loses none of them (memory alone woul
 JSON lines, appended and fsynced under an exclusive lock (replicas may share the folder). Each
 record carries a record_id: a record written to the database and then found in the journal again
 (a crash between the commit and the journal's rewrite, or a replica that replayed another's) is
-stored once, as TenantLedger.record_call(only_new=True) checks."""
+stored once (calls.record_id is unique; TenantLedger.record_call answers False for a repeat).
+
+Still lost: a record whose process dies after the call was answered and before the first write
+attempt failed (the record is journaled only once the database has refused it)."""
 
 from __future__ import annotations
 
