@@ -73,3 +73,37 @@ def test_keys_budgets_and_report_walk_a_tenant_from_key_to_savings(project):
     assert revoked.exit_code == 0 and "acme" in revoked.output
     assert ledger.tenant_of(key) is None and "revoked" in runner.invoke(app, ["keys", "list"]).output
     ledger.store.dispose()
+
+
+def test_decision_shows_one_decisions_story(project):
+    """`mixllm decision ID`: what the policy chose and why, who answered after a failover, every
+    upstream call, and the feedback; an unknown id is a clear error."""
+    from mixllm.config import load_config
+    from mixllm.io.attempts import AttemptLog
+    from mixllm.io.store import InteractionLog
+
+    config = load_config(project / "params.yaml")
+    store = InteractionLog(config.sqlalchemy_url(config.service.feedback_store_url))
+    candidates = {"candidates": [
+        {"llm": "strong", "quality": 0.9, "cost_usd": 0.01, "uncertainty": 0.1, "penalty": 0.0, "score": 0.8,
+         "eligible": True, "probability": 1.0},
+        {"llm": "coder", "quality": 0.7, "cost_usd": 0.001, "uncertainty": 0.1, "penalty": 0.0, "score": 0.69,
+         "eligible": True, "probability": 0.0}], "relaxed": [], "notes": ["a note the router left"]}
+    decision_id = store.log_decision("Write a python function.", "strong", model_version=3, lambda_=1.0,
+                                     candidates=candidates, propensity=1.0)
+    attempts = AttemptLog(store)
+    attempts.record(decision_id=decision_id, attempt=1, llm="strong", outcome="upstream_error", status_code=500,
+                    latency_s=0.2)
+    attempts.record(decision_id=decision_id, attempt=2, llm="coder", outcome="ok", status_code=200, latency_s=0.5)
+    store.complete_decision(decision_id, cost_usd=0.0012, latency_s=0.7, llm="coder")
+    store.add_feedback(quality=1.0, decision_id=decision_id, kind="binary")
+    store.dispose()
+    result = runner.invoke(app, ["decision", decision_id])
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert "chose strong (probability 1.0); answered by coder" in out and "version 3" in out
+    assert out.index("candidate strong") < out.index("candidate coder"), "best score first"
+    assert "upstream call 1: strong upstream_error HTTP 500" in out and "upstream call 2: coder ok HTTP 200" in out
+    assert "feedback: quality 1.0 (binary)" in out and "a note the router left" in out
+    unknown = runner.invoke(app, ["decision", "no-such-id"])
+    assert unknown.exit_code == 2 and "no decision 'no-such-id'" in unknown.output

@@ -330,7 +330,7 @@ def config_show(
 
 
 from mixllm.cli.data import data_app  # noqa: E402 - registered on `app` here
-from mixllm.cli.evidence import evaluate_on_feedback_command  # noqa: E402
+from mixllm.cli.evidence import decision_command, evaluate_on_feedback_command  # noqa: E402
 from mixllm.cli.registry import registry_app, ui_command  # noqa: E402
 from mixllm.cli.tenants import budgets_show, keys_app, report_show  # noqa: E402
 
@@ -341,6 +341,7 @@ app.add_typer(keys_app, name="keys")
 app.command("budgets")(budgets_show)
 app.command("report")(report_show)
 app.command("evaluate")(evaluate_on_feedback_command)
+app.command("decision")(decision_command)
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(app())

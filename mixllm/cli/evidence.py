@@ -1,4 +1,5 @@
-"""`mixllm evaluate --on-feedback VERSION`: a registered version judged on production evidence."""
+"""Production evidence: `mixllm evaluate --on-feedback VERSION` (a registered version judged on the
+logged decisions) and `mixllm decision ID` (one decision's story)."""
 
 from __future__ import annotations
 
@@ -42,3 +43,49 @@ def evaluate_on_feedback_command(
         for name in ("ips", "snips", "dr"):
             typer.echo(f"  {name:5s}  quality {result['quality'][name].format()}  cost ${result['cost_usd'][name].format(6)}"
                        f"  score {result['score'][name].format()}")
+
+
+@run
+def decision_command(decision_id: Annotated[str, typer.Argument(help="The id /route or the proxy returned "
+                                                                     "(x-mixllm-decision-id).")]) -> None:
+    """One logged decision: the query, the LLM the policy chose and the one that answered, its
+    probability, each candidate's predicted quality, cost and score (while kept), every upstream call
+    the proxy made for it, and its feedback."""
+    import json
+
+    from mixllm.core.errors import DataError
+    from mixllm.io.attempts import AttemptLog
+    from mixllm.io.store import existing_log
+
+    config = state.config()
+    store = existing_log(config.sqlalchemy_url(config.service.feedback_store_url))
+    decision = store.decision(decision_id) if store is not None else None
+    if decision is None:
+        raise DataError(f"no decision '{decision_id}' in {config.service.feedback_store_url} (decisions without "
+                        "feedback are kept service.decision_retention_days)")
+    chosen = decision.get("chosen_llm") or decision["llm"]
+    answered = f"; answered by {decision['llm']}" if decision["llm"] != chosen else ""
+    typer.echo(f"decision {decision_id} at {decision['created_at']}: version {decision['model_version']}, lambda "
+               f"{decision['lambda_']}, chose {chosen} (probability {decision['propensity']}){answered}")
+    typer.echo(f"  query: {decision['query'][:200]!r}{' ...' if len(decision['query']) > 200 else ''}")
+    if decision["cost_usd"] is not None or decision["latency_s"] is not None:
+        typer.echo(f"  call: ${decision['cost_usd']} in {decision['latency_s']} s")
+    details = json.loads(decision["candidates"]) if decision["candidates"] else {}
+    candidates = details if isinstance(details, list) else details.get("candidates", [])  # a list: logged before notes
+    if not decision["candidates"]:
+        typer.echo("  candidates: not kept (older than service.decision_detail_days)")
+    for c in sorted(candidates, key=lambda c: -float(c.get("score", float("-inf")))):
+        typer.echo(f"  candidate {c.get('llm', '?'):28s} quality {c.get('quality', float('nan')):.3f}  cost "
+                   f"${c.get('cost_usd', float('nan')):.6f}  score {c.get('score', float('nan')):.4f}  probability "
+                   f"{c.get('probability', 0.0):.3f}{'' if c.get('eligible', True) else '  (not eligible)'}")
+    for note in details.get("notes", []) if isinstance(details, dict) else []:
+        typer.echo(f"  note: {note}")
+    for call in AttemptLog(store).of_decision(decision_id):
+        status = f" HTTP {call['status_code']}" if call["status_code"] is not None else ""
+        typer.echo(f"  upstream call {call['attempt']}: {call['llm']} {call['outcome']}{status} in {call['latency_s']:.3f} s")
+    rows = store.feedback_of(decision_id)
+    for row in rows:
+        typer.echo(f"  feedback: quality {row['quality']} ({row['kind']}) at {row['created_at']}")
+    if not rows:
+        typer.echo("  feedback: none yet")
+    store.dispose()

@@ -225,6 +225,12 @@ class InteractionLog:
             row = connection.execute(sa.select(decisions).where(decisions.c.decision_id == decision_id)).mappings().first()
         return dict(row) if row else None
 
+    def feedback_of(self, decision_id: str) -> list[dict[str, Any]]:
+        """The feedback rows that name a decision (at most one: feedback is idempotent per decision)."""
+        query = sa.select(feedback).where(feedback.c.decision_id == decision_id).order_by(feedback.c.feedback_id)
+        with self.reading() as connection:
+            return [dict(row) for row in connection.execute(query).mappings()]
+
     def compact(self, detail_days: float, retention_days: float, now: datetime | None = None) -> dict[str, int]:
         """Bound the decision log: drop the candidates' scores of decisions older than `detail_days`,
         and delete decisions older than `retention_days` that no feedback names. Returns the counts."""
