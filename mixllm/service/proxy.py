@@ -192,7 +192,10 @@ class ChatProxy:
         client = httpx.AsyncClient(timeout=max(timeout_s, 0.001))
         finished = False
 
-        def finish(status: str, usage: dict | None, status_code: int | None = None) -> None:
+        async def finish(status: str, usage: dict | None, status_code: int | None = None) -> None:
+            """Account for the call: counts and breaker now; its spend and the decision's real cost
+            in a worker thread (database writes must not stall the event loop every request shares),
+            shielded so a client that hangs up mid-stream still has its call paid for."""
             nonlocal finished
             if finished:
                 return
@@ -217,34 +220,42 @@ class ChatProxy:
             reference = reference_llm(self.config)
             reference_cost = (self._price(reference, tokens_in, tokens_out) if cost is not None
                               else self._estimated_cost(reference, request))
-            # A dropped stream was paid for too, up to where it broke.
-            self._record_call(tenant, llm, cost if cost is not None else estimate, cost is None,
-                              decision_id=decision_id, model_version=version if decision_id else None,
-                              reference_cost_usd=reference_cost,
-                              router_ms=router_ms, attempts=attempt)
-            if decision_id and status == "ok":
-                try:
-                    self.store.complete_decision(decision_id, cost_usd=cost, latency_s=latency,
-                                                 input_tokens=tokens_in, output_tokens=tokens_out, llm=llm)
-                except Exception as exc:  # noqa: BLE001 - the answer is paid for and on its way: do not fail it
-                    logger.warning("decision %s: the call's cost, latency and LLM (%s) not recorded: %s", decision_id,
-                                   llm, exc)
+
+            def record() -> None:
+                # A dropped stream was paid for too, up to where it broke.
+                self._record_call(tenant, llm, cost if cost is not None else estimate, cost is None,
+                                  decision_id=decision_id, model_version=version if decision_id else None,
+                                  reference_cost_usd=reference_cost,
+                                  router_ms=router_ms, attempts=attempt)
+                if decision_id and status == "ok":
+                    try:
+                        self.store.complete_decision(decision_id, cost_usd=cost, latency_s=latency,
+                                                     input_tokens=tokens_in, output_tokens=tokens_out, llm=llm)
+                    except Exception as exc:  # noqa: BLE001 - the answer is paid for and on its way: do not fail it
+                        logger.warning("decision %s: the call's cost, latency and LLM (%s) not recorded: %s",
+                                       decision_id, llm, exc)
+
+            import anyio
+
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(record)
 
         try:
             if not request.stream:
                 response = await client.post(url, json=payload, headers=headers)
                 await client.aclose()
                 if response.status_code >= 400:
-                    finish("upstream_error", None, response.status_code)
+                    await finish("upstream_error", None, response.status_code)
                     return upstream_failed(response.status_code, response.text)
                 try:
                     body = response.json()
                     if not isinstance(body, dict):
                         raise ValueError("not a JSON object")
                 except ValueError:
-                    finish("upstream_error", None, response.status_code)
+                    await finish("upstream_error", None, response.status_code)
                     return upstream_failed(response.status_code, response.text, " without a JSON object")
-                finish("ok", body.get("usage") if isinstance(body.get("usage"), dict) else None, response.status_code)
+                usage = body.get("usage") if isinstance(body.get("usage"), dict) else None
+                await finish("ok", usage, response.status_code)
                 body["model"] = llm
                 body["mixllm"] = {"llm": llm, "decision_id": decision_id, "model_version": version,
                                   "attempts": attempt}
@@ -255,11 +266,11 @@ class ChatProxy:
                 text = (await response.aread()).decode(errors="replace")
                 await response.aclose()
                 await client.aclose()
-                finish("upstream_error", None, response.status_code)
+                await finish("upstream_error", None, response.status_code)
                 return upstream_failed(response.status_code, text)
         except httpx.HTTPError as exc:
             await client.aclose()
-            finish("unreachable", None)
+            await finish("unreachable", None)
             logger.warning("upstream for %s is unreachable (%s, attempt %d, decision %s)", llm, type(exc).__name__,
                            attempt, decision_id)
             return error(502, None, f"upstream for {llm} is unreachable ({type(exc).__name__})",
@@ -286,7 +297,7 @@ class ChatProxy:
             except httpx.HTTPError as exc:
                 # After the first byte there is no failing over; the client must not take a cut
                 # answer for a whole one, so the stream ends with an error event.
-                finish("dropped", None, response.status_code)
+                await finish("dropped", None, response.status_code)
                 logger.warning("upstream for %s dropped the stream (%s, decision %s)", llm, type(exc).__name__,
                                decision_id)
                 yield "data: " + json.dumps({"error": {"message": f"upstream for {llm} dropped the stream "
@@ -295,7 +306,7 @@ class ChatProxy:
             finally:
                 await response.aclose()
                 await client.aclose()
-                finish("ok", usage, response.status_code)
+                await finish("ok", usage, response.status_code)
 
         return StreamingResponse(relay(), media_type="text/event-stream", headers=mixllm_headers), False
 
@@ -335,11 +346,13 @@ class ChatProxy:
             candidates = [m for m in reachable if self.breakers.available(m)] or reachable
             circuit_open = [m for m in reachable if m not in candidates]
             tenant = self._tenant(http_request)
-            plan = self._spend_plan(tenant, candidates, lambda_, model.router.default_lambda)
+            # Both read the database: in a worker thread, not on the event loop every request shares.
+            plan = await anyio.to_thread.run_sync(self._spend_plan, tenant, candidates, lambda_,
+                                                  model.router.default_lambda)
             if isinstance(plan, JSONResponse):
                 return plan
             candidates, lambda_ = plan.candidates, plan.lambda_
-            session, sticky_llm = self._session(request, http_request, tenant)
+            session, sticky_llm = await anyio.to_thread.run_sync(self._session, request, http_request, tenant)
             try:
                 item = RouteRequest(query=self._routed_text(request, text), lambda_=lambda_, candidates=candidates)
             except ValidationError as exc:
@@ -370,7 +383,8 @@ class ChatProxy:
             if tenant is not None and tenant.allowed_llms is not None and chosen not in tenant.allowed_llms:
                 return error(403, "model", f"tenant '{tenant.name}' may not use '{chosen}'; its allowed_llms: "
                                            f"{', '.join(tenant.allowed_llms)}")
-            plan = self._spend_plan(tenant, sorted(upstreams), None, model.router.default_lambda)
+            plan = await anyio.to_thread.run_sync(self._spend_plan, tenant, sorted(upstreams), None,
+                                                  model.router.default_lambda)
             if isinstance(plan, JSONResponse):
                 return plan
             if chosen not in plan.candidates:  # its budget is spent: only the cheapest LLM now
