@@ -46,7 +46,7 @@ class SpendJournal:
 
     def append(self, record: dict[str, Any]) -> None:
         """Add one record (it must have a record_id); on disk when this returns."""
-        line = json.dumps({**record, "at": record["at"].isoformat()}) + "\n"
+        line = _line(record) + "\n"
         with self._locked(), open(self.path, "a+", encoding="utf-8") as journal:
             if journal.tell() > 0:  # a crash may have left half a line: never glue a record onto it
                 journal.seek(journal.tell() - 1)
@@ -60,7 +60,7 @@ class SpendJournal:
         """Set aside a record the database refused for good (not for being busy), in <journal>.rejected."""
         rejected = self.path.with_name(self.path.name + ".rejected")
         with self._locked(), open(rejected, "a", encoding="utf-8") as out:
-            out.write(json.dumps({**record, "at": record["at"].isoformat(), "rejected_because": reason}) + "\n")
+            out.write(_line({**record, "rejected_because": reason}) + "\n")
             out.flush()
             os.fsync(out.fileno())
 
@@ -75,7 +75,7 @@ class SpendJournal:
             return
         with self._locked():
             records, unreadable = self._read()
-            kept = [json.dumps({**r, "at": r["at"].isoformat()}) for r in records if r["record_id"] not in record_ids]
+            kept = [_line(r) for r in records if r["record_id"] not in record_ids]
             kept += unreadable
             if not kept:
                 self.path.unlink(missing_ok=True)
@@ -107,3 +107,7 @@ class SpendJournal:
                              number, exc)
                 unreadable.append(line)
         return records, unreadable
+
+
+def _line(record: dict[str, Any]) -> str:
+    return json.dumps({**record, "at": record["at"].isoformat()})

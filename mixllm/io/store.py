@@ -38,8 +38,16 @@ logger = logging.getLogger(__name__)
 UNAVAILABLE = (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.TimeoutError)
 
 
-def _reason(problem: Exception) -> str:
-    return str(getattr(problem, "orig", None) or problem).strip()[:80]
+@contextlib.contextmanager
+def _busy_when_unavailable(open_connection: Any) -> Iterator[Any]:
+    """A connection from `open_connection` (engine.connect or engine.begin); the database's
+    UNAVAILABLE errors, on opening or while it is used, become StoreBusyError."""
+    try:
+        with open_connection() as connection:
+            yield connection
+    except UNAVAILABLE as problem:
+        reason = str(getattr(problem, "orig", None) or problem).strip()[:80]
+        raise StoreBusyError(f"the decision log is busy or unreachable ({reason}); retry shortly") from problem
 
 
 class UnknownDecisionError(MixLLMError, LookupError):
@@ -111,24 +119,17 @@ class InteractionLog:
         if not self._write_lock.acquire(timeout=self.busy_timeout_s):
             raise StoreBusyError(f"the decision log is busy: no write slot within {self.busy_timeout_s:g} s; retry shortly")
         try:
-            with self.engine.begin() as connection:
+            with _busy_when_unavailable(self.engine.begin) as connection:
                 yield connection
-        except UNAVAILABLE as problem:
-            raise StoreBusyError(f"the decision log is busy or unreachable ({_reason(problem)}); "
-                                 "retry shortly") from problem
         finally:
             self._write_lock.release()
 
     @contextlib.contextmanager
     def reading(self) -> Iterator[Any]:
-        """A connection for reads; a database that is down or refuses (OperationalError) is a
-        StoreBusyError too, so every caller answers it the same way (503, retry), never a 500."""
-        try:
-            with self.engine.connect() as connection:
-                yield connection
-        except UNAVAILABLE as problem:
-            raise StoreBusyError(f"the decision log is unreachable ({_reason(problem)}); "
-                                 "retry shortly") from problem
+        """A connection for reads; a database that is down or refuses is a StoreBusyError too, so
+        every caller answers it the same way (503, retry), never a 500."""
+        with _busy_when_unavailable(self.engine.connect) as connection:
+            yield connection
 
     def create_schema(self, tables: list[sa.Table] | None = None) -> None:
         """Create the tables once, even when several replicas start together on an empty database:

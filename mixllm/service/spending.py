@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse
 
 from mixllm.config import TenantConfig
 from mixllm.core.budgets import binding
+from mixllm.core.errors import StoreBusyError
 from mixllm.service.api_models import error
 from mixllm.service.access import TENANT_HEADER
 
@@ -40,6 +41,7 @@ class TenantBudgets:
     (mixllm.core.budgets.BudgetPacer) and _price (ChatProxy's); `_start_spend_records` at start."""
 
     _unwritten: list[dict[str, Any]]
+    _unwritten_lock: threading.Lock
 
     def _start_spend_records(self) -> None:
         """The records waiting to be written: none, or what a previous run left in the journal."""
@@ -62,7 +64,6 @@ class TenantBudgets:
                 self._flush_spend()
             except Exception as exc:  # noqa: BLE001 - they stay journaled; budgeted tenants wait meanwhile
                 logger.error("the journaled call records are not written yet (%s); retried before each call", exc)
-    _unwritten_lock: threading.Lock
 
     def _tenant_of_key(self, key: str) -> str | None:
         """The tenant of an active key, if params.yaml still has it. A key whose tenant was taken out of
@@ -86,8 +87,6 @@ class TenantBudgets:
                     default_lambda: float) -> SpendPlan | JSONResponse:
         """The tenant's allowed candidates and paced lambda; a 429 when a budget is spent and the
         tenant's on_exhausted is reject; a 503 when its spend cannot be accounted for."""
-        from mixllm.core.errors import StoreBusyError
-
         waiting = len(self._unwritten)
         if waiting >= self.config.service.max_unwritten_calls:  # memory is not the ledger: stop spending
             try:
@@ -152,8 +151,6 @@ class TenantBudgets:
     def _flush_spend(self) -> None:
         """Write the call records waiting (oldest first), those a previous run left in the journal
         included; raises if the database refuses. Journaled ones leave the journal once written."""
-        from mixllm.core.errors import StoreBusyError
-
         written: set[str] = set()
         try:
             with self._unwritten_lock:
