@@ -1,8 +1,8 @@
-"""The OpenAI-compatible proxy's work: what it refuses to forward, the upstream call (plain or
-streamed) with its accounting (in-flight count, latency, cost, the decision's real cost), and the
-error it answers when an upstream fails; and the whole of a chat completion (`_chat`: route or
-take the named LLM, the tenant's budget and session, failover). A mixin of the service class, which
-owns the endpoints.
+"""The OpenAI-compatible proxy's decisions: what it refuses to forward, the conversation the router
+reads, the session's sticky LLM, and the whole of a chat completion (`_chat`: route or take the named
+LLM, apply the tenant's budget and session, then call along the ranking with failover, which
+UpstreamCalls in mixllm.service.upstream_calls does). A mixin of the service class, which owns the
+endpoints.
 
 Imports: `bentoml serve` imports the service module twice at start (the serving process reads its
 settings, then the worker serves), so what only a request needs (pandas, SQLAlchemy: ~0.6 s) is
@@ -10,15 +10,11 @@ imported where it is used; by the first request the worker has them loaded anywa
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import re
 import time
-import uuid
 from typing import Any
 
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from mixllm.core.decision import fallback_ranking
@@ -35,22 +31,15 @@ from mixllm.service.api_models import (
     last_user_text,
     surrogate_path,
 )
+from mixllm.service.upstream_calls import UpstreamCalls
 
 logger = logging.getLogger("bentoml.mixllm")  # bentoml serve shows "bentoml.*" loggers
 
 
-def _redacted(text: str, secrets: list[str]) -> str:
-    """Text from an upstream, safe to log: the keys it might echo, and any bearer token, removed."""
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, "[redacted]")
-    return re.sub(r"(?i)bearer\s+[^\s\"']+", "Bearer [redacted]", text)
-
-
-class ChatProxy:
-    """Needs from the class it is mixed into: config, load (live traffic), metrics, store,
-    sessions (mixllm.io.sessions.SessionLog), attempts (mixllm.io.attempts.AttemptLog), breakers
-    (mixllm.service.circuit.CircuitBreakers) and _record_call (mixllm.service.spending.TenantBudgets)."""
+class ChatProxy(UpstreamCalls):
+    """Needs from the class it is mixed into what UpstreamCalls needs, and sessions
+    (mixllm.io.sessions.SessionLog), _tenant and _spend_plan (mixllm.service.spending.TenantBudgets)
+    and _route_coalescer (the service's batching of /route calls, mixllm.service.app)."""
 
     def _chat_refusal(self, request: ChatRequest) -> JSONResponse | None:
         """A 400 naming the field for what the proxy must not forward: text that is not valid
@@ -122,193 +111,6 @@ class ChatProxy:
             self.sessions.remember(key, llm)
         except Exception as exc:  # noqa: BLE001 - the answer is already on its way; only stickiness is lost
             logger.warning("session %s not remembered (%s): its next turn is routed afresh", key, exc)
-
-    async def _forward(self, request: ChatRequest, ranking: list[str], upstreams: dict[str, Any],
-                       decision_id: str | None, version: int, tenant: Any = None,
-                       predicted_cost: dict[str, float] | None = None, router_ms: float | None = None) -> Any:
-        """Call the first LLM of `ranking`, and on a connection error, a timeout, a 429 or a 5xx
-        before the first byte, the next one (service.failover: at most max_attempts calls within
-        deadline_s, skipping LLMs whose circuit breaker is open). The answer names the LLM that
-        answered (x-mixllm-llm) and the calls made (x-mixllm-attempts). A tenant's answered call is
-        recorded as its spend: priced from the upstream's usage, else the predicted cost."""
-        settings = self.config.service.failover
-        deadline = time.monotonic() + settings.deadline_s
-        tried: list[str] = []
-        last: Any = None
-        for llm in ranking:
-            if len(tried) >= settings.max_attempts or time.monotonic() >= deadline:
-                break
-            if not self.breakers.begin(llm):
-                continue
-            tried.append(llm)
-            response, retryable = await self._attempt(request, llm, upstreams[llm], decision_id, version,
-                                                      timeout_s=min(upstreams[llm].timeout_s, deadline - time.monotonic()),
-                                                      attempt=len(tried), tenant=tenant,
-                                                      predicted_cost=(predicted_cost or {}).get(llm), router_ms=router_ms)
-            if not retryable:
-                response.headers["x-mixllm-attempts"] = str(len(tried))
-                return response
-            last = response
-            if len(tried) < settings.max_attempts and llm != ranking[-1]:
-                logger.warning("failing over from %s (attempt %d of %d)", llm, len(tried), settings.max_attempts)
-        if last is None:
-            open_llms = ", ".join(self.breakers.open_llms()) or ", ".join(ranking)
-            return error(503, None, f"no upstream to call: the circuit breakers of {open_llms} are open after "
-                                    f"repeated failures; retry in {settings.breaker_cooldown_s:g} s",
-                         {"Retry-After": str(int(settings.breaker_cooldown_s))})
-        last.headers["x-mixllm-attempts"] = str(len(tried))
-        return last
-
-    async def _attempt(self, request: ChatRequest, llm: str, upstream: Any, decision_id: str | None,
-                       version: int, timeout_s: float, attempt: int, tenant: Any = None,
-                       predicted_cost: float | None = None, router_ms: float | None = None) -> tuple[Any, bool]:
-        """One upstream call: (the response for the caller, whether another LLM may be tried)."""
-        import httpx
-
-        payload = request.model_dump(exclude_none=True, exclude=set(CONSUMED_CHAT_FIELDS))
-        payload["model"] = upstream.model or llm
-        if request.stream:
-            payload.setdefault("stream_options", {"include_usage": True})
-        headers = {"Content-Type": "application/json"}
-        key = os.environ.get(upstream.api_key_env) if upstream.api_key_env else None
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
-
-        def upstream_failed(status: int, detail: str, what: str = "") -> tuple[JSONResponse, bool]:
-            # The caller gets no upstream text (it may echo the key); the log gets it, redacted.
-            logger.warning("upstream for %s answered %d%s (attempt %d, decision %s): %s", llm, status, what, attempt,
-                           decision_id, _redacted(detail[:500], [key or ""]))
-            retryable = status == 429 or status >= 500 or status < 400  # < 400: a 2xx that is no answer
-            return error(502, None, f"upstream for {llm} answered {status}{what}; the service log has the details",
-                         {"x-mixllm-llm": llm}), retryable
-        url = upstream.base_url.rstrip("/") + "/chat/completions"
-        call_id = f"{decision_id or uuid.uuid4().hex}:{attempt}"
-        # The proxy reports completion itself, so the call counts until then (or the upstream timeout).
-        self.load.start(call_id, llm, expires_after_s=upstream.timeout_s)
-        self.metrics.in_flight.labels(llm=llm).inc()
-        mixllm_headers = {"x-mixllm-llm": llm, "x-mixllm-model-version": str(version),
-                          **({"x-mixllm-decision-id": decision_id} if decision_id else {})}
-        started = time.perf_counter()
-        client = httpx.AsyncClient(timeout=max(timeout_s, 0.001))
-        finished = False
-
-        async def finish(status: str, usage: dict | None, status_code: int | None = None) -> None:
-            """Account for the call: counts and breaker now; its spend and the decision's real cost
-            in a worker thread (database writes must not stall the event loop every request shares),
-            shielded so a client that hangs up mid-stream still has its call paid for."""
-            nonlocal finished
-            if finished:
-                return
-            finished = True
-            latency = time.perf_counter() - started
-            self.metrics.in_flight.labels(llm=llm).dec()
-            self.metrics.proxied.labels(llm=llm, status=status).inc()
-            self.attempts.submit(decision_id=decision_id, attempt=attempt, llm=llm, outcome=status,
-                                 status_code=status_code, latency_s=latency)  # written by a background thread
-            self.breakers.record(llm, ok=status == "ok")
-            # A failed call's time says nothing about the LLM's speed (a dead upstream fails fast).
-            self.load.finish(call_id, latency if status == "ok" else None)
-            if status not in ("ok", "dropped"):  # refused or failed: nothing to pay for
-                return
-            tokens_in = (usage or {}).get("prompt_tokens")
-            tokens_out = (usage or {}).get("completion_tokens")
-            cost = self._price(llm, tokens_in, tokens_out)
-            # Without usage: the router's prediction, else the prompt's length at the catalogue's prices.
-            estimate = predicted_cost if predicted_cost is not None else self._estimated_cost(llm, request)
-            from mixllm.evaluation.savings import reference_llm  # here: see the module's note on imports
-
-            reference = reference_llm(self.config)
-            reference_cost = (self._price(reference, tokens_in, tokens_out) if cost is not None
-                              else self._estimated_cost(reference, request))
-
-            def record() -> None:
-                # A dropped stream was paid for too, up to where it broke.
-                self._record_call(tenant, llm, cost if cost is not None else estimate, cost is None,
-                                  decision_id=decision_id, model_version=version if decision_id else None,
-                                  reference_cost_usd=reference_cost,
-                                  router_ms=router_ms, attempts=attempt)
-                if decision_id and status == "ok":
-                    try:
-                        self.store.complete_decision(decision_id, cost_usd=cost, latency_s=latency,
-                                                     input_tokens=tokens_in, output_tokens=tokens_out, llm=llm)
-                    except Exception as exc:  # noqa: BLE001 - the answer is paid for and on its way: do not fail it
-                        logger.warning("decision %s: the call's cost, latency and LLM (%s) not recorded: %s",
-                                       decision_id, llm, exc)
-
-            import anyio
-
-            with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(record)
-
-        try:
-            if not request.stream:
-                response = await client.post(url, json=payload, headers=headers)
-                await client.aclose()
-                if response.status_code >= 400:
-                    await finish("upstream_error", None, response.status_code)
-                    return upstream_failed(response.status_code, response.text)
-                try:
-                    body = response.json()
-                    if not isinstance(body, dict):
-                        raise ValueError("not a JSON object")
-                except ValueError:
-                    await finish("upstream_error", None, response.status_code)
-                    return upstream_failed(response.status_code, response.text, " without a JSON object")
-                usage = body.get("usage") if isinstance(body.get("usage"), dict) else None
-                await finish("ok", usage, response.status_code)
-                body["model"] = llm
-                body["mixllm"] = {"llm": llm, "decision_id": decision_id, "model_version": version,
-                                  "attempts": attempt}
-                return JSONResponse(body, headers=mixllm_headers), False
-            upstream_request = client.build_request("POST", url, json=payload, headers=headers)
-            response = await client.send(upstream_request, stream=True)
-            if response.status_code >= 400:
-                text = (await response.aread()).decode(errors="replace")
-                await response.aclose()
-                await client.aclose()
-                await finish("upstream_error", None, response.status_code)
-                return upstream_failed(response.status_code, text)
-        except httpx.HTTPError as exc:
-            await client.aclose()
-            await finish("unreachable", None)
-            logger.warning("upstream for %s is unreachable (%s, attempt %d, decision %s)", llm, type(exc).__name__,
-                           attempt, decision_id)
-            return error(502, None, f"upstream for {llm} is unreachable ({type(exc).__name__})",
-                         {"x-mixllm-llm": llm}), True
-
-        async def relay() -> Any:
-            usage, complete = None, False
-            try:
-                async for line in response.aiter_lines():
-                    complete = complete or line.strip() == "data: [DONE]"
-                    if line.startswith("data: ") and line != "data: [DONE]":
-                        try:
-                            chunk = json.loads(line[6:])
-                        except json.JSONDecodeError:
-                            chunk = None
-                        if isinstance(chunk, dict):  # anything else is relayed untouched
-                            if isinstance(chunk.get("usage"), dict):
-                                usage = chunk["usage"]
-                            chunk["model"] = llm
-                            line = "data: " + json.dumps(chunk)
-                    yield line + "\n"
-                if not complete:  # the connection ended cleanly, but the answer did not ([DONE] never came)
-                    raise httpx.RemoteProtocolError("the stream ended without data: [DONE]")
-            except httpx.HTTPError as exc:
-                # After the first byte there is no failing over; the client must not take a cut
-                # answer for a whole one, so the stream ends with an error event.
-                await finish("dropped", None, response.status_code)
-                logger.warning("upstream for %s dropped the stream (%s, decision %s)", llm, type(exc).__name__,
-                               decision_id)
-                yield "data: " + json.dumps({"error": {"message": f"upstream for {llm} dropped the stream "
-                                                                  "before it was complete", "type": "upstream_error",
-                                                       "code": "upstream_dropped"}}) + "\n\n"
-            finally:
-                await response.aclose()
-                await client.aclose()
-                await finish("ok", usage, response.status_code)
-
-        return StreamingResponse(relay(), media_type="text/event-stream", headers=mixllm_headers), False
 
     async def _chat(self, request: ChatRequest, http_request: Any) -> Any:
         """POST /v1/chat/completions (the service's endpoint documents it): route or take the named
@@ -402,20 +204,3 @@ class ChatProxy:
             await anyio.to_thread.run_sync(self._remember_session, session, response.headers["x-mixllm-llm"])
             response.headers["x-mixllm-session"] = "kept" if sticky_llm == response.headers["x-mixllm-llm"] else "routed"
         return response
-
-    def _estimated_cost(self, llm: str, request: ChatRequest) -> float | None:
-        """A call's cost without usage: its messages' characters as input tokens, the default output."""
-        from mixllm.core.units import DEFAULT_OUTPUT_TOKENS, tokens_from_chars
-
-        chars = sum(len(str(message.content or "")) for message in request.messages)
-        return self._price(llm, tokens_from_chars(chars), DEFAULT_OUTPUT_TOKENS)
-
-    def _price(self, llm: str, tokens_in: float | None, tokens_out: float | None) -> float | None:
-        if tokens_in is None and tokens_out is None:
-            return None
-        entry = next((c for c in self.config.llms if c.name == llm), None)
-        if entry is None:
-            return None
-        from mixllm.core.units import call_cost_usd
-
-        return float(call_cost_usd(tokens_in or 0, tokens_out or 0, entry.input_usd_per_1k, entry.output_usd_per_1k))

@@ -38,7 +38,7 @@ class SpendPlan:
 
 class TenantBudgets:
     """Needs from the class it is mixed into: config, ledger (mixllm.io.ledger.TenantLedger), pacer
-    (mixllm.core.budgets.BudgetPacer) and _price (ChatProxy's); `_start_spend_records` at start."""
+    (mixllm.core.budgets.BudgetPacer) and _price (UpstreamCalls'); `_start_spend_records` at start."""
 
     _unwritten: list[dict[str, Any]]
     _unwritten_lock: threading.Lock
