@@ -31,16 +31,16 @@ def _mixllm(root, *args):
     return [sys.executable, "-m", "mixllm.cli", "--params", str(root / "params.yaml"), *args]
 
 
-def _timed_run(command, root) -> float:
+def _timed_run(command, root, **env) -> float:
     started = time.monotonic()
-    process = start(command, log_path=root / "crash.log", cwd=root, env=_env())
+    process = start(command, log_path=root / "crash.log", cwd=root, env=_env(**env))
     assert process.wait(timeout=600) == 0, (root / "crash.log").read_text()[-3000:]
     return time.monotonic() - started
 
 
-def _killed_after(command, root, delay_s: float) -> bool:
+def _killed_after(command, root, delay_s: float, **env) -> bool:
     """Run `command` and SIGKILL it after `delay_s`; True if it was still running (and so was killed)."""
-    process = start(command, log_path=root / "crash.log", cwd=root, env=_env())
+    process = start(command, log_path=root / "crash.log", cwd=root, env=_env(**env))
     try:
         process.wait(timeout=delay_s)
         return False
@@ -50,8 +50,8 @@ def _killed_after(command, root, delay_s: float) -> bool:
         return True
 
 
-def _env():
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "MIXLLM_ROUTERBENCH": ""}
+def _env(**extra):
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "MIXLLM_ROUTERBENCH": "", **extra}
 
 
 @pytest.fixture(scope="module")
@@ -125,6 +125,27 @@ def test_a_killed_registration_leaves_the_champion_and_a_rerun_registers(project
     router, number = registry.load_router("champion")
     assert number >= champion and router.route(["What is 2 plus 2?"])[0].llm in router.llms_
     _timed_run(command, project)
+
+
+def test_the_model_copies_of_a_killed_registration_are_removed_by_the_next(project, tmp_path):
+    """A registration killed while MLflow uploads the model cannot remove its copies of it (~110 MB
+    each: the calibrated router it logs, and MLflow's own temporary save of the model); the next
+    registration, in any process, removes them."""
+    scratch = tmp_path / "tmp"  # the runs' temporary folder
+    scratch.mkdir()
+    # The kill point, made exact: MLflow has saved the model to its temporary folder and starts the
+    # upload (mlflow.models.Model.log calls MlflowClient.log_model_artifacts).
+    script = ("import os, sys; import mlflow; "
+              "mlflow.MlflowClient.log_model_artifacts = lambda *args, **kwargs: os._exit(9); "
+              "from mixllm.cli.commands import app; app(['--params', sys.argv[1], 'pipeline', 'register'])")
+    process = start([sys.executable, "-c", script, str(project / "params.yaml")], log_path=project / "crash.log",
+                    cwd=project, env=_env(TMPDIR=str(scratch)))
+    assert process.wait(timeout=600) == 9, (project / "crash.log").read_text()[-3000:]
+    left_by_the_kill = sorted(p.name for p in scratch.iterdir() if any(p.rglob("MLmodel")))
+    assert left_by_the_kill, "the killed run left MLflow's save of the model behind"
+    _timed_run(_mixllm(project, "pipeline", "register"), project, TMPDIR=str(scratch))
+    left = [p.name for p in scratch.iterdir() if p.name.startswith("mixllm-register-") or any(p.rglob("MLmodel"))]
+    assert left == [], f"left by the killed run: {left_by_the_kill}; still there after the next run: {left}"
 
 
 def test_a_killed_continual_update_never_skips_feedback(project):

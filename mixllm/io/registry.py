@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from mixllm.config import MixLLMConfig
 from mixllm.core.errors import RegistryError
-from mixllm.io.model_downloads import download_folder
+from mixllm.io.scratch_folders import download_folder
 
 if TYPE_CHECKING:  # pandas is imported where a frame is made: a service start (logs, router, a route) never needs it
     import pandas as pd

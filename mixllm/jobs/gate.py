@@ -4,7 +4,6 @@ becomes champion only when it passes the sanity checks and is not worse than the
 from __future__ import annotations
 
 import logging
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ from mixllm.config import MixLLMConfig
 from mixllm.core.router import MixLLMRouter
 from mixllm.evaluation.baselines import query_frame
 from mixllm.evaluation.results import to_jsonable
+from mixllm.io.scratch_folders import registration_folder
 from mixllm.io.workspace import SplitData, Workspace
 from mixllm.jobs.report import EvaluationReport, evaluate_router, objective
 
@@ -167,9 +167,9 @@ def register_candidate(config: MixLLMConfig, router_dir: Path, report: Evaluatio
     }
     params = config.to_flat_dict()
     metrics = {**report.metrics, "gate.promoted": float(verdict.promote)}
-    with tempfile.TemporaryDirectory(prefix="mixllm-register-") as scratch:  # MLflow copies what it logs
+    with registration_folder() as scratch:  # MLflow copies what it logs
         run_id, version_number = registry.log_candidate(
-            MixLLMRouter.copy_with_calibrated_lambda(router_dir, report.calibration.lambda_, Path(scratch) / "router"), params=params,
+            MixLLMRouter.copy_with_calibrated_lambda(router_dir, report.calibration.lambda_, scratch / "router"), params=params,
             metrics=metrics, artifacts=list(artifacts), tags=tags, run_name=run_name,
             input_example=query_frame(split.holdout)["query"].head(2).str.slice(0, 300).tolist(),
         )

@@ -1,0 +1,92 @@
+"""The registry's temporary folders: where a version's router is downloaded, and where a
+registration copies the model it logs. Each is named after its process, so folders that a stopped
+process left behind (~110 MB each) can be told from those in use and removed.
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+DOWNLOAD_PREFIX = "mixllm-model-"
+REGISTRATION_PREFIX = "mixllm-register-"
+
+
+def download_folder() -> Path:
+    """A fresh temporary folder for one version's download, named after this process (see
+    remove_orphaned_downloads). A process that exits normally while a download is still in use (a
+    service stopped while it loads in a background thread) removes it on the way out."""
+    remove_orphaned_downloads()
+    _remove_own_downloads_at_exit()
+    return Path(tempfile.mkdtemp(prefix=f"{DOWNLOAD_PREFIX}{os.getpid()}-"))
+
+
+@functools.cache  # one exit hook per process
+def _remove_own_downloads_at_exit() -> None:
+    atexit.register(_remove_own_downloads, os.getpid())
+
+
+def _remove_own_downloads(pid: int) -> None:
+    if os.getpid() == pid:  # not in a forked child, whose parent may still use them
+        for folder in Path(tempfile.gettempdir()).glob(f"{DOWNLOAD_PREFIX}{pid}-*"):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+@contextmanager
+def registration_folder() -> Iterator[Path]:
+    """A temporary folder for one registration, named after this process, that also holds MLflow's
+    own temporary save of the model: `mlflow.pyfunc.log_model` saves the whole model (~110 MB) under
+    tempfile's folder and takes no other, so tempfile's folder is this one while the block runs.
+    A registration killed mid-way (kill -9, the OOM killer) left both in /tmp, unnamed; now the
+    next registration in any process removes them (remove_orphaned_downloads).
+
+    tempfile's folder is process-wide: a temporary file another thread makes during the block
+    lands here and is removed with it. Registration is the last step of a training run, with no
+    other work of the run beside it."""
+    remove_orphaned_downloads(prefix=REGISTRATION_PREFIX)
+    folder = Path(tempfile.mkdtemp(prefix=f"{REGISTRATION_PREFIX}{os.getpid()}-"))
+    before = tempfile.tempdir
+    tempfile.tempdir = str(folder)
+    try:
+        yield folder
+    finally:
+        tempfile.tempdir = before
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def remove_orphaned_downloads(parent: Path | None = None, prefix: str = DOWNLOAD_PREFIX) -> list[Path]:
+    """Remove the downloads (or, with REGISTRATION_PREFIX, the registration folders) of processes
+    that are gone. `load_router` deletes its download once the router is in memory, but a process
+    stopped while it loads (kill -9, the OOM killer, a service stopped during start-up or a hot
+    reload) cannot: each such stop left ~110 MB in the temporary folder. A folder is removed only
+    when the pid in its name no longer runs; folders without one (made before pids were recorded)
+    are left to the user, as their owner cannot be told."""
+    removed = []
+    for folder in Path(parent or tempfile.gettempdir()).glob(f"{prefix}*-*"):
+        pid_text = folder.name[len(prefix):].split("-", 1)[0]
+        if not folder.is_dir() or not pid_text.isdigit() or _process_runs(int(pid_text)):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    if removed:
+        logger.info("removed %d temporary folder(s) (%s*) left by stopped processes", len(removed), prefix)
+    return removed
+
+
+def _process_runs(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
