@@ -140,6 +140,39 @@ def test_spend_that_cannot_be_written_is_kept_and_stops_the_tenants_calls_until_
     assert gateway.ledger.spent_since("t", {"day": datetime(2000, 1, 1, tzinfo=timezone.utc)}) == {"day": 0.25}
 
 
+def test_a_failed_over_call_whose_decision_was_not_completed_teaches_the_llm_that_answered(tmp_path):
+    """The proxy failed over from the policy's choice (a) to b, and the database refused both the
+    decision's completion and the call's spend record. Once the record is written (the next call,
+    the journal's replay, or the next feedback), the decision names the LLM that answered: feedback
+    on it teaches b, not a, and the policy's choice stays in chosen_llm for off-policy evaluation."""
+    from mixllm.core.errors import StoreBusyError
+
+    path = tmp_path / "log.db"
+    config = config_from_dict({"llms": [{"name": name, "input_usd_per_1k": 1, "output_usd_per_1k": 1}
+                                        for name in ("a", "b")]}, root=tmp_path)
+    gateway = _gateway(config, path)
+    store = gateway.ledger.store
+    decision_id = store.log_decision("a question", "a", model_version=1, lambda_=1.0)
+    locker = sqlite3.connect(path, timeout=5, isolation_level=None)
+    locker.execute("BEGIN IMMEDIATE")
+    try:
+        gateway._record_call(None, "b", 0.1, False, decision_id=decision_id, model_version=1,
+                             reference_cost_usd=1.0, router_ms=2.0, attempts=2)  # kept, not written
+        with pytest.raises(StoreBusyError):
+            store.complete_decision(decision_id, cost_usd=0.1, latency_s=1.0, llm="b")
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
+    assert store.decision(decision_id)["llm"] == "a"
+    gateway._flush_spend()
+    decision = store.decision(decision_id)
+    assert (decision["llm"], decision["chosen_llm"]) == ("b", "a")
+    assert store.add_feedback(quality=1.0, decision_id=decision_id).llm == "b"
+    gateway._record_call(None, "b", 0.1, False, decision_id=decision_id, model_version=1,
+                         reference_cost_usd=1.0, router_ms=2.0, attempts=2)  # the same answer, again
+    assert store.decision(decision_id)["chosen_llm"] == "a", "the policy's choice is kept once"
+
+
 def test_past_max_unwritten_calls_every_caller_waits_until_the_records_are_written(tmp_path):
     """Memory is not the ledger: with too many call records waiting, callers without a budget get
     503s too, and nothing is dropped."""

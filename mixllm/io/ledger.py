@@ -23,8 +23,8 @@ from sqlalchemy.exc import IntegrityError
 from mixllm.config import TenantConfig
 from mixllm.core.budgets import BudgetStanding, period_bounds, standings
 from mixllm.core.errors import MixLLMError
-from mixllm.io.store import InteractionLog, utcnow
-from mixllm.io.store_schema import feedback, metadata
+from mixllm.io.store import InteractionLog, answered_by, utcnow
+from mixllm.io.store_schema import decisions, feedback, metadata
 
 if TYPE_CHECKING:  # pandas is imported where a frame is made: a service start (logs, router, a route) never needs it
     import pandas as pd
@@ -144,13 +144,19 @@ class TenantLedger:
                     reference_cost_usd: float | None = None, router_ms: float | None = None, attempts: int = 1,
                     at: datetime | None = None, record_id: str | None = None) -> bool:
         """Store one answered call; raises StoreBusyError when the database does not take it. A
-        record_id already stored (a journal replay, a retried commit) is not stored again: False."""
+        record_id already stored (a journal replay, a retried commit) is not stored again: False.
+        The call's decision, in the same transaction, names the LLM that answered: the proxy also
+        completes the decision, but that write is not kept when the database refuses it, and this
+        record is (in the spend journal), so feedback never teaches an LLM that did not answer."""
         try:
             with self.store.writing() as connection:
                 connection.execute(calls.insert().values(
                     tenant=tenant, llm=llm, cost_usd=float(cost_usd), estimated=bool(estimated), decision_id=decision_id,
                     model_version=model_version, reference_cost_usd=reference_cost_usd, router_ms=router_ms,
                     attempts=int(attempts), created_at=at or utcnow(), record_id=record_id))
+                if decision_id:
+                    connection.execute(decisions.update().where(decisions.c.decision_id == decision_id,
+                                                                decisions.c.llm != llm).values(**answered_by(llm)))
         except IntegrityError:
             if record_id is None or not self._stored(record_id):
                 raise

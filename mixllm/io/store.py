@@ -62,6 +62,14 @@ class StoredFeedback:
     latency_measured: bool = False  # the decision's call was timed by the service itself (the proxy)
 
 
+def answered_by(llm: str) -> dict[str, Any]:
+    """The decision's columns when `llm` wrote the answer: llm takes it, and chosen_llm keeps the
+    policy's choice the first time they differ (SET reads the row as it was)."""
+    return {"chosen_llm": sa.case((sa.and_(decisions.c.chosen_llm.is_(None), decisions.c.llm != llm), decisions.c.llm),
+                                  else_=decisions.c.chosen_llm),
+            "llm": llm}
+
+
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
@@ -208,11 +216,7 @@ class InteractionLog:
         its LLM): feedback on the decision then teaches the LLM that wrote the answer, and the
         policy's own choice moves to chosen_llm (the first time only)."""
         values: dict[str, Any] = {"cost_usd": cost_usd, "latency_s": latency_s, "input_tokens": input_tokens,
-                                  "output_tokens": output_tokens}
-        if llm:  # SET reads the row as it was: chosen_llm keeps the policy's choice, llm takes the answer's
-            values["chosen_llm"] = sa.case((sa.and_(decisions.c.chosen_llm.is_(None), decisions.c.llm != llm),
-                                            decisions.c.llm), else_=decisions.c.chosen_llm)
-            values["llm"] = llm
+                                  "output_tokens": output_tokens, **(answered_by(llm) if llm else {})}
         with self.writing() as connection:
             connection.execute(decisions.update().where(decisions.c.decision_id == decision_id).values(**values))
 

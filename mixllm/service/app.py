@@ -256,6 +256,10 @@ class MixLLMService(ModelLifecycle, RouteDecisions, ChatProxy, TenantBudgets, Se
         if kind == "binary" and quality not in (0.0, 1.0):
             return error(400, "quality", "binary feedback must be 0 or 1 (or send thumbs)")
         try:
+            if request.decision_id:
+                # Call records the database refused carry the LLM that answered their decisions
+                # (the proxy may have failed over): written first, this feedback teaches that LLM.
+                self._flush_spend()
             stored = self.store.add_feedback(
                 quality=quality, kind=kind, decision_id=request.decision_id, request_id=request.request_id,
                 query=request.query, llm=request.llm, cost_usd=request.cost_usd, latency_s=request.latency_s,
