@@ -443,6 +443,8 @@ def test_bearer_auth_remembers_the_tenant_keys_it_accepted(monkeypatch):
     assert not tenant_keys.seen_valid(b"Bearer key-of-acme")
     assert status("key-of-acme") == 200 and tenant_keys.seen_valid(b"Bearer key-of-acme")
     assert status("made-up") == 401 and not tenant_keys.seen_valid(b"Bearer made-up")
+    tenant_keys.lookup = {}.get  # the key is revoked: it shares the made-up keys' bucket again
+    assert status("key-of-acme") == 401 and not tenant_keys.seen_valid(b"Bearer key-of-acme")
 
     def key_store_down(key):
         from mixllm.core.errors import StoreBusyError

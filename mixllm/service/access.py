@@ -38,6 +38,10 @@ class TenantKeys:
         if len(self._seen_valid) > self.max_remembered:
             del self._seen_valid[next(iter(self._seen_valid))]
 
+    def forget(self, authorization: bytes) -> None:
+        """A key that no longer checks out (revoked): its client shares the made-up keys' bucket again."""
+        self._seen_valid.pop(_client_digest(authorization), None)
+
     def seen_valid(self, authorization: bytes) -> bool:
         return _client_digest(authorization) in self._seen_valid
 
@@ -96,6 +100,7 @@ class BearerAuth:
                 return await reject(send, 503, "the API key cannot be checked now (the decision log is unreachable); "
                                                 "retry shortly", headers={"Retry-After": "1"})
             if tenant is None:
+                self.tenant_keys.forget(header.encode("latin-1"))
                 return await reject(send, 401, "unknown or revoked API key (header: Authorization: Bearer <key>; "
                                                 "`mixllm keys list` shows the active keys)", field="Authorization")
             self.tenant_keys.remember_valid(header.encode("latin-1"))
