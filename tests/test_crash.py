@@ -101,7 +101,7 @@ def test_a_killed_import_stores_all_of_the_file_or_nothing(project, tmp_path):
     assert len(load_interactions(config)) - before == len(big)
 
 
-def test_a_killed_registration_leaves_the_champion_and_a_rerun_registers(project):
+def test_a_killed_registration_leaves_the_champion_and_a_rerun_registers(project, tmp_path):
     config = load_config(project / "params.yaml")
     registry = Registry(config)
     champion = registry.alias_version("champion")
@@ -124,17 +124,12 @@ def test_a_killed_registration_leaves_the_champion_and_a_rerun_registers(project
     assert killed, "at least one registration was killed mid-way"
     router, number = registry.load_router("champion")
     assert number >= champion and router.route(["What is 2 plus 2?"])[0].llm in router.llms_
-    _timed_run(command, project)
-
-
-def test_the_model_copies_of_a_killed_registration_are_removed_by_the_next(project, tmp_path):
-    """A registration killed while MLflow uploads the model cannot remove its copies of it (~110 MB
-    each: the calibrated router it logs, and MLflow's own temporary save of the model); the next
-    registration, in any process, removes them."""
-    scratch = tmp_path / "tmp"  # the runs' temporary folder
+    # One more kill at an exact point, in a temporary folder of the test's own: MLflow has saved the
+    # model to its temporary folder and starts the upload (Model.log calls MlflowClient.log_model_artifacts).
+    # The killed run cannot remove its copies of the model (~110 MB each: the calibrated router it
+    # logs, and MLflow's save); the rerun, in another process, removes them.
+    scratch = tmp_path / "tmp"
     scratch.mkdir()
-    # The kill point, made exact: MLflow has saved the model to its temporary folder and starts the
-    # upload (mlflow.models.Model.log calls MlflowClient.log_model_artifacts).
     script = ("import os, sys; import mlflow; "
               "mlflow.MlflowClient.log_model_artifacts = lambda *args, **kwargs: os._exit(9); "
               "from mixllm.cli.commands import app; app(['--params', sys.argv[1], 'pipeline', 'register'])")
@@ -143,9 +138,9 @@ def test_the_model_copies_of_a_killed_registration_are_removed_by_the_next(proje
     assert process.wait(timeout=600) == 9, (project / "crash.log").read_text()[-3000:]
     left_by_the_kill = sorted(p.name for p in scratch.iterdir() if any(p.rglob("MLmodel")))
     assert left_by_the_kill, "the killed run left MLflow's save of the model behind"
-    _timed_run(_mixllm(project, "pipeline", "register"), project, TMPDIR=str(scratch))
+    _timed_run(command, project, TMPDIR=str(scratch))
     left = [p.name for p in scratch.iterdir() if p.name.startswith("mixllm-register-") or any(p.rglob("MLmodel"))]
-    assert left == [], f"left by the killed run: {left_by_the_kill}; still there after the next run: {left}"
+    assert left == [], f"left by the killed run: {left_by_the_kill}; still there after the rerun: {left}"
 
 
 def test_a_killed_continual_update_never_skips_feedback(project):
