@@ -23,9 +23,9 @@ REGISTRATION_PREFIX = "mixllm-register-"
 
 def download_folder() -> Path:
     """A fresh temporary folder for one version's download, named after this process (see
-    remove_orphaned_downloads). A process that exits normally while a download is still in use (a
+    remove_orphaned_folders). A process that exits normally while a download is still in use (a
     service stopped while it loads in a background thread) removes it on the way out."""
-    remove_orphaned_downloads()
+    remove_orphaned_folders()
     _remove_own_downloads_at_exit()
     return Path(tempfile.mkdtemp(prefix=f"{DOWNLOAD_PREFIX}{os.getpid()}-"))
 
@@ -47,12 +47,12 @@ def registration_folder() -> Iterator[Path]:
     own temporary save of the model: `mlflow.pyfunc.log_model` saves the whole model (~110 MB) under
     tempfile's folder and takes no other, so tempfile's folder is this one while the block runs.
     A registration killed mid-way (kill -9, the OOM killer) left both in /tmp, unnamed; now the
-    next registration in any process removes them (remove_orphaned_downloads).
+    next registration in any process removes them (remove_orphaned_folders).
 
     tempfile's folder is process-wide: a temporary file another thread makes during the block
     lands here and is removed with it. Registration is the last step of a training run, with no
     other work of the run beside it."""
-    remove_orphaned_downloads(prefix=REGISTRATION_PREFIX)
+    remove_orphaned_folders(prefix=REGISTRATION_PREFIX)
     folder = Path(tempfile.mkdtemp(prefix=f"{REGISTRATION_PREFIX}{os.getpid()}-"))
     before = tempfile.tempdir
     tempfile.tempdir = str(folder)
@@ -63,9 +63,9 @@ def registration_folder() -> Iterator[Path]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def remove_orphaned_downloads(parent: Path | None = None, prefix: str = DOWNLOAD_PREFIX) -> list[Path]:
-    """Remove the downloads (or, with REGISTRATION_PREFIX, the registration folders) of processes
-    that are gone. `load_router` deletes its download once the router is in memory, but a process
+def remove_orphaned_folders(parent: Path | None = None, prefix: str = DOWNLOAD_PREFIX) -> list[Path]:
+    """Remove the folders named `prefix`<pid>-* (downloads by default, or registration folders) of
+    processes that are gone. `load_router` deletes its download once the router is in memory, but a process
     stopped while it loads (kill -9, the OOM killer, a service stopped during start-up or a hot
     reload) cannot: each such stop left ~110 MB in the temporary folder. A folder is removed only
     when the pid in its name no longer runs; folders without one (made before pids were recorded)
