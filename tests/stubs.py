@@ -14,7 +14,7 @@ class UpstreamStub:
     `behaviour[model]` makes it fail for that model: "500" or "429" (that status), "close" (the
     connection is closed with no answer), "slow" (answers after `slow_s`), "drop" (a stream that
     breaks after its first chunk), "cut" (a stream that ends cleanly after its first chunk, without
-    `data: [DONE]`)."""
+    `data: [DONE]`), "trickle" (a whole stream, one chunk every 0.25 s for about 3 s)."""
 
     def __init__(self, slow_s: float = 10.0) -> None:
         self.requests: list[dict] = []
@@ -89,7 +89,10 @@ class UpstreamStub:
                 self.send_response(200)
                 self.send_header("Content-Type", "text/event-stream")
                 self.end_headers()
-                for i, word in enumerate(text.split(" ")):
+                words = text.split(" ") * (4 if behaviour == "trickle" else 1)
+                for i, word in enumerate(words):
+                    if behaviour == "trickle":
+                        time.sleep(0.25)
                     chunk = {"id": "c1", "object": "chat.completion.chunk", "created": 0, "model": model,
                              "choices": [{"index": 0, "delta": {"content": word + " "}, "finish_reason": None}]}
                     self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())

@@ -1099,6 +1099,36 @@ def test_a_stream_dropped_midway_ends_with_an_error_not_silently(service, upstre
         _close_breakers(base, upstream)
 
 
+def test_a_client_that_hangs_up_mid_stream_still_has_its_call_recorded(service, upstream):
+    """The upstream was paid for the stream the client walked away from: the call's spend record and
+    its attempt are written all the same (the accounting is shielded from the cancellation)."""
+    from mixllm.io.ledger import TenantLedger
+
+    base, config = service["base"], service["config"]
+    store = InteractionLog(config.sqlalchemy_url(config.service.feedback_store_url))
+    ledger = TenantLedger(store)
+    before = len(ledger.calls_frame())
+    upstream.behaviour["upstream-coder"] = "trickle"
+    try:
+        body = {"model": "mixllm:0", "stream": True, "candidates": ["coder"],
+                "messages": [{"role": "user", "content": QUERY}]}
+        with httpx.stream("POST", f"{base}/v1/chat/completions", headers=AUTH, json=body, timeout=30) as response:
+            assert response.status_code == 200 and response.headers["x-mixllm-llm"] == "coder"
+            decision_id = response.headers["x-mixllm-decision-id"]
+            assert next(response.iter_lines()).startswith("data: ")  # one chunk, then the client hangs up
+        deadline = time.monotonic() + 15  # the upstream still trickles; the service notices and accounts
+        while len(calls := ledger.calls_frame()) == before and time.monotonic() < deadline:
+            time.sleep(0.2)
+        new = calls.iloc[before:]
+        assert list(new["llm"]) == ["coder"] and list(new["decision_id"]) == [decision_id], new
+        while not AttemptLog(store).of_decision(decision_id) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert [a["llm"] for a in AttemptLog(store).of_decision(decision_id)] == ["coder"]
+    finally:
+        store.dispose()
+        upstream.behaviour.pop("upstream-coder", None)
+
+
 def test_tenant_keys_budgets_and_allowed_llms(service, upstream):
     """Through the openai client: tenant keys (hashed, revocable), a spent budget answered with a 429
     naming it or sent to the cheapest LLM, pacing on a live budget, spend from the upstream's usage,
