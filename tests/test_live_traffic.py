@@ -36,6 +36,23 @@ def test_one_absurd_latency_cannot_pin_an_llm():
     assert load.snapshot().observed_latency_s["gpt"] == 2.0
 
 
+def test_one_client_cannot_steer_an_llms_latency_with_its_reports():
+    """A tenant that pairs /route with /feedback can report any plausible latency for the LLM its
+    decisions chose. Its reports hold at most `max_client_share` of that LLM's window (a new one
+    replaces its own oldest), so however many it sends, the median stays among honest values."""
+    load = LiveLoad(max_age_s=60, window=21, max_client_share=0.25)
+    for _ in range(21):
+        load.finish("", latency_s=1.0, llm="gpt")  # the proxy's own measurements
+    for _ in range(500):
+        load.observe_latency("gpt", 600.0, client="tenant:mallory")
+    assert load.snapshot().observed_latency_s["gpt"] == 1.0
+    assert sum(1 for _, client in load._latencies["gpt"] if client == "tenant:mallory") == 5
+    for _ in range(5):  # another client's reports are its own
+        load.observe_latency("gpt", 2.0, client="tenant:alice")
+    assert sum(1 for _, client in load._latencies["gpt"] if client == "tenant:alice") == 5
+    assert load.snapshot().observed_latency_s["gpt"] == 1.0
+
+
 def test_unreported_calls_expire_after_their_own_lifetime():
     load = LiveLoad(max_age_s=60)
     load.start("quick", "small", expires_after_s=0.0)

@@ -46,6 +46,15 @@ class TenantKeys:
         return _client_digest(authorization) in self._seen_valid
 
 
+def reporting_client(request: Any) -> str:
+    """Who sent a request, for capping what one client's reports may weigh (the latency a /feedback
+    reports): its tenant (BearerAuth has checked the key), else its address."""
+    tenant = request.headers.get(TENANT_HEADER.decode())
+    if tenant:
+        return f"tenant:{tenant}"
+    return "ip:" + (request.client.host if request.client else "unknown")
+
+
 def _client_digest(authorization: bytes) -> str:
     return hashlib.sha256(authorization).hexdigest()[:16]
 

@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException
 
 from mixllm.core.errors import StoreBusyError
 from mixllm.service import header_deadline
-from mixllm.service.access import BearerAuth, ClientRateLimit, TenantKeys
+from mixllm.service.access import BearerAuth, ClientRateLimit, TenantKeys, reporting_client
 from mixllm.service.api_models import (
     PROXY_SPENDS_KEYS,
     ROUTABLE,
@@ -152,7 +152,8 @@ class MixLLMService(ModelLifecycle, RouteDecisions, ChatProxy, TenantBudgets, Se
         TENANT_KEYS.enabled, TENANT_KEYS.lookup = bool(self.config.budgets.tenants), self._tenant_of_key
         UNAVAILABLE.explain = self._why_unavailable
         self.load = LiveLoad(max_age_s=self.config.service.in_flight_max_age_s,
-                             window=self.config.service.latency_window)
+                             window=self.config.service.latency_window,
+                             max_client_share=self.config.service.latency_client_share)
         self.metrics = ServiceMetrics()
         failover = self.config.service.failover
         self.breakers = CircuitBreakers(failover.breaker_failures, failover.breaker_window_s,
@@ -233,9 +234,16 @@ class MixLLMService(ModelLifecycle, RouteDecisions, ChatProxy, TenantBudgets, Se
     # --------------------------------------------------------------------------------- feedback
 
     @bentoml.api(route="/feedback")
-    def feedback(self, request: FeedbackRequest, /) -> FeedbackResponse:
+    def feedback(self, request: FeedbackRequest, /, ctx: bentoml.Context) -> FeedbackResponse:
         """Store feedback durably (answers after the commit); a retry with the same decision_id or
         request_id is recognised and stores nothing new."""
+        answer = self._store_feedback(request, reporting_client(ctx.request))
+        if isinstance(answer, JSONResponse):  # BentoML answers with the context's status, whatever is returned
+            ctx.response.status_code = answer.status_code
+        return answer
+
+    def _store_feedback(self, request: FeedbackRequest, client: str) -> Any:
+        """POST /feedback's work; `client` (access.reporting_client) is who reported it."""
         from mixllm.core.errors import MixLLMError
         from mixllm.io.store import UnknownDecisionError
         from mixllm.io.validation import implausible_values
@@ -274,9 +282,10 @@ class MixLLMService(ModelLifecycle, RouteDecisions, ChatProxy, TenantBudgets, Se
             self.metrics.feedback.labels(kind=kind).inc()
             # A measured call (bounded by data.limits above) of a decision this service made and did
             # not time itself (the proxy's own measurement is counted already): a bare query + llm
-            # report costs nothing to send, and a few dozen would move the median.
+            # report costs nothing to send, and a few dozen would move the median. One client's
+            # reports hold at most service.latency_client_share of the LLM's window.
             if request.latency_s is not None and request.decision_id and not stored.latency_measured:
-                self.load.observe_latency(stored.llm, request.latency_s)
+                self.load.observe_latency(stored.llm, request.latency_s, client=client)
         return FeedbackResponse(feedback_id=stored.feedback_id, created=stored.created)
 
     # ------------------------------------------------------------------------------------ info

@@ -9,6 +9,9 @@ the estimate.
 Observed latency is the median of each LLM's last `window` measurements: a mean would let one
 absurd report (latency_s: 1e300) pin an LLM's penalty for thousands of normal ones, while a median
 needs half the window to move. Failed calls are not measurements (the proxy does not report them).
+Half the window is still within one client's reach (a tenant pairing /route with /feedback), so a
+client's reports hold at most `max_client_share` of an LLM's window: its next one replaces its own
+oldest, and the median stays among the others' values.
 """
 
 from __future__ import annotations
@@ -25,13 +28,16 @@ from mixllm.core.decision import LoadSnapshot
 class LiveLoad:
     """Thread-safe in-flight counts and robust latency estimates per LLM."""
 
-    def __init__(self, max_age_s: float = 120.0, window: int = 51, max_tracked: int = 100_000):
+    def __init__(self, max_age_s: float = 120.0, window: int = 51, max_tracked: int = 100_000,
+                 max_client_share: float = 0.25):
         self.max_age_s = max_age_s
         self.window = window
         self.max_tracked = max_tracked
+        self.max_client_share = max_client_share
         self._lock = threading.Lock()
         self._open: OrderedDict[str, tuple[str, float]] = OrderedDict()  # id -> (llm, expires at)
-        self._latencies: dict[str, deque[float]] = {}
+        # Per LLM: (latency, the client that reported it; None for the proxy's own measurements).
+        self._latencies: dict[str, deque[tuple[float, str | None]]] = {}
 
     def start(self, call_id: str, llm: str, expires_after_s: float | None = None) -> None:
         """Count a call as in flight until it is finished, or for at most `expires_after_s`
@@ -43,7 +49,8 @@ class LiveLoad:
             while len(self._open) > self.max_tracked:
                 self._open.popitem(last=False)
 
-    def finish(self, call_id: str, latency_s: float | None = None, llm: str | None = None) -> None:
+    def finish(self, call_id: str, latency_s: float | None = None, llm: str | None = None,
+               client: str | None = None) -> None:
         with self._lock:
             started = self._open.pop(call_id, None)
             name = llm or (started[0] if started else None)
@@ -51,11 +58,18 @@ class LiveLoad:
                 return
             # Only a measured latency counts: time since the decision is not one when the
             # feedback comes from a person minutes later.
-            if latency_s is not None and math.isfinite(latency_s) and latency_s >= 0:
-                self._latencies.setdefault(name, deque(maxlen=self.window)).append(float(latency_s))
+            if latency_s is None or not math.isfinite(latency_s) or latency_s < 0:
+                return
+            window = self._latencies.setdefault(name, deque(maxlen=self.window))
+            if client is not None:
+                own = [i for i, (_, source) in enumerate(window) if source == client]
+                if len(own) >= max(1, int(self.max_client_share * self.window)):
+                    del window[own[0]]
+            window.append((float(latency_s), client))
 
-    def observe_latency(self, llm: str, latency_s: float) -> None:
-        self.finish(call_id="", latency_s=latency_s, llm=llm)
+    def observe_latency(self, llm: str, latency_s: float, client: str | None = None) -> None:
+        """A latency reported from outside (with /feedback), by `client`: capped per client."""
+        self.finish(call_id="", latency_s=latency_s, llm=llm, client=client)
 
     def snapshot(self) -> LoadSnapshot:
         now = time.monotonic()
@@ -66,5 +80,5 @@ class LiveLoad:
             in_flight: dict[str, int] = {}
             for llm, _ in self._open.values():
                 in_flight[llm] = in_flight.get(llm, 0) + 1
-            observed = {llm: statistics.median(values) for llm, values in self._latencies.items()}
+            observed = {llm: statistics.median(value for value, _ in values) for llm, values in self._latencies.items()}
             return LoadSnapshot(in_flight=in_flight, observed_latency_s=observed)
