@@ -128,6 +128,38 @@ def test_a_faster_backend_that_wins_validation_by_noise_does_not_pass_for_free()
     assert bounds["onnx"] > 0.015 and bounds["static"] < 0.0
 
 
+def test_backend_speeds_are_the_fastest_of_interleaved_rounds_so_a_busy_moment_does_not_pick():
+    """The speed that ranks the backends is each one's fastest of several rounds, taken in turn:
+    a single timing let a moment of load on the machine (another job, a test beside it) decide
+    which backend a router serves (a leaderboard run picked fp32 over int8 that way)."""
+    from mixllm.jobs.backend_choice import backend_speeds
+
+    class Clock:
+        now = 0.0
+
+        def __call__(self):
+            return self.now
+
+    clock = Clock()
+
+    class Router:
+        def __init__(self, ms_per_query, busy_calls=()):
+            self.ms_per_query, self.busy_calls, self.calls = ms_per_query, set(busy_calls), 0
+
+        def route(self, texts):
+            self.calls += 1
+            slowdown = 5.0 if self.calls in self.busy_calls else 1.0  # the machine was busy for this call
+            clock.now += slowdown * self.ms_per_query * len(texts) / 1000
+
+    # int8 is faster, but its first timed pass (call 2: call 1 is the warm-up) ran while the machine was busy.
+    routers = {"onnx": Router(30.0), "onnx-int8": Router(20.0, busy_calls={2})}
+    speeds = backend_speeds(routers, ["a query"] * 40, rounds=3, sample=32, clock=clock)
+    assert speeds == {"onnx": pytest.approx(30.0), "onnx-int8": pytest.approx(20.0)}
+    single = backend_speeds({"onnx": Router(30.0), "onnx-int8": Router(20.0, busy_calls={2})}, ["a query"] * 40,
+                            rounds=1, sample=32, clock=clock)
+    assert single["onnx-int8"] > single["onnx"], "one round is at the mercy of the moment"
+
+
 @pytest.mark.slow
 def test_choose_backend_takes_the_faster_one_only_within_the_allowed_loss(static_encoder):
     config = small_config(embedding__max_aiq_loss=0.003, evaluation__bootstrap_resamples=200)

@@ -155,6 +155,10 @@ class EmbeddingConfig(StrictModel):
     # 256 on validation and did worse on two holdouts (benchmarks/RESULTS.md, "Why these defaults").
     static_dims: int = Field(default=256, ge=8, le=1024)
     max_aiq_loss: float = Field(default=0.003, ge=0)
+    # How auto times the candidates: each one's fastest of this many rounds of this many validation
+    # queries, taken in turn (one timing each let a busy moment pick the backend).
+    backend_timing_rounds: int = Field(default=3, ge=1)
+    backend_timing_queries: int = Field(default=32, ge=1)
     fine_tune: FineTuneConfig = FineTuneConfig()
 
     @field_validator("auto_backends")
