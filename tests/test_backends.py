@@ -333,7 +333,7 @@ def test_changing_an_inference_setting_keeps_the_fine_tuned_encoder_and_refits_t
     # (embedding.max_seq_length is one too, but the tags read up to 128 of its tokens, so it reaches the
     # encoder through them)
     for setting, value in (("batch_size", 4), ("backend", "static"), ("quantize", "int8"), ("static_dims", 32),
-                           ("max_aiq_loss", 0.01)):
+                           ("max_aiq_loss", 0.01), ("backend_timing_rounds", 1), ("backend_timing_queries", 8)):
         keys = stage_keys(small_config(**{f"embedding__{setting}": value}))
         assert keys["encoder"] == base["encoder"], f"embedding.{setting} re-fine-tunes the encoder"
         assert keys["predictors"] != base["predictors"], f"embedding.{setting} does not reach the router"

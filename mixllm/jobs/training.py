@@ -243,7 +243,8 @@ STAGES: tuple[Stage, ...] = (
           # (the bootstrap settings: embedding.backend auto compares the backends' validation AIQ,
           # which no budget or quality target changes)
           params=(*(f"embedding.{name}" for name in INFERENCE_SETTINGS), "embedding.auto_backends",
-                  "embedding.max_aiq_loss", "features",
+                  "embedding.max_aiq_loss", "embedding.backend_timing_rounds", "embedding.backend_timing_queries",
+                  "features",
                   "domains", "predictors", "decision", "llms", "evaluation.bootstrap_resamples",
                   "evaluation.confidence_level", "evaluation.seed")),
     Stage("evaluate", stage_evaluate, "evaluate the router and the baselines on the holdout",
