@@ -164,10 +164,18 @@ def test_a_failed_over_call_whose_decision_was_not_completed_teaches_the_llm_tha
         locker.execute("ROLLBACK")
         locker.close()
     assert store.decision(decision_id)["llm"] == "a"
-    gateway._flush_spend()
+    gateway._write_spend_of("another decision")  # nothing waiting of that one: nothing written
+    assert len(gateway._unwritten) == 1
+    gateway._write_spend_of(decision_id)  # as /feedback on it does first
     decision = store.decision(decision_id)
     assert (decision["llm"], decision["chosen_llm"]) == ("b", "a")
     assert store.add_feedback(quality=1.0, decision_id=decision_id).llm == "b"
+    # Feedback that came before the record was written is put right when it is.
+    early = store.log_decision("another question", "a", model_version=1, lambda_=1.0)
+    assert store.add_feedback(quality=0.0, decision_id=early).llm == "a"
+    gateway._record_call(None, "b", 0.1, False, decision_id=early, model_version=1,
+                         reference_cost_usd=1.0, router_ms=2.0, attempts=2)
+    assert [row["llm"] for row in store.feedback_of(early)] == ["b"]
     gateway._record_call(None, "b", 0.1, False, decision_id=decision_id, model_version=1,
                          reference_cost_usd=1.0, router_ms=2.0, attempts=2)  # the same answer, again
     assert store.decision(decision_id)["chosen_llm"] == "a", "the policy's choice is kept once"

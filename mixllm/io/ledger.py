@@ -145,9 +145,11 @@ class TenantLedger:
                     at: datetime | None = None, record_id: str | None = None) -> bool:
         """Store one answered call; raises StoreBusyError when the database does not take it. A
         record_id already stored (a journal replay, a retried commit) is not stored again: False.
-        The call's decision, in the same transaction, names the LLM that answered: the proxy also
-        completes the decision, but that write is not kept when the database refuses it, and this
-        record is (in the spend journal), so feedback never teaches an LLM that did not answer."""
+        The call's decision and any feedback already stored on it, in the same transaction, name the
+        LLM that answered: the proxy also completes the decision, but that write is not kept when the
+        database refuses it, and this record is (in the spend journal). Once the record is written,
+        feedback on the decision teaches the LLM that answered (continual learning that read the
+        feedback before then learned it for the policy's choice)."""
         try:
             with self.store.writing() as connection:
                 connection.execute(calls.insert().values(
@@ -157,6 +159,8 @@ class TenantLedger:
                 if decision_id:
                     connection.execute(decisions.update().where(decisions.c.decision_id == decision_id,
                                                                 decisions.c.llm != llm).values(**answered_by(llm)))
+                    connection.execute(feedback.update().where(feedback.c.decision_id == decision_id,
+                                                               feedback.c.llm != llm).values(llm=llm))
         except IntegrityError:
             if record_id is None or not self._stored(record_id):
                 raise

@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException
 
 from mixllm.core.errors import StoreBusyError
 from mixllm.service import header_deadline
-from mixllm.service.access import BearerAuth, ClientRateLimit, TenantKeys, reporting_client
+from mixllm.service.access import BearerAuth, ClientRateLimit, TenantKeys, reporting_tenant
 from mixllm.service.api_models import (
     PROXY_SPENDS_KEYS,
     ROUTABLE,
@@ -237,13 +237,13 @@ class MixLLMService(ModelLifecycle, RouteDecisions, ChatProxy, TenantBudgets, Se
     def feedback(self, request: FeedbackRequest, /, ctx: bentoml.Context) -> FeedbackResponse:
         """Store feedback durably (answers after the commit); a retry with the same decision_id or
         request_id is recognised and stores nothing new."""
-        answer = self._store_feedback(request, reporting_client(ctx.request))
+        answer = self._store_feedback(request, reporting_tenant(ctx.request))
         if isinstance(answer, JSONResponse):  # BentoML answers with the context's status, whatever is returned
             ctx.response.status_code = answer.status_code
         return answer
 
-    def _store_feedback(self, request: FeedbackRequest, client: str) -> Any:
-        """POST /feedback's work; `client` (access.reporting_client) is who reported it."""
+    def _store_feedback(self, request: FeedbackRequest, tenant: str | None) -> Any:
+        """POST /feedback's work; `tenant` (access.reporting_tenant) reported it, or the admin token."""
         from mixllm.core.errors import MixLLMError
         from mixllm.io.store import UnknownDecisionError
         from mixllm.io.validation import implausible_values
@@ -265,9 +265,9 @@ class MixLLMService(ModelLifecycle, RouteDecisions, ChatProxy, TenantBudgets, Se
             return error(400, "quality", "binary feedback must be 0 or 1 (or send thumbs)")
         try:
             if request.decision_id:
-                # Call records the database refused carry the LLM that answered their decisions
-                # (the proxy may have failed over): written first, this feedback teaches that LLM.
-                self._flush_spend()
+                # A call record the database refused carries the LLM that answered this decision
+                # (the proxy may have failed over): written first, this feedback names that LLM.
+                self._write_spend_of(request.decision_id)
             stored = self.store.add_feedback(
                 quality=quality, kind=kind, decision_id=request.decision_id, request_id=request.request_id,
                 query=request.query, llm=request.llm, cost_usd=request.cost_usd, latency_s=request.latency_s,
@@ -282,10 +282,11 @@ class MixLLMService(ModelLifecycle, RouteDecisions, ChatProxy, TenantBudgets, Se
             self.metrics.feedback.labels(kind=kind).inc()
             # A measured call (bounded by data.limits above) of a decision this service made and did
             # not time itself (the proxy's own measurement is counted already): a bare query + llm
-            # report costs nothing to send, and a few dozen would move the median. One client's
-            # reports hold at most service.latency_client_share of the LLM's window.
+            # report costs nothing to send, and a few dozen would move the median.
+            # A tenant's reports hold at most service.latency_client_share of the LLM's window.
             if request.latency_s is not None and request.decision_id and not stored.latency_measured:
-                self.load.observe_latency(stored.llm, request.latency_s, client=client)
+                self.load.observe_latency(stored.llm, request.latency_s,
+                                          client=f"tenant:{tenant}" if tenant else None)
         return FeedbackResponse(feedback_id=stored.feedback_id, created=stored.created)
 
     # ------------------------------------------------------------------------------------ info

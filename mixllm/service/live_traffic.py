@@ -9,9 +9,10 @@ the estimate.
 Observed latency is the median of each LLM's last `window` measurements: a mean would let one
 absurd report (latency_s: 1e300) pin an LLM's penalty for thousands of normal ones, while a median
 needs half the window to move. Failed calls are not measurements (the proxy does not report them).
-Half the window is still within one client's reach (a tenant pairing /route with /feedback), so a
-client's reports hold at most `max_client_share` of an LLM's window: its next one replaces its own
-oldest, and the median stays among the others' values.
+Half the window is still within one tenant's reach (pairing /route with /feedback), so a tenant's
+reports hold at most `max_client_share` of an LLM's window: its next one replaces its own oldest.
+While other sources (the proxy, the admin token's reports, other tenants) fill the rest, one tenant
+cannot move the median out of their values.
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ class LiveLoad:
             window.append((float(latency_s), client))
 
     def observe_latency(self, llm: str, latency_s: float, client: str | None = None) -> None:
-        """A latency reported from outside (with /feedback), by `client`: capped per client."""
+        """A latency reported from outside (with /feedback), by `client` (a tenant: capped; None: not)."""
         self.finish(call_id="", latency_s=latency_s, llm=llm, client=client)
 
     def snapshot(self) -> LoadSnapshot:

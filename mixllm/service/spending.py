@@ -148,6 +148,21 @@ class TenantBudgets:
             logger.error("call record (tenant %s, %s) %s, not yet written (%s); %d waiting. Calls of budgeted "
                          "tenants get 503 until it is written", record["tenant"], llm, kept, exc, len(self._unwritten))
 
+    def _write_spend_of(self, decision_id: str) -> None:
+        """Write the waiting call records if one of them is this decision's (its record names the LLM
+        that answered); raises StoreBusyError if the database refuses. Anything else is logged: the
+        record stays waiting, and the feedback is stored all the same."""
+        with self._unwritten_lock:
+            waiting = any(record["decision_id"] == decision_id for record in self._unwritten)
+        if not waiting:
+            return
+        try:
+            self._flush_spend()
+        except StoreBusyError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the record waits for the next flush; feedback goes on
+            logger.warning("call records not written before feedback on decision %s: %s", decision_id, exc)
+
     def _flush_spend(self) -> None:
         """Write the call records waiting (oldest first), those a previous run left in the journal
         included; raises if the database refuses. Journaled ones leave the journal once written."""
