@@ -106,7 +106,9 @@ def test_a_killed_registration_leaves_the_champion_and_a_rerun_registers(project
     registry = Registry(config)
     champion = registry.alias_version("champion")
     command = _mixllm(project, "pipeline", "register")
-    duration = _timed_run(command, project)
+    scratch = tmp_path / "tmp"  # the runs' temporary folder: what a killed run leaves stays in the test's
+    scratch.mkdir()
+    duration = _timed_run(command, project, TMPDIR=str(scratch))
     versions = {v.version for v in registry.versions()}
     killed = 0
     # Late in the run first (mid-way through logging to MLflow; each run costs ~10 s). A run can
@@ -114,7 +116,7 @@ def test_a_killed_registration_leaves_the_champion_and_a_rerun_registers(project
     # next, earlier point is tried: one kill is the point of the test.
     for share in sorted(KILL_AT, reverse=True):
         before = registry.alias_version("champion")
-        if _killed_after(command, project, share * duration):
+        if _killed_after(command, project, share * duration, TMPDIR=str(scratch)):
             killed += 1
             after = registry.alias_version("champion")
             newest = max(v.version for v in registry.versions())
@@ -124,12 +126,10 @@ def test_a_killed_registration_leaves_the_champion_and_a_rerun_registers(project
     assert killed, "at least one registration was killed mid-way"
     router, number = registry.load_router("champion")
     assert number >= champion and router.route(["What is 2 plus 2?"])[0].llm in router.llms_
-    # One more kill at an exact point, in a temporary folder of the test's own: MLflow has saved the
+    # One more kill at an exact point: MLflow has saved the
     # model to its temporary folder and starts the upload (Model.log calls MlflowClient.log_model_artifacts).
     # The killed run cannot remove its copies of the model (~110 MB each: the calibrated router it
-    # logs, and MLflow's save); the rerun, in another process, removes them.
-    scratch = tmp_path / "tmp"
-    scratch.mkdir()
+    # logs, and MLflow's save); the rerun, in another process, removes them (and the random kill's).
     script = ("import os, sys; import mlflow; "
               "mlflow.MlflowClient.log_model_artifacts = lambda *args, **kwargs: os._exit(9); "
               "from mixllm.cli.commands import app; app(['--params', sys.argv[1], 'pipeline', 'register'])")
@@ -137,7 +137,7 @@ def test_a_killed_registration_leaves_the_champion_and_a_rerun_registers(project
                     cwd=project, env=_env(TMPDIR=str(scratch)))
     assert process.wait(timeout=600) == 9, (project / "crash.log").read_text()[-3000:]
     left_by_the_kill = sorted(p.name for p in scratch.iterdir() if any(p.rglob("MLmodel")))
-    assert left_by_the_kill, "the killed run left MLflow's save of the model behind"
+    assert left_by_the_kill, "the killed runs left MLflow's save of the model behind"
     _timed_run(command, project, TMPDIR=str(scratch))
     left = [p.name for p in scratch.iterdir() if p.name.startswith("mixllm-register-") or any(p.rglob("MLmodel"))]
     assert left == [], f"left by the killed run: {left_by_the_kill}; still there after the rerun: {left}"
