@@ -75,7 +75,9 @@ def run_dataset(name: str, entry: Any, data_path: Path, work: Path) -> dict[str,
             points, _ = exact_sweep(predictions, outcomes, reference, router.cost_scale_usd_)
             row = RouterCurve(variant, points, 0.0).summary(reference, budget, target)
             curves[variant] = {"aiq": row["aiq"], "quality_at_budget_pct": row["quality_at_budget_pct"]}
-        cost_error = np.abs(np.log(predicted.cost_usd) - np.log(outcomes.cost_usd)).mean(axis=0)
+        priced = (predicted.cost_usd > 0) & (outcomes.cost_usd > 0)  # a free call has no log error
+        log_error = np.abs(np.log(np.where(priced, predicted.cost_usd, 1.0)) - np.log(np.where(priced, outcomes.cost_usd, 1.0)))
+        cost_error = np.nanmean(np.where(priced, log_error, np.nan), axis=0)
         sources = queries["source"].to_numpy() if "source" in queries else np.full(len(queries), "all")
         tfidf_quality = tfidf.predict(queries).quality
         result[part] = {"queries": len(queries), "curves": curves,
