@@ -51,11 +51,10 @@ def decision_command(decision_id: Annotated[str, typer.Argument(help="The id /ro
     """One logged decision: the query, the LLM the policy chose and the one that answered, its
     probability, each candidate's predicted quality, cost and score (while kept), every upstream call
     the proxy made for it, and its feedback."""
-    import json
-
     from mixllm.core.errors import DataError
     from mixllm.io.attempts import AttemptLog
     from mixllm.io.store import existing_log
+    from mixllm.io.store_schema import decision_details
 
     config = state.config()
     store = existing_log(config.sqlalchemy_url(config.service.feedback_store_url))
@@ -70,15 +69,14 @@ def decision_command(decision_id: Annotated[str, typer.Argument(help="The id /ro
     typer.echo(f"  query: {decision['query'][:200]!r}{' ...' if len(decision['query']) > 200 else ''}")
     if decision["cost_usd"] is not None or decision["latency_s"] is not None:
         typer.echo(f"  call: ${decision['cost_usd']} in {decision['latency_s']} s")
-    details = json.loads(decision["candidates"]) if decision["candidates"] else {}
-    candidates = details if isinstance(details, list) else details.get("candidates", [])  # a list: logged before notes
+    details = decision_details(decision["candidates"])
     if not decision["candidates"]:
         typer.echo("  candidates: not kept (older than service.decision_detail_days)")
-    for c in sorted(candidates, key=lambda c: -float(c.get("score", float("-inf")))):
+    for c in sorted(details["candidates"], key=lambda c: -float(c.get("score", float("-inf")))):
         typer.echo(f"  candidate {c.get('llm', '?'):28s} quality {c.get('quality', float('nan')):.3f}  cost "
                    f"${c.get('cost_usd', float('nan')):.6f}  score {c.get('score', float('nan')):.4f}  probability "
                    f"{c.get('probability', 0.0):.3f}{'' if c.get('eligible', True) else '  (not eligible)'}")
-    for note in details.get("notes", []) if isinstance(details, dict) else []:
+    for note in details["notes"]:
         typer.echo(f"  note: {note}")
     for call in AttemptLog(store).of_decision(decision_id):
         status = f" HTTP {call['status_code']}" if call["status_code"] is not None else ""

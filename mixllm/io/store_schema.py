@@ -4,6 +4,7 @@ migration there has been so far: adding the nullable columns an older log lacks.
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -65,6 +66,17 @@ watermarks = sa.Table(
     sa.Column("value", sa.Integer, nullable=False),
     sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
 )
+
+
+def decision_details(candidates_column: str | None) -> dict[str, Any]:
+    """A logged decision's `candidates` column read back: {"candidates": [...], "relaxed": [...],
+    "notes": [...]}; empty when compaction dropped it. Decisions logged before relaxed and notes were
+    kept hold a bare list of candidates."""
+    details = json.loads(candidates_column) if candidates_column else {}
+    if isinstance(details, list):
+        details = {"candidates": details}
+    return {"candidates": list(details.get("candidates", [])), "relaxed": list(details.get("relaxed", [])),
+            "notes": list(details.get("notes", []))}
 
 
 def add_missing_columns(connection: Any, tables: list[sa.Table] | None) -> None:

@@ -7,7 +7,6 @@ errors carry the field in detail[0].loc instead.
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Annotated, Any, Literal, Optional
 
@@ -263,15 +262,14 @@ def decision_details(decision: Any) -> dict[str, Any]:
 
 def stored_response(stored: dict[str, Any]) -> RouteResponse:
     """The response a request_id got the first time, rebuilt from its logged decision."""
-    details = json.loads(stored["candidates"]) if stored.get("candidates") else {}
-    if isinstance(details, list):  # decisions logged before relaxed and notes were kept
-        details = {"candidates": details}
-    candidates = details.get("candidates", [])
+    from mixllm.io.store_schema import decision_details as logged  # here: only a retried request needs it
+
+    details = logged(stored.get("candidates"))
     return RouteResponse(
         llm=stored["llm"], decision_id=stored["decision_id"], model_version=int(stored["model_version"] or 0),
         lambda_=float(stored["lambda_"] if stored["lambda_"] is not None else 0.0),
-        relaxed=list(details.get("relaxed", [])), notes=list(details.get("notes", [])),
-        candidates=[_candidate(c, chosen=stored["llm"]) for c in candidates])
+        relaxed=details["relaxed"], notes=details["notes"],
+        candidates=[_candidate(c, chosen=stored["llm"]) for c in details["candidates"]])
 
 
 def message_text(message: ChatMessage) -> str | None:
