@@ -73,8 +73,9 @@ def write_params(root, complete: bool = False, **sections) -> Path:
             for name, price in PRICE_PER_1K.items()
         ],
         "split": {"validation_fraction": 0.2, "holdout_fraction": 0.25, "seed": 3},
-        # torch: "auto" distils a static encoder too (~8 s); tests of it ask for it
-        "embedding": {"max_seq_length": 32, "batch_size": 32, "backend": "torch",
+        # onnx: the transformer as the shipped "auto" serves it, torch-free where it routes (a service
+        # starts seconds sooner); "auto" would also distil a static encoder (~8 s): tests of it ask for it
+        "embedding": {"max_seq_length": 32, "batch_size": 32, "backend": "onnx",
                       "fine_tune": {"enabled": False, "max_triplets": 64, "batch_size": 8}},
         "tags": {"n_clusters": 3, "min_df": 1, "top_k": 3},
         "features": {"tfidf": {"svd_components": 16, "min_df": 1}},

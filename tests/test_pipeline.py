@@ -163,7 +163,26 @@ def test_a_download_left_by_a_killed_process_is_removed_by_the_next_load(project
     registry = Registry(_config(project))
     router, number = registry.load_router("champion")
     assert number == registry.alias_version("champion") and router.llms_
-    assert sorted(downloads.iterdir()) == [unrelated]
+    own = [p for p in downloads.iterdir() if p not in (orphan, unrelated)]
+    assert orphan not in list(downloads.iterdir()) and unrelated in list(downloads.iterdir())
+    # The champion's encoder is onnx (the tests' default, as the shipped auto's choice): it reads its
+    # transformer from the download on demand, so the download stays while the router lives. Saving
+    # it (continual learning does, after the update) copies the transformer from there, torch unloaded.
+    assert router.encoder_.backend == "onnx" and router.encoder_.loads_transformer_on_demand and len(own) == 1
+    from mixllm.core.router import MixLLMRouter
+
+    router.save(tmp_path / "saved")
+    assert router.encoder_.loads_transformer_on_demand, "saving did not load the transformer"
+    queries = make_log(9, seed=5)["query"].unique().tolist()
+    reloaded = MixLLMRouter.load(tmp_path / "saved", progress=False)
+    assert [d.to_dict() for d in reloaded.route(queries)] == [d.to_dict() for d in router.route(queries)]
+    assert reloaded.encoder_.with_settings(backend="torch").transform(queries).shape[0] == len(queries), \
+        "the saved copy holds the transformer itself"
+    import gc
+
+    del router
+    gc.collect()
+    assert sorted(downloads.iterdir()) == [unrelated], "the download goes with the router that read it"
 
 
 def _feedback(config, n=12, seed=0):

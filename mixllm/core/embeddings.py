@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 import sys
 import warnings
 from collections.abc import Sequence
@@ -111,6 +112,22 @@ class QueryEncoder(BaseEstimator):
     def model_(self, model: Any) -> None:
         self._model = model
 
+    @property
+    def loads_transformer_on_demand(self) -> bool:
+        """True for an onnx or static encoder loaded from a folder: the transformer's weights stay on
+        disk until something needs them (saving, a torch or re-distilled copy), so the folder must stay."""
+        return getattr(self, "_model", None) is None and getattr(self, "_model_folder", None) is not None
+
+    def keep_folder_with(self, keeper: Any) -> None:
+        """Keep `keeper` alive as long as this encoder, or a copy sharing its transformer, may read the
+        folder it was loaded from: the registry hands over a downloaded folder this way, and the folder
+        is removed when the last encoder that can read it is gone (mixllm.io.scratch_folders.FolderLease)."""
+        self._folder_keeper = keeper
+
+    def _share_transformer(self, other: QueryEncoder) -> None:
+        other._model, other._model_folder = getattr(self, "_model", None), getattr(self, "_model_folder", None)
+        other._folder_keeper = getattr(self, "_folder_keeper", None)
+
     def with_settings(self, **changes: Any) -> QueryEncoder:
         """This fitted encoder with other inference settings (INFERENCE_SETTINGS: the backend, the
         batch size, int8, the token window, the static dimensions); the fine-tuned weights are the
@@ -131,7 +148,7 @@ class QueryEncoder(BaseEstimator):
             # The same graph (or, for int8, the fp32 graph quantised): a new session only when the
             # graph or the tokenizer's window differs, and the transformer stays unloaded.
             graph = self.onnx_
-            other._model, other._model_folder = getattr(self, "_model", None), getattr(self, "_model_folder", None)
+            self._share_transformer(other)
             same_window = (graph.max_seq_length, graph.truncation_side) == (other.max_seq_length, other.truncation_side)
             if other.quantize != self.quantize:
                 logger.info("quantising the encoder's ONNX graph (%s)", other.quantize)
@@ -146,7 +163,7 @@ class QueryEncoder(BaseEstimator):
         if other.backend == self.backend == "static" and other.static_dims == self.static_dims:
             # The same vectors: no second distillation, and the transformer (which a static encoder
             # reads its window from no more) stays unloaded until someone asks for it.
-            other._model, other._model_folder = getattr(self, "_model", None), getattr(self, "_model_folder", None)
+            self._share_transformer(other)
             other.static_, other.dim_ = self.static_, self.dim_
             other.fingerprint_ = other._fingerprint()
             return other
@@ -278,7 +295,12 @@ class QueryEncoder(BaseEstimator):
     def save(self, folder: Path | str) -> None:
         self._check_fitted()
         folder = Path(folder)
-        self.model_.save(str(folder))
+        if self.loads_transformer_on_demand:  # its files as loaded: no torch, no model in memory
+            if Path(self._model_folder).resolve() != folder.resolve():
+                shutil.copytree(self._model_folder, folder, dirs_exist_ok=True,
+                                ignore=shutil.ignore_patterns("onnx", "static", "mixllm_encoder.json"))
+        else:
+            self.model_.save(str(folder))
         if self.backend == "static":
             self.static_.save_pretrained(str(folder / "static"))
         if self.backend == "onnx":

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from mixllm.config import MixLLMConfig
 from mixllm.core.errors import RegistryError
-from mixllm.io.scratch_folders import download_folder
+from mixllm.io.scratch_folders import FolderLease, download_folder
 
 if TYPE_CHECKING:  # pandas is imported where a frame is made: a service start (logs, router, a route) never needs it
     import pandas as pd
@@ -378,18 +378,25 @@ class Registry:
     def load_router(self, alias_or_version: str | int = CHAMPION,
                     keep: Callable[[Path, int], None] | None = None) -> tuple[Any, int]:
         """The router of a version (or alias) in memory, and the version number. `keep(folder,
-        version)`, when given, may copy the downloaded router folder before it is deleted (the
-        service's served copy)."""
+        version)`, when given, may copy the downloaded router folder (the service's served copy).
+        The download is deleted at once, or, for an encoder that reads its transformer from it on
+        demand (onnx, static), when that encoder is gone."""
         from mixllm.core.router import MixLLMRouter
 
         folder, number = self.download_router(alias_or_version)
+        download = folder.parent.parent
         try:
             router = MixLLMRouter.load(folder, progress=False)
             if keep is not None:
                 keep(folder, number)
-            return router, number
-        finally:
-            shutil.rmtree(folder.parent.parent, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(download, ignore_errors=True)
+            raise
+        if router.encoder_.loads_transformer_on_demand:  # it reads the download later: removed with it
+            router.encoder_.keep_folder_with(FolderLease(download))
+        else:
+            shutil.rmtree(download, ignore_errors=True)
+        return router, number
 
 
 def _is_number(value: Any) -> bool:

@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import tempfile
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,6 +29,23 @@ def download_folder() -> Path:
     remove_orphaned_folders()
     _remove_own_downloads_at_exit()
     return Path(tempfile.mkdtemp(prefix=f"{DOWNLOAD_PREFIX}{os.getpid()}-"))
+
+
+class FolderLease:
+    """A downloaded folder that stays while something holds this object and is removed when nothing
+    does (garbage collection, or the process's exit). An onnx or static router loaded from the
+    registry reads its transformer from its download on demand (to save it, say, after continual
+    learning): its encoder holds the lease, and copies of the encoder share it."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._remove = weakref.finalize(self, shutil.rmtree, str(self.path), True)
+
+    def __deepcopy__(self, memo: dict[int, object]) -> FolderLease:
+        return self  # one folder, removed once: a deep copy of a router shares it
+
+    def __reduce__(self) -> tuple[type, tuple[str]]:
+        return Path, (str(self.path),)  # a pickled copy (another process) names the folder, never removes it
 
 
 @functools.cache  # one exit hook per process
