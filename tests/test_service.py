@@ -321,10 +321,20 @@ def test_one_callers_bad_batch_fails_only_its_own_call(service):
             assert "gpt-99" not in text and "private text" not in text
 
 
-def test_while_the_model_loads_routes_answer_503_and_feedback_is_still_checked(service):
-    """A second replica on the same project, asked from its first answer until it is ready."""
+def test_while_the_model_loads_routes_answer_503_and_feedback_is_still_checked(service, tmp_path):
+    """A second replica on the same project, asked from its first answer until it is ready. Its first
+    model takes 3 s longer to load than it would (a sitecustomize of the test's own wraps the router's
+    load), so the replica is asked while loading however fast the machine loads a model."""
+    slow_load = tmp_path / "slow_load"
+    slow_load.mkdir()
+    (slow_load / "sitecustomize.py").write_text(
+        "import time\nfrom mixllm.core.router import MixLLMRouter\n_load, _first = MixLLMRouter.load.__func__, [1]\n"
+        "def load(cls, *args, **kwargs):\n    if _first:\n        _first.pop()\n        time.sleep(3)\n"
+        "    return _load(cls, *args, **kwargs)\nMixLLMRouter.load = classmethod(load)\n")
     port = free_port()
-    process = serve(service["root"], port, log_name="replica.log", extra_env={"MIXLLM_API_TOKEN": TOKEN})
+    python_path = os.pathsep.join(filter(None, [str(slow_load), os.environ.get("PYTHONPATH")]))
+    process = serve(service["root"], port, log_name="replica.log",
+                    extra_env={"MIXLLM_API_TOKEN": TOKEN, "PYTHONPATH": python_path})
     base = f"http://127.0.0.1:{port}"
     seen = {"route": [], "feedback": [], "batch": []}
     try:
@@ -348,7 +358,12 @@ def test_while_the_model_loads_routes_answer_503_and_feedback_is_still_checked(s
     for response in seen["route"] + seen["batch"]:
         assert response.status_code in (200, 503), response.text
         assert response.status_code == 200 or "not ready" in response.text
-    assert seen["route"][-1].status_code == 200
+    for endpoint in ("route", "batch"):
+        codes = [r.status_code for r in seen[endpoint]]
+        assert 503 in codes and codes[-1] == 200, f"{endpoint}: 503 while loading, then 200: {codes}"
+        assert all(r.headers.get("retry-after") for r in seen[endpoint] if r.status_code == 503)
+    log = (service["root"] / "replica.log").read_text(errors="replace")
+    assert "Traceback" not in log, "a 503 while loading is an answer, not an error to log with a traceback"
     assert all(r.status_code == 400 and "gpt-99" in r.text for r in seen["feedback"]), \
         "an unknown LLM is refused while loading too"
 

@@ -42,6 +42,7 @@ from mixllm.service.api_models import (
 from mixllm.service.circuit import CircuitBreakers
 from mixllm.service.decisions import RouteDecisions
 from mixllm.service.middleware import (
+    AnswerNotReady,
     BodyLimit,
     OpenAIErrors,
     OpenAPIContract,
@@ -62,7 +63,7 @@ os.environ.setdefault("BENTOML_CONTAINERIZED", "true")
 
 logger = logging.getLogger("bentoml.mixllm")  # bentoml serve shows "bentoml.*" loggers
 TENANT_KEYS = TenantKeys()  # filled in when the service starts; read by BearerAuth and ClientRateLimit
-UNAVAILABLE = UnavailableReason()  # set when the service starts; read by RetryAfterOnUnavailable
+UNAVAILABLE = UnavailableReason()  # set when the service starts; read by RetryAfterOnUnavailable and AnswerNotReady
 
 
 # ------------------------------------------------------------------------------------- service
@@ -150,7 +151,7 @@ class MixLLMService(ModelLifecycle, RouteDecisions, ChatProxy, TenantBudgets, Se
         self.sessions = SessionLog(self.store, ttl_s=self.config.session.ttl_s)
         self.attempts = AttemptLog(self.store, background=True)
         TENANT_KEYS.enabled, TENANT_KEYS.lookup = bool(self.config.budgets.tenants), self._tenant_of_key
-        UNAVAILABLE.explain = self._why_unavailable
+        UNAVAILABLE.explain, UNAVAILABLE.not_ready = self._why_unavailable, self._not_ready_reason
         self.load = LiveLoad(max_age_s=self.config.service.in_flight_max_age_s,
                              window=self.config.service.latency_window,
                              max_client_share=self.config.service.latency_client_share)
@@ -373,6 +374,7 @@ MixLLMService.add_asgi_middleware(ClientRateLimit, rate_per_s=SETTINGS.client_ra
 MixLLMService.add_asgi_middleware(BearerAuth, token_env=SETTINGS.auth_token_env,
                                   protect_route=SETTINGS.require_token_for_route, protect_proxy=PROXY_SPENDS_KEYS,
                                   tenant_keys=TENANT_KEYS)
+MixLLMService.add_asgi_middleware(AnswerNotReady, reason=UNAVAILABLE)  # /route_batch's 503 while loading, unlogged
 # Below the middleware: a request's headers must be complete before any middleware sees it, so the
 # deadline for them is the HTTP server's (uvicorn's protocol class, set before BentoML starts it).
 header_deadline.install(SETTINGS.header_read_timeout_s)

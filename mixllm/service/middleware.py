@@ -158,11 +158,33 @@ BENTOML_GENERIC_ERROR = b"An unexpected error has occurred, please check the ser
 
 
 class UnavailableReason:
-    """Why the service answers 503 now (the service sets `explain` when it starts): what
-    RetryAfterOnUnavailable puts in place of BentoML's generic text."""
+    """Why the service answers 503 now (the service sets both when it starts): `explain`, what
+    RetryAfterOnUnavailable puts in place of BentoML's generic text; `not_ready`, why no model serves
+    yet (None once one does), which AnswerNotReady answers with."""
 
     def __init__(self) -> None:
         self.explain: Any = None  # () -> str
+        self.not_ready: Any = None  # () -> str | None
+
+
+class AnswerNotReady:
+    """ASGI middleware, the innermost: a batched endpoint (/route_batch) called while no model is
+    loaded gets its 503 here. Raised inside BentoML's batched call the 503 reached the client too,
+    but BentoML logged every one as an error with a traceback: dozens at each start and reload,
+    burying real errors. /route answers its own 503 (it is not batched) and never comes here."""
+
+    def __init__(self, app: Any, reason: UnavailableReason, paths: tuple[str, ...] = ("/route_batch",)):
+        self.app, self.reason, self.paths = app, reason, paths
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        why = (self.reason.not_ready() if scope["type"] == "http" and scope["path"] in self.paths
+               and self.reason.not_ready is not None else None)
+        if why is None:
+            return await self.app(scope, receive, send)
+        body = json.dumps({"error": why}).encode()
+        await send({"type": "http.response.start", "status": 503,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
 
 
 class RetryAfterOnUnavailable:

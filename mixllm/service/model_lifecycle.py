@@ -231,7 +231,9 @@ class ModelLifecycle:
         return ("the decision log is busy (another writer holds its lock) or unreachable, or the service is "
                 "overloaded; nothing was logged, retry shortly")
 
+    def _not_ready_reason(self) -> str | None:
+        return None if self.model is not None else f"not ready: {self.loading_reason}; retry in a few seconds"
+
     def _not_ready(self) -> JSONResponse | None:
-        if self.model is not None:
-            return None
-        return error(503, None, f"not ready: {self.loading_reason}; retry in a few seconds", {"Retry-After": "2"})
+        reason = self._not_ready_reason()
+        return None if reason is None else error(503, None, reason, {"Retry-After": "2"})
