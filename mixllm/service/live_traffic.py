@@ -23,14 +23,18 @@ import threading
 import time
 from collections import OrderedDict, deque
 
+from mixllm.config.operations import ServiceConfig
 from mixllm.core.decision import LoadSnapshot
+
+_DEFAULTS = ServiceConfig.model_fields  # the settings' one home; the service passes its config's values
 
 
 class LiveLoad:
     """Thread-safe in-flight counts and robust latency estimates per LLM."""
 
-    def __init__(self, max_age_s: float = 120.0, window: int = 51, max_tracked: int = 100_000,
-                 max_client_share: float = 0.25):
+    def __init__(self, max_age_s: float = _DEFAULTS["in_flight_max_age_s"].default,
+                 window: int = _DEFAULTS["latency_window"].default, max_tracked: int = 100_000,
+                 max_client_share: float = _DEFAULTS["latency_client_share"].default):
         self.max_age_s = max_age_s
         self.window = window
         self.max_tracked = max_tracked
