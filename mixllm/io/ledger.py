@@ -21,6 +21,7 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 
 from mixllm.config import TenantConfig
+from mixllm.config.operations import BudgetsConfig
 from mixllm.core.budgets import BudgetStanding, period_bounds, standings
 from mixllm.core.errors import MixLLMError
 from mixllm.io.store import InteractionLog, answered_by, utcnow
@@ -76,7 +77,7 @@ def key_hash(key: str) -> str:
 class TenantLedger:
     """API keys and spend records on an InteractionLog's database."""
 
-    def __init__(self, store: InteractionLog, key_cache_s: float = 5.0):
+    def __init__(self, store: InteractionLog, key_cache_s: float = BudgetsConfig.model_fields["key_cache_s"].default):
         self.store = store
         self.key_cache_s = key_cache_s
         store.create_schema([api_keys, calls])

@@ -13,6 +13,10 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from mixllm.config.operations import FailoverConfig
+
+_DEFAULTS = FailoverConfig.model_fields  # the settings' one home; the service passes its config's values
+
 
 @dataclass
 class _Breaker:
@@ -22,7 +26,9 @@ class _Breaker:
 
 
 class CircuitBreakers:
-    def __init__(self, failures: int = 3, window_s: float = 60.0, cooldown_s: float = 30.0,
+    def __init__(self, failures: int = _DEFAULTS["breaker_failures"].default,
+                 window_s: float = _DEFAULTS["breaker_window_s"].default,
+                 cooldown_s: float = _DEFAULTS["breaker_cooldown_s"].default,
                  clock: Callable[[], float] = time.monotonic) -> None:
         if failures < 1 or window_s <= 0 or cooldown_s <= 0:
             raise ValueError("failures must be >= 1, window_s and cooldown_s > 0")
