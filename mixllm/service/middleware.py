@@ -182,9 +182,9 @@ class AnswerNotReady:
         self.app, self.reason, self.paths = app, reason, paths
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        why = (self.reason.not_ready() if scope["type"] == "http" and scope["path"] in self.paths
-               and self.reason.not_ready is not None else None)
-        if why is None:
+        batched = scope["type"] == "http" and scope["path"] in self.paths
+        why = self.reason.not_ready() if batched and self.reason.not_ready is not None else None
+        if why is None:  # a model serves (or another path): BentoML's endpoint answers
             return await self.app(scope, receive, send)
         body = json.dumps({"error": why}).encode()
         await send({"type": "http.response.start", "status": 503,
