@@ -54,7 +54,7 @@ def decision_command(decision_id: Annotated[str, typer.Argument(help="The id /ro
     from mixllm.core.errors import DataError
     from mixllm.io.attempts import AttemptLog
     from mixllm.io.store import existing_log
-    from mixllm.io.store_schema import decision_details
+    from mixllm.io.store_schema import logged_decision_details
 
     config = state.config()
     store = existing_log(config.sqlalchemy_url(config.service.feedback_store_url))
@@ -69,7 +69,7 @@ def decision_command(decision_id: Annotated[str, typer.Argument(help="The id /ro
     typer.echo(f"  query: {decision['query'][:200]!r}{' ...' if len(decision['query']) > 200 else ''}")
     if decision["cost_usd"] is not None or decision["latency_s"] is not None:
         typer.echo(f"  call: ${decision['cost_usd']} in {decision['latency_s']} s")
-    details = decision_details(decision["candidates"])
+    details = logged_decision_details(decision["candidates"])
     if not decision["candidates"]:
         typer.echo("  candidates: not kept (older than service.decision_detail_days)")
     for c in sorted(details["candidates"], key=lambda c: -float(c.get("score", float("-inf")))):

@@ -68,7 +68,7 @@ watermarks = sa.Table(
 )
 
 
-def decision_details(candidates_column: str | None) -> dict[str, Any]:
+def logged_decision_details(candidates_column: str | None) -> dict[str, Any]:
     """A logged decision's `candidates` column read back: {"candidates": [...], "relaxed": [...],
     "notes": [...]}; empty when compaction dropped it. Decisions logged before relaxed and notes were
     kept hold a bare list of candidates."""

@@ -262,9 +262,9 @@ def decision_details(decision: Any) -> dict[str, Any]:
 
 def stored_response(stored: dict[str, Any]) -> RouteResponse:
     """The response a request_id got the first time, rebuilt from its logged decision."""
-    from mixllm.io.store_schema import decision_details as logged  # here: only a retried request needs it
+    from mixllm.io.store_schema import logged_decision_details  # here: only a retried request needs it
 
-    details = logged(stored.get("candidates"))
+    details = logged_decision_details(stored.get("candidates"))
     return RouteResponse(
         llm=stored["llm"], decision_id=stored["decision_id"], model_version=int(stored["model_version"] or 0),
         lambda_=float(stored["lambda_"] if stored["lambda_"] is not None else 0.0),
