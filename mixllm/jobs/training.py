@@ -180,7 +180,7 @@ def run_training(config: MixLLMConfig, *, progress: bool | None = None, register
     workspace = Workspace.of(config)
     run_stages(config, ["split"])
     split = load_split(config)
-    train_router(config, split, progress)
+    run_stages(config, ROUTER_STAGES, split, progress)  # router/ on disk: evaluation and registration load it
     router_dir, replay = stage_replay(config, progress)
     report = stage_evaluate(config, split, progress, baselines=baselines, router_dir=router_dir)
     record_stage(config, "evaluate")
