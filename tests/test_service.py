@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -18,6 +19,7 @@ from mixllm.cli.processes import free_port, port_in_use, start, stop, wait_http
 from mixllm.config import load_config
 from mixllm.io.data import ingest
 from mixllm.io.registry import Registry
+from mixllm.io.scratch_folders import DOWNLOAD_PREFIX
 from mixllm.io.attempts import AttemptLog
 from mixllm.io.store import InteractionLog
 from mixllm.jobs.training import run_training
@@ -76,7 +78,7 @@ def service(tmp_path_factory, upstream):
     write_params(root, llms=_llms(upstream.base_url), service={"poll_interval_s": 1, "max_query_chars": 2000,
                                                              "client_rate_per_s": 10_000, "client_burst": 100_000,
                                                              "body_read_timeout_s": 2, "header_read_timeout_s": 2,
-                                                             "failover": {"breaker_failures": 2, "breaker_cooldown_s": 4}},
+                                                             "failover": {"breaker_failures": 2, "breaker_cooldown_s": 2}},
                  gate={"max_overhead_ms": 5000}, budgets={"tenants": TENANTS, "key_cache_s": 0},
                  drift={"interval_s": 1, "min_queries": 10, "permutations": 50})
     params = load_config(root / "params.yaml").model_dump(mode="json", by_alias=True, exclude_defaults=True)
@@ -885,6 +887,7 @@ def test_a_restart_serves_its_local_copy_at_once_then_the_version_the_registry_n
     copy.commit(staged[0], other, registry.version_identity(other))
     assert copy.version() == other
 
+    downloads_before = set(Path(tempfile.gettempdir()).glob(f"{DOWNLOAD_PREFIX}*"))
     port = free_port()
     process = serve(root, port, log_name="planted.log",
                     extra_env={"MIXLLM_PARAMS": str(root / "params-planted.yaml"), "MIXLLM_API_TOKEN": TOKEN})
@@ -899,8 +902,13 @@ def test_a_restart_serves_its_local_copy_at_once_then_the_version_the_registry_n
             time.sleep(0.2)
         assert (model["version"], model["loaded_from"]) == (champion, "registry"), model
         assert _route(replica)["model_version"] == champion
+        assert set(Path(tempfile.gettempdir()).glob(f"{DOWNLOAD_PREFIX}*")) - downloads_before, \
+            "the replica holds its download of the champion (an onnx encoder reads its transformer from it)"
     finally:
         stop(process)
+    left = {folder for folder in set(Path(tempfile.gettempdir()).glob(f"{DOWNLOAD_PREFIX}*")) - downloads_before
+            if not folder.name.startswith(f"{DOWNLOAD_PREFIX}{os.getpid()}-")}
+    assert not left, f"a replica stopped by SIGTERM removes its downloads: {sorted(map(str, left))}"
     log = (root / "planted.log").read_text(errors="replace")
     assert f"serving mixllm-router version {other} from its local copy" in log
     assert log.index(f"version {other} from its local copy") < log.index(f"serving mixllm-router version {champion} (loaded")

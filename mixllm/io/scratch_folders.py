@@ -55,8 +55,15 @@ def _remove_own_downloads_at_exit() -> None:
 
 def _remove_own_downloads(pid: int) -> None:
     if os.getpid() == pid:  # not in a forked child, whose parent may still use them
-        for folder in Path(tempfile.gettempdir()).glob(f"{DOWNLOAD_PREFIX}{pid}-*"):
-            shutil.rmtree(folder, ignore_errors=True)
+        remove_own_downloads()
+
+
+def remove_own_downloads() -> None:
+    """Remove every download this process made, in use or not: for a process that is about to end
+    without Python's exit hooks (a BentoML worker stopped by SIGTERM ends so, and left its
+    champion's and challenger's downloads, ~200 MB each, until the next start on the machine)."""
+    for folder in Path(tempfile.gettempdir()).glob(f"{DOWNLOAD_PREFIX}{os.getpid()}-*"):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @contextmanager

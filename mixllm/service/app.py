@@ -25,6 +25,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.exceptions import HTTPException
 
 from mixllm.core.errors import StoreBusyError
+from mixllm.io.scratch_folders import remove_own_downloads
 from mixllm.service import header_deadline
 from mixllm.service.access import BearerAuth, ClientRateLimit, TenantKeys, reporting_tenant
 from mixllm.service.api_models import (
@@ -191,6 +192,7 @@ class MixLLMService(ModelLifecycle, RouteDecisions, ChatProxy, TenantBudgets, Se
         self._stop.set()
         self.attempts.flush(timeout_s=2.0)  # the upstream calls' rows still queued
         self.store.dispose()
+        remove_own_downloads()  # the worker ends without running exit hooks, which would remove them
 
     @bentoml.api(route="/route")
     def route(self, request: RouteRequest, /) -> RouteResponse:
