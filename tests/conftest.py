@@ -79,3 +79,16 @@ def fitted(train_log):
     from mixllm.core.router import MixLLMRouter
 
     return MixLLMRouter(small_config(), progress=False).fit(train_log)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Leave no temporary folders behind: this session's private homes (Prefect, BentoML), and the
+    downloads and registration copies of processes the tests killed (~100-200 MB each), which the
+    project itself removes only at its next load or registration."""
+    import shutil
+
+    from mixllm.io.scratch_folders import DOWNLOAD_PREFIX, REGISTRATION_PREFIX, remove_orphaned_folders
+
+    for prefix in (DOWNLOAD_PREFIX, REGISTRATION_PREFIX):
+        remove_orphaned_folders(prefix=prefix)
+    shutil.rmtree(_PRIVATE, ignore_errors=True)
