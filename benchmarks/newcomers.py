@@ -99,6 +99,31 @@ def start_variant(router: Any, llm: str, variant: str, lambda_: float, true_mean
         block = np.arange(len(router.anchors_[llm]["llms"]))  # the resemblance block opens the head's input
         head.A_[block, block] = float(settings["anchors"])
         head.A_inv_ = np.linalg.inv(head.A_)
+    if "tier" in settings:
+        tier_prior_mean(router, llm, float(settings["tier"]))
+
+
+def tier_prior_mean(router: Any, llm: str, scale: float) -> None:
+    """The newcomer head's prior mean on the query-level inputs: `scale` x the trained LLMs' heads
+    averaged with weights by closeness in log price (the price_tier rule's), so a priori the
+    newcomer departs from its domain level on each query the way LLMs of its price do (the
+    domain block and the bias keep mean 0: the per-domain prior sets the level)."""
+    def price(name: str) -> float:
+        return router.catalogue_[name]["input_usd_per_1k"] + router.catalogue_[name]["output_usd_per_1k"]
+
+    trained = [m for m in router.quality_models_ if m != llm and m not in router.anchors_
+               and router.quality_models_[m].kind == "bayesian_linear"]
+    distance = np.log(np.maximum([price(m) for m in trained], 1e-12)) - np.log(max(price(llm), 1e-12))
+    weights = np.exp(-0.5 * distance**2)
+    weights = weights / weights.sum()
+    base = router.n_base_features_
+    mean_coef = sum(w * router.quality_models_[m].model_.coef_[:base] for w, m in zip(weights, trained))
+    head = router.quality_models_[llm].model_
+    n_anchors = len(router.anchors_.get(llm, {}).get("llms", []))
+    theta0 = np.zeros(head.A_.shape[0])
+    theta0[n_anchors:n_anchors + base] = scale * mean_coef
+    head.b_ = head.A_ @ theta0
+    head.coef_ = theta0.copy()
 
 
 def run_dataset(name: str, entry: Any, data_path: Path, work: Path, variants: list[str],
