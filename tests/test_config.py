@@ -157,3 +157,31 @@ def test_estimators_built_from_the_default_config_equal_their_own_defaults():
         differ = {k: (configured[k], defaults[k]) for k in configured if k not in from_data and configured[k] != defaults[k]}
         assert not differ, f"{type(estimator).__name__}: config vs constructor default {differ}"
     assert estimators.quality_predictor(config, ridge=10.0).ridge == 10.0, "a chosen ridge is passed through"
+
+
+def test_the_service_parts_default_to_the_config_settings():
+    """Classes the service builds from its config read their keyword defaults from the config
+    models, so a part built without one behaves as a default config (a hard-coded 64 once stood
+    for max_batch_size's 256)."""
+    import inspect
+
+    from mixllm.config.operations import BudgetsConfig, FailoverConfig, ServiceConfig
+    from mixllm.io.ledger import TenantLedger
+    from mixllm.service.circuit import CircuitBreakers
+    from mixllm.service.live_traffic import LiveLoad
+    from mixllm.service.middleware import BodyLimit
+    from mixllm.service.request_batching import RequestCoalescer
+
+    cases = [
+        (LiveLoad, ServiceConfig, {"max_age_s": "in_flight_max_age_s", "window": "latency_window",
+                                   "max_client_share": "latency_client_share"}),
+        (CircuitBreakers, FailoverConfig, {"failures": "breaker_failures", "window_s": "breaker_window_s",
+                                           "cooldown_s": "breaker_cooldown_s"}),
+        (BodyLimit, ServiceConfig, {"max_bytes": "max_body_bytes", "read_timeout_s": "body_read_timeout_s"}),
+        (RequestCoalescer, ServiceConfig, {"max_batch_size": "max_batch_size"}),
+        (TenantLedger, BudgetsConfig, {"key_cache_s": "key_cache_s"}),
+    ]
+    for part, model, settings in cases:
+        parameters = inspect.signature(part).parameters
+        for parameter, setting in settings.items():
+            assert parameters[parameter].default == model.model_fields[setting].default, (part.__name__, parameter)

@@ -24,3 +24,9 @@ class StrictModel(BaseModel):
     """Frozen, no unknown keys; fields may be given by name or by alias (e.g. `lambda`)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @classmethod
+    def default_for(cls, field: str) -> Any:
+        """A setting's default, for a class the service builds from this config: its own keyword
+        defaults read it here, so the config stays the settings' one home."""
+        return cls.model_fields[field].default

@@ -77,7 +77,7 @@ def key_hash(key: str) -> str:
 class TenantLedger:
     """API keys and spend records on an InteractionLog's database."""
 
-    def __init__(self, store: InteractionLog, key_cache_s: float = BudgetsConfig.model_fields["key_cache_s"].default):
+    def __init__(self, store: InteractionLog, key_cache_s: float = BudgetsConfig.default_for("key_cache_s")):
         self.store = store
         self.key_cache_s = key_cache_s
         store.create_schema([api_keys, calls])

@@ -15,8 +15,6 @@ from dataclasses import dataclass, field
 
 from mixllm.config.operations import FailoverConfig
 
-_DEFAULTS = FailoverConfig.model_fields  # the settings' one home; the service passes its config's values
-
 
 @dataclass
 class _Breaker:
@@ -26,9 +24,9 @@ class _Breaker:
 
 
 class CircuitBreakers:
-    def __init__(self, failures: int = _DEFAULTS["breaker_failures"].default,
-                 window_s: float = _DEFAULTS["breaker_window_s"].default,
-                 cooldown_s: float = _DEFAULTS["breaker_cooldown_s"].default,
+    def __init__(self, failures: int = FailoverConfig.default_for("breaker_failures"),
+                 window_s: float = FailoverConfig.default_for("breaker_window_s"),
+                 cooldown_s: float = FailoverConfig.default_for("breaker_cooldown_s"),
                  clock: Callable[[], float] = time.monotonic) -> None:
         if failures < 1 or window_s <= 0 or cooldown_s <= 0:
             raise ValueError("failures must be >= 1, window_s and cooldown_s > 0")

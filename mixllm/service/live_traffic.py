@@ -26,15 +26,13 @@ from collections import OrderedDict, deque
 from mixllm.config.operations import ServiceConfig
 from mixllm.core.decision import LoadSnapshot
 
-_DEFAULTS = ServiceConfig.model_fields  # the settings' one home; the service passes its config's values
-
 
 class LiveLoad:
     """Thread-safe in-flight counts and robust latency estimates per LLM."""
 
-    def __init__(self, max_age_s: float = _DEFAULTS["in_flight_max_age_s"].default,
-                 window: int = _DEFAULTS["latency_window"].default, max_tracked: int = 100_000,
-                 max_client_share: float = _DEFAULTS["latency_client_share"].default):
+    def __init__(self, max_age_s: float = ServiceConfig.default_for("in_flight_max_age_s"),
+                 window: int = ServiceConfig.default_for("latency_window"), max_tracked: int = 100_000,
+                 max_client_share: float = ServiceConfig.default_for("latency_client_share")):
         self.max_age_s = max_age_s
         self.window = window
         self.max_tracked = max_tracked

@@ -11,8 +11,6 @@ from typing import Any
 
 from mixllm.config.operations import ServiceConfig
 
-_DEFAULTS = ServiceConfig.model_fields  # the settings' one home; the service passes its config's values
-
 
 class BodyLimit:
     """ASGI middleware: 413 above the size limit, 415 for form bodies (BentoML would answer 500),
@@ -21,8 +19,8 @@ class BodyLimit:
 
     blocked = {b"multipart/form-data", b"application/x-www-form-urlencoded"}
 
-    def __init__(self, app: Any, max_bytes: int = _DEFAULTS["max_body_bytes"].default,
-                 read_timeout_s: float = _DEFAULTS["body_read_timeout_s"].default):
+    def __init__(self, app: Any, max_bytes: int = ServiceConfig.default_for("max_body_bytes"),
+                 read_timeout_s: float = ServiceConfig.default_for("body_read_timeout_s")):
         self.app, self.max_bytes, self.read_timeout_s = app, max_bytes, read_timeout_s
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
