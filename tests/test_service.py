@@ -540,9 +540,16 @@ def test_a_locked_decision_log_answers_503_quickly_and_recovers(service):
         rated = httpx.post(f"{base}/feedback", json={"query": "q", "llm": "coder", "quality": 0.5},
                            headers=AUTH, timeout=60)
         assert rated.status_code == 503 and rated.headers.get("retry-after") == "1", rated.text
+        log = service["root"] / "serve.log"
+        logged_before = log.stat().st_size
         batch = httpx.post(f"{base}/route_batch", json={"requests": [{"query": QUERY}]}, timeout=60)
         assert batch.status_code == 503 and batch.headers.get("retry-after") == "1", batch.text
         assert "decision log is busy" in batch.json()["error"], "the reason, not BentoML's generic text"
+        with log.open(errors="replace") as lines:
+            lines.seek(logged_before)
+            logged = lines.read()
+        assert "/route_batch [POST]: refused, answered 503: the decision log is busy" in logged, logged[-3000:]
+        assert "Traceback" not in logged, "a refusal is one warning, not a stack"
     finally:
         locker.execute("ROLLBACK")
         locker.close()

@@ -49,7 +49,7 @@ from mixllm.service.middleware import (
     OpenAPIContract,
     RetryAfterOnUnavailable,
     UnavailableReason,
-    quiet_client_errors,
+    quiet_refusals,
 )
 from mixllm.service.model_lifecycle import LoadedModel, ModelLifecycle
 from mixllm.service.openapi_contract import openapi_contract
@@ -118,7 +118,7 @@ class MixLLMService(ModelLifecycle, RouteDecisions, ChatProxy, TenantBudgets, Se
         from mixllm.io.store import InteractionLog
         from mixllm.service.live_traffic import LiveLoad
 
-        quiet_client_errors()  # here, not at import: BentoML configures its logging when the worker starts
+        quiet_refusals()  # here, not at import: BentoML configures its logging when the worker starts
         self.config = load_config()
         self.registry = Registry(self.config)
         alias = self.config.service.model_alias

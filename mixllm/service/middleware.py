@@ -79,36 +79,47 @@ async def reject(send: Any, status: int, message: str, field: str | None = None,
     await send({"type": "http.response.body", "body": body})
 
 
-class ClientErrorsWithoutTraceback(logging.Filter):
-    """BentoML logs every request it answers with a 4xx (a body that fails validation, an
-    InvalidArgument) at ERROR with a full traceback: a log that cries wolf for each bad request.
-    This filter turns those records into one INFO line naming the path and the error; 5xx and
-    every other error keep their traceback."""
+class RefusalsWithoutTraceback(logging.Filter):
+    """BentoML logs every request it answers with an error raised through it at ERROR with a full
+    traceback, refusals included: a body that fails validation or an InvalidArgument (4xx), and the
+    503s the service raises on purpose (the decision log busy on /route_batch, no model loaded yet).
+    A log that cries wolf for each refused request buries the real errors. This filter turns the
+    4xx records into one INFO line, and those 503s into one WARNING line (an operator wants to
+    know the log was busy, not a stack), each naming the path and the reason; every other error
+    keeps its traceback."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
-        if error is not None and _is_client_error(error):
+        status = _refusal_status(error) if error is not None else None
+        if status is not None:
             summary = " ".join(str(error).split())[:300]
-            record.msg, record.args = f"{record.getMessage()}: client error, answered 4xx: %s", (summary,)
-            record.levelno, record.levelname = logging.INFO, "INFO"
+            level = logging.INFO if status < 500 else logging.WARNING
+            kind = "client error, answered 4xx" if status < 500 else f"refused, answered {status}"
+            record.msg, record.args = f"{record.getMessage()}: {kind}: %s", (summary,)
+            record.levelno, record.levelname = level, logging.getLevelName(level)
             record.exc_info, record.exc_text = None, None
         return True
 
 
-def _is_client_error(error: BaseException) -> bool:
-    from bentoml.exceptions import BentoMLException
+def _refusal_status(error: BaseException) -> int | None:
+    """The status of a refusal (a 4xx, or BentoML's ServiceUnavailable, which only the service
+    raises, on purpose); None for anything else."""
+    from bentoml.exceptions import BentoMLException, ServiceUnavailable
     from pydantic import ValidationError
 
     if isinstance(error, ValidationError):
-        return True
-    return isinstance(error, BentoMLException) and int(getattr(error.error_code, "value", 500)) < 500
+        return 400
+    if not isinstance(error, BentoMLException):
+        return None
+    status = int(getattr(error.error_code, "value", 500))
+    return status if status < 500 or isinstance(error, ServiceUnavailable) else None
 
 
-def quiet_client_errors(logger_name: str = "bentoml._internal.server.http_app") -> None:
-    """Install ClientErrorsWithoutTraceback on the logger BentoML's request errors go to (once)."""
+def quiet_refusals(logger_name: str = "bentoml._internal.server.http_app") -> None:
+    """Install RefusalsWithoutTraceback on the logger BentoML's request errors go to (once)."""
     logger = logging.getLogger(logger_name)
-    if not any(isinstance(f, ClientErrorsWithoutTraceback) for f in logger.filters):
-        logger.addFilter(ClientErrorsWithoutTraceback())
+    if not any(isinstance(f, RefusalsWithoutTraceback) for f in logger.filters):
+        logger.addFilter(RefusalsWithoutTraceback())
 
 
 class OpenAPIContract:
