@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -839,15 +840,19 @@ def test_a_killed_server_takes_its_worker_along_and_a_restart_binds_the_port(ser
     root, port = service["root"], free_port()
     env = {"MIXLLM_API_TOKEN": TOKEN, "STUB_KEY": "upstream-key"}
     base = f"http://127.0.0.1:{port}"
+    sockets_before = set(Path(tempfile.gettempdir()).glob("bentoml-uds-*"))
     server = serve(root, port, log_name="killed.log", extra_env=env)
     workers: list = []
     restarted = None
+    orphaned_sockets: set = set()
     try:
         wait_http(f"{base}/readyz", 180, server)
         workers = psutil.Process(server.pid).children(recursive=True)
         assert workers, "bentoml serve runs the service in a worker process"
         os.kill(server.pid, signal.SIGKILL)
         server.wait(timeout=30)
+        # BentoML's socket folder of the killed server: nothing removes it after a kill -9
+        orphaned_sockets = set(Path(tempfile.gettempdir()).glob("bentoml-uds-*")) - sockets_before
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and (any(_alive(w) for w in workers) or port_in_use(port)):
             time.sleep(0.3)
@@ -862,6 +867,8 @@ def test_a_killed_server_takes_its_worker_along_and_a_restart_binds_the_port(ser
                 worker.kill()
         if restarted is not None:
             stop(restarted)
+        for folder in orphaned_sockets:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def test_a_restart_serves_its_local_copy_at_once_then_the_version_the_registry_names(service):
