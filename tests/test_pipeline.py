@@ -159,12 +159,19 @@ def test_a_download_left_by_a_killed_process_is_removed_by_the_next_load(project
     assert (orphan / "artifacts").is_dir()
     unrelated = downloads / "mixllm-model-no-pid"  # made before pids were recorded: its owner is unknown
     unrelated.mkdir()
+    # Another machine's (a container sharing the folder): the same dead pid means another process there.
+    from mixllm.io.scratch_folders import host_tag
+
+    other_host = "h00000000" if host_tag() != "h00000000" else "h11111111"
+    elsewhere = downloads / orphan.name.replace(host_tag(), other_host)
+    elsewhere.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(downloads))
     registry = Registry(_config(project))
     router, number = registry.load_router("champion")
     assert number == registry.alias_version("champion") and router.llms_
-    own = [p for p in downloads.iterdir() if p not in (orphan, unrelated)]
+    own = [p for p in downloads.iterdir() if p not in (orphan, unrelated, elsewhere)]
     assert orphan not in list(downloads.iterdir()) and unrelated in list(downloads.iterdir())
+    assert elsewhere in list(downloads.iterdir()), "another machine's folder is never judged by a pid of ours"
     # The champion's encoder is onnx (the tests' default, as the shipped auto's choice): it reads its
     # transformer from the download on demand, so the download stays while the router lives. Saving
     # it (continual learning does, after the update) copies the transformer from there, torch unloaded.
@@ -182,7 +189,7 @@ def test_a_download_left_by_a_killed_process_is_removed_by_the_next_load(project
 
     del router
     gc.collect()
-    assert sorted(downloads.iterdir()) == [unrelated], "the download goes with the router that read it"
+    assert sorted(downloads.iterdir()) == sorted([unrelated, elsewhere]), "the download goes with the router that read it"
 
 
 def _feedback(config, n=12, seed=0):

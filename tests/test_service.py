@@ -20,7 +20,7 @@ from mixllm.cli.processes import free_port, port_in_use, start, stop, wait_http
 from mixllm.config import load_config
 from mixllm.io.data import ingest
 from mixllm.io.registry import Registry
-from mixllm.io.scratch_folders import DOWNLOAD_PREFIX
+from mixllm.io.scratch_folders import DOWNLOAD_PREFIX, owned_prefix
 from mixllm.io.attempts import AttemptLog
 from mixllm.io.store import InteractionLog
 from mixllm.jobs.training import run_training
@@ -921,7 +921,7 @@ def test_a_restart_serves_its_local_copy_at_once_then_the_version_the_registry_n
     finally:
         stop(process)
     left = {folder for folder in set(Path(tempfile.gettempdir()).glob(f"{DOWNLOAD_PREFIX}*")) - downloads_before
-            if not folder.name.startswith(f"{DOWNLOAD_PREFIX}{os.getpid()}-")}
+            if not folder.name.startswith(owned_prefix(DOWNLOAD_PREFIX))}
     assert not left, f"a replica stopped by SIGTERM removes its downloads: {sorted(map(str, left))}"
     log = (root / "planted.log").read_text(errors="replace")
     assert f"serving mixllm-router version {other} from its local copy" in log

@@ -1,15 +1,20 @@
 """The registry's temporary folders: where a version's router is downloaded, and where a
-registration copies the model it logs. Each is named after its process, so folders that a stopped
-process left behind (~110 MB each) can be told from those in use and removed.
+registration copies the model it logs. Each is named after its machine and process
+(`<prefix><host tag>-<pid>-<random>`), so folders that a stopped process left behind (~110-200 MB
+each) can be told from those in use and removed, and never those of another machine or container
+that shares the temporary folder (its pids mean other processes).
 """
 
 from __future__ import annotations
 
 import atexit
 import functools
+import hashlib
 import logging
 import os
+import re
 import shutil
+import socket
 import tempfile
 import weakref
 from collections.abc import Iterator
@@ -20,6 +25,18 @@ logger = logging.getLogger(__name__)
 
 DOWNLOAD_PREFIX = "mixllm-model-"
 REGISTRATION_PREFIX = "mixllm-register-"
+_OWNER = re.compile(r"h([0-9a-f]{8})-(\d+)-")  # what follows the prefix: host tag, pid
+
+
+@functools.cache
+def host_tag() -> str:
+    """This machine (or container) in 8 hex digits: a hash of its host name."""
+    return "h" + hashlib.blake2b(socket.gethostname().encode(), digest_size=4).hexdigest()
+
+
+def owned_prefix(prefix: str) -> str:
+    """The start of the names of the folders that this process makes."""
+    return f"{prefix}{host_tag()}-{os.getpid()}-"
 
 
 def download_folder() -> Path:
@@ -28,7 +45,7 @@ def download_folder() -> Path:
     service stopped while it loads in a background thread) removes it on the way out."""
     remove_orphaned_folders()
     _remove_own_downloads_at_exit()
-    return Path(tempfile.mkdtemp(prefix=f"{DOWNLOAD_PREFIX}{os.getpid()}-"))
+    return Path(tempfile.mkdtemp(prefix=owned_prefix(DOWNLOAD_PREFIX)))
 
 
 class FolderLease:
@@ -62,7 +79,7 @@ def remove_own_downloads() -> None:
     """Remove every download this process made, in use or not: for a process that is about to end
     without Python's exit hooks (a BentoML worker stopped by SIGTERM ends so, and left its
     champion's and challenger's downloads, ~200 MB each, until the next start on the machine)."""
-    for folder in Path(tempfile.gettempdir()).glob(f"{DOWNLOAD_PREFIX}{os.getpid()}-*"):
+    for folder in Path(tempfile.gettempdir()).glob(f"{owned_prefix(DOWNLOAD_PREFIX)}*"):
         shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -78,7 +95,7 @@ def registration_folder() -> Iterator[Path]:
     lands here and is removed with it. Registration is the last step of a training run, with no
     other work of the run beside it."""
     remove_orphaned_folders(prefix=REGISTRATION_PREFIX)
-    folder = Path(tempfile.mkdtemp(prefix=f"{REGISTRATION_PREFIX}{os.getpid()}-"))
+    folder = Path(tempfile.mkdtemp(prefix=owned_prefix(REGISTRATION_PREFIX)))
     before = tempfile.tempdir
     tempfile.tempdir = str(folder)
     try:
@@ -89,15 +106,24 @@ def registration_folder() -> Iterator[Path]:
 
 
 def remove_orphaned_folders(parent: Path | None = None, prefix: str = DOWNLOAD_PREFIX) -> list[Path]:
-    """Remove the folders named `prefix`<pid>-* (downloads by default, or registration folders) of
-    processes that are gone. `load_router` deletes its download once the router is in memory, but a process
+    """Remove this machine's folders named `prefix`* (downloads by default, or registration folders)
+    of processes that are gone. `load_router` deletes its download once the router is in memory, but a process
     stopped while it loads (kill -9, the OOM killer, a service stopped during start-up or a hot
     reload) cannot: each such stop left ~110 MB in the temporary folder. A folder is removed only
-    when the pid in its name no longer runs; folders without one (made before pids were recorded)
-    are left to the user, as their owner cannot be told."""
+    when it was made on this machine (its host tag) and the pid in its name no longer runs: a
+    container sharing the folder has its own pids, and a live download of its service must not go.
+    Folders named `prefix`<pid>-* (before host tags) are judged by the pid alone, as before; folders
+    without a pid are left to the user, as their owner cannot be told."""
     removed = []
     for folder in Path(parent or tempfile.gettempdir()).glob(f"{prefix}*-*"):
-        pid_text = folder.name[len(prefix):].split("-", 1)[0]
+        rest = folder.name[len(prefix):]
+        owner = _OWNER.match(rest)
+        if owner is not None:
+            if "h" + owner.group(1) != host_tag():
+                continue
+            pid_text = owner.group(2)
+        else:
+            pid_text = rest.split("-", 1)[0]
         if not folder.is_dir() or not pid_text.isdigit() or _process_runs(int(pid_text)):
             continue
         shutil.rmtree(folder, ignore_errors=True)
