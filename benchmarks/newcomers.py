@@ -27,7 +27,9 @@ applied to the router after add_llm):
   predictors.quality.newcomer_domain_answers (100) this is what add_llm does; +domains=ridge gives
   the domain block the empirical-Bayes precision too, as add_llm did before; +anchors=P: the
   resemblance block (how each trained LLM's prediction departs from the newcomer's prior) gets
-  precision P, so a few answers can tell which trained LLMs the newcomer behaves like.
+  precision P, so a few answers can tell which trained LLMs the newcomer behaves like; +tier=S:
+  the head's prior mean on the query-level inputs is S x the trained heads averaged with the
+  price_tier weights (a priori the newcomer departs from its domain level as LLMs of its price do).
 """
 
 from __future__ import annotations
