@@ -901,7 +901,10 @@ def test_a_restart_serves_its_local_copy_at_once_then_the_version_the_registry_n
     copy.commit(staged[0], other, registry.version_identity(other))
     assert copy.version() == other
 
-    downloads_before = set(Path(tempfile.gettempdir()).glob(f"{DOWNLOAD_PREFIX}*"))
+    def downloads() -> set:
+        return set(Path(tempfile.gettempdir()).glob(f"{DOWNLOAD_PREFIX}*"))
+
+    downloads_before = downloads()
     port = free_port()
     process = serve(root, port, log_name="planted.log",
                     extra_env={"MIXLLM_PARAMS": str(root / "params-planted.yaml"), "MIXLLM_API_TOKEN": TOKEN})
@@ -916,12 +919,11 @@ def test_a_restart_serves_its_local_copy_at_once_then_the_version_the_registry_n
             time.sleep(0.2)
         assert (model["version"], model["loaded_from"]) == (champion, "registry"), model
         assert _route(replica)["model_version"] == champion
-        assert set(Path(tempfile.gettempdir()).glob(f"{DOWNLOAD_PREFIX}*")) - downloads_before, \
+        assert downloads() - downloads_before, \
             "the replica holds its download of the champion (an onnx encoder reads its transformer from it)"
     finally:
         stop(process)
-    left = {folder for folder in set(Path(tempfile.gettempdir()).glob(f"{DOWNLOAD_PREFIX}*")) - downloads_before
-            if not folder.name.startswith(owned_prefix(DOWNLOAD_PREFIX))}
+    left = {folder for folder in downloads() - downloads_before if not folder.name.startswith(owned_prefix(DOWNLOAD_PREFIX))}
     assert not left, f"a replica stopped by SIGTERM removes its downloads: {sorted(map(str, left))}"
     log = (root / "planted.log").read_text(errors="replace")
     assert f"serving mixllm-router version {other} from its local copy" in log

@@ -183,9 +183,10 @@ class UnavailableReason:
 
 class AnswerNotReady:
     """ASGI middleware, the innermost: a batched endpoint (/route_batch) called while no model is
-    loaded gets its 503 here. Raised inside BentoML's batched call the 503 reached the client too,
-    but BentoML logged every one as an error with a traceback: dozens at each start and reload,
-    burying real errors. /route answers its own 503 (it is not batched) and never comes here."""
+    loaded gets its 503 here, before BentoML queues it for a batch. Raised inside BentoML's batched
+    call the 503 reached the client too, but each one went through the batch queue and into the log
+    (dozens at each start and reload; RefusalsWithoutTraceback makes a 503 raised there one line).
+    /route answers its own 503 (it is not batched) and never comes here."""
 
     def __init__(self, app: Any, reason: UnavailableReason, paths: tuple[str, ...] = ("/route_batch",)):
         self.app, self.reason, self.paths = app, reason, paths

@@ -38,7 +38,8 @@ class RequestCoalescer:
     raises, every caller of that batch gets the exception.
     """
 
-    def __init__(self, run_batch: Callable[[list[Any]], Sequence[Any]], max_batch_size: int = ServiceConfig.default_for("max_batch_size")) -> None:
+    def __init__(self, run_batch: Callable[[list[Any]], Sequence[Any]],
+                 max_batch_size: int = ServiceConfig.default_for("max_batch_size")) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
         self.run_batch = run_batch
