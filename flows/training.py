@@ -82,12 +82,11 @@ def evaluate_mixllm(params_path: str | None, router_dir: str) -> EvaluationRepor
 @task(name="measure a baseline", cache_policy=NO_CACHE)
 def evaluate_baseline(params_path: str | None, name: str, _after: Any = None) -> Any:
     config = config_for(params_path)
-    from mixllm.core.embeddings import QueryEncoder
     from mixllm.core.router import MixLLMRouter
 
-    workspace = Workspace.of(config)
-    llms = MixLLMRouter.load(workspace.router, progress=False).enabled_llms_
-    return measure_baseline(config, name, load_split(config), llms, QueryEncoder.load(workspace.encoder))
+    # The router's own encoder (its chosen backend), as `mixllm train` measures the baselines.
+    router = MixLLMRouter.load(Workspace.of(config).router, progress=False)
+    return measure_baseline(config, name, load_split(config), router.enabled_llms_, router.encoder_)
 
 
 # No retries: a retry after the version was created would register it twice. A failed

@@ -210,15 +210,17 @@ def test_training_with_backend_auto_records_its_choice_for_mlflow_and_model(tmp_
     metrics = evaluate_router(config, router, load_split(config), baselines=[], bootstrap=False).metrics
     assert metrics["backend.static.validation_aiq"] == pytest.approx(choice["candidates"]["static"]["validation_aiq"])
 
-    # Where the export fails (an architecture the exporter cannot trace, say), auto runs the transformer
-    # on torch instead and says so.
+    # Where the export fails (an architecture the exporter cannot trace, say), the encoder stage saves
+    # the weights alone, and auto runs the transformer on torch instead and says so.
     import mixllm.core.encoder_backends
-    from mixllm.jobs.training import stage_predictors
+    from mixllm.jobs.training import stage_encoder, stage_predictors
 
     def broken_export(model):
         raise RuntimeError("cannot trace this model")
 
     monkeypatch.setattr(mixllm.core.encoder_backends, "export_onnx", broken_export)
+    stage_encoder(config, progress=False)
+    assert not (Workspace.of(config).encoder / "onnx").exists()
     with caplog.at_level("WARNING", logger="mixllm.jobs.training"):
         stage_predictors(config, progress=False)
     assert "ONNX export of the encoder failed (RuntimeError: cannot trace this model)" in caplog.text

@@ -97,6 +97,33 @@ def test_first_training_registers_champion_and_reuses_stages(first_training):
     assert first.tags["mixllm.data_hash"] and "aiq" in first.metrics
 
 
+def test_the_predictors_stage_runs_the_encoder_stages_onnx_export_without_torch(project, tmp_path):
+    """The encoder stage saves the graph with the weights, so re-running the predictors stage (a `dvc exp
+    run` that changes a decision setting) exports nothing and imports no torch: the same router."""
+    import shutil
+    import subprocess
+    import sys
+
+    from mixllm.core.embeddings import QueryEncoder
+    from mixllm.core.router import MixLLMRouter
+
+    copy = tmp_path / "copy"
+    shutil.copytree(project, copy, ignore=shutil.ignore_patterns("mlflow*", "cache", "router"))
+    workspace = Workspace.of(_config(copy))
+    assert (workspace.encoder / "onnx" / "model.onnx").is_file()
+    run = ("import sys; from mixllm.config import load_config; from mixllm.jobs.training import run_stage; "
+           "run_stage(load_config('params.yaml'), 'predictors'); "
+           "print(sorted(m for m in ('torch', 'transformers', 'sentence_transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", run], cwd=copy, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split()[-1] == "[]", out.stdout
+    router, exported = MixLLMRouter.load(workspace.router), QueryEncoder.load(workspace.encoder)
+    assert router.encoder_.fingerprint_ == exported.fingerprint_, "the graph the encoder stage exported"
+    queries = ["What is 14 plus 29?", "Write a python function that reverses a string."]
+    np.testing.assert_array_equal(router.encoder_.transform(queries), exported.transform(queries))
+    assert len(router.route(queries)) == 2
+
+
 def test_worse_candidate_is_challenger_better_is_promoted_and_rollback(project, tmp_path):
     base = _own_registry_and_store(project, tmp_path)
     first = run_training(base, progress=False)

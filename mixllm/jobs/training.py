@@ -67,7 +67,8 @@ def read_tags(config: MixLLMConfig) -> tuple[dict[str, str], dict[str, Any]]:
 
 
 def stage_encoder(config: MixLLMConfig, split: SplitData | None = None, progress: bool | None = None) -> Path:
-    """Fine-tune (or just load) the encoder on the training queries' domains; saved as a ST folder."""
+    """Fine-tune (or just load) the encoder on the training queries' domains; saved as a ST folder
+    with its ONNX export beside the weights."""
     split = split or load_split(config)
     domains, _ = read_tags(config)
     frame = query_frame(split.train)
@@ -75,7 +76,21 @@ def stage_encoder(config: MixLLMConfig, split: SplitData | None = None, progress
     # The transformer alone: the predictors stage derives the backend and the other inference settings.
     encoder = MixLLMRouter(ablation_config(config, **{"embedding.backend": "torch"}), progress=progress).fit_encoder(
         frame["query"].tolist(), labels)
-    return replace_dir(Workspace.of(config).encoder, encoder.save)
+    return replace_dir(Workspace.of(config).encoder, with_onnx_export(encoder).save)
+
+
+def with_onnx_export(encoder: QueryEncoder) -> QueryEncoder:
+    """The fine-tuned encoder with its weights exported to ONNX once, here, whatever the backend: the
+    predictors stage then loads the graph instead of the transformer, so its onnx backends (and a
+    `dvc exp run` that changes no weight) neither import torch nor export again. The export depends
+    on the weights alone, so this stage's inputs stay what changes the weights. A model the exporter
+    cannot take is saved without the graph, and the predictors stage runs it on torch (said there)."""
+    try:
+        return encoder.with_settings(backend="onnx", quantize="none")
+    except Exception as error:  # noqa: BLE001 - any exporter failure: the weights are still good
+        logger.info("the encoder was not exported to ONNX (%s: %s); it is saved as the transformer alone",
+                    type(error).__name__, error)
+        return encoder
 
 
 def stage_predictors(config: MixLLMConfig, split: SplitData | None = None, progress: bool | None = None) -> Path:
