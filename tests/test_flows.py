@@ -37,18 +37,33 @@ def _project(root, task_runner="thread"):
     return root / "params.yaml"
 
 
-def test_training_flow_registers_and_caches(prefect_harness, tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def thread_trained(prefect_harness, tmp_path_factory):
+    """One project trained and registered by the flow on the thread runner, for the module: the
+    registration and cache test reads it, the Dask test compares its own run with it."""
     from flows.training import run
+
+    root = tmp_path_factory.mktemp("thread")
+    params = _project(root)
+    before = os.getcwd()
+    os.chdir(root)
+    try:
+        result = run(str(params))
+    finally:
+        os.chdir(before)
+    return root, params, result
+
+
+def test_training_flow_registers_and_caches(thread_trained, monkeypatch):
     from prefect.client.orchestration import get_client
 
-    params = _project(tmp_path)
-    monkeypatch.chdir(tmp_path)
-    result = run(str(params))
+    root, params, result = thread_trained
+    monkeypatch.chdir(root)
     assert result["registration"]["version"] == 1 and result["registration"]["promoted"]
     assert "of" in result["headline"] and result["metrics"]["aiq"] > 0
     config = load_config(params)
     assert Registry(config).alias_version("champion") == 1
-    assert (tmp_path / "data/pipeline/pareto.png").is_file()
+    assert (root / "data/pipeline/pareto.png").is_file()
     # A second run with unchanged data and params: the expensive tasks come from the cache.
     from flows.training import training
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
@@ -65,15 +80,14 @@ def test_training_flow_registers_and_caches(prefect_harness, tmp_path, monkeypat
     assert {STAGE[name].description for name in ("split", *ROUTER_STAGES)} <= cached, states
 
 
-def test_dask_runner_gives_the_same_model(prefect_harness, tmp_path, monkeypatch):
+def test_dask_runner_gives_the_same_model(thread_trained, tmp_path, monkeypatch):
     from flows.training import run
 
-    thread_params = _project(tmp_path / "thread")
+    thread_root = thread_trained[0]
     dask_params = _project(tmp_path / "dask", task_runner="dask")
     monkeypatch.chdir(tmp_path)
-    run(str(thread_params), register_model=False)
     run(str(dask_params), register_model=False)
-    thread_router = MixLLMRouter.load(tmp_path / "thread/data/pipeline/router")
+    thread_router = MixLLMRouter.load(thread_root / "data/pipeline/router")
     dask_router = MixLLMRouter.load(tmp_path / "dask/data/pipeline/router")
     a, b = thread_router.predict(QUERIES), dask_router.predict(QUERIES)
     np.testing.assert_allclose(a.quality, b.quality, atol=1e-9)
