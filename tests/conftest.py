@@ -69,6 +69,16 @@ def shared_subset() -> Path:
 
 
 @pytest.fixture(scope="session")
+def prefect_harness():
+    """One Prefect test server for the session (it takes ~10 s to start): the flow tests and the
+    journeys run their flows against it."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="session")
 def train_log():
     return make_log(n_queries=150, seed=11)
 

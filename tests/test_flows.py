@@ -20,14 +20,6 @@ FAST = {"evaluation": {"baselines": ["random", "knn"]}, "gate": {"max_overhead_m
 QUERIES = ["Write a python function that reverses a string.", "What is 14 plus 29?", "When did the Roman Republic fall?"]
 
 
-@pytest.fixture(scope="module")
-def prefect_harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
 def _project(root, task_runner="thread"):
     root.mkdir(parents=True, exist_ok=True)
     write_params(root, pipeline={"task_runner": task_runner, "dask_workers": 2}, **FAST)

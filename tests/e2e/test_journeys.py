@@ -27,14 +27,6 @@ QUERIES = ["Write a python function that reverses a string.", "What is 31 plus 1
 TOKEN = "e2e-token"
 
 
-@pytest.fixture(scope="module")
-def prefect_harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
 def _mixllm(args, project, env):
     result = subprocess.run([sys.executable, "-m", "mixllm.cli", "--params", str(project / "params.yaml"), *args],
                             cwd=project, env=env, capture_output=True, text=True, timeout=600)
