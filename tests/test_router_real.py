@@ -1,6 +1,6 @@
 """The router on the real RouterBench subset: trained on the train part, saved, loaded back, it
 routes the holdout exactly as before. It runs the transformer as the shipped `auto` serves it on this
-log (onnx-int8: the graph the encoder stage exported, quantised); short encoder inputs keep it fast (24 s
+log (onnx-int8: the fine-tuned transformer exported and quantised); short encoder inputs keep it fast (24 s
 against 28 s on torch); the full settings run in benchmarks/quality.py."""
 
 import json
@@ -22,7 +22,7 @@ def test_trained_router_reloads_and_routes_the_holdout_identically(shared_subset
     params = tmp_path / "params.yaml"
     params.write_text((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
     config = load_config(params, overrides={"embedding.max_seq_length": 64, "embedding.fine_tune.max_triplets": 64,
-                                                  "embedding.backend": "onnx", "embedding.quantize": "int8"})
+                                            "embedding.backend": "onnx", "embedding.quantize": "int8"})
     ingest(shared_subset / "routerbench_subset_long.csv.gz", config)
     split = load_split(config)
     # RouterDC's test part (with the 6 test/train prompts), less the 2 whose text a train prompt repeats.
