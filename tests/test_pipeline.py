@@ -99,7 +99,8 @@ def test_first_training_registers_champion_and_reuses_stages(first_training):
 
 def test_the_predictors_stage_runs_the_encoder_stages_onnx_export_without_torch(project, tmp_path):
     """The encoder stage saves the graph with the weights, so re-running the predictors stage (a `dvc exp
-    run` that changes a decision setting) exports nothing and imports no torch: the same router."""
+    run` that changes a decision setting) exports nothing and imports no torch: its router embeds with
+    that graph."""
     import shutil
     import subprocess
     import sys
