@@ -329,6 +329,47 @@ def test_load_rejects_incomplete_or_foreign_folders(fitted, tmp_path):
         MixLLMRouter.load(folder)
 
 
+def test_a_loaded_router_checks_its_encoder_against_the_vectors_saved_with_it(fitted, tmp_path, caplog):
+    """A router keeps its encoder's vectors for fixed probe sentences from where it was saved; loaded
+    elsewhere, it embeds them again and says how far apart they are (here: the same machine, so equal;
+    planted: vectors another machine's arithmetic moved, which an update saved elsewhere keeps)."""
+    from mixllm.core.encoder_check import PROBES_FILE, PROBE_SENTENCES
+
+    assert fitted.check_encoder() is None, "a router fitted here has nothing saved to compare with"
+    folder = fitted.save(tmp_path / "router")
+    loaded = MixLLMRouter.load(folder, progress=False)
+    same = loaded.check_encoder()
+    assert same["probes"] == len(PROBE_SENTENCES) and same["same_encoder"]
+    assert same["min_cosine"] >= 0.99999 and same["max_abs_diff"] < 1e-4
+    assert loaded.describe()["encoder"]["check"] == same
+    # Another machine's vectors: each moved a little off the saved direction.
+    with np.load(folder / PROBES_FILE) as data:
+        vectors, fingerprint = data["vectors"], data["fingerprint"]
+    noise = np.random.default_rng(0).normal(scale=0.05, size=vectors.shape).astype(np.float32)
+    moved = (vectors + noise) / np.linalg.norm(vectors + noise, axis=1, keepdims=True)
+    np.savez(folder / PROBES_FILE, vectors=moved, fingerprint=fingerprint)
+    elsewhere = MixLLMRouter.load(folder, progress=False).check_encoder()
+    expected = float(np.min(np.sum(moved * vectors, axis=1)))
+    assert elsewhere["min_cosine"] == pytest.approx(expected, abs=1e-4) and elsewhere["min_cosine"] < 0.999
+    # The service says so when it loads such a model (and serves it all the same).
+    from types import SimpleNamespace
+
+    from mixllm.service.model_lifecycle import ModelLifecycle
+
+    with caplog.at_level("INFO", logger="bentoml.mixllm"):
+        ModelLifecycle._check_encoder(SimpleNamespace(config=fitted.config), MixLLMRouter.load(folder), 7)
+        ModelLifecycle._check_encoder(SimpleNamespace(config=fitted.config), loaded, 8)
+    assert "version 7: the encoder embeds differently here than where the model was saved" in caplog.text
+    assert "version 8: the encoder embeds as where it was saved (lowest cosine" in caplog.text
+    # A router updated and saved again (continual learning) keeps the training machine's vectors.
+    resaved = MixLLMRouter.load(folder, progress=False).save(tmp_path / "updated")
+    with np.load(resaved / PROBES_FILE) as data:
+        np.testing.assert_array_equal(data["vectors"], moved)
+    # A router saved before the check has no vectors: nothing to say, and it loads as before.
+    (folder / PROBES_FILE).unlink()
+    assert MixLLMRouter.load(folder, progress=False).check_encoder() is None
+
+
 # -------------------------------------------------------------------------------- LLM tagger
 
 

@@ -114,6 +114,11 @@ def test_route_then_feedback_is_stored_exactly_once(service):
     base, config = service["base"], service["config"]
     routed = _route(base, **{"lambda": 0.3})
     served = httpx.get(f"{base}/model", timeout=30).json()["version"]
+    deadline = time.monotonic() + 60  # the check runs beside the start, off its path
+    while (check := httpx.get(f"{base}/model", timeout=30).json()["encoder"]["check"]) is None:
+        assert time.monotonic() < deadline, "GET /model never showed the encoder check"
+        time.sleep(0.2)
+    assert check["same_encoder"] and check["min_cosine"] >= 0.9999, check  # trained and served on this machine
     assert routed["llm"] in PRICE_PER_1K and routed["model_version"] == served and routed["lambda"] == 0.3
     assert {c["llm"] for c in routed["candidates"]} == set(PRICE_PER_1K)
     for attempt in range(3):  # the client retries: still one row

@@ -93,6 +93,11 @@ class ServiceConfig(StrictModel):
     # the registry answers. Off: every start waits for the registry (and keeps no copy).
     warm_start: bool = True
     served_copy_dir: Path = Path("data/serving")
+    # A loaded model embeds fixed probe sentences and compares them with the vectors saved where it
+    # was trained (mixllm/core/encoder_check.py; GET /model shows the figures). Below this cosine the
+    # start logs a warning: the heads were fitted to other embeddings (e.g. another CPU's int8
+    # arithmetic). Not calibrated by a measurement across machines; the figure is shown whatever it is.
+    encoder_check_min_cosine: float = Field(default=0.999, ge=0.0, le=1.0)
     max_query_chars: int = Field(default=8000, gt=0)
     # /route_batch: most queries per call and per merged batch (adaptive batching); also the most
     # concurrent /route calls that share one encoder pass.

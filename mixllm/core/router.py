@@ -97,6 +97,7 @@ class MixLLMRouter(RoutingMixin, OnlineLearningMixin, BaseEstimator):
             self.tag_report_ = getattr(self, "tag_report_", {"enabled": True, "precomputed": True})
         t = time.perf_counter()
         self.encoder_ = encoder if encoder is not None else self.fit_encoder(queries, labels)
+        self.encoder_probes_ = None  # this machine's vectors for the probe sentences are made at save
         self.timings_["fine_tune_s"] = time.perf_counter() - t
         t = time.perf_counter()
         embeddings = self._embed(self.encoder_, queries)
@@ -362,6 +363,16 @@ class MixLLMRouter(RoutingMixin, OnlineLearningMixin, BaseEstimator):
 
         return load_router(folder, progress=progress)
 
+    def check_encoder(self) -> dict[str, Any] | None:
+        """Embed the probe sentences and compare with the vectors saved with this router where it was
+        saved (mixllm.core.encoder_check); kept as encoder_check_ for describe(). None for a router
+        that was not loaded from a folder with them (fitted here, or saved before the check)."""
+        from mixllm.core.encoder_check import agreement
+
+        reference = getattr(self, "encoder_probes_", None)
+        self.encoder_check_ = None if reference is None else agreement(reference, self.encoder_)
+        return self.encoder_check_
+
     def describe(self) -> dict[str, Any]:
         """What a person (or /model) needs to know about this router; no secrets."""
         self._check_fitted()
@@ -380,7 +391,8 @@ class MixLLMRouter(RoutingMixin, OnlineLearningMixin, BaseEstimator):
             "cost_scale_usd": self.cost_scale_usd_,
             "encoder": {"backend": self.encoder_.backend, "fine_tuned": self.encoder_.fine_tuned_,
                         "max_seq_length": self.encoder_.max_seq_length, "quantize": self.encoder_.quantize,
-                        "backend_choice": getattr(self, "backend_choice_", None)},
+                        "backend_choice": getattr(self, "backend_choice_", None),
+                        "check": getattr(self, "encoder_check_", None)},
             "features": {**self.featurizer_.block_sizes_, "domains": len(self.domain_model_.classes_)},
             "quality_ridge": self.ridge_,
             "difficulty_ridge": None if self.difficulty_model_ is None else self.difficulty_model_.ridge,

@@ -1,6 +1,7 @@
 """The saved router's folder (format 2): router.json (config, catalogue, what the estimators were
 fitted with), encoder/ (a sentence-transformers folder or static vectors), featurizer/,
-domains.npz, predictors/<llm>.npz, drift.npz (a sample of the training queries' features; optional).
+domains.npz, predictors/<llm>.npz, drift.npz (a sample of the training queries' features; optional),
+encoder_probes.npz (the encoder's vectors for fixed probe sentences where it was saved; optional).
 Plain formats only: no pickle, so a model from the registry cannot run code when it is loaded.
 The registry's copy carries the calibrated lambda (`copy_with_calibrated_lambda`)."""
 
@@ -17,6 +18,7 @@ from mixllm.config import config_from_dict
 from mixllm.core.bayesian_linear import BayesianLinearRegressor
 from mixllm.core.domains import DomainModel
 from mixllm.core.embeddings import QueryEncoder
+from mixllm.core.encoder_check import load_probes, save_probes
 from mixllm.core.errors import ModelFormatError
 from mixllm.core.features import QueryFeaturizer
 from mixllm.core.predictors import CostPredictor, QualityPredictor, share_posteriors
@@ -49,6 +51,7 @@ def save_router(router: MixLLMRouter, folder: Path | str) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     router.encoder_.save(folder / "encoder")
+    save_probes(folder, router.encoder_, getattr(router, "encoder_probes_", None))
     router.featurizer_.save(folder / "featurizer")
     domain_meta, domain_arrays = router.domain_model_.state()
     np.savez(folder / "domains.npz", **domain_arrays)
@@ -118,6 +121,7 @@ def load_router(folder: Path | str, *, progress: bool | None = None) -> MixLLMRo
     router = MixLLMRouter(config=config_from_dict(manifest["config"], source=str(manifest_path)), progress=progress)
     router.encoder_ = QueryEncoder.load(folder / "encoder")
     router.encoder_.progress = progress
+    router.encoder_probes_ = load_probes(folder)  # optional: routers saved before the check have none
     router.featurizer_ = QueryFeaturizer.load(folder / "featurizer")
     if not (folder / "domains.npz").is_file():
         raise ModelFormatError(f"{folder} is incomplete: domains.npz is missing")
