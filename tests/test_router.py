@@ -344,10 +344,10 @@ def test_a_loaded_router_checks_its_encoder_against_the_vectors_saved_with_it(fi
     assert loaded.describe()["encoder"]["check"] == same
     # Another machine's vectors: each moved a little off the saved direction.
     with np.load(folder / PROBES_FILE) as data:
-        vectors, fingerprint = data["vectors"], data["fingerprint"]
+        vectors, fingerprint, sentences = data["vectors"], data["fingerprint"], data["sentences"]
     noise = np.random.default_rng(0).normal(scale=0.05, size=vectors.shape).astype(np.float32)
     moved = (vectors + noise) / np.linalg.norm(vectors + noise, axis=1, keepdims=True)
-    np.savez(folder / PROBES_FILE, vectors=moved, fingerprint=fingerprint)
+    np.savez(folder / PROBES_FILE, vectors=moved, fingerprint=fingerprint, sentences=sentences)
     elsewhere = MixLLMRouter.load(folder, progress=False).check_encoder()
     expected = float(np.min(np.sum(moved * vectors, axis=1)))
     assert elsewhere["min_cosine"] == pytest.approx(expected, abs=1e-4) and elsewhere["min_cosine"] < 0.999
@@ -365,7 +365,12 @@ def test_a_loaded_router_checks_its_encoder_against_the_vectors_saved_with_it(fi
     resaved = MixLLMRouter.load(folder, progress=False).save(tmp_path / "updated")
     with np.load(resaved / PROBES_FILE) as data:
         np.testing.assert_array_equal(data["vectors"], moved)
-    # A router saved before the check has no vectors: nothing to say, and it loads as before.
+    # Vectors of other probe sentences (a later mixllm's) or an unreadable file: nothing to compare,
+    # and the router loads as before; so does one saved before the check.
+    np.savez(folder / PROBES_FILE, vectors=vectors, fingerprint=fingerprint, sentences=np.array("other"))
+    assert MixLLMRouter.load(folder, progress=False).check_encoder() is None
+    (folder / PROBES_FILE).write_bytes(b"not an npz file")
+    assert MixLLMRouter.load(folder, progress=False).check_encoder() is None
     (folder / PROBES_FILE).unlink()
     assert MixLLMRouter.load(folder, progress=False).check_encoder() is None
 

@@ -11,10 +11,14 @@ user's text."""
 
 from __future__ import annotations
 
+import hashlib
+import logging
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+logger = logging.getLogger(__name__)
 
 PROBES_FILE = "encoder_probes.npz"
 
@@ -27,6 +31,10 @@ PROBE_SENTENCES = (
     "Résumez ce paragraphe en une phrase : la réunion est reportée à jeudi, faute de quorum.",
     " ".join(f"Fact {i}: item {i} weighs {3 * i} grams." for i in range(80)) + " Which item weighs 42 grams?",
 )
+
+
+# Saved with the vectors: vectors of other sentences (a later mixllm may change them) are not compared.
+SENTENCES_DIGEST = hashlib.blake2b("\x00".join(PROBE_SENTENCES).encode("utf-8"), digest_size=8).hexdigest()
 
 
 def probe_vectors(encoder: Any) -> np.ndarray:
@@ -44,16 +52,28 @@ def save_probes(folder: Path, encoder: Any, kept: dict[str, Any] | None) -> None
         vectors = kept["vectors"]
     else:
         vectors = probe_vectors(encoder)
-    np.savez(folder / PROBES_FILE, vectors=vectors, fingerprint=np.array(encoder.fingerprint_))
+    np.savez(folder / PROBES_FILE, vectors=vectors, fingerprint=np.array(encoder.fingerprint_),
+             sentences=np.array(SENTENCES_DIGEST))
 
 
 def load_probes(folder: Path) -> dict[str, Any] | None:
-    """The saved reference, or None (a router saved before the check existed)."""
+    """The saved reference, or None: a router saved before the check existed, or with other probe
+    sentences, or a file that cannot be read (said in the log; the router loads all the same)."""
     path = Path(folder) / PROBES_FILE
     if not path.is_file():
         return None
-    with np.load(path) as data:
-        return {"vectors": data["vectors"], "fingerprint": str(data["fingerprint"])}
+    try:
+        with np.load(path) as data:
+            reference = {"vectors": data["vectors"], "fingerprint": str(data["fingerprint"]),
+                         "sentences": str(data["sentences"])}
+    except (OSError, ValueError, KeyError) as exc:
+        logger.warning("%s cannot be read (%s: %s): the encoder check is off for this model", path,
+                       type(exc).__name__, exc)
+        return None
+    if reference["sentences"] != SENTENCES_DIGEST:
+        logger.info("%s holds vectors of other probe sentences: the encoder check is off for this model", path)
+        return None
+    return reference
 
 
 def agreement(reference: dict[str, Any], encoder: Any) -> dict[str, Any]:

@@ -98,6 +98,7 @@ class MixLLMRouter(RoutingMixin, OnlineLearningMixin, BaseEstimator):
         t = time.perf_counter()
         self.encoder_ = encoder if encoder is not None else self.fit_encoder(queries, labels)
         self.encoder_probes_ = None  # this machine's vectors for the probe sentences are made at save
+        self.encoder_check_ = None
         self.timings_["fine_tune_s"] = time.perf_counter() - t
         t = time.perf_counter()
         embeddings = self._embed(self.encoder_, queries)

@@ -180,26 +180,26 @@ class ModelLifecycle:
 
     def _check_encoder(self, router: Any, number: int) -> None:
         """Does the encoder embed here as where the model was saved? Logged, and shown by GET /model
-        (`encoder.check`, null until done); never a reason to refuse the model, which may still route well."""
+        (`encoder.check`: null until done, and for a model saved without the probe vectors); never a
+        reason to refuse the model, which may still route well."""
         try:
             check = router.check_encoder()
+            if check is None:
+                return
+            cosine, floor = check["min_cosine"], self.config.service.encoder_check_min_cosine
+            if cosine is None or cosine < floor:
+                logger.warning("version %d: the encoder embeds differently here than where the model was saved "
+                               "(lowest cosine over %d probe sentences %s, below service.encoder_check_min_cosine %s"
+                               "%s): its heads were fitted to the other embeddings; retrain on this machine, or serve "
+                               "a backend that computes the same here (embedding.backend onnx or torch, not int8)",
+                               number, check["probes"], cosine, floor,
+                               "" if check.get("same_encoder", True) else "; the saved vectors are of another encoder")
+            else:
+                logger.info("version %d: the encoder embeds as where it was saved (lowest cosine %s over %d probe "
+                            "sentences)", number, cosine, check["probes"])
         except Exception as exc:  # noqa: BLE001 - a check must not cost the service its model
             logger.warning("version %d: the encoder check failed (%s: %s); serving it anyway", number,
                            type(exc).__name__, exc)
-            return
-        if check is None:
-            return
-        cosine = check["min_cosine"]
-        if cosine is None or cosine < self.config.service.encoder_check_min_cosine:
-            logger.warning("version %d: the encoder embeds differently here than where the model was saved (lowest "
-                           "cosine over %d probe sentences %s, below service.encoder_check_min_cosine %s%s): its "
-                           "heads were fitted to the other embeddings; retrain on this machine, or serve a backend "
-                           "that computes the same here (embedding.backend onnx or torch, not int8)", number,
-                           check["probes"], cosine, self.config.service.encoder_check_min_cosine,
-                           "" if check.get("same_encoder", True) else "; and the saved vectors are of another encoder")
-        else:
-            logger.info("version %d: the encoder embeds as where it was saved (lowest cosine %s over %d probe "
-                        "sentences)", number, cosine, check["probes"])
 
     def _reload_enabled_flags(self) -> list[str]:
         """Re-read params.yaml and apply its llms[].enabled to the served model at once (an upstream
