@@ -1,8 +1,9 @@
 """Does the encoder embed here as it did where the router was saved? The heads were fitted to the
 embeddings of the machine that trained them; a router served elsewhere should see the same vectors.
-The int8 transformer does not everywhere: onnxruntime's int8 kernels differ between CPUs, and the
-same commit's subset router scored AIQ 0.9769 on one machine against 0.9778 on another
-(benchmarks/RESULTS.md, "The int8 transformer's figures move with the CPU").
+The int8 transformer may not: the same commit's int8 subset router scored AIQ 0.9769 on one machine
+against 0.9778 on another, where the fp32 one scored 0.9778 on both (benchmarks/RESULTS.md, "The int8
+transformer's figures move with the CPU"; onnxruntime's int8 kernels differ between CPUs, the likely
+cause, not shown).
 
 So a saved router keeps the vectors its encoder gave a few fixed probe sentences where it was saved
 (encoder_probes.npz, with the encoder's fingerprint), and a loaded one can embed them again and say
