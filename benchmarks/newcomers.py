@@ -110,14 +110,14 @@ def tier_prior_mean(router: Any, llm: str, scale: float) -> None:
     averaged with weights by closeness in log price (the price_tier rule's), so a priori the
     newcomer departs from its domain level on each query the way LLMs of its price do (the
     domain block and the bias keep mean 0: the per-domain prior sets the level)."""
+    from mixllm.core.online_learning import price_closeness_weights
+
     def price(name: str) -> float:
         return router.catalogue_[name]["input_usd_per_1k"] + router.catalogue_[name]["output_usd_per_1k"]
 
     trained = [m for m in router.quality_models_ if m != llm and m not in router.anchors_
                and router.quality_models_[m].kind == "bayesian_linear"]
-    distance = np.log(np.maximum([price(m) for m in trained], 1e-12)) - np.log(max(price(llm), 1e-12))
-    weights = np.exp(-0.5 * distance**2)
-    weights = weights / weights.sum()
+    weights = price_closeness_weights(np.array([price(m) for m in trained]), price(llm))
     base = router.n_base_features_
     mean_coef = sum(w * router.quality_models_[m].model_.coef_[:base] for w, m in zip(weights, trained))
     head = router.quality_models_[llm].model_

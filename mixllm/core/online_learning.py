@@ -25,6 +25,15 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
+def price_closeness_weights(prices: np.ndarray, price_per_1k: float) -> np.ndarray:
+    """Weights over LLMs (summing to 1) by closeness of their price to `price_per_1k` in log price
+    (a Gaussian of width 1; unpriced LLMs get none): the price_tier newcomer prior's weights."""
+    prices = np.asarray(prices, dtype=float)
+    distance = np.log(np.maximum(prices, 1e-12)) - np.log(max(price_per_1k, 1e-12))
+    weights = np.exp(-0.5 * distance**2) * (prices > 0)
+    return weights / weights.sum() if weights.sum() > 0 else np.full(len(prices), 1 / len(prices))
+
+
 class OnlineLearningMixin:
     """`partial_fit`, `add_llm`, `remove_llm`, `set_enabled`, `apply_enabled_flags`, `apply_catalogue`."""
 
@@ -210,10 +219,7 @@ class OnlineLearningMixin:
             return pool[:, affordable].max(axis=1)
         if price_per_1k <= 0 or (prices <= 0).all():
             return pool.mean(axis=1)
-        distance = np.log(np.maximum(prices, 1e-12)) - np.log(price_per_1k)
-        weights = np.exp(-0.5 * distance**2) * (prices > 0)
-        weights = weights / weights.sum() if weights.sum() > 0 else np.full(len(existing), 1 / len(existing))
-        return pool @ weights
+        return pool @ price_closeness_weights(prices, price_per_1k)
 
     def remove_llm(self, name: str) -> MixLLMRouter:
         """Take an LLM out of the pool; the others are untouched."""
