@@ -272,6 +272,26 @@ def test_the_onnx_backend_embeds_as_the_transformer_does_and_loads_without_torch
         np.testing.assert_array_equal(duplicate.transform(AWKWARD), exported.transform(AWKWARD))
 
 
+def test_the_onnx_encoder_batches_queries_of_similar_length_and_returns_them_in_order(static_encoder):
+    from mixllm.core.encoder_backends import OnnxEncoder
+
+    shared = static_encoder.with_settings(backend="onnx", max_seq_length=64).onnx_
+    encoder = OnnxEncoder(shared.graph, shared.tokenizer_json, shared.input_names, 64, "left")  # its own session
+    long_text, short_text = "count " * 100 + "the end?", "Hi?"
+    texts = [long_text, short_text, long_text + " again", short_text + "!"]
+    widths, run = [], encoder.session.run
+
+    def recording_run(outputs, feeds):
+        widths.append(feeds["input_ids"].shape[1])
+        return run(outputs, feeds)
+
+    encoder.session = type("Recording", (), {"run": staticmethod(recording_run)})()
+    together = encoder.encode(texts, batch_size=2)
+    # The two short queries share a batch, padded to a few tokens instead of the long ones' 64.
+    assert sorted(widths) == [widths[0], 64] and widths[0] < 10, widths
+    alone = np.vstack([encoder.encode([text], batch_size=2) for text in texts])
+    np.testing.assert_allclose(together, alone, atol=1e-5)  # each row is its own text's vector
+
 def test_auto_backends_name_each_candidates_encoder_settings():
     from pydantic import ValidationError
 

@@ -213,6 +213,15 @@ class OnnxEncoder:
         return cls(graph, tokenizer.to_str(), names, max_seq_length, truncation_side)
 
     def encode(self, texts: Sequence[str], batch_size: int, progress: bool = False) -> np.ndarray:
+        """Unit vectors, one row per text, in the order given.
+
+        Texts run in batches of similar length (as sentence-transformers' own `encode` does): each
+        batch is padded to its longest text, so a short query batched with long prompts would cost
+        a long prompt's time. On a log of mixed lengths (llmrouter_dc) this halves the pass; the
+        mean pooling ignores padding, so each vector is the one it would be alone (to ~1e-7).
+        """
+        texts = list(texts)
+        order = np.argsort([len(text) for text in texts], kind="stable")
         parts = []
         starts = range(0, len(texts), batch_size)
         if progress:
@@ -220,11 +229,12 @@ class OnnxEncoder:
 
             starts = tqdm(starts, desc="Batches", unit="batch")
         for start in starts:
-            encodings = self.tokenizer.encode_batch(list(texts[start:start + batch_size]))
+            encodings = self.tokenizer.encode_batch([texts[i] for i in order[start:start + batch_size]])
             feeds = {name: np.asarray([getattr(encoding, ONNX_INPUTS[name]) for encoding in encodings], dtype=np.int64)
                      for name in self.input_names}
             parts.append(self.session.run(None, feeds)[0])
-        vectors = np.vstack(parts).astype(np.float32)
+        vectors = np.empty((len(texts), parts[0].shape[1]), dtype=np.float32)
+        vectors[order] = np.vstack(parts)
         norms = np.linalg.norm(vectors, axis=1, keepdims=True)
         return vectors / np.where(norms > 0, norms, 1.0)
 
