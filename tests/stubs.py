@@ -15,7 +15,9 @@ class UpstreamStub:
     `behaviour[model]` makes it fail for that model: "500" or "429" (that status), "close" (the
     connection is closed with no answer), "slow" (answers after `slow_s`), "drop" (a stream that
     breaks after its first chunk), "cut" (a stream that ends cleanly after its first chunk, without
-    `data: [DONE]`), "trickle" (a whole stream, one chunk every 0.25 s for about 3 s)."""
+    `data: [DONE]`), "headers-only" (a stream's 200 and headers, then the connection closes before
+    any chunk), "trickle" (a whole stream, one chunk every 0.25 s for about 3 s), "400" (the request
+    refused as invalid, naming `temperature` as OpenAI does)."""
 
     def __init__(self, slow_s: float = 10.0) -> None:
         self.requests: list[dict] = []
@@ -35,6 +37,24 @@ class UpstreamStub:
                     self.send_header("Content-Length", str(len(payload)))
                     self.end_headers()
                     self.wfile.write(payload)
+                    return
+                if behaviour == "400":
+                    payload = json.dumps({"error": {"message": "temperature must be at most 2", "param": "temperature",
+                                                    "type": "invalid_request_error"}}).encode()
+                    self.send_response(400)
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    self.wfile.write(payload)
+                    return
+                if behaviour == "headers-only" and body.get("stream"):
+                    self.send_response(200)
+                    self.send_header("Content-Type", "text/event-stream")
+                    self.send_header("Transfer-Encoding", "chunked")
+                    self.end_headers()
+                    self.wfile.flush()
+                    time.sleep(0.2)
+                    self.close_connection = True
+                    self.connection.shutdown(2)  # before the first chunk
                     return
                 if behaviour == "close":
                     self.close_connection = True

@@ -62,6 +62,14 @@ def test_split_fractions_must_leave_training_data():
         config_from_dict({"split": {"validation_fraction": 0.6, "holdout_fraction": 0.5}})
 
 
+def test_the_proxys_failover_must_end_before_the_servers_request_timeout():
+    """Otherwise the server cancels the proxy's last attempts before the proxy can answer."""
+    with pytest.raises(ConfigError, match="failover.deadline_s .* must be below service.request_timeout_s"):
+        config_from_dict({"service": {"request_timeout_s": 60, "failover": {"deadline_s": 60}}})
+    config = config_from_dict({"service": {"request_timeout_s": 61, "failover": {"deadline_s": 60}}})
+    assert config.service.failover.deadline_s < config.service.request_timeout_s
+
+
 def test_not_a_mapping(tmp_path):
     path = tmp_path / "params.yaml"
     path.write_text("- just\n- a list\n", encoding="utf-8")

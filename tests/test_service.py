@@ -23,6 +23,7 @@ from mixllm.io.registry import Registry
 from mixllm.io.scratch_folders import DOWNLOAD_PREFIX, owned_prefix
 from mixllm.io.attempts import AttemptLog
 from mixllm.io.store import InteractionLog
+from mixllm.io.store_schema import logged_decision_details
 from mixllm.jobs.training import run_training
 from stubs import UpstreamStub
 from synthetic import PRICE_PER_1K, make_log, write_params
@@ -1086,6 +1087,11 @@ def test_the_proxy_fails_over_along_the_ranking(service, upstream, failure):
         assert skipped.status_code == 200 and skipped.headers["x-mixllm-llm"] == "cheap-chat"
         assert not called & open_now, "an LLM with an open breaker is no candidate"
         assert set(skipped.headers["x-mixllm-circuit-open"].split(",")) == open_now, "and the answer says which"
+        store = InteractionLog(config.sqlalchemy_url(config.service.feedback_store_url))
+        logged = logged_decision_details(store.decision(skipped.headers["x-mixllm-decision-id"])["candidates"])
+        store.dispose()
+        assert [n for n in logged["notes"] if "circuit breaker open" in n and all(m in n for m in open_now)], \
+            ("so does the decision's log", logged["notes"])
         named = _chat(base, sorted(failed)[0])
         assert named.status_code == 503 and "circuit" in named.text, "a named LLM with an open circuit: no call"
     finally:
@@ -1104,13 +1110,15 @@ def test_when_every_upstream_fails_the_answer_is_one_502_after_max_attempts(serv
         _close_breakers(base, upstream)
 
 
-def test_a_stream_fails_over_before_its_first_byte(service, upstream):
-    """A streamed chat whose chosen LLM answers 500 before streaming is answered, streamed, by the
-    next candidate; the caller sees one clean stream and the headers name who answered."""
+@pytest.mark.parametrize("failure", ["500", "headers-only"])
+def test_a_stream_fails_over_before_its_first_chunk(service, upstream, failure):
+    """A streamed chat whose chosen LLM fails before its first chunk (a 500, or a 200 whose stream
+    breaks before any data) is answered, streamed, by the next candidate; the caller sees one
+    clean stream and the headers name who answered."""
     import openai
 
     base = service["base"]
-    upstream.behaviour.update({"upstream-strong": "500", "upstream-coder": "500"})
+    upstream.behaviour.update({"upstream-strong": failure, "upstream-coder": failure})
     try:
         client = openai.OpenAI(base_url=f"{base}/v1", api_key=TOKEN, max_retries=0, timeout=60)
         raw = client.chat.completions.with_raw_response.create(
@@ -1139,6 +1147,25 @@ def test_a_stream_dropped_midway_ends_with_an_error_not_silently(service, upstre
             for chunk in stream:
                 received.append(chunk.choices[0].delta.content)
         assert received == ["partial "], "the first chunk arrived before the error"
+    finally:
+        _close_breakers(base, upstream)
+
+
+def test_an_upstream_that_refuses_the_request_itself_answers_a_4xx_and_keeps_its_breaker_closed(service, upstream):
+    """An upstream's 400 is the request's fault (a parameter out of its range): the caller gets a
+    400 naming the field, no other LLM is tried, and no number of such calls opens the breaker
+    (service.failover.breaker_failures is 2 here): one tenant's bad parameter must not take an LLM
+    away from every tenant."""
+    base = service["base"]
+    upstream.behaviour["upstream-coder"] = "400"
+    try:
+        for _ in range(3):
+            before = len(upstream.requests)
+            refused = _chat(base, "coder")
+            assert refused.status_code == 400, refused.text
+            assert refused.json()["error"]["param"] == "temperature" and "refused the request" in refused.text
+            assert len(upstream.requests) - before == 1, "not failed over"
+        assert httpx.get(f"{base}/model", timeout=30).json()["open_circuits"] == []
     finally:
         _close_breakers(base, upstream)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from mixllm.config.base import StrictModel, _named_uniquely
 
@@ -61,8 +61,9 @@ class FailoverConfig(StrictModel):
     """The proxy's failover along the router's ranking, and its per-LLM circuit breakers."""
 
     # Upstreams tried for one chat, the router's choice first, then the next candidates by score.
-    # A connection error, a timeout, a 429 or a 5xx (before the first streamed byte) moves on; any
-    # other 4xx is the request's fault and is answered at once.
+    # A connection error, a timeout, a 429 or a 5xx (streamed: before the first chunk) moves on. A
+    # 400, 413 or 422 is the request's fault: answered with that status, not held against the LLM's
+    # breaker. Any other 4xx (a wrong key or model name: the server's setup) is answered at once, a 502.
     max_attempts: int = Field(default=3, ge=1)
     deadline_s: float = Field(default=120.0, gt=0)  # all attempts of one chat together
     # A breaker opens after `breaker_failures` failed calls within `breaker_window_s`: the LLM is
@@ -124,7 +125,10 @@ class ServiceConfig(StrictModel):
     # Where answered calls wait, on local disk, while the decision log refuses their spend records
     # (a restart meanwhile loses none; replayed, each once, when the database takes them).
     spend_journal_path: Path = Path("data/spend_journal.jsonl")
-    request_timeout_s: int = Field(default=60, ge=1)
+    # BentoML's own limit on one request: past it the request is cancelled. The proxy's failover
+    # (failover.deadline_s, all its attempts) must give up before it, so a caller gets the proxy's
+    # answer (which LLMs were tried, x-mixllm-attempts) rather than the server's timeout.
+    request_timeout_s: int = Field(default=150, ge=1)
     max_body_bytes: int = Field(default=1_048_576, ge=1024)  # larger requests get 413
     # A routed call without a completion report counts as in flight for twice its expected service
     # time (latency profile), never longer than this.
@@ -163,6 +167,14 @@ class ServiceConfig(StrictModel):
     # Answered proxy calls whose records the decision log has not taken yet are kept in memory and
     # retried; past this many, the proxy answers 503 for every caller until they are written.
     max_unwritten_calls: int = Field(default=1000, ge=1)
+
+    @model_validator(mode="after")
+    def _failover_ends_before_the_request_timeout(self) -> "ServiceConfig":
+        if self.failover.deadline_s >= self.request_timeout_s:
+            raise ValueError(f"service.failover.deadline_s ({self.failover.deadline_s:g}) must be below "
+                             f"service.request_timeout_s ({self.request_timeout_s}): the server would cancel the "
+                             "proxy's last attempts before the proxy could answer; lower the one or raise the other")
+        return self
 
 
 class SessionConfig(StrictModel):

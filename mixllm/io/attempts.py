@@ -19,7 +19,9 @@ from mixllm.io.store_schema import decisions, metadata
 logger = logging.getLogger(__name__)
 
 # What an attempt came to: the proxy's outcomes (mixllm_proxy_calls_total's status label).
-OUTCOMES = ("ok", "upstream_error", "unreachable", "dropped")
+# refused_request: the upstream refused the request itself (a 400, 413 or 422); cancelled: the call
+# was cut off by the server's request timeout or by the caller leaving.
+OUTCOMES = ("ok", "upstream_error", "unreachable", "dropped", "refused_request", "cancelled")
 
 attempts = sa.Table(
     "attempts",

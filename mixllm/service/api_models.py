@@ -12,7 +12,8 @@ from typing import Annotated, Any, Literal, Optional
 
 import numpy as np
 from fastapi.responses import JSONResponse
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator,
+                      model_validator)
 
 
 def _settings() -> tuple[Any, Any, bool]:
@@ -81,6 +82,9 @@ class RouteRequest(BaseModel):
         "What the caller knows about the query's kind (a benchmark, an application, a prompt template). "
         "A task the router was trained on (GET /model: tasks) places the query in that domain; "
         "others are ignored, and the response's notes say so."))] = None
+    # Set by the service, never by a caller (a private attribute is no request field): why the
+    # candidates are what they are (the proxy's open circuit breakers), logged with the decision.
+    _service_notes: list[str] = PrivateAttr(default_factory=list)
 
     @field_validator("query")
     @classmethod

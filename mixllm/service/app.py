@@ -105,7 +105,7 @@ for _app in (openai_app, admin_app, root_app):
 root_app.add_exception_handler(RequestValidationError, _chat_request_invalid)  # /stats?days=abc: a 400
 
 
-@bentoml.service(workers=1, threads=SETTINGS.threads, traffic={"timeout": 120})
+@bentoml.service(workers=1, threads=SETTINGS.threads, traffic={"timeout": SETTINGS.request_timeout_s})
 @bentoml.asgi_app(openai_app, path="/v1")
 @bentoml.asgi_app(admin_app, path="/admin")
 @bentoml.asgi_app(root_app, path="/")

@@ -83,6 +83,14 @@ class CircuitBreakers:
                 breaker.opened_at = now
                 breaker.failures.clear()
 
+    def release(self, llm: str) -> None:
+        """A call to `llm` that ended with no verdict on the upstream (cancelled, or refused as the
+        request's own fault): nothing is counted, and a half-open breaker's probe slot is free again."""
+        with self._lock:
+            breaker = self._breakers.get(llm)
+            if breaker is not None:
+                breaker.probing = False
+
     def open_llms(self) -> list[str]:
         """LLMs whose breaker is open or half-open (for GET /model and the decision's notes)."""
         with self._lock:

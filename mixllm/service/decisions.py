@@ -71,7 +71,8 @@ class RouteDecisions:
                     results[valid[row]] = error(400, exc.field, str(exc))
                 continue
             decided.update(zip(rows, decisions))
-        records = [(valid[row], items[valid[row]], decided[row]) for row in range(len(valid)) if row in decided]
+        records = [(valid[row], items[valid[row]], _with_service_notes(decided[row], items[valid[row]]))
+                   for row in range(len(valid)) if row in decided]
         if atomic and any(isinstance(result, JSONResponse) for result in results):
             return results
         try:
@@ -127,3 +128,12 @@ class RouteDecisions:
             else:
                 ids.append(next(ids_plain))
         return ids
+
+
+def _with_service_notes(decision: Any, item: Any) -> Any:
+    """The router's decision, with the service's notes on its candidates (logged, and answered)."""
+    if not item._service_notes:
+        return decision
+    import dataclasses
+
+    return dataclasses.replace(decision, notes=(*decision.notes, *item._service_notes))

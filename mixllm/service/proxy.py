@@ -157,6 +157,8 @@ class ChatProxy(UpstreamCalls):
             session, sticky_llm = await anyio.to_thread.run_sync(self._session, request, http_request, tenant)
             try:
                 item = RouteRequest(query=self._routed_text(request, text), lambda_=lambda_, candidates=candidates)
+                if circuit_open:  # the decision's log says it was made without them
+                    item._service_notes.append(f"left out, circuit breaker open: {', '.join(circuit_open)}")
             except ValidationError as exc:
                 problem = exc.errors()[0]
                 field = "model" if problem["loc"] and problem["loc"][0] in ("lambda", "lambda_") else "messages"

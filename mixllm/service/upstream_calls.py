@@ -23,12 +23,32 @@ from mixllm.service.api_models import CONSUMED_CHAT_FIELDS, ChatRequest, error
 logger = logging.getLogger("bentoml.mixllm")  # bentoml serve shows "bentoml.*" loggers
 
 
+# Upstream statuses that refuse the request itself (a forwarded field outside what that upstream
+# accepts): the caller's fault, so answered as such, not failed over and not held against the
+# upstream's circuit breaker (one tenant's bad parameter must not open an LLM for every tenant).
+REQUEST_FAULTS = (400, 413, 422)
+
+
+def _refused_field(detail: str) -> str | None:
+    """The field an upstream's 4xx names (OpenAI's error.param), if it is a plain field name."""
+    try:
+        param = json.loads(detail).get("error", {}).get("param")
+    except (ValueError, AttributeError):
+        return None
+    return param if isinstance(param, str) and re.fullmatch(r"[A-Za-z_][\w.\[\]]{0,63}", param) else None
+
+
 def _redacted(text: str, secrets: list[str]) -> str:
     """Text from an upstream, safe to log: the keys it might echo, and any bearer token, removed."""
     for secret in secrets:
         if secret:
             text = text.replace(secret, "[redacted]")
     return re.sub(r"(?i)bearer\s+[^\s\"']+", "Bearer [redacted]", text)
+
+
+def _failure(status: int) -> str:
+    """A failed call's outcome, as recorded: the request's fault, or the upstream's."""
+    return "refused_request" if status in REQUEST_FAULTS else "upstream_error"
 
 
 class UpstreamCalls:
@@ -88,9 +108,15 @@ class UpstreamCalls:
             headers["Authorization"] = f"Bearer {key}"
 
         def upstream_failed(status: int, detail: str, what: str = "") -> tuple[JSONResponse, bool]:
-            # The caller gets no upstream text (it may echo the key); the log gets it, redacted.
+            # The caller gets no upstream text (it may echo the key); the log gets it, redacted (before it
+            # is cut: a key across the cut would otherwise be logged in part).
             logger.warning("upstream for %s answered %d%s (attempt %d, decision %s): %s", llm, status, what, attempt,
-                           decision_id, _redacted(detail[:500], [key or ""]))
+                           decision_id, _redacted(detail, [key or ""])[:500])
+            if status in REQUEST_FAULTS:
+                field = _refused_field(detail)
+                return error(status, field, f"upstream for {llm} refused the request ({status}): "
+                             f"{'the field ' + field if field else 'a forwarded field'} is outside what it accepts; "
+                             "the service log has its answer", {"x-mixllm-llm": llm}), False
             retryable = status == 429 or status >= 500 or status < 400  # < 400: a 2xx that is no answer
             return error(502, None, f"upstream for {llm} answered {status}{what}; the service log has the details",
                          {"x-mixllm-llm": llm}), retryable
@@ -118,7 +144,10 @@ class UpstreamCalls:
             self.metrics.proxied.labels(llm=llm, status=status).inc()
             self.attempts.submit(decision_id=decision_id, attempt=attempt, llm=llm, outcome=status,
                                  status_code=status_code, latency_s=latency)  # written by a background thread
-            self.breakers.record(llm, ok=status == "ok")
+            if status in ("refused_request", "cancelled"):  # no verdict on the upstream itself
+                self.breakers.release(llm)
+            else:
+                self.breakers.record(llm, ok=status == "ok")
             # A failed call's time says nothing about the LLM's speed (a dead upstream fails fast).
             self.load.finish(call_id, latency if status == "ok" else None)
             if status not in ("ok", "dropped"):  # refused or failed: nothing to pay for
@@ -158,7 +187,7 @@ class UpstreamCalls:
                 response = await client.post(url, json=payload, headers=headers)
                 await client.aclose()
                 if response.status_code >= 400:
-                    await finish("upstream_error", None, response.status_code)
+                    await finish(_failure(response.status_code), None, response.status_code)
                     return upstream_failed(response.status_code, response.text)
                 try:
                     body = response.json()
@@ -179,8 +208,20 @@ class UpstreamCalls:
                 text = (await response.aread()).decode(errors="replace")
                 await response.aclose()
                 await client.aclose()
-                await finish("upstream_error", None, response.status_code)
+                await finish(_failure(response.status_code), None, response.status_code)
                 return upstream_failed(response.status_code, text)
+            # The stream is read up to its first data line before the caller gets anything: until
+            # then nothing has reached the caller, so a stream that breaks or ends first fails over.
+            lines = response.aiter_lines()
+            opening: list[str] = []
+            while not any(line.startswith("data:") for line in opening):
+                try:
+                    opening.append(await lines.__anext__())
+                except StopAsyncIteration:
+                    await response.aclose()
+                    await client.aclose()
+                    await finish("upstream_error", None, response.status_code)
+                    return upstream_failed(response.status_code, "\n".join(opening), " but sent no data")
         except httpx.HTTPError as exc:
             await client.aclose()
             await finish("unreachable", None)
@@ -188,11 +229,26 @@ class UpstreamCalls:
                            attempt, decision_id)
             return error(502, None, f"upstream for {llm} is unreachable ({type(exc).__name__})",
                          {"x-mixllm-llm": llm}), True
+        except BaseException:
+            # Cancelled (the server's request timeout, the caller gone): the call still ends here, so
+            # it leaves the in-flight count, its attempt is recorded, and a probe frees its breaker.
+            await finish("cancelled", None)
+            import anyio
+
+            with anyio.CancelScope(shield=True):
+                await client.aclose()
+            raise
+
+        async def every_line() -> Any:
+            for line in opening:
+                yield line
+            async for line in lines:
+                yield line
 
         async def relay() -> Any:
             usage, complete = None, False
             try:
-                async for line in response.aiter_lines():
+                async for line in every_line():
                     complete = complete or line.strip() == "data: [DONE]"
                     if line.startswith("data: ") and line != "data: [DONE]":
                         try:
