@@ -17,7 +17,7 @@ class UpstreamStub:
     breaks after its first chunk), "cut" (a stream that ends cleanly after its first chunk, without
     `data: [DONE]`), "headers-only" (a stream's 200 and headers, then the connection closes before
     any chunk), "trickle" (a whole stream, one chunk every 0.25 s for about 3 s), "400" (the request
-    refused as invalid, naming `temperature` as OpenAI does)."""
+    refused as invalid, naming `temperature` as OpenAI does), "no-usage" (an answer without `usage`)."""
 
     def __init__(self, slow_s: float = 10.0) -> None:
         self.requests: list[dict] = []
@@ -95,7 +95,8 @@ class UpstreamStub:
                     self.wfile.write(b"<html>oops")
                     return
                 text = f"answer from {model}"
-                usage = {"prompt_tokens": 12, "completion_tokens": 5, "total_tokens": 17}
+                usage = None if behaviour == "no-usage" else {"prompt_tokens": 12, "completion_tokens": 5,
+                                                              "total_tokens": 17}
                 if not body.get("stream"):
                     payload = json.dumps({"id": "c1", "object": "chat.completion", "created": int(time.time()),
                                           "model": model, "usage": usage,

@@ -95,7 +95,11 @@ class UpstreamCalls:
     async def _attempt(self, request: ChatRequest, llm: str, upstream: Any, decision_id: str | None,
                        version: int, timeout_s: float, attempt: int, tenant: Any = None,
                        predicted_cost: float | None = None, router_ms: float | None = None) -> tuple[Any, bool]:
-        """One upstream call: (the response for the caller, whether another LLM may be tried)."""
+        """One upstream call: (the response for the caller, whether another LLM may be tried).
+
+        `timeout_s` bounds the whole call up to its answer (streamed: its first chunk); httpx's own
+        timeout bounds each read and write, so a trickling upstream could otherwise outlast it."""
+        import anyio
         import httpx
 
         payload = request.model_dump(exclude_none=True, exclude=set(CONSUMED_CHAT_FIELDS))
@@ -177,14 +181,15 @@ class UpstreamCalls:
                         logger.warning("decision %s: the call's cost, latency and LLM (%s) not recorded: %s",
                                        decision_id, llm, exc)
 
-            import anyio
-
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(record)
 
         try:
             if not request.stream:
-                response = await client.post(url, json=payload, headers=headers)
+                with anyio.move_on_after(timeout_s) as limit:
+                    response = await client.post(url, json=payload, headers=headers)
+                if limit.cancelled_caught:
+                    raise httpx.TimeoutException(f"no answer within {timeout_s:.3g} s")
                 await client.aclose()
                 if response.status_code >= 400:
                     await finish(_failure(response.status_code), None, response.status_code)
@@ -203,25 +208,31 @@ class UpstreamCalls:
                                   "attempts": attempt}
                 return JSONResponse(body, headers=mixllm_headers), False
             upstream_request = client.build_request("POST", url, json=payload, headers=headers)
-            response = await client.send(upstream_request, stream=True)
-            if response.status_code >= 400:
-                text = (await response.aread()).decode(errors="replace")
-                await response.aclose()
-                await client.aclose()
-                await finish(_failure(response.status_code), None, response.status_code)
-                return upstream_failed(response.status_code, text)
             # The stream is read up to its first data line before the caller gets anything: until
             # then nothing has reached the caller, so a stream that breaks or ends first fails over.
-            lines = response.aiter_lines()
             opening: list[str] = []
-            while not any(line.startswith("data:") for line in opening):
-                try:
-                    opening.append(await lines.__anext__())
-                except StopAsyncIteration:
-                    await response.aclose()
-                    await client.aclose()
+            ended = False
+            with anyio.move_on_after(timeout_s) as limit:
+                response = await client.send(upstream_request, stream=True)
+                if response.status_code >= 400:
+                    text = (await response.aread()).decode(errors="replace")
+                else:
+                    lines = response.aiter_lines()
+                    while not ended and not any(line.startswith("data:") for line in opening):
+                        try:
+                            opening.append(await lines.__anext__())
+                        except StopAsyncIteration:
+                            ended = True
+            if limit.cancelled_caught:
+                raise httpx.TimeoutException(f"no first chunk within {timeout_s:.3g} s")
+            if response.status_code >= 400 or ended:
+                await response.aclose()
+                await client.aclose()
+                if ended:
                     await finish("upstream_error", None, response.status_code)
                     return upstream_failed(response.status_code, "\n".join(opening), " but sent no data")
+                await finish(_failure(response.status_code), None, response.status_code)
+                return upstream_failed(response.status_code, text)
         except httpx.HTTPError as exc:
             await client.aclose()
             await finish("unreachable", None)
@@ -233,8 +244,6 @@ class UpstreamCalls:
             # Cancelled (the server's request timeout, the caller gone): the call still ends here, so
             # it leaves the in-flight count, its attempt is recorded, and a probe frees its breaker.
             await finish("cancelled", None)
-            import anyio
-
             with anyio.CancelScope(shield=True):
                 await client.aclose()
             raise
