@@ -24,3 +24,25 @@ def test_the_last_user_turn_is_kept_whole_and_later_messages_are_not_routed():
     text = conversation_text(messages, 4, 10)
     assert text.endswith(long_turn) and "an answer" not in text and len(text) == 10 + 1 + 500
     assert conversation_text(_messages(("assistant", "hello")), 4, 100) is None
+
+
+def test_a_session_is_sticky_unless_session_sticky_is_false():
+    """With session.sticky false a conversation keeps its session key (its turns still count as
+    one session) but is routed afresh each turn: no LLM is read back for it."""
+    from types import SimpleNamespace
+
+    from mixllm.config import config_from_dict
+    from mixllm.service.api_models import ChatRequest
+    from mixllm.service.proxy import ChatProxy
+
+    request = ChatRequest(messages=[{"role": "user", "content": "hi"}], metadata={"session_id": "s-1"})
+    no_header = SimpleNamespace(headers={})
+    proxy = ChatProxy()
+    proxy.sessions = SimpleNamespace(llm_of=lambda key: "strong")
+    proxy.config = config_from_dict({})
+    key, llm = proxy._session(request, no_header, None)
+    assert key and llm == "strong"
+    proxy.config = config_from_dict({"session": {"sticky": False}})
+    assert proxy._session(request, no_header, None) == (key, None)
+    plain = ChatRequest(messages=[{"role": "user", "content": "hi"}])
+    assert proxy._session(plain, no_header, None) == (None, None), "no session id: no session"

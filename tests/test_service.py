@@ -517,6 +517,9 @@ def test_disabling_an_llm_in_params_acts_on_admin_reload(service):
     for llm in params["llms"]:
         if llm["name"] == "coder":
             llm["enabled"] = False
+    session = {"metadata": {"session_id": "through-the-outage"}}
+    pinned = _chat(base, "mixllm:0", candidates=["coder"], **session)
+    assert pinned.status_code == 200 and pinned.headers["x-mixllm-llm"] == "coder", pinned.text
     try:
         params_path.write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
         reloaded = httpx.post(f"{base}/admin/reload", headers=AUTH, timeout=60)
@@ -525,6 +528,9 @@ def test_disabling_an_llm_in_params_acts_on_admin_reload(service):
         refused = httpx.post(f"{base}/route", json={"query": QUERY, "candidates": ["coder"]}, timeout=30)
         assert refused.status_code == 400 and _named_field(refused.json()) == "candidates", refused.text
         assert all(_route(base)["llm"] != "coder" for _ in range(5))
+        moved = _chat(base, "mixllm:0", **session)
+        assert moved.status_code == 200 and moved.headers["x-mixllm-llm"] != "coder", "a conversation leaves it"
+        assert moved.headers["x-mixllm-session"] == "routed"
     finally:
         params_path.write_text(original, encoding="utf-8")
         restored = httpx.post(f"{base}/admin/reload", headers=AUTH, timeout=60)
