@@ -44,7 +44,7 @@ def test_the_page_shows_the_figures_and_draws_its_charts_inline():
     calls = _calls()
     summary = usage_summary(calls, 0.1, "dear")
     svgs = charts(calls, summary)
-    assert set(svgs) == {"traffic", "spend", "cumulative"} and all(s.startswith("<svg") for s in svgs.values())
+    assert set(svgs) == {"traffic", "spend", "cumulative", "quality"} and all(s.startswith("<svg") for s in svgs.values())
     page = dashboard_html(summary, svgs)
     assert '<tr data-tenant="a" data-version="v1">' in page and 'data-field="net_savings_usd">$0.026000<' in page
     import re

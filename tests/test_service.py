@@ -1380,7 +1380,7 @@ def test_stats_and_the_dashboard_in_a_real_browser_show_the_recorded_calls(servi
                               for t in row.locator('td[data-field="spend_usd"]').all_inner_texts())
             assert shown_calls == 4 and shown_spend == pytest.approx(spend, abs=1e-6)
             assert int(page.locator('[data-field="overall_calls"]').inner_text()) == every["overall"]["calls"]
-            assert page.locator("figure svg").count() == 3, "three charts, drawn by the service"
+            assert page.locator("figure svg").count() == 4, "four charts, drawn by the service"
             assert page.locator("#chart-traffic svg").bounding_box()["width"] > 100, "and rendered by the browser"
             screenshot = Path(os.environ.get("MIXLLM_DASHBOARD_SCREENSHOT", tmp_path / "dashboard.png"))
             page.screenshot(path=str(screenshot), full_page=True)

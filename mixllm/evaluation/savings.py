@@ -72,7 +72,8 @@ def _svg(figure: Any) -> str:
 
 
 def charts(calls: pd.DataFrame, summary: dict[str, Any]) -> dict[str, str]:
-    """SVG charts: traffic share per LLM, spend against the reference per tenant, cumulative spend."""
+    """SVG charts: traffic share per LLM, spend against the reference per tenant, cumulative spend,
+    and per tenant the mean feedback quality and the share of calls that failed over."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -112,6 +113,24 @@ def charts(calls: pd.DataFrame, summary: dict[str, Any]) -> dict[str, str]:
     axis.legend(fontsize="small")
     figure.autofmt_xdate()
     out["cumulative"] = _svg(figure)
+
+    figure, (quality_axis, failover_axis) = plt.subplots(1, 2, figsize=(8, 0.8 + 0.6 * len(tenants)), sharey=True)
+    rated = [t["mean_feedback_quality"] for t in tenants]
+    quality_axis.barh(positions, [0.0 if q is None else q for q in rated], color="#8172b2")
+    for row, (quality, tenant) in enumerate(zip(rated, tenants)):  # a tenant without feedback is not a 0
+        quality_axis.text(0.01 if quality is None else quality + 0.01, row,
+                          "no feedback" if quality is None else f"{quality:.2f} ({tenant['feedback_count']})",
+                          va="center", fontsize="small")
+    quality_axis.set_xlim(0, 1.25)
+    quality_axis.set_yticks(positions, [t["tenant"] for t in tenants])
+    quality_axis.set_xlabel("mean feedback quality (ratings)")
+    failover_axis.barh(positions, [100.0 * t["failovers"] / t["calls"] for t in tenants], color="#ccb974")
+    for row, tenant in enumerate(tenants):
+        failover_axis.text(100.0 * tenant["failovers"] / tenant["calls"], row, f" {tenant['failovers']}",
+                           va="center", fontsize="small")
+    failover_axis.set_xlabel("calls answered after a failover, %")
+    figure.suptitle("Quality and failovers per tenant")
+    out["quality"] = _svg(figure)
     return out
 
 
