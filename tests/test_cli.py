@@ -18,6 +18,14 @@ def test_data_import_reports_counts_and_writes_report(project, synthetic_log):
     assert "already stored 180" in again.output
 
 
+def test_data_import_refuses_a_file_it_cannot_read_in_one_line_with_a_failing_exit(project):
+    (project / "random.pkl").write_bytes(bytes(range(256)) * 4)
+    result = runner.invoke(app, ["data", "import", "random.pkl"])
+    assert result.exit_code == 2, (result.output, result.exception)  # 1 with the exception's traceback before
+    assert "as a pickled DataFrame" in result.output and "Traceback" not in result.output
+    assert not (project / "data/reports/ingest.json").exists(), "nothing was imported"
+
+
 def test_data_show_on_empty_store_says_how_to_fill_it(project):
     result = runner.invoke(app, ["data", "show"])
     assert result.exit_code == 2

@@ -266,6 +266,9 @@ def test_missing_required_column_is_a_clear_error(synthetic_log, tmp_path):
         ("fake.csv.gz", b"query_id,query\n1,hi\n", "truncated or not what its name says"),  # not gzip at all
         ("semicolons.csv", b"query_id;query;llm;quality;cost_usd\n1;hi;a;1;0.1\n", "with semicolons"),
         ("broken.parquet", b"PAR1 this is not parquet", "cannot read"),
+        ("random.pkl", bytes(range(256)) * 4, "as a pickled DataFrame"),
+        ("binary.jsonl", bytes(range(256)) * 4, "no line of .* is a JSON record"),
+        ("csv-named.jsonl", b"query_id,query\n1,hi\n", "no line of .* is a JSON record"),
     ],
 )
 def test_an_unreadable_file_is_refused_in_one_line_and_stores_nothing(config, synthetic_log, tmp_path, name,

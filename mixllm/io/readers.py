@@ -94,6 +94,9 @@ def _read_jsonl(path: Path) -> tuple[pd.DataFrame, list[dict[str, Any]]]:
                 continue
             record[ORIGIN] = origin
             records.append(record)
+    if rejected and not records:  # not one record: not a JSON-lines file (binary, or another format)
+        raise DataError(f"no line of {path} is a JSON record (line {rejected[0][ORIGIN].rsplit(':', 1)[1]}: "
+                        f"{rejected[0]['detail']}): is it a JSON-lines log, one object per line? nothing was imported")
     frame = pd.DataFrame.from_records(records) if records else pd.DataFrame(columns=[ORIGIN])
     return frame, rejected
 
@@ -199,6 +202,8 @@ def _read_table(path: Path) -> tuple[pd.DataFrame, list[dict[str, Any]]]:
         raise  # already says what is wrong
     except pd.errors.EmptyDataError:
         raise DataError(f"{path} is empty: no header row and no interactions; nothing was imported") from None
+    except PermissionError:
+        raise DataError(f"cannot read {path}: permission denied; nothing was imported") from None
     except (EOFError, OSError, zlib.error) as error:
         raise DataError(f"cannot read {path}: the file is truncated or not what its name says ({error}); "
                         "nothing was imported") from None
@@ -218,7 +223,14 @@ def _read_table_unchecked(path: Path) -> tuple[pd.DataFrame, list[dict[str, Any]
         frame = pd.read_parquet(path)
     elif suffix in (".pkl", ".pkl.gz"):
         # Pickle runs code when loaded: only open RouterBench copies you trust.
-        frame = pd.read_pickle(path)
+        try:
+            frame = pd.read_pickle(path)
+        except (OSError, EOFError, MixLLMError):
+            raise  # said by _read_table
+        except Exception as error:  # noqa: BLE001 - a broken pickle fails in many ways (UnpicklingError, ...)
+            raise DataError(f"cannot read {path} as a pickled DataFrame ({type(error).__name__}: "
+                            f"{str(error).splitlines()[0] if str(error).strip() else 'no detail'}); "
+                            "nothing was imported") from None
         if not isinstance(frame, pd.DataFrame):
             raise DataError(f"{path} holds a {type(frame).__name__}, expected a pandas DataFrame (RouterBench .pkl)")
     else:
