@@ -105,3 +105,27 @@ def test_continual_reads_only_settled_feedback_in_id_order():
     assert settled_prefix(rows, 0, now)["feedback_id"].tolist() == [1, 2, 3, 4]
     naive = rows.assign(created_at=[t.tz_localize(None) for t in rows["created_at"]])  # as SQLite returns them
     assert settled_prefix(naive, 30, now)["feedback_id"].tolist() == [1, 2]
+
+
+def test_a_feedbacks_latency_reporter_is_its_tenant_else_its_address_unless_it_holds_the_admin_token(monkeypatch):
+    """Without an admin token /feedback is open to anyone: an anonymous caller's reports are capped
+    per address (they were uncapped, like the operator's, and a few dozen pinned an LLM's median)."""
+    from types import SimpleNamespace
+
+    from mixllm.service.access import TENANT_HEADER, reporting_client
+
+    def request(**headers):
+        return SimpleNamespace(headers=headers, client=SimpleNamespace(host="203.0.113.7"))
+
+    monkeypatch.delenv("TEST_ADMIN_TOKEN", raising=False)
+    assert reporting_client(request(), "TEST_ADMIN_TOKEN") == "address:203.0.113.7"
+    assert reporting_client(request(**{TENANT_HEADER.decode(): "acme"}), "TEST_ADMIN_TOKEN") == "tenant:acme"
+    monkeypatch.setenv("TEST_ADMIN_TOKEN", "secret")  # then only the admin token reaches /feedback untenanted
+    assert reporting_client(request(), "TEST_ADMIN_TOKEN") is None
+    load = LiveLoad(max_age_s=60, window=21, max_client_share=0.25)
+    for _ in range(21):
+        load.finish("", latency_s=1.0, llm="gpt")
+    for _ in range(100):
+        load.observe_latency("gpt", 3600.0, client=reporting_client(SimpleNamespace(
+            headers={}, client=SimpleNamespace(host="203.0.113.7")), "UNSET_TOKEN_ENV"))
+    assert load.snapshot().observed_latency_s["gpt"] == 1.0

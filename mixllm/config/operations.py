@@ -136,9 +136,10 @@ class ServiceConfig(StrictModel):
     # The observed latency per LLM is the median of its last this-many measured calls (robust: one
     # absurd report cannot move it; half the window must).
     latency_window: int = Field(default=51, ge=1)
-    # The most of an LLM's window that one tenant's reported latencies (/feedback latency_s) may
-    # hold: a tenant pairing /route with /feedback could otherwise move the median by itself (the
-    # admin token's reports are the operator's and are not capped).
+    # The most of an LLM's window that one reporter's latencies (/feedback latency_s) may hold: a
+    # tenant, or (no admin token configured, /feedback open) a caller's address, pairing /route with
+    # /feedback could otherwise move the median by itself (the admin token's reports are the
+    # operator's and are not capped).
     latency_client_share: float = Field(default=0.25, gt=0, le=1)
     # The decision log grows with every /route (~4 KB a decision, most of it the candidates' scores).
     # The continual job compacts it: after `decision_detail_days` a decision keeps only what feedback

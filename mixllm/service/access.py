@@ -54,6 +54,20 @@ def reporting_tenant(request: Any) -> str | None:
     return request.headers.get(TENANT_HEADER.decode()) or None
 
 
+def reporting_client(request: Any, token_env: str) -> str | None:
+    """Whose latency reports a /feedback carries, for LiveLoad's per-client cap: a tenant
+    ("tenant:<name>"); the admin token's holder, the operator, uncapped (None); or, when no admin
+    token is configured and /feedback is open to anyone, the caller's address ("address:<ip>"):
+    anonymous reporters were uncapped too, and a few dozen of them pinned an LLM's median."""
+    tenant = reporting_tenant(request)
+    if tenant:
+        return f"tenant:{tenant}"
+    if os.environ.get(token_env):  # BearerAuth let only the admin token through to /feedback
+        return None
+    client = getattr(request, "client", None)
+    return f"address:{client.host if client is not None else 'unknown'}"
+
+
 def _client_digest(authorization: bytes) -> str:
     return hashlib.sha256(authorization).hexdigest()[:16]
 

@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException
 from mixllm.core.errors import StoreBusyError
 from mixllm.io.scratch_folders import remove_own_downloads
 from mixllm.service import header_deadline
-from mixllm.service.access import BearerAuth, ClientRateLimit, TenantKeys, reporting_tenant
+from mixllm.service.access import BearerAuth, ClientRateLimit, TenantKeys, reporting_client
 from mixllm.service.api_models import (
     PROXY_SPENDS_KEYS,
     ROUTABLE,
@@ -240,13 +240,14 @@ class MixLLMService(ModelLifecycle, RouteDecisions, ChatProxy, TenantBudgets, Se
     def feedback(self, request: FeedbackRequest, /, ctx: bentoml.Context) -> FeedbackResponse:
         """Store feedback durably (answers after the commit); a retry with the same decision_id or
         request_id is recognised and stores nothing new."""
-        answer = self._store_feedback(request, reporting_tenant(ctx.request))
+        answer = self._store_feedback(request, reporting_client(ctx.request, self.config.service.auth_token_env))
         if isinstance(answer, JSONResponse):  # BentoML answers with the context's status, whatever is returned
             ctx.response.status_code = answer.status_code
         return answer
 
-    def _store_feedback(self, request: FeedbackRequest, tenant: str | None) -> Any:
-        """POST /feedback's work; `tenant` (access.reporting_tenant) reported it, or the admin token."""
+    def _store_feedback(self, request: FeedbackRequest, reporter: str | None) -> Any:
+        """POST /feedback's work; `reporter` (access.reporting_client) sent it: a tenant, an anonymous
+        address (no admin token configured), or None for the admin token."""
         from mixllm.core.errors import MixLLMError
         from mixllm.io.store import UnknownDecisionError
         from mixllm.io.validation import implausible_values
@@ -286,10 +287,10 @@ class MixLLMService(ModelLifecycle, RouteDecisions, ChatProxy, TenantBudgets, Se
             # A measured call (bounded by data.limits above) of a decision this service made and did
             # not time itself (the proxy's own measurement is counted already): a bare query + llm
             # report costs nothing to send, and a few dozen would move the median.
-            # A tenant's reports hold at most service.latency_client_share of the LLM's window.
+            # A reporter's (a tenant's, an anonymous address's) reports hold at most
+            # service.latency_client_share of the LLM's window.
             if request.latency_s is not None and request.decision_id and not stored.latency_measured:
-                self.load.observe_latency(stored.llm, request.latency_s,
-                                          client=f"tenant:{tenant}" if tenant else None)
+                self.load.observe_latency(stored.llm, request.latency_s, client=reporter)
         return FeedbackResponse(feedback_id=stored.feedback_id, created=stored.created)
 
     # ------------------------------------------------------------------------------------ info

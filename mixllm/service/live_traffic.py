@@ -43,9 +43,9 @@ class LiveLoad:
         self._latencies: dict[str, deque[tuple[float, str | None]]] = {}
 
     def start(self, call_id: str, llm: str, expires_after_s: float | None = None) -> None:
-        """Count a call as in flight until it is finished, or for at most `expires_after_s`
-        (capped by max_age_s): a /route decision whose completion nobody reports should weigh
-        like a call of its expected length, not like one stuck for minutes."""
+        """Count a proxy call as in flight until it is finished, or for at most `expires_after_s`
+        (capped by max_age_s): a call whose end the proxy never saw should weigh like a call of its
+        upstream's timeout, not like one stuck for minutes."""
         lifetime = self.max_age_s if expires_after_s is None else min(self.max_age_s, max(0.0, expires_after_s))
         with self._lock:
             self._open[call_id] = (llm, time.monotonic() + lifetime)
@@ -71,7 +71,8 @@ class LiveLoad:
             window.append((float(latency_s), client))
 
     def observe_latency(self, llm: str, latency_s: float, client: str | None = None) -> None:
-        """A latency reported from outside (with /feedback), by `client` (a tenant: capped; None: not)."""
+        """A latency reported from outside (with /feedback), by `client` (a tenant or an anonymous
+        address: capped; None, the admin token: not)."""
         self.finish(call_id="", latency_s=latency_s, llm=llm, client=client)
 
     def snapshot(self) -> LoadSnapshot:
