@@ -78,6 +78,7 @@ def service(tmp_path_factory, upstream):
     # The load tests below are one client: a per-client limit high enough never to bind here (its
     # logic is tested in-process in test_one_client_cannot_flood_the_others).
     write_params(root, llms=_llms(upstream.base_url), service={"poll_interval_s": 1, "max_query_chars": 2000,
+                                                             "proxy_max_chat_chars": 5000,
                                                              "client_rate_per_s": 10_000, "client_burst": 100_000,
                                                              "body_read_timeout_s": 2, "header_read_timeout_s": 2,
                                                              "failover": {"breaker_failures": 2, "breaker_cooldown_s": 2}},
@@ -227,6 +228,13 @@ def test_a_batch_mixing_settings_routes_each_item_by_its_own(service):
         # A chat straight to one LLM has the same length cap as a routed one.
         ("/v1/chat/completions", {"model": "coder", "messages": [{"role": "user", "content": "x" * 2500}]}, 400,
          "messages"),
+        # ... and the whole conversation has its own (service.proxy_max_chat_chars, 5,000 here).
+        ("/v1/chat/completions", {"model": "coder", "messages": [{"role": "system", "content": "s" * 6000},
+                                                                 {"role": "user", "content": "hi"}]}, 400, "messages"),
+        ("/v1/chat/completions", {"model": "mixllm", "messages": [{"role": "user", "content": "u" * 1900},
+                                                                  {"role": "assistant", "content": "a" * 1900},
+                                                                  {"role": "user", "content": "hi"}] * 2}, 400,
+         "messages"),
         ("/v1/chat/completions", {**CHAT, "model": "\ud800"}, 400, "model"),
         ("/v1/chat/completions", {**CHAT, "stream": "\ud800"}, 400, "stream"),
         ("/v1/chat/completions", {"model": "mixllm", "messages": [{"role": "user", "content": "hi \ud800"}]}, 400,
@@ -236,11 +244,37 @@ def test_a_batch_mixing_settings_routes_each_item_by_its_own(service):
     ],
 )
 def test_bad_input_is_a_4xx_naming_the_field(service, path, body, status, field):
+    """Each refusal names its field and echoes none of the caller's text (queries and message
+    contents may be private, and may be megabytes)."""
+    body = _with_private_text(body)
     # json.dumps writes NaN/Infinity literals (httpx's json= refuses them): what a careless client sends.
     response = httpx.post(service["base"] + path, content=json.dumps(body),
                           headers={**AUTH, "Content-Type": "application/json"}, timeout=30)
     assert response.status_code == status, response.text
     assert _named_field(response.json()) == field, response.text
+    echoed = [t for t in _texts(body) if len(t) >= 8 and t[:40] in response.text]
+    assert not echoed, response.text[:300]
+
+
+PRIVATE = "hi, a private note 7f3a"
+
+
+def _with_private_text(value, key=None):
+    """The body with each plain "hi" text (a query, a message's content) made recognisable."""
+    if isinstance(value, dict):
+        return {k: _with_private_text(v, k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_with_private_text(v, key) for v in value]
+    return PRIVATE if value == "hi" and key in ("query", "content", "text") else value
+
+
+def _texts(value, key=None) -> list[str]:
+    """The caller's texts in a body: queries and message contents."""
+    if isinstance(value, dict):
+        return [t for k, v in value.items() for t in _texts(v, k)]
+    if isinstance(value, list):
+        return [t for v in value for t in _texts(v, key)]
+    return [value] if isinstance(value, str) and key in ("query", "content", "text") else []
 
 
 def _named_field(body: dict) -> str:

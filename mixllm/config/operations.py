@@ -121,6 +121,8 @@ class ServiceConfig(StrictModel):
     # The proxy spends the server's upstream keys: caps on what one call may ask for (400 above them).
     proxy_max_n: int = Field(default=4, ge=1)
     proxy_max_tokens: int = Field(default=16_384, ge=1)  # max_tokens / max_completion_tokens
+    # Characters of text in a chat's messages together (system prompt, history, the last turn).
+    proxy_max_chat_chars: int = Field(default=100_000, ge=1)
     feedback_store_url: str = "sqlite:///data/feedback.db"
     # Where answered calls wait, on local disk, while the decision log refuses their spend records
     # (a restart meanwhile loses none; replayed, each once, when the database takes them).

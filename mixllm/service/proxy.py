@@ -29,6 +29,7 @@ from mixllm.service.api_models import (
     conversation_text,
     error,
     last_user_text,
+    message_text,
     surrogate_path,
 )
 from mixllm.service.upstream_calls import UpstreamCalls
@@ -57,6 +58,12 @@ class ChatProxy(UpstreamCalls):
             if unknown_keys:
                 return error(400, "messages", f"messages[{index}].{unknown_keys[0]} is not a message field this proxy "
                                               f"forwards (it forwards {', '.join(sorted(FORWARDED_MESSAGE_FIELDS))})")
+        # The whole conversation goes upstream, paid with the server's key: its text is capped too
+        # (max_query_chars caps the last user turn, which is what is routed).
+        chat_chars = sum(len(message_text(message) or "") for message in request.messages)
+        if chat_chars > self.config.service.proxy_max_chat_chars:
+            return error(400, "messages", f"the messages hold {chat_chars} characters of text; the limit is "
+                                          f"{self.config.service.proxy_max_chat_chars} (service.proxy_max_chat_chars)")
         extra = request.model_extra or {}
         unknown = sorted(set(extra) - FORWARDED_CHAT_FIELDS - CONSUMED_CHAT_FIELDS)
         if unknown:
