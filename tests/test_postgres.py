@@ -116,6 +116,36 @@ WRITER = textwrap.dedent("""
 """)
 
 
+def test_a_server_that_accepts_and_never_answers_fails_the_connection_instead_of_hanging():
+    """A PostgreSQL address whose listener accepts the connection and never speaks (a wedged
+    server, a network that drops packets): opening the log fails after the connect timeout (the
+    busy timeout, at least 2 s) instead of waiting forever, as libpq does by default."""
+    import socket
+    import threading
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    outcome: list[BaseException] = []
+
+    def open_log() -> None:
+        try:
+            InteractionLog(f"postgresql+psycopg://mixllm@127.0.0.1:{listener.getsockname()[1]}/mixllm",
+                           busy_timeout_s=2.0)
+        except BaseException as exc:  # noqa: BLE001 - what it fails with is the assertion below
+            outcome.append(exc)
+
+    opener = threading.Thread(target=open_log, daemon=True)
+    try:
+        opener.start()
+        opener.join(60)  # a liveness bound, thirty times the timeout: the failure is a hang
+        assert not opener.is_alive(), "still waiting for a server that never answers"
+        assert outcome and isinstance(outcome[0], sa.exc.OperationalError), outcome
+        assert "timeout" in str(outcome[0]).lower(), outcome
+    finally:
+        listener.close()
+
+
 def test_a_database_that_goes_away_is_a_retry_never_a_crash(postgres):
     """Every read and write the service makes answers a lost database with StoreBusyError (the
     service's 503 with Retry-After), not the driver's OperationalError (a 500)."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import threading
 import time
 import uuid
@@ -102,7 +103,11 @@ class InteractionLog:
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
             connect_args = {"timeout": self.busy_timeout_s, "check_same_thread": False}
         elif url.startswith("postgresql"):
-            connect_args = {"options": f"-c lock_timeout={int(self.busy_timeout_s * 1000)}"}
+            # connect_timeout: a server that accepts the connection and never answers (or a network
+            # that drops packets) is a StoreBusyError after the busy timeout, not a hang of minutes
+            # (libpq's own default is to wait forever; it counts whole seconds, at least 2).
+            connect_args = {"options": f"-c lock_timeout={int(self.busy_timeout_s * 1000)}",
+                            "connect_timeout": max(2, math.ceil(self.busy_timeout_s))}
         # Every pooled connection in use (a burst of threads): wait as long as for a lock, then StoreBusyError.
         in_memory = ":memory:" in url or url.rstrip("/") == "sqlite:"  # one connection per thread, no pool timeout
         pool = {} if in_memory else {"pool_timeout": self.busy_timeout_s}
