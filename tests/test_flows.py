@@ -111,6 +111,7 @@ def test_continual_flow_runs_once_per_feedback(prefect_harness, tmp_path, monkey
     judged = evaluate_on_feedback_flow(version="2", params_path=str(params), against="1")
     assert judged["version"] == 2 and judged["against"] == 1 and judged["logged"] == 1
     assert judged["estimates"]["n"] == 1 and set(judged["estimates"]["quality"]) >= {"ips", "snips", "dr"}
+    assert set(judged["estimates"]["versus_baseline"]["score"]) == {"ips", "snips", "dr"}, "and version 2 minus 1"
 
 
 def test_deploy_serves_cron_schedules(tmp_path):

@@ -121,15 +121,20 @@ def test_a_decision_another_llm_answered_keeps_the_policys_choice(tmp_path):
     assert store.decision(failed_over)["propensity"] == 0.8
 
 
+def _argmax_log(train_log, llms, n, seed):
+    """n logged decisions of the log's first queries, each LLM in turn, probability 1, random quality."""
+    rng = np.random.default_rng(seed)
+    return pd.DataFrame({"decision_id": [f"d{i}" for i in range(n)],
+                         "query": train_log["query"].drop_duplicates().head(n).tolist(),
+                         "llm": [llms[i % len(llms)] for i in range(n)], "chosen_llm": None,
+                         "propensity": 1.0, "quality": rng.random(n), "cost_usd": 0.001})
+
+
 def test_off_policy_estimates_leave_out_decisions_the_policy_did_not_choose(fitted, train_log):
     from mixllm.jobs.policy_evaluation import evaluate_on_feedback
 
     llms = list(fitted.enabled_llms_)
-    queries = train_log["query"].drop_duplicates().head(40).tolist()
-    rng = np.random.default_rng(3)
-    logged = pd.DataFrame({"decision_id": [f"d{i}" for i in range(40)], "query": queries,
-                           "llm": [llms[i % len(llms)] for i in range(40)], "chosen_llm": None,
-                           "propensity": 1.0, "quality": rng.random(40), "cost_usd": 0.001})
+    logged = _argmax_log(train_log, llms, 40, seed=3)
     overridden = logged.copy()
     overridden.loc[:9, "chosen_llm"] = [llms[(i + 1) % len(llms)] for i in range(10)]  # another LLM answered
     overridden.loc[:9, "quality"] = 0.0  # what a biased estimate would read
@@ -149,3 +154,70 @@ def test_decisions_made_before_the_shadow_version_loads_are_counted_not_lost_sil
     scorer.offer("d2", "Write a python function.", "coder")
     assert scorer.before_loaded == 2 and scorer._queue.empty(), "counted, and nothing to score"
     store.dispose()
+
+
+def test_a_paired_difference_shares_the_resamples_of_both_estimates():
+    """The same logged decisions and resamples for both policies: the difference's point is the
+    difference of the points, two identical policies differ by exactly 0, and noise both share
+    (here: the logged outcomes) cancels, so the paired interval is narrower than either estimate's."""
+    from mixllm.evaluation.off_policy import paired_difference
+
+    rng = np.random.default_rng(5)
+    n, m = 400, 3
+    logging = np.full((n, m), 1 / m)
+    actions = rng.integers(0, m, n)
+    outcomes = rng.random(n)
+    predicted = rng.random((n, m))
+    first = np.eye(m)[rng.integers(0, m, n)]
+    second = first.copy()
+    second[:40] = np.eye(m)[(first[:40].argmax(axis=1) + 1) % m]  # disagrees on a tenth of the queries
+
+    def bandit(target):
+        return LoggedBandit(actions, logging[np.arange(n), actions], outcomes, target, predicted)
+
+    a, b = off_policy_estimates(bandit(first), resamples=300), off_policy_estimates(bandit(second), resamples=300)
+    difference = paired_difference(bandit(first), bandit(second), resamples=300)
+    for name in ("ips", "snips", "dr"):
+        assert difference[name].estimate == pytest.approx(a[name].estimate - b[name].estimate)
+        assert difference[name].high - difference[name].low < min(a[name].high - a[name].low,
+                                                                   b[name].high - b[name].low)
+    same = paired_difference(bandit(first), bandit(first), resamples=50)
+    assert all(same[name].estimate == same[name].low == same[name].high == 0 for name in ("ips", "snips", "dr"))
+    with pytest.raises(ValueError, match="same logged decisions"):
+        paired_difference(bandit(first), LoggedBandit(actions[:-1], logging[:-1, 0], outcomes[:-1], first[:-1],
+                                                       predicted[:-1]))
+
+
+def test_two_versions_are_judged_on_the_same_decisions_with_one_shared_reward_model(fitted, train_log):
+    """compare_on_feedback: both versions' doubly-robust estimates read the two versions'
+    predictions averaged (not each its own: a version would fill the log's gaps with its own
+    optimism), on the decisions both can judge; the paired difference is the difference."""
+    from mixllm.config import config_from_dict
+    from mixllm.core.router import MixLLMRouter
+    from mixllm.jobs.policy_evaluation import compare_on_feedback
+    from synthetic import small_config
+
+    other = MixLLMRouter(small_config(predictors__quality={"ridge": 500.0}), progress=False).fit(train_log)
+    llms = list(fitted.enabled_llms_)
+    logged = _argmax_log(train_log, llms, 60, seed=4)
+    queries = logged["query"].tolist()
+    config = config_from_dict({"evaluation": {"bootstrap_resamples": 50}})
+    mine, theirs = compare_on_feedback(config, other, fitted, logged)
+    assert mine["n"] == theirs["n"] == 60
+
+    def by_hand(router):
+        """DR for quality with the averaged reward model, from the routers' own route output."""
+        own, peer = ([{c.llm: c for c in d.candidates} for d in r.route(queries)] for r in (router, fitted if
+                                                                                              router is other else other))
+        total = 0.0
+        for i, (mine_row, peer_row) in enumerate(zip(own, peer)):
+            reward = {llm: (mine_row[llm].quality + peer_row[llm].quality) / 2 for llm in llms}
+            direct = sum(mine_row[llm].probability * reward[llm] for llm in llms)
+            taken = logged.loc[i, "llm"]
+            total += direct + mine_row[taken].probability * (logged.loc[i, "quality"] - reward[taken])
+        return total / len(queries)
+
+    assert mine["quality"]["dr"].estimate == pytest.approx(by_hand(other))
+    assert theirs["quality"]["dr"].estimate == pytest.approx(by_hand(fitted))
+    assert mine["versus_baseline"]["quality"]["dr"].estimate == pytest.approx(
+        mine["quality"]["dr"].estimate - theirs["quality"]["dr"].estimate)

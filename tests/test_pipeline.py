@@ -587,6 +587,7 @@ def test_explored_traffic_judges_a_second_version_and_the_gate_records_both_verd
     assert "below the champion" not in summary, "the offline gate alone would have passed it"
     tags = {v.version: v for v in Registry(config).versions()}[outcome.registration.version].tags
     assert "doubly-robust" in tags["mixllm.gate.production"] and tags["mixllm.gate"]
+    assert "difference -" in tags["mixllm.gate.production"], "paired: the candidate minus the champion, below 0"
 
     result = CliRunner().invoke(app, ["--params", str(project / "params.yaml"),
                                       *[arg for key, value in {**settings, "mlflow.tracking_uri": config.mlflow.tracking_uri,
@@ -595,7 +596,8 @@ def test_explored_traffic_judges_a_second_version_and_the_gate_records_both_verd
                                                                }.items() for arg in ("-S", f"{key}={value}")],
                                       "evaluate", "--on-feedback", str(outcome.registration.version)])
     assert result.exit_code == 0, result.output
-    assert "240 logged decisions with feedback" in result.output and result.output.count("  dr ") == 2
+    assert "240 logged decisions with feedback" in result.output and result.output.count("  dr ") == 3
+    assert "minus version 1, paired" in result.output
 
 
 def test_planted_drift_is_found_and_retrains_once_and_steady_traffic_is_not_drift(project, tmp_path):

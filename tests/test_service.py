@@ -1469,3 +1469,5 @@ def test_the_challenger_scores_live_traffic_in_the_shadow_and_is_judged_off_poli
     estimates = shadow["off_policy"]
     assert estimates["shadow"]["n"] >= 5 and estimates["champion"]["n"] >= 5
     assert 0 <= estimates["champion"]["quality"]["snips"]["estimate"] <= 1
+    paired = estimates["shadow_minus_champion"]["score"]["dr"]
+    assert paired["low"] <= paired["estimate"] <= paired["high"], "the difference the gate reads, with its interval"

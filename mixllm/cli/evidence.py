@@ -43,6 +43,12 @@ def evaluate_on_feedback_command(
         for name in ("ips", "snips", "dr"):
             typer.echo(f"  {name:5s}  quality {result['quality'][name].format()}  cost ${result['cost_usd'][name].format(6)}"
                        f"  score {result['score'][name].format()}")
+    versus = judged["estimates"].get("versus_baseline")
+    if versus:  # paired: the same decisions and resamples, one reward model for both versions' DR
+        typer.echo(f"version {judged['version']} minus version {judged['against']}, paired:")
+        for name in ("ips", "snips", "dr"):
+            typer.echo(f"  {name:5s}  quality {versus['quality'][name].format()}  cost ${versus['cost_usd'][name].format(6)}"
+                       f"  score {versus['score'][name].format()}")
 
 
 @run

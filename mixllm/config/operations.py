@@ -22,6 +22,9 @@ class GateConfig(StrictModel):
     # than the champion, by more than `tolerance`, in the doubly-robust off-policy estimate of the
     # routing score (quality - lambda x cost / scale, the champion's lambda and scale) on them.
     min_logged_feedback: int = Field(default=200, ge=1)
+    # ... on at most this many, the most recent (feedback rows are never deleted: the verdict would
+    # otherwise read, and take longer on, every one ever given).
+    max_logged_feedback: int = Field(default=20_000, ge=1)
 
 
 class MLflowConfig(StrictModel):

@@ -105,13 +105,19 @@ def production_verdict(config: MixLLMConfig, candidate: MixLLMRouter, champion: 
         return {"promote": True, "metrics": {"production.logged_feedback": float(len(logged))},
                 "summary": "production: no logged decision names an LLM both versions serve; no off-policy verdict"}
     a, b = mine["score"]["dr"], theirs["score"]["dr"]
+    # Paired, on the same decisions, with one reward model for both: the verdict is on the
+    # difference (its interval says how sure it is; the tolerance, not the interval, decides).
+    difference = mine["versus_baseline"]["score"]["dr"]
     tolerance = config.gate.tolerance
-    promote = a.estimate >= b.estimate - tolerance
+    promote = difference.estimate >= -tolerance
     summary = (f"production ({mine['n']} logged decisions with feedback, doubly-robust score): candidate "
-               f"{a.format()} vs champion {b.format()}; " + ("not worse" if promote else "worse") +
-               f" beyond the tolerance {tolerance}")
+               f"{a.format()} vs champion {b.format()}, difference {difference.format()}; "
+               + ("not worse" if promote else "worse") + f" beyond the tolerance {tolerance}")
     metrics = {"production.logged_feedback": float(len(logged)), "production.dr_score": a.estimate,
-               "production.champion_dr_score": b.estimate, "production.dr_quality": mine["quality"]["dr"].estimate,
+               "production.champion_dr_score": b.estimate, "production.dr_score_difference": difference.estimate,
+               "production.dr_score_difference_low": difference.low,
+               "production.dr_score_difference_high": difference.high,
+               "production.dr_quality": mine["quality"]["dr"].estimate,
                "production.dr_cost_usd": mine["cost_usd"]["dr"].estimate, "production.agreement": mine["agreement"]}
     return {"promote": bool(promote), "summary": summary, "metrics": metrics}
 
