@@ -236,6 +236,20 @@ def test_partial_fit_touches_only_the_llm_that_got_feedback(fitted):
         router.partial_fit(feedback.assign(llm="stranger"))
 
 
+def test_fit_resets_what_feedback_training_and_an_earlier_fit_left_behind(fitted, train_log):
+    """scikit-learn's contract: fit starts afresh. A router refitted after feedback, a backend choice
+    and a fit with precomputed domains keeps none of them."""
+    router = copy.deepcopy(fitted)
+    router.partial_fit(pd.DataFrame({"query": [CODE], "llm": ["coder"], "quality": [0.0], "cost_usd": [1e-4]}))
+    router.backend_choice_ = {"chosen": "static"}
+    domains = {str(q): "" for q in train_log["query_id"].unique()}
+    router.fit(train_log, domains=domains, encoder=fitted.encoder_, tag_report={"enabled": True, "from": "stage"})
+    assert router.n_feedback_ == 0 and router.backend_choice_ is None
+    assert router.tag_report_ == {"enabled": True, "from": "stage"}, "the report of the domains it was given"
+    router.fit(train_log, domains=domains, encoder=fitted.encoder_)
+    assert router.tag_report_ == {"enabled": True, "precomputed": True}, "not the earlier fit's report"
+
+
 def test_heads_trained_on_the_same_queries_share_one_posterior_and_feedback_unshares_it(fitted, tmp_path):
     # The heads share A^-1 so routing computes a query's uncertainty once (VarianceMemo); the
     # figures must be what each head computes alone, and feedback must give an LLM its own again.

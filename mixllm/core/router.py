@@ -70,14 +70,18 @@ class MixLLMRouter(RoutingMixin, OnlineLearningMixin, BaseEstimator):
         return EmbeddingCache(self.cache_dir).transform(encoder, queries)
 
     def fit(self, log: pd.DataFrame, *, domains: Mapping[str, str] | None = None,
-            encoder: QueryEncoder | None = None) -> MixLLMRouter:
+            encoder: QueryEncoder | None = None, tag_report: dict[str, Any] | None = None) -> MixLLMRouter:
         """Train on a long interaction log (full-information or bandit) of the training queries.
 
-        `domains` (query_id -> domain label, from `fit_domains`) and `encoder` (from `fit_encoder`)
-        let a pipeline run those stages separately and cache them; when absent they are computed here.
+        `domains` (query_id -> domain label, from `fit_domains`, with its `tag_report`) and `encoder`
+        (from `fit_encoder`) let a pipeline run those stages separately and cache them; when absent
+        they are computed here. Everything an earlier fit or use left behind is reset.
         """
         config = self._config
         started = time.perf_counter()
+        # State that fit does not set below, from an earlier fit, partial_fit or training's choice.
+        self.n_feedback_ = 0
+        self.backend_choice_ = None
         log = check_log(log)
         catalogue = {llm.name: llm for llm in config.llms}
         unknown = sorted(set(log["llm"]) - set(catalogue)) if catalogue else []
@@ -94,7 +98,7 @@ class MixLLMRouter(RoutingMixin, OnlineLearningMixin, BaseEstimator):
             labels, self.tag_report_ = self.fit_domains(queries, sources)
         else:
             labels = queries_frame["query_id"].astype(str).map(lambda q: domains.get(q, "")).fillna("").to_numpy(dtype=object)
-            self.tag_report_ = getattr(self, "tag_report_", {"enabled": True, "precomputed": True})
+            self.tag_report_ = tag_report if tag_report is not None else {"enabled": True, "precomputed": True}
         t = time.perf_counter()
         self.encoder_ = encoder if encoder is not None else self.fit_encoder(queries, labels)
         self.encoder_probes_ = None  # this machine's vectors for the probe sentences are made at save

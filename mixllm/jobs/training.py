@@ -121,8 +121,7 @@ def stage_predictors(config: MixLLMConfig, split: SplitData | None = None, progr
             encoder = fine_tuned.with_settings(**{**settings, "backend": "torch"}, **inference)
         derived.setdefault(encoder.backend, encoder)
         router = MixLLMRouter(config, cache_dir=workspace.cache, progress=progress)
-        router.tag_report_ = report
-        routers[name] = router.fit(split.train, domains=domains, encoder=encoder)
+        routers[name] = router.fit(split.train, domains=domains, encoder=encoder, tag_report=report)
     if len(routers) > 1:
         choice = choose_backend(config, routers, split)
         router = routers[choice["chosen"]]
