@@ -149,8 +149,17 @@ def stage_register(config: MixLLMConfig, split: SplitData | None = None) -> Regi
     router = MixLLMRouter.load(workspace.router, progress=False)
     router.cache_dir = workspace.cache
     report = evaluate_router(config, router, split, baselines=[])
+    # dvc repro reproduces from tracked data only, so it replays no feedback (mixllm train does):
+    # the version says what it left out, and the log says how to include it.
+    from mixllm.jobs.continual import consumed_feedback
+
+    consumed = len(consumed_feedback(config)) if config.pipeline.replay_feedback else 0
+    tags = {"mixllm.replayed_feedback": f"0 of {consumed} consumed rows (dvc repro: tracked data only)"} if consumed else {}
+    if consumed:
+        logger.warning("this version does not learn the %d feedback rows the continual flow has consumed (dvc "
+                       "repro reproduces from tracked data only); `mixllm train` replays them", consumed)
     registration = register_candidate(
-        config, workspace.router, report, split, run_name="training",
+        config, workspace.router, report, split, run_name="training", extra_tags=tags,
         artifacts=registered_artifacts(workspace),
     )
     write_atomic(workspace.registration, json.dumps(registration.to_dict(), indent=2))
