@@ -33,7 +33,7 @@ def _project(root, task_runner="thread"):
 def thread_trained(prefect_harness, tmp_path_factory):
     """One project trained and registered by the flow on the thread runner, for the module: the
     registration and cache test reads it, the Dask test compares its own run with it."""
-    from flows.training import run
+    from mixllm.flows.training import run
 
     root = tmp_path_factory.mktemp("thread")
     params = _project(root)
@@ -57,7 +57,7 @@ def test_training_flow_registers_and_caches(thread_trained, monkeypatch):
     assert Registry(config).alias_version("champion") == 1
     assert (root / "data/pipeline/pareto.png").is_file()
     # A second run with unchanged data and params: the expensive tasks come from the cache.
-    from flows.training import training
+    from mixllm.flows.training import training
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     state = training(params_path=str(params), register_model=False, return_state=True)
@@ -73,7 +73,7 @@ def test_training_flow_registers_and_caches(thread_trained, monkeypatch):
 
 
 def test_dask_runner_gives_the_same_model(thread_trained, tmp_path, monkeypatch):
-    from flows.training import run
+    from mixllm.flows.training import run
 
     thread_root = thread_trained[0]
     dask_params = _project(tmp_path / "dask", task_runner="dask")
@@ -88,8 +88,8 @@ def test_dask_runner_gives_the_same_model(thread_trained, tmp_path, monkeypatch)
 
 
 def test_continual_flow_runs_once_per_feedback(prefect_harness, tmp_path, monkeypatch):
-    from flows.continual import continual
-    from flows.training import run
+    from mixllm.flows.continual import continual
+    from mixllm.flows.training import run
     from mixllm.io.store import InteractionLog
 
     params = _project(tmp_path)
@@ -106,7 +106,7 @@ def test_continual_flow_runs_once_per_feedback(prefect_harness, tmp_path, monkey
     assert store.watermark() == 1
     assert continual(params_path=str(params))["registration"] is None, "the same feedback is not learned twice"
     store.dispose()
-    from flows.evaluation import evaluate_on_feedback_flow
+    from mixllm.flows.evaluation import evaluate_on_feedback_flow
 
     judged = evaluate_on_feedback_flow(version="2", params_path=str(params), against="1")
     assert judged["version"] == 2 and judged["against"] == 1 and judged["logged"] == 1

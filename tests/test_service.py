@@ -857,8 +857,7 @@ def test_bentoml_build_packages_the_service(tmp_path):
         (project / name).write_bytes((root / name).read_bytes())
     import shutil
 
-    for package in ("mixllm", "flows"):
-        shutil.copytree(root / package, project / package, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(root / "mixllm", project / "mixllm", ignore=shutil.ignore_patterns("__pycache__"))
     env = {**os.environ, "BENTOML_HOME": str(tmp_path / "home"), "BENTOML_DO_NOT_TRACK": "true",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     result = subprocess.run([sys.executable, "-m", "bentoml", "build"], cwd=project, env=env, capture_output=True,

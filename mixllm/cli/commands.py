@@ -155,14 +155,14 @@ def flow_run(
     _refuse_overrides("flow")
     params = str(state.params.resolve()) if state.params else None
     if name == "training":
-        from flows.training import run as run_training_flow
+        from mixllm.flows.training import run as run_training_flow
 
         result = run_training_flow(params)
         typer.echo(result.get("headline", ""))
         if result.get("registration"):
             typer.echo(f"version {result['registration']['version']}: {result['registration']['verdict']}")
     elif name == "continual":
-        from flows.continual import continual
+        from mixllm.flows.continual import continual
 
         typer.echo(json.dumps(continual(params_path=params), default=str, indent=1))
     else:
@@ -181,14 +181,14 @@ def deploy(
     """
     import os
 
-    from flows.deploy import serve
+    from mixllm.flows.deploy import serve
     from mixllm.cli.processes import local_prefect_server
 
     _refuse_overrides("deploy")
     config = state.config()
     params = str((state.params or config.root / "params.yaml").resolve())
     if config.pipeline.work_pool:
-        from flows.deploy import deploy_to_work_pool
+        from mixllm.flows.deploy import deploy_to_work_pool
 
         if not os.environ.get("PREFECT_API_URL"):
             raise typer.BadParameter("pipeline.work_pool needs a Prefect server: set PREFECT_API_URL")

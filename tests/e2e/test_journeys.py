@@ -58,8 +58,8 @@ def _routes(base):
 
 
 def test_every_journey_end_to_end(prefect_harness, tmp_path, monkeypatch):
-    from flows.continual import continual
-    from flows.training import run as run_training_flow
+    from mixllm.flows.continual import continual
+    from mixllm.flows.training import run as run_training_flow
 
     project = tmp_path / "project"
     project.mkdir()

@@ -9,7 +9,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from flows.common import config_for, library_logs_to_prefect
+from mixllm.flows.common import config_for, library_logs_to_prefect
 
 
 @task(name="off-policy estimates on logged feedback", cache_policy=NO_CACHE)

@@ -10,9 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from flows.common import config_for
-from flows.continual import continual
-from flows.training import training
+from mixllm.flows.common import config_for
+from mixllm.flows.continual import continual
+from mixllm.flows.training import training
 
 TRAINING_DEPLOYMENT = "training/nightly"
 CONTINUAL_DEPLOYMENT = "continual/hourly"
@@ -41,13 +41,13 @@ def deploy_to_work_pool(params_path: str, work_pool: str, project_root: Path) ->
     The flows' code is read from `project_root` by the workers, so it must be on a path (or, with
     a git URL instead, a repository) the workers can reach.
     """
-    from flows.continual import continual as continual_flow  # noqa: F401 - entrypoints below
+    from mixllm.flows.continual import continual as continual_flow  # noqa: F401 - entrypoints below
     from prefect import flow
 
     config = config_for(params_path)
     created = []
-    for entrypoint, name, cron in (("flows/training.py:training", "nightly", config.pipeline.training_cron),
-                                   ("flows/continual.py:continual", "hourly", config.pipeline.continual_cron)):
+    for entrypoint, name, cron in (("mixllm/flows/training.py:training", "nightly", config.pipeline.training_cron),
+                                   ("mixllm/flows/continual.py:continual", "hourly", config.pipeline.continual_cron)):
         remote = flow.from_source(source=str(project_root), entrypoint=entrypoint)
         remote.deploy(name=name, work_pool_name=work_pool, cron=cron, parameters={"params_path": params_path},
                       tags=["mixllm"], build=False, push=False)

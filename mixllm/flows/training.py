@@ -14,7 +14,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from flows.common import config_for, library_logs_to_prefect, task_runner
+from mixllm.flows.common import config_for, library_logs_to_prefect, task_runner
 from mixllm.io.data import ingest_pending
 from mixllm.io.workspace import Workspace, load_split
 from mixllm.jobs import training as job

@@ -17,7 +17,7 @@ from typing import Any
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from flows.common import config_for, library_logs_to_prefect
+from mixllm.flows.common import config_for, library_logs_to_prefect
 from mixllm.jobs import continual as job
 
 
