@@ -120,12 +120,36 @@ def markdown(name, result):
     return "\n".join(lines)
 
 
+def results_table(stored) -> str:
+    """RESULTS.md's table of the estimators, every budget of a stored run: per log, budget (max cost
+    ratio) and target, the share of its queries without support, each estimator's quality bias and
+    coverage, and DR's cost bias (relative) and coverage."""
+    lines = ["| log | budget (max cost ratio) | target | its queries without support | IPS bias, coverage | "
+             "SNIPS bias, coverage | DR bias, coverage | DR cost: relative bias, coverage |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, result in stored["datasets"].items():
+        for setting, entry in result["shares"].items():
+            share, ratio = setting.split(" (cost ratio ")
+            for target, kinds in entry["targets"].items():
+                quality, cost = kinds["quality"], kinds["cost"]["dr"]
+                cells = [f"{quality[e]['bias']:+.4f}, {100 * quality[e]['coverage']:.0f}%" for e in ESTIMATORS]
+                lines.append(f"| {name} | {share} ({ratio.rstrip(')')}) | λ × {target.rsplit(' ', 1)[1]} | "
+                             f"{100 * kinds['unsupported']:.1f}% | " + " | ".join(cells) +
+                             f" | {100 * cost['bias'] / cost['truth']:+.1f}%, {100 * cost['coverage']:.0f}% |")
+    return "\n".join(lines)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     log_arguments(parser, "off_policy.json")
     parser.add_argument("--replications", type=int, default=100, help="Logging draws per setting.")
     parser.add_argument("--resamples", type=int, default=500, help="Bootstrap resamples per interval.")
+    parser.add_argument("--table", action="store_true",
+                        help="Print RESULTS.md's table of the estimators from the stored run (--json) and stop.")
     args = parser.parse_args()
+    if args.table:
+        print(results_table(json.loads(args.json.read_text(encoding="utf-8"))))
+        return 0
     benchmark_logging()
     bench, names, work = chosen_logs(args, "mixllm-ope-")
     stored = json.loads(args.json.read_text(encoding="utf-8")) if args.json.is_file() else {"datasets": {}}
