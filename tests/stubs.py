@@ -17,7 +17,9 @@ class UpstreamStub:
     breaks after its first chunk), "cut" (a stream that ends cleanly after its first chunk, without
     `data: [DONE]`), "headers-only" (a stream's 200 and headers, then the connection closes before
     any chunk), "trickle" (a whole stream, one chunk every 0.25 s for about 3 s), "400" (the request
-    refused as invalid, naming `temperature` as OpenAI does), "no-usage" (an answer without `usage`)."""
+    refused as invalid, naming `temperature` as OpenAI does), "no-usage" (an answer without `usage`),
+    "empty" (a stream's 200 and headers, then a clean end with no data), "keepalive" (a stream that
+    sends only SSE comments, one every 0.2 s, for `slow_s`, before its chunks)."""
 
     def __init__(self, slow_s: float = 10.0) -> None:
         self.requests: list[dict] = []
@@ -45,6 +47,12 @@ class UpstreamStub:
                     self.send_header("Content-Length", str(len(payload)))
                     self.end_headers()
                     self.wfile.write(payload)
+                    return
+                if behaviour == "empty" and body.get("stream"):
+                    self.send_response(200)
+                    self.send_header("Content-Type", "text/event-stream")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
                     return
                 if behaviour == "headers-only" and body.get("stream"):
                     self.send_response(200)
@@ -111,6 +119,13 @@ class UpstreamStub:
                 self.send_response(200)
                 self.send_header("Content-Type", "text/event-stream")
                 self.end_headers()
+                if behaviour == "keepalive":  # every read well within a read timeout, no chunk for slow_s
+                    waited = 0.0
+                    while waited < stub.slow_s:
+                        self.wfile.write(b": keep-alive\n\n")
+                        self.wfile.flush()
+                        time.sleep(0.2)
+                        waited += 0.2
                 words = text.split(" ") * (4 if behaviour == "trickle" else 1)
                 for i, word in enumerate(words):
                     if behaviour == "trickle":

@@ -50,3 +50,20 @@ def test_a_success_resets_the_count_and_bad_settings_are_refused():
     with pytest.raises(ValueError, match="failures"):
         CircuitBreakers(failures=0)
 
+
+
+def test_only_the_probe_frees_its_slot_and_a_lost_probe_is_given_up_after_its_timeout():
+    clock = Clock()
+    breakers = CircuitBreakers(failures=1, window_s=10, cooldown_s=30, clock=clock, probe_timeout_s=100)
+    assert breakers.begin("a") == "call"  # a call claimed while the breaker is closed ...
+    breakers.record("a", ok=False)  # ... and another that failed: open
+    clock.now = 31
+    assert breakers.begin("a") == "probe" and breakers.begin("a") is None
+    breakers.release("a", "call")  # the earlier call ends without a verdict (cancelled)
+    assert breakers.begin("a") is None, "a plain call's end does not free the probe's slot"
+    clock.now = 31 + 99
+    assert not breakers.available("a")
+    clock.now = 31 + 101  # the probe's outcome never came (a call lost without accounting)
+    assert breakers.available("a") and breakers.begin("a") == "probe", "probed again, not shut out for good"
+    breakers.release("a", "probe")
+    assert breakers.begin("a") == "probe", "a released probe frees its slot at once"

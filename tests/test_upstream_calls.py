@@ -102,17 +102,71 @@ def test_a_call_cancelled_mid_flight_is_accounted_for_and_frees_its_breakers_pro
     breakers = CircuitBreakers(failures=1, window_s=10, cooldown_s=30, clock=lambda: now[0])
     breakers.record("a", ok=False)
     now[0] = 31
-    assert breakers.state("a") == "half_open" and breakers.begin("a"), "this call is the probe"
+    claim = breakers.begin("a")
+    assert breakers.state("a") == "half_open" and claim == "probe", "this call is the probe"
     host = proxy(breakers)
     with UpstreamStub(slow_s=2) as stub:
         stub.behaviour["upstream-a"] = "slow"
 
         async def cut_off() -> bool:
             with anyio.move_on_after(0.5) as scope:
-                await host._attempt(REQUEST, "a", upstreams(stub.base_url)["a"], "d1", 1, timeout_s=10, attempt=1)
+                await host._attempt(REQUEST, "a", upstreams(stub.base_url)["a"], "d1", 1, timeout_s=10, attempt=1,
+                                    claim=claim)
             return scope.cancelled_caught
 
         assert anyio.run(cut_off), "the call was still under way when it was cancelled"
     assert host.metrics.in_flight.value == 0 and host.finished == [("d1:1", None)]
     assert host.outcomes == [("a", "cancelled")]
     assert breakers.available("a") and breakers.state("a") == "half_open", "no verdict: the next call probes"
+
+
+async def _read(response) -> str:
+    return "".join([chunk if isinstance(chunk, str) else chunk.decode() async for chunk in response.body_iterator])
+
+
+STREAMED = ChatRequest(model="mixllm", messages=[{"role": "user", "content": "hello there"}], stream=True)
+
+
+def test_a_stream_that_sends_no_chunk_in_time_or_ends_empty_fails_over():
+    """Before its first chunk nothing has reached the caller: an upstream that only sends keep-alive
+    comments past the attempt's time (each read well within httpx's own read timeout), or whose
+    stream ends with no data, is failed over like one that refuses."""
+    with UpstreamStub(slow_s=3) as stub:
+        stub.behaviour.update({"upstream-a": "keepalive", "upstream-b": "empty"})
+        host = proxy()
+
+        async def chat() -> tuple[object, str]:
+            response = await host._forward(STREAMED, ["a", "b", "c"], upstreams(stub.base_url, timeout_s=1.0), "d1", 1)
+            return response, await _read(response)
+
+        response, body = anyio.run(chat)
+    assert response.status_code == 200 and response.headers["x-mixllm-llm"] == "c", body
+    assert response.headers["x-mixllm-attempts"] == "3"
+    assert '"model": "c"' in body and "data: [DONE]" in body
+    assert host.outcomes == [("a", "unreachable"), ("b", "upstream_error"), ("c", "ok")]
+
+
+def test_a_stream_whose_body_is_never_read_is_settled_when_dropped():
+    """The caller left before the body started (or the proxy failed after choosing): relay's own
+    accounting never runs, so dropping the response settles the call as cancelled and frees a probe."""
+    import gc
+
+    now = [0.0]
+    breakers = CircuitBreakers(failures=1, window_s=10, cooldown_s=30, clock=lambda: now[0])
+    breakers.record("a", ok=False)
+    now[0] = 31
+    claim = breakers.begin("a")
+    host = proxy(breakers)
+    with UpstreamStub() as stub:
+
+        async def never_read() -> None:
+            response, retryable = await host._attempt(STREAMED, "a", upstreams(stub.base_url)["a"], "d1", 1,
+                                                      timeout_s=10, attempt=1, claim=claim)
+            assert response.status_code == 200 and not retryable and host.metrics.in_flight.value == 1
+            del response
+            gc.collect()
+            await anyio.sleep(0.1)  # the settling runs on the event loop
+
+        anyio.run(never_read)
+    assert host.metrics.in_flight.value == 0 and host.outcomes == [("a", "cancelled")]
+    assert breakers.begin("a") == "probe", "the probe's slot is free again"

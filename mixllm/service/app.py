@@ -158,8 +158,11 @@ class MixLLMService(ModelLifecycle, RouteDecisions, ChatProxy, TenantBudgets, Se
                              max_client_share=self.config.service.latency_client_share)
         self.metrics = ServiceMetrics()
         failover = self.config.service.failover
+        # A probe lost without its outcome is given up after the server's request timeout (by then
+        # the server has cancelled a plain call; a stream may run longer, and then another probe starts).
         self.breakers = CircuitBreakers(failover.breaker_failures, failover.breaker_window_s,
-                                        failover.breaker_cooldown_s)
+                                        failover.breaker_cooldown_s,
+                                        probe_timeout_s=float(self.config.service.request_timeout_s))
         self.model: LoadedModel | None = None
         self.loading_reason = (f"loading {alias} version {version} from the registry" if copied is None
                                else f"loading the local copy of {alias} version {copied}")

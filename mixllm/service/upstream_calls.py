@@ -8,12 +8,14 @@ Imports: as in mixllm.service.proxy, what only a request needs is imported where
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
 import re
 import time
 import uuid
+import weakref
 from typing import Any
 
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -24,8 +26,10 @@ logger = logging.getLogger("bentoml.mixllm")  # bentoml serve shows "bentoml.*" 
 
 
 # Upstream statuses that refuse the request itself (a forwarded field outside what that upstream
-# accepts): the caller's fault, so answered as such, not failed over and not held against the
-# upstream's circuit breaker (one tenant's bad parameter must not open an LLM for every tenant).
+# accepts): never held against the upstream's circuit breaker (one tenant's bad parameter must not
+# open an LLM for every tenant). A routed chat fails over (another upstream may accept it, and one
+# that refuses everything, e.g. a model name it does not know, is then routed around); when none
+# accepts it, or the caller named the LLM, the caller gets that status, naming the field.
 REQUEST_FAULTS = (400, 413, 422)
 
 
@@ -44,6 +48,14 @@ def _redacted(text: str, secrets: list[str]) -> str:
         if secret:
             text = text.replace(secret, "[redacted]")
     return re.sub(r"(?i)bearer\s+[^\s\"']+", "Bearer [redacted]", text)
+
+
+def _on_loop(loop: asyncio.AbstractEventLoop, callback: Any) -> None:
+    """Run `callback` on `loop` (from a finalizer, any thread); nothing if the loop is closed."""
+    try:
+        loop.call_soon_threadsafe(callback)
+    except RuntimeError:  # the loop is gone (shutdown): nothing left to account to
+        pass
 
 
 def _failure(status: int) -> str:
@@ -71,13 +83,15 @@ class UpstreamCalls:
         for llm in ranking:
             if len(tried) >= settings.max_attempts or time.monotonic() >= deadline:
                 break
-            if not self.breakers.begin(llm):
+            claim = self.breakers.begin(llm)
+            if claim is None:
                 continue
             tried.append(llm)
             response, retryable = await self._attempt(request, llm, upstreams[llm], decision_id, version,
                                                       timeout_s=min(upstreams[llm].timeout_s, deadline - time.monotonic()),
                                                       attempt=len(tried), tenant=tenant,
-                                                      predicted_cost=(predicted_cost or {}).get(llm), router_ms=router_ms)
+                                                      predicted_cost=(predicted_cost or {}).get(llm), router_ms=router_ms,
+                                                      claim=claim)
             if not retryable:
                 response.headers["x-mixllm-attempts"] = str(len(tried))
                 return response
@@ -94,7 +108,8 @@ class UpstreamCalls:
 
     async def _attempt(self, request: ChatRequest, llm: str, upstream: Any, decision_id: str | None,
                        version: int, timeout_s: float, attempt: int, tenant: Any = None,
-                       predicted_cost: float | None = None, router_ms: float | None = None) -> tuple[Any, bool]:
+                       predicted_cost: float | None = None, router_ms: float | None = None,
+                       claim: str | None = "call") -> tuple[Any, bool]:
         """One upstream call: (the response for the caller, whether another LLM may be tried).
 
         `timeout_s` bounds the whole call up to its answer (streamed: its first chunk); httpx's own
@@ -120,7 +135,7 @@ class UpstreamCalls:
                 field = _refused_field(detail)
                 return error(status, field, f"upstream for {llm} refused the request ({status}): "
                              f"{'the field ' + field if field else 'a forwarded field'} is outside what it accepts; "
-                             "the service log has its answer", {"x-mixllm-llm": llm}), False
+                             "the service log has its answer", {"x-mixllm-llm": llm}), True
             retryable = status == 429 or status >= 500 or status < 400  # < 400: a 2xx that is no answer
             return error(502, None, f"upstream for {llm} answered {status}{what}; the service log has the details",
                          {"x-mixllm-llm": llm}), retryable
@@ -135,13 +150,12 @@ class UpstreamCalls:
         client = httpx.AsyncClient(timeout=max(timeout_s, 0.001))
         finished = False
 
-        async def finish(status: str, usage: dict | None, status_code: int | None = None) -> None:
-            """Account for the call: counts and breaker now; its spend and the decision's real cost
-            in a worker thread (database writes must not stall the event loop every request shares),
-            shielded so a client that hangs up mid-stream still has its call paid for."""
+        def settle(status: str, status_code: int | None = None) -> float | None:
+            """The call's counts, attempt record, breaker outcome and live load, once: its latency,
+            or None when it was settled already."""
             nonlocal finished
             if finished:
-                return
+                return None
             finished = True
             latency = time.perf_counter() - started
             self.metrics.in_flight.labels(llm=llm).dec()
@@ -149,12 +163,19 @@ class UpstreamCalls:
             self.attempts.submit(decision_id=decision_id, attempt=attempt, llm=llm, outcome=status,
                                  status_code=status_code, latency_s=latency)  # written by a background thread
             if status in ("refused_request", "cancelled"):  # no verdict on the upstream itself
-                self.breakers.release(llm)
+                self.breakers.release(llm, claim)
             else:
                 self.breakers.record(llm, ok=status == "ok")
             # A failed call's time says nothing about the LLM's speed (a dead upstream fails fast).
             self.load.finish(call_id, latency if status == "ok" else None)
-            if status not in ("ok", "dropped"):  # refused or failed: nothing to pay for
+            return latency
+
+        async def finish(status: str, usage: dict | None, status_code: int | None = None) -> None:
+            """Account for the call: counts and breaker now (settle); its spend and the decision's
+            real cost in a worker thread (database writes must not stall the event loop every request
+            shares), shielded so a client that hangs up mid-stream still has its call paid for."""
+            latency = settle(status, status_code)
+            if latency is None or status not in ("ok", "dropped"):  # settled, or refused or failed: nothing to pay for
                 return
             tokens_in = (usage or {}).get("prompt_tokens")
             tokens_out = (usage or {}).get("completion_tokens")
@@ -248,6 +269,16 @@ class UpstreamCalls:
                 await client.aclose()
             raise
 
+        def abandon() -> None:
+            if settle("cancelled") is not None:
+                logger.info("the stream from %s was never read (decision %s): closed", llm, decision_id)
+
+                async def close() -> None:
+                    await response.aclose()
+                    await client.aclose()
+
+                asyncio.ensure_future(close())
+
         async def every_line() -> Any:
             for line in opening:
                 yield line
@@ -286,7 +317,13 @@ class UpstreamCalls:
                 await client.aclose()
                 await finish("ok", usage, response.status_code)
 
-        return StreamingResponse(relay(), media_type="text/event-stream", headers=mixllm_headers), False
+        streamed = StreamingResponse(relay(), media_type="text/event-stream", headers=mixllm_headers)
+        # A stream whose body never runs (the caller left before it started, or the proxy failed
+        # after this returned) never reaches relay's accounting: it is settled as cancelled, and
+        # the upstream closed, when the response is dropped. On the event loop, not in the
+        # finalizer itself: a garbage collection can run while this thread holds a breaker's lock.
+        weakref.finalize(streamed, _on_loop, asyncio.get_running_loop(), abandon)
+        return streamed, False
 
     def _estimated_cost(self, llm: str, request: ChatRequest) -> float | None:
         """A call's cost without usage: its messages' characters as input tokens, the default output."""
