@@ -272,10 +272,16 @@ def test_the_onnx_backend_embeds_as_the_transformer_does_and_loads_without_torch
         np.testing.assert_array_equal(duplicate.transform(AWKWARD), exported.transform(AWKWARD))
 
 
-def test_the_onnx_encoder_batches_queries_of_similar_length_and_returns_them_in_order(static_encoder):
+@pytest.fixture(scope="module")
+def onnx_encoder(static_encoder):
+    """The transformer exported once for the module's onnx tests (an export takes seconds)."""
+    return static_encoder.with_settings(backend="onnx", max_seq_length=64)
+
+
+def test_the_onnx_encoder_batches_queries_of_similar_length_and_returns_them_in_order(onnx_encoder):
     from mixllm.core.encoder_backends import OnnxEncoder
 
-    shared = static_encoder.with_settings(backend="onnx", max_seq_length=64).onnx_
+    shared = onnx_encoder.onnx_
     encoder = OnnxEncoder(shared.graph, shared.tokenizer_json, shared.input_names, 64, "left")  # its own session
     long_text, short_text = "count " * 100 + "the end?", "Hi?"
     texts = [long_text, short_text, long_text + " again", short_text + "!"]
@@ -311,8 +317,8 @@ def test_auto_backends_name_each_candidates_encoder_settings():
 
 
 @pytest.mark.slow
-def test_int8_onnx_quantises_the_exported_graph_and_stays_close_to_fp32(static_encoder, tmp_path):
-    fp32 = static_encoder.with_settings(backend="onnx", max_seq_length=64)
+def test_int8_onnx_quantises_the_exported_graph_and_stays_close_to_fp32(onnx_encoder, tmp_path):
+    fp32 = onnx_encoder
     int8 = fp32.with_settings(quantize="int8")
     assert int8.onnx_.graph is not fp32.onnx_.graph, "another graph, not the fp32 one with another name"
     assert len(int8.onnx_.graph) < 0.8 * len(fp32.onnx_.graph), "the MatMul weights are stored in int8"

@@ -231,6 +231,9 @@ def test_a_batch_mixing_settings_routes_each_item_by_its_own(service):
         # ... and the whole conversation has its own (service.proxy_max_chat_chars, 5,000 here).
         ("/v1/chat/completions", {"model": "coder", "messages": [{"role": "system", "content": "s" * 6000},
                                                                  {"role": "user", "content": "hi"}]}, 400, "messages"),
+        ("/v1/chat/completions", {"model": "coder", "messages": [{"role": "user", "content": "hi"}],
+                                  "tools": [{"type": "function", "function": {"name": "f", "description": "d" * 6000}}]},
+         400, "messages"),
         ("/v1/chat/completions", {"model": "mixllm", "messages": [{"role": "user", "content": "u" * 1900},
                                                                   {"role": "assistant", "content": "a" * 1900},
                                                                   {"role": "user", "content": "hi"}] * 2}, 400,
@@ -1191,19 +1194,22 @@ def test_a_stream_dropped_midway_ends_with_an_error_not_silently(service, upstre
 
 
 def test_an_upstream_that_refuses_the_request_itself_answers_a_4xx_and_keeps_its_breaker_closed(service, upstream):
-    """An upstream's 400 is the request's fault (a parameter out of its range): the caller gets a
-    400 naming the field, no other LLM is tried, and no number of such calls opens the breaker
-    (service.failover.breaker_failures is 2 here): one tenant's bad parameter must not take an LLM
-    away from every tenant."""
+    """An upstream's 400 (a parameter out of its range) never counts against its breaker (breaker_failures
+    is 2 here): one tenant's bad parameter must not take an LLM away from every tenant. A chat naming
+    the LLM gets the 400 naming the field; a routed chat fails over, since another upstream may take it
+    (and one that refuses everything, misconfigured, is routed around)."""
     base = service["base"]
-    upstream.behaviour["upstream-coder"] = "400"
+    upstream.behaviour.update({"upstream-coder": "400", "upstream-strong": "400"})
     try:
         for _ in range(3):
-            before = len(upstream.requests)
             refused = _chat(base, "coder")
             assert refused.status_code == 400, refused.text
             assert refused.json()["error"]["param"] == "temperature" and "refused the request" in refused.text
-            assert len(upstream.requests) - before == 1, "not failed over"
+            before = len(upstream.requests)
+            routed = _chat(base, "mixllm:0")
+            tried = [r["body"]["model"] for r in upstream.requests[before:]]
+            assert routed.status_code == 200 and routed.headers["x-mixllm-llm"] == "cheap-chat", routed.text
+            assert tried[-1] == "upstream-cheap-chat" and int(routed.headers["x-mixllm-attempts"]) == len(tried) >= 2
         assert httpx.get(f"{base}/model", timeout=30).json()["open_circuits"] == []
     finally:
         _close_breakers(base, upstream)

@@ -26,6 +26,13 @@ class GateConfig(StrictModel):
     # otherwise read, and take longer on, every one ever given).
     max_logged_feedback: int = Field(default=20_000, ge=1)
 
+    @model_validator(mode="after")
+    def _reads_at_least_what_it_needs(self) -> "GateConfig":
+        if self.max_logged_feedback < self.min_logged_feedback:
+            raise ValueError(f"gate.max_logged_feedback ({self.max_logged_feedback}) is below gate.min_logged_feedback "
+                             f"({self.min_logged_feedback}): the production verdict could never have enough")
+        return self
+
 
 class MLflowConfig(StrictModel):
     """Tracking and registry; the SQLite default needs no server."""
@@ -124,7 +131,8 @@ class ServiceConfig(StrictModel):
     # The proxy spends the server's upstream keys: caps on what one call may ask for (400 above them).
     proxy_max_n: int = Field(default=4, ge=1)
     proxy_max_tokens: int = Field(default=16_384, ge=1)  # max_tokens / max_completion_tokens
-    # Characters of text in a chat's messages together (system prompt, history, the last turn).
+    # A chat's size as forwarded, in characters of JSON: its messages (system prompt, history, the
+    # last turn, tool calls), tools and other parameters together.
     proxy_max_chat_chars: int = Field(default=100_000, ge=1)
     feedback_store_url: str = "sqlite:///data/feedback.db"
     # Where answered calls wait, on local disk, while the decision log refuses their spend records

@@ -82,6 +82,7 @@ class MixLLMRouter(RoutingMixin, OnlineLearningMixin, BaseEstimator):
         # State that fit does not set below, from an earlier fit, partial_fit or training's choice.
         self.n_feedback_ = 0
         self.backend_choice_ = None
+        self._policy_rng = None  # the stochastic policy's draws start again from decision.seed
         log = check_log(log)
         catalogue = {llm.name: llm for llm in config.llms}
         unknown = sorted(set(log["llm"]) - set(catalogue)) if catalogue else []

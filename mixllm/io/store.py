@@ -104,10 +104,12 @@ class InteractionLog:
             connect_args = {"timeout": self.busy_timeout_s, "check_same_thread": False}
         elif url.startswith("postgresql"):
             # connect_timeout: a server that accepts the connection and never answers (or a network
-            # that drops packets) is a StoreBusyError after the busy timeout, not a hang of minutes
-            # (libpq's own default is to wait forever; it counts whole seconds, at least 2).
-            connect_args = {"options": f"-c lock_timeout={int(self.busy_timeout_s * 1000)}",
-                            "connect_timeout": max(2, math.ceil(self.busy_timeout_s))}
+            # that drops packets) fails the connection after the busy timeout (a request's
+            # StoreBusyError, a 503) instead of hanging (libpq waits forever by default; it counts
+            # whole seconds, at least 2). A connect_timeout in the URL itself wins.
+            connect_args = {"options": f"-c lock_timeout={int(self.busy_timeout_s * 1000)}"}
+            if "connect_timeout=" not in url:
+                connect_args["connect_timeout"] = max(2, math.ceil(self.busy_timeout_s))
         # Every pooled connection in use (a burst of threads): wait as long as for a lock, then StoreBusyError.
         in_memory = ":memory:" in url or url.rstrip("/") == "sqlite:"  # one connection per thread, no pool timeout
         pool = {} if in_memory else {"pool_timeout": self.busy_timeout_s}

@@ -38,7 +38,9 @@ def compare_on_feedback(config: MixLLMConfig, judged: MixLLMRouter, baseline: Mi
     interval from the same resamples). Scores use the baseline's lambda and cost scale, so they
     compare; doubly-robust estimates of both read one reward model, the two versions' predictions
     averaged, so neither version fills the gaps of the log (the choices the logging policy never
-    made) with its own forecasts: judged by itself, every version looks right where it disagrees."""
+    made) with its own forecasts: judged by itself, every version looks right where it disagrees.
+    For an LLM only one of them serves (a newcomer added to the candidate), that one's prediction is
+    the only one there is, and it stands in."""
     evaluation = config.evaluation
     settings = {"lambda_": baseline.default_lambda, "cost_scale_usd": baseline.cost_scale_usd_,
                 "resamples": resamples or evaluation.bootstrap_resamples, "confidence": evaluation.confidence_level,

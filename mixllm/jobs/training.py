@@ -153,7 +153,12 @@ def stage_register(config: MixLLMConfig, split: SplitData | None = None) -> Regi
     # the version says what it left out, and the log says how to include it.
     from mixllm.jobs.continual import consumed_feedback
 
-    consumed = len(consumed_feedback(config)) if config.pipeline.replay_feedback else 0
+    try:
+        consumed = len(consumed_feedback(config)) if config.pipeline.replay_feedback else 0
+    except Exception as error:  # noqa: BLE001 - the decision log is not this stage's input: say so, go on
+        logger.warning("the decision log could not be read (%s: %s); the version's tags do not say what feedback it "
+                       "lacks", type(error).__name__, error)
+        consumed = 0
     tags = {"mixllm.replayed_feedback": f"0 of {consumed} consumed rows (dvc repro: tracked data only)"} if consumed else {}
     if consumed:
         logger.warning("this version does not learn the %d feedback rows the continual flow has consumed (dvc "

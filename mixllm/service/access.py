@@ -48,9 +48,7 @@ class TenantKeys:
 
 def reporting_tenant(request: Any) -> str | None:
     """The tenant that sent a request (BearerAuth checked its key), for capping what one tenant's
-    reports may weigh (the latency a /feedback reports); None for the admin token, the operator's own
-    backend, whose reports are the service's to trust (capping it would shrink the window of a
-    deployment where it is the only reporter)."""
+    reports may weigh (the latency a /feedback reports); None otherwise (see reporting_client)."""
     return request.headers.get(TENANT_HEADER.decode()) or None
 
 
@@ -58,7 +56,11 @@ def reporting_client(request: Any, token_env: str) -> str | None:
     """Whose latency reports a /feedback carries, for LiveLoad's per-client cap: a tenant
     ("tenant:<name>"); the admin token's holder, the operator, uncapped (None); or, when no admin
     token is configured and /feedback is open to anyone, the caller's address ("address:<ip>"):
-    anonymous reporters were uncapped too, and a few dozen of them pinned an LLM's median."""
+    anonymous reporters were uncapped too, and a few dozen of them pinned an LLM's median.
+    The admin token's reports are not capped: capping the operator's own backend would shrink the
+    window where it is the only reporter. So a deployment whose backend reports latencies should
+    give it the admin token: without one, its reports hold latency_client_share of the window, and
+    behind a reverse proxy every caller shares one address, and so one share."""
     tenant = reporting_tenant(request)
     if tenant:
         return f"tenant:{tenant}"

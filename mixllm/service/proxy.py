@@ -10,6 +10,7 @@ imported where it is used; by the first request the worker has them loaded anywa
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from typing import Any
@@ -29,7 +30,6 @@ from mixllm.service.api_models import (
     conversation_text,
     error,
     last_user_text,
-    message_text,
     surrogate_path,
 )
 from mixllm.service.upstream_calls import UpstreamCalls
@@ -58,11 +58,14 @@ class ChatProxy(UpstreamCalls):
             if unknown_keys:
                 return error(400, "messages", f"messages[{index}].{unknown_keys[0]} is not a message field this proxy "
                                               f"forwards (it forwards {', '.join(sorted(FORWARDED_MESSAGE_FIELDS))})")
-        # The whole conversation goes upstream, paid with the server's key: its text is capped too
-        # (max_query_chars caps the last user turn, which is what is routed).
-        chat_chars = sum(len(message_text(message) or "") for message in request.messages)
+        # The whole chat goes upstream, paid with the server's key: its size is capped too, as JSON
+        # (messages with their tool calls, tools, every forwarded parameter); max_query_chars caps
+        # the last user turn, which is what is routed.
+        forwarded = request.model_dump(exclude_none=True, exclude=set(CONSUMED_CHAT_FIELDS))
+        chat_chars = len(json.dumps(forwarded, ensure_ascii=False))
         if chat_chars > self.config.service.proxy_max_chat_chars:
-            return error(400, "messages", f"the messages hold {chat_chars} characters of text; the limit is "
+            return error(400, "messages", f"the chat is {chat_chars} characters as forwarded (its messages, tools and "
+                                          f"parameters, as JSON); the limit is "
                                           f"{self.config.service.proxy_max_chat_chars} (service.proxy_max_chat_chars)")
         extra = request.model_extra or {}
         unknown = sorted(set(extra) - FORWARDED_CHAT_FIELDS - CONSUMED_CHAT_FIELDS)

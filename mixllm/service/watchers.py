@@ -123,7 +123,7 @@ class ServiceWatchers:
                 estimates[name] = {"n": result["n"], **({kind: {e: iv.__dict__ for e, iv in result[kind].items()
                                                                 if e in ("ips", "snips", "dr")}
                                                          for kind in ("quality", "cost_usd", "score")} if result["n"] else {})}
-            if results[0]["n"]:  # paired on the same decisions: what the gate's verdict reads
+            if results[0]["n"]:  # paired on the same decisions, as the gate's verdict (on its own window) is
                 estimates["shadow_minus_champion"] = {kind: {e: iv.__dict__ for e, iv in by_estimator.items()}
                                                       for kind, by_estimator in results[0]["versus_baseline"].items()}
             self._off_policy_cache = (now, self.shadow.version, estimates, feedback_rows)
