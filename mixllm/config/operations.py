@@ -71,9 +71,10 @@ class FailoverConfig(StrictModel):
     """The proxy's failover along the router's ranking, and its per-LLM circuit breakers."""
 
     # Upstreams tried for one chat, the router's choice first, then the next candidates by score.
-    # A connection error, a timeout, a 429 or a 5xx (streamed: before the first chunk) moves on. A
-    # 400, 413 or 422 is the request's fault: answered with that status, not held against the LLM's
-    # breaker. Any other 4xx (a wrong key or model name: the server's setup) is answered at once, a 502.
+    # A connection error, a timeout, a 429 or a 5xx (streamed: before the first chunk) moves on. So
+    # does a 400, 413 or 422 (the request refused as invalid), but it is not held against the LLM's
+    # breaker; when no upstream takes it, the caller gets that status. Any other 4xx (a wrong key: the
+    # server's setup) is answered at once, a 502.
     max_attempts: int = Field(default=3, ge=1)
     deadline_s: float = Field(default=120.0, gt=0)  # all attempts of one chat together
     # A breaker opens after `breaker_failures` failed calls within `breaker_window_s`: the LLM is
