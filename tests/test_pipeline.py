@@ -515,11 +515,12 @@ def test_retraining_replays_the_feedback_continual_runs_learned(project, tmp_pat
 
     off = _own_registry_and_store(project, tmp_path, **{"pipeline.replay_feedback": False})
     assert stage_replay(off)[0] == workspace.router, "replay off: the offline fit is what gets evaluated"
-    from mixllm.jobs.training import stage_register
+    from mixllm.jobs.training import unreplayed_feedback_tags
 
-    by_dvc = stage_register(config)  # dvc repro's last stage: tracked data only, and the version says so
-    tags = {v.version: v for v in Registry(config).versions()}[by_dvc.version].tags
-    assert tags["mixllm.replayed_feedback"] == "0 of 12 consumed rows (dvc repro: tracked data only)"
+    # dvc repro's register stage (stage_register): tracked data only, and its version says so.
+    assert unreplayed_feedback_tags(config) == {
+        "mixllm.replayed_feedback": "0 of 12 consumed rows (dvc repro: tracked data only)"}
+    assert unreplayed_feedback_tags(off) == {}, "replay off: nothing is left out"
 
 
 def test_a_poisoned_cost_scale_is_a_degenerate_model_the_gate_refuses(project):

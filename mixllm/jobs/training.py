@@ -149,26 +149,31 @@ def stage_register(config: MixLLMConfig, split: SplitData | None = None) -> Regi
     router = MixLLMRouter.load(workspace.router, progress=False)
     router.cache_dir = workspace.cache
     report = evaluate_router(config, router, split, baselines=[])
-    # dvc repro reproduces from tracked data only, so it replays no feedback (mixllm train does):
-    # the version says what it left out, and the log says how to include it.
-    from mixllm.jobs.continual import consumed_feedback
-
-    try:
-        consumed = len(consumed_feedback(config)) if config.pipeline.replay_feedback else 0
-    except Exception as error:  # noqa: BLE001 - the decision log is not this stage's input: say so, go on
-        logger.warning("the decision log could not be read (%s: %s); the version's tags do not say what feedback it "
-                       "lacks", type(error).__name__, error)
-        consumed = 0
-    tags = {"mixllm.replayed_feedback": f"0 of {consumed} consumed rows (dvc repro: tracked data only)"} if consumed else {}
-    if consumed:
-        logger.warning("this version does not learn the %d feedback rows the continual flow has consumed (dvc "
-                       "repro reproduces from tracked data only); `mixllm train` replays them", consumed)
     registration = register_candidate(
-        config, workspace.router, report, split, run_name="training", extra_tags=tags,
+        config, workspace.router, report, split, run_name="training", extra_tags=unreplayed_feedback_tags(config),
         artifacts=registered_artifacts(workspace),
     )
     write_atomic(workspace.registration, json.dumps(registration.to_dict(), indent=2))
     return registration
+
+
+def unreplayed_feedback_tags(config: MixLLMConfig) -> dict[str, str]:
+    """The tags of a version `dvc repro` registers: it reproduces from tracked data only, so it
+    replays no feedback (mixllm train does); the version says what it left out, and the log says
+    how to include it."""
+    from mixllm.jobs.continual import consumed_feedback
+
+    try:
+        consumed = len(consumed_feedback(config)) if config.pipeline.replay_feedback else 0
+    except Exception as error:  # noqa: BLE001 - the decision log is not the stage's input: say so, go on
+        logger.warning("the decision log could not be read (%s: %s); the version's tags do not say what feedback it "
+                       "lacks", type(error).__name__, error)
+        return {}
+    if not consumed:
+        return {}
+    logger.warning("this version does not learn the %d feedback rows the continual flow has consumed (dvc repro "
+                   "reproduces from tracked data only); `mixllm train` replays them", consumed)
+    return {"mixllm.replayed_feedback": f"0 of {consumed} consumed rows (dvc repro: tracked data only)"}
 
 
 # ------------------------------------------------------------------------------------- training
