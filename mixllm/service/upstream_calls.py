@@ -50,6 +50,9 @@ def _redacted(text: str, secrets: list[str]) -> str:
     return re.sub(r"(?i)bearer\s+[^\s\"']+", "Bearer [redacted]", text)
 
 
+_CLOSING: set[asyncio.Future] = set()  # unread streams' upstreams being closed
+
+
 def _on_loop(loop: asyncio.AbstractEventLoop, callback: Any) -> None:
     """Run `callback` on `loop` (from a finalizer, any thread); nothing if the loop is closed."""
     try:
@@ -277,7 +280,9 @@ class UpstreamCalls:
                     await response.aclose()
                     await client.aclose()
 
-                asyncio.ensure_future(close())
+                task = asyncio.ensure_future(close())
+                _CLOSING.add(task)  # the loop keeps only a weak reference to a task
+                task.add_done_callback(_CLOSING.discard)
 
         async def every_line() -> Any:
             for line in opening:
