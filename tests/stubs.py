@@ -28,26 +28,28 @@ class UpstreamStub:
         stub = self
 
         class Handler(BaseHTTPRequestHandler):
+            def reply(self, status: int, body: dict) -> None:
+                payload = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def hang_up(self) -> None:
+                self.close_connection = True
+                self.connection.shutdown(2)
+
             def do_POST(self):  # noqa: N802 - http.server API
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 stub.requests.append({"path": self.path, "body": body, "auth": self.headers.get("Authorization")})
                 model = body.get("model")
                 behaviour = stub.behaviour.get(model)
                 if behaviour in ("500", "429"):
-                    payload = json.dumps({"error": {"message": f"stub {behaviour}"}}).encode()
-                    self.send_response(int(behaviour))
-                    self.send_header("Content-Length", str(len(payload)))
-                    self.end_headers()
-                    self.wfile.write(payload)
-                    return
+                    return self.reply(int(behaviour), {"error": {"message": f"stub {behaviour}"}})
                 if behaviour == "400":
-                    payload = json.dumps({"error": {"message": "temperature must be at most 2", "param": "temperature",
-                                                    "type": "invalid_request_error"}}).encode()
-                    self.send_response(400)
-                    self.send_header("Content-Length", str(len(payload)))
-                    self.end_headers()
-                    self.wfile.write(payload)
-                    return
+                    return self.reply(400, {"error": {"message": "temperature must be at most 2", "param": "temperature",
+                                                      "type": "invalid_request_error"}})
                 if behaviour == "empty" and body.get("stream"):
                     self.send_response(200)
                     self.send_header("Content-Type", "text/event-stream")
@@ -61,13 +63,9 @@ class UpstreamStub:
                     self.end_headers()
                     self.wfile.flush()
                     time.sleep(0.2)
-                    self.close_connection = True
-                    self.connection.shutdown(2)  # before the first chunk
-                    return
+                    return self.hang_up()  # before the first chunk
                 if behaviour == "close":
-                    self.close_connection = True
-                    self.connection.shutdown(2)
-                    return
+                    return self.hang_up()
                 if behaviour == "slow":
                     time.sleep(stub.slow_s)
                 if behaviour in ("drop", "cut") and body.get("stream"):  # one chunk of an answer, then the end
@@ -82,20 +80,13 @@ class UpstreamStub:
                         self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
                         self.wfile.flush()
                         time.sleep(0.2)
-                        self.close_connection = True
-                        self.connection.shutdown(2)  # mid-stream, without the terminating chunk
-                        return
+                        return self.hang_up()  # mid-stream, without the terminating chunk
                     self.send_header("Content-Length", str(len(data)))
                     self.end_headers()
                     self.wfile.write(data)  # "cut": a whole HTTP answer, but not a whole stream
                     return
                 if "SEND-ERROR" in json.dumps(body.get("messages")):  # a careless upstream echoes the key it got
-                    payload = json.dumps({"error": f"rejected {self.headers.get('Authorization')}"}).encode()
-                    self.send_response(500)
-                    self.send_header("Content-Length", str(len(payload)))
-                    self.end_headers()
-                    self.wfile.write(payload)
-                    return
+                    return self.reply(500, {"error": f"rejected {self.headers.get('Authorization')}"})
                 if "SEND-GARBAGE" in json.dumps(body.get("messages")):  # a broken upstream: 200, not JSON
                     self.send_response(200)
                     self.send_header("Content-Length", "9")
@@ -106,16 +97,10 @@ class UpstreamStub:
                 usage = None if behaviour == "no-usage" else {"prompt_tokens": 12, "completion_tokens": 5,
                                                               "total_tokens": 17}
                 if not body.get("stream"):
-                    payload = json.dumps({"id": "c1", "object": "chat.completion", "created": int(time.time()),
-                                          "model": model, "usage": usage,
-                                          "choices": [{"index": 0, "finish_reason": "stop",
-                                                       "message": {"role": "assistant", "content": text}}]}).encode()
-                    self.send_response(200)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(payload)))
-                    self.end_headers()
-                    self.wfile.write(payload)
-                    return
+                    return self.reply(200, {"id": "c1", "object": "chat.completion", "created": int(time.time()),
+                                            "model": model, "usage": usage,
+                                            "choices": [{"index": 0, "finish_reason": "stop",
+                                                         "message": {"role": "assistant", "content": text}}]})
                 self.send_response(200)
                 self.send_header("Content-Type", "text/event-stream")
                 self.end_headers()

@@ -83,12 +83,11 @@ def _judge(routers: list[MixLLMRouter], logged: pd.DataFrame, *, lambda_: float,
     evaluate_on_feedback), DR with the routers' predictions averaged as its reward model; with two,
     the first's paired difference to the second ("versus_baseline")."""
     served = [set(router.enabled_llms_) for router in routers]
-    llms = [llm for llm in dict.fromkeys(llm for router in routers for llm in router.enabled_llms_)]
+    llms = list(dict.fromkeys(llm for router in routers for llm in router.enabled_llms_))
     overridden = (logged["chosen_llm"].notna() & (logged["chosen_llm"] != logged["llm"]) if "chosen_llm" in logged
                   else pd.Series(False, index=logged.index))
     policy_choices = logged[~overridden]
-    judgeable = policy_choices["llm"].isin(set.intersection(*served)) if len(policy_choices) else []
-    usable = policy_choices[judgeable].reset_index(drop=True) if len(policy_choices) else policy_choices
+    usable = policy_choices[policy_choices["llm"].isin(set.intersection(*served))].reset_index(drop=True)
     counts: dict[str, Any] = {"logged": int(len(logged)), "not_policy_choice": int(overridden.sum()),
                               "unknown_llm": int(len(policy_choices) - len(usable))}
     if not len(usable):

@@ -210,6 +210,11 @@ class ChatRequest(BaseModel):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     stream: Annotated[bool, Field(strict=True)] = False
 
+    def forwarded(self) -> dict[str, Any]:
+        """What goes upstream: every field but those the proxy consumes (the model name is the
+        caller's until the proxy names the upstream's)."""
+        return self.model_dump(exclude_none=True, exclude=set(CONSUMED_CHAT_FIELDS))
+
 
 def error(status: int, field: str | None, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     # A lone surrogate from the request (JSON allows "\ud800") cannot be encoded as UTF-8: escape it.

@@ -61,8 +61,7 @@ class ChatProxy(UpstreamCalls):
         # The whole chat goes upstream, paid with the server's key: its size is capped too, as JSON
         # (messages with their tool calls, tools, every forwarded parameter); max_query_chars caps
         # the last user turn, which is what is routed.
-        forwarded = request.model_dump(exclude_none=True, exclude=set(CONSUMED_CHAT_FIELDS))
-        chat_chars = len(json.dumps(forwarded, ensure_ascii=False))
+        chat_chars = len(json.dumps(request.forwarded(), ensure_ascii=False))
         if chat_chars > self.config.service.proxy_max_chat_chars:
             return error(400, "messages", f"the chat is {chat_chars} characters as forwarded (its messages, tools and "
                                           f"parameters, as JSON); the limit is "

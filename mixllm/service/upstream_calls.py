@@ -20,7 +20,7 @@ from typing import Any
 
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from mixllm.service.api_models import CONSUMED_CHAT_FIELDS, ChatRequest, error
+from mixllm.service.api_models import ChatRequest, error
 
 logger = logging.getLogger("bentoml.mixllm")  # bentoml serve shows "bentoml.*" loggers
 
@@ -120,7 +120,7 @@ class UpstreamCalls:
         import anyio
         import httpx
 
-        payload = request.model_dump(exclude_none=True, exclude=set(CONSUMED_CHAT_FIELDS))
+        payload = request.forwarded()
         payload["model"] = upstream.model or llm
         if request.stream:
             payload.setdefault("stream_options", {"include_usage": True})
