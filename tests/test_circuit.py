@@ -67,3 +67,16 @@ def test_only_the_probe_frees_its_slot_and_a_lost_probe_is_given_up_after_its_ti
     assert breakers.available("a") and breakers.begin("a") == "probe", "probed again, not shut out for good"
     breakers.release("a", "probe")
     assert breakers.begin("a") == "probe", "a released probe frees its slot at once"
+
+
+def test_an_operator_closes_breakers_at_once_and_their_counted_failures_are_forgotten():
+    clock = Clock()
+    breakers = CircuitBreakers(failures=2, window_s=60, cooldown_s=30, clock=clock)
+    for llm in ("a", "a", "b", "b", "c"):
+        breakers.record(llm, ok=False)
+    assert breakers.open_llms() == ["a", "b"]
+    assert breakers.close(["a", "c", "unknown"]) == ["a"], "only open breakers are reported closed"
+    assert breakers.open_llms() == ["b"] and breakers.begin("a") == "call"
+    breakers.record("c", ok=False)
+    assert breakers.state("c") == "closed", "c's earlier failure was forgotten: one failure is not two"
+    assert breakers.close() == ["b"] and breakers.open_llms() == []

@@ -81,7 +81,7 @@ def service(tmp_path_factory, upstream):
                                                              "proxy_max_chat_chars": 5000,
                                                              "client_rate_per_s": 10_000, "client_burst": 100_000,
                                                              "body_read_timeout_s": 2, "header_read_timeout_s": 2,
-                                                             "failover": {"breaker_failures": 2, "breaker_cooldown_s": 2}},
+                                                             "failover": {"breaker_failures": 2, "breaker_cooldown_s": 600}},
                  gate={"max_overhead_ms": 5000}, budgets={"tenants": TENANTS, "key_cache_s": 0},
                  drift={"interval_s": 1, "min_queries": 10, "permutations": 50})
     params = load_config(root / "params.yaml").model_dump(mode="json", by_alias=True, exclude_defaults=True)
@@ -445,6 +445,10 @@ def test_token_guards_feedback_and_admin(service):
     wrong = httpx.post(f"{base}/feedback", json=body, headers={"Authorization": "Bearer nope"})
     assert wrong.status_code == 401 and "Authorization" in wrong.text
     assert httpx.post(f"{base}/admin/reload").status_code == 401
+    assert httpx.post(f"{base}/admin/circuits/close").status_code == 401
+    for bad in ({"llms": ["gpt-99"]}, {"llms": 1}, {"llms": [""]}, {"every": True}):
+        refused = httpx.post(f"{base}/admin/circuits/close", json=bad, headers=AUTH)
+        assert refused.status_code == 400 and refused.json()["field"] == ("llms" if "llms" in bad else "every"), bad
     assert httpx.post(f"{base}/feedback", json=body, headers=AUTH).status_code == 200
     assert _route(base)["llm"], "route needs no token unless service.require_token_for_route"
 
@@ -1072,13 +1076,12 @@ def _chat(base, model, content=QUERY, **extra):
 
 
 def _close_breakers(base, upstream):
-    """After a failover test: upstreams healthy again, every breaker closed by a probe."""
+    """After a failover test: upstreams healthy again, every breaker closed by the operator's endpoint.
+    (The breakers' cooldown here is long, so that an open breaker stays open however slow the machine:
+    the probe after the cooldown is tested with a clock of its own in test_circuit.py.)"""
     upstream.behaviour.clear()
-    deadline = time.monotonic() + 30
-    while httpx.get(f"{base}/model", timeout=30).json()["open_circuits"] and time.monotonic() < deadline:
-        time.sleep(0.5)
-        for llm in httpx.get(f"{base}/model", timeout=30).json()["open_circuits"]:
-            _chat(base, llm)
+    closed = httpx.post(f"{base}/admin/circuits/close", headers=AUTH, timeout=30)
+    assert closed.status_code == 200 and closed.json()["open_circuits"] == []
     assert httpx.get(f"{base}/model", timeout=30).json()["open_circuits"] == []
 
 
@@ -1136,6 +1139,9 @@ def test_the_proxy_fails_over_along_the_ranking(service, upstream, failure):
             ("so does the decision's log", logged["notes"])
         named = _chat(base, sorted(failed)[0])
         assert named.status_code == 503 and "circuit" in named.text, "a named LLM with an open circuit: no call"
+        reopened = httpx.post(f"{base}/admin/circuits/close", json={"llms": [sorted(failed)[0]]}, headers=AUTH,
+                              timeout=30).json()
+        assert reopened == {"closed": [sorted(failed)[0]], "open_circuits": sorted(open_now - {sorted(failed)[0]})}
     finally:
         _close_breakers(base, upstream)
 

@@ -172,6 +172,15 @@ class FeedbackRequest(BaseModel):
         return self
 
 
+class CloseCircuitsRequest(BaseModel):
+    """POST /admin/circuits/close: the LLMs whose circuit breakers to close; none named, every one."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    llms: Annotated[Optional[list[Annotated[str, Field(min_length=1, max_length=200)]]],
+                    Field(max_length=1000, description="LLM names; omitted or null: every LLM.")] = None
+
+
 class FeedbackResponse(BaseModel):
     feedback_id: int
     created: bool

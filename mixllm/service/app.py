@@ -34,6 +34,7 @@ from mixllm.service.api_models import (
     SETTINGS,
     BatchOfRequests,
     ChatRequest,
+    CloseCircuitsRequest,
     FeedbackRequest,
     FeedbackResponse,
     RouteRequest,
@@ -102,7 +103,8 @@ async def _store_unavailable(request: Any, exc: Exception) -> JSONResponse:
 for _app in (openai_app, admin_app, root_app):
     _app.add_exception_handler(HTTPException, _http_error)
     _app.add_exception_handler(StoreBusyError, _store_unavailable)
-root_app.add_exception_handler(RequestValidationError, _chat_request_invalid)  # /stats?days=abc: a 400
+for _app in (root_app, admin_app):  # /stats?days=abc, /admin/circuits/close {"llms": 1}: a 400
+    _app.add_exception_handler(RequestValidationError, _chat_request_invalid)
 
 
 @bentoml.service(workers=1, threads=SETTINGS.threads, traffic={"timeout": SETTINGS.request_timeout_s})
@@ -351,6 +353,20 @@ class MixLLMService(ModelLifecycle, RouteDecisions, ChatProxy, TenantBudgets, Se
             return error(503, None, f"reload failed, still serving version {before}: {exc}")
         return {"before": before, "version": after, "changed": before != after, "pool_changes": pool_changes,
                 "enabled": list(self._current().router.enabled_llms_)}
+
+    @admin_app.post("/circuits/close")
+    def close_circuits(self, request: CloseCircuitsRequest | None = None) -> Any:
+        """Close circuit breakers now (body {"llms": [...]}; no body: every LLM's), once an upstream
+        is fixed, instead of waiting service.failover.breaker_cooldown_s for a probe."""
+        llms = request.llms if request is not None else None
+        known = {llm.name for llm in self.config.llms}
+        unknown = sorted(set(llms or ()) - known)
+        if unknown:
+            return error(400, "llms", f"no such LLM in the catalogue: {', '.join(unknown)[:500]}; "
+                                      f"known: {', '.join(sorted(known))[:1000]}")
+        closed = self.breakers.close(llms)
+        logger.info("circuit breakers closed by the operator: %s", ", ".join(closed) or "none were open")
+        return {"closed": closed, "open_circuits": self.breakers.open_llms()}
 
     # ------------------------------------------------------------------------- OpenAI proxy
 

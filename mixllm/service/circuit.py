@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from mixllm.config.operations import FailoverConfig
@@ -101,6 +101,17 @@ class CircuitBreakers:
             breaker = self._breakers.get(llm)
             if breaker is not None:
                 breaker.probing = False
+
+    def close(self, llms: Iterable[str] | None = None) -> list[str]:
+        """Close the breakers of `llms` (every LLM's when None) now, forgetting their counted
+        failures: an operator who has fixed an upstream need not wait out the cooldown. Returns the
+        LLMs whose breaker was open or half-open."""
+        with self._lock:
+            names = list(self._breakers) if llms is None else [llm for llm in llms if llm in self._breakers]
+            closed = sorted(llm for llm in names if self._state(self._breakers[llm]) != "closed")
+            for llm in names:
+                del self._breakers[llm]
+            return closed
 
     def open_llms(self) -> list[str]:
         """LLMs whose breaker is open or half-open (for GET /model and the decision's notes)."""
