@@ -1,5 +1,6 @@
 import gzip
 import json
+import os
 
 import numpy as np
 import pandas as pd
@@ -249,6 +250,31 @@ def test_reingest_is_idempotent_and_conflicts_are_held(config, synthetic_log, tm
     changed.to_csv(tmp_path / "changed.csv", index=False)
     third = ingest(tmp_path / "changed.csv", config)
     assert third.reasons == {"conflicts_with_store": 2} and len(store.read()) == 180
+
+
+def test_an_import_removes_what_stopped_imports_left_half_written_and_nothing_else(config, synthetic_log, tmp_path):
+    """A kill mid-write leaves a temporary part (never read, a whole batch's size on disk): the next
+    import removes it, but not a write still under way in a running process or on another machine."""
+    import subprocess
+    import sys
+
+    from mixllm.io.scratch_folders import host_tag
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(gone.stdout)  # a process that has ended
+    other_host = "h00000000" if host_tag() != "h00000000" else "h11111111"
+    store_dir = config.path(config.data.store_dir)
+    store_dir.mkdir(parents=True, exist_ok=True)
+    abandoned = store_dir / f"part-aaaa.parquet.{host_tag()}-{dead_pid}-writing.tmp"
+    running = store_dir / f"part-bbbb.parquet.{host_tag()}-{os.getppid()}-writing.tmp"
+    elsewhere = store_dir / f"part-cccc.parquet.{other_host}-{dead_pid}-writing.tmp"
+    for tmp in (abandoned, running, elsewhere):
+        tmp.write_bytes(b"half a parquet file")
+    path = tmp_path / "log.csv"
+    synthetic_log.to_csv(path, index=False)
+    assert ingest(path, config).accepted == 180
+    assert not abandoned.exists() and running.exists() and elsewhere.exists()
+    assert len(InteractionStore(store_dir).read()) == 180, "the temporary parts are never read"
 
 
 def test_missing_required_column_is_a_clear_error(synthetic_log, tmp_path):

@@ -18,6 +18,7 @@ from mixllm.config import ROUTERBENCH_ENV, MixLLMConfig
 from mixllm.core.errors import DataError, DataUnavailableError
 from mixllm.core.schemas import INTERACTION_COLUMNS, KEY_COLUMNS, REQUIRED_COLUMNS, IngestReport
 from mixllm.io.readers import ORIGIN, file_suffix, read_log
+from mixllm.io.scratch_folders import left_by_stopped_process, owned_prefix
 
 from mixllm.io.validation import ValidationResult, normalise_columns, validate_interactions
 
@@ -62,10 +63,24 @@ class InteractionStore:
         self.root.mkdir(parents=True, exist_ok=True)
         digest = hashlib.blake2b("".join(frame["row_hash"]).encode(), digest_size=10).hexdigest()
         path = self.root / f"part-{digest}.parquet"
-        tmp = path.with_suffix(".parquet.tmp")
+        self.remove_abandoned_writes()
+        # Named after this process, so that what a killed import left half-written can be told
+        # from a write still under way in another process, and removed.
+        tmp = self.root / f"{path.name}.{owned_prefix('')}writing.tmp"
         frame.reindex(columns=[*INTERACTION_COLUMNS, "row_hash"]).to_parquet(tmp, index=False)
         os.replace(tmp, path)
         return path
+
+    def remove_abandoned_writes(self) -> list[Path]:
+        """Remove the half-written parts of imports that were stopped (kill -9, a crash) mid-write.
+        Never read (they are not `part-*.parquet`), but each holds a whole batch's size on disk."""
+        removed = [tmp for tmp in self.root.glob("part-*.parquet.*.tmp")
+                   if left_by_stopped_process(tmp.name.split(".parquet.", 1)[1])]
+        for tmp in removed:
+            tmp.unlink(missing_ok=True)
+        if removed:
+            logger.info("removed %d half-written part(s) left by stopped imports in %s", len(removed), self.root)
+        return removed
 
 
 def _write_quarantine(rows: pd.DataFrame, folder: Path, stem: str) -> Path:

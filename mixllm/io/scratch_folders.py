@@ -133,6 +133,13 @@ def remove_orphaned_folders(parent: Path | None = None, prefix: str = DOWNLOAD_P
     return removed
 
 
+def left_by_stopped_process(owner: str) -> bool:
+    """Whether `owner` (a name's part that starts `<host tag>-<pid>-`, from owned_prefix("")) names a
+    process of this machine that no longer runs: what it left half-written can go."""
+    match = _OWNER.match(owner)
+    return match is not None and "h" + match.group(1) == host_tag() and not _process_runs(int(match.group(2)))
+
+
 def _process_runs(pid: int) -> bool:
     try:
         os.kill(pid, 0)
