@@ -54,7 +54,7 @@ from mixllm.evaluation.baselines import make_baseline, query_frame  # noqa: E402
 from mixllm.evaluation.bootstrap import Interval, bootstrap_metrics, bootstrap_weights  # noqa: E402
 from mixllm.evaluation.evaluate import Outcomes, Reference, RouterCurve, exact_sweep  # noqa: E402
 from mixllm.io.benchmark_config import load_benchmark_config  # noqa: E402
-from mixllm.io.data import InteractionStore, ingest  # noqa: E402
+from mixllm.io.data import TrainingStore, ingest  # noqa: E402
 from mixllm.io.splitting import normalised_text  # noqa: E402
 from mixllm.io.workspace import Workspace, load_split, write_split  # noqa: E402
 
@@ -151,7 +151,7 @@ def run(name: str, entry, data_path: Path, work: Path, n_boot: int, skip: frozen
     config = make_project(name, entry, work / name)
     config = load_config(config.root / "params.yaml", overrides={"embedding.fine_tune.enabled": False,
                                                                     "pipeline.work_dir": "data/work-levers"})
-    if not InteractionStore(config.path(config.data.store_dir)).parts():
+    if not TrainingStore(config.path(config.data.store_dir)).parts():
         ingest(data_path, config)
     write_split(config)
     split = load_split(config)
@@ -183,7 +183,7 @@ def run(name: str, entry, data_path: Path, work: Path, n_boot: int, skip: frozen
         X_tr = router.features(tr_frame["query"].tolist())
         X_te = router.features(te_frame["query"].tolist())
         # The training rows' features with their out-of-fold domain probabilities, as the heads saw them.
-        X_tr = router._join(X_tr[:, :router.n_base_features_], router.domain_model_.train_proba_)
+        X_tr = router.join_domain_proba(X_tr[:, :router.n_base_features_], router.domain_model_.train_proba_)
         chars_te = te_frame["query"].str.len().to_numpy()
         default = router.predict_from_features(X_te, chars_te, llms)
         predictions["default"][test] = default.quality
@@ -205,7 +205,7 @@ def run(name: str, entry, data_path: Path, work: Path, n_boot: int, skip: frozen
             log[log["query_id"].isin(train_ids)]).predict(te_frame).quality
         for kind in text_baselines:  # the embedding baselines read the fold router's embeddings, as on the leaderboard
             label = f"{kind} (baseline)"
-            baseline = make_baseline(kind, embed=lambda texts: router._embed(router.encoder_, texts))
+            baseline = make_baseline(kind, embed=lambda texts: router.embed(texts))
             fitted_baseline = baseline.fit(log[log["query_id"].isin(train_ids)]).predict(te_frame)
             predictions[label][test], baseline_costs[label][test] = fitted_baseline.quality, fitted_baseline.cost_usd
         Y = Q[~test]
@@ -228,8 +228,8 @@ def run(name: str, entry, data_path: Path, work: Path, n_boot: int, skip: frozen
             coef = ridge_fit(G_tr, R[:, [j]], residual_ridge)
             predictions["+ stacked TF-IDF logistic"][test, j] = np.clip(prior_te[:, j] + (with_bias(G_te) @ coef)[:, 0], 0, 1)
         # NNLS stack of the default (in-sample on train, a mild optimism), TF-IDF logistic and kNN
-        embed_tr = router._embed(router.encoder_, tr_frame["query"].tolist())
-        embed_te = router._embed(router.encoder_, te_frame["query"].tolist())
+        embed_tr = router.embed(tr_frame["query"].tolist())
+        embed_te = router.embed(te_frame["query"].tolist())
         knn_tr = np.zeros_like(Y)
         for k in range(5):
             knn_tr[inner == k] = knn_predict(embed_tr[inner != k], Y[inner != k], embed_tr[inner == k])

@@ -148,6 +148,17 @@ def test_planted_skills_are_learned(fitted):
     assert quality.loc["history", "cheap-chat"] > quality.loc["history", "coder"]
 
 
+def test_the_features_are_the_routers_embeddings_then_its_domain_memberships(fitted):
+    """What benchmarks and baselines read through the public methods is what the heads see."""
+    queries = [CODE, MATH, HISTORY]
+    X = fitted.features(queries)
+    base = fitted.featurizer_.transform(queries, fitted.embed(queries))
+    assert fitted.embed(queries).shape == (3, fitted.encoder_.dim_)
+    np.testing.assert_allclose(fitted.join_domain_proba(base, fitted.domain_proba(X)), X)
+    with pytest.raises(RoutingError, match="list of strings"):
+        fitted.embed(CODE)
+
+
 def test_decision_explains_itself(fitted):
     decision = fitted.route([CODE], lambda_=0.5)[0]
     row = decision.to_dict()

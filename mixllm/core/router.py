@@ -128,7 +128,7 @@ class MixLLMRouter(RoutingMixin, OnlineLearningMixin, BaseEstimator):
         self.domain_model_ = estimators.domain_model(config).fit(base, labels, quality, llms)
         self.domain_weight_ = float(domains_config.weight)
         self.n_base_features_ = base.shape[1]
-        X = self._join(base, self.domain_model_.train_proba_)
+        X = self.join_domain_proba(base, self.domain_model_.train_proba_)
         self.n_features_in_ = X.shape[1]
         prior = self.domain_model_.prior(self.domain_model_.train_proba_, llms)
         self.timings_["domains_s"] = time.perf_counter() - t
@@ -195,8 +195,10 @@ class MixLLMRouter(RoutingMixin, OnlineLearningMixin, BaseEstimator):
             return np.zeros(len(X))
         return self.difficulty_model_.predict(np.asarray(X, dtype=np.float64))
 
-    def _join(self, base: np.ndarray, domain_proba: np.ndarray) -> np.ndarray:
-        """The heads' input: the base features, then the domain memberships scaled by domains.weight."""
+    def join_domain_proba(self, base: np.ndarray, domain_proba: np.ndarray) -> np.ndarray:
+        """The heads' input: the base features, then the domain memberships scaled by domains.weight.
+        (`features` joins the predicted memberships; training joins out-of-fold ones,
+        `domain_model_.train_proba_`, as the heads saw them.)"""
         return np.hstack([base, self.domain_weight_ * np.asarray(domain_proba, dtype=np.float64)])
 
     def domain_proba(self, X: np.ndarray) -> np.ndarray:
@@ -295,6 +297,12 @@ class MixLLMRouter(RoutingMixin, OnlineLearningMixin, BaseEstimator):
     def enabled_llms_(self) -> list[str]:
         return [llm for llm in self.llms_ if self.catalogue_[llm].get("enabled", True)]
 
+    def embed(self, queries: Sequence[str]) -> np.ndarray:
+        """The fitted encoder's vectors for `queries` (through the embedding cache, when there is one):
+        what the embedding baselines read, so that they compare on the router's own embeddings."""
+        self._check_fitted()
+        return self._embed(self.encoder_, check_queries(queries))
+
     def features(self, queries: Sequence[str], tasks: Sequence[str | None] | None = None) -> np.ndarray:
         """The predictors' input for `queries` (one encoder batch). A query whose task (the
         caller's label, e.g. a benchmark or an application) names a known domain is placed in
@@ -302,7 +310,7 @@ class MixLLMRouter(RoutingMixin, OnlineLearningMixin, BaseEstimator):
         self._check_fitted()
         queries = check_queries(queries)
         base = self.featurizer_.transform(queries, self._embed(self.encoder_, queries))
-        return self._join(base, self.domain_model_.predict_proba(base, check_tasks(tasks, len(queries))))
+        return self.join_domain_proba(base, self.domain_model_.predict_proba(base, check_tasks(tasks, len(queries))))
 
     def predict_from_features(self, X: np.ndarray, query_chars: np.ndarray, llms: Sequence[str] | None = None) -> Predictions:
         llms = list(llms) if llms is not None else self.llms_
