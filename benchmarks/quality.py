@@ -49,7 +49,7 @@ from mixllm.evaluation.bootstrap import (  # noqa: E402
 from mixllm.evaluation.evaluate import Outcomes, RouterCurve, measure_router, routing_overhead_ms  # noqa: E402
 from mixllm.evaluation.results import pareto_plot, results_table, to_jsonable  # noqa: E402
 from mixllm.io.benchmark_config import DatasetConfig, load_benchmark_config  # noqa: E402
-from mixllm.io.data import InteractionStore, ingest  # noqa: E402
+from mixllm.io.data import TrainingStore, ingest  # noqa: E402
 from leaderboard import leaderboard, revive, write_leaderboard  # noqa: E402  (benchmarks/leaderboard.py)
 from replays import simulate  # noqa: E402  (benchmarks/replays.py)
 from mixllm.core.router import MixLLMRouter  # noqa: E402
@@ -148,7 +148,7 @@ def trained_on_log(name: str, entry: DatasetConfig, data_path: Path, work: Path)
     """The log's project under `work` (ingested once), its split, and MixLLM trained on it (stages
     cached in the project: the sibling scripts reuse this script's --work)."""
     config = make_project(name, entry, work / name)
-    if not InteractionStore(config.path(config.data.store_dir)).parts():
+    if not TrainingStore(config.path(config.data.store_dir)).parts():
         ingest(data_path, config)
     run_stages(config, ["split"])
     split = load_split(config)
@@ -208,7 +208,7 @@ def run_dataset(name: str, entry: DatasetConfig, data_path: Path, work: Path, *,
     or none when `quick`); `quick` also skips the simulations."""
     started = time.perf_counter()
     config = make_project(name, entry, work / name)
-    store = InteractionStore(config.path(config.data.store_dir))
+    store = TrainingStore(config.path(config.data.store_dir))
     if not store.parts():
         report = ingest(data_path, config)
         logger.info("%s: %d interactions accepted, %d quarantined %s", name, report.accepted, report.quarantined,

@@ -176,12 +176,12 @@ def test_the_service_parts_default_to_the_config_settings():
     from mixllm.config.operations import BudgetsConfig, FailoverConfig, ServiceConfig
     from mixllm.io.ledger import TenantLedger
     from mixllm.service.circuit import CircuitBreakers
-    from mixllm.service.live_traffic import LiveLoad
+    from mixllm.service.live_traffic import LiveTraffic
     from mixllm.service.middleware import BodyLimit
     from mixllm.service.request_batching import RequestCoalescer
 
     cases = [
-        (LiveLoad, ServiceConfig, {"max_age_s": "in_flight_max_age_s", "window": "latency_window",
+        (LiveTraffic, ServiceConfig, {"max_age_s": "in_flight_max_age_s", "window": "latency_window",
                                    "max_client_share": "latency_client_share"}),
         (CircuitBreakers, FailoverConfig, {"failures": "breaker_failures", "window_s": "breaker_window_s",
                                            "cooldown_s": "breaker_cooldown_s"}),

@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mixllm.core.errors import DataError, DataUnavailableError
-from mixllm.io.data import InteractionStore, fetch_routerbench, ingest
+from mixllm.io.data import TrainingStore, fetch_routerbench, ingest
 from mixllm.io.readers import read_log
 from mixllm.io.validation import validate_interactions
 
@@ -171,7 +171,7 @@ def test_long_readers_round_trip(config, synthetic_log, tmp_path, fmt):
         synthetic_log.to_parquet(path, index=False)
     report = ingest(path, config)
     assert (report.accepted, report.quarantined, report.queries, report.llms) == (180, 0, 60, 3)
-    stored = InteractionStore(config.path(config.data.store_dir)).read()
+    stored = TrainingStore(config.path(config.data.store_dir)).read()
     merged = stored.merge(synthetic_log, on=["query_id", "llm"], suffixes=("", "_in"))
     assert len(merged) == 180
     assert (merged["query"] == merged["query_in"]).all() and np.allclose(merged["cost_usd"], merged["cost_usd_in"])
@@ -244,7 +244,7 @@ def test_reingest_is_idempotent_and_conflicts_are_held(config, synthetic_log, tm
     first = ingest(path, config)
     second = ingest(path, config)
     assert (first.accepted, second.accepted, second.already_stored) == (180, 0, 180)
-    store = InteractionStore(config.path(config.data.store_dir))
+    store = TrainingStore(config.path(config.data.store_dir))
     assert len(store.read()) == 180 and len(store.parts()) == 1
     changed = synthetic_log.head(2).assign(quality=0.25)
     changed.to_csv(tmp_path / "changed.csv", index=False)
@@ -274,7 +274,7 @@ def test_an_import_removes_what_stopped_imports_left_half_written_and_nothing_el
     synthetic_log.to_csv(path, index=False)
     assert ingest(path, config).accepted == 180
     assert not abandoned.exists() and running.exists() and elsewhere.exists()
-    assert len(InteractionStore(store_dir).read()) == 180, "the temporary parts are never read"
+    assert len(TrainingStore(store_dir).read()) == 180, "the temporary parts are never read"
 
 
 def test_missing_required_column_is_a_clear_error(synthetic_log, tmp_path):
@@ -304,7 +304,7 @@ def test_an_unreadable_file_is_refused_in_one_line_and_stores_nothing(config, sy
         path.write_bytes(gzip.compress(synthetic_log.to_csv(index=False).encode())[:200])
     else:
         path.write_bytes(content)
-    store = InteractionStore(config.path(config.data.store_dir))
+    store = TrainingStore(config.path(config.data.store_dir))
     before = len(store.read()) if store.parts() else 0
     with pytest.raises(DataError, match=message) as caught:
         ingest(path, config)
@@ -355,7 +355,7 @@ def test_shared_subset_wide_originals(shared_subset, tmp_path):
     assert report.merged_prompts == 14, "RouterBench's 14 split ARC prompts are merged, and counted"
     assert report.missing_cells == 14 * 11, "each merged pair leaves 11 empty model cells"
     long = pd.read_csv(shared_subset / "routerbench_subset_long.csv.gz")
-    stored = InteractionStore(config.path(config.data.store_dir)).read()
+    stored = TrainingStore(config.path(config.data.store_dir)).read()
     both = stored.merge(long, on=["query_id", "llm"], suffixes=("", "_long"))
     assert len(both) == 34_804
     assert (both["query"] == both["query_long"]).all(), "same merge rule as the published long file"

@@ -8,11 +8,11 @@ import pytest
 from pydantic import ValidationError
 
 from mixllm.jobs.continual import screen_feedback
-from mixllm.service.live_traffic import LiveLoad
+from mixllm.service.live_traffic import LiveTraffic
 
 
 def test_only_measured_latency_feeds_the_average():
-    load = LiveLoad(max_age_s=60)
+    load = LiveTraffic(max_age_s=60)
     load.start("a", "gpt")
     load.finish("a")  # a thumbs-up minutes later says nothing about latency
     assert load.snapshot().observed_latency_s == {}
@@ -26,7 +26,7 @@ def test_only_measured_latency_feeds_the_average():
 
 
 def test_one_absurd_latency_cannot_pin_an_llm():
-    load = LiveLoad(max_age_s=60, window=5)
+    load = LiveTraffic(max_age_s=60, window=5)
     for latency in (1.0, 1.2, 0.9):
         load.observe_latency("gpt", latency)
     load.observe_latency("gpt", 1e300)  # finite, so no validity check stops it here
@@ -40,7 +40,7 @@ def test_one_client_cannot_steer_an_llms_latency_with_its_reports():
     """A tenant that pairs /route with /feedback can report any plausible latency for the LLM its
     decisions chose. Its reports hold at most `max_client_share` of that LLM's window (a new one
     replaces its own oldest), so however many it sends, the median stays among honest values."""
-    load = LiveLoad(max_age_s=60, window=21, max_client_share=0.25)
+    load = LiveTraffic(max_age_s=60, window=21, max_client_share=0.25)
     for _ in range(21):
         load.finish("", latency_s=1.0, llm="gpt")  # the proxy's own measurements
     for _ in range(500):
@@ -54,7 +54,7 @@ def test_one_client_cannot_steer_an_llms_latency_with_its_reports():
 
 
 def test_unreported_calls_expire_after_their_own_lifetime():
-    load = LiveLoad(max_age_s=60)
+    load = LiveTraffic(max_age_s=60)
     load.start("quick", "small", expires_after_s=0.0)
     load.start("slow", "big", expires_after_s=30)
     load.start("capped", "big", expires_after_s=10_000)
@@ -122,7 +122,7 @@ def test_a_feedbacks_latency_reporter_is_its_tenant_else_its_address_unless_it_h
     assert reporting_client(request(**{TENANT_HEADER.decode(): "acme"}), "TEST_ADMIN_TOKEN") == "tenant:acme"
     monkeypatch.setenv("TEST_ADMIN_TOKEN", "secret")  # then only the admin token reaches /feedback untenanted
     assert reporting_client(request(), "TEST_ADMIN_TOKEN") is None
-    load = LiveLoad(max_age_s=60, window=21, max_client_share=0.25)
+    load = LiveTraffic(max_age_s=60, window=21, max_client_share=0.25)
     for _ in range(21):
         load.finish("", latency_s=1.0, llm="gpt")
     for _ in range(100):

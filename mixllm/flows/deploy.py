@@ -23,7 +23,7 @@ def deployments(params_path: str | None) -> list[Any]:
     parameters = {"params_path": params_path}
     return [
         training.to_deployment(name="nightly", cron=config.pipeline.training_cron, parameters=parameters,
-                               tags=["mixllm"], description="Full retrain from the interaction store"),
+                               tags=["mixllm"], description="Full retrain from the training store"),
         continual.to_deployment(name="hourly", cron=config.pipeline.continual_cron, parameters=parameters,
                                 tags=["mixllm"], description="partial_fit of the champion on new feedback"),
     ]

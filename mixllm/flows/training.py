@@ -104,7 +104,7 @@ def register(params_path: str | None, report: EvaluationReport, router_dir: str,
 
 @flow(name="training")
 def training(params_path: str | None = None, register_model: bool = True) -> dict[str, Any]:
-    """Retrain the router from the interaction store and register it; promoted only through the gate."""
+    """Retrain the router from the training store and register it; promoted only through the gate."""
     library_logs_to_prefect()
     logger = get_run_logger()
     config = config_for(params_path)

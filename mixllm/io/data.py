@@ -28,8 +28,9 @@ logger = logging.getLogger(__name__)
 # The store
 
 
-class InteractionStore:
-    """Accepted interactions as a Parquet dataset: one immutable part file per ingest batch.
+class TrainingStore:
+    """The training data: accepted interactions as a Parquet dataset, one immutable part file per
+    ingest batch (the live decisions and feedback are `store.InteractionLog`).
 
     Keyed by (query_id, llm). A row already stored with the same content is recognised and not
     written again, which makes re-ingesting a file a no-op; a row whose key is stored with
@@ -104,7 +105,7 @@ def ingest(path: Path | str, config: MixLLMConfig) -> IngestReport:
         logger.info("ignoring columns that are not part of an interaction: %s", ", ".join(ignored))
     known = config.llm_names or None
     result = validate_interactions(frame, known, config.data.max_query_chars, config.data.limits)
-    store = InteractionStore(config.path(config.data.store_dir))
+    store = TrainingStore(config.path(config.data.store_dir))
     stored = store.stored_hashes()
     accepted = result.accepted
     quarantined = [result.quarantined]
@@ -171,7 +172,7 @@ def pending_sources(config: MixLLMConfig) -> list[Path]:
 def ingest_pending(config: MixLLMConfig) -> list[IngestReport]:
     """Ingest every pending source; with none and an empty store, say how to supply data."""
     sources = pending_sources(config)
-    if not sources and not InteractionStore(config.path(config.data.store_dir)).parts():
+    if not sources and not TrainingStore(config.path(config.data.store_dir)).parts():
         raise DataUnavailableError(
             f"no interaction data: set {ROUTERBENCH_ENV} to a RouterBench copy, put logs in "
             f"{config.path(config.data.inbox_dir)}, or run `mixllm data import PATH`"
@@ -181,7 +182,7 @@ def ingest_pending(config: MixLLMConfig) -> list[IngestReport]:
 
 def load_interactions(config: MixLLMConfig) -> pd.DataFrame:
     """Every stored interaction; an empty store is an error that says how to fill it."""
-    frame = InteractionStore(config.path(config.data.store_dir)).read()
+    frame = TrainingStore(config.path(config.data.store_dir)).read()
     if frame.empty:
         raise DataUnavailableError(
             f"no interactions in {config.path(config.data.store_dir)}; run `mixllm data import PATH` "

@@ -1,6 +1,6 @@
 """The decision log the service writes and the continual flow reads: routing decisions and their feedback.
 
-(Not to be confused with `data.InteractionStore`, the Parquet training log of full interactions.)
+(Not to be confused with `data.TrainingStore`, the Parquet training log of full interactions.)
 
 SQLite in WAL mode by default (a file under data/), any SQLAlchemy URL (PostgreSQL) by config.
 Every routing decision is logged; feedback joins its decision by `decision_id`. Writes are
@@ -87,7 +87,7 @@ def existing_log(url: str) -> InteractionLog | None:
 
 class InteractionLog:
     """The live log: routing decisions and the feedback that joins them, in a SQL database (SQLite WAL
-    by default, PostgreSQL by URL). Training data lives elsewhere (`data.InteractionStore`)."""
+    by default, PostgreSQL by URL). Training data lives elsewhere (`data.TrainingStore`)."""
 
     def __init__(self, url: str, busy_timeout_s: float = 30.0):
         """`busy_timeout_s`: how long a write waits for a database lock held by another writer

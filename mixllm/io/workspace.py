@@ -15,7 +15,7 @@ from typing import Any
 import pandas as pd
 
 from mixllm.config import MixLLMConfig
-from mixllm.io.data import InteractionStore, load_interactions
+from mixllm.io.data import TrainingStore, load_interactions
 from mixllm.io.splitting import split_queries
 
 logger = logging.getLogger(__name__)
@@ -120,4 +120,4 @@ def load_split(config: MixLLMConfig) -> SplitData:
 
 def interactions_fingerprint(config: MixLLMConfig) -> str:
     """Hash of the stored interactions (part files are content-named): cheap, for cache keys."""
-    return stable_hash([p.name for p in InteractionStore(config.path(config.data.store_dir)).parts()])
+    return stable_hash([p.name for p in TrainingStore(config.path(config.data.store_dir)).parts()])

@@ -241,7 +241,7 @@ def ablation_config(config: MixLLMConfig, **overrides: Any) -> MixLLMConfig:
 class Stage:
     """One cached training stage: what it runs, what it reads and writes, which settings it depends on.
 
-    `reads`: earlier stages whose outputs it reads ("interactions": the interaction store).
+    `reads`: earlier stages whose outputs it reads ("interactions": the training store).
     `outputs`: the Workspace paths it writes; the first one present marks the stage as done.
     `params`: the dotted settings it depends on (a section name means the whole section).
     """

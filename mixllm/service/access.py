@@ -53,7 +53,7 @@ def reporting_tenant(request: Any) -> str | None:
 
 
 def reporting_client(request: Any, token_env: str) -> str | None:
-    """Whose latency reports a /feedback carries, for LiveLoad's per-client cap: a tenant
+    """Whose latency reports a /feedback carries, for LiveTraffic's per-client cap: a tenant
     ("tenant:<name>"); the admin token's holder, the operator, uncapped (None); or, when no admin
     token is configured and /feedback is open to anyone, the caller's address ("address:<ip>"):
     anonymous reporters were uncapped too, and a few dozen of them pinned an LLM's median.

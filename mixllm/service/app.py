@@ -4,7 +4,7 @@
 
 Serves the registry's champion (service.model_alias), polls the alias and swaps models atomically
 (requests in flight finish on the model they started with), logs every decision and feedback row
-to the interaction store, and proxies OpenAI-compatible chat completions to the chosen LLM.
+to the decision log, and proxies OpenAI-compatible chat completions to the chosen LLM.
 Configuration: params.yaml from the working folder, or MIXLLM_PARAMS. The endpoints are here; their
 work is in mixins of one role each: model_lifecycle.py, decisions.py, proxy.py, spending.py,
 watchers.py.
@@ -118,7 +118,7 @@ class MixLLMService(ModelLifecycle, RouteDecisions, ChatProxy, TenantBudgets, Se
         from mixllm.config import load_config
         from mixllm.io.registry import Registry
         from mixllm.io.store import InteractionLog
-        from mixllm.service.live_traffic import LiveLoad
+        from mixllm.service.live_traffic import LiveTraffic
 
         quiet_refusals()  # here, not at import: BentoML configures its logging when the worker starts
         self.config = load_config()
@@ -155,7 +155,7 @@ class MixLLMService(ModelLifecycle, RouteDecisions, ChatProxy, TenantBudgets, Se
         self.attempts = AttemptLog(self.store, background=True)
         TENANT_KEYS.enabled, TENANT_KEYS.lookup = bool(self.config.budgets.tenants), self._tenant_of_key
         UNAVAILABLE.explain, UNAVAILABLE.not_ready = self._why_unavailable, self._not_ready_reason
-        self.load = LiveLoad(max_age_s=self.config.service.in_flight_max_age_s,
+        self.load = LiveTraffic(max_age_s=self.config.service.in_flight_max_age_s,
                              window=self.config.service.latency_window,
                              max_client_share=self.config.service.latency_client_share)
         self.metrics = ServiceMetrics()

@@ -27,7 +27,7 @@ from mixllm.config.operations import ServiceConfig
 from mixllm.core.decision import LoadSnapshot
 
 
-class LiveLoad:
+class LiveTraffic:
     """Thread-safe in-flight counts and robust latency estimates per LLM."""
 
     def __init__(self, max_age_s: float = ServiceConfig.default_for("in_flight_max_age_s"),
