@@ -1,6 +1,7 @@
 """Prefect flows for real: a Prefect test server, a real MLflow store, the Dask task runner,
 and the scheduled deployments served by `mixllm deploy` against a `prefect server` on 127.0.0.1."""
 
+import json
 import os
 import sys
 import time
@@ -56,6 +57,8 @@ def test_training_flow_registers_and_caches(thread_trained, monkeypatch):
     config = load_config(params)
     assert Registry(config).alias_version("champion") == 1
     assert (root / "data/pipeline/pareto.png").is_file()
+    recorded = json.loads((root / "data/pipeline/registration.json").read_text())
+    assert recorded["version"] == 1, "registered as mixllm train and dvc repro register: registration.json says so"
     # A second run with unchanged data and params: the expensive tasks come from the cache.
     from mixllm.flows.training import training
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId

@@ -19,7 +19,6 @@ from mixllm.io.data import ingest_pending
 from mixllm.io.workspace import Workspace, load_split
 from mixllm.jobs import training as job
 from mixllm.jobs.continual import stage_replay
-from mixllm.jobs.gate import register_candidate
 from mixllm.jobs.report import EvaluationReport, evaluate_router, finish_report, measure_baseline
 
 
@@ -97,9 +96,7 @@ def register(params_path: str | None, report: EvaluationReport, router_dir: str,
     from pathlib import Path
 
     config = config_for(params_path)
-    registration = register_candidate(config, Path(router_dir), report, load_split(config), run_name="training",
-                                      extra_tags=tags, artifacts=job.registered_artifacts(Workspace.of(config)))
-    return registration.to_dict()
+    return job.register_training_run(config, Path(router_dir), report, load_split(config), tags).to_dict()
 
 
 @flow(name="training")

@@ -149,12 +149,7 @@ def stage_register(config: MixLLMConfig, split: SplitData | None = None) -> Regi
     router = MixLLMRouter.load(workspace.router, progress=False)
     router.cache_dir = workspace.cache
     report = evaluate_router(config, router, split, baselines=[])
-    registration = register_candidate(
-        config, workspace.router, report, split, run_name="training", extra_tags=unreplayed_feedback_tags(config),
-        artifacts=registered_artifacts(workspace),
-    )
-    write_atomic(workspace.registration, json.dumps(registration.to_dict(), indent=2))
-    return registration
+    return register_training_run(config, workspace.router, report, split, unreplayed_feedback_tags(config))
 
 
 def unreplayed_feedback_tags(config: MixLLMConfig) -> dict[str, str]:
@@ -179,10 +174,19 @@ def unreplayed_feedback_tags(config: MixLLMConfig) -> dict[str, str]:
 # ------------------------------------------------------------------------------------- training
 
 
-def registered_artifacts(workspace: Workspace) -> list[Path]:
-    """The files logged with every registered training run, beside the router itself."""
-    return [workspace.plot, workspace.table, workspace.curve, workspace.tags, workspace.metrics,
-            workspace.metrics_detail]
+def register_training_run(config: MixLLMConfig, router_dir: Path, report: EvaluationReport, split: SplitData,
+                          tags: dict[str, str]) -> Registration:
+    """Register a trained router with its holdout evaluation through the gate, the work folder's
+    reports logged beside it, and write registration.json: the one way `mixllm train`, dvc repro's
+    register stage and the Prefect training flow register (they differ only in the router they pass,
+    replayed or not, and the tags that say so)."""
+    workspace = Workspace.of(config)
+    artifacts = [workspace.plot, workspace.table, workspace.curve, workspace.tags, workspace.metrics,
+                 workspace.metrics_detail]
+    registration = register_candidate(config, router_dir, report, split, run_name="training", extra_tags=tags,
+                                      artifacts=artifacts)
+    write_atomic(workspace.registration, json.dumps(registration.to_dict(), indent=2))
+    return registration
 
 
 @dataclass
@@ -219,11 +223,7 @@ def run_training(config: MixLLMConfig, *, progress: bool | None = None, register
     record_stage(config, "evaluate")
     registration = None
     if register:
-        registration = register_candidate(
-            config, router_dir, report, split, run_name="training", extra_tags={**replay.tags(), **(extra_tags or {})},
-            artifacts=registered_artifacts(workspace),
-        )
-        write_atomic(workspace.registration, json.dumps(registration.to_dict(), indent=2))
+        registration = register_training_run(config, router_dir, report, split, {**replay.tags(), **(extra_tags or {})})
     return TrainingOutcome(registration, report, workspace)
 
 
