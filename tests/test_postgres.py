@@ -11,10 +11,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
+import httpx
 import psutil
 import pytest
 import sqlalchemy as sa
 
+from mixllm.cli.processes import free_port, stop, wait_http
 from mixllm.config import config_from_dict, load_config
 from mixllm.io.data import ingest
 from mixllm.io.registry import Registry
@@ -22,7 +24,8 @@ from mixllm.io.store import InteractionLog
 from mixllm.io.store_schema import feedback
 from mixllm.jobs.continual import read_new_feedback
 from mixllm.jobs.training import run_training
-from synthetic import make_log, write_params
+from servers import serve
+from synthetic import PRICE_PER_1K, make_log, write_params
 
 pytestmark = pytest.mark.slow  # real servers, flows or training: `-m "not slow"` skips them
 
@@ -223,16 +226,89 @@ def test_the_watermark_never_passes_a_row_that_commits_late(postgres):
     store.dispose()
 
 
-def test_mlflow_registry_on_postgresql_registers_promotes_and_rolls_back(postgres, tmp_path):
-    backend = postgres.database("mlflow")
-    write_params(tmp_path, evaluation={"baselines": ["random"]}, gate={"max_overhead_ms": 5000},
-                 mlflow={"tracking_uri": backend, "artifact_location": str(tmp_path / "artifacts")})
-    make_log(n_queries=90, seed=12).to_csv(tmp_path / "log.csv", index=False)
-    config = load_config(tmp_path / "params.yaml")
-    ingest(tmp_path / "log.csv", config)
+@pytest.fixture(scope="module")
+def pg_project(postgres, tmp_path_factory):
+    """A trained project whose MLflow registry and decision log both live in PostgreSQL, version 1
+    its champion. Its LLMs have upstreams with a key (no test here calls them); a client may send
+    bursts of 40 queries, then one every 2 s (low enough for a test to run a client out)."""
+    root = tmp_path_factory.mktemp("pg_project")
+    backend, decisions = postgres.database("mlflow"), postgres.database("decisions")
+    llms = [{"name": name, "input_usd_per_1k": price, "output_usd_per_1k": price,
+             "upstream": {"base_url": "http://127.0.0.1:9/v1", "model": name, "api_key_env": "STUB_KEY"}}
+            for name, price in PRICE_PER_1K.items()]
+    write_params(root, llms=llms, evaluation={"baselines": ["random"]}, gate={"max_overhead_ms": 5000},
+                 mlflow={"tracking_uri": backend, "artifact_location": str(root / "artifacts")},
+                 service={"feedback_store_url": decisions, "client_rate_per_s": 0.5, "client_burst": 40})
+    make_log(n_queries=90, seed=12).to_csv(root / "log.csv", index=False)
+    config = load_config(root / "params.yaml")
+    ingest(root / "log.csv", config)
     first = run_training(config, progress=False, baselines=[])
+    return SimpleNamespace(root=root, config=config, first=first, mlflow=backend, decisions=decisions)
+
+
+def test_two_service_replicas_on_one_database_store_each_feedback_once_and_each_limits_a_flood(pg_project):
+    """Two `bentoml serve` processes behind one load balancer, on one PostgreSQL database for the
+    decision log and one for the registry. Each decision's feedback reaches both replicas (the
+    balancer's retry): one row, both answers name it. The proxy, which spends upstream keys, wants a
+    token on both. A client that floods one replica is refused there with a 429 (each replica keeps
+    its own buckets: the limit is per process, README "Scale out")."""
+    token = "replica-token"
+    auth = {"Authorization": f"Bearer {token}"}
+    env = {"MIXLLM_API_TOKEN": token, "STUB_KEY": "upstream-key"}
+    ports = [free_port(), free_port()]
+    processes = [serve(pg_project.root, port, log_name=f"replica{n}.log", extra_env=env) for n, port in enumerate(ports)]
+    bases = [f"http://127.0.0.1:{port}" for port in ports]
+    try:
+        for base, process in zip(bases, processes):
+            wait_http(f"{base}/readyz", 180, process)
+        champion = Registry(pg_project.config).alias_version("champion")
+        assert [httpx.get(f"{base}/model", timeout=30).json()["version"] for base in bases] == [champion] * 2
+        routed = [httpx.post(f"{bases[i % 2]}/route", json={"query": f"Write a python function number {i}."},
+                             timeout=60) for i in range(10)]
+        assert [r.status_code for r in routed] == [200] * 10, routed[0].text
+        sends = [(base, r.json()["decision_id"]) for r in routed for base in bases]
+
+        def send(call):
+            base, decision_id = call
+            return decision_id, httpx.post(f"{base}/feedback", headers=auth, timeout=60,
+                                           json={"decision_id": decision_id, "quality": 0.5})
+
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            answers = list(pool.map(send, sends))
+        assert all(answer.status_code == 200 for _, answer in answers), [a.text for _, a in answers][:3]
+        ids: dict[str, set[int]] = {}
+        created: dict[str, int] = {}
+        for decision_id, answer in answers:
+            ids.setdefault(decision_id, set()).add(answer.json()["feedback_id"])
+            created[decision_id] = created.get(decision_id, 0) + int(answer.json()["created"])
+        assert all(len(found) == 1 for found in ids.values()), "both replicas answer with the one row's id"
+        assert set(created.values()) == {1}, "exactly one replica created each row"
+        store = InteractionLog(pg_project.decisions)
+        assert store.count("decisions") == 10 and store.count("feedback") == 10
+        store.dispose()
+        chat = {"model": "mixllm", "messages": [{"role": "user", "content": "hi"}]}
+        for base in bases:
+            refused = httpx.post(f"{base}/v1/chat/completions", json=chat, timeout=30)
+            assert refused.status_code == 401, "the proxy spends the upstream keys: no chat without a token"
+        # Five routes of this client so far on each replica; one batch of 40 spends the rest of the
+        # burst (a client with tokens left may overdraw), and the next call waits ~2 s per token owed.
+        batch = {"requests": [{"query": f"flood {i}"} for i in range(40)]}
+        assert httpx.post(f"{bases[0]}/route_batch", json=batch, timeout=60).status_code == 200
+        flooded = httpx.post(f"{bases[0]}/route", json={"query": "one more"}, timeout=30)
+        assert flooded.status_code == 429 and int(flooded.headers["retry-after"]) >= 1
+        assert "service.client_rate_per_s" in flooded.json()["error"]
+        assert httpx.post(f"{bases[1]}/route", json={"query": "one more"}, timeout=30).status_code == 200
+    finally:
+        for process in processes:
+            stop(process)
+    assert all(process.poll() is not None for process in processes), "both replicas stopped by their pids"
+
+
+def test_mlflow_registry_on_postgresql_registers_promotes_and_rolls_back(pg_project):
+    config, backend, root = pg_project.config, pg_project.mlflow, pg_project.root
+    first = pg_project.first
     assert first.registration.version == 1 and first.registration.promoted
-    other = load_config(tmp_path / "params.yaml", overrides={"predictors.quality.ridge": 50.0})
+    other = load_config(root / "params.yaml", overrides={"predictors.quality.ridge": 50.0})
     second = run_training(other, progress=False, baselines=[])
     registry = Registry(config)
     assert second.registration.version == 2

@@ -16,7 +16,7 @@ import httpx
 import numpy as np
 import pytest
 
-from mixllm.cli.processes import free_port, port_in_use, start, stop, wait_http
+from mixllm.cli.processes import free_port, port_in_use, stop, wait_http
 from mixllm.config import load_config
 from mixllm.io.data import ingest
 from mixllm.io.registry import Registry
@@ -25,6 +25,7 @@ from mixllm.io.attempts import AttemptLog
 from mixllm.io.store import InteractionLog
 from mixllm.io.store_schema import logged_decision_details
 from mixllm.jobs.training import run_training
+from servers import serve
 from stubs import UpstreamStub
 from synthetic import PRICE_PER_1K, make_log, write_params
 
@@ -53,17 +54,6 @@ def _llms(upstream_url):
 def _train(root, **overrides):
     config = load_config(root / "params.yaml", overrides=overrides)
     return run_training(config, progress=False, baselines=[])
-
-
-def serve(root, port, log_name="serve.log", extra_env=None):
-    # A BENTOML_HOME per server: a server that stops clears the Prometheus files in its home, and a
-    # replica sharing the first server's home would wipe that server's metrics.
-    env = {**os.environ, "MIXLLM_PARAMS": str(root / "params.yaml"),
-           "BENTOML_HOME": str(root / f"bentoml-{Path(log_name).stem}"),
-           "BENTOML_DO_NOT_TRACK": "true", **(extra_env or {})}
-    command = [sys.executable, "-m", "bentoml", "serve", "mixllm.service.app:MixLLMService",
-               "--host", "127.0.0.1", "--port", str(port)]
-    return start(command, log_path=root / log_name, env=env, cwd=root)
 
 
 @pytest.fixture(scope="module")
