@@ -24,6 +24,7 @@ from mixllm.io.scratch_folders import DOWNLOAD_PREFIX, owned_prefix
 from mixllm.io.attempts import AttemptLog
 from mixllm.io.store import InteractionLog
 from mixllm.io.store_schema import logged_decision_details
+from mixllm.io.workspace import Workspace
 from mixllm.jobs.training import run_training
 from servers import serve
 from stubs import UpstreamStub
@@ -768,12 +769,14 @@ def test_feedback_load_every_row_exactly_once(service):
 
 
 def test_reload_with_requests_in_flight_then_rollback(service):
-    base, root, config = service["base"], service["root"], service["config"]
+    base, config = service["base"], service["config"]
     before = httpx.get(f"{base}/model").json()["version"]
-    outcome = _train(root, **{"predictors.quality.ridge": 30.0})  # a different model: a new version
     registry = Registry(config)
-    registry.promote(outcome.registration.version, "test: serve the new version")
-    target = outcome.registration.version
+    # A new version to reload (the work folder's router, registered as is: what this test needs is a
+    # version to swap to, not a training run and its gate, which other tests cover).
+    _, target = registry.log_candidate(Workspace.of(config).router, params={}, metrics={}, artifacts=[], tags={},
+                                       run_name="a version to reload", input_example=[QUERY])
+    registry.promote(target, "test: serve the new version")
     failures, versions, stop_flag = [], set(), threading.Event()
 
     def traffic():
