@@ -75,7 +75,7 @@ def test_an_operator_closes_breakers_at_once_and_their_counted_failures_are_forg
     for llm in ("a", "a", "b", "b", "c"):
         breakers.record(llm, ok=False)
     assert breakers.open_llms() == ["a", "b"]
-    assert breakers.close(["a", "c", "unknown"]) == ["a"], "only open breakers are reported closed"
+    assert breakers.close(["a", "a", "c", "unknown"]) == ["a"], "only open breakers are reported closed, once"
     assert breakers.open_llms() == ["b"] and breakers.begin("a") == "call"
     breakers.record("c", ok=False)
     assert breakers.state("c") == "closed", "c's earlier failure was forgotten: one failure is not two"

@@ -1,7 +1,7 @@
 """Crash safety: `kill -9` in the middle of an import, a registration and a continual update.
 
 Each job is run once to see how long it takes, then killed (SIGKILL, no cleanup) at points spread
-over that time, and restarted. Wherever it died, afterwards: the interaction store reads and holds
+over that time, and restarted. Wherever it died, afterwards: the training store reads and holds
 either nothing or all of the file; the champion is unchanged unless a registration finished; the
 watermark has not passed feedback that no registered version learned; and a rerun completes.
 """

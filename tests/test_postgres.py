@@ -230,7 +230,7 @@ def test_the_watermark_never_passes_a_row_that_commits_late(postgres):
 def pg_project(postgres, tmp_path_factory):
     """A trained project whose MLflow registry and decision log both live in PostgreSQL, version 1
     its champion. Its LLMs have upstreams with a key (no test here calls them); a client may send
-    bursts of 40 queries, then one every 2 s (low enough for a test to run a client out)."""
+    bursts of 40 queries, then one every 100 s: a test runs a client out however slow the machine."""
     root = tmp_path_factory.mktemp("pg_project")
     backend, decisions = postgres.database("mlflow"), postgres.database("decisions")
     llms = [{"name": name, "input_usd_per_1k": price, "output_usd_per_1k": price,
@@ -238,7 +238,7 @@ def pg_project(postgres, tmp_path_factory):
             for name, price in PRICE_PER_1K.items()]
     write_params(root, llms=llms, evaluation={"baselines": ["random"]}, gate={"max_overhead_ms": 5000},
                  mlflow={"tracking_uri": backend, "artifact_location": str(root / "artifacts")},
-                 service={"feedback_store_url": decisions, "client_rate_per_s": 0.5, "client_burst": 40})
+                 service={"feedback_store_url": decisions, "client_rate_per_s": 0.01, "client_burst": 40})
     make_log(n_queries=90, seed=12).to_csv(root / "log.csv", index=False)
     config = load_config(root / "params.yaml")
     ingest(root / "log.csv", config)
@@ -291,7 +291,7 @@ def test_two_service_replicas_on_one_database_store_each_feedback_once_and_each_
             refused = httpx.post(f"{base}/v1/chat/completions", json=chat, timeout=30)
             assert refused.status_code == 401, "the proxy spends the upstream keys: no chat without a token"
         # Five routes of this client so far on each replica; one batch of 40 spends the rest of the
-        # burst (a client with tokens left may overdraw), and the next call waits ~2 s per token owed.
+        # burst (a client with tokens left may overdraw), and the next call waits 100 s per token owed.
         batch = {"requests": [{"query": f"flood {i}"} for i in range(40)]}
         assert httpx.post(f"{bases[0]}/route_batch", json=batch, timeout=60).status_code == 200
         flooded = httpx.post(f"{bases[0]}/route", json={"query": "one more"}, timeout=30)

@@ -97,6 +97,17 @@ def service(tmp_path_factory, upstream):
     assert process.poll() is not None, "the service is stopped by its pid"
 
 
+@pytest.fixture(autouse=True)
+def _breakers_closed_after_each_test(request):
+    """The breakers here stay open for 600 s: whatever a test leaves open or misbehaving (an assertion
+    failed before its own clean-up) is undone before the next test, so no test depends on another."""
+    yield
+    if "service" in request.fixturenames and "upstream" in request.fixturenames:
+        request.getfixturevalue("upstream").behaviour.clear()
+        base = request.getfixturevalue("service")["base"]
+        httpx.post(f"{base}/admin/circuits/close", headers=AUTH, timeout=30)
+
+
 def _route(base, **body):
     response = httpx.post(f"{base}/route", json={"query": QUERY, **body}, timeout=30)
     assert response.status_code == 200, response.text
@@ -1304,8 +1315,9 @@ def test_tenant_keys_budgets_and_allowed_llms(service, upstream):
     capped = next(t for t in every["tenants"] if t["tenant"] == "capped")
     assert {t["tenant"] for t in every["tenants"]} == {t["name"] for t in TENANTS} and capped["budgets"][0]["exhausted"]
     assert httpx.get(f"{base}/budgets", timeout=30).status_code == 401
-    tenant_on_admin = httpx.post(f"{base}/admin/reload", headers={"Authorization": f"Bearer {keys['paced'][1]}"})
-    assert tenant_on_admin.status_code == 403
+    for admin_path in ("/admin/reload", "/admin/circuits/close"):
+        tenant_on_admin = httpx.post(f"{base}{admin_path}", headers={"Authorization": f"Bearer {keys['paced'][1]}"})
+        assert tenant_on_admin.status_code == 403, admin_path
 
     ledger.revoke(keys["coders"][0])
     with pytest.raises(openai.AuthenticationError):  # budgets.key_cache_s is 0 here

@@ -74,7 +74,9 @@ class TrainingStore:
 
     def remove_abandoned_writes(self) -> list[Path]:
         """Remove the half-written parts of imports that were stopped (kill -9, a crash) mid-write.
-        Never read (they are not `part-*.parquet`), but each holds a whole batch's size on disk."""
+        Never read (they are not `part-*.parquet`), but each holds a whole batch's size on disk.
+        Runs before each write. Parts named `part-*.parquet.tmp` (before the writer's name was in
+        them) are left alone: whose they are cannot be told; delete them when no import runs."""
         removed = [tmp for tmp in self.root.glob("part-*.parquet.*.tmp")
                    if left_by_stopped_process(tmp.name.split(".parquet.", 1)[1])]
         for tmp in removed:

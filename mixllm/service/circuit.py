@@ -107,7 +107,7 @@ class CircuitBreakers:
         failures: an operator who has fixed an upstream need not wait out the cooldown. Returns the
         LLMs whose breaker was open or half-open."""
         with self._lock:
-            names = list(self._breakers) if llms is None else [llm for llm in llms if llm in self._breakers]
+            names = list(self._breakers) if llms is None else [llm for llm in dict.fromkeys(llms) if llm in self._breakers]
             closed = sorted(llm for llm in names if self._state(self._breakers[llm]) != "closed")
             for llm in names:
                 del self._breakers[llm]

@@ -89,8 +89,11 @@ def openapi_contract(spec: dict[str, Any]) -> dict[str, Any]:
                 continue
             body = operation.get("requestBody")
             if body is not None:
-                body["required"] = True  # every POST needs its JSON body (400 without one)
                 schema = body.get("content", {}).get("application/json", {}).get("schema", {})
+                # Every POST needs its JSON body (400 without one), except one declared optional
+                # (POST /admin/circuits/close: no body closes every breaker).
+                if {"type": "null"} not in schema.get("anyOf", []):
+                    body["required"] = True
                 if path in rules and "$ref" not in schema:
                     rules[path](schema)
             responses = operation["responses"]
