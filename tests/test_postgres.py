@@ -204,7 +204,10 @@ def test_the_watermark_never_passes_a_row_that_commits_late(postgres):
     and moved the watermark past 1 would never learn row 1; rows younger than the settle time wait."""
     url = postgres.database("watermark")
     store = InteractionLog(url)
-    config = config_from_dict({"service": {"feedback_store_url": url}, "pipeline": {"feedback_settle_s": 2.0}})
+    # A long settle time while the late row is uncommitted (however slow this machine, the visible row
+    # is younger than it), a short one after: the same rows, now older than it.
+    config = config_from_dict({"service": {"feedback_store_url": url}, "pipeline": {"feedback_settle_s": 600.0}})
+    settled = config_from_dict({"service": {"feedback_store_url": url}, "pipeline": {"feedback_settle_s": 2.0}})
     slow_writer = store.engine.connect()
     transaction = slow_writer.begin()
     late_id = slow_writer.execute(feedback.insert().values(
@@ -219,7 +222,7 @@ def test_the_watermark_never_passes_a_row_that_commits_late(postgres):
     transaction.commit()
     slow_writer.close()
     time.sleep(2.2)
-    rows, _ = read_new_feedback(config)
+    rows, _ = read_new_feedback(settled)
     assert rows["feedback_id"].tolist() == [late_id, early.feedback_id], "both rows, in id order"
     store.set_watermark(int(rows["feedback_id"].max()))
     assert read_new_feedback(config)[0].empty and store.watermark() == early.feedback_id

@@ -76,7 +76,7 @@ def test_the_failover_deadline_stops_further_attempts():
         response = anyio.run(lambda: host._forward(REQUEST, ["a", "b", "c"], upstreams(stub.base_url), "d1", 1))
         called = len(stub.requests)
     assert response.status_code == 502 and response.headers["x-mixllm-attempts"] == "1"
-    assert called == 1 and host.outcomes == [("a", "unreachable")]
+    assert called <= 1 and host.outcomes == [("a", "unreachable")], "no second attempt"
     assert host.metrics.in_flight.value == 0
 
 
@@ -136,7 +136,9 @@ def test_a_stream_that_sends_no_chunk_in_time_or_ends_empty_fails_over():
         host = proxy()
 
         async def chat() -> tuple[object, str]:
-            response = await host._forward(STREAMED, ["a", "b", "c"], upstreams(stub.base_url, timeout_s=1.0), "d1", 1)
+            calls = upstreams(stub.base_url)  # b and c get 10 s: a busy moment must not fail them too
+            calls["a"].timeout_s = 1.0  # a's keep-alive comments run 3 s: past its attempt time
+            response = await host._forward(STREAMED, ["a", "b", "c"], calls, "d1", 1)
             return response, await _read(response)
 
         response, body = anyio.run(chat)
