@@ -100,6 +100,29 @@ def test_a_killed_import_stores_all_of_the_file_or_nothing(project, tmp_path):
     _timed_run(command, project)  # a rerun finishes, and adds nothing twice
     assert len(load_interactions(config)) - before == len(big)
 
+    # One more kill at an exact point, whatever the machine's speed: the new part is written to its
+    # temporary file and not yet renamed. The store is as before; the next import removes the
+    # half-written part (it names a process that no longer runs) and stores the file once.
+    exact = make_log(n_queries=200, seed=22)
+    exact["query_id"] = "exact-" + exact["query_id"].astype(str)
+    exact["query"] = exact["query"] + " (exact " + exact["query_id"] + ")"
+    exact_path = tmp_path / "exact.csv"
+    exact.to_csv(exact_path, index=False)
+    store_dir = config.path(config.data.store_dir)
+    script = ("import os, sys; real = os.replace; "
+              "os.replace = lambda src, dst, *a, **k: os._exit(9) if str(src).endswith('writing.tmp') "
+              "else real(src, dst, *a, **k); "
+              "from mixllm.cli.commands import app; app(['--params', sys.argv[1], 'data', 'import', sys.argv[2]])")
+    stored_before = len(load_interactions(config))
+    process = start([sys.executable, "-c", script, str(project / "params.yaml"), str(exact_path)],
+                    log_path=project / "crash.log", cwd=project, env=_env())
+    assert process.wait(timeout=600) == 9, (project / "crash.log").read_text()[-3000:]
+    assert len(load_interactions(config)) == stored_before, "killed before the rename: nothing stored"
+    assert list(store_dir.glob("part-*.parquet.*.tmp")), "the killed import left its half-written part"
+    _timed_run(_mixllm(project, "data", "import", str(exact_path)), project)
+    assert len(load_interactions(config)) - stored_before == len(exact)
+    assert not list(store_dir.glob("*.tmp")), "the rerun removed what the killed import left"
+
 
 def test_a_killed_registration_leaves_the_champion_and_a_rerun_registers(project, tmp_path):
     config = load_config(project / "params.yaml")
