@@ -24,8 +24,8 @@ from mixllm.io.store import InteractionLog
 from mixllm.io.store_schema import feedback
 from mixllm.jobs.continual import read_new_feedback
 from mixllm.jobs.training import run_training
-from servers import serve
-from synthetic import PRICE_PER_1K, make_log, write_params
+from servers import llms_behind, serve
+from synthetic import make_log, write_params
 
 pytestmark = pytest.mark.slow  # real servers, flows or training: `-m "not slow"` skips them
 
@@ -236,10 +236,7 @@ def pg_project(postgres, tmp_path_factory):
     bursts of 40 queries, then one every 100 s: a test runs a client out however slow the machine."""
     root = tmp_path_factory.mktemp("pg_project")
     backend, decisions = postgres.database("mlflow"), postgres.database("decisions")
-    llms = [{"name": name, "input_usd_per_1k": price, "output_usd_per_1k": price,
-             "upstream": {"base_url": "http://127.0.0.1:9/v1", "model": name, "api_key_env": "STUB_KEY"}}
-            for name, price in PRICE_PER_1K.items()]
-    write_params(root, llms=llms, evaluation={"baselines": ["random"]}, gate={"max_overhead_ms": 5000},
+    write_params(root, llms=llms_behind("http://127.0.0.1:9/v1"), evaluation={"baselines": ["random"]}, gate={"max_overhead_ms": 5000},
                  mlflow={"tracking_uri": backend, "artifact_location": str(root / "artifacts")},
                  service={"feedback_store_url": decisions, "client_rate_per_s": 0.01, "client_burst": 40})
     make_log(n_queries=90, seed=12).to_csv(root / "log.csv", index=False)

@@ -26,7 +26,7 @@ from mixllm.io.store import InteractionLog
 from mixllm.io.store_schema import logged_decision_details
 from mixllm.io.workspace import Workspace
 from mixllm.jobs.training import run_training
-from servers import serve
+from servers import llms_behind, serve
 from stubs import UpstreamStub
 from synthetic import PRICE_PER_1K, make_log, write_params
 
@@ -45,14 +45,6 @@ TENANTS = [{"name": "capped", "budgets_usd": {"month": 1e-9}, "on_exhausted": "r
            {"name": "coders", "allowed_llms": ["coder"]}, {"name": "dashboard"}]
 
 
-def _llms(upstream_url):
-    return [{"name": name, "input_usd_per_1k": price, "output_usd_per_1k": price,
-             "latency": {"per_call_s": 0.5, "concurrency": 2},
-             "upstream": {"base_url": upstream_url, "model": f"upstream-{name}", "api_key_env": "STUB_KEY",
-                          "timeout_s": 3}}
-            for name, price in PRICE_PER_1K.items()]
-
-
 def _train(root, **overrides):
     config = load_config(root / "params.yaml", overrides=overrides)
     return run_training(config, progress=False, baselines=[])
@@ -69,7 +61,7 @@ def service(tmp_path_factory, upstream):
     root = tmp_path_factory.mktemp("service")
     # The load tests below are one client: a per-client limit high enough never to bind here (its
     # logic is tested in-process in test_one_client_cannot_flood_the_others).
-    write_params(root, llms=_llms(upstream.base_url), service={"poll_interval_s": 1, "max_query_chars": 2000,
+    write_params(root, llms=llms_behind(upstream.base_url), service={"poll_interval_s": 1, "max_query_chars": 2000,
                                                              "proxy_max_chat_chars": 5000,
                                                              "client_rate_per_s": 10_000, "client_burst": 100_000,
                                                              "body_read_timeout_s": 2, "header_read_timeout_s": 2,

@@ -117,14 +117,12 @@ def remove_orphaned_folders(parent: Path | None = None, prefix: str = DOWNLOAD_P
     removed = []
     for folder in Path(parent or tempfile.gettempdir()).glob(f"{prefix}*-*"):
         rest = folder.name[len(prefix):]
-        owner = _OWNER.match(rest)
-        if owner is not None:
-            if "h" + owner.group(1) != host_tag():
-                continue
-            pid_text = owner.group(2)
-        else:
+        if _OWNER.match(rest) is not None:
+            stopped = left_by_stopped_process(rest)
+        else:  # named before host tags: the pid alone
             pid_text = rest.split("-", 1)[0]
-        if not folder.is_dir() or not pid_text.isdigit() or _process_runs(int(pid_text)):
+            stopped = pid_text.isdigit() and not _process_runs(int(pid_text))
+        if not folder.is_dir() or not stopped:
             continue
         shutil.rmtree(folder, ignore_errors=True)
         removed.append(folder)
